@@ -1,0 +1,1 @@
+"""kernl.flash_attention: placeholder, see the package README."""

@@ -1,0 +1,1 @@
+"""kernl.integration: the user-facing layer that composes the kernl kernels."""

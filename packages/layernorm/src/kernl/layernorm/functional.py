@@ -1,0 +1,92 @@
+"""Public entry points: validate the arguments, then call the registered ``torch.library`` ops."""
+
+import numbers
+
+import torch
+
+from kernl.layernorm import ops
+from kernl.layernorm.kernel import MAX_N
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _check_float_tensor(name: str, t: torch.Tensor) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{name} must be float16, bfloat16 or float32, got {t.dtype}")
+
+
+def _check_inputs(x, residual, weight, bias, eps) -> None:
+    _check_float_tensor("x", x)
+    if x.device.type not in ("cuda", "cpu"):
+        raise ValueError(f"x must be on a CUDA device (or CPU), got {x.device}")
+    if x.dim() == 0:
+        raise ValueError("x must have at least one dimension (the normalised one)")
+    n = x.shape[-1]
+    if not 1 <= n <= MAX_N:
+        raise ValueError(f"x's last dimension must be between 1 and {MAX_N}, got {n}")
+    if residual is not None:
+        _check_float_tensor("residual", residual)
+        if residual.shape != x.shape or residual.dtype != x.dtype:
+            raise ValueError(
+                f"residual must match x in shape and dtype: got {tuple(residual.shape)} {residual.dtype}, "
+                f"x is {tuple(x.shape)} {x.dtype}"
+            )
+    for name, t in (("residual", residual), ("weight", weight), ("bias", bias)):
+        if t is None or name == "residual":
+            continue
+        _check_float_tensor(name, t)
+        if t.shape != (n,):
+            raise ValueError(
+                f"{name} must have shape ({n},) to match x's last dimension, got {tuple(t.shape)}"
+            )
+    for name, t in (("residual", residual), ("weight", weight), ("bias", bias)):
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+    if not isinstance(eps, numbers.Real) or eps < 0:
+        raise ValueError(f"eps must be a non-negative number, got {eps!r}")
+
+
+def layer_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    eps: float = 1e-5,
+    residual: torch.Tensor | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """LayerNorm over the last dimension, as ``F.layer_norm(x, (N,), weight, bias, eps)``.
+
+    x: ``(..., N)`` float16/bfloat16/float32, any strides, 1 <= N <= 65536. weight, bias: ``(N,)`` or
+    None. Statistics in fp32; output ``(..., N)`` contiguous, in ``x.dtype``.
+    With ``residual`` (same shape and dtype as ``x``) the kernel normalises ``x + residual`` in the same
+    pass and returns ``(normalised, x + residual)``, the sum rounded to ``x.dtype``.
+    """
+    _check_inputs(x, residual, weight, bias, eps)
+    if residual is None:
+        return torch.ops.kernl.layer_norm(x, weight, bias, float(eps))
+    return torch.ops.kernl.add_layer_norm(x, residual, weight, bias, float(eps))
+
+
+def rms_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float = 1e-6,
+    residual: torch.Tensor | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """RMSNorm with Hugging Face ``T5LayerNorm`` semantics.
+
+    ``h = x * rsqrt(mean(x**2 in fp32) + eps)``; ``h`` is cast to ``weight.dtype`` when that is
+    float16/bfloat16; the result is ``weight * h`` (dtype: ``weight.dtype``, float32 for a float32
+    weight). x: ``(..., N)`` any strides; weight: ``(N,)``. With ``residual`` returns
+    ``(rms_norm(x + residual), x + residual)``.
+    """
+    if weight is None:
+        raise ValueError("weight is required for rms_norm (T5LayerNorm always has one)")
+    _check_inputs(x, residual, weight, None, eps)
+    if residual is None:
+        return torch.ops.kernl.rms_norm(x, weight, float(eps))
+    return torch.ops.kernl.add_rms_norm(x, residual, weight, float(eps))
+
+
+__all__ = ["SUPPORTED_DTYPES", "layer_norm", "ops", "rms_norm"]

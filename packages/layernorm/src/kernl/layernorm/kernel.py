@@ -1,0 +1,116 @@
+"""Triton kernel for LayerNorm and RMSNorm over the last dimension, with an optional fused residual add.
+
+Each program normalises ``BLOCK_M`` rows held whole in registers (``BLOCK_N >= N``), so the input is
+read once and the output written once: the kernel runs at memory speed. Statistics are taken in fp32
+with a two-pass (mean, then centred variance) reduction over registers, which stays accurate for
+inputs with large offsets. Supported row lengths: 1 to ``MAX_N``.
+"""
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+MAX_N = 65536
+
+
+@triton.jit
+def _norm_kernel(
+    X, R, W, B, Y, S,
+    M, N,
+    stride_xm, stride_xn, stride_rm, stride_rn, stride_w, stride_b, stride_ym, stride_sm,
+    eps,
+    IS_RMS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    ROUND_TO_WEIGHT_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    cols = tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    mask = (rows < M)[:, None] & col_ok[None, :]
+    row_ok = rows < M
+    x = tl.load(X + rows[:, None] * stride_xm + cols[None, :] * stride_xn, mask=mask, other=0.0)
+    if not IS_RMS:  # each row's first element, to shift the data before summing (see below)
+        first = tl.load(X + rows * stride_xm, mask=row_ok, other=0.0)
+    if HAS_RESIDUAL:
+        r = tl.load(R + rows[:, None] * stride_rm + cols[None, :] * stride_rn, mask=mask, other=0.0)
+        # Round the sum to the storage dtype first, exactly as an unfused `x + residual` would.
+        x = (x.to(tl.float32) + r.to(tl.float32)).to(S.dtype.element_ty)
+        tl.store(S + rows[:, None] * stride_sm + cols[None, :], x, mask=mask)
+        if not IS_RMS:
+            first_r = tl.load(R + rows * stride_rm, mask=row_ok, other=0.0)
+            first = (first.to(tl.float32) + first_r.to(tl.float32)).to(S.dtype.element_ty)
+    x = x.to(tl.float32)
+    if IS_RMS:
+        centred = x
+    else:
+        # Shifted two-pass mean: subtracting a sample of the row first keeps the sum free of the
+        # cancellation that a large common offset (e.g. -20 + 0.5 * randn) would cause.
+        shifted = tl.where(mask, x - first.to(tl.float32)[:, None], 0.0)
+        shifted_mean = tl.sum(shifted, axis=1) / N
+        centred = tl.where(mask, shifted - shifted_mean[:, None], 0.0)
+    variance = tl.sum(centred * centred, axis=1) / N
+    h = centred * tl.rsqrt(variance + eps)[:, None]
+    if ROUND_TO_WEIGHT_DTYPE:  # T5LayerNorm casts to the half-precision weight dtype before scaling
+        h = h.to(W.dtype.element_ty).to(tl.float32)
+    if HAS_WEIGHT:
+        h = h * tl.load(W + cols * stride_w, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    if HAS_BIAS:
+        h = h + tl.load(B + cols * stride_b, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(Y + rows[:, None] * stride_ym + cols[None, :], h.to(Y.dtype.element_ty), mask=mask)
+
+
+@functools.cache
+def _multiprocessor_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def launch_config(m: int, n: int, device: torch.device) -> tuple[int, int, int]:
+    """``(BLOCK_M, BLOCK_N, num_warps)``: about 4K elements a program, but at least two programs per SM."""
+    block_n = triton.next_power_of_2(n)
+    block_m = max(1, 4096 // block_n)
+    if device.type == "cuda":
+        min_programs = 2 * _multiprocessor_count(device.index or 0)
+        while block_m > 1 and triton.cdiv(m, block_m) < min_programs:
+            block_m //= 2
+    num_warps = min(max(block_m * block_n // 512, 1), 16)
+    return block_m, block_n, num_warps
+
+
+def norm_forward(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    residual: torch.Tensor | None,
+    eps: float,
+    is_rms: bool,
+    out_dtype: torch.dtype,
+    config: tuple[int, int, int] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Launch the kernel on validated inputs; ``x``/``residual`` are ``(M, N)`` views (any strides).
+
+    ``config`` overrides :func:`launch_config` (used by the tuning sweep).
+
+    Returns ``(y, summed)`` with ``y`` of ``out_dtype`` and ``summed = x + residual`` (or ``None``).
+    """
+    m, n = x.shape
+    y = torch.empty((m, n), dtype=out_dtype, device=x.device)
+    summed = torch.empty((m, n), dtype=x.dtype, device=x.device) if residual is not None else None
+    if m == 0:
+        return y, summed
+    block_m, block_n, num_warps = config or launch_config(m, n, x.device)
+    r = residual if residual is not None else x
+    s = summed if summed is not None else y
+    w = weight if weight is not None else x
+    b = bias if bias is not None else x
+    _norm_kernel[(triton.cdiv(m, block_m),)](
+        x, r, w, b, y, s,
+        m, n,
+        x.stride(0), x.stride(1), r.stride(0), r.stride(1), w.stride(-1), b.stride(-1), y.stride(0), s.stride(0),
+        eps,
+        IS_RMS=is_rms, HAS_RESIDUAL=residual is not None, HAS_WEIGHT=weight is not None,
+        HAS_BIAS=bias is not None,
+        ROUND_TO_WEIGHT_DTYPE=is_rms and weight.dtype in (torch.float16, torch.bfloat16),
+        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
+    )  # fmt: skip
+    return y, summed

@@ -1,0 +1,92 @@
+"""``torch.library`` registrations, so the kernels can sit inside ``torch.compile``d and FX graphs.
+
+The ops are opaque custom ops with fake (meta) implementations: this works under Triton's interpreter
+too, where ``triton_op``/``wrap_triton`` cannot be traced. Inputs are trusted here; validation lives
+in :mod:`kernl.layernorm.functional`.
+
+CPU tensors run the Triton kernel only when Triton's interpreter is on (``TRITON_INTERPRET=1``);
+otherwise they fall back to the PyTorch reference, so the ops always return the right answer.
+"""
+
+import os
+
+import torch
+
+from kernl.layernorm.kernel import norm_forward
+from kernl.layernorm.reference import layer_norm_reference, rms_norm_reference
+
+
+def runs_triton_kernel(x: torch.Tensor) -> bool:
+    """True when ``x`` is processed by the Triton kernel, False when by the PyTorch reference."""
+    return x.device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def rms_norm_output_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """T5LayerNorm's output dtype: ``weight * h`` with ``h`` in the weight dtype when it is half."""
+    if weight.dtype in (torch.float16, torch.bfloat16):
+        return weight.dtype
+    return torch.promote_types(weight.dtype, torch.float32)
+
+
+def _normalize(x, residual, weight, bias, eps, is_rms):
+    if not runs_triton_kernel(x):
+        if is_rms:
+            result = rms_norm_reference(x, weight, eps, residual)
+        else:
+            result = layer_norm_reference(x, weight, bias, eps, residual)
+        return result if residual is not None else (result, None)
+    n = x.shape[-1]
+    out_dtype = rms_norm_output_dtype(x, weight) if is_rms else x.dtype
+    flat_residual = residual.reshape(-1, n) if residual is not None else None
+    y, summed = norm_forward(x.reshape(-1, n), weight, bias, flat_residual, eps, is_rms, out_dtype)
+    return y.view(x.shape), summed.view(x.shape) if summed is not None else None
+
+
+@torch.library.custom_op("kernl::layer_norm", mutates_args=())
+def layer_norm_op(
+    x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float
+) -> torch.Tensor:
+    return _normalize(x, None, weight, bias, eps, is_rms=False)[0]
+
+
+@torch.library.custom_op("kernl::add_layer_norm", mutates_args=())
+def add_layer_norm_op(
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _normalize(x, residual, weight, bias, eps, is_rms=False)
+
+
+@torch.library.custom_op("kernl::rms_norm", mutates_args=())
+def rms_norm_op(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return _normalize(x, None, weight, None, eps, is_rms=True)[0]
+
+
+@torch.library.custom_op("kernl::add_rms_norm", mutates_args=())
+def add_rms_norm_op(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _normalize(x, residual, weight, None, eps, is_rms=True)
+
+
+@layer_norm_op.register_fake
+def _(x, weight, bias, eps):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@add_layer_norm_op.register_fake
+def _(x, residual, weight, bias, eps):
+    return tuple(torch.empty_like(x, memory_format=torch.contiguous_format) for _ in range(2))
+
+
+@rms_norm_op.register_fake
+def _(x, weight, eps):
+    return x.new_empty(x.shape, dtype=rms_norm_output_dtype(x, weight))
+
+
+@add_rms_norm_op.register_fake
+def _(x, residual, weight, eps):
+    return x.new_empty(x.shape, dtype=rms_norm_output_dtype(x, weight)), x.new_empty(x.shape)

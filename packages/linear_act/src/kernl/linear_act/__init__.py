@@ -1,0 +1,1 @@
+"""kernl.linear_act: placeholder, see the package README."""

@@ -1,0 +1,1 @@
+"""kernl.matmul: placeholder, see the package README."""

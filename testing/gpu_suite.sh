@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# The GPU suite: every package's tests on CUDA tensors (bf16 included, the larger hypothesis profile),
+# then every benchmark, whose results land in benchmarks/results/<gpu>/.
+# Works with the packages installed (nox -s gpu) or straight from the source tree (PYTHONPATH below).
+# Usage: bash testing/gpu_suite.sh [tests|bench|all] [extra pytest args]
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PYTHONPATH="$PWD/testing:${PYTHONPATH:-}"
+for src in packages/*/src; do PYTHONPATH="$PWD/$src:$PYTHONPATH"; done
+export PYTHONPATH KERNL_TEST_DEVICE=cuda HYPOTHESIS_PROFILE="${HYPOTHESIS_PROFILE:-gpu}" PYTHONUNBUFFERED=1
+what="${1:-all}"; shift || true
+status=0
+if [[ "$what" == tests || "$what" == all ]]; then
+  python3 -m pytest testing/tests packages/*/tests -q "$@" || status=1
+fi
+if [[ "$what" == bench || "$what" == all ]]; then
+  for bench in packages/*/benchmarks/bench_*.py; do
+    echo "== $bench"; python3 "$bench" || status=1
+  done
+fi
+exit $status

@@ -1,0 +1,18 @@
+"""Test support shared by every kernl package: device switch, hypothesis strategies, tolerance rule."""
+
+from kernl_testing.device import TEST_DEVICE, float_dtypes, on_gpu
+from kernl_testing.strategies import LAYOUTS, ValueSpec, layouts, make_tensor, value_specs
+from kernl_testing.tolerance import assert_matches_reference, tolerance_for
+
+__all__ = [
+    "LAYOUTS",
+    "TEST_DEVICE",
+    "ValueSpec",
+    "assert_matches_reference",
+    "float_dtypes",
+    "layouts",
+    "make_tensor",
+    "on_gpu",
+    "tolerance_for",
+    "value_specs",
+]

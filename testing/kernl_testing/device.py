@@ -1,0 +1,33 @@
+"""The one switch that selects where the tests run: ``KERNL_TEST_DEVICE=cpu`` (default) or ``cuda``.
+
+``cpu`` runs the real Triton kernels through Triton's interpreter (``TRITON_INTERPRET=1``) on CPU
+tensors; ``cuda`` compiles them for the GPU. The root ``conftest.py`` calls :func:`configure` before
+anything imports triton, because the interpreter flag is read when kernels are decorated.
+"""
+
+import os
+
+import torch
+
+TEST_DEVICE = os.environ.get("KERNL_TEST_DEVICE", "cpu")
+if TEST_DEVICE not in ("cpu", "cuda"):
+    raise ValueError(f"KERNL_TEST_DEVICE must be 'cpu' or 'cuda', got {TEST_DEVICE!r}")
+
+
+def configure() -> None:
+    """Set the environment for the selected device (interpreter mode for ``cpu``)."""
+    if TEST_DEVICE == "cpu":
+        os.environ["TRITON_INTERPRET"] = "1"
+    elif not torch.cuda.is_available():
+        raise RuntimeError("KERNL_TEST_DEVICE=cuda but torch sees no CUDA device")
+
+
+def on_gpu() -> bool:
+    """True when the tests run compiled kernels on CUDA tensors."""
+    return TEST_DEVICE == "cuda"
+
+
+def float_dtypes() -> list[torch.dtype]:
+    """Dtypes a kernel is tested in here: bf16 only on the GPU (the interpreter computes it wrongly)."""
+    dtypes = [torch.float32, torch.float16]
+    return dtypes + [torch.bfloat16] if on_gpu() else dtypes

@@ -1,0 +1,57 @@
+"""The tolerance rule every kernel test uses, written once.
+
+An element passes when ``|kernel - ref| <= 2 * |torch_same_dtype - ref| + atol + rtol * |ref|``,
+with ``ref`` computed in fp64 (or fp32) and ``torch_same_dtype`` what plain PyTorch gives in the
+kernel's own dtype. ``atol``/``rtol`` scale with the dtype (about one unit in the last place).
+NaN never passes unless the reference is NaN at that element; infinities must match exactly.
+"""
+
+import torch
+
+_TOLERANCES = {
+    torch.float32: (1e-5, 1e-5),
+    torch.float16: (1e-3, 1e-3),
+    torch.bfloat16: (8e-3, 8e-3),
+}
+
+
+def tolerance_for(dtype: torch.dtype) -> tuple[float, float]:
+    """``(atol, rtol)`` for results stored in ``dtype``."""
+    if dtype not in _TOLERANCES:
+        raise ValueError(f"no tolerance defined for dtype {dtype}")
+    return _TOLERANCES[dtype]
+
+
+def assert_matches_reference(
+    actual: torch.Tensor,
+    reference: torch.Tensor,
+    torch_same_dtype: torch.Tensor | None,
+    name: str = "output",
+    scale: float = 1.0,
+) -> None:
+    """Assert ``actual`` meets the rule above; ``scale`` widens atol/rtol for long reductions."""
+    assert actual.shape == reference.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(reference.shape)}"
+    atol, rtol = tolerance_for(actual.dtype)
+    got = actual.detach().to("cpu", torch.float64)
+    ref = reference.detach().to("cpu", torch.float64)
+    ref_nan = torch.isnan(ref)
+    got_nan = torch.isnan(got)
+    assert torch.equal(got_nan, ref_nan), (
+        f"{name}: NaN pattern differs ({int(got_nan.sum())} NaN in kernel output, {int(ref_nan.sum())} in reference)"
+    )
+    ref_inf = torch.isinf(ref)
+    assert torch.equal(got[ref_inf], ref[ref_inf]), f"{name}: infinities differ from the reference"
+    finite = ~(ref_nan | ref_inf)
+    error = (got - ref).abs()[finite]
+    bound = atol * scale + rtol * scale * ref.abs()[finite]
+    if torch_same_dtype is not None:
+        peer = torch_same_dtype.detach().to("cpu", torch.float64)
+        bound = bound + 2 * (peer - ref).abs()[finite].nan_to_num(nan=0.0)
+    bad = ~(error <= bound)
+    if bool(bad.any()):
+        worst = int(torch.argmax(torch.where(bad, error - bound, torch.zeros_like(error))))
+        raise AssertionError(
+            f"{name}: {int(bad.sum())}/{error.numel()} elements out of tolerance ({actual.dtype}); "
+            f"worst error {float(error[worst]):.3g} > bound {float(bound[worst]):.3g} "
+            f"(kernel {float(got[finite][worst]):.6g}, reference {float(ref[finite][worst]):.6g})"
+        )

@@ -1,0 +1,37 @@
+"""The test support itself must be able to fail: poisoning and the tolerance rule are checked here."""
+
+import pytest
+import torch
+
+from kernl_testing import TEST_DEVICE, ValueSpec, assert_matches_reference, make_tensor
+
+
+def test_uninitialized_memory_is_poisoned():
+    assert torch.isnan(torch.empty(64, device=TEST_DEVICE)).all()
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "padded_rows", "transposed"])
+def test_make_tensor_layouts(layout):
+    t = make_tensor((5, 7), torch.float32, ValueSpec(seed=1, scale=0.5, offset=-20.0), layout)
+    assert t.shape == (5, 7)
+    assert t.is_contiguous() == (layout == "contiguous")
+    assert -25 < float(t.mean()) < -15
+
+
+def test_tolerance_rejects_nan_and_large_errors():
+    ref = torch.linspace(-2, 2, 17, dtype=torch.float64)
+    ok = ref.to(torch.float16)
+    assert_matches_reference(ok, ref, ok)
+    with pytest.raises(AssertionError, match="NaN"):
+        bad = ok.clone()
+        bad[3] = float("nan")
+        assert_matches_reference(bad, ref, ok)
+    with pytest.raises(AssertionError, match="out of tolerance"):
+        assert_matches_reference(ok + 0.05, ref, ok)
+
+
+def test_tolerance_accepts_matching_nan():
+    ref = torch.tensor([1.0, float("nan"), float("inf")], dtype=torch.float64)
+    assert_matches_reference(ref.float(), ref, None)
+    with pytest.raises(AssertionError, match="infinities"):
+        assert_matches_reference(torch.tensor([1.0, float("nan"), -float("inf")]), ref, None)
