@@ -26,7 +26,9 @@ def main() -> None:
             if block_m * block_n > 65536 or block_m * block_n < 32 * warps:
                 continue
             cfg = (block_m, block_n, warps)
-            timings[cfg] = median_ms(lambda cfg=cfg: norm_forward(x, w, b, r, 1e-5, False, x.dtype, cfg))
+            timings[cfg] = median_ms(
+                lambda x=x, w=w, b=b, r=r, cfg=cfg: norm_forward(x, w, b, r, 1e-5, False, x.dtype, cfg)
+            )
         best = min(timings, key=timings.get)
         chosen = launch_config(m, n, x.device)
         print(
