@@ -20,7 +20,7 @@ CPU_ENV = {"KERNL_TEST_DEVICE": "cpu", "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DE
 
 
 def _install_editable(session: nox.Session, packages: list[str]) -> None:
-    args = [arg for pkg in packages for arg in ("-e", f"packages/{pkg}")]
+    args = [arg for pkg in packages for arg in ("-e", f"packages/{pkg}[test]")]
     session.install(*args, *TEST_DEPS)
 
 
