@@ -1,1 +1,10 @@
-"""kernl.flash_attention: placeholder, see the package README."""
+"""kernl.flash_attention: fused attention (padding masks, T5 position bias, split-KV decoding).
+
+>>> from kernl.flash_attention import attention, attention_decode
+"""
+
+from kernl.flash_attention.functional import SUPPORTED_DTYPES, attention, attention_decode
+from kernl.flash_attention.launch import MAX_HEAD_DIM
+from kernl.flash_attention.reference import attention_reference
+
+__all__ = ["MAX_HEAD_DIM", "SUPPORTED_DTYPES", "attention", "attention_decode", "attention_reference"]

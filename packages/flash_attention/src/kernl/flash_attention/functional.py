@@ -1,0 +1,154 @@
+"""Public entry points: validate the arguments, then call the registered ``torch.library`` op."""
+
+import math
+import numbers
+
+import torch
+
+from kernl.flash_attention import ops
+from kernl.flash_attention.launch import MAX_HEAD_DIM
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_BATCH_HEADS = 65535  # the grid's second axis
+
+
+def _check_tensor(name: str, t, dtypes: tuple[torch.dtype, ...], what: str) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in dtypes:
+        raise TypeError(f"{name} must be {what}, got {t.dtype}")
+
+
+def _check_qkv(q, k, v) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _check_tensor(name, t, SUPPORTED_DTYPES, "float16, bfloat16 or float32")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-D (batch, heads, seq, head_dim), got shape {tuple(t.shape)}")
+    if q.device.type not in ("cuda", "cpu"):
+        raise ValueError(f"q must be on a CUDA device (or CPU), got {q.device}")
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            raise ValueError(f"{name} must have q's dtype {q.dtype}, got {t.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
+    batch, heads, _, head_dim = q.shape
+    if k.shape[0] != batch or k.shape[1] != heads or k.shape[3] != head_dim:
+        raise ValueError(
+            f"k must have shape ({batch}, {heads}, K, {head_dim}) to match q, got {tuple(k.shape)}"
+        )
+    if v.shape != k.shape:
+        raise ValueError(f"v must have k's shape {tuple(k.shape)}, got {tuple(v.shape)}")
+    if not 1 <= head_dim <= MAX_HEAD_DIM:
+        raise ValueError(f"head_dim must be between 1 and {MAX_HEAD_DIM}, got {head_dim}")
+    if batch * heads > MAX_BATCH_HEADS:
+        raise ValueError(f"batch * heads must be at most {MAX_BATCH_HEADS}, got {batch * heads}")
+
+
+def _check_broadcastable(name: str, t, full: tuple[int, ...], device, allow_bool: bool) -> None:
+    dtypes = SUPPORTED_DTYPES + ((torch.bool,) if allow_bool else ())
+    _check_tensor(name, t, dtypes, "bool or float16/bfloat16/float32" if allow_bool else "a float tensor")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device} but q is on {device}")
+    if t.dim() > 4 or any(s not in (1, f) for s, f in zip(reversed(t.shape), reversed(full), strict=False)):
+        raise ValueError(f"{name} of shape {tuple(t.shape)} does not broadcast to (B, H, Q, K) = {full}")
+
+
+def _check_key_padding(t, batch: int, n_k: int, device) -> None:
+    ints = (torch.int32, torch.int64)
+    _check_tensor("key_padding_mask", t, (torch.bool, *ints), "bool (B, K) or int32/int64 lengths (B,)")
+    expected = (batch, n_k) if t.dtype == torch.bool else (batch,)
+    if tuple(t.shape) != expected:
+        raise ValueError(
+            f"key_padding_mask of dtype {t.dtype} must have shape {expected}, got {tuple(t.shape)}"
+        )
+    if t.device != device:
+        raise ValueError(f"key_padding_mask is on {t.device} but q is on {device}")
+
+
+def _check_common(q, k, v, scale, bias, mask, key_padding_mask) -> float:
+    _check_qkv(q, k, v)
+    full = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+    if bias is not None:
+        _check_broadcastable("bias", bias, full, q.device, allow_bool=False)
+    if mask is not None:
+        _check_broadcastable("mask", mask, full, q.device, allow_bool=True)
+    if key_padding_mask is not None:
+        _check_key_padding(key_padding_mask, q.shape[0], k.shape[2], q.device)
+    if scale is None:
+        return 1.0 / math.sqrt(q.shape[-1])
+    if not isinstance(scale, numbers.Real) or not math.isfinite(scale):
+        raise ValueError(f"scale must be a finite number, got {scale!r}")
+    return float(scale)
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    scale: float | None = None,
+    bias: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+    causal: bool = False,
+) -> torch.Tensor:
+    """``softmax(scale * q @ k^T + bias, masked) @ v`` fused, fp32 accumulation and softmax.
+
+    q ``(B, H, Q, D)``, k/v ``(B, H, K, D)``: float16/bfloat16/float32, any strides, ``Q`` may differ
+    from ``K`` (cross-attention), ``1 <= D <= 128``. scale: default ``1/sqrt(D)``.
+    bias: additive float, broadcastable to ``(B, H, Q, K)`` (T5 position bias ``(1, H, Q, K)``).
+    mask: broadcastable to ``(B, H, Q, K)``, bool (True = attend) or additive float (HF's forms).
+    key_padding_mask: bool ``(B, K)`` (True = real token) or integer lengths ``(B,)``; the kernel
+    stops at each sequence's last valid key instead of masking the padding.
+    causal: key ``j`` visible to query ``i`` when ``j <= i`` (top-left, as SDPA's ``is_causal``).
+    A row whose keys are all masked returns zeros, never NaN. Returns ``(B, H, Q, D)`` in q's dtype
+    (a transposed view of a contiguous ``(B, Q, H, D)`` buffer).
+    """
+    scale = _check_common(q, k, v, scale, bias, mask, key_padding_mask)
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    return torch.ops.kernl.attention(q, k, v, scale, bias, mask, key_padding_mask, None, causal)
+
+
+def attention_decode(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cache_len: int | torch.Tensor | None = None,
+    *,
+    scale: float | None = None,
+    bias: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Attention of a few query tokens against a KV cache, the key length split across programs.
+
+    q ``(B, H, Q, D)`` with small ``Q`` (1 for a greedy step); k_cache/v_cache ``(B, H, K, D)``,
+    preallocated. cache_len: valid prefix of the cache, an int (the cache is sliced) or an integer
+    tensor ``()``/``(B,)`` on q's device (read by the kernel: fixed buffers, CUDA-graph friendly);
+    None = all ``K``. bias, mask, key_padding_mask, scale: as :func:`attention`, over the full ``K``.
+    Every valid cache key is visible (no causal mask). Rows with no visible key return zeros.
+    """
+    scale = _check_common(q, k_cache, v_cache, scale, bias, mask, key_padding_mask)
+    n_k = k_cache.shape[2]
+    if isinstance(cache_len, torch.Tensor):
+        _check_tensor("cache_len", cache_len, (torch.int32, torch.int64), "int32 or int64")
+        if cache_len.shape not in ((), (q.shape[0],)) or cache_len.device != q.device:
+            raise ValueError(f"cache_len must be a () or ({q.shape[0]},) tensor on {q.device}")
+    elif isinstance(cache_len, numbers.Integral) and not isinstance(cache_len, bool):
+        if not 0 <= cache_len <= n_k:
+            raise ValueError(f"cache_len must be between 0 and the cache length {n_k}, got {cache_len}")
+        k_cache, v_cache = k_cache[:, :, :cache_len], v_cache[:, :, :cache_len]
+        trim = lambda t: t[..., :cache_len] if t is not None and t.shape[-1] == n_k else t
+        bias, mask = trim(bias), trim(mask)
+        if key_padding_mask is not None and key_padding_mask.dtype == torch.bool:
+            key_padding_mask = key_padding_mask[:, :cache_len]
+        cache_len = None
+    elif cache_len is not None:
+        raise TypeError(f"cache_len must be an int or an integer tensor, got {type(cache_len).__name__}")
+    return torch.ops.kernl.attention(
+        q, k_cache, v_cache, scale, bias, mask, key_padding_mask, cache_len, False
+    )
+
+
+__all__ = ["SUPPORTED_DTYPES", "attention", "attention_decode", "ops"]

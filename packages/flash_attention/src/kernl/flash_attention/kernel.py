@@ -1,0 +1,137 @@
+"""Fused attention forward (inference): ``softmax(scale * q @ k^T + bias, masked) @ v`` in one pass.
+
+Online softmax, in a few lines. A program owns ``BLOCK_M`` query rows and walks the keys ``BLOCK_N``
+at a time, never holding the whole score row. It keeps, per row, the running maximum ``m``, the
+running denominator ``l = sum(exp(s - m))`` and the running numerator ``acc = sum(exp(s - m) * v)``.
+When a new block raises the maximum to ``m'``, everything gathered so far was scaled by ``exp(-m)``
+and must be scaled by ``exp(-m')``: multiply ``l`` and ``acc`` by ``alpha = exp(m - m')``, then add
+the new block's terms. At the end ``out = acc / l``, the exact softmax, with scores read once and
+never written to memory. We work in base 2 (``exp2``, scores pre-multiplied by ``log2(e)``), and a row
+that has seen no visible key yet keeps ``m = -inf``: we subtract 0 instead, so ``exp2(-inf) = 0``
+and a row whose keys are all masked ends with ``l = 0`` and returns zeros, never NaN.
+
+Work is split in two stages over the key range: the full blocks no boundary or causal diagonal can
+touch (no ``where`` on the scores), then the few edge blocks with every check. With ``SPLIT`` a
+third grid axis cuts the key range into chunks (split-KV, for decoding one token against a long
+cache): each program writes its unnormalised ``acc``, ``m`` and ``l``, merged by :mod:`.merge`.
+
+Key padding: ``KPM_KIND`` 1 = per-batch lengths (the loop stops there); 2 = a bool ``[B, K]`` mask,
+scanned first for its last valid key (the loop stops there too) and applied block by block only
+when it is not a prefix. ``MASK_KIND`` 1 = bool mask (True = attend), 2 = additive float mask.
+"""
+
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _attn_fwd_kernel(
+    Q, K, V, OUT, BIAS, MASK, KPM, CACHE_LEN, PART_ML,
+    qk_scale, n_q, n_k, n_heads, split_len,
+    sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod,
+    sbb, sbh, sbm, sbn, smb, smh, smm, smn, skpb, skpn, scl,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_BIAS: tl.constexpr, MASK_KIND: tl.constexpr, KPM_KIND: tl.constexpr, HAS_CACHE_LEN: tl.constexpr,
+    CAUSAL: tl.constexpr, SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    start_m = tl.program_id(0)
+    off_bh = tl.program_id(1)
+    split = tl.program_id(2)
+    b = (off_bh // n_heads).to(tl.int64)
+    h = (off_bh % n_heads).to(tl.int64)
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < n_q
+    d_ok = offs_d < HEAD_DIM
+
+    # Where the keys of this batch element end: cache length, lengths, or the bool mask's last True.
+    kv_end = n_k
+    if HAS_CACHE_LEN:
+        kv_end = tl.minimum(kv_end, tl.load(CACHE_LEN + b * scl))
+    if KPM_KIND == 1:
+        kv_end = tl.minimum(kv_end, tl.load(KPM + b * skpb))
+    if KPM_KIND == 2:
+        extent = tl.full([], 0, tl.int32)
+        count = tl.full([], 0, tl.int32)
+        for start in range(0, n_k, BLOCK_N):
+            cols = start + offs_n
+            valid = tl.load(KPM + b * skpb + cols * skpn, mask=cols < n_k, other=0) != 0
+            extent = tl.maximum(extent, tl.max(tl.where(valid, cols + 1, 0), axis=0))
+            count += tl.sum(valid.to(tl.int32), axis=0)
+        kv_end = tl.minimum(kv_end, extent)
+        kpm_partial = count != extent  # not a prefix mask: apply it block by block
+    lo = split * split_len
+    hi = tl.minimum(kv_end, lo + split_len)
+    if CAUSAL:  # top-left aligned, as F.scaled_dot_product_attention(is_causal=True): key j <= query i
+        hi = tl.minimum(hi, (start_m + 1) * BLOCK_M)
+        full_end = tl.maximum(lo, lo + (tl.minimum(hi, start_m * BLOCK_M) - lo) // BLOCK_N * BLOCK_N)
+    else:
+        full_end = tl.maximum(lo, lo + (hi - lo) // BLOCK_N * BLOCK_N)
+
+    q_ptrs = Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd
+    q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    k_base = K + b * skb + h * skh + offs_d[:, None] * skd
+    v_base = V + b * svb + h * svh + offs_d[None, :] * svd
+    bias_base = BIAS + b * sbb + h * sbh + offs_m[:, None] * sbm
+    mask_base = MASK + b * smb + h * smh + offs_m[:, None] * smm
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for stage in tl.static_range(2):  # 0: interior blocks, no checks; 1: edge blocks, every check
+        if stage == 0:
+            start_lo, start_hi = lo, full_end
+        else:
+            start_lo, start_hi = full_end, hi
+        for start_n in range(start_lo, start_hi, BLOCK_N):
+            cols = start_n + offs_n
+            col_ok = cols < hi
+            if stage == 0 and HEAD_DIM == BLOCK_D:
+                k = tl.load(k_base + cols[None, :] * skn)
+                v = tl.load(v_base + cols[:, None] * svn)
+            else:
+                k = tl.load(k_base + cols[None, :] * skn, mask=d_ok[:, None] & col_ok[None, :], other=0.0)
+                v = tl.load(v_base + cols[:, None] * svn, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+            s = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale
+            tile_ok = row_ok[:, None] if stage == 0 else row_ok[:, None] & col_ok[None, :]
+            if HAS_BIAS:
+                s += tl.load(bias_base + cols[None, :] * sbn, mask=tile_ok, other=0.0).to(tl.float32) * LOG2E
+            if MASK_KIND == 2:
+                s += tl.load(mask_base + cols[None, :] * smn, mask=tile_ok, other=0.0).to(tl.float32) * LOG2E
+            if MASK_KIND == 1:
+                s = tl.where(
+                    tl.load(mask_base + cols[None, :] * smn, mask=tile_ok, other=0) != 0, s, float("-inf")
+                )
+            if KPM_KIND == 2:
+                if kpm_partial:
+                    kpm = tl.load(KPM + b * skpb + cols * skpn, mask=col_ok, other=0)
+                    s = tl.where(kpm[None, :] != 0, s, float("-inf"))
+            if stage == 1:
+                keep = col_ok[None, :]
+                if CAUSAL:
+                    keep = keep & (cols[None, :] <= offs_m[:, None])
+                s = tl.where(keep, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no visible key so far
+            p = tl.math.exp2(s - m_use[:, None])
+            alpha = tl.math.exp2(m_i - m_use)
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+            m_i = m_new
+
+    o_mask = row_ok[:, None] & d_ok[None, :]
+    if (
+        SPLIT
+    ):  # unnormalised partials: OUT is fp32 [B*H, splits, n_q, HEAD_DIM], PART_ML [B*H, splits, 2, n_q]
+        part = off_bh.to(tl.int64) * tl.num_programs(2) + split
+        o_ptrs = OUT + part * n_q * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :]
+        tl.store(o_ptrs, acc, mask=o_mask)
+        tl.store(PART_ML + part * 2 * n_q + offs_m, m_i, mask=row_ok)
+        tl.store(PART_ML + part * 2 * n_q + n_q + offs_m, l_i, mask=row_ok)
+    else:
+        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # fully masked rows: acc = 0, out = 0
+        o_ptrs = OUT + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :] * sod
+        tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=o_mask)

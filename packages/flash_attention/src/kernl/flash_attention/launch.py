@@ -1,0 +1,122 @@
+"""Block sizes, split-KV choice and the launch of :mod:`.kernel` (+ :mod:`.merge` when split)."""
+
+import functools
+from typing import NamedTuple
+
+import torch
+import triton
+
+from kernl.flash_attention.kernel import LOG2E, _attn_fwd_kernel
+from kernl.flash_attention.merge import _merge_kernel
+
+MAX_HEAD_DIM = 128
+MAX_SPLITS = 64
+
+
+class LaunchConfig(NamedTuple):
+    """Block of queries and keys per step, warps, pipeline depth, and how many KV splits."""
+
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+    num_splits: int = 1
+
+
+@functools.cache
+def _multiprocessor_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _split_count(programs: int, n_k: int, block_n: int, sm_count: int) -> int:
+    """Enough KV splits to give every multiprocessor work, each split at least one key block."""
+    if programs >= sm_count:
+        return 1
+    return max(1, min(triton.cdiv(2 * sm_count, programs), triton.cdiv(n_k, block_n), MAX_SPLITS))
+
+
+def launch_config(batch_heads: int, n_q: int, n_k: int, head_dim: int, device: torch.device) -> LaunchConfig:
+    """Heuristic config: big tiles for encoders, 16-row tiles plus split-KV for a few query tokens.
+
+    Under Triton's interpreter (CPU tensors) the blocks are small and fixed, and the split count acts
+    as if the device had 4 multiprocessors, so small tests still take the split-KV path.
+    """
+    if device.type != "cuda":
+        block_m, block_n = (16, 16) if n_q <= 16 else (32, 16)
+        splits = _split_count(batch_heads * triton.cdiv(n_q, block_m), n_k, block_n, 4)
+        return LaunchConfig(block_m, block_n, 4, 1, splits)
+    if n_q <= 16:
+        block_m, block_n, warps, stages = 16, 128 if head_dim <= 64 else 64, 4, 3
+    elif head_dim <= 64:
+        block_m, block_n, warps, stages = 128, 64, 4, 3
+    else:
+        block_m, block_n, warps, stages = 128, 64, 8, 3
+    programs = batch_heads * triton.cdiv(n_q, block_m)
+    splits = _split_count(programs, n_k, block_n, _multiprocessor_count(device.index or 0))
+    return LaunchConfig(block_m, block_n, warps, stages, splits)
+
+
+def _strides4(t: torch.Tensor | None, shape: tuple[int, ...]) -> tuple[int, int, int, int]:
+    """Strides of ``t`` broadcast to ``shape`` (0 along broadcast dimensions)."""
+    return torch.broadcast_to(t, shape).stride() if t is not None else (0, 0, 0, 0)
+
+
+def attention_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    bias: torch.Tensor | None,
+    mask: torch.Tensor | None,
+    key_padding_mask: torch.Tensor | None,
+    cache_len: torch.Tensor | None,
+    causal: bool,
+    config: LaunchConfig | None = None,
+) -> torch.Tensor:
+    """Launch on validated inputs: q ``(B, H, Q, D)``, k/v ``(B, H, K, D)``, any strides.
+
+    bias/mask broadcastable to ``(B, H, Q, K)``; key_padding_mask bool ``(B, K)`` (True = attend) or
+    int32 lengths ``(B,)``; cache_len int32 ``()`` or ``(B,)``. Returns ``(B, H, Q, D)`` in q's dtype,
+    a transposed view of a contiguous ``(B, Q, H, D)`` buffer (what a model's output projection wants).
+    ``config`` overrides :func:`launch_config` (used by the tuning sweep).
+    """
+    batch, heads, n_q, head_dim = q.shape
+    n_k = k.shape[2]
+    out = torch.empty((batch, n_q, heads, head_dim), dtype=q.dtype, device=q.device).transpose(1, 2)
+    if out.numel() == 0:
+        return out
+    cfg = config or launch_config(batch * heads, n_q, n_k, head_dim, q.device)
+    full = (batch, heads, n_q, n_k)
+    mask_kind = 0 if mask is None else 1 if mask.dtype == torch.bool else 2
+    kpm_kind = 0 if key_padding_mask is None else 2 if key_padding_mask.dtype == torch.bool else 1
+    mask_arg = mask.view(torch.uint8) if mask_kind == 1 else mask
+    kpm_arg = key_padding_mask.view(torch.uint8) if kpm_kind == 2 else key_padding_mask
+    kpm_strides = (key_padding_mask.stride() + (0,))[:2] if key_padding_mask is not None else (0, 0)
+    if cfg.num_splits > 1:
+        split_len = triton.cdiv(triton.cdiv(n_k, cfg.num_splits), cfg.block_n) * cfg.block_n
+        splits = triton.cdiv(n_k, split_len)
+        target = torch.empty((batch * heads, splits, n_q, head_dim), dtype=torch.float32, device=q.device)
+        part_ml = torch.empty((batch * heads, splits, 2, n_q), dtype=torch.float32, device=q.device)
+    else:
+        split_len, splits, target, part_ml = max(n_k, 1), 1, out, out
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    grid = (triton.cdiv(n_q, cfg.block_m), batch * heads, splits)
+    dot_precision = "ieee" if q.dtype == torch.float32 else "tf32"
+    _attn_fwd_kernel[grid](
+        q, k, v, target, bias if bias is not None else q, mask_arg if mask is not None else q,
+        kpm_arg if kpm_arg is not None else q, cache_len if cache_len is not None else q, part_ml,
+        scale * LOG2E, n_q, n_k, heads, split_len,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        *_strides4(bias, full), *_strides4(mask, full), *kpm_strides,
+        cache_len.stride(0) if cache_len is not None and cache_len.dim() == 1 else 0,
+        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        HAS_BIAS=bias is not None, MASK_KIND=mask_kind, KPM_KIND=kpm_kind,
+        HAS_CACHE_LEN=cache_len is not None, CAUSAL=causal, SPLIT=splits > 1, DOT_PRECISION=dot_precision,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+    if splits > 1:
+        _merge_kernel[(n_q, batch * heads)](
+            target, part_ml, out, n_q, heads, splits, *out.stride(),
+            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=max(2, triton.next_power_of_2(splits)),
+        )  # fmt: skip
+    return out

@@ -1,0 +1,54 @@
+"""``torch.library`` registration, so the kernel can sit inside ``torch.compile``d and FX graphs.
+
+One opaque custom op, ``kernl::attention``, with a fake (meta) implementation: this works under
+Triton's interpreter too, where ``triton_op``/``wrap_triton`` cannot be traced. Inputs are trusted
+here; validation lives in :mod:`kernl.flash_attention.functional`.
+
+CPU tensors run the Triton kernel only when Triton's interpreter is on (``TRITON_INTERPRET=1``);
+otherwise they fall back to the PyTorch reference, so the op always returns the right answer.
+"""
+
+import os
+
+import torch
+
+from kernl.flash_attention.launch import attention_forward
+from kernl.flash_attention.reference import attention_reference
+
+
+def runs_triton_kernel(x: torch.Tensor) -> bool:
+    """True when ``x`` is processed by the Triton kernel, False when by the PyTorch reference."""
+    return x.device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _as_int32(t: torch.Tensor | None) -> torch.Tensor | None:
+    return t.to(torch.int32) if t is not None and t.dtype not in (torch.bool, torch.int32) else t
+
+
+@torch.library.custom_op("kernl::attention", mutates_args=())
+def attention_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    bias: torch.Tensor | None,
+    mask: torch.Tensor | None,
+    key_padding_mask: torch.Tensor | None,
+    cache_len: torch.Tensor | None,
+    causal: bool,
+) -> torch.Tensor:
+    if not runs_triton_kernel(q):
+        out = attention_reference(
+            q, k, v, scale=scale, bias=bias, mask=mask, key_padding_mask=key_padding_mask,
+            causal=causal, cache_len=cache_len,
+        )  # fmt: skip
+        return out.transpose(1, 2).contiguous().transpose(1, 2)  # the kernel's layout
+    return attention_forward(
+        q, k, v, scale, bias, mask, _as_int32(key_padding_mask), _as_int32(cache_len), causal
+    )
+
+
+@attention_op.register_fake
+def _(q, k, v, scale, bias, mask, key_padding_mask, cache_len, causal):
+    batch, heads, n_q, head_dim = q.shape
+    return q.new_empty((batch, n_q, heads, head_dim)).transpose(1, 2)

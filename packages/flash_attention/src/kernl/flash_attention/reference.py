@@ -1,0 +1,57 @@
+"""Plain PyTorch reference with the kernels' semantics (also the CPU fallback without the interpreter).
+
+Shapes: q ``(B, H, Q, D)``, k/v ``(B, H, K, D)``; bias/mask broadcastable to ``(B, H, Q, K)``;
+key_padding_mask bool ``(B, K)`` (True = attend) or integer lengths ``(B,)``; cache_len an integer
+tensor ``()`` or ``(B,)`` (valid prefix of a preallocated cache). A row with no visible key gives 0.
+"""
+
+import math
+
+import torch
+
+
+def attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    scale: float | None = None,
+    bias: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+    causal: bool = False,
+    cache_len: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``softmax(scale * q @ k^T + bias, masked) @ v`` in fp32 (fp64 for fp64 inputs), output in q's dtype.
+
+    Masked means: a False in a bool ``mask``, a key past the padding length or ``cache_len``, a key
+    after the query under ``causal`` (top-left aligned, as ``F.scaled_dot_product_attention``), or
+    ``-inf`` in an additive mask/bias.
+    """
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    n_q, n_k = q.shape[2], k.shape[2]
+    scores = scale * (q.to(compute) @ k.to(compute).transpose(-1, -2))
+    if bias is not None:
+        scores = scores + bias.to(compute)
+    keep = torch.ones((1, 1, n_q, n_k), dtype=torch.bool, device=q.device)
+    if mask is not None and mask.dtype == torch.bool:
+        keep = keep & mask
+    elif mask is not None:
+        scores = scores + mask.to(compute)
+    positions = torch.arange(n_k, device=q.device)
+    if key_padding_mask is not None and key_padding_mask.dtype == torch.bool:
+        keep = keep & key_padding_mask[:, None, None, :]
+    elif key_padding_mask is not None:
+        keep = keep & (positions < key_padding_mask.reshape(-1, 1, 1, 1))
+    if cache_len is not None:
+        keep = keep & (positions < cache_len.reshape(-1, 1, 1, 1))
+    if causal:
+        keep = keep & (positions[None, :] <= torch.arange(n_q, device=q.device)[:, None])
+    scores = scores.masked_fill(~keep, float("-inf"))
+    row_max = scores.amax(-1, keepdim=True)
+    row_max = torch.where(row_max == float("-inf"), 0.0, row_max)
+    p = torch.exp(scores - row_max)
+    denominator = p.sum(-1, keepdim=True)
+    out = (p @ v.to(compute)) / torch.where(denominator == 0, 1.0, denominator)
+    return out.to(q.dtype)
