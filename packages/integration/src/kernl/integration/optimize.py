@@ -1,0 +1,132 @@
+"""``optimize_model``: install kernl in place on a Hugging Face Bert-family model.
+
+The model's ``forward`` becomes: pad the sequence to a bucket length (padding is masked out), call the
+``torch.compile``d forward (TorchDynamo, ``dynamic=False``, :class:`~kernl.integration.backend.KernlBackend`),
+and cut the outputs back to the caller's length. One graph is compiled and captured per
+(batch, bucket), so a stream of many sequence lengths costs a bounded number of warm-ups.
+"""
+
+import inspect
+import os
+import warnings
+
+import torch
+
+from kernl.integration.backend import KernlBackend
+from kernl.integration.report import OptimizationReport
+
+DEFAULT_BUCKETS = (16, 32, 64, 128, 256, 384, 512)
+# Per-token inputs the wrapper pads: name -> value of the padding.
+_PADDED_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "inputs_embeds")
+
+
+def _unsupported_reason(device: torch.device) -> str | None:
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        if major < 8:
+            return f"GPU compute capability {major}.{minor} < 8.0: kernl's kernels need Ampere or newer"
+        return None
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return None
+    return (
+        f"model is on {device.type}, not a CUDA GPU: kernl needs a GPU of compute capability >= 8.0 "
+        "(set TRITON_INTERPRET=1 before importing triton to run the kernels on CPU for debugging)"
+    )
+
+
+def _bucket(length: int, buckets) -> int:
+    return next((b for b in buckets if b >= length), length)
+
+
+def _cut(value, length: int, padded: int):
+    """Cut padded positions off per-token outputs: dim 1 of 3-D tensors, the last two of 4-D maps."""
+    if isinstance(value, torch.Tensor):
+        if value.dim() == 3 and value.shape[1] == padded:
+            return value[:, :length].contiguous()
+        if value.dim() == 4 and value.shape[-1] == padded and value.shape[-2] == padded:
+            return value[..., :length, :length].contiguous()
+        return value
+    if isinstance(value, tuple):
+        return tuple(_cut(v, length, padded) for v in value)
+    return value
+
+
+def _padded_call(compiled, signature, buckets, pad_id):
+    def forward(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs)
+        arguments = bound.arguments
+        tensors = {k: v for k, v in arguments.items() if isinstance(v, torch.Tensor)}
+        token_input = arguments.get("input_ids", arguments.get("inputs_embeds"))
+        if token_input is None or any(k not in _PADDED_INPUTS for k in tensors) or token_input.dim() < 2:
+            with torch.no_grad():
+                return compiled(*bound.args, **bound.kwargs)
+        batch, length = token_input.shape[:2]
+        padded = _bucket(length, buckets)
+        if padded != length:
+            extra = padded - length
+            if arguments.get("attention_mask") is None:
+                arguments["attention_mask"] = torch.ones(
+                    batch, length, dtype=torch.long, device=token_input.device
+                )
+            for name in _PADDED_INPUTS:
+                value = arguments.get(name)
+                if value is None:
+                    continue
+                fill = pad_id if name == "input_ids" else 0
+                pad = (0, 0, 0, extra) if name == "inputs_embeds" else (0, extra)
+                arguments[name] = torch.nn.functional.pad(value, pad, value=fill)
+        with torch.no_grad():
+            output = compiled(*bound.args, **bound.kwargs)
+        if padded == length:
+            return output
+        if isinstance(output, dict):  # transformers' ModelOutput
+            return type(output)(**{k: _cut(v, length, padded) for k, v in output.items()})
+        return _cut(output, length, padded)
+
+    return forward
+
+
+def _raise_recompile_limit(graphs: int) -> None:
+    config = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(config, name):
+            setattr(config, name, max(getattr(config, name), graphs))
+            return
+
+
+def optimize_model(model: torch.nn.Module, *, buckets=DEFAULT_BUCKETS, cuda_graphs: bool = True):
+    """Make ``model`` (a transformers Bert/RoBERTa model or head, eval mode) run on kernl, in place.
+
+    Sequence lengths are padded up to the next of ``buckets`` (with ``attention_mask`` zeros, so the
+    outputs of the real tokens do not change) and the outputs are cut back. Returns the
+    :class:`OptimizationReport`, also kept as ``model.kernl_report``; it fills in as graphs compile
+    (one per batch size and bucket, on first use). On a CPU model (without ``TRITON_INTERPRET=1``) or a
+    GPU below compute capability 8.0 the model is left as it was and the report says why.
+    A sentence-transformers model is accepted too: its transformer module's model is optimized.
+    """
+    inner = model._first_module().auto_model if hasattr(model, "_first_module") else None
+    if inner is not None:
+        return optimize_model(inner, buckets=buckets, cuda_graphs=cuda_graphs)
+    report = OptimizationReport(model=type(model).__name__)
+    model.kernl_report = report
+    if model.training:
+        raise ValueError("optimize_model is for inference: call model.eval() first")
+    device = next(model.parameters()).device
+    reason = _unsupported_reason(device)
+    if reason is not None:
+        report.status = "not optimized"
+        report.notes.append(reason + "; the model runs unchanged")
+        warnings.warn(f"kernl: {reason}; the model runs unchanged", stacklevel=2)
+        return report
+    if device.type == "cpu":
+        report.notes.append("Triton interpreter on CPU: kernels run for debugging, not for speed")
+    buckets = tuple(sorted(buckets))
+    _raise_recompile_limit(64)
+    static = [*model.parameters(), *model.buffers()]
+    backend = KernlBackend(report, static, cuda_graphs=cuda_graphs)
+    original = model.forward
+    compiled = torch.compile(original, backend=backend, dynamic=False)
+    pad_id = getattr(model.config, "pad_token_id", None) or 0
+    model.forward = _padded_call(compiled, inspect.signature(original), buckets, pad_id)
+    model.kernl_original_forward = original
+    return report

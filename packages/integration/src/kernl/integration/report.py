@@ -1,0 +1,95 @@
+"""What ``optimize_model`` did: per compiled graph, which rules fired how often and what stayed PyTorch."""
+
+import json
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import fx
+
+from kernl.integration.rules._fx import is_function, is_method
+
+F = torch.nn.functional
+# Ops a rule exists for: when they are still in a graph after rewriting, they ran as plain PyTorch.
+_KEPT_FUNCTIONS = {
+    F.linear: "linear",
+    F.gelu: "activation",
+    F.relu: "activation",
+    torch.relu: "activation",
+    torch.tanh: "activation",
+    F.silu: "activation",
+    F.layer_norm: "layer_norm",
+    F.scaled_dot_product_attention: "attention (sdpa)",
+    F.softmax: "attention (softmax)",
+    torch.softmax: "attention (softmax)",
+    torch.matmul: "matmul",
+    F.dropout: "dropout",
+}
+_KEPT_METHODS = {"softmax": "attention (softmax)", "matmul": "matmul", "tanh": "activation"}
+
+
+def kept_as_pytorch(gm: fx.GraphModule) -> dict[str, int]:
+    """Count the ops of ``gm`` that a rule targets but that are still plain PyTorch calls."""
+    kept = Counter()
+    for node in gm.graph.nodes:
+        if is_function(node, tuple(_KEPT_FUNCTIONS)):
+            kept[_KEPT_FUNCTIONS[node.target]] += 1
+        elif is_method(node, tuple(_KEPT_METHODS)):
+            kept[_KEPT_METHODS[node.target]] += 1
+    return dict(kept)
+
+
+@dataclass
+class GraphRecord:
+    """One graph TorchDynamo handed the backend (one per input shape and input set)."""
+
+    inputs: str
+    fired: dict[str, int] = field(default_factory=dict)
+    kept: dict[str, int] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+    runs_as: str = ""
+    warmup_s: float | None = None
+    error: str | None = None
+
+
+@dataclass
+class OptimizationReport:
+    """The record of one ``optimize_model`` call; ``print(report)`` shows it as a table."""
+
+    model: str = ""
+    status: str = "optimized"
+    notes: list[str] = field(default_factory=list)
+    graphs: list[GraphRecord] = field(default_factory=list)
+
+    def totals(self) -> dict[str, int]:
+        """Replacements per rule, summed over every graph."""
+        total = Counter()
+        for graph in self.graphs:
+            total.update(graph.fired)
+        return dict(total)
+
+    def to_dict(self) -> dict:
+        """Plain data (for JSON)."""
+        return {**asdict(self), "totals": self.totals()}
+
+    def to_json(self) -> str:
+        """The report as JSON text."""
+        return json.dumps(self.to_dict(), indent=2)
+
+    def __str__(self) -> str:
+        lines = [f"kernl optimize_model report: {self.model} ({self.status})"]
+        lines += [f"  note: {note}" for note in self.notes]
+        if not self.graphs:
+            lines.append("  no graph compiled yet (graphs are compiled on the first call of each shape)")
+        for index, graph in enumerate(self.graphs):
+            lines.append(f"  graph {index}: {graph.inputs} -> runs as {graph.runs_as or 'not run yet'}")
+            fired = ", ".join(f"{name} x{count}" for name, count in graph.fired.items() if count) or "none"
+            lines.append(f"    rules fired: {fired}")
+            kept = ", ".join(f"{name} x{count}" for name, count in sorted(graph.kept.items())) or "nothing"
+            lines.append(f"    kept as PyTorch: {kept}")
+            lines += [f"    rule {name} did not run: {why}" for name, why in graph.skipped.items()]
+            if graph.warmup_s is not None:
+                lines.append(f"    warm-up (capture) {graph.warmup_s:.2f} s")
+            if graph.error:
+                lines.append(f"    fell back to PyTorch: {graph.error}")
+        return "\n".join(lines)

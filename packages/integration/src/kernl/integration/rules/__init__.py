@@ -1,0 +1,33 @@
+"""The FX replacement rules, one per file, applied in the order of :data:`RULES`.
+
+Each rule walks the nodes of a TorchDynamo graph, matches calls by their target function (never by a
+transformers-specific spelling), reads arguments by position or name, and puts a kernl kernel call in
+place of what it matched. A rule whose kernel package does not expose its function yet changes nothing.
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from torch import fx
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A named graph rewrite. ``rewrite(graph_module)`` returns how many places it replaced."""
+
+    name: str
+    kernel: str | None  # key of kernl.integration.kernels.KERNELS, None when no kernel is needed
+    matches: str
+    replacement: str
+    rewrite: Callable[[fx.GraphModule], int]
+
+
+def _rules() -> list[Rule]:
+    from kernl.integration.rules import attention_eager, attention_sdpa, dropout, layer_norm, linear_act
+
+    return [dropout.RULE, attention_sdpa.RULE, attention_eager.RULE, linear_act.RULE, layer_norm.RULE]
+
+
+RULES: list[Rule] = _rules()
+
+__all__ = ["RULES", "Rule"]

@@ -1,0 +1,69 @@
+"""Small helpers the rules share: read a call's arguments by position or name, inspect example values.
+
+Dynamo keeps each call as transformers wrote it (positional or keyword), so a rule never assumes one
+spelling: :func:`arg` reads an argument wherever it is.
+"""
+
+import operator
+
+import torch
+from torch import fx
+
+ADD_TARGETS = (operator.add, torch.add)
+
+
+def arg(node: fx.Node, index: int, name: str, default=None):
+    """The call's argument ``name`` (position ``index``), or ``default`` when not given."""
+    if len(node.args) > index:
+        return node.args[index]
+    return node.kwargs.get(name, default)
+
+
+def example(node) -> torch.Tensor | None:
+    """The fake tensor dynamo recorded for ``node`` (shape, dtype, device), or None."""
+    if not isinstance(node, fx.Node):
+        return None
+    value = node.meta.get("example_value", node.meta.get("val"))
+    return value if isinstance(value, torch.Tensor) else None
+
+
+def is_function(node, targets) -> bool:
+    """True when ``node`` calls one of the functions ``targets``."""
+    return isinstance(node, fx.Node) and node.op == "call_function" and node.target in targets
+
+
+def is_method(node, names) -> bool:
+    """True when ``node`` calls a tensor method named in ``names``."""
+    return isinstance(node, fx.Node) and node.op == "call_method" and node.target in names
+
+
+def is_add(node) -> bool:
+    """``a + b`` spelled as operator, ``torch.add`` or ``Tensor.add`` (no ``alpha``)."""
+    if not (is_function(node, ADD_TARGETS) or is_method(node, ("add",))):
+        return False
+    return len(node.args) == 2 and "alpha" not in node.kwargs and not node.kwargs.get("out")
+
+
+def only_user(node: fx.Node) -> fx.Node | None:
+    """The single node that uses ``node``, or None when there are zero or several."""
+    return next(iter(node.users)) if len(node.users) == 1 else None
+
+
+def same_layout(a, b) -> bool:
+    """Both nodes have example values of one shape and dtype."""
+    ea, eb = example(a), example(b)
+    return ea is not None and eb is not None and ea.shape == eb.shape and ea.dtype == eb.dtype
+
+
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The low-precision dtype autocast applies on ``device_type`` right now, or None when it is off."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
+def cast_all(dtype: torch.dtype | None, *tensors):
+    """``tensors`` cast to ``dtype`` (None entries and a None dtype pass through), as autocast would."""
+    if dtype is None:
+        return tensors
+    return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in tensors)

@@ -1,0 +1,112 @@
+"""Rule: eager attention ``matmul(q, k^T) [* scale | / d] [+ mask] -> softmax -> matmul(., v)`` becomes
+``kernl.flash_attention.attention`` (run after the dropout rule, which removes the probability dropout).
+
+The transpose of k can be ``transpose(-1, -2)``/``(2, 3)`` as a method or function; the softmax can be
+``F.softmax``, ``torch.softmax`` or the method, over the last dimension, optionally cast back with
+``.to(dtype)``. Every intermediate must have no other user (so ``output_attentions`` stays PyTorch).
+A float mask whose provenance is a ``[B, K]`` input goes to the kernel as a key padding mask.
+"""
+
+import operator
+
+import torch
+from torch import fx
+
+from kernl.integration.kernels import find
+from kernl.integration.rules import Rule
+from kernl.integration.rules._fx import arg, example, is_add, is_function, is_method, only_user
+from kernl.integration.rules.attention_sdpa import attention_args, attention_call, qkv_ok
+
+MATMUL_TARGETS = (torch.matmul, operator.matmul)
+SOFTMAX_TARGETS = (torch.nn.functional.softmax, torch.softmax)
+
+
+def _is_matmul(node) -> bool:
+    return (is_function(node, MATMUL_TARGETS) or is_method(node, ("matmul",))) and len(node.args) == 2
+
+
+def _transposed_key(node) -> fx.Node | None:
+    if not (is_method(node, ("transpose",)) or is_function(node, (torch.transpose,))):
+        return None
+    dims = {d % 4 for d in node.args[1:3] if isinstance(d, int)}
+    return node.args[0] if dims == {2, 3} and only_user(node) is not None else None
+
+
+def _is_scores(node) -> bool:
+    return _is_matmul(node) or is_function(node, (operator.mul, operator.truediv))
+
+
+def _softmax_input(node) -> fx.Node | None:
+    if is_function(node, SOFTMAX_TARGETS):
+        dim = arg(node, 1, "dim")
+    elif is_method(node, ("softmax",)):
+        dim = arg(node, 1, "dim")
+    else:
+        return None
+    return node.args[0] if isinstance(dim, int) and dim % 4 == 3 else None
+
+
+def _match(probs_matmul: fx.Node):
+    """``(q, k, v, scale, mask, chain)`` for the attention ending at ``probs_matmul``, or None."""
+    probs, v = probs_matmul.args
+    chain = [probs_matmul]
+    if is_method(probs, ("to", "type_as")) and only_user(probs) is probs_matmul:
+        chain.append(probs)
+        probs = probs.args[0]
+    scores = _softmax_input(probs)
+    if scores is None or only_user(probs) is None:
+        return None
+    chain.append(probs)
+    mask = None
+    if is_add(scores) and only_user(scores) is not None:
+        chain.append(scores)
+        scores, mask = scores.args if _is_scores(scores.args[0]) else reversed(scores.args)
+    scale = None
+    if is_function(scores, (operator.mul, operator.truediv)) and only_user(scores) is not None:
+        a, b = scores.args
+        number, tensor = (b, a) if isinstance(b, float | int) else (a, b)
+        if not isinstance(number, float | int) or (scores.target is operator.truediv and number is a):
+            return None
+        scale = float(number) if scores.target is operator.mul else 1.0 / float(number)
+        chain.append(scores)
+        scores = tensor
+    if not _is_matmul(scores) or only_user(scores) is None:
+        return None
+    q, key_t = scores.args
+    k = _transposed_key(key_t)
+    if k is None or not qkv_ok(q, k, v):
+        return None
+    chain += [scores, key_t]
+    if mask is not None and (example(mask) is None or example(mask).dim() != 4):
+        return None
+    return q, k, v, 1.0 if scale is None else scale, mask, chain
+
+
+def rewrite(gm: fx.GraphModule) -> int:
+    """Replace each matched eager attention; return how many were replaced."""
+    if find("attention") is None:
+        return 0
+    replaced = 0
+    for node in list(gm.graph.nodes):
+        if not _is_matmul(node) or (match := _match(node)) is None:
+            continue
+        q, k, v, scale, mask, chain = match
+        additive = mask is not None and example(mask).dtype != torch.bool
+        call_args = attention_args(gm, q, k, v, scale, mask, False, additive)
+        with gm.graph.inserting_before(node):
+            fused = gm.graph.call_function(attention_call, call_args)
+        fused.meta = dict(node.meta)
+        node.replace_all_uses_with(fused)
+        for dead in chain:
+            gm.graph.erase_node(dead)
+        replaced += 1
+    return replaced
+
+
+RULE = Rule(
+    name="attention_eager",
+    kernel="attention",
+    matches="matmul(q, k.transpose(-1,-2)) [* s | / s] [+ mask] -> softmax(-1) [-> .to] -> matmul(., v)",
+    replacement="kernl.flash_attention.attention(q, k, v, scale=s, key_padding_mask=[B,K] | mask=)",
+    rewrite=rewrite,
+)

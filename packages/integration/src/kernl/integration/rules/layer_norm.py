@@ -1,0 +1,81 @@
+"""Rule: ``F.layer_norm`` over the last dimension, and ``a + b -> layer_norm``, become
+``kernl.layernorm.layer_norm`` (the second with ``residual=``, fused in one pass).
+
+When the sum also feeds other nodes, they take the kernel's second output (``a + b``).
+"""
+
+import operator
+
+import torch
+from torch import fx
+
+from kernl.integration.kernels import find
+from kernl.integration.rules import Rule
+from kernl.integration.rules._fx import (
+    arg,
+    autocast_dtype,
+    cast_all,
+    example,
+    is_add,
+    is_function,
+    same_layout,
+)
+
+LAYER_NORM_TARGETS = (torch.nn.functional.layer_norm, torch.layer_norm)
+
+
+def layer_norm_call(x, weight, bias, eps, residual):
+    """What the graph calls in place of the matched nodes (fp32 under autocast, as torch does)."""
+    dtype = torch.float32 if autocast_dtype(x.device.type) is not None else None
+    x, weight, bias, residual = cast_all(dtype, x, weight, bias, residual)
+    return find("layer_norm")(x, weight, bias, eps, residual=residual)
+
+
+def _match(node: fx.Node):
+    x, shape = arg(node, 0, "input"), arg(node, 1, "normalized_shape")
+    weight, bias, eps = arg(node, 2, "weight"), arg(node, 3, "bias"), arg(node, 4, "eps", 1e-5)
+    ex = example(x)
+    if ex is None or ex.dim() == 0 or not isinstance(shape, (tuple, list)) or list(shape) != [ex.shape[-1]]:
+        return None
+    if not isinstance(eps, float | int):
+        return None
+    residual = None
+    if is_add(x) and same_layout(*x.args) and same_layout(x.args[0], x):
+        x, residual = x.args
+    return x, weight, bias, float(eps), residual
+
+
+def rewrite(gm: fx.GraphModule) -> int:
+    """Replace each layer norm (with its residual add where there is one); return how many."""
+    if find("layer_norm") is None:
+        return 0
+    replaced = 0
+    for node in list(gm.graph.nodes):
+        if not is_function(node, LAYER_NORM_TARGETS) or (match := _match(node)) is None:
+            continue
+        source = arg(node, 0, "input")
+        with gm.graph.inserting_before(node):
+            fused = gm.graph.call_function(layer_norm_call, match)
+            if match[-1] is None:
+                normed = fused
+            else:
+                normed = gm.graph.call_function(operator.getitem, (fused, 0))
+                summed = gm.graph.call_function(operator.getitem, (fused, 1))
+        normed.meta = dict(node.meta)
+        node.replace_all_uses_with(normed)
+        gm.graph.erase_node(node)
+        if match[-1] is not None:
+            summed.meta = dict(source.meta)
+            source.replace_all_uses_with(summed)
+            gm.graph.erase_node(source)
+        replaced += 1
+    return replaced
+
+
+RULE = Rule(
+    name="layer_norm",
+    kernel="layer_norm",
+    matches="F.layer_norm over the last dimension, optionally fed by a + b of one shape and dtype",
+    replacement="kernl.layernorm.layer_norm(x, w, b, eps[, residual=]) (fused add + norm)",
+    rewrite=rewrite,
+)
