@@ -1,0 +1,59 @@
+"""Public entry point: validate the arguments, then call the registered ``torch.library`` op."""
+
+import torch
+
+from kernl.matmul import ops
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def check_float_tensor(name: str, t: object) -> None:
+    """TypeError unless ``t`` is a float16/bfloat16/float32 tensor on CUDA or CPU."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{name} must be float16, bfloat16 or float32, got {t.dtype}")
+    if t.device.type not in ("cuda", "cpu"):
+        raise ValueError(f"{name} must be on a CUDA device (or CPU), got {t.device}")
+
+
+def check_same(name: str, t: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
+    """ValueError unless ``t`` has ``ref``'s dtype and device."""
+    if t.dtype != ref.dtype:
+        raise ValueError(f"{name} must have the dtype of {ref_name} ({ref.dtype}), got {t.dtype}")
+    if t.device != ref.device:
+        raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}")
+
+
+def tf32_allowed() -> bool:
+    """PyTorch's own switch for TF32 in fp32 matmuls (``torch.backends.cuda.matmul.allow_tf32``)."""
+    return bool(torch.backends.cuda.matmul.allow_tf32)
+
+
+def matmul(a: torch.Tensor, b: torch.Tensor, allow_tf32: bool | None = None) -> torch.Tensor:
+    """``a @ b`` with fp32 accumulation, as ``torch.matmul`` for 2-D and 3-D operands.
+
+    a: ``(M, K)`` or ``(Ba, M, K)``; b: ``(K, N)`` or ``(Bb, K, N)``; batch sizes equal, or one of
+    them 1 or absent (broadcast). float16/bfloat16/float32, both the same dtype and device, any
+    strides. Output: contiguous ``(M, N)`` (both 2-D) or ``(B, M, N)``, in the input dtype.
+    ``allow_tf32`` (fp32 only): None follows ``torch.backends.cuda.matmul.allow_tf32``.
+    """
+    check_float_tensor("a", a)
+    check_float_tensor("b", b)
+    check_same("b", b, "a", a)
+    for name, t in (("a", a), ("b", b)):
+        if t.dim() not in (2, 3):
+            raise ValueError(f"{name} must be 2-D or 3-D, got {t.dim()}-D shape {tuple(t.shape)}")
+    if a.shape[-1] != b.shape[-2]:
+        raise ValueError(
+            f"a's last dimension ({a.shape[-1]}) must equal b's second-to-last ({b.shape[-2]}): "
+            f"a is {tuple(a.shape)}, b is {tuple(b.shape)}"
+        )
+    if a.dim() == 3 and b.dim() == 3 and 1 not in (a.shape[0], b.shape[0]) and a.shape[0] != b.shape[0]:
+        raise ValueError(f"batch sizes of a ({a.shape[0]}) and b ({b.shape[0]}) cannot be broadcast")
+    if allow_tf32 is not None and not isinstance(allow_tf32, bool):
+        raise TypeError(f"allow_tf32 must be a bool or None, got {type(allow_tf32).__name__}")
+    return torch.ops.kernl.matmul(a, b, tf32_allowed() if allow_tf32 is None else allow_tf32)
+
+
+__all__ = ["SUPPORTED_DTYPES", "matmul", "ops"]

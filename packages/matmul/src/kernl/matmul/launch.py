@@ -1,0 +1,107 @@
+"""Launching the GEMM core on validated inputs: strides, split-K bookkeeping, config choice.
+
+:func:`gemm` is the entry point shared by :mod:`kernl.matmul` and :mod:`kernl.linear_act`.
+"""
+
+import torch
+import triton
+
+from kernl.matmul import tuning
+from kernl.matmul.kernel import gemm_kernel
+from kernl.matmul.tuning import Config, Problem
+
+_locks: dict[torch.device, torch.Tensor] = {}
+
+
+def _tile_locks(device: torch.device, n: int) -> torch.Tensor:
+    """A zeroed int32 counter per output tile, kept per device (each split-K launch leaves it zeroed)."""
+    locks = _locks.get(device)
+    if locks is None or locks.numel() < n:
+        locks = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
+        _locks[device] = locks
+    return locks
+
+
+def effective_split(k: int, block_k: int, split_k: int) -> int:
+    """The split count that leaves no program with an empty share of K (each gets whole BLOCK_K steps)."""
+    steps = triton.cdiv(k, block_k)
+    if steps <= 1:
+        return 1
+    per_split = triton.cdiv(steps, max(1, min(split_k, steps)))
+    return triton.cdiv(steps, per_split)
+
+
+def input_precision(dtype: torch.dtype, allow_tf32: bool) -> str:
+    """``tl.dot``'s input precision: exact fp32 unless TF32 is allowed; irrelevant for half types."""
+    return "ieee" if dtype == torch.float32 and not allow_tf32 else "tf32"
+
+
+def gemm(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    *,
+    b2: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
+    activation: str = "none",
+    allow_tf32: bool = False,
+    config: Config | None = None,
+) -> torch.Tensor:
+    """``act(a @ b + bias) [* (a @ b2)] [+ residual]`` in one launch, output in ``a.dtype``.
+
+    a: ``(Ba, M, K)``, b: ``(Bb, K, N)`` with ``Ba``/``Bb`` equal or 1 (broadcast), any strides.
+    b2 (gate, ``(K, N)``), bias (``(N,)``) and residual (``(M, N)``) are for unbatched problems.
+    Returns a contiguous ``(max(Ba, Bb), M, N)`` tensor. ``config`` bypasses the tuner.
+    """
+    batch = max(a.shape[0], b.shape[0])
+    m, k = a.shape[1], a.shape[2]
+    n = b.shape[2]
+    c = torch.empty((batch, m, n), dtype=a.dtype, device=a.device)
+    if c.numel() == 0:
+        return c
+    precision = input_precision(a.dtype, allow_tf32)
+    problem = Problem(
+        batch=batch,
+        m=m,
+        n=n,
+        k=k,
+        dtype=a.dtype,
+        precision=precision,
+        a_k_contiguous=a.stride(2) == 1,
+        b_k_contiguous=b.stride(1) == 1,
+        gated=b2 is not None,
+    )
+    stride_ab = a.stride(0) if a.shape[0] > 1 else 0
+    stride_bb = b.stride(0) if b.shape[0] > 1 else 0
+    g = b2 if b2 is not None else b[0]
+    bias_t = bias if bias is not None else c
+    res_t = residual if residual is not None else c
+
+    def launch(cfg: Config) -> None:
+        split = effective_split(k, cfg.block_k, cfg.split_k)
+        grid_m, grid_n = triton.cdiv(m, cfg.block_m), triton.cdiv(n, cfg.block_n)
+        tiles = batch * grid_m * grid_n
+        if split > 1:
+            parts = 2 if b2 is not None else 1
+            ws = torch.empty(
+                split * tiles * parts * cfg.block_m * cfg.block_n, dtype=torch.float32, device=c.device
+            )
+            locks = _tile_locks(c.device, tiles)
+        else:
+            ws = locks = c
+        gemm_kernel[(grid_m * grid_n, split, batch)](
+            a, b, g, c, bias_t, res_t, ws, locks,
+            m, n, k,
+            stride_ab, a.stride(1), a.stride(2),
+            stride_bb, b.stride(1), b.stride(2),
+            g.stride(0), g.stride(1),
+            c.stride(0), c.stride(1), c.stride(2),
+            bias_t.stride(-1), res_t.stride(-2), res_t.stride(-1),
+            ACTIVATION=activation, HAS_BIAS=bias is not None, HAS_GATE=b2 is not None,
+            HAS_RESIDUAL=residual is not None, INPUT_PRECISION=precision, EVEN_K=k % cfg.block_k == 0,
+            SPLIT_K=split, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )  # fmt: skip
+
+    launch(config or tuning.choose(problem, c.device, launch))
+    return c

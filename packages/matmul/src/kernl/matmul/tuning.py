@@ -1,0 +1,203 @@
+"""Choosing a launch config: a short candidate list per regime, timed once, remembered on disk.
+
+Regimes: small M (``M <= 64``: decode and batch-1 encoders, weight-read bound; narrow tiles plus
+split-K spread the weight read over every SM), and large M (compute-bound tiles; split-K only when
+the tiles alone leave SMs idle). Ragged N/K use the same tiles with masked edges.
+
+The winner for a problem is kept in memory and in ``$KERNL_CACHE_DIR`` (default ``~/.cache/kernl``),
+file ``matmul-<gpu>.json``, keyed by dtype, layout, gating and the shape bucket (batch and M rounded
+up to a power of two, N and K exact), so a restarted process skips the timing. Under Triton's
+interpreter, or while a CUDA graph is being captured, :func:`heuristic` picks without timing.
+"""
+
+import functools
+import json
+import os
+import re
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import triton
+
+CACHE_VERSION = 1
+MAX_CANDIDATES = 8
+
+
+@dataclass(frozen=True)
+class Config:
+    """One launch configuration of :func:`kernl.matmul.kernel.gemm_kernel`."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    split_k: int = 1
+    group_m: int = 8
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+@dataclass(frozen=True)
+class Problem:
+    """What the choice of config depends on."""
+
+    batch: int
+    m: int
+    n: int
+    k: int
+    dtype: torch.dtype
+    precision: str
+    a_k_contiguous: bool
+    b_k_contiguous: bool
+    gated: bool
+
+    def key(self, gpu: str) -> str:
+        bucket = triton.next_power_of_2
+        dtype = str(self.dtype).removeprefix("torch.")
+        return (
+            f"v{CACHE_VERSION}|{gpu}|{dtype}|{self.precision}|a{'k' if self.a_k_contiguous else 'm'}"
+            f"|b{'k' if self.b_k_contiguous else 'n'}|gate{int(self.gated)}"
+            f"|B{bucket(self.batch)}|M{bucket(self.m)}|N{self.n}|K{self.k}"
+        )
+
+
+@functools.cache
+def sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def gpu_name(device: torch.device) -> str:
+    if device.type != "cuda":
+        return "cpu"
+    return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(device).lower()).strip("-")
+
+
+def _split_for(p: Problem, block_m: int, block_n: int, block_k: int, sms: int) -> int:
+    """Enough K splits that the tiles fill every SM about once, never more splits than K steps."""
+    tiles = p.batch * triton.cdiv(p.m, block_m) * triton.cdiv(p.n, block_n)
+    if tiles >= sms:
+        return 1
+    return max(1, min(sms // tiles, triton.cdiv(p.k, block_k), 32))
+
+
+def _smem_bytes(p: Problem, c: Config) -> int:
+    b_tiles = 2 if p.gated else 1
+    return c.num_stages * (c.block_m + b_tiles * c.block_n) * c.block_k * p.dtype.itemsize
+
+
+def candidates(p: Problem, sms: int) -> list[Config]:
+    """At most :data:`MAX_CANDIDATES` configs worth timing for ``p``, best guesses first."""
+    half = p.dtype != torch.float32
+    bk = 64 if half else 32
+    if p.m <= 64:
+        bm = max(16, triton.next_power_of_2(p.m))
+        shapes = [(64, 128, 4), (32, 128, 4), (64, 256, 4), (128, 64, 4), (32, 256, 4), (16, 256, 4),
+                  (128, 128, 8), (64, 64, 4)]  # fmt: skip
+        configs = [
+            Config(bm, bn, k if half else k // 2, _split_for(p, bm, bn, k, sms), 8, w, 4)
+            for bn, k, w in shapes
+        ]
+    else:
+        tiles = [(128, 256, 8, 3), (256, 128, 8, 3), (128, 128, 4, 4), (128, 128, 8, 4), (128, 64, 4, 4),
+                 (64, 128, 4, 4), (64, 256, 4, 3), (64, 64, 4, 4)]  # fmt: skip
+        configs = [Config(bm, bn, bk, _split_for(p, bm, bn, bk, sms), 8, w, s) for bm, bn, w, s in tiles]
+    limit_m = max(16, triton.next_power_of_2(p.m))
+    limit_n = max(16, triton.next_power_of_2(p.n))
+    kept = []
+    for c in configs:
+        if c.block_m > limit_m or c.block_n > limit_n or _smem_bytes(p, c) > 200 * 1024:
+            continue
+        if p.gated and c.block_m * c.block_n > 128 * 128:
+            continue
+        if c not in kept:
+            kept.append(c)
+    return kept[:MAX_CANDIDATES] or [heuristic(p, sms)]
+
+
+def heuristic(p: Problem, sms: int = 132) -> Config:
+    """A reasonable config without timing (interpreter, CUDA graph capture)."""
+    bk = 64 if p.dtype != torch.float32 else 32
+    if p.m <= 64:
+        bm, bn = max(16, triton.next_power_of_2(p.m)), 64
+    elif p.batch * triton.cdiv(p.m, 128) * triton.cdiv(p.n, 128) >= sms:
+        bm, bn = 128, 128
+    else:
+        bm, bn = 64, 64
+    return Config(bm, bn, bk, _split_for(p, bm, bn, bk, sms), 8, 4, 3)
+
+
+def cache_path(gpu: str) -> Path:
+    root = os.environ.get("KERNL_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "kernl")
+    return Path(root) / f"matmul-{gpu}.json"
+
+
+def read_cache(path: Path) -> dict[str, Config]:
+    """The configs stored at ``path`` (an unreadable or foreign file counts as empty)."""
+    try:
+        raw = json.loads(path.read_text())
+        return {key: Config(**fields) for key, fields in raw.items()}
+    except (OSError, ValueError, TypeError):
+        return {}
+
+
+def write_cache(path: Path, key: str, config: Config) -> None:
+    """Add ``key -> config`` to the file at ``path`` (merging with what another process wrote)."""
+    entries = {k: asdict(v) for k, v in read_cache(path).items()}
+    entries[key] = asdict(config)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(entries, f, indent=1, sort_keys=True)
+    os.replace(tmp, path)
+
+
+_memory: dict[str, Config] = {}
+_loaded: set[Path] = set()
+
+
+def lookup(key: str, path: Path) -> Config | None:
+    """The config remembered for ``key``, from memory or (once per process) from ``path``."""
+    if path not in _loaded:
+        _loaded.add(path)
+        for k, v in read_cache(path).items():
+            _memory.setdefault(k, v)
+    return _memory.get(key)
+
+
+def _time_ms(launch, config: Config) -> float:
+    from triton.testing import do_bench
+
+    try:
+        launch(config)  # compiles
+    except triton.runtime.errors.OutOfResources:
+        return float("inf")
+    return float(do_bench(lambda: launch(config), warmup=3, rep=15, return_mode="median"))
+
+
+def cached_choice(key: str, path: Path, tune) -> Config:
+    """The remembered config for ``key``; on a miss, ``tune()`` picks one, which is then remembered."""
+    found = lookup(key, path)
+    if found is None:
+        found = _memory[key] = tune()
+        write_cache(path, key, found)
+    return found
+
+
+def choose(p: Problem, device: torch.device, launch) -> Config:
+    """The config to run ``p`` with; times the candidates (calling ``launch(config)``) on a cache miss.
+
+    ``KERNL_AUTOTUNE=0`` turns timing off (the heuristic choice is used, nothing is stored).
+    """
+    if device.type != "cuda":
+        return heuristic(p)
+    sms = sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    if torch.cuda.is_current_stream_capturing() or os.environ.get("KERNL_AUTOTUNE") == "0":
+        return heuristic(p, sms)
+    gpu = gpu_name(device)
+
+    def tune() -> Config:
+        timings = {c: _time_ms(launch, c) for c in candidates(p, sms)}
+        return min(timings, key=timings.get)
+
+    return cached_choice(p.key(gpu), cache_path(gpu), tune)

@@ -1,0 +1,67 @@
+"""matmul vs. the fp64 reference, with torch.matmul in the same dtype as the yardstick."""
+
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from kernl.matmul import matmul, matmul_reference
+from kernl_testing import ValueSpec, assert_matches_reference, make_tensor
+from kernl_testing.strategies import dtypes, layouts, value_specs
+
+sizes = st.one_of(st.integers(1, 80), st.sampled_from([96, 128, 129, 200]))
+# How the batch appears: none, both 3-D, one side broadcast (batch 1 or a 2-D operand).
+batch_modes = st.sampled_from(["2d", "3d", "a_bcast", "b_bcast", "a_2d", "b_2d"])
+
+
+def _operands(mode, batch, m, n, k, dtype, layout_a, layout_b, spec):
+    ba = {"2d": None, "a_2d": None, "a_bcast": 1}.get(mode, batch)
+    bb = {"2d": None, "b_2d": None, "b_bcast": 1}.get(mode, batch)
+    a = make_tensor((*([ba] if ba else []), m, k), dtype, spec, layout_a)
+    b = make_tensor((*([bb] if bb else []), k, n), dtype, ValueSpec(spec.seed + 1, 1.0, 0.0), layout_b)
+    return a, b
+
+
+@given(mode=batch_modes, batch=st.integers(1, 3), m=sizes, n=sizes, k=sizes, dtype=dtypes(), layout_a=layouts(),
+       layout_b=layouts(), spec=value_specs())  # fmt: skip
+def test_matmul_matches_reference(mode, batch, m, n, k, dtype, layout_a, layout_b, spec):
+    a, b = _operands(mode, batch, m, n, k, dtype, layout_a, layout_b, spec)
+    out = matmul(a, b)
+    expected = torch.matmul(a, b)
+    assert out.dtype == dtype and out.shape == expected.shape and out.is_contiguous()
+    assert_matches_reference(
+        out, matmul_reference(a.double(), b.double()), expected, scale=reduction_scale(k)
+    )
+
+
+def reduction_scale(k: int) -> float:
+    """Rounding error of a K-long dot product grows like sqrt(K) (summation order differs from torch's)."""
+    return max(1.0, k**0.5 / 4)
+
+
+def test_sliced_views_and_folded_batch():
+    base = make_tensor((4, 40, 70), torch.float32, ValueSpec(1, 1.0, 0.5))
+    a = base[1:, 3:33, 5:69]  # (3, 30, 64), no unit stride to fold the batch with
+    b = make_tensor((64, 48), torch.float32, ValueSpec(2, 1.0, 0.0))
+    assert_matches_reference(matmul(a, b), matmul_reference(a.double(), b.double()), torch.matmul(a, b))
+    a = base[:, :, :64]  # viewable as (160, 64): one folded GEMM
+    assert_matches_reference(matmul(a, b), matmul_reference(a.double(), b.double()), torch.matmul(a, b))
+
+
+def test_empty_and_k_zero():
+    a = make_tensor((0, 5), torch.float32, ValueSpec(1, 1.0, 0.0))
+    assert matmul(a, make_tensor((5, 7), torch.float32, ValueSpec(2, 1.0, 0.0))).shape == (0, 7)
+    out = matmul(make_tensor((3, 0), torch.float16, ValueSpec(1, 1.0, 0.0)),
+                 make_tensor((0, 7), torch.float16, ValueSpec(1, 1.0, 0.0)))  # fmt: skip
+    assert torch.equal(out.float(), torch.zeros(3, 7))
+
+
+def test_nan_and_inf_propagate_like_torch():
+    a = make_tensor((5, 40), torch.float32, ValueSpec(1, 1.0, 0.0))
+    b = make_tensor((40, 6), torch.float32, ValueSpec(2, 1.0, 0.0))
+    a[1, 3] = float("nan")
+    a[2, 5] = float("inf")
+    b[:, 4] = 0.0
+    out = matmul(a, b)
+    expected = torch.matmul(a, b)
+    assert torch.equal(torch.isnan(out), torch.isnan(expected))
+    assert_matches_reference(out, matmul_reference(a.double(), b.double()), expected)

@@ -1,0 +1,81 @@
+"""The config cache: stored on disk per GPU, survives a process restart, tolerates a bad file."""
+
+import json
+
+import torch
+
+from kernl.matmul import Config, tuning
+from kernl.matmul.tuning import Problem, cache_path, cached_choice, read_cache, write_cache
+
+PROBLEM = Problem(1, 16, 3072, 768, torch.float16, "tf32", True, True, False)
+
+
+def _restart(monkeypatch):
+    """Forget everything held in memory, as a new process would."""
+    monkeypatch.setattr(tuning, "_memory", {})
+    monkeypatch.setattr(tuning, "_loaded", set())
+
+
+def test_key_buckets_m_and_batch_but_keeps_n_and_k():
+    same = Problem(1, 9, 3072, 768, torch.float16, "tf32", True, True, False)
+    assert PROBLEM.key("h100") == same.key("h100")
+    assert PROBLEM.key("h100") != Problem(1, 17, 3072, 768, torch.float16, "tf32", True, True, False).key(
+        "h100"
+    )
+    assert PROBLEM.key("h100") != Problem(1, 16, 3072, 769, torch.float16, "tf32", True, True, False).key(
+        "h100"
+    )
+    assert PROBLEM.key("h100") != Problem(1, 16, 3072, 768, torch.bfloat16, "tf32", True, True, False).key(
+        "h100"
+    )
+    assert PROBLEM.key("h100") != PROBLEM.key("a100")
+
+
+def test_cache_path_follows_kernl_cache_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("KERNL_CACHE_DIR", str(tmp_path))
+    assert cache_path("nvidia-h100") == tmp_path / "matmul-nvidia-h100.json"
+
+
+def test_tuned_choice_is_written_and_reused_after_a_restart(tmp_path, monkeypatch):
+    _restart(monkeypatch)
+    path = tmp_path / "matmul-gpu.json"
+    calls = []
+
+    def tune():
+        calls.append(1)
+        return Config(16, 64, 128, 6)
+
+    key = PROBLEM.key("gpu")
+    assert cached_choice(key, path, tune) == Config(16, 64, 128, 6)
+    assert cached_choice(key, path, tune) == Config(16, 64, 128, 6)
+    assert len(calls) == 1, "a remembered config must not be tuned again"
+    assert json.loads(path.read_text())[key]["split_k"] == 6
+    _restart(monkeypatch)
+    assert cached_choice(key, path, tune) == Config(16, 64, 128, 6)
+    assert len(calls) == 1, "the on-disk cache must survive a restart"
+
+
+def test_writes_merge_with_entries_from_other_processes(tmp_path):
+    path = tmp_path / "sub" / "matmul-gpu.json"
+    write_cache(path, "a", Config(16, 32, 64))
+    write_cache(path, "b", Config(128, 128, 64, 1, 8, 8, 4))
+    assert read_cache(path) == {"a": Config(16, 32, 64), "b": Config(128, 128, 64, 1, 8, 8, 4)}
+    assert [p.name for p in path.parent.iterdir()] == ["matmul-gpu.json"], "no temporary file is left behind"
+
+
+def test_a_corrupt_or_foreign_cache_file_counts_as_empty(tmp_path, monkeypatch):
+    _restart(monkeypatch)
+    path = tmp_path / "matmul-gpu.json"
+    path.write_text("{not json")
+    assert read_cache(path) == {}
+    path.write_text(json.dumps({"k": {"unknown_field": 1}}))
+    assert read_cache(path) == {}
+    assert cached_choice("k", path, lambda: Config(32, 32, 32)) == Config(32, 32, 32)
+    assert read_cache(path) == {"k": Config(32, 32, 32)}
+
+
+def test_cpu_and_interpreter_pick_by_heuristic_without_timing():
+    def launch(config):
+        raise AssertionError("no timing on the CPU")
+
+    assert tuning.choose(PROBLEM, torch.device("cpu"), launch) == tuning.heuristic(PROBLEM)
