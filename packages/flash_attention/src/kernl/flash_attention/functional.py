@@ -76,8 +76,8 @@ def _check_common(q, k, v, scale, bias, mask, key_padding_mask) -> float:
         _check_key_padding(key_padding_mask, q.shape[0], k.shape[2], q.device)
     if scale is None:
         return 1.0 / math.sqrt(q.shape[-1])
-    if not isinstance(scale, numbers.Real) or not math.isfinite(scale):
-        raise ValueError(f"scale must be a finite number, got {scale!r}")
+    if not isinstance(scale, numbers.Real) or not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"scale must be a positive finite number, got {scale!r}")
     return float(scale)
 
 

@@ -23,13 +23,13 @@ when it is not a prefix. ``MASK_KIND`` 1 = bool mask (True = attend), 2 = additi
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
+LOG2E = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit
 def _attn_fwd_kernel(
     Q, K, V, OUT, BIAS, MASK, KPM, CACHE_LEN, PART_ML,
-    qk_scale, n_q, n_k, n_heads, split_len,
+    scale, qk_scale, n_q, n_k, n_heads, split_len,
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod,
     sbb, sbh, sbm, sbn, smb, smh, smm, smn, skpb, skpn, scl,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -78,6 +78,7 @@ def _attn_fwd_kernel(
     bias_base = BIAS + b * sbb + h * sbh + offs_m[:, None] * sbm
     mask_base = MASK + b * smb + h * smh + offs_m[:, None] * smm
 
+    factor = LOG2E if HAS_BIAS or MASK_KIND == 2 else qk_scale  # s * factor: scores in base 2
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -95,16 +96,18 @@ def _attn_fwd_kernel(
             else:
                 k = tl.load(k_base + cols[None, :] * skn, mask=d_ok[:, None] & col_ok[None, :], other=0.0)
                 v = tl.load(v_base + cols[:, None] * svn, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-            s = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale
+            s = tl.dot(q, k, input_precision=DOT_PRECISION)  # raw q.k, or scaled scores plus the bias
             tile_ok = row_ok[:, None] if stage == 0 else row_ok[:, None] & col_ok[None, :]
-            if HAS_BIAS:
-                s += tl.load(bias_base + cols[None, :] * sbn, mask=tile_ok, other=0.0).to(tl.float32) * LOG2E
-            if MASK_KIND == 2:
-                s += tl.load(mask_base + cols[None, :] * smn, mask=tile_ok, other=0.0).to(tl.float32) * LOG2E
+            if HAS_BIAS or MASK_KIND == 2:
+                add = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+                if HAS_BIAS:
+                    add += tl.load(bias_base + cols[None, :] * sbn, mask=tile_ok, other=0.0).to(tl.float32)
+                if MASK_KIND == 2:
+                    add += tl.load(mask_base + cols[None, :] * smn, mask=tile_ok, other=0.0).to(tl.float32)
+                s = tl.math.fma(s, scale, add)
             if MASK_KIND == 1:
-                s = tl.where(
-                    tl.load(mask_base + cols[None, :] * smn, mask=tile_ok, other=0) != 0, s, float("-inf")
-                )
+                visible = tl.load(mask_base + cols[None, :] * smn, mask=tile_ok, other=0) != 0
+                s = tl.where(visible, s, float("-inf"))
             if KPM_KIND == 2:
                 if kpm_partial:
                     kpm = tl.load(KPM + b * skpb + cols * skpn, mask=col_ok, other=0)
@@ -114,9 +117,10 @@ def _attn_fwd_kernel(
                 if CAUSAL:
                     keep = keep & (cols[None, :] <= offs_m[:, None])
                 s = tl.where(keep, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            # Running maximum in base-2 units; exp2(fma(s, factor, -m)) rounds the small result only.
+            m_new = tl.maximum(m_i, tl.max(s, axis=1) * factor)
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no visible key so far
-            p = tl.math.exp2(s - m_use[:, None])
+            p = tl.math.exp2(tl.math.fma(s, factor, -m_use[:, None]))
             alpha = tl.math.exp2(m_i - m_use)
             l_i = l_i * alpha + tl.sum(p, axis=1)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)

@@ -105,7 +105,7 @@ def attention_forward(
     _attn_fwd_kernel[grid](
         q, k, v, target, bias if bias is not None else q, mask_arg if mask is not None else q,
         kpm_arg if kpm_arg is not None else q, cache_len if cache_len is not None else q, part_ml,
-        scale * LOG2E, n_q, n_k, heads, split_len,
+        scale, scale * LOG2E.value, n_q, n_k, heads, split_len,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         *_strides4(bias, full), *_strides4(mask, full), *kpm_strides,
         cache_len.stride(0) if cache_len is not None and cache_len.dim() == 1 else 0,

@@ -63,9 +63,12 @@ def layer_norm(
     pass and returns ``(normalised, x + residual)``, the sum rounded to ``x.dtype``.
     """
     _check_inputs(x, residual, weight, bias, eps)
+    tracing = torch.compiler.is_compiling()
     if residual is None:
-        return torch.ops.kernl.layer_norm(x, weight, bias, float(eps))
-    return torch.ops.kernl.add_layer_norm(x, residual, weight, bias, float(eps))
+        return (torch.ops.kernl.layer_norm if tracing else ops.layer_norm_impl)(x, weight, bias, float(eps))
+    return (torch.ops.kernl.add_layer_norm if tracing else ops.add_layer_norm_impl)(
+        x, residual, weight, bias, float(eps)
+    )
 
 
 def rms_norm(
@@ -84,9 +87,12 @@ def rms_norm(
     if weight is None:
         raise ValueError("weight is required for rms_norm (T5LayerNorm always has one)")
     _check_inputs(x, residual, weight, None, eps)
+    tracing = torch.compiler.is_compiling()
     if residual is None:
-        return torch.ops.kernl.rms_norm(x, weight, float(eps))
-    return torch.ops.kernl.add_rms_norm(x, residual, weight, float(eps))
+        return (torch.ops.kernl.rms_norm if tracing else ops.rms_norm_impl)(x, weight, float(eps))
+    return (torch.ops.kernl.add_rms_norm if tracing else ops.add_rms_norm_impl)(
+        x, residual, weight, float(eps)
+    )
 
 
 __all__ = ["SUPPORTED_DTYPES", "layer_norm", "ops", "rms_norm"]

@@ -2,7 +2,8 @@
 
 The ops are opaque custom ops with fake (meta) implementations: this works under Triton's interpreter
 too, where ``triton_op``/``wrap_triton`` cannot be traced. Inputs are trusted here; validation lives
-in :mod:`kernl.layernorm.functional`.
+in :mod:`kernl.layernorm.functional`, which calls the ``*_impl`` functions directly in eager mode
+(the custom-op dispatcher costs tens of microseconds of CPU time a call) and the ops when tracing.
 
 CPU tensors run the Triton kernel only when Triton's interpreter is on (``TRITON_INTERPRET=1``);
 otherwise they fall back to the PyTorch reference, so the ops always return the right answer.
@@ -42,15 +43,13 @@ def _normalize(x, residual, weight, bias, eps, is_rms):
     return y.view(x.shape), summed.view(x.shape) if summed is not None else None
 
 
-@torch.library.custom_op("kernl::layer_norm", mutates_args=())
-def layer_norm_op(
+def layer_norm_impl(
     x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float
 ) -> torch.Tensor:
     return _normalize(x, None, weight, bias, eps, is_rms=False)[0]
 
 
-@torch.library.custom_op("kernl::add_layer_norm", mutates_args=())
-def add_layer_norm_op(
+def add_layer_norm_impl(
     x: torch.Tensor,
     residual: torch.Tensor,
     weight: torch.Tensor | None,
@@ -60,16 +59,20 @@ def add_layer_norm_op(
     return _normalize(x, residual, weight, bias, eps, is_rms=False)
 
 
-@torch.library.custom_op("kernl::rms_norm", mutates_args=())
-def rms_norm_op(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+def rms_norm_impl(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return _normalize(x, None, weight, None, eps, is_rms=True)[0]
 
 
-@torch.library.custom_op("kernl::add_rms_norm", mutates_args=())
-def add_rms_norm_op(
+def add_rms_norm_impl(
     x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     return _normalize(x, residual, weight, None, eps, is_rms=True)
+
+
+layer_norm_op = torch.library.custom_op("kernl::layer_norm", layer_norm_impl, mutates_args=())
+add_layer_norm_op = torch.library.custom_op("kernl::add_layer_norm", add_layer_norm_impl, mutates_args=())
+rms_norm_op = torch.library.custom_op("kernl::rms_norm", rms_norm_impl, mutates_args=())
+add_rms_norm_op = torch.library.custom_op("kernl::add_rms_norm", add_rms_norm_impl, mutates_args=())
 
 
 @layer_norm_op.register_fake

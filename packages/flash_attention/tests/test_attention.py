@@ -1,0 +1,192 @@
+"""Attention kernel vs. the fp64 reference, with eager attention in the same dtype as the yardstick."""
+
+import math
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kernl.flash_attention import attention, attention_decode, attention_reference
+from kernl.flash_attention.launch import LaunchConfig, attention_forward
+from kernl_testing import TEST_DEVICE, ValueSpec, assert_matches_reference, make_tensor, on_gpu
+from kernl_testing.strategies import dtypes, value_specs
+
+MAX_LEN = 600 if on_gpu() else 70
+HEAD_DIMS = [16, 32, 64, 80, 96, 128, 24, 8] if on_gpu() else [16, 32, 64, 24]
+QKV_LAYOUTS = ["contiguous", "padded_rows", "transposed", "hf_heads"]
+
+
+def make_qkv(b, h, n_q, n_k, d, dtype, specs, layouts):
+    """q, k, v; layout "hf_heads" is a ``(B, S, H, D)`` projection viewed as ``(B, H, S, D)``, as HF does."""
+    tensors = []
+    for length, spec, layout in zip((n_q, n_k, n_k), specs, layouts, strict=True):
+        if layout == "hf_heads":
+            tensors.append(make_tensor((b, length, h, d), dtype, spec).transpose(1, 2))
+        else:
+            tensors.append(make_tensor((b, h, length, d), dtype, spec, layout))
+    return tensors
+
+
+def visible_keys(q, k, mask, key_padding_mask, causal, cache_len):
+    """Boolean ``(B, H, Q, K)``: which keys each query may see (the masking rules of the reference)."""
+    positions = torch.arange(k.shape[2], device=q.device)
+    keep = torch.ones((q.shape[0], q.shape[1], q.shape[2], k.shape[2]), dtype=torch.bool, device=q.device)
+    if mask is not None and mask.dtype == torch.bool:
+        keep &= mask
+    if key_padding_mask is not None:
+        kpm = key_padding_mask
+        keep &= kpm[:, None, None, :] if kpm.dtype == torch.bool else positions < kpm.reshape(-1, 1, 1, 1)
+    if cache_len is not None:
+        keep &= positions < cache_len.reshape(-1, 1, 1, 1)
+    if causal:
+        keep &= positions[None, :] <= torch.arange(q.shape[2], device=q.device)[:, None]
+    return keep
+
+
+def eager_attention(q, k, v, scale, bias=None, mask=None, key_padding_mask=None, causal=False, cache_len=None):
+    """What plain PyTorch gives in q's dtype, as HF's eager attention: scores and probabilities rounded."""
+    scores = (q @ k.transpose(-1, -2)) * scale
+    if bias is not None:
+        scores = scores + bias.to(q.dtype)
+    if mask is not None and mask.dtype != torch.bool:
+        scores = scores + mask.to(q.dtype)
+    keep = visible_keys(q, k, mask, key_padding_mask, causal, cache_len)
+    probs = torch.softmax(scores.float().masked_fill(~keep, float("-inf")), dim=-1).to(q.dtype)
+    return probs @ v
+
+
+def check(out, q, k, v, scale, **masks):
+    """The shared tolerance rule against the fp64 reference; eager attention in q's dtype is the yardstick."""
+    as64 = lambda t: t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+    reference = attention_reference(as64(q), as64(k), as64(v), scale=scale, **{n: as64(t) for n, t in masks.items()})
+    assert out.shape == q.shape and out.dtype == q.dtype
+    assert_matches_reference(out, reference, eager_attention(q, k, v, scale, **masks))
+
+
+@st.composite
+def shapes(draw, max_len=MAX_LEN):
+    n_q = draw(st.integers(1, max_len))
+    n_k = draw(st.one_of(st.just(n_q), st.integers(1, max_len)))
+    return draw(st.integers(1, 2)), draw(st.integers(1, 3)), n_q, n_k, draw(st.sampled_from(HEAD_DIMS))
+
+
+qkv_layouts = st.tuples(*[st.sampled_from(QKV_LAYOUTS)] * 3)
+qkv_specs = st.tuples(value_specs(), value_specs(), value_specs())
+
+
+@given(shape=shapes(), dtype=dtypes(), layouts=qkv_layouts, specs=qkv_specs, causal=st.booleans(),
+       scale=st.sampled_from([None, 1.0, 0.3]))  # fmt: skip
+def test_attention_matches_reference(shape, dtype, layouts, specs, causal, scale):
+    b, h, n_q, n_k, d = shape
+    q, k, v = make_qkv(b, h, n_q, n_k, d, dtype, specs, layouts)
+    out = attention(q, k, v, scale=scale, causal=causal)
+    check(out, q, k, v, 1.0 / math.sqrt(d) if scale is None else scale, causal=causal)
+
+
+def make_mask(kind, b, h, n_q, n_k, dtype, seed):
+    """The mask forms HF and users build, random but reproducible from ``seed``."""
+    g = torch.Generator().manual_seed(seed)
+    if kind == "none":
+        return None
+    if kind in ("bool_b1qk", "bool_qk"):
+        shape = (b, 1, n_q, n_k) if kind == "bool_b1qk" else (n_q, n_k)
+        return (torch.rand(shape, generator=g) > 0.25).to(TEST_DEVICE)
+    # additive float [B, 1, Q, K]: mostly 0, some -inf, some finite negative values
+    u = torch.rand((b, 1, n_q, n_k), generator=g)
+    values = torch.where(u < 0.15, float("-inf"), torch.where(u < 0.3, -3.0 * u, 0.0))
+    return values.to(TEST_DEVICE, dtype)
+
+
+def make_key_padding(kind, b, n_k, seed):
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(0, n_k + 1, (b,), generator=g)
+    if kind == "none":
+        return None
+    if kind == "lengths":
+        return lengths.to(TEST_DEVICE)
+    if kind == "prefix":
+        return (torch.arange(n_k)[None, :] < lengths[:, None]).to(TEST_DEVICE)
+    return (torch.rand((b, n_k), generator=g) > 0.3).to(TEST_DEVICE)  # "scattered": not a prefix
+
+
+@given(shape=shapes(), dtype=dtypes(), layouts=qkv_layouts, specs=qkv_specs, causal=st.booleans(),
+       bias_shape=st.sampled_from(["none", "1hqk", "b1qk", "qk"]),
+       mask_kind=st.sampled_from(["none", "bool_b1qk", "bool_qk", "float_b1qk"]),
+       kpm_kind=st.sampled_from(["none", "lengths", "prefix", "scattered"]))  # fmt: skip
+def test_masks_and_bias_match_reference(shape, dtype, layouts, specs, causal, bias_shape, mask_kind, kpm_kind):
+    b, h, n_q, n_k, d = shape
+    q, k, v = make_qkv(b, h, n_q, n_k, d, dtype, specs, layouts)
+    bias_shapes = {"1hqk": (1, h, n_q, n_k), "b1qk": (b, 1, n_q, n_k), "qk": (n_q, n_k)}
+    bias = make_tensor(bias_shapes[bias_shape], dtype, ValueSpec(specs[0].seed + 5, 2.0, 0.0)) if bias_shape != "none" else None
+    mask = make_mask(mask_kind, b, h, n_q, n_k, dtype, specs[1].seed)
+    kpm = make_key_padding(kpm_kind, b, n_k, specs[2].seed)
+    out = attention(q, k, v, scale=0.25, bias=bias, mask=mask, key_padding_mask=kpm, causal=causal)
+    check(out, q, k, v, 0.25, bias=bias, mask=mask, key_padding_mask=kpm, causal=causal)
+    assert not torch.isnan(out).any()
+
+
+@given(b=st.integers(1, 3), h=st.integers(1, 3), n_q=st.integers(1, 4), n_k=st.integers(1, 4 * MAX_LEN),
+       d=st.sampled_from(HEAD_DIMS), dtype=dtypes(), spec=value_specs(), data=st.data(),
+       cache_len_kind=st.sampled_from(["none", "int", "scalar_tensor", "per_batch_tensor"]),
+       with_bias=st.booleans(), kpm_kind=st.sampled_from(["none", "lengths", "prefix", "scattered"]))  # fmt: skip
+def test_decode_matches_reference(b, h, n_q, n_k, d, dtype, spec, data, cache_len_kind, with_bias, kpm_kind):
+    q, k, v = make_qkv(b, h, n_q, n_k, d, dtype, [spec, ValueSpec(spec.seed + 1, 1.0, 0.0), spec], ["contiguous"] * 3)
+    lengths = data.draw(st.lists(st.integers(0, n_k), min_size=b, max_size=b))
+    cache_len = {
+        "none": None,
+        "int": lengths[0],
+        "scalar_tensor": torch.tensor(lengths[0], device=TEST_DEVICE),
+        "per_batch_tensor": torch.tensor(lengths, device=TEST_DEVICE, dtype=torch.int32),
+    }[cache_len_kind]
+    bias = make_tensor((1, h, n_q, n_k), dtype, ValueSpec(spec.seed + 2, 1.0, 0.0)) if with_bias else None
+    kpm = make_key_padding(kpm_kind, b, n_k, spec.seed + 3)
+    out = attention_decode(q, k, v, cache_len, scale=0.2, bias=bias, key_padding_mask=kpm)
+    cache_tensor = torch.tensor(cache_len, device=TEST_DEVICE) if isinstance(cache_len, int) else cache_len
+    check(out, q, k, v, 0.2, bias=bias, key_padding_mask=kpm, cache_len=cache_tensor)
+
+
+@settings(max_examples=8)
+@given(shape=shapes(), splits=st.integers(2, 5), causal=st.booleans(), spec=value_specs())
+def test_split_kv_with_long_queries(shape, splits, causal, spec):
+    """Split-KV on query blocks of several rows, with causal edges and a tail, merges exactly."""
+    b, h, n_q, n_k, d = shape
+    q, k, v = make_qkv(b, h, n_q, n_k, d, torch.float32, [spec] * 3, ["contiguous"] * 3)
+    lengths = torch.randint(0, n_k + 1, (b,), generator=torch.Generator().manual_seed(spec.seed)).to(TEST_DEVICE)
+    config = LaunchConfig(32, 16, 4, 1, splits) if not on_gpu() else LaunchConfig(64, 32, 4, 2, splits)
+    out = attention_forward(q, k, v, 0.3, None, None, lengths.to(torch.int32), None, causal, config)
+    check(out, q, k, v, 0.3, key_padding_mask=lengths, causal=causal)
+
+
+def test_fully_masked_rows_return_zeros():
+    b, h, n_q, n_k, d = 3, 2, 20, 37, 32
+    q, k, v = make_qkv(b, h, n_q, n_k, d, torch.float16, [ValueSpec(i, 1.0, 0.0) for i in range(3)], ["contiguous"] * 3)
+    kpm = torch.ones((b, n_k), dtype=torch.bool, device=TEST_DEVICE)
+    kpm[1] = False  # batch 1: no key at all
+    mask = torch.ones((b, 1, n_q, n_k), dtype=torch.bool, device=TEST_DEVICE)
+    mask[0, :, 3] = False  # batch 0, query 3: all keys masked
+    float_mask = torch.zeros((b, 1, n_q, n_k), dtype=torch.float16, device=TEST_DEVICE)
+    float_mask[2, :, 5] = float("-inf")  # batch 2, query 5: all keys at -inf
+    for kwargs in (dict(key_padding_mask=kpm, mask=mask), dict(mask=float_mask), dict(key_padding_mask=kpm.sum(-1))):
+        out = attention(q, k, v, **kwargs)
+        assert not torch.isnan(out).any()
+        check(out, q, k, v, 1 / math.sqrt(d), **kwargs)
+    assert torch.equal(out[1], torch.zeros_like(out[1]))
+    out = attention(q, k, v, key_padding_mask=kpm, mask=mask)
+    assert (out[1] == 0).all() and (out[0, :, 3] == 0).all()
+    assert (attention(q, k, v, mask=float_mask)[2, :, 5] == 0).all()
+    decoded = attention_decode(q[:, :, :1], k, v, torch.tensor([5, 0, 9], device=TEST_DEVICE))
+    assert (decoded[1] == 0).all() and not torch.isnan(decoded).any()
+
+
+def test_empty_sizes():
+    q = make_tensor((2, 3, 5, 16), torch.float32, ValueSpec(1, 1.0, 0.0))
+    no_keys = make_tensor((2, 3, 0, 16), torch.float32, ValueSpec(2, 1.0, 0.0))
+    assert torch.equal(attention(q, no_keys, no_keys), torch.zeros_like(q))
+    assert attention(q[:, :, :0], q, q).shape == (2, 3, 0, 16)
+    assert attention_decode(q[:, :, :1], q, q, 0).abs().sum() == 0
+
+
+def test_output_layout_feeds_the_output_projection_without_copy():
+    q = make_tensor((2, 3, 7, 16), torch.float16, ValueSpec(1, 1.0, 0.0))
+    out = attention(q, q, q)
+    assert out.transpose(1, 2).is_contiguous()

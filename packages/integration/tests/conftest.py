@@ -1,0 +1,74 @@
+"""Fixtures for the integration tests: tiny Bert-family models and the reference comparison."""
+
+import copy
+from types import SimpleNamespace
+
+import pytest
+import torch
+from kernl_testing import assert_matches_reference, on_gpu
+
+from kernl.integration import optimize_model
+
+DEVICE = "cuda" if on_gpu() else "cpu"
+
+
+def tiny_config(config_class, **overrides):
+    """2 layers, hidden 64, 4 heads (head_dim 16): the CPU interpreter runs a forward in seconds."""
+    settings = dict(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        vocab_size=120,
+        max_position_embeddings=128,
+    )
+    return config_class(**{**settings, **overrides})
+
+
+def padded_batch(batch: int, length: int, lengths, vocab: int, seed: int = 0):
+    """``input_ids`` and an ``attention_mask`` with each row's real length from ``lengths`` (right padding)."""
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, vocab, (batch, length), generator=generator)
+    mask = torch.zeros(batch, length, dtype=torch.long)
+    for row, real in enumerate(lengths):
+        mask[row, :real] = 1
+    return ids, mask
+
+
+def build(model_class, config, attn_implementation="sdpa"):
+    """A randomly initialised model in eval mode (CPU, fp32), seeded."""
+    torch.manual_seed(0)
+    return model_class._from_config(config, attn_implementation=attn_implementation).eval()
+
+
+def compare_with_reference(model, dtype, calls, fields):
+    """Optimize a copy of ``model`` in ``dtype`` on the test device and check every call's ``fields``.
+
+    Reference: the same model in fp64 on CPU; peer: plain HF in ``dtype`` on the device. Each call is a
+    dict of inputs (CPU tensors). Returns the optimization report.
+    """
+    reference = copy.deepcopy(model).double()
+    peer = copy.deepcopy(model).to(DEVICE, dtype)
+    optimized = copy.deepcopy(model).to(DEVICE, dtype)
+    report = optimize_model(optimized)
+    for inputs in calls:
+        on_device = {k: v.to(DEVICE) if v is not None else None for k, v in inputs.items()}
+        with torch.inference_mode():
+            expected = reference(**inputs)
+            same_dtype = peer(**on_device)
+            actual = optimized(**on_device)
+        for field in fields:
+            assert_matches_reference(actual[field], expected[field], same_dtype[field], name=field)
+    return report
+
+
+@pytest.fixture
+def kit():
+    """The helpers above, for test modules (pytest's importlib mode cannot import a conftest)."""
+    return SimpleNamespace(
+        device=DEVICE,
+        tiny_config=tiny_config,
+        padded_batch=padded_batch,
+        build=build,
+        compare_with_reference=compare_with_reference,
+    )

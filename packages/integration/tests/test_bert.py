@@ -1,0 +1,62 @@
+"""optimize_model on tiny Bert models: same outputs as Hugging Face, every target op replaced."""
+
+import pytest
+import torch
+from kernl_testing import on_gpu
+from transformers import BertConfig, BertModel
+
+from kernl.integration.kernels import find
+
+# CPU: fp32 through the interpreter (bf16 is wrong there); GPU: the dtypes users run.
+DTYPES = [torch.float16, torch.bfloat16] if on_gpu() else [torch.float32]
+LAYERS = 2
+
+
+def expected_replacements(layers: int) -> dict[str, int]:
+    """Per graph of a BertModel: what each rule must replace (when its kernel is available)."""
+    counts = {"attention": layers, "linear_act": 6 * layers + 1, "layer_norm": 2 * layers + 1}
+    return {name: count for name, count in counts.items() if find(name) is not None}
+
+
+def fired(report, graph: int) -> dict[str, int]:
+    record = report.graphs[graph]
+    attention = record.fired.get("attention_sdpa", 0) + record.fired.get("attention_eager", 0)
+    counts = {"attention": attention, "linear_act": record.fired.get("linear_act", 0)}
+    counts["layer_norm"] = record.fired.get("layer_norm", 0)
+    return {name: count for name, count in counts.items() if find(name) is not None}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
+@pytest.mark.parametrize("masking", ["heavy_padding", "no_mask"])
+def test_bert_matches_hugging_face(kit, dtype, attn_implementation, masking):
+    model = kit.build(BertModel, kit.tiny_config(BertConfig), attn_implementation)
+    ids, mask = kit.padded_batch(3, 13, [13, 2, 5], vocab=120)
+    ids_7, mask_7 = kit.padded_batch(2, 7, [7, 1], vocab=120, seed=1)
+    if masking == "no_mask":
+        mask = mask_7 = None
+    calls = [dict(input_ids=ids, attention_mask=mask), dict(input_ids=ids_7[:2], attention_mask=mask_7)]
+    report = kit.compare_with_reference(model, dtype, calls, ["last_hidden_state", "pooler_output"])
+    # lengths 13 and 7 share the bucket 16: one graph per batch size, not per length
+    assert len(report.graphs) == 2
+    for graph in range(2):
+        assert fired(report, graph) == expected_replacements(LAYERS)
+        if all(find(name) for name in ("attention", "linear_act", "layer_norm")):
+            assert report.graphs[graph].kept == {}, report.graphs[graph].kept
+    assert report.graphs[0].fired["dropout"] >= 2 * LAYERS + 1
+
+
+def test_length_on_a_bucket_and_no_mask_needs_no_padding(kit):
+    model = kit.build(BertModel, kit.tiny_config(BertConfig))
+    ids, _ = kit.padded_batch(2, 16, [16, 16], vocab=120)
+    report = kit.compare_with_reference(model, DTYPES[0], [dict(input_ids=ids)], ["last_hidden_state"])
+    assert report.graphs[0].inputs.startswith("[2x16 int64] on")  # no attention_mask was added
+
+
+def test_report_lists_rules_and_kept_ops(kit):
+    model = kit.build(BertModel, kit.tiny_config(BertConfig, num_hidden_layers=1))
+    ids, mask = kit.padded_batch(2, 9, [9, 4], vocab=120)
+    report = kit.compare_with_reference(model, DTYPES[0], [dict(input_ids=ids, attention_mask=mask)], [])
+    text = str(report)
+    assert "BertModel" in text and "rules fired:" in text and "kept as PyTorch:" in text
+    assert report.to_dict()["totals"]["dropout"] >= 3

@@ -1,0 +1,53 @@
+"""Bad input gets a clear error naming the argument; CPU tensors without the interpreter use the reference."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kernl.linear_act import gated_linear_act, linear_act
+from kernl_testing import TEST_DEVICE
+
+x = torch.randn(4, 8, device=TEST_DEVICE)
+w = torch.randn(6, 8, device=TEST_DEVICE)
+b = torch.randn(6, device=TEST_DEVICE)
+
+
+@pytest.mark.parametrize(
+    "call, error, message",
+    [
+        (lambda: linear_act(x.long(), w), TypeError, "x must be float16"),
+        (lambda: linear_act(x, w.double()), TypeError, "weight must be float16"),
+        (lambda: linear_act(x, w.half()), ValueError, "weight must have the dtype of x"),
+        (lambda: linear_act(x[0], w), ValueError, "x must have at least 2 dimensions"),
+        (lambda: linear_act(x, w[:, :7]), ValueError, "x's last dimension"),
+        (lambda: linear_act(x, w[None]), ValueError, "weight must be 2-D"),
+        (lambda: linear_act(x, w, b[:5]), ValueError, r"bias must have shape \(6,\)"),
+        (lambda: linear_act(x, w, b.half()), ValueError, "bias must have the dtype"),
+        (lambda: linear_act(x, w, b, "gelu_fast"), ValueError, "activation must be one of"),
+        (lambda: linear_act(x, w, b, "relu", x), ValueError, "residual must have shape"),
+        (
+            lambda: linear_act(x, w, b, "relu", torch.zeros(4, 6, dtype=torch.half, device=TEST_DEVICE)),
+            ValueError,
+            "residual must have the dtype",
+        ),  # fmt: skip
+        (lambda: gated_linear_act(x, w, w[:5]), ValueError, "w1 must have w0's shape"),
+        (lambda: gated_linear_act(x, w, [1.0]), TypeError, "w1 must be a torch.Tensor"),
+        (lambda: gated_linear_act(x, w, w, "softmax"), ValueError, "activation must be one of"),
+    ],
+)
+def test_bad_arguments_raise_clear_errors(call, error, message):
+    with pytest.raises(error, match=message):
+        call()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device to mix devices")
+def test_device_mismatch_names_the_argument():
+    other = "cpu" if TEST_DEVICE == "cuda" else "cuda"
+    with pytest.raises(ValueError, match="bias is on"):
+        linear_act(x, w, b.to(other))
+
+
+def test_cpu_without_interpreter_falls_back_to_reference(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    cpu_x, cpu_w, cpu_b = torch.randn(2, 5, 40), torch.randn(24, 40), torch.randn(24)
+    assert torch.equal(linear_act(cpu_x, cpu_w, cpu_b, "relu"), F.relu(F.linear(cpu_x, cpu_w, cpu_b)))
