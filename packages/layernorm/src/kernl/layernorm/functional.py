@@ -1,7 +1,5 @@
 """Public entry points: validate the arguments, then call the registered ``torch.library`` ops."""
 
-import numbers
-
 import torch
 
 from kernl.layernorm import ops
@@ -44,7 +42,7 @@ def _check_inputs(x, residual, weight, bias, eps) -> None:
     for name, t in (("residual", residual), ("weight", weight), ("bias", bias)):
         if t is not None and t.device != x.device:
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
-    if not isinstance(eps, numbers.Real) or eps < 0:
+    if not isinstance(eps, (float, int)) or eps < 0:
         raise ValueError(f"eps must be a non-negative number, got {eps!r}")
 
 

@@ -19,7 +19,7 @@ MAX_N = 65536
 def _norm_kernel(
     X, R, W, B, Y, S,
     M, N,
-    stride_xm, stride_xn, stride_rm, stride_rn, stride_w, stride_b, stride_ym, stride_sm,
+    stride_xm, stride_xn, stride_rm, stride_rn,
     eps,
     IS_RMS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
     ROUND_TO_WEIGHT_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -36,7 +36,7 @@ def _norm_kernel(
         r = tl.load(R + rows[:, None] * stride_rm + cols[None, :] * stride_rn, mask=mask, other=0.0)
         # Round the sum to the storage dtype first, exactly as an unfused `x + residual` would.
         x = (x.to(tl.float32) + r.to(tl.float32)).to(S.dtype.element_ty)
-        tl.store(S + rows[:, None] * stride_sm + cols[None, :], x, mask=mask)
+        tl.store(S + rows[:, None] * N + cols[None, :], x, mask=mask)
         if not IS_RMS:
             first_r = tl.load(R + rows * stride_rm, mask=row_ok, other=0.0)
             first = (first.to(tl.float32) + first_r.to(tl.float32)).to(S.dtype.element_ty)
@@ -54,10 +54,10 @@ def _norm_kernel(
     if ROUND_TO_WEIGHT_DTYPE:  # T5LayerNorm casts to the half-precision weight dtype before scaling
         h = h.to(W.dtype.element_ty).to(tl.float32)
     if HAS_WEIGHT:
-        h = h * tl.load(W + cols * stride_w, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        h = h * tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     if HAS_BIAS:
-        h = h + tl.load(B + cols * stride_b, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    tl.store(Y + rows[:, None] * stride_ym + cols[None, :], h.to(Y.dtype.element_ty), mask=mask)
+        h = h + tl.load(B + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(Y + rows[:, None] * N + cols[None, :], h.to(Y.dtype.element_ty), mask=mask)
 
 
 @functools.cache
@@ -88,7 +88,8 @@ def norm_forward(
     out_dtype: torch.dtype,
     config: tuple[int, int, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Launch the kernel on validated inputs; ``x``/``residual`` are ``(M, N)`` views (any strides).
+    """Launch the kernel on validated inputs; ``x``/``residual`` are ``(M, N)`` views (any strides),
+    ``weight``/``bias`` ``(N,)`` (made contiguous). Outputs are contiguous.
 
     ``config`` overrides :func:`launch_config` (used by the tuning sweep).
 
@@ -101,13 +102,12 @@ def norm_forward(
         return y, summed
     block_m, block_n, num_warps = config or launch_config(m, n, x.device)
     r = residual if residual is not None else x
-    s = summed if summed is not None else y
-    w = weight if weight is not None else x
-    b = bias if bias is not None else x
+    w = weight.contiguous() if weight is not None else None
+    b = bias.contiguous() if bias is not None else None
     _norm_kernel[(triton.cdiv(m, block_m),)](
-        x, r, w, b, y, s,
+        x, r, w, b, y, summed,
         m, n,
-        x.stride(0), x.stride(1), r.stride(0), r.stride(1), w.stride(-1), b.stride(-1), y.stride(0), s.stride(0),
+        *x.stride(), *r.stride(),
         eps,
         IS_RMS=is_rms, HAS_RESIDUAL=residual is not None, HAS_WEIGHT=weight is not None,
         HAS_BIAS=bias is not None,
