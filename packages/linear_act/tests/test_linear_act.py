@@ -23,9 +23,10 @@ leading_shapes = st.one_of(st.tuples(st.integers(1, 70)), st.tuples(st.integers(
                            st.tuples(st.integers(1, 2), st.integers(1, 3), st.integers(1, 5)))  # fmt: skip
 
 
-def reduction_scale(k: int) -> float:
-    """Rounding error of a K-long dot product grows like sqrt(K) (summation order differs from torch's)."""
-    return max(1.0, k**0.5 / 4)
+def reduction_scale(x: torch.Tensor, k: int) -> float:
+    """Tolerance widening for a K-long dot product: its rounding error grows like sqrt(K) times the size
+    of the terms (the summation order differs from torch's), which matters where the sum cancels."""
+    return max(1.0, k**0.5 / 4) * max(1.0, float(x.abs().float().mean()))
 
 
 def _torch_unfused(x, weight, bias, activation, residual):
@@ -47,7 +48,7 @@ def test_linear_act_matches_reference(lead, n, k, dtype, x_layout, w_layout, spe
     as64 = lambda t: t.double() if t is not None else None
     reference = linear_act_reference(as64(x), as64(weight), as64(bias), activation, as64(residual))
     assert_matches_reference(out, reference, _torch_unfused(x, weight, bias, activation, residual),
-                             scale=reduction_scale(k))  # fmt: skip
+                             scale=reduction_scale(x, k))  # fmt: skip
 
 
 @given(lead=leading_shapes, n=sizes, k=sizes, dtype=dtypes(), x_layout=layouts(), w_layout=layouts(),
@@ -66,7 +67,7 @@ def test_gated_linear_act_matches_reference(lead, n, k, dtype, x_layout, w_layou
     unfused = TORCH_ACTIVATIONS[activation](F.linear(x, w0)) * F.linear(x, w1)
     if with_residual:
         unfused = unfused + residual
-    assert_matches_reference(out, reference, unfused, scale=reduction_scale(k))
+    assert_matches_reference(out, reference, unfused, scale=reduction_scale(x, k))
 
 
 @pytest.mark.parametrize("activation", ACTIVATIONS)

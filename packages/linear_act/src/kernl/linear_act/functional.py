@@ -64,7 +64,8 @@ def linear_act(
         if bias.shape != (weight.shape[0],):
             raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
     _check_residual(residual, x, weight.shape[0])
-    return torch.ops.kernl.linear_act(x, weight, bias, act, residual)
+    op = torch.ops.kernl.linear_act if torch.compiler.is_compiling() else ops.linear_act_impl
+    return op(x, weight, bias, act, residual)
 
 
 def gated_linear_act(
@@ -87,7 +88,8 @@ def gated_linear_act(
         raise ValueError(f"w1 must have w0's shape {tuple(w0.shape)}, got {tuple(w1.shape)}")
     _check_x(x, w0.shape[1])
     _check_residual(residual, x, w0.shape[0])
-    return torch.ops.kernl.gated_linear_act(x, w0, w1, act, residual)
+    op = torch.ops.kernl.gated_linear_act if torch.compiler.is_compiling() else ops.gated_linear_act_impl
+    return op(x, w0, w1, act, residual)
 
 
 __all__ = ["ALIASES", "gated_linear_act", "linear_act", "ops"]

@@ -1,7 +1,8 @@
 """``torch.library`` registrations ``kernl::linear_act`` and ``kernl::gated_linear_act``.
 
 Opaque custom ops with fake implementations; inputs are trusted here (validation lives in
-:mod:`kernl.linear_act.functional`). Both run the GEMM core of :mod:`kernl.matmul` with its fused
+:mod:`kernl.linear_act.functional`, which calls the ``*_impl`` functions directly in eager mode, where
+the custom-op dispatcher would cost tens of microseconds a call, and the ops when tracing). Both run the GEMM core of :mod:`kernl.matmul` with its fused
 epilogue. CPU tensors run the Triton kernel only under Triton's interpreter, else the reference.
 """
 
@@ -17,8 +18,7 @@ def _flat(t: torch.Tensor | None) -> torch.Tensor | None:
     return t.reshape(-1, t.shape[-1]) if t is not None else None
 
 
-@torch.library.custom_op("kernl::linear_act", mutates_args=())
-def linear_act_op(
+def linear_act_impl(
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
@@ -32,8 +32,7 @@ def linear_act_op(
     return out.view(*x.shape[:-1], weight.shape[0])
 
 
-@torch.library.custom_op("kernl::gated_linear_act", mutates_args=())
-def gated_linear_act_op(
+def gated_linear_act_impl(
     x: torch.Tensor, w0: torch.Tensor, w1: torch.Tensor, activation: str, residual: torch.Tensor | None
 ) -> torch.Tensor:
     if not runs_triton_kernel(x):
@@ -41,6 +40,12 @@ def gated_linear_act_op(
     out = gemm(_flat(x)[None], w0.t()[None], b2=w1.t(), residual=_flat(residual), activation=activation,
                allow_tf32=tf32_allowed())  # fmt: skip
     return out.view(*x.shape[:-1], w0.shape[0])
+
+
+linear_act_op = torch.library.custom_op("kernl::linear_act", linear_act_impl, mutates_args=())
+gated_linear_act_op = torch.library.custom_op(
+    "kernl::gated_linear_act", gated_linear_act_impl, mutates_args=()
+)
 
 
 @linear_act_op.register_fake

@@ -53,7 +53,8 @@ def matmul(a: torch.Tensor, b: torch.Tensor, allow_tf32: bool | None = None) -> 
         raise ValueError(f"batch sizes of a ({a.shape[0]}) and b ({b.shape[0]}) cannot be broadcast")
     if allow_tf32 is not None and not isinstance(allow_tf32, bool):
         raise TypeError(f"allow_tf32 must be a bool or None, got {type(allow_tf32).__name__}")
-    return torch.ops.kernl.matmul(a, b, tf32_allowed() if allow_tf32 is None else allow_tf32)
+    op = torch.ops.kernl.matmul if torch.compiler.is_compiling() else ops.matmul_impl
+    return op(a, b, tf32_allowed() if allow_tf32 is None else allow_tf32)
 
 
 __all__ = ["SUPPORTED_DTYPES", "matmul", "ops"]

@@ -184,11 +184,23 @@ def cached_choice(key: str, path: Path, tune) -> Config:
     return found
 
 
+_chosen: dict[tuple[Problem, torch.device], Config] = {}
+
+
 def choose(p: Problem, device: torch.device, launch) -> Config:
     """The config to run ``p`` with; times the candidates (calling ``launch(config)``) on a cache miss.
 
     ``KERNL_AUTOTUNE=0`` turns timing off (the heuristic choice is used, nothing is stored).
     """
+    found = _chosen.get((p, device))
+    if found is None:
+        found = _choose(p, device, launch)
+        if device.type == "cuda" and not torch.cuda.is_current_stream_capturing():
+            _chosen[(p, device)] = found
+    return found
+
+
+def _choose(p: Problem, device: torch.device, launch) -> Config:
     if device.type != "cuda":
         return heuristic(p)
     sms = sm_count(device.index if device.index is not None else torch.cuda.current_device())
