@@ -81,11 +81,15 @@ def chart(records: list[dict]):
     for ax, op in zip(axes, ops, strict=True):
         rows = [r for r in records if r["op"] == op]
         labels = [f"{r['M']}x{r['N']}" for r in rows]
-        ax.bar(range(len(rows)), [r["speedup_vs_torch"] for r in rows], color="tab:green")
+        for offset, peer, color in ((-0.2, "torch", "tab:green"), (0.2, "torch.compile", "tab:blue")):
+            ratios = [r.get(f"speedup_vs_{peer}", float("nan")) for r in rows]
+            ax.bar([i + offset for i in range(len(rows))], ratios, width=0.4, color=color, label=f"vs {peer}")
         ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.legend(fontsize=8)
         ax.set_xticks(range(len(rows)), labels, rotation=70, fontsize=8)
-        ax.set_title(f"{op}: speedup over torch (fp16)")
-    axes[0].set_ylabel("torch time / kernl time")
+        ax.set_title(f"{op}: kernl speedup (fp16, H100)")
+    axes[0].set_ylabel("peer time / kernl time (log)")
+    axes[0].set_yscale("log")
     return fig
 
 
