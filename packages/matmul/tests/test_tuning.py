@@ -2,10 +2,12 @@
 
 import json
 
+import pytest
 import torch
 
-from kernl.matmul import Config, tuning
-from kernl.matmul.tuning import Problem, cache_path, cached_choice, read_cache, write_cache
+from kernl.matmul import Config, matmul, matmul_reference, tuning
+from kernl.matmul.tuning import Problem, cache_path, cached_choice, candidates, read_cache, write_cache
+from kernl_testing import ValueSpec, assert_matches_reference, make_tensor, on_gpu
 
 PROBLEM = Problem(1, 16, 3072, 768, torch.float16, "tf32", True, True, False)
 
@@ -79,3 +81,19 @@ def test_cpu_and_interpreter_pick_by_heuristic_without_timing():
         raise AssertionError("no timing on the CPU")
 
     assert tuning.choose(PROBLEM, torch.device("cpu"), launch) == tuning.heuristic(PROBLEM)
+
+
+@pytest.mark.skipif(not on_gpu(), reason="timing needs the GPU")
+def test_autotuning_on_the_gpu_times_candidates_and_stores_the_winner(tmp_path, monkeypatch):
+    _restart(monkeypatch)
+    monkeypatch.setattr(tuning, "_chosen", {})
+    monkeypatch.setenv("KERNL_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("KERNL_AUTOTUNE", raising=False)
+    a = make_tensor((24, 768), torch.float16, ValueSpec(1, 1.0, 0.0))
+    b = make_tensor((384, 768), torch.float16, ValueSpec(2, 0.05, 0.0)).t()
+    out = matmul(a, b)
+    assert_matches_reference(out, matmul_reference(a.double(), b.double()), torch.matmul(a, b))
+    stored = read_cache(tmp_path / f"matmul-{tuning.gpu_name(a.device)}.json")
+    assert len(stored) == 1
+    problem = Problem(1, 24, 384, 768, torch.float16, "tf32", True, True, False)
+    assert next(iter(stored.values())) in candidates(problem, tuning.sm_count(0))

@@ -34,17 +34,17 @@ def _store_tile(acc, acc2, C, BIAS, R, rm, rn, M, N, stride_cm, stride_cn, strid
     tl.store(C + rm[:, None] * stride_cm + rn[None, :] * stride_cn, acc.to(C.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "N", "SPLIT_K"])
 def gemm_kernel(
     A, B, B2, C, BIAS, R, WS, LOCKS,
-    M, N, K,
+    M, N, K, SPLIT_K,
     stride_ab, stride_am, stride_ak,
     stride_bb, stride_bk, stride_bn,
     stride_b2k, stride_b2n,
     stride_cb, stride_cm, stride_cn,
     stride_bias, stride_rm, stride_rn,
     ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_GATE: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, EVEN_K: tl.constexpr, SPLIT_K: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, EVEN_K: tl.constexpr, USE_SPLIT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
@@ -95,13 +95,13 @@ def gemm_kernel(
         b_ptrs += BLOCK_K * stride_bk
 
     C += batch * stride_cb
-    if SPLIT_K == 1:
+    if not USE_SPLIT:
         _store_tile(acc, acc2, C, BIAS, R, rm, rn, M, N, stride_cm, stride_cn, stride_bias, stride_rm, stride_rn,
                     ACTIVATION, HAS_BIAS, HAS_GATE, HAS_RESIDUAL)  # fmt: skip
     else:
         tile = batch * grid_m * grid_n + pid_m * grid_n + pid_n
-        parts: tl.constexpr = 2 if HAS_GATE else 1
-        tile_elems: tl.constexpr = BLOCK_M * BLOCK_N
+        parts = 2 if HAS_GATE else 1
+        tile_elems = BLOCK_M * BLOCK_N
         in_tile = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
         n_tiles = tl.num_programs(2) * grid_m * grid_n
         ws = WS + (tile * parts) * tile_elems + in_tile

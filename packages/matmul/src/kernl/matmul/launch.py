@@ -91,7 +91,7 @@ def gemm(
             ws = locks = c
         gemm_kernel[(grid_m * grid_n, split, batch)](
             a, b, g, c, bias_t, res_t, ws, locks,
-            m, n, k,
+            m, n, k, split,
             stride_ab, a.stride(1), a.stride(2),
             stride_bb, b.stride(1), b.stride(2),
             g.stride(0), g.stride(1),
@@ -99,7 +99,7 @@ def gemm(
             bias_t.stride(-1), res_t.stride(-2), res_t.stride(-1),
             ACTIVATION=activation, HAS_BIAS=bias is not None, HAS_GATE=b2 is not None,
             HAS_RESIDUAL=residual is not None, INPUT_PRECISION=precision, EVEN_K=k % cfg.block_k == 0,
-            SPLIT_K=split, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+            USE_SPLIT=split > 1, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )  # fmt: skip
 

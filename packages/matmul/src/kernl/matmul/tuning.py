@@ -8,12 +8,14 @@ The winner for a problem is kept in memory and in ``$KERNL_CACHE_DIR`` (default 
 file ``matmul-<gpu>.json``, keyed by dtype, layout, gating and the shape bucket (batch and M rounded
 up to a power of two, N and K exact), so a restarted process skips the timing. Under Triton's
 interpreter, or while a CUDA graph is being captured, :func:`heuristic` picks without timing.
+``KERNL_AUTOTUNE=0`` always uses the heuristic; ``KERNL_TUNING_LOG=1`` prints every tuning's timings.
 """
 
 import functools
 import json
 import os
 import re
+import sys
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -165,6 +167,10 @@ def lookup(key: str, path: Path) -> Config | None:
     return _memory.get(key)
 
 
+def _short(c: Config) -> str:
+    return f"{c.block_m}x{c.block_n}x{c.block_k}/s{c.split_k}/w{c.num_warps}/st{c.num_stages}"
+
+
 def _time_ms(launch, config: Config) -> float:
     from triton.testing import do_bench
 
@@ -210,6 +216,12 @@ def _choose(p: Problem, device: torch.device, launch) -> Config:
 
     def tune() -> Config:
         timings = {c: _time_ms(launch, c) for c in candidates(p, sms)}
-        return min(timings, key=timings.get)
+        best = min(timings, key=timings.get)
+        if os.environ.get("KERNL_TUNING_LOG") == "1":
+            ranked = ", ".join(
+                f"{_short(c)} {timings[c] * 1e3:.1f}us" for c in sorted(timings, key=timings.get)
+            )
+            print(f"[kernl.matmul tuning] {p.key(gpu)}: {ranked}", file=sys.stderr)
+        return best
 
     return cached_choice(p.key(gpu), cache_path(gpu), tune)

@@ -1,0 +1,86 @@
+"""Tuning aid: time the tuner's candidates and a wider grid on the shapes that matter, on the GPU.
+
+Prints, per shape, every config's time (fastest first) and whether it is among the tuner's
+candidates, so the candidate lists in kernl/matmul/tuning.py can be checked against the best found.
+Run: python packages/matmul/benchmarks/sweep_matmul_config.py [--quick] [label substring ...]
+(``--quick``: the tuner's candidates only; substrings pick shapes.)
+"""
+
+import itertools
+import json
+import os
+import sys
+
+import torch
+import triton
+
+from kernl.matmul import Config, gemm
+from kernl.matmul.launch import input_precision
+from kernl.matmul.tuning import Problem, _split_for, candidates, sm_count
+from kernl_testing.benchmarking import median_ms
+
+# (label, M, K, N, activation, gated)
+SHAPES = [
+    ("bert M=16 768->2304 bias", 16, 768, 2304, "none", False),
+    ("bert M=16 3072->768", 16, 3072, 768, "none", False),
+    ("t5 M=1 512->2048 gated", 1, 512, 2048, "gelu_tanh", True),
+    ("bert M=1024 768->3072 gelu", 1024, 768, 3072, "gelu", False),
+    ("bert M=16384 768->3072 gelu", 16384, 768, 3072, "gelu", False),
+    ("bert M=16384 3072->768", 16384, 3072, 768, "none", False),
+    ("t5 M=16384 768->3072 gated", 16384, 768, 3072, "gelu_tanh", True),
+]
+
+
+def wider_grid(p: Problem, sms: int) -> list[Config]:
+    if p.m <= 64:
+        bm = max(16, triton.next_power_of_2(p.m))
+        grid = []
+        for bn, bk in itertools.product((16, 32, 64, 128), (64, 128, 256)):
+            split = _split_for(p, bm, bn, bk, sms)
+            grid += [Config(bm, bn, bk, s, 8, 4, 3) for s in {split, split * 2}]
+        return grid
+    tiles = [(128, 256, 64, 8, 3), (128, 256, 64, 8, 4), (256, 128, 64, 8, 3), (256, 128, 64, 8, 4),
+             (128, 128, 64, 4, 3), (128, 128, 64, 4, 4), (128, 128, 64, 4, 5), (128, 128, 64, 8, 3),
+             (128, 128, 128, 8, 3), (128, 128, 128, 4, 3), (128, 256, 32, 8, 4), (64, 256, 64, 4, 3),
+             (128, 64, 64, 4, 4), (256, 64, 64, 4, 4), (128, 256, 64, 4, 3)]  # fmt: skip
+    return [Config(bm, bn, bk, 1, 8, w, s) for bm, bn, bk, w, s in tiles]
+
+
+def main(quick: bool, picks: list[str]) -> None:
+    sms = sm_count(0)
+    report = {}
+    for label, m, k, n, activation, gated in SHAPES:
+        if picks and not any(pick in label for pick in picks):
+            continue
+        x = torch.randn(1, m, k, device="cuda", dtype=torch.float16)
+        w = torch.randn(n, k, device="cuda", dtype=torch.float16) / k**0.5
+        w2 = torch.randn(n, k, device="cuda", dtype=torch.float16) / k**0.5 if gated else None
+        p = Problem(1, m, n, k, torch.float16, input_precision(torch.float16, False), True, True, gated)
+        tuned = candidates(p, sms)
+        grid = list(dict.fromkeys(tuned + ([] if quick else wider_grid(p, sms))))
+        timings = {}
+        b2 = w2.t() if gated else None
+        for cfg in grid:
+            run = lambda cfg=cfg, x=x, w=w, b2=b2, act=activation: gemm(
+                x, w.t()[None], b2=b2, activation=act, config=cfg
+            )
+            try:
+                run()
+            except triton.runtime.errors.OutOfResources:
+                continue
+            timings[cfg] = median_ms(run, warmup_ms=5, rep_ms=25)
+        ranked = sorted(timings, key=timings.get)
+        print(f"== {label}: best {ranked[0]} {timings[ranked[0]] * 1e3:.1f} us")
+        for cfg in ranked[:12]:
+            print(f"   {timings[cfg] * 1e3:8.1f} us  {'cand' if cfg in tuned else '    '}  {cfg}")
+        best_candidate = min((c for c in tuned if c in timings), key=timings.get)
+        print(f"   best candidate {best_candidate} {timings[best_candidate] * 1e3:.1f} us")
+        report[label] = [[timings[c] * 1e3, c in tuned, list(c.__dict__.values())] for c in ranked]
+    out = os.environ.get("OUT")
+    if out:
+        with open(os.path.join(out, "matmul_sweep.json"), "w") as f:
+            json.dump(report, f)
+
+
+if __name__ == "__main__":
+    main("--quick" in sys.argv, [a for a in sys.argv[1:] if a != "--quick"])
