@@ -19,9 +19,10 @@ TEST_DEPS = ["pytest>=8", "pytest-xdist>=3", "hypothesis>=6.100", "numpy<2.3"]
 CPU_ENV = {"KERNL_TEST_DEVICE": "cpu", "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
 
 
-def _install_editable(session: nox.Session, packages: list[str]) -> None:
-    args = [arg for pkg in packages for arg in ("-e", f"packages/{pkg}[test]")]
-    session.install(*args, *TEST_DEPS)
+def _install(session: nox.Session, packages: list[str]) -> None:
+    # Regular (not editable) installs: the packages refer to their siblings by file URL, which pip
+    # cannot reconcile with an editable install of the same sibling.
+    session.install(*[f"./packages/{pkg}[test]" for pkg in packages], *TEST_DEPS)
 
 
 def _pytest(session: nox.Session, paths: list[str], env: dict[str, str]) -> None:
@@ -32,14 +33,14 @@ def _pytest(session: nox.Session, paths: list[str], env: dict[str, str]) -> None
 def tests(session: nox.Session) -> None:
     """CPU test suite of every package, kernels through Triton's interpreter (what CI runs)."""
     session.install(TORCH)
-    _install_editable(session, PACKAGES)
+    _install(session, PACKAGES)
     _pytest(session, ["-n", "2", "testing/tests", *[f"packages/{p}/tests" for p in PACKAGES]], CPU_ENV)
 
 
 def _package_session(package: str):
     def run(session: nox.Session) -> None:
         session.install(TORCH)
-        _install_editable(session, [package] if package != "integration" else PACKAGES)
+        _install(session, [package] if package != "integration" else PACKAGES)
         _pytest(session, [f"packages/{package}/tests"], CPU_ENV)
 
     run.__doc__ = f"CPU tests of kernl.{package} alone (interpreter)."
@@ -64,5 +65,5 @@ def gpu(session: nox.Session) -> None:
 
     Uses the machine's own CUDA build of torch (system site packages).
     """
-    _install_editable(session, PACKAGES)
+    _install(session, PACKAGES)
     session.run("bash", "testing/gpu_suite.sh", *session.posargs, external=True)
