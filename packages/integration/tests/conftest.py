@@ -5,9 +5,9 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from kernl_testing import assert_matches_reference, on_gpu
 
 from kernl.integration import optimize_model
+from kernl_testing import assert_matches_reference, on_gpu
 
 DEVICE = "cuda" if on_gpu() else "cpu"
 

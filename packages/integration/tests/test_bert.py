@@ -2,10 +2,11 @@
 
 import pytest
 import torch
-from kernl_testing import on_gpu
 from transformers import BertConfig, BertModel
 
+from kernl.integration import optimize_model
 from kernl.integration.kernels import find
+from kernl_testing import on_gpu
 
 # CPU: fp32 through the interpreter (bf16 is wrong there); GPU: the dtypes users run.
 DTYPES = [torch.float16, torch.bfloat16] if on_gpu() else [torch.float32]
@@ -60,3 +61,20 @@ def test_report_lists_rules_and_kept_ops(kit):
     text = str(report)
     assert "BertModel" in text and "rules fired:" in text and "kept as PyTorch:" in text
     assert report.to_dict()["totals"]["dropout"] >= 3
+
+
+def test_without_a_usable_device_the_model_runs_unchanged(kit, monkeypatch):
+    # a CPU model without the interpreter: nothing to run the kernels on
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    model = kit.build(BertModel, kit.tiny_config(BertConfig, num_hidden_layers=1))
+    forward = model.forward
+    with pytest.warns(UserWarning, match="compute capability >= 8.0"):
+        report = optimize_model(model)
+    assert report.status == "not optimized" and model.forward == forward
+    assert "runs unchanged" in str(report)
+
+
+def test_training_mode_is_refused(kit):
+    model = kit.build(BertModel, kit.tiny_config(BertConfig, num_hidden_layers=1)).train()
+    with pytest.raises(ValueError, match="eval"):
+        optimize_model(model)

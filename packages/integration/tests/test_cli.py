@@ -1,9 +1,30 @@
-"""The main job's command works and checks its own numbers."""
+"""The ``kernl`` command: ``bench`` (the main job) and ``demo`` work and check their own numbers."""
+
+import json
 
 from kernl.integration.cli import main
+from kernl_testing import on_gpu
 
 
 def test_demo_passes(capsys):
     assert main(["demo"]) == 0
     out = capsys.readouterr().out
     assert "layer_norm(x + residual)" in out and "MISMATCH" not in out
+
+
+def test_bench(capsys, tmp_path):
+    if not on_gpu():  # no options on CPU: the embedded small-Bert check through the interpreter
+        assert main(["bench"]) == 0
+        out = capsys.readouterr().out
+        assert "MISMATCH" not in out and "rules fired:" in out and "speed figures need a CUDA GPU" in out
+        return
+    assert (
+        main(
+            ["bench", "--shapes", "1x16,2x40", "--engines", "HF eager,HF sdpa,kernl", "--out", str(tmp_path)]
+        )
+        == 0
+    )
+    results = json.loads((tmp_path / "integration.json").read_text())
+    kernl = results["engines"]["kernl"]
+    assert set(kernl["shapes"]) == {"1x16", "2x40"} and (tmp_path / "integration.png").exists()
+    assert all(entry["max_abs_diff_vs_hf_sdpa"] < 0.05 for entry in kernl["shapes"].values())

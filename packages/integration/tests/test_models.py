@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-from kernl_testing import on_gpu
 from transformers import (
     BertConfig,
     BertForMaskedLM,
@@ -16,6 +15,7 @@ from transformers import (
 )
 
 from kernl.integration.kernels import KERNELS, find
+from kernl_testing import on_gpu
 
 DTYPE = torch.float16 if on_gpu() else torch.float32
 ROBERTA = dict(pad_token_id=1, max_position_embeddings=130)

@@ -1,4 +1,4 @@
-"""The ``kernl`` console command."""
+"""The ``kernl`` console command: ``kernl bench`` (the main job) and ``kernl demo``."""
 
 import argparse
 import sys
@@ -12,11 +12,23 @@ def main(argv: list[str] | None = None) -> int:
         prog="kernl", description="kernl: Triton kernels for transformer inference"
     )
     commands = parser.add_subparsers(dest="command", required=True)
+    bench = commands.add_parser(
+        "bench",
+        help="GPU: Bert-base latency of kernl vs HF / CUDA graphs / torch.compile (JSON + chart); "
+        "CPU: check a small Bert through the interpreter",
+    )
+    from kernl.integration.bench.run import add_arguments
+
+    add_arguments(bench)
     commands.add_parser(
         "demo", help="run the layernorm kernels against their references and print the result"
     )
     args = parser.parse_args(argv)
     device = select_device()
+    if args.command == "bench":
+        from kernl.integration.bench.run import run_bench
+
+        return run_bench(args)
     if args.command == "demo":
         from kernl.integration.demo import run_demo
 

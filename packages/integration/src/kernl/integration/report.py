@@ -25,7 +25,12 @@ _KEPT_FUNCTIONS = {
     torch.matmul: "matmul",
     F.dropout: "dropout",
 }
-_KEPT_METHODS = {"softmax": "attention (softmax)", "matmul": "matmul", "tanh": "activation"}
+_KEPT_METHODS = {
+    "softmax": "attention (softmax)",
+    "matmul": "matmul",
+    "tanh": "activation",
+    "relu": "activation",
+}
 
 
 def kept_as_pytorch(gm: fx.GraphModule) -> dict[str, int]:

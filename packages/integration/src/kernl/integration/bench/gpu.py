@@ -1,0 +1,110 @@
+"""The GPU benchmark: Bert-base (from its config, fp16) over batch x sequence, every engine in one run.
+
+Latency is wall clock of one forward, synchronised, median over repetitions (what a caller waits,
+launch overhead included). Warm-up is the time of the first three calls of each shape (compilation,
+autotuning, graph capture). Memory: peak allocated over the grid above the weights, and what stays
+allocated after the grid (captured graphs, caches).
+"""
+
+import copy
+import gc
+import statistics
+import time
+
+import torch
+
+from kernl.integration.bench import engines
+
+BATCHES, SEQS = (1, 8, 32), (16, 128, 512)
+PEERS = [name for name in engines.ENGINES if name != "kernl"]
+
+
+def inputs(batch: int, seq: int, vocab: int, device="cuda"):
+    generator = torch.Generator().manual_seed(batch * 1000 + seq)
+    ids = torch.randint(1000, vocab, (batch, seq), generator=generator).to(device)
+    return ids, torch.ones_like(ids)
+
+
+def latency_ms(forward, ids, mask, budget_s: float = 0.6, min_reps: int = 10) -> float:
+    times = []
+    while len(times) < min_reps or sum(times) < budget_s * 1e3 and len(times) < 200:
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        forward(ids, mask)
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def run_engine(name, model, shapes, progress, reference=None) -> dict:
+    """Warm up and time engine ``name`` at every shape; memory figures in MiB."""
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    forward = engines.prepare(name, model)
+    base = torch.cuda.memory_allocated()
+    task = progress.add_task(f"{name}: warm-up + timing", total=len(shapes))
+    result = {"shapes": {}}
+    for batch, seq in shapes:
+        ids, mask = inputs(batch, seq, model.config.vocab_size)
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        with torch.inference_mode():
+            for _ in range(3):
+                out = forward(ids, mask)
+            torch.cuda.synchronize()
+            warmup = time.perf_counter() - start
+            entry = {"warmup_s": round(warmup, 3), "latency_ms": round(latency_ms(forward, ids, mask), 4)}
+            if reference is not None:
+                expected = reference(input_ids=ids, attention_mask=mask).last_hidden_state
+                hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out
+                entry["max_abs_diff_vs_hf_sdpa"] = float((hidden.float() - expected.float()).abs().max())
+        result["shapes"][f"{batch}x{seq}"] = entry
+        progress.advance(task)
+    result["warmup_s"] = round(sum(e["warmup_s"] for e in result["shapes"].values()), 2)
+    result["peak_mib_above_weights"] = round((torch.cuda.max_memory_allocated() - base) / 2**20, 1)
+    result["kept_mib_after_grid"] = round((torch.cuda.memory_allocated() - base) / 2**20, 1)
+    if getattr(forward, "report", None) is not None:
+        result["report"] = forward.report.to_dict()
+        result["report_text"] = str(forward.report)
+    del forward
+    return result
+
+
+def kernel_breakdown(model, shape) -> dict[str, float]:
+    """Per-kernel-family GPU time (us) of one kernl forward at ``shape`` (rewritten graph, no CUDA graph)."""
+    from kernl.integration import optimize_model
+
+    torch._dynamo.reset()
+    work = copy.deepcopy(model)
+    optimize_model(work, cuda_graphs=False)
+    ids, mask = inputs(*shape, model.config.vocab_size)
+    with torch.inference_mode():
+        for _ in range(3):
+            work(input_ids=ids, attention_mask=mask)
+        torch.cuda.synchronize()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for _ in range(5):
+                work(input_ids=ids, attention_mask=mask)
+            torch.cuda.synchronize()
+    families: dict[str, float] = {}
+    for event in prof.key_averages():
+        total = getattr(event, "device_time_total", getattr(event, "cuda_time_total", 0))
+        if total <= 0 or event.key.startswith("ProfilerStep"):
+            continue
+        name = event.key.lower()
+        family = next(
+            (f for f, keys in _FAMILIES.items() if any(k in name for k in keys)), f"other: {event.key[:40]}"
+        )
+        families[family] = families.get(family, 0.0) + total / 5
+    del work
+    return {k: round(v, 1) for k, v in sorted(families.items(), key=lambda kv: -kv[1])}
+
+
+_FAMILIES = {
+    "attention": ("attention", "attn", "flash"),
+    "layer_norm": ("norm",),
+    "linear_act (matmul)": ("gemm", "matmul", "linear", "mm_"),
+    "embedding / gather": ("embedding", "index", "gather"),
+    "copy / elementwise": ("copy", "elementwise", "fill", "cat"),
+}

@@ -1,0 +1,136 @@
+"""``kernl bench``: on a GPU the Bert-base grid over every engine (JSON + PNG), else the CPU check."""
+
+import json
+import platform
+import re
+from pathlib import Path
+
+import torch
+
+TARGETS = {"ratio_to_best_peer": 1.25, "1x16_max_ms": 0.6, "1x16_min_speedup": 12.0, "32x512_max_ms": 6.5}
+
+
+def gpu_slug() -> str:
+    return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name().lower()).strip("-")
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument(
+        "--max-autotune", action="store_true", help="also time torch.compile max-autotune (slow)"
+    )
+    parser.add_argument("--engines", help="comma-separated subset of engines (default: all but max-autotune)")
+    parser.add_argument("--shapes", help="comma-separated BxS list (default: {1,8,32} x {16,128,512})")
+    parser.add_argument("--out", help="results folder (default: benchmarks/results/<gpu>/)")
+
+
+def _summarise(results: dict) -> list[str]:
+    lines, kernl = [], results["engines"].get("kernl")
+    if kernl is None or "HF eager" not in results["engines"]:
+        return lines
+    missed = []
+    for shape, entry in kernl["shapes"].items():
+        peers = {
+            n: e["shapes"][shape]["latency_ms"]
+            for n, e in results["engines"].items()
+            if n not in ("kernl", "HF eager")
+        }
+        eager = results["engines"]["HF eager"]["shapes"][shape]["latency_ms"]
+        best = min(peers.values()) if peers else eager
+        entry["speedup_vs_hf_eager"] = round(eager / entry["latency_ms"], 2)
+        entry["ratio_to_best_peer"] = round(best / entry["latency_ms"], 3)
+        if entry["ratio_to_best_peer"] < TARGETS["ratio_to_best_peer"]:
+            missed.append(f"{shape}: {entry['ratio_to_best_peer']:.2f}x the best peer (target 1.25x)")
+    first, last = kernl["shapes"].get("1x16"), kernl["shapes"].get("32x512")
+    if first and first["latency_ms"] > TARGETS["1x16_max_ms"]:
+        missed.append(f"1x16: {first['latency_ms']:.3f} ms (target <= 0.6 ms)")
+    if last and last["latency_ms"] > TARGETS["32x512_max_ms"]:
+        missed.append(f"32x512: {last['latency_ms']:.3f} ms (target <= 6.5 ms)")
+    results["targets_missed"] = missed
+    lines.append("targets: " + ("all met" if not missed else "missed: " + "; ".join(missed)))
+    return lines
+
+
+def run_gpu_bench(args, console) -> int:
+    from rich.progress import Progress
+    from rich.table import Table
+    from transformers import BertConfig, BertModel
+
+    from kernl.integration.bench import engines, gpu
+    from kernl.integration.bench.chart import speedup_chart
+
+    names = (
+        args.engines.split(",") if args.engines else [n for n in engines.ENGINES if "max-autotune" not in n]
+    )
+    if args.max_autotune and "torch.compile max-autotune" not in names:
+        names.insert(-1, "torch.compile max-autotune")
+    shapes = [tuple(map(int, s.split("x"))) for s in args.shapes.split(",")] if args.shapes else [
+        (b, s) for b in gpu.BATCHES for s in gpu.SEQS
+    ]  # fmt: skip
+    torch.manual_seed(0)
+    model = BertModel(BertConfig(), attn_implementation="sdpa").to("cuda", torch.float16).eval()
+    results = {"model": "bert-base-uncased config, random weights, fp16", "engines": {}, "environment": {
+        "gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "python": platform.python_version(),
+        "transformers": __import__("transformers").__version__, "triton": __import__("triton").__version__,
+    }}  # fmt: skip
+    with Progress(console=console) as progress:
+        for name in names:
+            reference = model if name == "kernl" else None
+            results["engines"][name] = gpu.run_engine(name, model, shapes, progress, reference)
+        if "kernl" in names:
+            task = progress.add_task("kernl: second warm-up (warm autotune + Triton caches)", total=1)
+            again = gpu.run_engine("kernl", model, shapes, progress)
+            results["kernl_warm_cache_warmup_s"] = again["warmup_s"]
+            progress.advance(task)
+            task = progress.add_task("kernl: per-kernel time breakdown", total=2)
+            results["kernel_breakdown_us"] = {}
+            for shape in ((1, 16), (32, 512)):
+                if shape in shapes:
+                    results["kernel_breakdown_us"][f"{shape[0]}x{shape[1]}"] = gpu.kernel_breakdown(
+                        model, shape
+                    )
+                progress.advance(task)
+    summary = _summarise(results)
+    table = Table(title=f"Bert-base fp16 latency (ms) on {torch.cuda.get_device_name()}")
+    table.add_column("batch x seq")
+    for name in names:
+        table.add_column(name, justify="right")
+    for batch, seq in shapes:
+        key = f"{batch}x{seq}"
+        table.add_row(key, *[f"{results['engines'][n]['shapes'][key]['latency_ms']:.3f}" for n in names])
+    table.add_row("warm-up (s)", *[f"{results['engines'][n]['warmup_s']:.1f}" for n in names])
+    table.add_row("peak MiB", *[f"{results['engines'][n]['peak_mib_above_weights']:.0f}" for n in names])
+    console.print(table)
+    if "kernl" in results["engines"]:
+        console.print(results["engines"]["kernl"].get("report_text", ""))
+        console.print(f"kernl warm-up with warm caches: {results.get('kernl_warm_cache_warmup_s')} s")
+        console.print(f"per-kernel breakdown (us): {json.dumps(results.get('kernel_breakdown_us'))}")
+    for line in summary:
+        console.print(line)
+    out = Path(args.out) if args.out else Path("benchmarks") / "results" / gpu_slug()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "integration.json").write_text(json.dumps(results, indent=2) + "\n")
+    if "HF eager" in results["engines"]:
+        figure = speedup_chart(
+            results, f"Bert-base fp16, speedup over Hugging Face ({torch.cuda.get_device_name()})"
+        )
+        figure.savefig(out / "integration.png", dpi=120, bbox_inches="tight")
+    console.print(f"results written to {out}/integration.json and .png")
+    return 0
+
+
+def run_bench(args) -> int:
+    """The ``kernl bench`` command; returns the exit code."""
+    from rich.console import Console
+
+    console = Console()
+    if torch.cuda.is_available():
+        major, minor = torch.cuda.get_device_capability()
+        if major >= 8:
+            return run_gpu_bench(args, console)
+        console.print(
+            f"GPU compute capability {major}.{minor} < 8.0: kernl needs Ampere or newer; CPU check:"
+        )
+    from kernl.integration.bench.cpu_check import run_cpu_check
+
+    console.print("no usable CUDA GPU: running the embedded small-Bert check through Triton's interpreter")
+    return 0 if run_cpu_check(console.print) else 1

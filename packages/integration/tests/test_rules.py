@@ -1,0 +1,126 @@
+"""Each rule on small TorchDynamo graphs: the spellings it must match, and what it must leave alone."""
+
+import torch
+import torch.nn.functional as F
+
+from kernl.integration.backend import rewrite_graph
+from kernl.integration.kernels import find
+from kernl.integration.report import GraphRecord
+from kernl.integration.rules.attention_sdpa import attention_call
+from kernl_testing import assert_matches_reference
+
+
+def rewritten(fn, *inputs):
+    """``(record, rewritten graph module, compiled fn)`` for the graph dynamo captures of ``fn``."""
+    record, captured = GraphRecord(inputs="test"), []
+
+    def backend(gm, example_inputs):
+        captured.append(rewrite_graph(gm, record))
+        return captured[0].forward
+
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, backend=backend, dynamic=False)
+    compiled(*inputs)
+    return record, captured[0], compiled
+
+
+def check_same(fn, compiled, *inputs):
+    """Every output of ``compiled`` meets the tolerance rule against ``fn`` in fp64."""
+    expected = fn(*[t.double() if t.is_floating_point() else t for t in inputs])
+    for actual, reference, peer in zip(compiled(*inputs), expected, fn(*inputs), strict=True):
+        assert_matches_reference(actual, reference, peer)
+
+
+def test_linear_activation_and_residual_spellings():
+    def fn(x, w, b, r, w2):
+        h = F.gelu(F.linear(x, w, b), approximate="tanh")
+        h = torch.nn.functional.linear(h, w2, bias=None) + r
+        t = torch.tanh(F.linear(h, w2)).relu()
+        return (F.dropout(t, 0.1, False) + F.silu(F.linear(input=x, weight=w)),)
+
+    g = torch.Generator().manual_seed(0)
+    x, w, b = torch.randn(2, 5, 8, generator=g), torch.randn(12, 8, generator=g), torch.randn(12, generator=g)
+    r, w2 = torch.randn(2, 5, 12, generator=g), torch.randn(12, 12, generator=g)
+    record, gm, compiled = rewritten(fn, x, w, b, r, w2)
+    if find("linear_act") is not None:
+        assert record.fired["linear_act"] == 4 and record.fired["dropout"] == 1
+        assert record.kept == {"activation": 1}  # .relu() after a fused tanh stays PyTorch
+        check_same(fn, compiled, x, w, b, r, w2)
+
+
+def test_add_layer_norm_and_shared_sum():
+    def fn(a, b, w, bias):
+        s = a + b
+        return (F.layer_norm(s, (a.shape[-1],), w, bias, 1e-6) * 2 + s, F.layer_norm(a, [7], eps=1e-5))
+
+    g = torch.Generator().manual_seed(1)
+    a, b = torch.randn(3, 4, 7, generator=g), torch.randn(3, 4, 7, generator=g)
+    w, bias = torch.rand(7, generator=g), torch.randn(7, generator=g)
+    record, gm, compiled = rewritten(fn, a, b, w, bias)
+    if find("layer_norm") is not None:
+        assert record.fired["layer_norm"] == 2 and record.kept == {}
+        check_same(fn, compiled, a, b, w, bias)
+
+
+def test_layer_norm_over_two_dims_is_kept():
+    def fn(x):
+        return (F.layer_norm(x, x.shape[-2:]),)
+
+    record, _, _ = rewritten(fn, torch.randn(2, 3, 4))
+    assert record.fired.get("layer_norm", 0) == 0 and record.kept == {"layer_norm": 1}
+
+
+def _attention_calls(gm):
+    return [n for n in gm.graph.nodes if n.target is attention_call]
+
+
+def test_padding_mask_becomes_key_padding_mask_and_causal_mask_stays_dense():
+    def fn(q, k, v, attention_mask):
+        b, _, s, _ = q.shape
+        padding = attention_mask.bool()[:, None, None, :].expand(b, 1, s, s)
+        causal = torch.ones(s, s, dtype=torch.bool).tril()
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=padding, scale=0.3)
+        return (F.scaled_dot_product_attention(out, k, v, padding & causal),)
+
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(2, 3, 9, 16, generator=g) for _ in range(3))
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[1, 4:] = 0
+    record, gm, compiled = rewritten(fn, q, k, v, mask)
+    if find("attention") is None:
+        return
+    assert record.fired["attention_sdpa"] == 2
+    first, second = _attention_calls(gm)
+    assert first.args[5] is not None and first.args[4] is None  # key padding mask, no dense mask
+    assert second.args[5] is None and second.args[4] is not None  # causal: the dense mask
+    check_same(fn, compiled, q, k, v, mask)
+
+
+def test_eager_attention_spellings():
+    def fn(q, k, v, additive):
+        scores = torch.matmul(q, k.transpose(-1, -2)) / 4.0
+        probs = torch.softmax(scores + additive, dim=-1)
+        out = F.dropout(probs, p=0.0, training=False) @ v
+        raw = q.matmul(k.transpose(2, 3)).softmax(-1)
+        return (out + torch.matmul(raw, v),)
+
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 2, 5, 16, generator=g) for _ in range(3))
+    additive = torch.zeros(2, 1, 5, 5)
+    additive[0, ..., 3:] = torch.finfo(torch.float32).min
+    record, gm, compiled = rewritten(fn, q, k, v, additive)
+    if find("attention") is None:
+        return
+    assert record.fired["attention_eager"] == 2 and record.kept == {}
+    check_same(fn, compiled, q, k, v, additive)
+
+
+def test_attention_probabilities_used_elsewhere_are_kept():
+    def fn(q, k, v):
+        probs = torch.softmax(q @ k.transpose(-1, -2), dim=-1)
+        return (probs @ v, probs)
+
+    q, k, v = (torch.randn(1, 2, 4, 8) for _ in range(3))
+    record, _, _ = rewritten(fn, q, k, v)
+    assert record.fired.get("attention_eager", 0) == 0
+    assert record.kept.get("attention (softmax)") == 1
