@@ -1,15 +1,20 @@
 """optimize_model on tiny Bert models: same outputs as Hugging Face, every target op replaced."""
 
+import copy
+
 import pytest
 import torch
 from transformers import BertConfig, BertModel
 
 from kernl.integration import optimize_model
 from kernl.integration.kernels import find
-from kernl_testing import on_gpu
+from kernl_testing import assert_matches_reference, on_gpu
 
-# CPU: fp32 through the interpreter (bf16 is wrong there); GPU: the dtypes users run.
-DTYPES = [torch.float16, torch.bfloat16] if on_gpu() else [torch.float32]
+# CPU: fp32 through the interpreter (bf16 is wrong there); GPU: fp16 everywhere, bf16 once.
+DTYPES = [torch.float16] if on_gpu() else [torch.float32]
+CASES = [(DTYPES[0], attn, masking) for attn in ("sdpa", "eager") for masking in ("heavy_padding", "no_mask")]
+if on_gpu():
+    CASES.append((torch.bfloat16, "sdpa", "heavy_padding"))
 LAYERS = 2
 
 
@@ -27,9 +32,7 @@ def fired(report, graph: int) -> dict[str, int]:
     return {name: count for name, count in counts.items() if find(name) is not None}
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
-@pytest.mark.parametrize("masking", ["heavy_padding", "no_mask"])
+@pytest.mark.parametrize(("dtype", "attn_implementation", "masking"), CASES, ids=str)
 def test_bert_matches_hugging_face(kit, dtype, attn_implementation, masking):
     model = kit.build(BertModel, kit.tiny_config(BertConfig), attn_implementation)
     ids, mask = kit.padded_batch(3, 13, [13, 2, 5], vocab=120)
@@ -78,3 +81,18 @@ def test_training_mode_is_refused(kit):
     model = kit.build(BertModel, kit.tiny_config(BertConfig, num_hidden_layers=1)).train()
     with pytest.raises(ValueError, match="eval"):
         optimize_model(model)
+
+
+@pytest.mark.skipif(not on_gpu(), reason="autocast to fp16 is a GPU feature")
+def test_fp32_weights_under_autocast(kit):
+    model = kit.build(BertModel, kit.tiny_config(BertConfig))
+    ids, mask = kit.padded_batch(2, 10, [10, 3], vocab=120)
+    reference, peer, optimized = copy.deepcopy(model).double(), copy.deepcopy(model).cuda(), model.cuda()
+    report = optimize_model(optimized)
+    with torch.inference_mode():
+        expected = reference(input_ids=ids, attention_mask=mask).last_hidden_state
+        with torch.autocast("cuda", dtype=torch.float16):
+            same = peer(input_ids=ids.cuda(), attention_mask=mask.cuda()).last_hidden_state
+            actual = optimized(input_ids=ids.cuda(), attention_mask=mask.cuda()).last_hidden_state
+    assert_matches_reference(actual.to(same.dtype), expected, same)
+    assert report.graphs[0].error is None and report.graphs[0].kept == {}

@@ -102,7 +102,7 @@ def kernel_breakdown(model, shape) -> dict[str, float]:
 
 
 _FAMILIES = {
-    "attention": ("attention", "attn", "flash"),
+    "attention": ("attention", "attn", "flash", "merge"),
     "layer_norm": ("norm",),
     "linear_act (matmul)": ("gemm", "matmul", "linear", "mm_"),
     "embedding / gather": ("embedding", "index", "gather"),
