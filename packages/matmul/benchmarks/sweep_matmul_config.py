@@ -1,6 +1,6 @@
 """Tuning aid: time the tuner's candidates and a wider grid on the shapes that matter, on the GPU.
 
-Prints, per shape, every config's time (fastest first) and whether it is among the tuner's
+Prints, per shape, every config's GPU time (CUDA-graph replay, L2 flushed; fastest first) and whether it is among the tuner's
 candidates, so the candidate lists in kernl/matmul/tuning.py can be checked against the best found.
 Run: python packages/matmul/benchmarks/sweep_matmul_config.py [--quick] [label substring ...]
 (``--quick``: the tuner's candidates only; substrings pick shapes.)
@@ -16,8 +16,7 @@ import triton
 
 from kernl.matmul import Config, gemm
 from kernl.matmul.launch import input_precision
-from kernl.matmul.tuning import Problem, _split_for, candidates, sm_count
-from kernl_testing.benchmarking import median_ms
+from kernl.matmul.tuning import Problem, _split_for, _time_ms, candidates, sm_count
 
 # (label, M, K, N, activation, gated)
 SHAPES = [
@@ -43,11 +42,18 @@ def wider_grid(p: Problem, sms: int) -> list[Config]:
              (128, 128, 64, 4, 3), (128, 128, 64, 4, 4), (128, 128, 64, 4, 5), (128, 128, 64, 8, 3),
              (128, 128, 128, 8, 3), (128, 128, 128, 4, 3), (128, 256, 32, 8, 4), (64, 256, 64, 4, 3),
              (128, 64, 64, 4, 4), (256, 64, 64, 4, 4), (128, 256, 64, 4, 3)]  # fmt: skip
-    return [Config(bm, bn, bk, 1, 8, w, s) for bm, bn, bk, w, s in tiles]
+    grid = [Config(bm, bn, bk, 1, 8, w, s) for bm, bn, bk, w, s in tiles]
+    if p.tma:
+        tma = [(128, 256, 64, 8, 3), (128, 256, 64, 8, 4), (256, 128, 64, 8, 3), (256, 128, 64, 8, 4),
+               (128, 128, 64, 8, 4), (128, 128, 64, 4, 4), (128, 128, 64, 8, 5), (128, 128, 128, 8, 3),
+               (128, 256, 128, 8, 2), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (128, 128, 64, 4, 3)]  # fmt: skip
+        grid += [Config(bm, bn, bk, 1, 8, w, s, "tma") for bm, bn, bk, w, s in tma]
+    return grid
 
 
 def main(quick: bool, picks: list[str]) -> None:
     sms = sm_count(0)
+    flush = torch.empty(64 * 1024 * 1024, dtype=torch.int32, device="cuda")
     report = {}
     for label, m, k, n, activation, gated in SHAPES:
         if picks and not any(pick in label for pick in picks):
@@ -55,20 +61,17 @@ def main(quick: bool, picks: list[str]) -> None:
         x = torch.randn(1, m, k, device="cuda", dtype=torch.float16)
         w = torch.randn(n, k, device="cuda", dtype=torch.float16) / k**0.5
         w2 = torch.randn(n, k, device="cuda", dtype=torch.float16) / k**0.5 if gated else None
-        p = Problem(1, m, n, k, torch.float16, input_precision(torch.float16, False), True, True, gated)
+        p = Problem(
+            1, m, n, k, torch.float16, input_precision(torch.float16, False), True, True, gated, not gated
+        )
         tuned = candidates(p, sms)
         grid = list(dict.fromkeys(tuned + ([] if quick else wider_grid(p, sms))))
-        timings = {}
         b2 = w2.t() if gated else None
-        for cfg in grid:
-            run = lambda cfg=cfg, x=x, w=w, b2=b2, act=activation: gemm(
-                x, w.t()[None], b2=b2, activation=act, config=cfg
-            )
-            try:
-                run()
-            except triton.runtime.errors.OutOfResources:
-                continue
-            timings[cfg] = median_ms(run, warmup_ms=5, rep_ms=25)
+        launch = lambda cfg, x=x, w=w, b2=b2, act=activation: gemm(
+            x, w.t()[None], b2=b2, activation=act, config=cfg
+        )
+        timings = {cfg: _time_ms(launch, cfg, flush) for cfg in grid}
+        timings = {cfg: ms for cfg, ms in timings.items() if ms != float("inf")}
         ranked = sorted(timings, key=timings.get)
         print(f"== {label}: best {ranked[0]} {timings[ranked[0]] * 1e3:.1f} us")
         for cfg in ranked[:12]:

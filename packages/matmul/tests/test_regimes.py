@@ -4,22 +4,25 @@ import pytest
 import torch
 
 from kernl.matmul import Config, gemm, matmul_reference
-from kernl.matmul.launch import effective_split, input_precision
+from kernl.matmul.launch import effective_split, input_precision, tma_eligible
 from kernl.matmul.tuning import Problem, candidates, heuristic
 from kernl_testing import ValueSpec, assert_matches_reference, float_dtypes, make_tensor, on_gpu
 
 # (batch, M, N, K): decode / batch-1 encoder rows, a compute-bound block (smaller on the interpreter),
-# and ragged sizes where neither N nor K is a multiple of any tile.
+# ragged sizes where neither N nor K is a multiple of any tile, and ragged sizes the TMA kernel takes
+# (rows 16-byte aligned, but M, N and K still off the tile grid).
 REGIMES = {
     "small_m": (1, 16, 384, 768) if on_gpu() else (1, 9, 96, 320),
     "large_m": (1, 1024, 768, 320) if on_gpu() else (1, 160, 272, 96),
     "ragged": (2, 1000, 531, 333) if on_gpu() else (2, 70, 131, 75),
+    "ragged_tma": (1, 1000, 536, 328) if on_gpu() else (1, 70, 136, 72),
 }
 
 
 def _problem(shape, dtype, gated=False):
     batch, m, n, k = shape
-    return Problem(batch, m, n, k, dtype, input_precision(dtype, False), True, False, gated)
+    tma = batch == 1 and not gated and dtype != torch.float32 and n % 8 == 0 and k % 8 == 0
+    return Problem(batch, m, n, k, dtype, input_precision(dtype, False), True, False, gated, tma)
 
 
 def _configs(regime):
@@ -33,11 +36,12 @@ def _configs(regime):
 )
 def test_every_candidate_config_is_correct(regime, config, dtype):
     batch, m, n, k = REGIMES[regime]
-    if dtype == torch.float32:  # fp32 tiles use half the K step (twice the bytes per element)
+    if dtype == torch.float32:  # fp32: the pointer kernel, half the K step (twice the bytes per element)
         config = Config(config.block_m, config.block_n, config.block_k // 2, config.split_k, config.group_m,
                         config.num_warps, config.num_stages)  # fmt: skip
     a = make_tensor((batch, m, k), dtype, ValueSpec(1, 1.0, 0.5))
     b = make_tensor((batch, n, k), dtype, ValueSpec(2, 1.0, 0.0)).transpose(-1, -2)  # nn.Linear weight.T
+    assert tma_eligible(a, b, None, batch) == _problem(REGIMES[regime], dtype).tma
     out = gemm(a, b, config=config)
     expected = torch.matmul(a, b)
     assert_matches_reference(out, matmul_reference(a.double(), b.double()), expected)
@@ -70,3 +74,26 @@ def test_effective_split_never_leaves_a_split_empty():
 
 def triton_cdiv(a, b):
     return -(-a // b)
+
+
+def test_tma_kernel_with_fused_epilogue_on_ragged_edges():
+    m, n, k = (1000, 536, 328) if on_gpu() else (70, 136, 72)
+    a = make_tensor((1, m, k), torch.float16, ValueSpec(3, 1.0, 0.0))
+    w = make_tensor((n, k), torch.float16, ValueSpec(4, k**-0.5, 0.0))
+    bias = make_tensor((n,), torch.float16, ValueSpec(5, 1.0, 0.0))
+    residual = make_tensor((m, n), torch.float16, ValueSpec(6, 1.0, 0.0), "padded_rows")
+    for b in (w.t()[None], w.t().contiguous()[None]):  # K-major (nn.Linear weight) and N-major
+        assert tma_eligible(a, b, None, 1)
+        out = gemm(
+            a, b, bias=bias, residual=residual, activation="gelu", config=Config(64, 64, 64, kernel="tma")
+        )
+        expected = torch.nn.functional.gelu(a[0].double() @ b[0].double() + bias.double()) + residual.double()
+        torch_same = torch.nn.functional.gelu(a[0] @ b[0] + bias) + residual
+        assert_matches_reference(out[0], expected, torch_same)
+
+
+def test_tma_config_on_an_ineligible_problem_is_refused():
+    a = make_tensor((1, 8, 75), torch.float16, ValueSpec(1, 1.0, 0.0))  # rows of 150 bytes: not aligned
+    b = make_tensor((1, 75, 16), torch.float16, ValueSpec(2, 1.0, 0.0))
+    with pytest.raises(ValueError, match="TMA"):
+        gemm(a, b, config=Config(64, 64, 64, kernel="tma"))

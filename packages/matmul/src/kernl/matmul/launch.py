@@ -3,11 +3,15 @@
 :func:`gemm` is the entry point shared by :mod:`kernl.matmul` and :mod:`kernl.linear_act`.
 """
 
+import functools
+
 import torch
 import triton
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from kernl.matmul import tuning
 from kernl.matmul.kernel import gemm_kernel
+from kernl.matmul.kernel_tma import gemm_tma_kernel
 from kernl.matmul.tuning import Config, Problem
 
 _locks: dict[torch.device, torch.Tensor] = {}
@@ -34,6 +38,50 @@ def effective_split(k: int, block_k: int, split_k: int) -> int:
 def input_precision(dtype: torch.dtype, allow_tf32: bool) -> str:
     """``tl.dot``'s input precision: exact fp32 unless TF32 is allowed; irrelevant for half types."""
     return "ieee" if dtype == torch.float32 and not allow_tf32 else "tf32"
+
+
+@functools.cache
+def _capability(device_index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device_index)
+
+
+def _tma_ready(t: torch.Tensor) -> bool:
+    """A 2-D operand a tensor descriptor can describe: unit inner stride, 16-byte aligned rows and base."""
+    size = t.element_size()
+    return t.stride(1) == 1 and (t.stride(0) * size) % 16 == 0 and t.data_ptr() % 16 == 0
+
+
+def tma_eligible(a: torch.Tensor, b: torch.Tensor, b2: torch.Tensor | None, batch: int) -> bool:
+    """Whether the persistent TMA kernel can run this problem (Hopper or newer, or the interpreter)."""
+    if b2 is not None or batch != 1 or a.dtype == torch.float32 or (b.shape[2] * a.element_size()) % 16:
+        return False
+    if a.device.type == "cuda" and _capability(a.device.index or 0)[0] < 9:
+        return False
+    b_ready = _tma_ready(b[0].t()) if b.stride(1) == 1 else _tma_ready(b[0])
+    return _tma_ready(a[0]) and b_ready
+
+
+def _launch_tma(a, b, c, bias, residual, activation, cfg: Config) -> None:
+    m, k, n = a.shape[1], a.shape[2], b.shape[2]
+    b_k_major = b.stride(1) == 1
+    a_desc = TensorDescriptor.from_tensor(a[0], [cfg.block_m, cfg.block_k])
+    if b_k_major:
+        b_desc = TensorDescriptor.from_tensor(b[0].t(), [cfg.block_n, cfg.block_k])
+    else:
+        b_desc = TensorDescriptor.from_tensor(b[0], [cfg.block_k, cfg.block_n])
+    c_desc = TensorDescriptor.from_tensor(c[0], [cfg.block_m, cfg.block_n])
+    tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
+    programs = tuning.sm_count(c.device.index or 0) if c.device.type == "cuda" else min(tiles, 4)
+    bias_t = bias if bias is not None else c
+    res_t = residual if residual is not None else c[0]
+    gemm_tma_kernel[(programs,)](
+        a_desc, b_desc, c_desc, c, bias_t, res_t,
+        m, n, k,
+        bias_t.stride(-1), res_t.stride(0), res_t.stride(1),
+        ACTIVATION=activation, HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
+        B_K_MAJOR=b_k_major, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        GROUP_M=cfg.group_m, NUM_PROGRAMS=programs, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
 
 
 def gemm(
@@ -70,6 +118,7 @@ def gemm(
         a_k_contiguous=a.stride(2) == 1,
         b_k_contiguous=b.stride(1) == 1,
         gated=b2 is not None,
+        tma=tma_eligible(a, b, b2, batch),
     )
     stride_ab = a.stride(0) if a.shape[0] > 1 else 0
     stride_bb = b.stride(0) if b.shape[0] > 1 else 0
@@ -78,6 +127,11 @@ def gemm(
     res_t = residual if residual is not None else c
 
     def launch(cfg: Config) -> None:
+        if cfg.kernel == "tma":
+            if not problem.tma:
+                raise ValueError(f"config {cfg} needs the TMA kernel, which cannot run this problem")
+            _launch_tma(a, b, c, bias, residual, activation, cfg)
+            return
         split = effective_split(k, cfg.block_k, cfg.split_k)
         grid_m, grid_n = triton.cdiv(m, cfg.block_m), triton.cdiv(n, cfg.block_n)
         tiles = batch * grid_m * grid_n

@@ -38,6 +38,7 @@ class Config:
     group_m: int = 8
     num_warps: int = 4
     num_stages: int = 3
+    kernel: str = "ptr"  # "ptr": kernel.gemm_kernel; "tma": kernel_tma.gemm_tma_kernel (persistent)
 
 
 @dataclass(frozen=True)
@@ -53,13 +54,14 @@ class Problem:
     a_k_contiguous: bool
     b_k_contiguous: bool
     gated: bool
+    tma: bool = False  # the persistent TMA kernel can run it
 
     def key(self, gpu: str) -> str:
         bucket = triton.next_power_of_2
         dtype = str(self.dtype).removeprefix("torch.")
         return (
             f"v{CACHE_VERSION}|{gpu}|{dtype}|{self.precision}|a{'k' if self.a_k_contiguous else 'm'}"
-            f"|b{'k' if self.b_k_contiguous else 'n'}|gate{int(self.gated)}"
+            f"|b{'k' if self.b_k_contiguous else 'n'}|gate{int(self.gated)}|tma{int(self.tma)}"
             f"|B{bucket(self.batch)}|M{bucket(self.m)}|N{self.n}|K{self.k}"
         )
 
@@ -101,13 +103,18 @@ def candidates(p: Problem, sms: int) -> list[Config]:
             for bn, k, w in shapes
         ]
     else:
-        tiles = [(128, 256, 8, 3), (256, 128, 8, 3), (128, 128, 4, 4), (128, 128, 8, 4), (128, 64, 4, 4),
-                 (64, 128, 4, 4), (64, 256, 4, 3), (64, 64, 4, 4)]  # fmt: skip
+        tiles = [(128, 128, 4, 3), (128, 128, 8, 4), (64, 64, 4, 4), (128, 256, 8, 3), (256, 128, 8, 3),
+                 (128, 64, 4, 4), (64, 128, 4, 4), (64, 256, 4, 3)]  # fmt: skip
         configs = [Config(bm, bn, bk, _split_for(p, bm, bn, bk, sms), 8, w, s) for bm, bn, w, s in tiles]
+        if p.tma:  # persistent TMA tiles first, then the best pointer-kernel tiles
+            tma = [(128, 256, 8, 3), (128, 128, 8, 4), (256, 128, 8, 3), (128, 128, 4, 4), (128, 64, 4, 4)]
+            configs = [Config(bm, bn, bk, 1, 8, w, s, "tma") for bm, bn, w, s in tma] + configs
     limit_m = max(16, triton.next_power_of_2(p.m))
     limit_n = max(16, triton.next_power_of_2(p.n))
     kept = []
     for c in configs:
+        if c.kernel == "tma" and len([k for k in kept if k.kernel == "tma"]) >= 5:
+            continue
         if c.block_m > limit_m or c.block_n > limit_n or _smem_bytes(p, c) > 200 * 1024:
             continue
         if p.gated and c.block_m * c.block_n > 128 * 128:
@@ -118,10 +125,12 @@ def candidates(p: Problem, sms: int) -> list[Config]:
 
 
 def heuristic(p: Problem, sms: int = 132) -> Config:
-    """A reasonable config without timing (interpreter, CUDA graph capture)."""
+    """A reasonable config without timing (interpreter, CUDA graph capture, ``KERNL_AUTOTUNE=0``)."""
     bk = 64 if p.dtype != torch.float32 else 32
     if p.m <= 64:
         bm, bn = max(16, triton.next_power_of_2(p.m)), 64
+    elif p.tma:
+        return Config(128, 128, 64, 1, 8, 8, 4, "tma")
     elif p.batch * triton.cdiv(p.m, 128) * triton.cdiv(p.n, 128) >= sms:
         bm, bn = 128, 128
     else:
@@ -171,14 +180,27 @@ def _short(c: Config) -> str:
     return f"{c.block_m}x{c.block_n}x{c.block_k}/s{c.split_k}/w{c.num_warps}/st{c.num_stages}"
 
 
-def _time_ms(launch, config: Config) -> float:
-    from triton.testing import do_bench
-
+def _time_ms(launch, config: Config, flush: torch.Tensor) -> float:
+    """GPU time of one launch: replayed from a CUDA graph (no Python in the timing), L2 flushed before each."""
     try:
-        launch(config)  # compiles
-    except triton.runtime.errors.OutOfResources:
+        launch(config)  # compiles, and allocates what the launch keeps (split-K counters)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            launch(config)
+    except Exception as error:  # a config this GPU or Triton version cannot build is skipped
+        if os.environ.get("KERNL_TUNING_LOG") == "1":
+            print(f"[kernl.matmul tuning] {config} skipped: {type(error).__name__}: {error}", file=sys.stderr)
         return float("inf")
-    return float(do_bench(lambda: launch(config), warmup=3, rep=15, return_mode="median"))
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(10)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(10)]
+    graph.replay()
+    for start, end in zip(starts, ends, strict=True):
+        flush.zero_()
+        start.record()
+        graph.replay()
+        end.record()
+    torch.cuda.synchronize()
+    return sorted(s.elapsed_time(e) for s, e in zip(starts, ends, strict=True))[len(starts) // 2]
 
 
 def cached_choice(key: str, path: Path, tune) -> Config:
@@ -215,7 +237,8 @@ def _choose(p: Problem, device: torch.device, launch) -> Config:
     gpu = gpu_name(device)
 
     def tune() -> Config:
-        timings = {c: _time_ms(launch, c) for c in candidates(p, sms)}
+        flush = torch.empty(64 * 1024 * 1024, dtype=torch.int32, device=device)  # 256 MB, > L2
+        timings = {c: _time_ms(launch, c, flush) for c in candidates(p, sms)}
         best = min(timings, key=timings.get)
         if os.environ.get("KERNL_TUNING_LOG") == "1":
             ranked = ", ".join(
