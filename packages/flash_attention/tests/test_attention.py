@@ -43,7 +43,9 @@ def visible_keys(q, k, mask, key_padding_mask, causal, cache_len):
     return keep
 
 
-def eager_attention(q, k, v, scale, bias=None, mask=None, key_padding_mask=None, causal=False, cache_len=None):
+def eager_attention(
+    q, k, v, scale, bias=None, mask=None, key_padding_mask=None, causal=False, cache_len=None
+):
     """What plain PyTorch gives in q's dtype, as HF's eager attention: scores and probabilities rounded."""
     scores = (q @ k.transpose(-1, -2)) * scale
     if bias is not None:
@@ -58,7 +60,9 @@ def eager_attention(q, k, v, scale, bias=None, mask=None, key_padding_mask=None,
 def check(out, q, k, v, scale, **masks):
     """The shared tolerance rule against the fp64 reference; eager attention in q's dtype is the yardstick."""
     as64 = lambda t: t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t
-    reference = attention_reference(as64(q), as64(k), as64(v), scale=scale, **{n: as64(t) for n, t in masks.items()})
+    reference = attention_reference(
+        as64(q), as64(k), as64(v), scale=scale, **{n: as64(t) for n, t in masks.items()}
+    )
     assert out.shape == q.shape and out.dtype == q.dtype
     assert_matches_reference(out, reference, eager_attention(q, k, v, scale, **masks))
 
@@ -113,11 +117,17 @@ def make_key_padding(kind, b, n_k, seed):
        bias_shape=st.sampled_from(["none", "1hqk", "b1qk", "qk"]),
        mask_kind=st.sampled_from(["none", "bool_b1qk", "bool_qk", "float_b1qk"]),
        kpm_kind=st.sampled_from(["none", "lengths", "prefix", "scattered"]))  # fmt: skip
-def test_masks_and_bias_match_reference(shape, dtype, layouts, specs, causal, bias_shape, mask_kind, kpm_kind):
+def test_masks_and_bias_match_reference(
+    shape, dtype, layouts, specs, causal, bias_shape, mask_kind, kpm_kind
+):
     b, h, n_q, n_k, d = shape
     q, k, v = make_qkv(b, h, n_q, n_k, d, dtype, specs, layouts)
     bias_shapes = {"1hqk": (1, h, n_q, n_k), "b1qk": (b, 1, n_q, n_k), "qk": (n_q, n_k)}
-    bias = make_tensor(bias_shapes[bias_shape], dtype, ValueSpec(specs[0].seed + 5, 2.0, 0.0)) if bias_shape != "none" else None
+    bias = (
+        make_tensor(bias_shapes[bias_shape], dtype, ValueSpec(specs[0].seed + 5, 2.0, 0.0))
+        if bias_shape != "none"
+        else None
+    )
     mask = make_mask(mask_kind, b, h, n_q, n_k, dtype, specs[1].seed)
     kpm = make_key_padding(kpm_kind, b, n_k, specs[2].seed)
     out = attention(q, k, v, scale=0.25, bias=bias, mask=mask, key_padding_mask=kpm, causal=causal)
@@ -130,7 +140,9 @@ def test_masks_and_bias_match_reference(shape, dtype, layouts, specs, causal, bi
        cache_len_kind=st.sampled_from(["none", "int", "scalar_tensor", "per_batch_tensor"]),
        with_bias=st.booleans(), kpm_kind=st.sampled_from(["none", "lengths", "prefix", "scattered"]))  # fmt: skip
 def test_decode_matches_reference(b, h, n_q, n_k, d, dtype, spec, data, cache_len_kind, with_bias, kpm_kind):
-    q, k, v = make_qkv(b, h, n_q, n_k, d, dtype, [spec, ValueSpec(spec.seed + 1, 1.0, 0.0), spec], ["contiguous"] * 3)
+    q, k, v = make_qkv(
+        b, h, n_q, n_k, d, dtype, [spec, ValueSpec(spec.seed + 1, 1.0, 0.0), spec], ["contiguous"] * 3
+    )
     lengths = data.draw(st.lists(st.integers(0, n_k), min_size=b, max_size=b))
     cache_len = {
         "none": None,
@@ -151,7 +163,9 @@ def test_split_kv_with_long_queries(shape, splits, causal, spec):
     """Split-KV on query blocks of several rows, with causal edges and a tail, merges exactly."""
     b, h, n_q, n_k, d = shape
     q, k, v = make_qkv(b, h, n_q, n_k, d, torch.float32, [spec] * 3, ["contiguous"] * 3)
-    lengths = torch.randint(0, n_k + 1, (b,), generator=torch.Generator().manual_seed(spec.seed)).to(TEST_DEVICE)
+    lengths = torch.randint(0, n_k + 1, (b,), generator=torch.Generator().manual_seed(spec.seed)).to(
+        TEST_DEVICE
+    )
     config = LaunchConfig(32, 16, 4, 1, splits) if not on_gpu() else LaunchConfig(64, 32, 4, 2, splits)
     out = attention_forward(q, k, v, 0.3, None, None, lengths.to(torch.int32), None, causal, config)
     check(out, q, k, v, 0.3, key_padding_mask=lengths, causal=causal)
@@ -159,14 +173,20 @@ def test_split_kv_with_long_queries(shape, splits, causal, spec):
 
 def test_fully_masked_rows_return_zeros():
     b, h, n_q, n_k, d = 3, 2, 20, 37, 32
-    q, k, v = make_qkv(b, h, n_q, n_k, d, torch.float16, [ValueSpec(i, 1.0, 0.0) for i in range(3)], ["contiguous"] * 3)
+    q, k, v = make_qkv(
+        b, h, n_q, n_k, d, torch.float16, [ValueSpec(i, 1.0, 0.0) for i in range(3)], ["contiguous"] * 3
+    )
     kpm = torch.ones((b, n_k), dtype=torch.bool, device=TEST_DEVICE)
     kpm[1] = False  # batch 1: no key at all
     mask = torch.ones((b, 1, n_q, n_k), dtype=torch.bool, device=TEST_DEVICE)
     mask[0, :, 3] = False  # batch 0, query 3: all keys masked
     float_mask = torch.zeros((b, 1, n_q, n_k), dtype=torch.float16, device=TEST_DEVICE)
     float_mask[2, :, 5] = float("-inf")  # batch 2, query 5: all keys at -inf
-    for kwargs in (dict(key_padding_mask=kpm, mask=mask), dict(mask=float_mask), dict(key_padding_mask=kpm.sum(-1))):
+    for kwargs in (
+        dict(key_padding_mask=kpm, mask=mask),
+        dict(mask=float_mask),
+        dict(key_padding_mask=kpm.sum(-1)),
+    ):
         out = attention(q, k, v, **kwargs)
         assert not torch.isnan(out).any()
         check(out, q, k, v, 1 / math.sqrt(d), **kwargs)

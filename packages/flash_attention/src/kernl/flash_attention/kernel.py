@@ -34,7 +34,7 @@ def _attn_fwd_kernel(
     sbb, sbh, sbm, sbn, smb, smh, smm, smn, skpb, skpn, scl,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_BIAS: tl.constexpr, MASK_KIND: tl.constexpr, KPM_KIND: tl.constexpr, HAS_CACHE_LEN: tl.constexpr,
-    CAUSAL: tl.constexpr, SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    CAUSAL: tl.constexpr, SPLIT: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):  # fmt: skip
     start_m = tl.program_id(0)
     off_bh = tl.program_id(1)
@@ -73,15 +73,21 @@ def _attn_fwd_kernel(
 
     q_ptrs = Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd
     q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    if ACC_DTYPE == tl.float64:  # fp32 inputs: dots and softmax in fp64, so the fp32 result is exact
+        q = q.to(tl.float64)
     k_base = K + b * skb + h * skh + offs_d[:, None] * skd
     v_base = V + b * svb + h * svh + offs_d[None, :] * svd
     bias_base = BIAS + b * sbb + h * sbh + offs_m[:, None] * sbm
     mask_base = MASK + b * smb + h * smh + offs_m[:, None] * smm
 
-    factor = LOG2E if HAS_BIAS or MASK_KIND == 2 else qk_scale  # s * factor: scores in base 2
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    if HAS_BIAS or MASK_KIND == 2:  # s * factor: the scores in base 2
+        factor = tl.full([], LOG2E, ACC_DTYPE)
+        scale = tl.full([], scale, ACC_DTYPE)
+    else:
+        factor = tl.full([], qk_scale, ACC_DTYPE)
+    m_i = tl.full([BLOCK_M], float("-inf"), ACC_DTYPE)
+    l_i = tl.zeros([BLOCK_M], ACC_DTYPE)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], ACC_DTYPE)
     for stage in tl.static_range(2):  # 0: interior blocks, no checks; 1: edge blocks, every check
         if stage == 0:
             start_lo, start_hi = lo, full_end
@@ -96,14 +102,17 @@ def _attn_fwd_kernel(
             else:
                 k = tl.load(k_base + cols[None, :] * skn, mask=d_ok[:, None] & col_ok[None, :], other=0.0)
                 v = tl.load(v_base + cols[:, None] * svn, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-            s = tl.dot(q, k, input_precision=DOT_PRECISION)  # raw q.k, or scaled scores plus the bias
+            if ACC_DTYPE == tl.float64:
+                k = k.to(tl.float64)
+                v = v.to(tl.float64)
+            s = tl.dot(q, k)  # raw q.k, or scaled scores plus the bias
             tile_ok = row_ok[:, None] if stage == 0 else row_ok[:, None] & col_ok[None, :]
             if HAS_BIAS or MASK_KIND == 2:
-                add = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+                add = tl.zeros([BLOCK_M, BLOCK_N], ACC_DTYPE)
                 if HAS_BIAS:
-                    add += tl.load(bias_base + cols[None, :] * sbn, mask=tile_ok, other=0.0).to(tl.float32)
+                    add += tl.load(bias_base + cols[None, :] * sbn, mask=tile_ok, other=0.0).to(ACC_DTYPE)
                 if MASK_KIND == 2:
-                    add += tl.load(mask_base + cols[None, :] * smn, mask=tile_ok, other=0.0).to(tl.float32)
+                    add += tl.load(mask_base + cols[None, :] * smn, mask=tile_ok, other=0.0).to(ACC_DTYPE)
                 s = tl.math.fma(s, scale, add)
             if MASK_KIND == 1:
                 visible = tl.load(mask_base + cols[None, :] * smn, mask=tile_ok, other=0) != 0
@@ -123,7 +132,7 @@ def _attn_fwd_kernel(
             p = tl.math.exp2(tl.math.fma(s, factor, -m_use[:, None]))
             alpha = tl.math.exp2(m_i - m_use)
             l_i = l_i * alpha + tl.sum(p, axis=1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
             m_i = m_new
 
     o_mask = row_ok[:, None] & d_ok[None, :]

@@ -5,6 +5,7 @@ from typing import NamedTuple
 
 import torch
 import triton
+import triton.language as tl
 
 from kernl.flash_attention.kernel import LOG2E, _attn_fwd_kernel
 from kernl.flash_attention.merge import _merge_kernel
@@ -92,16 +93,17 @@ def attention_forward(
     mask_arg = mask.view(torch.uint8) if mask_kind == 1 else mask
     kpm_arg = key_padding_mask.view(torch.uint8) if kpm_kind == 2 else key_padding_mask
     kpm_strides = (key_padding_mask.stride() + (0,))[:2] if key_padding_mask is not None else (0, 0)
-    if cfg.num_splits > 1:
-        split_len = triton.cdiv(triton.cdiv(n_k, cfg.num_splits), cfg.block_n) * cfg.block_n
-        splits = triton.cdiv(n_k, split_len)
-        target = torch.empty((batch * heads, splits, n_q, head_dim), dtype=torch.float32, device=q.device)
-        part_ml = torch.empty((batch * heads, splits, 2, n_q), dtype=torch.float32, device=q.device)
+    wide = q.dtype == torch.float32  # fp32 inputs are computed in fp64 (see the kernel)
+    split_len = triton.cdiv(triton.cdiv(n_k, cfg.num_splits), cfg.block_n) * cfg.block_n
+    splits = triton.cdiv(n_k, split_len) if n_k > 0 else 1
+    if splits > 1:
+        part_dtype = torch.float64 if wide else torch.float32
+        target = torch.empty((batch * heads, splits, n_q, head_dim), dtype=part_dtype, device=q.device)
+        part_ml = torch.empty((batch * heads, splits, 2, n_q), dtype=part_dtype, device=q.device)
     else:
-        split_len, splits, target, part_ml = max(n_k, 1), 1, out, out
+        split_len, target, part_ml = max(n_k, 1), out, out
     block_d = max(16, triton.next_power_of_2(head_dim))
     grid = (triton.cdiv(n_q, cfg.block_m), batch * heads, splits)
-    dot_precision = "ieee" if q.dtype == torch.float32 else "tf32"
     _attn_fwd_kernel[grid](
         q, k, v, target, bias if bias is not None else q, mask_arg if mask is not None else q,
         kpm_arg if kpm_arg is not None else q, cache_len if cache_len is not None else q, part_ml,
@@ -111,7 +113,8 @@ def attention_forward(
         cache_len.stride(0) if cache_len is not None and cache_len.dim() == 1 else 0,
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         HAS_BIAS=bias is not None, MASK_KIND=mask_kind, KPM_KIND=kpm_kind,
-        HAS_CACHE_LEN=cache_len is not None, CAUSAL=causal, SPLIT=splits > 1, DOT_PRECISION=dot_precision,
+        HAS_CACHE_LEN=cache_len is not None, CAUSAL=causal, SPLIT=splits > 1,
+        ACC_DTYPE=tl.float64 if wide else tl.float32,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     if splits > 1:
