@@ -1,8 +1,10 @@
 """Each rule on small TorchDynamo graphs: the spellings it must match, and what it must leave alone."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 
+from kernl.integration import fallback
 from kernl.integration.backend import rewrite_graph
 from kernl.integration.kernels import find
 from kernl.integration.report import GraphRecord
@@ -124,3 +126,17 @@ def test_attention_probabilities_used_elsewhere_are_kept():
     record, _, _ = rewritten(fn, q, k, v)
     assert record.fired.get("attention_eager", 0) == 0
     assert record.kept.get("attention (softmax)") == 1
+
+
+def test_a_failing_kernel_call_runs_as_pytorch_and_is_remembered():
+    calls = []
+
+    def broken(x):
+        calls.append(x)
+        raise RuntimeError("out of resource: shared memory")
+
+    x = torch.randn(3, 5)
+    with pytest.warns(UserWarning, match="runs as PyTorch"):
+        assert torch.equal(fallback.call("test_kernel", broken, torch.neg, x), -x)
+    assert torch.equal(fallback.call("test_kernel", broken, torch.neg, x), -x)
+    assert len(calls) == 1 and any("test_kernel" in line for line in fallback.summary())

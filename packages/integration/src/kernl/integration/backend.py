@@ -57,6 +57,7 @@ class KernlBackend:
         self.report = report
         self.static_ids = {id(t) for t in static_tensors}
         self.cuda_graphs = cuda_graphs
+        self.pool = None
 
     def __call__(self, gm: fx.GraphModule, example_inputs):
         static = [i for i, t in enumerate(example_inputs) if id(t) in self.static_ids]
@@ -65,6 +66,8 @@ class KernlBackend:
         work = rewrite_graph(gm, record)
         on_cuda = any(isinstance(t, torch.Tensor) and t.is_cuda for t in example_inputs)
         if on_cuda and self.cuda_graphs:
-            return CudaGraphRunner(work.forward, static, record)
+            if self.pool is None:  # one pool for every graph of this model; the backend keeps it alive
+                self.pool = torch.cuda.graph_pool_handle()
+            return CudaGraphRunner(work.forward, gm.forward, static, record, self.pool)
         record.runs_as = "rewritten graph, no CUDA graph" + (" (Triton interpreter)" if not on_cuda else "")
         return work.forward

@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import fx
 
+from kernl.integration import fallback
 from kernl.integration.rules._fx import is_function, is_method
 
 F = torch.nn.functional
@@ -75,7 +76,7 @@ class OptimizationReport:
 
     def to_dict(self) -> dict:
         """Plain data (for JSON)."""
-        return {**asdict(self), "totals": self.totals()}
+        return {**asdict(self), "totals": self.totals(), "kernel_failures": fallback.summary()}
 
     def to_json(self) -> str:
         """The report as JSON text."""
@@ -97,4 +98,5 @@ class OptimizationReport:
                 lines.append(f"    warm-up (capture) {graph.warmup_s:.2f} s")
             if graph.error:
                 lines.append(f"    fell back to PyTorch: {graph.error}")
+        lines += [f"  kernel call ran as PyTorch after an error: {line}" for line in fallback.summary()]
         return "\n".join(lines)

@@ -8,6 +8,7 @@ checked (see :mod:`._padding_mask`), so padded key blocks are skipped; otherwise
 import torch
 from torch import fx
 
+from kernl.integration import fallback
 from kernl.integration.kernels import find
 from kernl.integration.rules import Rule
 from kernl.integration.rules._fx import arg, autocast_dtype, cast_all, example, is_function
@@ -21,9 +22,19 @@ def attention_call(q, k, v, scale, mask, key_padding_mask, causal):
     q, k, v = cast_all(autocast_dtype(q.device.type), q, k, v)
     if mask is not None and mask.is_floating_point():
         mask = mask.to(q.dtype)
+    return fallback.call("attention", _kernel, _pytorch, q, k, v, scale, mask, key_padding_mask, causal)
+
+
+def _kernel(q, k, v, scale, mask, key_padding_mask, causal):
     return find("attention")(
         q, k, v, scale=scale, mask=mask, key_padding_mask=key_padding_mask, causal=causal
     )
+
+
+def _pytorch(q, k, v, scale, mask, key_padding_mask, causal):
+    if key_padding_mask is not None:
+        mask = key_padding_mask[:, None, None, :]
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, mask, scale=scale, is_causal=causal)
 
 
 def attention_args(gm: fx.GraphModule, q, k, v, scale, mask, causal, additive: bool):

@@ -9,6 +9,7 @@ import operator
 import torch
 from torch import fx
 
+from kernl.integration import fallback
 from kernl.integration.kernels import find
 from kernl.integration.rules import Rule
 from kernl.integration.rules._fx import (
@@ -28,7 +29,17 @@ def layer_norm_call(x, weight, bias, eps, residual):
     """What the graph calls in place of the matched nodes (fp32 under autocast, as torch does)."""
     dtype = torch.float32 if autocast_dtype(x.device.type) is not None else None
     x, weight, bias, residual = cast_all(dtype, x, weight, bias, residual)
+    return fallback.call("layer_norm", _kernel, _pytorch, x, weight, bias, eps, residual)
+
+
+def _kernel(x, weight, bias, eps, residual):
     return find("layer_norm")(x, weight, bias, eps, residual=residual)
+
+
+def _pytorch(x, weight, bias, eps, residual):
+    summed = x if residual is None else x + residual
+    normed = torch.nn.functional.layer_norm(summed, (x.shape[-1],), weight, bias, eps)
+    return normed if residual is None else (normed, summed)
 
 
 def _match(node: fx.Node):

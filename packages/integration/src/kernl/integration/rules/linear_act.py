@@ -9,6 +9,7 @@ is fused into the kernel's epilogue too.
 import torch
 from torch import fx
 
+from kernl.integration import fallback
 from kernl.integration.kernels import find
 from kernl.integration.rules import Rule
 from kernl.integration.rules._fx import (
@@ -35,10 +36,36 @@ _FUNCTION_ACTIVATIONS = {
 _METHOD_ACTIVATIONS = {"relu": "relu", "tanh": "tanh"}
 
 
-def linear_act_call(x, weight, bias, activation, residual):
-    """What the graph calls in place of the matched nodes (casts to the autocast dtype when it is on)."""
-    x, weight, bias, residual = cast_all(autocast_dtype(x.device.type), x, weight, bias, residual)
+_TORCH_ACTIVATIONS = {
+    None: lambda t: t,
+    "gelu": F.gelu,
+    "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"),
+    "relu": F.relu,
+    "tanh": torch.tanh,
+    "silu": F.silu,
+}
+
+
+def _pytorch(x, weight, bias, activation, residual):
+    out = _TORCH_ACTIVATIONS[activation](F.linear(x, weight, bias))
+    return out if residual is None else out + residual
+
+
+def _kernel(x, weight, bias, activation, residual):
     return find("linear_act")(x, weight, bias, activation=activation, residual=residual)
+
+
+def linear_act_call(x, weight, bias, activation, residual):
+    """What the graph calls in place of the matched nodes.
+
+    Under autocast the matmul runs in the autocast dtype; a residual kept in fp32 (as autocast keeps
+    the residual stream) is then added outside the kernel, in fp32, as PyTorch would.
+    """
+    dtype = autocast_dtype(x.device.type)
+    x, weight, bias = cast_all(dtype, x, weight, bias)
+    if residual is not None and residual.dtype != x.dtype:
+        return fallback.call("linear_act", _kernel, _pytorch, x, weight, bias, activation, None) + residual
+    return fallback.call("linear_act", _kernel, _pytorch, x, weight, bias, activation, residual)
 
 
 def _activation(node: fx.Node, source: fx.Node) -> str | None:

@@ -1,0 +1,37 @@
+"""Per-call safety net: a kernel call that raises runs as PyTorch instead, and is remembered.
+
+Failures are keyed by the kernel and its arguments' shapes, dtypes and devices, so a signature that
+failed once goes straight to PyTorch afterwards (also during a CUDA-graph capture, where a raising
+kernel would break the capture). :data:`FAILURES` feeds the report.
+"""
+
+import warnings
+
+import torch
+
+FAILURES: dict[tuple, str] = {}
+
+
+def _signature(name: str, args) -> tuple:
+    return (name,) + tuple(
+        (tuple(a.shape), a.dtype, a.device.type) if isinstance(a, torch.Tensor) else repr(a) for a in args
+    )
+
+
+def call(name: str, kernel, pytorch, *args):
+    """``kernel(*args)``, or ``pytorch(*args)`` when the kernel is missing or raised for this signature."""
+    key = _signature(name, args)
+    if kernel is not None and key not in FAILURES:
+        try:
+            return kernel(*args)
+        except Exception as error:  # noqa: BLE001 - any kernel failure: fall back, say so
+            if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+                raise
+            FAILURES[key] = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
+            warnings.warn(f"kernl: {name} failed ({FAILURES[key]}); this call runs as PyTorch", stacklevel=2)
+    return pytorch(*args)
+
+
+def summary() -> list[str]:
+    """One line per failed kernel signature."""
+    return [f"{key[0]} {key[1:]}: {why}" for key, why in FAILURES.items()]
