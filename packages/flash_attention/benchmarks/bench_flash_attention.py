@@ -1,0 +1,172 @@
+"""Benchmark kernl.flash_attention against ``F.scaled_dot_product_attention`` (fp16), side by side in one run.
+
+Cases: encoder self-attention with no mask and with a key padding mask (SDPA gets the same mask, in
+its fastest form: bool ``[B, 1, Q, K]`` as HF builds it, or additive ``[B, 1, 1, K]``); T5 position
+bias plus padding (SDPA gets the bias folded into a float mask, as HF does); one-token decoding
+against a preallocated KV cache (SDPA on the cache slice). Launch-bound cases are also timed as CUDA
+graph replays. TFLOP/s are nominal: ``4 * B * H * Q * K * D`` whatever the padding.
+Writes benchmarks/results/<gpu>/flash_attention.json and flash_attention.png.
+Run: python packages/flash_attention/benchmarks/bench_flash_attention.py
+"""
+
+import torch
+import torch.nn.functional as F
+import triton.testing
+
+from kernl.flash_attention import attention, attention_decode
+from kernl_testing.benchmarking import median_ms, save_figure, write_results
+
+SWEEP_SEQS = (128, 256, 512, 1024, 2048, 4096, 8192)
+TOKENS = 16384  # batch = TOKENS // seq in the sweep
+
+
+def graph_ms(fn) -> float:
+    """Median time of ``fn()`` replayed from a CUDA graph (launch overhead removed)."""
+    return float(triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median"))
+
+
+def padding_lengths(batch: int, seq: int) -> torch.Tensor:
+    """Per-sequence lengths: the first full, the others uniform in [seq/2, seq]; 3/4 for a batch of one."""
+    if batch == 1:
+        return torch.tensor([seq * 3 // 4], device="cuda")
+    g = torch.Generator().manual_seed(batch * 7919 + seq)
+    lengths = torch.randint(seq // 2, seq + 1, (batch,), generator=g)
+    lengths[0] = seq
+    return lengths.cuda()
+
+
+def qkv(batch, heads, n_q, n_k, d=64):
+    q = torch.randn(batch, heads, n_q, d, device="cuda", dtype=torch.float16)
+    k, v = (torch.randn(batch, heads, n_k, d, device="cuda", dtype=torch.float16) for _ in range(2))
+    return q, k, v
+
+
+def record(case, shape, kernl_fn, peers: dict, flops: float, graphs: bool = False, check=None) -> dict:
+    """Time kernl and each peer; ``check`` = (kernl output, peer output) compared first."""
+    if check is not None:
+        torch.testing.assert_close(check[0](), check[1](), atol=2e-2, rtol=1e-2)
+    rec = {"case": case, "shape": shape, "kernl_ms": median_ms(kernl_fn)}
+    rec["kernl_TFLOPs"] = flops / (rec["kernl_ms"] * 1e-3) / 1e12
+    for name, fn in peers.items():
+        rec[f"{name}_ms"] = median_ms(fn)
+        rec[f"speedup_vs_{name}"] = rec[f"{name}_ms"] / rec["kernl_ms"]
+    if graphs:
+        rec["kernl_graph_ms"] = graph_ms(kernl_fn)
+        for name, fn in peers.items():
+            rec[f"{name}_graph_ms"] = graph_ms(fn)
+            rec[f"graph_speedup_vs_{name}"] = rec[f"{name}_graph_ms"] / rec["kernl_graph_ms"]
+    best = min(rec[f"{p}_ms"] for p in peers)
+    print(f"{case:<26} {str(shape):<22} kernl {rec['kernl_ms'] * 1e3:8.1f} us ({rec['kernl_TFLOPs']:5.0f} TFLOP/s)  "
+          + "  ".join(f"{p} {rec[f'{p}_ms'] * 1e3:8.1f} us" for p in peers) + f"  x{best / rec['kernl_ms']:.2f}"
+          + (f"  graphs: kernl {rec['kernl_graph_ms'] * 1e3:.1f} us x{min(rec[f'{p}_graph_ms'] for p in peers) / rec['kernl_graph_ms']:.2f}"
+             if graphs else ""))  # fmt: skip
+    return rec
+
+
+def encoder(batch: int, heads: int, seq: int, graphs: bool = False) -> list[dict]:
+    q, k, v = qkv(batch, heads, seq, seq)
+    flops = 4.0 * batch * heads * seq * seq * 64
+    lengths = padding_lengths(batch, seq)
+    kpm = torch.arange(seq, device="cuda")[None, :] < lengths[:, None]
+    bool_mask = kpm[:, None, None, :].expand(batch, 1, seq, seq)  # HF's sdpa mask: True = attend
+    additive = torch.zeros(batch, 1, 1, seq, device="cuda", dtype=torch.float16).masked_fill(
+        ~kpm[:, None, None, :], torch.finfo(torch.float16).min
+    )
+    shape = (batch, heads, seq)
+    sdpa = lambda: F.scaled_dot_product_attention(q, k, v)
+    sdpa_bool = lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=bool_mask)
+    sdpa_add = lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=additive)
+    kernl_bool = lambda: attention(q, k, v, key_padding_mask=kpm)
+    lengths32 = lengths.to(torch.int32)
+    return [
+        record("no_mask", shape, lambda: attention(q, k, v), {"sdpa": sdpa}, flops, graphs, (lambda: attention(q, k, v), sdpa)),
+        record("padding_bool", shape, kernl_bool, {"sdpa_bool_mask": sdpa_bool, "sdpa_additive_mask": sdpa_add},
+               flops, graphs, (kernl_bool, sdpa_bool)),
+        record("padding_lengths", shape, lambda: attention(q, k, v, key_padding_mask=lengths32),
+               {"sdpa_bool_mask": sdpa_bool, "sdpa_additive_mask": sdpa_add}, flops, graphs),
+    ]  # fmt: skip
+
+
+def t5_bias(batch=8, heads=8, seq=512) -> list[dict]:
+    q, k, v = qkv(batch, heads, seq, seq)
+    bias = torch.randn(1, heads, seq, seq, device="cuda", dtype=torch.float16)
+    kpm = torch.arange(seq, device="cuda")[None, :] < padding_lengths(batch, seq)[:, None]
+    fold = lambda: torch.where(kpm[:, None, None, :], bias, torch.finfo(torch.float16).min)
+    folded = fold()
+    sdpa = lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=folded, scale=1.0)
+    sdpa_with_fold = lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=fold(), scale=1.0)
+    kernl_fn = lambda: attention(q, k, v, scale=1.0, bias=bias, key_padding_mask=kpm)
+    flops = 4.0 * batch * heads * seq * seq * 64
+    return [record("t5_bias_padding", (batch, heads, seq), kernl_fn, {"sdpa_folded_mask": sdpa,
+                   "sdpa_fold_each_call": sdpa_with_fold}, flops, False, (kernl_fn, sdpa))]  # fmt: skip
+
+
+def decode(batch: int, heads: int, cache: int, capacity: int = 4096) -> list[dict]:
+    q, k, v = qkv(batch, heads, 1, capacity)
+    length = torch.tensor(cache, device="cuda", dtype=torch.int32)
+    sdpa = lambda: F.scaled_dot_product_attention(q, k[:, :, :cache], v[:, :, :cache])
+    flops = 4.0 * batch * heads * cache * 64
+    shape = (batch, heads, cache)
+    return [
+        record("decode_slice", shape, lambda: attention_decode(q, k, v, cache), {"sdpa": sdpa}, flops, True,
+               (lambda: attention_decode(q, k, v, cache), sdpa)),
+        record("decode_tensor_len", shape, lambda: attention_decode(q, k, v, length), {"sdpa": sdpa}, flops, True,
+               (lambda: attention_decode(q, k, v, length), sdpa)),
+    ]  # fmt: skip
+
+
+def chart(records: list[dict]):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(14, 4.5))
+    sweep = [r for r in records if r.get("sweep")]
+    for case, peer, color in (
+        ("no_mask", "sdpa", "tab:blue"),
+        ("padding_bool", "sdpa_bool_mask", "tab:orange"),
+    ):
+        rows = [r for r in sweep if r["case"] == case]
+        seqs = [r["shape"][2] for r in rows]
+        flops = [4.0 * r["shape"][0] * r["shape"][1] * r["shape"][2] ** 2 * 64 for r in rows]
+        axes[0].plot(seqs, [r["kernl_TFLOPs"] for r in rows], "o-", color=color, label=f"kernl {case}")
+        sdpa_tflops = [f / (r[f"{peer}_ms"] * 1e-3) / 1e12 for f, r in zip(flops, rows, strict=True)]
+        axes[0].plot(seqs, sdpa_tflops, "s--", color=color, label=f"SDPA {case}")
+    axes[0].set_xscale("log", base=2)
+    axes[0].set_xlabel(f"sequence length (batch = {TOKENS} / seq, 12 heads, d 64, fp16)")
+    axes[0].set_ylabel("TFLOP/s (nominal)")
+    axes[0].legend(fontsize=8)
+    rows = [r for r in records if r["case"] == "decode_tensor_len"]
+    labels = [f"b{r['shape'][0]} h{r['shape'][1]} L{r['shape'][2]}" for r in rows]
+    axes[1].bar(range(len(rows)), [r["graph_speedup_vs_sdpa"] for r in rows], color="tab:green")
+    axes[1].axhline(1.0, color="black", linewidth=0.8)
+    axes[1].set_xticks(range(len(rows)), labels, rotation=70, fontsize=8)
+    axes[1].set_title("decode (1 query token), CUDA graphs: SDPA time / kernl time")
+    return fig
+
+
+def main() -> None:
+    torch.manual_seed(0)
+    records = []
+    with torch.inference_mode():
+        for seq in SWEEP_SEQS:
+            for rec in encoder(max(1, TOKENS // seq), 12, seq):
+                records.append(dict(rec, sweep=True))
+        for batch, heads, seq in ((1, 12, 4096), (1, 12, 16), (8, 12, 128)):
+            records += encoder(batch, heads, seq, graphs=seq <= 128)
+        records += t5_bias()
+        for batch in (1, 8):
+            for heads in (8, 12):
+                for cache in (128, 512, 1024, 4096):
+                    records += decode(batch, heads, cache)
+    write_results(
+        "flash_attention",
+        {"dtype": "float16", "head_dim": 64, "timing": "triton.testing.do_bench median (graph: do_bench_cudagraph)",
+         "results": records},
+    )  # fmt: skip
+    save_figure(chart(records), "flash_attention")
+
+
+if __name__ == "__main__":
+    main()
