@@ -53,8 +53,33 @@ def _summarise(results: dict) -> list[str]:
     return lines
 
 
-def run_gpu_bench(args, console) -> int:
+def _run_engines(args, names, shapes, model, results, out, console) -> None:
     from rich.progress import Progress
+
+    from kernl.integration.bench import gpu
+
+    with Progress(console=console) as progress:
+        # kernl right after the HF baselines, so a cut-short run still has the main comparison
+        for name in sorted(names, key=lambda n: (n != "HF eager", n != "kernl")):
+            reference = model if name == "kernl" else None
+            results["engines"][name] = gpu.run_engine(name, model, shapes, progress, reference)
+            (out / "integration.json").write_text(json.dumps(results, indent=2) + "\n")  # partial results
+        if "kernl" in names and not args.quick:
+            task = progress.add_task("kernl: second warm-up (warm autotune + Triton caches)", total=1)
+            again = gpu.run_engine("kernl", model, shapes, progress)
+            results["kernl_warm_cache_warmup_s"] = again["warmup_s"]
+            progress.advance(task)
+            task = progress.add_task("kernl: per-kernel time breakdown", total=2)
+            results["kernel_breakdown_us"] = {}
+            for shape in ((1, 16), (32, 512)):
+                if shape in shapes:
+                    results["kernel_breakdown_us"][f"{shape[0]}x{shape[1]}"] = gpu.kernel_breakdown(
+                        model, shape
+                    )
+                progress.advance(task)
+
+
+def run_gpu_bench(args, console) -> int:
     from rich.table import Table
     from transformers import BertConfig, BertModel
 
@@ -78,26 +103,13 @@ def run_gpu_bench(args, console) -> int:
     }}  # fmt: skip
     out = Path(args.out) if args.out else Path("benchmarks") / "results" / gpu_slug()
     out.mkdir(parents=True, exist_ok=True)
-    with Progress(console=console) as progress:
-        # kernl right after the HF baselines, so a cut-short run still has the main comparison
-        for name in sorted(names, key=lambda n: (n != "HF eager", n != "kernl")):
-            reference = model if name == "kernl" else None
-            results["engines"][name] = gpu.run_engine(name, model, shapes, progress, reference)
-            (out / "integration.json").write_text(json.dumps(results, indent=2) + "\n")  # partial results
-        results["engines"] = {n: results["engines"][n] for n in names}
-        if "kernl" in names and not args.quick:
-            task = progress.add_task("kernl: second warm-up (warm autotune + Triton caches)", total=1)
-            again = gpu.run_engine("kernl", model, shapes, progress)
-            results["kernl_warm_cache_warmup_s"] = again["warmup_s"]
-            progress.advance(task)
-            task = progress.add_task("kernl: per-kernel time breakdown", total=2)
-            results["kernel_breakdown_us"] = {}
-            for shape in ((1, 16), (32, 512)):
-                if shape in shapes:
-                    results["kernel_breakdown_us"][f"{shape[0]}x{shape[1]}"] = gpu.kernel_breakdown(
-                        model, shape
-                    )
-                progress.advance(task)
+    try:
+        _run_engines(args, names, shapes, model, results, out, console)
+    except KeyboardInterrupt:  # cut short (Ctrl-C, a time limit): report what was measured
+        results["interrupted"] = True
+        console.print("interrupted: reporting the engines measured so far")
+    names = [n for n in names if n in results["engines"]]
+    results["engines"] = {n: results["engines"][n] for n in names}
     summary = _summarise(results)
     table = Table(title=f"Bert-base fp16 latency (ms) on {torch.cuda.get_device_name()}")
     table.add_column("batch x seq")
