@@ -95,5 +95,5 @@ def test_autotuning_on_the_gpu_times_candidates_and_stores_the_winner(tmp_path, 
     assert_matches_reference(out, matmul_reference(a.double(), b.double()), torch.matmul(a, b))
     stored = read_cache(tmp_path / f"matmul-{tuning.gpu_name(a.device)}.json")
     assert len(stored) == 1
-    problem = Problem(1, 24, 384, 768, torch.float16, "tf32", True, True, False)
+    problem = Problem(1, 24, 384, 768, torch.float16, "tf32", True, True, False, True)
     assert next(iter(stored.values())) in candidates(problem, tuning.sm_count(0))

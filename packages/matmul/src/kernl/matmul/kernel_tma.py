@@ -5,8 +5,11 @@ descriptors (the bulk tensor copy engine, zero-filled past the edges) and ``tl.d
 ``tl.range(..., flatten=True)`` merges the tile loop with the K loop, so the software pipeline keeps
 loading the next tile's operands while the current tile's epilogue runs: what pays for small K
 (Bert's 768). Epilogue as in :mod:`kernl.matmul.kernel` (bias, activation, residual, one rounding),
-then a TMA store (clipped at the edges). Used for unbatched, ungated, half-precision problems whose
-operands have a unit inner stride and 16-byte aligned rows; everything else takes the pointer kernel.
+then a TMA store (clipped at the edges). ``BATCHED`` problems use 3-D descriptors (one batch entry per
+tile). Used for ungated half-precision problems whose operands have a unit inner stride and 16-byte
+aligned rows (and no broadcast batch); everything else takes the pointer kernel. ``NUM_PROGRAMS`` may
+be a multiple of the SM count, so that two programs share an SM and one's epilogue hides behind the
+other's main loop.
 """
 
 import triton
@@ -26,10 +29,10 @@ def _tile_coords(tile, grid_m, grid_n, GROUP_M: tl.constexpr):
 @triton.jit(do_not_specialize=["M", "N"])
 def gemm_tma_kernel(
     a_desc, b_desc, c_desc, C, BIAS, R,
-    M, N, K,
+    BATCH, M, N, K,
     stride_bias, stride_rm, stride_rn,
     ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, B_K_MAJOR: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    BATCHED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     NUM_PROGRAMS: tl.constexpr,
 ):  # fmt: skip
     start = tl.program_id(0)
@@ -39,19 +42,28 @@ def gemm_tma_kernel(
     # The epilogue keeps its own tile counter: the pipeliner must not see one value used in both the
     # loads of the next tile and the stores of this one.
     tile_out = start - NUM_PROGRAMS
-    for tile in tl.range(start, grid_m * grid_n, NUM_PROGRAMS, flatten=True):
-        pid_m, pid_n = _tile_coords(tile, grid_m, grid_n, GROUP_M)
+    per_batch = grid_m * grid_n
+    for tile in tl.range(start, BATCH * per_batch, NUM_PROGRAMS, flatten=True):
+        pid_m, pid_n = _tile_coords(tile % per_batch, grid_m, grid_n, GROUP_M)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for ki in range(k_tiles):
-            a = a_desc.load([pid_m * BLOCK_M, ki * BLOCK_K])
-            if B_K_MAJOR:
-                b = b_desc.load([pid_n * BLOCK_N, ki * BLOCK_K]).T
+            if BATCHED:
+                z = tile // per_batch
+                a = a_desc.load([z, pid_m * BLOCK_M, ki * BLOCK_K]).reshape(BLOCK_M, BLOCK_K)
+                if B_K_MAJOR:
+                    b = b_desc.load([z, pid_n * BLOCK_N, ki * BLOCK_K]).reshape(BLOCK_N, BLOCK_K).T
+                else:
+                    b = b_desc.load([z, ki * BLOCK_K, pid_n * BLOCK_N]).reshape(BLOCK_K, BLOCK_N)
             else:
-                b = b_desc.load([ki * BLOCK_K, pid_n * BLOCK_N])
+                a = a_desc.load([pid_m * BLOCK_M, ki * BLOCK_K])
+                if B_K_MAJOR:
+                    b = b_desc.load([pid_n * BLOCK_N, ki * BLOCK_K]).T
+                else:
+                    b = b_desc.load([ki * BLOCK_K, pid_n * BLOCK_N])
             acc = tl.dot(a, b, acc)
 
         tile_out += NUM_PROGRAMS
-        pid_m, pid_n = _tile_coords(tile_out, grid_m, grid_n, GROUP_M)
+        pid_m, pid_n = _tile_coords(tile_out % per_batch, grid_m, grid_n, GROUP_M)
         rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         if HAS_BIAS:
@@ -62,4 +74,10 @@ def gemm_tma_kernel(
             acc += tl.load(R + rm[:, None] * stride_rm + rn[None, :] * stride_rn, mask=mask, other=0.0).to(
                 tl.float32
             )
-        c_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], acc.to(C.dtype.element_ty))
+        out = acc.to(C.dtype.element_ty)
+        if BATCHED:
+            c_desc.store(
+                [tile_out // per_batch, pid_m * BLOCK_M, pid_n * BLOCK_N], out.reshape(1, BLOCK_M, BLOCK_N)
+            )
+        else:
+            c_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], out)

@@ -46,41 +46,53 @@ def _capability(device_index: int) -> tuple[int, int]:
 
 
 def _tma_ready(t: torch.Tensor) -> bool:
-    """A 2-D operand a tensor descriptor can describe: unit inner stride, 16-byte aligned rows and base."""
+    """An operand a tensor descriptor can describe: unit inner stride, 16-byte aligned strides and base."""
     size = t.element_size()
-    return t.stride(1) == 1 and (t.stride(0) * size) % 16 == 0 and t.data_ptr() % 16 == 0
+    return t.stride(-1) == 1 and all((s * size) % 16 == 0 for s in t.stride()[:-1]) and t.data_ptr() % 16 == 0
+
+
+def _tma_operands(a: torch.Tensor, b: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The views the descriptors describe: ``a`` as (M, K) or (B, M, K); ``b`` K-major as (.., N, K)."""
+    b_view = b.transpose(1, 2) if b.stride(1) == 1 else b
+    return (a, b_view) if batch > 1 else (a[0], b_view[0])
 
 
 def tma_eligible(a: torch.Tensor, b: torch.Tensor, b2: torch.Tensor | None, batch: int) -> bool:
     """Whether the persistent TMA kernel can run this problem (Hopper or newer, or the interpreter)."""
-    if b2 is not None or batch != 1 or a.dtype == torch.float32 or (b.shape[2] * a.element_size()) % 16:
+    if b2 is not None or a.dtype == torch.float32 or (b.shape[2] * a.element_size()) % 16:
+        return False
+    if batch > 1 and (a.shape[0] != batch or b.shape[0] != batch):
         return False
     if a.device.type == "cuda" and _capability(a.device.index or 0)[0] < 9:
         return False
-    b_ready = _tma_ready(b[0].t()) if b.stride(1) == 1 else _tma_ready(b[0])
-    return _tma_ready(a[0]) and b_ready
+    return all(_tma_ready(t) for t in _tma_operands(a, b, batch))
 
 
 def _launch_tma(a, b, c, bias, residual, activation, cfg: Config) -> None:
-    m, k, n = a.shape[1], a.shape[2], b.shape[2]
+    batch, m, k = a.shape
+    n = b.shape[2]
     b_k_major = b.stride(1) == 1
-    a_desc = TensorDescriptor.from_tensor(a[0], [cfg.block_m, cfg.block_k])
-    if b_k_major:
-        b_desc = TensorDescriptor.from_tensor(b[0].t(), [cfg.block_n, cfg.block_k])
+    a_op, b_op = _tma_operands(a, b, batch)
+    lead = [1] if batch > 1 else []
+    a_desc = TensorDescriptor.from_tensor(a_op, lead + [cfg.block_m, cfg.block_k])
+    b_block = [cfg.block_n, cfg.block_k] if b_k_major else [cfg.block_k, cfg.block_n]
+    b_desc = TensorDescriptor.from_tensor(b_op, lead + b_block)
+    c_desc = TensorDescriptor.from_tensor(c if batch > 1 else c[0], lead + [cfg.block_m, cfg.block_n])
+    tiles = batch * triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
+    if c.device.type == "cuda":
+        programs = tuning.sm_count(c.device.index or 0) * cfg.occupancy
     else:
-        b_desc = TensorDescriptor.from_tensor(b[0], [cfg.block_k, cfg.block_n])
-    c_desc = TensorDescriptor.from_tensor(c[0], [cfg.block_m, cfg.block_n])
-    tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
-    programs = tuning.sm_count(c.device.index or 0) if c.device.type == "cuda" else min(tiles, 4)
+        programs = min(tiles, 4)
     bias_t = bias if bias is not None else c
     res_t = residual if residual is not None else c[0]
     gemm_tma_kernel[(programs,)](
         a_desc, b_desc, c_desc, c, bias_t, res_t,
-        m, n, k,
+        batch, m, n, k,
         bias_t.stride(-1), res_t.stride(0), res_t.stride(1),
         ACTIVATION=activation, HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
-        B_K_MAJOR=b_k_major, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        GROUP_M=cfg.group_m, NUM_PROGRAMS=programs, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        B_K_MAJOR=b_k_major, BATCHED=batch > 1, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, NUM_PROGRAMS=programs, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
     )  # fmt: skip
 
 
@@ -119,6 +131,7 @@ def gemm(
         b_k_contiguous=b.stride(1) == 1,
         gated=b2 is not None,
         tma=tma_eligible(a, b, b2, batch),
+        activation=activation,
     )
     stride_ab = a.stride(0) if a.shape[0] > 1 else 0
     stride_bb = b.stride(0) if b.shape[0] > 1 else 0

@@ -39,6 +39,7 @@ class Config:
     num_warps: int = 4
     num_stages: int = 3
     kernel: str = "ptr"  # "ptr": kernel.gemm_kernel; "tma": kernel_tma.gemm_tma_kernel (persistent)
+    occupancy: int = 1  # tma: programs per SM
 
 
 @dataclass(frozen=True)
@@ -55,13 +56,14 @@ class Problem:
     b_k_contiguous: bool
     gated: bool
     tma: bool = False  # the persistent TMA kernel can run it
+    activation: str = "none"  # the epilogue's cost and register use change the best tile
 
     def key(self, gpu: str) -> str:
         bucket = triton.next_power_of_2
         dtype = str(self.dtype).removeprefix("torch.")
         return (
             f"v{CACHE_VERSION}|{gpu}|{dtype}|{self.precision}|a{'k' if self.a_k_contiguous else 'm'}"
-            f"|b{'k' if self.b_k_contiguous else 'n'}|gate{int(self.gated)}|tma{int(self.tma)}"
+            f"|b{'k' if self.b_k_contiguous else 'n'}|gate{int(self.gated)}|tma{int(self.tma)}|{self.activation}"
             f"|B{bucket(self.batch)}|M{bucket(self.m)}|N{self.n}|K{self.k}"
         )
 
@@ -102,18 +104,22 @@ def candidates(p: Problem, sms: int) -> list[Config]:
             Config(bm, bn, k if half else k // 2, _split_for(p, bm, bn, k, sms), 8, w, 4)
             for bn, k, w in shapes
         ]
+        if p.tma and p.batch * triton.cdiv(p.m, bm) * triton.cdiv(p.n, 32) >= sms // 2:
+            # the TMA kernel's bulk loads, on the best pointer-kernel tile of the first sweep (no split-K)
+            configs.insert(1, Config(bm, 32, 128, 1, 8, 4, 4, "tma"))
     else:
         tiles = [(128, 128, 4, 3), (128, 128, 8, 4), (64, 64, 4, 4), (128, 256, 8, 3), (256, 128, 8, 3),
                  (128, 64, 4, 4), (64, 128, 4, 4), (64, 256, 4, 3)]  # fmt: skip
         configs = [Config(bm, bn, bk, _split_for(p, bm, bn, bk, sms), 8, w, s) for bm, bn, w, s in tiles]
-        if p.tma:  # persistent TMA tiles first, then the best pointer-kernel tiles
-            tma = [(128, 256, 8, 3), (128, 128, 8, 4), (256, 128, 8, 3), (128, 128, 4, 4), (128, 64, 4, 4)]
-            configs = [Config(bm, bn, bk, 1, 8, w, s, "tma") for bm, bn, w, s in tma] + configs
+        if p.tma:  # persistent TMA tiles first (two a SM: one's epilogue overlaps the other's MMAs)
+            tma = [(128, 256, 8, 3, 1), (256, 128, 8, 3, 1), (128, 128, 8, 4, 1), (128, 128, 4, 4, 1),
+                   (128, 128, 4, 2, 2), (128, 64, 4, 3, 2)]  # fmt: skip
+            configs = [Config(bm, bn, bk, 1, 8, w, s, "tma", o) for bm, bn, w, s, o in tma] + configs
     limit_m = max(16, triton.next_power_of_2(p.m))
     limit_n = max(16, triton.next_power_of_2(p.n))
     kept = []
     for c in configs:
-        if c.kernel == "tma" and len([k for k in kept if k.kernel == "tma"]) >= 5:
+        if c.kernel == "tma" and len([k for k in kept if k.kernel == "tma"]) >= 6:
             continue
         if c.block_m > limit_m or c.block_n > limit_n or _smem_bytes(p, c) > 200 * 1024:
             continue
@@ -129,7 +135,7 @@ def heuristic(p: Problem, sms: int = 132) -> Config:
     bk = 64 if p.dtype != torch.float32 else 32
     if p.m <= 64:
         bm, bn = max(16, triton.next_power_of_2(p.m)), 64
-    elif p.tma:
+    elif p.tma and p.batch == 1:
         return Config(128, 128, 64, 1, 8, 8, 4, "tma")
     elif p.batch * triton.cdiv(p.m, 128) * triton.cdiv(p.n, 128) >= sms:
         bm, bn = 128, 128
