@@ -5,8 +5,9 @@ import json
 import pytest
 import torch
 
-from kernl.matmul import Config, matmul, matmul_reference, tuning
-from kernl.matmul.tuning import Problem, cache_path, cached_choice, candidates, read_cache, write_cache
+from kernl.matmul import Config, config_cache, matmul, matmul_reference, tuning
+from kernl.matmul.config_cache import cache_path, cached_choice, read_cache, write_cache
+from kernl.matmul.tuning import Problem, candidates
 from kernl_testing import ValueSpec, assert_matches_reference, make_tensor, on_gpu
 
 PROBLEM = Problem(1, 16, 3072, 768, torch.float16, "tf32", True, True, False)
@@ -14,8 +15,8 @@ PROBLEM = Problem(1, 16, 3072, 768, torch.float16, "tf32", True, True, False)
 
 def _restart(monkeypatch):
     """Forget everything held in memory, as a new process would."""
-    monkeypatch.setattr(tuning, "_memory", {})
-    monkeypatch.setattr(tuning, "_loaded", set())
+    monkeypatch.setattr(config_cache, "_memory", {})
+    monkeypatch.setattr(config_cache, "_loaded", set())
 
 
 def test_key_buckets_m_and_batch_but_keeps_n_and_k():

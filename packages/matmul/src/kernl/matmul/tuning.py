@@ -1,45 +1,31 @@
 """Choosing a launch config: a short candidate list per regime, timed once, remembered on disk.
 
 Regimes: small M (``M <= 64``: decode and batch-1 encoders, weight-read bound; narrow tiles plus
-split-K spread the weight read over every SM), and large M (compute-bound tiles; split-K only when
-the tiles alone leave SMs idle). Ragged N/K use the same tiles with masked edges.
+split-K spread the weight read over every SM), and large M (compute-bound tiles, the persistent TMA
+kernel first where it can run; split-K only when the tiles alone leave SMs idle). Ragged N/K use
+the same tiles with masked (pointer kernel) or zero-filled (TMA) edges.
 
-The winner for a problem is kept in memory and in ``$KERNL_CACHE_DIR`` (default ``~/.cache/kernl``),
-file ``matmul-<gpu>.json``, keyed by dtype, layout, gating and the shape bucket (batch and M rounded
-up to a power of two, N and K exact), so a restarted process skips the timing. Under Triton's
-interpreter, or while a CUDA graph is being captured, :func:`heuristic` picks without timing.
+Each candidate is timed once (CUDA-graph replay, L2 flushed before each). The winner is kept in
+memory and on disk (:mod:`kernl.matmul.config_cache`), keyed by dtype, layout, gating, activation and
+the shape bucket (batch and M rounded up to a power of two, N and K exact), so a restarted process
+skips the timing. Under Triton's interpreter, or while a CUDA graph is being captured,
+:func:`heuristic` picks without timing.
 ``KERNL_AUTOTUNE=0`` always uses the heuristic; ``KERNL_TUNING_LOG=1`` prints every tuning's timings.
 """
 
 import functools
-import json
 import os
 import re
 import sys
-import tempfile
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
 import triton
 
+from kernl.matmul.config_cache import Config, cache_path, cached_choice
+
 CACHE_VERSION = 1
 MAX_CANDIDATES = 8
-
-
-@dataclass(frozen=True)
-class Config:
-    """One launch configuration of :func:`kernl.matmul.kernel.gemm_kernel`."""
-
-    block_m: int
-    block_n: int
-    block_k: int
-    split_k: int = 1
-    group_m: int = 8
-    num_warps: int = 4
-    num_stages: int = 3
-    kernel: str = "ptr"  # "ptr": kernel.gemm_kernel; "tma": kernel_tma.gemm_tma_kernel (persistent)
-    occupancy: int = 1  # tma: programs per SM
 
 
 @dataclass(frozen=True)
@@ -97,12 +83,13 @@ def candidates(p: Problem, sms: int) -> list[Config]:
     half = p.dtype != torch.float32
     bk = 64 if half else 32
     if p.m <= 64:
+        # Weight-read bound: narrow tiles, deep pipelines (bytes in flight), split-K where tiles are few.
         bm = max(16, triton.next_power_of_2(p.m))
-        shapes = [(64, 128, 4), (32, 128, 4), (64, 256, 4), (128, 64, 4), (32, 256, 4), (16, 256, 4),
-                  (128, 128, 8), (64, 64, 4)]  # fmt: skip
+        shapes = [(32, 128, 4), (32, 128, 6), (64, 128, 4), (16, 256, 4), (32, 256, 4), (64, 256, 4),
+                  (128, 64, 4), (64, 64, 4)]  # fmt: skip
         configs = [
-            Config(bm, bn, k if half else k // 2, _split_for(p, bm, bn, k, sms), 8, w, 4)
-            for bn, k, w in shapes
+            Config(bm, bn, k if half else k // 2, _split_for(p, bm, bn, k, sms), 8, 4, st)
+            for bn, k, st in shapes
         ]
         if p.tma and p.batch * triton.cdiv(p.m, bm) * triton.cdiv(p.n, 32) >= sms // 2:
             # the TMA kernel's bulk loads, on the best pointer-kernel tile of the first sweep (no split-K)
@@ -112,8 +99,12 @@ def candidates(p: Problem, sms: int) -> list[Config]:
                  (128, 64, 4, 4), (64, 128, 4, 4), (64, 256, 4, 3)]  # fmt: skip
         configs = [Config(bm, bn, bk, _split_for(p, bm, bn, bk, sms), 8, w, s) for bm, bn, w, s in tiles]
         if p.tma:  # persistent TMA tiles first (two a SM: one's epilogue overlaps the other's MMAs)
-            tma = [(128, 256, 8, 3, 1), (256, 128, 8, 3, 1), (128, 128, 8, 4, 1), (128, 128, 4, 4, 1),
-                   (128, 128, 4, 2, 2), (128, 64, 4, 3, 2)]  # fmt: skip
+            if p.batch * triton.cdiv(p.m, 128) * triton.cdiv(p.n, 128) >= 2 * sms:
+                tma = [(128, 256, 8, 3, 1), (256, 128, 8, 3, 1), (128, 128, 8, 4, 1), (128, 128, 4, 4, 1),
+                       (128, 128, 4, 2, 2), (128, 64, 4, 3, 2)]  # fmt: skip
+            else:  # a few waves of big tiles would leave SMs idle: smaller tiles, two programs a SM
+                tma = [(128, 128, 8, 4, 1), (128, 256, 8, 3, 1), (128, 128, 4, 2, 2), (128, 64, 4, 3, 2),
+                       (64, 128, 4, 4, 2), (64, 64, 4, 4, 2)]  # fmt: skip
             configs = [Config(bm, bn, bk, 1, 8, w, s, "tma", o) for bm, bn, w, s, o in tma] + configs
     limit_m = max(16, triton.next_power_of_2(p.m))
     limit_n = max(16, triton.next_power_of_2(p.n))
@@ -144,44 +135,6 @@ def heuristic(p: Problem, sms: int = 132) -> Config:
     return Config(bm, bn, bk, _split_for(p, bm, bn, bk, sms), 8, 4, 3)
 
 
-def cache_path(gpu: str) -> Path:
-    root = os.environ.get("KERNL_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "kernl")
-    return Path(root) / f"matmul-{gpu}.json"
-
-
-def read_cache(path: Path) -> dict[str, Config]:
-    """The configs stored at ``path`` (an unreadable or foreign file counts as empty)."""
-    try:
-        raw = json.loads(path.read_text())
-        return {key: Config(**fields) for key, fields in raw.items()}
-    except (OSError, ValueError, TypeError):
-        return {}
-
-
-def write_cache(path: Path, key: str, config: Config) -> None:
-    """Add ``key -> config`` to the file at ``path`` (merging with what another process wrote)."""
-    entries = {k: asdict(v) for k, v in read_cache(path).items()}
-    entries[key] = asdict(config)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(entries, f, indent=1, sort_keys=True)
-    os.replace(tmp, path)
-
-
-_memory: dict[str, Config] = {}
-_loaded: set[Path] = set()
-
-
-def lookup(key: str, path: Path) -> Config | None:
-    """The config remembered for ``key``, from memory or (once per process) from ``path``."""
-    if path not in _loaded:
-        _loaded.add(path)
-        for k, v in read_cache(path).items():
-            _memory.setdefault(k, v)
-    return _memory.get(key)
-
-
 def _short(c: Config) -> str:
     return f"{c.block_m}x{c.block_n}x{c.block_k}/s{c.split_k}/w{c.num_warps}/st{c.num_stages}"
 
@@ -207,15 +160,6 @@ def _time_ms(launch, config: Config, flush: torch.Tensor) -> float:
         end.record()
     torch.cuda.synchronize()
     return sorted(s.elapsed_time(e) for s, e in zip(starts, ends, strict=True))[len(starts) // 2]
-
-
-def cached_choice(key: str, path: Path, tune) -> Config:
-    """The remembered config for ``key``; on a miss, ``tune()`` picks one, which is then remembered."""
-    found = lookup(key, path)
-    if found is None:
-        found = _memory[key] = tune()
-        write_cache(path, key, found)
-    return found
 
 
 _chosen: dict[tuple[Problem, torch.device], Config] = {}
