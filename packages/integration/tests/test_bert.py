@@ -94,5 +94,6 @@ def test_fp32_weights_under_autocast(kit):
         with torch.autocast("cuda", dtype=torch.float16):
             same = peer(input_ids=ids.cuda(), attention_mask=mask.cuda()).last_hidden_state
             actual = optimized(input_ids=ids.cuda(), attention_mask=mask.cuda()).last_hidden_state
-    assert_matches_reference(actual.to(same.dtype), expected, same)
+    # the work ran in fp16 (autocast): fp16's tolerance, on outputs rounded to fp16
+    assert_matches_reference(actual.half(), expected, same.half())
     assert report.graphs[0].error is None and report.graphs[0].kept == {}
