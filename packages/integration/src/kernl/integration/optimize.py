@@ -103,6 +103,7 @@ def optimize_model(model: torch.nn.Module, *, buckets=DEFAULT_BUCKETS, cuda_grap
     (one per batch size and bucket, on first use). On a CPU model (without ``TRITON_INTERPRET=1``) or a
     GPU below compute capability 8.0 the model is left as it was and the report says why.
     A sentence-transformers model is accepted too: its transformer module's model is optimized.
+    The original forward stays available as ``model.kernl_original_forward``.
     """
     inner = model._first_module().auto_model if hasattr(model, "_first_module") else None
     if inner is not None:
