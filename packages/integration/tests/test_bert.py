@@ -36,6 +36,7 @@ def fired(report, graph: int) -> dict[str, int]:
 def test_bert_matches_hugging_face(kit, dtype, attn_implementation, masking):
     model = kit.build(BertModel, kit.tiny_config(BertConfig), attn_implementation)
     ids, mask = kit.padded_batch(3, 13, [13, 2, 5], vocab=120)
+    mask[2] = mask[2].flip(0)  # one row padded on the left
     ids_7, mask_7 = kit.padded_batch(2, 7, [7, 1], vocab=120, seed=1)
     if masking == "no_mask":
         mask = mask_7 = None
@@ -47,6 +48,8 @@ def test_bert_matches_hugging_face(kit, dtype, attn_implementation, masking):
         assert fired(report, graph) == expected_replacements(LAYERS)
         if all(find(name) for name in ("attention", "linear_act", "layer_norm")):
             assert report.graphs[graph].kept == {}, report.graphs[graph].kept
+            # padded to the bucket: the mask comes from attention_mask and reaches the kernel as [B, K]
+            assert report.graphs[graph].attention_masks == {"key padding [B, K]": LAYERS}
     assert report.graphs[0].fired["dropout"] >= 2 * LAYERS + 1
 
 
@@ -55,6 +58,8 @@ def test_length_on_a_bucket_and_no_mask_needs_no_padding(kit):
     ids, _ = kit.padded_batch(2, 16, [16, 16], vocab=120)
     report = kit.compare_with_reference(model, DTYPES[0], [dict(input_ids=ids)], ["last_hidden_state"])
     assert report.graphs[0].inputs.startswith("[2x16 int64] on")  # no attention_mask was added
+    if find("attention") is not None:
+        assert report.graphs[0].attention_masks == {"none": LAYERS}
 
 
 def test_report_lists_rules_and_kept_ops(kit):

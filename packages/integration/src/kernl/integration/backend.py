@@ -4,6 +4,8 @@ Anything the backend cannot handle runs as plain PyTorch: a rule that raises lea
 TorchDynamo gave it (the error goes in the report), a failed CUDA-graph capture runs the graph directly.
 """
 
+from collections import Counter
+
 import torch
 from torch import fx
 
@@ -11,6 +13,7 @@ from kernl.integration.cuda_graphs import CudaGraphRunner
 from kernl.integration.kernels import find, qualified_name
 from kernl.integration.report import GraphRecord, OptimizationReport, kept_as_pytorch
 from kernl.integration.rules import RULES
+from kernl.integration.rules.attention_sdpa import attention_call
 
 
 def _describe_inputs(example_inputs, static: set[int]) -> str:
@@ -43,7 +46,24 @@ def rewrite_graph(gm: fx.GraphModule, record: GraphRecord) -> fx.GraphModule:
         record.kept = kept_as_pytorch(gm)
         return gm
     record.kept = kept_as_pytorch(work)
+    record.attention_masks = attention_masks(work)
     return work
+
+
+def attention_masks(gm: fx.GraphModule) -> dict[str, int]:
+    """How the rewritten attention calls of ``gm`` receive their mask."""
+    kinds = Counter()
+    for node in gm.graph.nodes:
+        if node.target is attention_call:
+            _, _, _, _, mask, key_padding_mask, _ = node.args
+            kinds[
+                "key padding [B, K]"
+                if key_padding_mask is not None
+                else "dense"
+                if mask is not None
+                else "none"
+            ] += 1
+    return dict(kinds)
 
 
 class KernlBackend:

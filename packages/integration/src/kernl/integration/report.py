@@ -52,6 +52,7 @@ class GraphRecord:
     inputs: str
     fired: dict[str, int] = field(default_factory=dict)
     kept: dict[str, int] = field(default_factory=dict)
+    attention_masks: dict[str, int] = field(default_factory=dict)  # key padding / dense / none
     skipped: dict[str, str] = field(default_factory=dict)
     runs_as: str = ""
     warmup_s: float | None = None
@@ -93,6 +94,9 @@ class OptimizationReport:
             lines.append(f"    rules fired: {fired}")
             kept = ", ".join(f"{name} x{count}" for name, count in sorted(graph.kept.items())) or "nothing"
             lines.append(f"    kept as PyTorch: {kept}")
+            if graph.attention_masks:
+                masks = ", ".join(f"{kind} x{count}" for kind, count in graph.attention_masks.items())
+                lines.append(f"    attention masks handed to the kernel: {masks}")
             lines += [f"    rule {name} did not run: {why}" for name, why in graph.skipped.items()]
             if graph.warmup_s is not None:
                 lines.append(f"    warm-up (capture) {graph.warmup_s:.2f} s")
