@@ -11,10 +11,12 @@ TARGETS = {"ratio_to_best_peer": 1.25, "1x16_max_ms": 0.6, "1x16_min_speedup": 1
 
 
 def gpu_slug() -> str:
+    """Folder name of the current GPU, e.g. ``nvidia-h100-80gb-hbm3``."""
     return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name().lower()).strip("-")
 
 
 def add_arguments(parser) -> None:
+    """The options of ``kernl bench``."""
     parser.add_argument(
         "--max-autotune", action="store_true", help="also time torch.compile max-autotune (slow)"
     )
@@ -54,6 +56,7 @@ def _summarise(results: dict) -> list[str]:
 
 
 def _run_engines(args, names, shapes, model, results, out, console) -> None:
+    """Time every engine (partial JSON after each), then kernl's warm-cache warm-up and breakdown."""
     from rich.progress import Progress
 
     from kernl.integration.bench import gpu
@@ -80,6 +83,7 @@ def _run_engines(args, names, shapes, model, results, out, console) -> None:
 
 
 def run_gpu_bench(args, console) -> int:
+    """Bert-base fp16 over the grid, every engine; prints tables and writes JSON + PNG."""
     from rich.table import Table
     from transformers import BertConfig, BertModel
 
