@@ -26,6 +26,7 @@ def bench_shape(m: int, n: int) -> list[dict]:
     w = torch.rand(n, device="cuda", dtype=torch.float16) + 0.5
     b = torch.randn(n, device="cuda", dtype=torch.float16)
     t5 = T5LayerNorm(n).to("cuda", torch.float16)
+
     def torch_add_layer_norm():
         summed = x + r  # the block needs the sum too (it is the next residual): return it, as kernl does
         return F.layer_norm(summed, (n,), w, b, 1e-12), summed
