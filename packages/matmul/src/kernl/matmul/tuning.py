@@ -8,8 +8,9 @@ the same tiles with masked (pointer kernel) or zero-filled (TMA) edges.
 Each candidate is timed once (CUDA-graph replay, L2 flushed before each). The winner is kept in
 memory and on disk (:mod:`kernl.matmul.config_cache`), keyed by dtype, layout, gating, activation and
 the shape bucket (batch and M rounded up to a power of two, N and K exact), so a restarted process
-skips the timing. Under Triton's interpreter, or while a CUDA graph is being captured,
-:func:`heuristic` picks without timing.
+skips the timing. Under Triton's interpreter :func:`heuristic` picks without timing; while a CUDA
+graph is being captured, a remembered config (memory or disk) is used, else the heuristic (so: tune
+with one eager call before capturing).
 ``KERNL_AUTOTUNE=0`` always uses the heuristic; ``KERNL_TUNING_LOG=1`` prints every tuning's timings.
 """
 
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 import torch
 import triton
 
-from kernl.matmul.config_cache import Config, cache_path, cached_choice
+from kernl.matmul.config_cache import Config, cache_path, cached_choice, lookup
 
 CACHE_VERSION = 1
 MAX_CANDIDATES = 8
@@ -136,7 +137,8 @@ def heuristic(p: Problem, sms: int = 132) -> Config:
 
 
 def _short(c: Config) -> str:
-    return f"{c.block_m}x{c.block_n}x{c.block_k}/s{c.split_k}/w{c.num_warps}/st{c.num_stages}"
+    kind = f"/tma/o{c.occupancy}" if c.kernel == "tma" else ""
+    return f"{c.block_m}x{c.block_n}x{c.block_k}/s{c.split_k}/w{c.num_warps}/st{c.num_stages}{kind}"
 
 
 def _time_ms(launch, config: Config, flush: torch.Tensor) -> float:
@@ -182,9 +184,11 @@ def _choose(p: Problem, device: torch.device, launch) -> Config:
     if device.type != "cuda":
         return heuristic(p)
     sms = sm_count(device.index if device.index is not None else torch.cuda.current_device())
-    if torch.cuda.is_current_stream_capturing() or os.environ.get("KERNL_AUTOTUNE") == "0":
+    if os.environ.get("KERNL_AUTOTUNE") == "0":
         return heuristic(p, sms)
     gpu = gpu_name(device)
+    if torch.cuda.is_current_stream_capturing():  # no timing inside a capture: a remembered config or a guess
+        return lookup(p.key(gpu), cache_path(gpu)) or heuristic(p, sms)
 
     def tune() -> Config:
         flush = torch.empty(64 * 1024 * 1024, dtype=torch.int32, device=device)  # 256 MB, > L2
