@@ -26,20 +26,18 @@ def _problem(shape, dtype, gated=False):
     return Problem(batch, m, n, k, dtype, input_precision(dtype, False), True, False, gated, tma)
 
 
-def _configs(regime):
-    problem = _problem(REGIMES[regime], torch.float16)
-    return candidates(problem, 132) + [heuristic(problem)]
+def _configs(regime, dtype):
+    problem = _problem(REGIMES[regime], dtype)
+    return dict.fromkeys(candidates(problem, 132) + [heuristic(problem)])
 
 
-@pytest.mark.parametrize("dtype", float_dtypes())
 @pytest.mark.parametrize(
-    "regime, config", [(r, c) for r in REGIMES for c in dict.fromkeys(_configs(r))], ids=str
+    "regime, dtype, config",
+    [(r, d, c) for r in REGIMES for d in float_dtypes() for c in _configs(r, d)],
+    ids=str,
 )
-def test_every_candidate_config_is_correct(regime, config, dtype):
+def test_every_candidate_config_is_correct(regime, dtype, config):
     batch, m, n, k = REGIMES[regime]
-    if dtype == torch.float32:  # fp32: the pointer kernel, half the K step (twice the bytes per element)
-        config = Config(config.block_m, config.block_n, config.block_k // 2, config.split_k, config.group_m,
-                        config.num_warps, config.num_stages)  # fmt: skip
     a = make_tensor((batch, m, k), dtype, ValueSpec(1, 1.0, 0.5))
     b = make_tensor((batch, n, k), dtype, ValueSpec(2, 1.0, 0.0)).transpose(-1, -2)  # nn.Linear weight.T
     assert tma_eligible(a, b, None, batch) == _problem(REGIMES[regime], dtype).tma

@@ -115,8 +115,8 @@ def candidates(p: Problem, sms: int) -> list[Config]:
             continue
         if c.block_m > limit_m or c.block_n > limit_n or _smem_bytes(p, c) > 200 * 1024:
             continue
-        if p.gated and c.block_m * c.block_n > 128 * 128:
-            continue
+        if (p.gated or not half) and c.block_m * c.block_n > 128 * 128:
+            continue  # two accumulators, or fp32 operands: the big tiles run out of registers/shared memory
         if c not in kept:
             kept.append(c)
     return kept[:MAX_CANDIDATES] or [heuristic(p, sms)]
