@@ -6,7 +6,6 @@
 import functools
 
 import torch
-import triton
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from kernl.matmul import tuning
@@ -26,13 +25,17 @@ def _tile_locks(device: torch.device, n: int) -> torch.Tensor:
     return locks
 
 
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)  # triton.cdiv is a constexpr function on recent Triton: slow from Python
+
+
 def effective_split(k: int, block_k: int, split_k: int) -> int:
     """The split count that leaves no program with an empty share of K (each gets whole BLOCK_K steps)."""
-    steps = triton.cdiv(k, block_k)
+    steps = _cdiv(k, block_k)
     if steps <= 1:
         return 1
-    per_split = triton.cdiv(steps, max(1, min(split_k, steps)))
-    return triton.cdiv(steps, per_split)
+    per_split = _cdiv(steps, max(1, min(split_k, steps)))
+    return _cdiv(steps, per_split)
 
 
 def input_precision(dtype: torch.dtype, allow_tf32: bool) -> str:
@@ -78,11 +81,10 @@ def _launch_tma(a, b, c, bias, residual, activation, cfg: Config) -> None:
     b_block = [cfg.block_n, cfg.block_k] if b_k_major else [cfg.block_k, cfg.block_n]
     b_desc = TensorDescriptor.from_tensor(b_op, lead + b_block)
     c_desc = TensorDescriptor.from_tensor(c if batch > 1 else c[0], lead + [cfg.block_m, cfg.block_n])
-    tiles = batch * triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
     if c.device.type == "cuda":
         programs = tuning.sm_count(c.device.index or 0) * cfg.occupancy
     else:
-        programs = min(tiles, 4)
+        programs = min(batch * _cdiv(m, cfg.block_m) * _cdiv(n, cfg.block_n), 4)
     bias_t = bias if bias is not None else c
     res_t = residual if residual is not None else c[0]
     gemm_tma_kernel[(programs,)](
@@ -146,7 +148,7 @@ def gemm(
             _launch_tma(a, b, c, bias, residual, activation, cfg)
             return
         split = effective_split(k, cfg.block_k, cfg.split_k)
-        grid_m, grid_n = triton.cdiv(m, cfg.block_m), triton.cdiv(n, cfg.block_n)
+        grid_m, grid_n = _cdiv(m, cfg.block_m), _cdiv(n, cfg.block_n)
         tiles = batch * grid_m * grid_n
         if split > 1:
             parts = 2 if b2 is not None else 1
