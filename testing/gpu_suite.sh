@@ -11,7 +11,8 @@ export PYTHONPATH KERNL_TEST_DEVICE=cuda HYPOTHESIS_PROFILE="${HYPOTHESIS_PROFIL
 what="${1:-all}"; shift || true
 status=0
 if [[ "$what" == tests || "$what" == all ]]; then
-  python3 -m pytest testing/tests packages/*/tests -q "$@" || status=1
+  # Tests check numbers, not speed: no matmul autotuning (it would time every tiny test shape).
+  KERNL_AUTOTUNE=0 python3 -m pytest testing/tests packages/*/tests -q -rf "$@" || status=1
 fi
 if [[ "$what" == bench || "$what" == all ]]; then
   for bench in packages/*/benchmarks/bench_*.py; do
