@@ -39,14 +39,14 @@ def main() -> None:
         kpm = torch.arange(s, device="cuda")[None, :] < torch.randint(s // 2, s + 1, (b, 1), device="cuda")
         kpm = kpm if kind in ("bool", "t5") else None
         bias = torch.randn(1, h, s, s, device="cuda", dtype=torch.float16) if kind == "t5" else None
-        heuristic = launch_config(b * h, s, s, 64, q.device)
+        heuristic = launch_config(b * h, s, s, 64, q.dtype, bias is not None, q.device)
         configs = {heuristic} | set(ENCODER_CONFIGS)
         timings = {cfg: _time(q, k, v, 0.125, bias, kpm, cfg) for cfg in configs}
         _report(f"({b}, {h}, {s}) {kind}", timings, heuristic)
     for b, h, cache in DECODE:
         q = torch.randn(b, h, 1, 64, device="cuda", dtype=torch.float16)
         k, v = (torch.randn(b, h, cache, 64, device="cuda", dtype=torch.float16) for _ in range(2))
-        heuristic = launch_config(b * h, 1, cache, 64, q.device)
+        heuristic = launch_config(b * h, 1, cache, 64, q.dtype, False, q.device)
         configs = {heuristic} | {
             LaunchConfig(16, bn, 4, st, splits)
             for bn, st, splits in itertools.product((64, 128), (3,), (4, 8, 16, 32, 64))

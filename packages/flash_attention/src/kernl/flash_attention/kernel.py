@@ -34,7 +34,7 @@ def _attn_fwd_kernel(
     sbb, sbh, sbm, sbn, smb, smh, smm, smn, skpb, skpn, scl,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_BIAS: tl.constexpr, MASK_KIND: tl.constexpr, KPM_KIND: tl.constexpr, HAS_CACHE_LEN: tl.constexpr,
-    CAUSAL: tl.constexpr, SPLIT: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    CAUSAL: tl.constexpr, SCAN_BLOCK: tl.constexpr, SPLIT: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):  # fmt: skip
     start_m = tl.program_id(0)
     off_bh = tl.program_id(1)
@@ -56,8 +56,8 @@ def _attn_fwd_kernel(
     if KPM_KIND == 2:
         extent = tl.full([], 0, tl.int32)
         count = tl.full([], 0, tl.int32)
-        for start in range(0, n_k, BLOCK_N):
-            cols = start + offs_n
+        for start in range(0, n_k, SCAN_BLOCK):  # wide chunks: one or a few steps for usual lengths
+            cols = start + tl.arange(0, SCAN_BLOCK)
             valid = tl.load(KPM + b * skpb + cols * skpn, mask=cols < n_k, other=0) != 0
             extent = tl.maximum(extent, tl.max(tl.where(valid, cols + 1, 0), axis=0))
             count += tl.sum(valid.to(tl.int32), axis=0)

@@ -36,24 +36,36 @@ def _split_count(programs: int, n_k: int, block_n: int, sm_count: int) -> int:
     return max(1, min(triton.cdiv(2 * sm_count, programs), triton.cdiv(n_k, block_n), MAX_SPLITS))
 
 
-def launch_config(batch_heads: int, n_q: int, n_k: int, head_dim: int, device: torch.device) -> LaunchConfig:
-    """Heuristic config: big tiles for encoders, 16-row tiles plus split-KV for a few query tokens.
+def launch_config(
+    batch_heads: int,
+    n_q: int,
+    n_k: int,
+    head_dim: int,
+    dtype: torch.dtype,
+    loads_tiles: bool,
+    device: torch.device,
+) -> LaunchConfig:
+    """Heuristic config (from the H100 sweep, fp16, head_dim 64): 64x64 tiles, 128-row tiles when a
+    bias or mask tile is loaded too, 16-row tiles plus split-KV for at most 16 queries.
 
+    fp32 inputs run in fp64 (see the kernel): smaller tiles keep the fp64 operands in shared memory.
     Under Triton's interpreter (CPU tensors) the blocks are small and fixed, and the split count acts
     as if the device had 4 multiprocessors, so small tests still take the split-KV path.
     """
     if device.type != "cuda":
-        block_m, block_n = (16, 16) if n_q <= 16 else (32, 16)
-        splits = _split_count(batch_heads * triton.cdiv(n_q, block_m), n_k, block_n, 4)
-        return LaunchConfig(block_m, block_n, 4, 1, splits)
-    if n_q <= 16:
-        block_m, block_n, warps, stages = 16, 128 if head_dim <= 64 else 64, 4, 3
-    elif head_dim <= 64:
-        block_m, block_n, warps, stages = 128, 64, 4, 3
+        block_m, block_n, warps, stages, sm_count = (16 if n_q <= 16 else 32), 16, 4, 1, 4
     else:
-        block_m, block_n, warps, stages = 128, 64, 8, 3
+        sm_count = _multiprocessor_count(device.index or 0)
+        if dtype == torch.float32:
+            block_m, block_n, warps, stages = (16 if n_q <= 16 else 64), 32, 4, 2
+        elif n_q <= 16:
+            block_m, block_n, warps, stages = 16, 128 if head_dim <= 64 else 64, 4, 3
+        elif head_dim <= 64:
+            block_m, block_n, warps, stages = 128 if loads_tiles else 64, 64, 4, 3
+        else:
+            block_m, block_n, warps, stages = 128, 64, 8, 3
     programs = batch_heads * triton.cdiv(n_q, block_m)
-    splits = _split_count(programs, n_k, block_n, _multiprocessor_count(device.index or 0))
+    splits = _split_count(programs, n_k, block_n, sm_count) if n_q <= 16 else 1
     return LaunchConfig(block_m, block_n, warps, stages, splits)
 
 
@@ -86,7 +98,8 @@ def attention_forward(
     out = torch.empty((batch, n_q, heads, head_dim), dtype=q.dtype, device=q.device).transpose(1, 2)
     if out.numel() == 0:
         return out
-    cfg = config or launch_config(batch * heads, n_q, n_k, head_dim, q.device)
+    loads_tiles = bias is not None or mask is not None
+    cfg = config or launch_config(batch * heads, n_q, n_k, head_dim, q.dtype, loads_tiles, q.device)
     full = (batch, heads, n_q, n_k)
     mask_kind = 0 if mask is None else 1 if mask.dtype == torch.bool else 2
     kpm_kind = 0 if key_padding_mask is None else 2 if key_padding_mask.dtype == torch.bool else 1
@@ -113,7 +126,8 @@ def attention_forward(
         cache_len.stride(0) if cache_len is not None and cache_len.dim() == 1 else 0,
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         HAS_BIAS=bias is not None, MASK_KIND=mask_kind, KPM_KIND=kpm_kind,
-        HAS_CACHE_LEN=cache_len is not None, CAUSAL=causal, SPLIT=splits > 1,
+        HAS_CACHE_LEN=cache_len is not None, CAUSAL=causal,
+        SCAN_BLOCK=min(max(16, triton.next_power_of_2(n_k)), 4096), SPLIT=splits > 1,
         ACC_DTYPE=tl.float64 if wide else tl.float32,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
