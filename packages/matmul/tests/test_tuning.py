@@ -34,6 +34,16 @@ def test_key_buckets_m_and_batch_but_keeps_n_and_k():
     assert PROBLEM.key("h100") != PROBLEM.key("a100")
 
 
+def test_key_and_candidates_account_for_the_residual_epilogue():
+    """A config tuned without a residual must not be reused with one (it may not fit in shared memory)."""
+    plain = Problem(1, 4096, 768, 768, torch.float16, "tf32", True, True, False, True)
+    with_residual = Problem(1, 4096, 768, 768, torch.float16, "tf32", True, True, False, True, residual=True)
+    assert plain.key("h100") != with_residual.key("h100")
+    for config in candidates(with_residual, 132):
+        assert tuning._smem_bytes(with_residual, config) <= tuning.SHARED_MEMORY_BUDGET
+    assert all(c.block_m * c.block_n < 128 * 256 for c in candidates(with_residual, 132) if c.kernel == "tma")
+
+
 def test_cache_path_follows_kernl_cache_dir(tmp_path, monkeypatch):
     monkeypatch.setenv("KERNL_CACHE_DIR", str(tmp_path))
     assert cache_path("nvidia-h100") == tmp_path / "matmul-nvidia-h100.json"

@@ -134,6 +134,7 @@ def gemm(
         gated=b2 is not None,
         tma=tma_eligible(a, b, b2, batch),
         activation=activation,
+        residual=residual is not None,
     )
     stride_ab = a.stride(0) if a.shape[0] > 1 else 0
     stride_bb = b.stride(0) if b.shape[0] > 1 else 0
