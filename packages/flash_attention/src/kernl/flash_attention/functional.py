@@ -49,8 +49,8 @@ def _check_broadcastable(name: str, t, full: tuple[int, ...], device, allow_bool
     _check_tensor(name, t, dtypes, "bool or float16/bfloat16/float32" if allow_bool else "a float tensor")
     if t.device != device:
         raise ValueError(f"{name} is on {t.device} but q is on {device}")
-    shape = tuple(t.shape)
-    if len(shape) > 4 or any(s not in (1, f) for s, f in zip(shape, full[4 - len(shape) :], strict=True)):
+    shape, lead = tuple(t.shape), 4 - t.dim()  # aligned on the right, as broadcasting is
+    if lead < 0 or any(shape[i] not in (1, full[lead + i]) for i in range(len(shape))):
         raise ValueError(f"{name} of shape {tuple(t.shape)} does not broadcast to (B, H, Q, K) = {full}")
 
 
