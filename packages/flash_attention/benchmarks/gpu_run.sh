@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # One GPU session: tests (bf16 too; hypothesis without shrinking, $1 examples a test), benchmark, sweep.
+# Each test file runs on its own, with its own time limit, so a slow one cannot hide the others' reports.
 # Usage from the repo root: bash packages/flash_attention/benchmarks/gpu_run.sh [examples] [tests|bench|sweep ...]
 cd "$(dirname "$0")/../../.."
 export PYTHONUNBUFFERED=1 KERNL_TEST_DEVICE=cuda HYPOTHESIS_PROFILE=gpufast OUT="${OUT:-/tmp/out}"
@@ -7,15 +8,21 @@ export PYTHONPATH="$PWD/testing:$PWD/packages/flash_attention/src:$PWD/packages/
 mkdir -p "$OUT"
 examples="${1:-25}"; shift || true
 steps="${*:-tests bench sweep}"
-for step in $steps; do
-  case $step in
-    tests) timeout 120 python3 -c "
+run_tests() {  # $1: test file, $2: seconds
+  timeout "$2" python3 -c "
 import sys, pytest
 from hypothesis import HealthCheck, Phase, settings
 settings.register_profile('gpufast', max_examples=$examples, deadline=None, suppress_health_check=list(HealthCheck),
                           phases=[Phase.explicit, Phase.reuse, Phase.generate])
-sys.exit(pytest.main(['packages/flash_attention/tests', '-q', '--maxfail=6', '-p', 'no:cacheprovider']))
-" 2>&1 | tee "$OUT/tests.log" | tail -n 60 ;;
+sys.exit(pytest.main(['$1', '-v', '--tb=short', '-rf', '-p', 'no:cacheprovider']))
+" 2>&1 | tee -a "$OUT/tests.log" | grep -E "PASSED|FAILED|ERROR|^E |Error|passed|failed" | cut -c1-220 | tail -n 40
+}
+for step in $steps; do
+  case $step in
+    tests)
+      run_tests packages/flash_attention/tests/test_errors.py 40
+      run_tests packages/flash_attention/tests/test_torch_library.py 60
+      run_tests packages/flash_attention/tests/test_attention.py 150 ;;
     bench) timeout 120 python3 packages/flash_attention/benchmarks/bench_flash_attention.py 2>&1 | tee "$OUT/bench.log" ;;
     sweep) timeout 70 python3 packages/flash_attention/benchmarks/sweep_flash_attention_config.py 2>&1 | tee "$OUT/sweep.log" ;;
   esac

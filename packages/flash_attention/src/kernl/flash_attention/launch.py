@@ -127,7 +127,7 @@ def attention_forward(
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         HAS_BIAS=bias is not None, MASK_KIND=mask_kind, KPM_KIND=kpm_kind,
         HAS_CACHE_LEN=cache_len is not None, CAUSAL=causal,
-        SCAN_BLOCK=min(max(16, triton.next_power_of_2(n_k)), 4096), SPLIT=splits > 1,
+        SCAN_BLOCK=min(max(16, triton.next_power_of_2(n_k)), 4096 if q.is_cuda else 32), SPLIT=splits > 1,
         ACC_DTYPE=tl.float64 if wide else tl.float32,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
