@@ -66,6 +66,11 @@ def _check_key_padding(t, batch: int, n_k: int, device) -> None:
         raise ValueError(f"key_padding_mask is on {t.device} but q is on {device}")
 
 
+def _attention_op():
+    """The registered op when tracing (torch.compile), the plain implementation in eager mode."""
+    return torch.ops.kernl.attention if torch.compiler.is_compiling() else ops.attention_impl
+
+
 def _check_common(q, k, v, scale, bias, mask, key_padding_mask) -> float:
     _check_qkv(q, k, v)
     full = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
@@ -108,7 +113,7 @@ def attention(
     scale = _check_common(q, k, v, scale, bias, mask, key_padding_mask)
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
-    return torch.ops.kernl.attention(q, k, v, scale, bias, mask, key_padding_mask, None, causal)
+    return _attention_op()(q, k, v, scale, bias, mask, key_padding_mask, None, causal)
 
 
 def attention_decode(
@@ -147,9 +152,7 @@ def attention_decode(
         cache_len = None
     elif cache_len is not None:
         raise TypeError(f"cache_len must be an int or an integer tensor, got {type(cache_len).__name__}")
-    return torch.ops.kernl.attention(
-        q, k_cache, v_cache, scale, bias, mask, key_padding_mask, cache_len, False
-    )
+    return _attention_op()(q, k_cache, v_cache, scale, bias, mask, key_padding_mask, cache_len, False)
 
 
 __all__ = ["SUPPORTED_DTYPES", "attention", "attention_decode", "ops"]
