@@ -9,6 +9,7 @@ the new block's terms. At the end ``out = acc / l``, the exact softmax, with sco
 never written to memory. We work in base 2 (``exp2``, scores pre-multiplied by ``log2(e)``), and a row
 that has seen no visible key yet keeps ``m = -inf``: we subtract 0 instead, so ``exp2(-inf) = 0``
 and a row whose keys are all masked ends with ``l = 0`` and returns zeros, never NaN.
+Accumulation is fp32 for fp16/bf16 inputs; fp32 inputs are computed in fp64 (``ACC_DTYPE``).
 
 Work is split in two stages over the key range: the full blocks no boundary or causal diagonal can
 touch (no ``where`` on the scores), then the few edge blocks with every check. With ``SPLIT`` a
@@ -132,13 +133,13 @@ def _attn_fwd_kernel(
             p = tl.math.exp2(tl.math.fma(s, factor, -m_use[:, None]))
             alpha = tl.math.exp2(m_i - m_use)
             l_i = l_i * alpha + tl.sum(p, axis=1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])  # accumulates in the MMA
             m_i = m_new
 
     o_mask = row_ok[:, None] & d_ok[None, :]
-    if (
-        SPLIT
-    ):  # unnormalised partials: OUT is fp32 [B*H, splits, n_q, HEAD_DIM], PART_ML [B*H, splits, 2, n_q]
+    # Split-KV: unnormalised partials, OUT is [B*H, splits, n_q, HEAD_DIM] and PART_ML [B*H, splits, 2, n_q]
+    # in ACC_DTYPE; otherwise the normalised output in q's dtype.
+    if SPLIT:
         part = off_bh.to(tl.int64) * tl.num_programs(2) + split
         o_ptrs = OUT + part * n_q * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :]
         tl.store(o_ptrs, acc, mask=o_mask)
