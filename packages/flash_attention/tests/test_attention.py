@@ -14,6 +14,8 @@ from kernl_testing.strategies import dtypes, value_specs
 MAX_LEN = 600 if on_gpu() else 70
 HEAD_DIMS = [16, 32, 64, 80, 96, 128, 24, 8] if on_gpu() else [16, 32, 64, 24]
 QKV_LAYOUTS = ["contiguous", "padded_rows", "transposed", "hf_heads"]
+# The CPU examples are small and quick: three times the cpu profile's count for the main properties.
+more_on_cpu = settings(max_examples=60) if not on_gpu() else settings()
 
 
 def make_qkv(b, h, n_q, n_k, d, dtype, specs, layouts):
@@ -78,6 +80,7 @@ qkv_layouts = st.tuples(*[st.sampled_from(QKV_LAYOUTS)] * 3)
 qkv_specs = st.tuples(value_specs(), value_specs(), value_specs())
 
 
+@more_on_cpu
 @given(shape=shapes(), dtype=dtypes(), layouts=qkv_layouts, specs=qkv_specs, causal=st.booleans(),
        scale=st.sampled_from([None, 1.0, 0.3]))  # fmt: skip
 def test_attention_matches_reference(shape, dtype, layouts, specs, causal, scale):
@@ -113,6 +116,7 @@ def make_key_padding(kind, b, n_k, seed):
     return (torch.rand((b, n_k), generator=g) > 0.3).to(TEST_DEVICE)  # "scattered": not a prefix
 
 
+@more_on_cpu
 @given(shape=shapes(), dtype=dtypes(), layouts=qkv_layouts, specs=qkv_specs, causal=st.booleans(),
        bias_shape=st.sampled_from(["none", "1hqk", "b1qk", "qk"]),
        mask_kind=st.sampled_from(["none", "bool_b1qk", "bool_qk", "float_b1qk"]),
@@ -135,6 +139,7 @@ def test_masks_and_bias_match_reference(
     assert not torch.isnan(out).any()
 
 
+@more_on_cpu
 @given(b=st.integers(1, 3), h=st.integers(1, 3), n_q=st.integers(1, 4), n_k=st.integers(1, 4 * MAX_LEN),
        d=st.sampled_from(HEAD_DIMS), dtype=dtypes(), spec=value_specs(), data=st.data(),
        cache_len_kind=st.sampled_from(["none", "int", "scalar_tensor", "per_batch_tensor"]),
