@@ -1,6 +1,6 @@
 """Test support shared by every kernl package: device switch, hypothesis strategies, tolerance rule."""
 
-from kernl_testing.device import TEST_DEVICE, float_dtypes, on_gpu
+from kernl_testing.device import TEST_DEVICE, float_dtypes, needs_two_devices, on_gpu, other_device
 from kernl_testing.strategies import LAYOUTS, ValueSpec, layouts, make_tensor, value_specs
 from kernl_testing.tolerance import assert_matches_reference, tolerance_for
 
@@ -12,7 +12,9 @@ __all__ = [
     "float_dtypes",
     "layouts",
     "make_tensor",
+    "needs_two_devices",
     "on_gpu",
+    "other_device",
     "tolerance_for",
     "value_specs",
 ]

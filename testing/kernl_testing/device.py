@@ -7,6 +7,7 @@ anything imports triton, because the interpreter flag is read when kernels are d
 
 import os
 
+import pytest
 import torch
 
 TEST_DEVICE = os.environ.get("KERNL_TEST_DEVICE", "cpu")
@@ -31,3 +32,13 @@ def float_dtypes() -> list[torch.dtype]:
     """Dtypes a kernel is tested in here: bf16 only on the GPU (the interpreter computes it wrongly)."""
     dtypes = [torch.float32, torch.float16]
     return dtypes + [torch.bfloat16] if on_gpu() else dtypes
+
+
+def other_device() -> str:
+    """The device that is not the test device, for the "argument on another device" error tests."""
+    return "cpu" if TEST_DEVICE == "cuda" else "cuda"
+
+
+needs_two_devices = pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device to mix devices"
+)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from kernl.flash_attention import attention, attention_decode, attention_reference
-from kernl_testing import TEST_DEVICE
+from kernl_testing import TEST_DEVICE, needs_two_devices, other_device
 
 q = torch.randn(2, 3, 5, 16, device=TEST_DEVICE)
 kv = torch.randn(2, 3, 7, 16, device=TEST_DEVICE)
@@ -86,9 +86,9 @@ def test_bad_arguments_raise_clear_errors(call, error, message):
         call()
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device to mix devices")
+@needs_two_devices
 def test_device_mismatch_names_the_argument():
-    other = "cpu" if TEST_DEVICE == "cuda" else "cuda"
+    other = other_device()
     with pytest.raises(ValueError, match="k is on"):
         attention(q, kv.to(other), kv)
     with pytest.raises(ValueError, match="key_padding_mask is on"):

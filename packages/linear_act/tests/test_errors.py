@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from kernl.linear_act import gated_linear_act, linear_act
-from kernl_testing import TEST_DEVICE
+from kernl_testing import TEST_DEVICE, needs_two_devices, other_device
 
 x = torch.randn(4, 8, device=TEST_DEVICE)
 w = torch.randn(6, 8, device=TEST_DEVICE)
@@ -40,9 +40,9 @@ def test_bad_arguments_raise_clear_errors(call, error, message):
         call()
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device to mix devices")
+@needs_two_devices
 def test_device_mismatch_names_the_argument():
-    other = "cpu" if TEST_DEVICE == "cuda" else "cuda"
+    other = other_device()
     with pytest.raises(ValueError, match="bias is on"):
         linear_act(x, w, b.to(other))
 

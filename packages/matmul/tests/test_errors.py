@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from kernl.matmul import matmul
-from kernl_testing import TEST_DEVICE
+from kernl_testing import TEST_DEVICE, needs_two_devices, other_device
 
 a = torch.randn(4, 8, device=TEST_DEVICE)
 b = torch.randn(8, 5, device=TEST_DEVICE)
@@ -29,9 +29,9 @@ def test_bad_arguments_raise_clear_errors(call, error, message):
         call()
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device to mix devices")
+@needs_two_devices
 def test_device_mismatch_names_the_argument():
-    other = "cpu" if TEST_DEVICE == "cuda" else "cuda"
+    other = other_device()
     with pytest.raises(ValueError, match="b is on"):
         matmul(a, b.to(other))
 
