@@ -19,6 +19,20 @@ def arg(node: fx.Node, index: int, name: str, default=None):
     return node.kwargs.get(name, default)
 
 
+def replace_with_call(
+    gm: fx.GraphModule, last: fx.Node, function, args: tuple, dead: list[fx.Node]
+) -> fx.Node:
+    """Insert ``function(*args)`` before ``last``, route ``last``'s users to it, erase ``dead``
+    (the matched nodes, in graph order, ``last`` included) and return the new node."""
+    with gm.graph.inserting_before(last):
+        call = gm.graph.call_function(function, args)
+    call.meta = dict(last.meta)
+    last.replace_all_uses_with(call)
+    for node in reversed(dead):
+        gm.graph.erase_node(node)
+    return call
+
+
 def example(node) -> torch.Tensor | None:
     """The fake tensor dynamo recorded for ``node`` (shape, dtype, device), or None."""
     if not isinstance(node, fx.Node):

@@ -14,7 +14,15 @@ from torch import fx
 
 from kernl.integration.kernels import find
 from kernl.integration.rules import Rule
-from kernl.integration.rules._fx import arg, example, is_add, is_function, is_method, only_user
+from kernl.integration.rules._fx import (
+    arg,
+    example,
+    is_add,
+    is_function,
+    is_method,
+    only_user,
+    replace_with_call,
+)
 from kernl.integration.rules.attention_sdpa import attention_args, attention_call, qkv_ok
 
 MATMUL_TARGETS = (torch.matmul, operator.matmul)
@@ -93,12 +101,7 @@ def rewrite(gm: fx.GraphModule) -> int:
         q, k, v, scale, mask, chain = match
         additive = mask is not None and example(mask).dtype != torch.bool
         call_args = attention_args(gm, q, k, v, scale, mask, False, additive)
-        with gm.graph.inserting_before(node):
-            fused = gm.graph.call_function(attention_call, call_args)
-        fused.meta = dict(node.meta)
-        node.replace_all_uses_with(fused)
-        for dead in chain:
-            gm.graph.erase_node(dead)
+        replace_with_call(gm, node, attention_call, call_args, list(reversed(chain)))
         replaced += 1
     return replaced
 

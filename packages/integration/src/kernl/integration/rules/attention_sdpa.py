@@ -11,7 +11,7 @@ from torch import fx
 from kernl.integration import fallback
 from kernl.integration.kernels import find
 from kernl.integration.rules import Rule
-from kernl.integration.rules._fx import arg, autocast_dtype, cast_all, example, is_function
+from kernl.integration.rules._fx import arg, autocast_dtype, cast_all, example, is_function, replace_with_call
 from kernl.integration.rules._padding_mask import key_padding_node, key_padding_source
 
 SDPA_TARGETS = (torch.nn.functional.scaled_dot_product_attention,)
@@ -73,11 +73,7 @@ def rewrite(gm: fx.GraphModule) -> int:
             continue
         additive = mask is not None and example(mask).dtype != torch.bool
         call_args = attention_args(gm, q, k, v, scale, mask, causal, additive)
-        with gm.graph.inserting_before(node):
-            fused = gm.graph.call_function(attention_call, call_args)
-        fused.meta = dict(node.meta)
-        node.replace_all_uses_with(fused)
-        gm.graph.erase_node(node)
+        replace_with_call(gm, node, attention_call, call_args, [node])
         replaced += 1
     return replaced
 

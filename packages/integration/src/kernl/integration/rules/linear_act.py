@@ -21,6 +21,7 @@ from kernl.integration.rules._fx import (
     is_function,
     is_method,
     only_user,
+    replace_with_call,
     same_layout,
 )
 
@@ -113,13 +114,7 @@ def rewrite(gm: fx.GraphModule) -> int:
         if match is None:
             continue
         call_args, absorbed = match
-        last = absorbed[-1]
-        with gm.graph.inserting_before(last):
-            fused = gm.graph.call_function(linear_act_call, call_args)
-        fused.meta = dict(last.meta)
-        last.replace_all_uses_with(fused)
-        for dead in reversed(absorbed):
-            gm.graph.erase_node(dead)
+        replace_with_call(gm, absorbed[-1], linear_act_call, call_args, absorbed)
         replaced += 1
     return replaced
 
