@@ -99,6 +99,29 @@ def save_figure(figure, name: str) -> Path:
     return path
 
 
+def target_chart(records: list[dict], title: str):
+    """Bar chart of ``speedup_vs_torch`` per record (``group: case`` labels), red where ``met`` is False,
+    with each record's ``target_speedup`` drawn as a black tick."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(max(8, len(records) * 0.45), 4.5))
+    colors = ["tab:green" if r.get("met", True) else "tab:red" for r in records]
+    ax.bar(range(len(records)), [r["speedup_vs_torch"] for r in records], color=colors)
+    for i, r in enumerate(records):
+        if "target_speedup" in r:
+            ax.plot([i - 0.4, i + 0.4], [r["target_speedup"]] * 2, color="black", linewidth=1.5)
+    ax.axhline(1.0, color="grey", linewidth=0.8)
+    ax.set_xticks(
+        range(len(records)), [f"{r['group']}: {r['case']}" for r in records], rotation=80, fontsize=7
+    )
+    ax.set_ylabel("torch time / kernl time (black: target)")
+    ax.set_title(title)
+    return fig
+
+
 def _export(path: Path) -> None:
     out = os.environ.get("OUT")
     if out:

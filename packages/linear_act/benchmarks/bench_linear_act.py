@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from transformers.activations import NewGELUActivation
 
 from kernl.linear_act import gated_linear_act, linear_act
-from kernl_testing.benchmarking import median_ms, save_figure, write_results
+from kernl_testing.benchmarking import median_ms, save_figure, target_chart, write_results
 
 BERT = [(768, 2304), (768, 3072), (3072, 768)]  # (K, N)
 T5 = [(512, 2048), (768, 3072)]
@@ -129,30 +129,11 @@ def main() -> None:
             )
     payload = {"dtype": "float16", "timing": "triton.testing.do_bench median, L2 flushed", "results": records}
     write_results("linear_act", payload)
-    save_figure(chart(records), "linear_act")
+    save_figure(
+        target_chart(records, "linear_act: speedup over the torch composition (fp16, H100)"), "linear_act"
+    )
     payload["warmup_bert_layer_M1024"] = warmup_costs()
     write_results("linear_act", payload)
-
-
-def chart(records: list[dict]):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(max(8, len(records) * 0.4), 4.5))
-    colors = ["tab:green" if r.get("met", True) else "tab:red" for r in records]
-    ax.bar(range(len(records)), [r["speedup_vs_torch"] for r in records], color=colors)
-    for i, r in enumerate(records):
-        if "target_speedup" in r:
-            ax.plot([i - 0.4, i + 0.4], [r["target_speedup"]] * 2, color="black", linewidth=1.5)
-    ax.axhline(1.0, color="grey", linewidth=0.8)
-    ax.set_xticks(
-        range(len(records)), [f"{r['group']}: {r['case']}" for r in records], rotation=80, fontsize=7
-    )
-    ax.set_ylabel("torch time / kernl time (black: target)")
-    ax.set_title("linear_act: speedup over the torch composition (fp16, H100)")
-    return fig
 
 
 if __name__ == "__main__":

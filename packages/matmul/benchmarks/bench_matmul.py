@@ -10,7 +10,7 @@ Run: python packages/matmul/benchmarks/bench_matmul.py
 import torch
 
 from kernl.matmul import matmul
-from kernl_testing.benchmarking import median_ms, save_figure, write_results
+from kernl_testing.benchmarking import median_ms, save_figure, target_chart, write_results
 
 BERT = [(768, 2304), (768, 3072), (3072, 768)]  # (K, N)
 
@@ -93,28 +93,7 @@ def main() -> None:
                 + (f"  target x{target} {'met' if record['met'] else 'MISSED'}" if target else "")
             )
     write_results("matmul", {"timing": "triton.testing.do_bench median, L2 flushed", "results": records})
-    save_figure(chart(records, "matmul: speedup over torch (fp16 unless noted)"), "matmul")
-
-
-def chart(records: list[dict], title: str):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(max(8, len(records) * 0.5), 4.5))
-    colors = ["tab:green" if r.get("met", True) else "tab:red" for r in records]
-    ax.bar(range(len(records)), [r["speedup_vs_torch"] for r in records], color=colors)
-    for i, r in enumerate(records):
-        if "target_speedup" in r:
-            ax.plot([i - 0.4, i + 0.4], [r["target_speedup"]] * 2, color="black", linewidth=1.5)
-    ax.axhline(1.0, color="grey", linewidth=0.8)
-    ax.set_xticks(
-        range(len(records)), [f"{r['group']}: {r['case']}" for r in records], rotation=75, fontsize=7
-    )
-    ax.set_ylabel("torch time / kernl time (black: target)")
-    ax.set_title(title)
-    return fig
+    save_figure(target_chart(records, "matmul: speedup over torch (fp16 unless noted)"), "matmul")
 
 
 if __name__ == "__main__":
