@@ -5,9 +5,8 @@
 # Usage: bash testing/gpu_suite.sh [tests|bench|all] [extra pytest args]
 set -uo pipefail
 cd "$(dirname "$0")/.."
-PYTHONPATH="$PWD/testing:${PYTHONPATH:-}"
-for src in packages/*/src; do PYTHONPATH="$PWD/$src:$PYTHONPATH"; done
-export PYTHONPATH KERNL_TEST_DEVICE=cuda HYPOTHESIS_PROFILE="${HYPOTHESIS_PROFILE:-gpu}" PYTHONUNBUFFERED=1
+source testing/gpu_env.sh
+export KERNL_TEST_DEVICE=cuda HYPOTHESIS_PROFILE="${HYPOTHESIS_PROFILE:-gpu}"
 what="${1:-all}"; shift || true
 status=0
 if [[ "$what" == tests || "$what" == all ]]; then

@@ -1,0 +1,97 @@
+"""Where one kernl Bert-base forward spends its time: host work, graph replay, and each kernel.
+
+For each shape prints: the wall time of a full ``model(...)`` call (what ``kernl bench`` reports), the
+wall time of replaying its captured CUDA graph alone, the GPU time of that replay (CUDA events), and
+the kernels of one forward (rewritten graph without CUDA graph, profiler): count and mean time each.
+The gap between call and replay is host work (TorchDynamo guards, bucketing, output copies); the gap
+between replay GPU time and the kernels' sum is launch spacing inside the graph.
+Run: python packages/integration/benchmarks/profile_forward.py [BxS ...]   (default 1x16 1x128 32x512)
+"""
+
+import copy
+import gc
+import statistics
+import sys
+import time
+
+import torch
+from transformers import BertConfig, BertModel
+
+from kernl.integration import optimize_model
+from kernl.integration.bench.gpu import inputs
+from kernl.integration.cuda_graphs import CudaGraphRunner
+
+
+def wall_ms(fn, reps: int = 50) -> float:
+    times = []
+    for _ in range(reps):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def gpu_ms(fn, reps: int = 50) -> float:
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda._sleep(100_000)  # the host runs ahead: only GPU time between the events
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def kernel_table(model, ids, mask) -> list[tuple[str, int, float]]:
+    """(kernel name, launches per forward, mean us) of one forward without CUDA graphs."""
+    work = copy.deepcopy(model)
+    optimize_model(work, cuda_graphs=False)
+    with torch.inference_mode():
+        for _ in range(3):
+            work(input_ids=ids, attention_mask=mask)
+        torch.cuda.synchronize()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for _ in range(5):
+                work(input_ids=ids, attention_mask=mask)
+            torch.cuda.synchronize()
+    rows = []
+    for event in prof.key_averages():
+        total = getattr(event, "device_time_total", 0)
+        if total > 0 and event.count >= 5:
+            rows.append((event.key[:60], event.count // 5, total / event.count))
+    return sorted(rows, key=lambda r: -r[1] * r[2])
+
+
+def main() -> None:
+    shapes = [tuple(map(int, s.split("x"))) for s in sys.argv[1:]] or [(1, 16), (1, 128), (32, 512)]
+    torch.manual_seed(0)
+    base = BertModel(BertConfig()).to("cuda", torch.float16).eval()
+    for batch, seq in shapes:
+        torch._dynamo.reset()
+        model = copy.deepcopy(base)
+        optimize_model(model)
+        ids, mask = inputs(batch, seq, base.config.vocab_size)
+        with torch.inference_mode():
+            for _ in range(3):
+                model(input_ids=ids, attention_mask=mask)
+            call = wall_ms(lambda: model(input_ids=ids, attention_mask=mask))
+        gc.collect()
+        runner = next(o for o in gc.get_objects() if isinstance(o, CudaGraphRunner) and o.graph is not None)
+        replay_wall = wall_ms(runner.graph.replay)
+        replay_gpu = gpu_ms(runner.graph.replay)
+        rows = kernel_table(base, ids, mask)
+        kernels = sum(n * us for _, n, us in rows) / 1e3
+        print(f"== {batch}x{seq}: call {call:.3f} ms | replay wall {replay_wall:.3f} ms | replay GPU "
+              f"{replay_gpu:.3f} ms | kernels {kernels:.3f} ms in {sum(n for _, n, _ in rows)} launches")  # fmt: skip
+        for name, count, us in rows[:12]:
+            print(f"   {count:4d} x {us:8.1f} us  {name}")
+        del model, runner
+        gc.collect()
+
+
+if __name__ == "__main__":
+    main()
