@@ -19,7 +19,6 @@ from transformers import BertConfig, BertModel
 
 from kernl.integration import optimize_model
 from kernl.integration.bench.gpu import inputs
-from kernl.integration.cuda_graphs import CudaGraphRunner
 
 
 def wall_ms(fn, reps: int = 50) -> float:
@@ -66,30 +65,32 @@ def kernel_table(model, ids, mask) -> list[tuple[str, int, float]]:
     return sorted(rows, key=lambda r: -r[1] * r[2])
 
 
+def profile(base, batch: int, seq: int) -> None:
+    """Print the call / replay / kernel split of one kernl forward at ``(batch, seq)``."""
+    torch._dynamo.reset()
+    model = copy.deepcopy(base)
+    optimize_model(model)
+    ids, mask = inputs(batch, seq, base.config.vocab_size)
+    with torch.inference_mode():
+        for _ in range(3):
+            model(input_ids=ids, attention_mask=mask)
+        call = wall_ms(lambda: model(input_ids=ids, attention_mask=mask))
+    graph = next(iter(model.kernl_cuda_graphs.captures.values())).graph
+    replay_wall, replay_gpu = wall_ms(graph.replay), gpu_ms(graph.replay)
+    rows = kernel_table(base, ids, mask)
+    kernels = sum(n * us for _, n, us in rows) / 1e3
+    print(f"== {batch}x{seq}: call {call:.3f} ms | replay wall {replay_wall:.3f} ms | replay GPU "
+          f"{replay_gpu:.3f} ms | kernels {kernels:.3f} ms in {sum(n for _, n, _ in rows)} launches")  # fmt: skip
+    for name, count, us in rows[:12]:
+        print(f"   {count:4d} x {us:8.1f} us  {name}")
+
+
 def main() -> None:
     shapes = [tuple(map(int, s.split("x"))) for s in sys.argv[1:]] or [(1, 16), (1, 128), (32, 512)]
     torch.manual_seed(0)
     base = BertModel(BertConfig()).to("cuda", torch.float16).eval()
     for batch, seq in shapes:
-        torch._dynamo.reset()
-        model = copy.deepcopy(base)
-        optimize_model(model)
-        ids, mask = inputs(batch, seq, base.config.vocab_size)
-        with torch.inference_mode():
-            for _ in range(3):
-                model(input_ids=ids, attention_mask=mask)
-            call = wall_ms(lambda: model(input_ids=ids, attention_mask=mask))
-        gc.collect()
-        runner = next(o for o in gc.get_objects() if isinstance(o, CudaGraphRunner) and o.graph is not None)
-        replay_wall = wall_ms(runner.graph.replay)
-        replay_gpu = gpu_ms(runner.graph.replay)
-        rows = kernel_table(base, ids, mask)
-        kernels = sum(n * us for _, n, us in rows) / 1e3
-        print(f"== {batch}x{seq}: call {call:.3f} ms | replay wall {replay_wall:.3f} ms | replay GPU "
-              f"{replay_gpu:.3f} ms | kernels {kernels:.3f} ms in {sum(n for _, n, _ in rows)} launches")  # fmt: skip
-        for name, count, us in rows[:12]:
-            print(f"   {count:4d} x {us:8.1f} us  {name}")
-        del model, runner
+        profile(base, batch, seq)
         gc.collect()
 
 

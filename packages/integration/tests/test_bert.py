@@ -51,6 +51,8 @@ def test_bert_matches_hugging_face(kit, dtype, attn_implementation, masking):
             # padded to the bucket: the mask comes from attention_mask and reaches the kernel as [B, K]
             assert report.graphs[graph].attention_masks == {"key padding [B, K]": LAYERS}
     assert report.graphs[0].fired["dropout"] >= 2 * LAYERS + 1
+    if find("linear_act") is not None:  # each layer's Q, K, V: one launch on back-to-back weights
+        assert report.graphs[0].fired["fused_projections"] == LAYERS
 
 
 def test_length_on_a_bucket_and_no_mask_needs_no_padding(kit):

@@ -1,5 +1,7 @@
 """Each rule on small TorchDynamo graphs: the spellings it must match, and what it must leave alone."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -141,3 +143,46 @@ def test_a_failing_kernel_call_runs_as_pytorch_and_is_remembered(monkeypatch):
         assert torch.equal(fallback.call("test_kernel", broken, torch.neg, x), -x)
     assert torch.equal(fallback.call("test_kernel", broken, torch.neg, x), -x)
     assert len(calls) == 1 and any("test_kernel" in line for line in fallback.summary())
+
+
+@pytest.mark.skipif(find("linear_act") is None, reason="needs kernl.linear_act")
+def test_projections_of_one_input_become_one_call_on_back_to_back_weights():
+    torch.manual_seed(0)
+    q, k, v = (torch.nn.Linear(24, width) for width in (24, 24, 8))
+    out = torch.nn.Linear(24, 24)
+    weights = [q.weight, k.weight, v.weight]
+
+    def projections(x, modules=(q, k, v, out)):
+        q_, k_, v_, out_ = modules
+        return q_(x) * 2, k_(x).relu(), v_(x), out_(x)
+
+    x = torch.randn(2, 5, 24)
+    in_fp64 = [copy.deepcopy(m).double() for m in (q, k, v, out)]
+    with torch.no_grad():
+        expected, peer = projections(x.double(), in_fp64), projections(x)
+        record, gm, compiled = rewritten(projections, x)
+        # k has its relu fused: q, v and out (plain, same input) merge into one call
+        assert record.fired["fused_projections"] == 1 and record.fired["linear_act"] == 4
+        for actual, reference, same in zip(compiled(x), expected, peer, strict=True):
+            assert_matches_reference(actual, reference, same)
+    # the weights now lie back to back in one buffer, same parameters, values unchanged
+    assert [w is p for w, p in zip(weights, (q.weight, k.weight, v.weight), strict=True)] == [True] * 3
+    assert q.weight.untyped_storage().data_ptr() == v.weight.untyped_storage().data_ptr()
+    assert q.weight.untyped_storage().data_ptr() == out.weight.untyped_storage().data_ptr()
+
+
+def test_stacked_rows_is_a_view_once_parameters_are_laid_out():
+    from kernl.integration.rules.fused_projections import stacked_rows
+
+    parts = [torch.nn.Parameter(torch.randn(rows, 6)) for rows in (3, 5, 2)]
+    expected = torch.cat([p.detach().clone() for p in parts])
+    first = stacked_rows(*parts)
+    second = stacked_rows(*parts)
+    assert torch.equal(first, expected) and torch.equal(second, expected)
+    assert second.data_ptr() == parts[0].data_ptr()  # a view: no copy per call
+    with torch.no_grad():
+        parts[1].mul_(2)  # in-place updates of a parameter show through the stacked view
+    assert torch.equal(stacked_rows(*parts)[3:8], parts[1])
+    plain = [torch.randn(2, 4), torch.randn(3, 4)]  # not parameters: concatenated, left where they are
+    assert torch.equal(stacked_rows(*plain), torch.cat(plain))
+    assert plain[1].untyped_storage().data_ptr() != plain[0].untyped_storage().data_ptr()

@@ -1,7 +1,8 @@
-"""The TorchDynamo backend: apply the FX rules to each graph, then run it under CUDA graphs on CUDA.
+"""The TorchDynamo backend: apply the FX rules to each graph TorchDynamo hands it.
 
 Anything the backend cannot handle runs as plain PyTorch: a rule that raises leaves the graph as
-TorchDynamo gave it (the error goes in the report), a failed CUDA-graph capture runs the graph directly.
+TorchDynamo gave it (the error goes in the report). CUDA graphs wrap the whole forward, outside the
+backend (:mod:`kernl.integration.cuda_graphs`).
 """
 
 from collections import Counter
@@ -9,18 +10,18 @@ from collections import Counter
 import torch
 from torch import fx
 
-from kernl.integration.cuda_graphs import CudaGraphRunner
 from kernl.integration.kernels import find, qualified_name
 from kernl.integration.report import GraphRecord, OptimizationReport, kept_as_pytorch
 from kernl.integration.rules import RULES
 from kernl.integration.rules.attention_sdpa import attention_call
 
 
-def _describe_inputs(example_inputs, static: set[int]) -> str:
+def _describe_inputs(example_inputs, static_ids: set[int]) -> str:
+    """The graph's tensor inputs other than the model's weights, e.g. ``[1x16 int64, 1x16 int64] on cuda:0``."""
     shapes = [
         f"{'x'.join(map(str, t.shape)) or 'scalar'} {str(t.dtype).removeprefix('torch.')}"
-        for i, t in enumerate(example_inputs)
-        if i not in static and isinstance(t, torch.Tensor)
+        for t in example_inputs
+        if isinstance(t, torch.Tensor) and id(t) not in static_ids
     ]
     device = next((t.device for t in example_inputs if isinstance(t, torch.Tensor)), "cpu")
     return f"[{', '.join(shapes)}] on {device}"
@@ -67,27 +68,19 @@ def attention_masks(gm: fx.GraphModule) -> dict[str, int]:
 
 
 class KernlBackend:
-    """``torch.compile(fn, backend=KernlBackend(...))``: rules, then CUDA graphs when on CUDA.
+    """``torch.compile(fn, backend=KernlBackend(report, weights))``: each graph rewritten by the rules.
 
-    ``static_tensors``: the model's parameters and buffers; graph inputs among them keep their storage
-    between calls, so a CUDA graph reads them in place.
+    ``static_tensors``: the model's parameters and buffers (left out of the report's input lists).
     """
 
-    def __init__(self, report: OptimizationReport, static_tensors=(), cuda_graphs: bool = True):
+    def __init__(self, report: OptimizationReport, static_tensors=()):
         self.report = report
         self.static_ids = {id(t) for t in static_tensors}
-        self.cuda_graphs = cuda_graphs
-        self.pool = None
 
     def __call__(self, gm: fx.GraphModule, example_inputs):
-        static = [i for i, t in enumerate(example_inputs) if id(t) in self.static_ids]
-        record = GraphRecord(inputs=_describe_inputs(example_inputs, set(static)))
+        record = GraphRecord(inputs=_describe_inputs(example_inputs, self.static_ids))
         self.report.graphs.append(record)
         work = rewrite_graph(gm, record)
         on_cuda = any(isinstance(t, torch.Tensor) and t.is_cuda for t in example_inputs)
-        if on_cuda and self.cuda_graphs:
-            if self.pool is None:  # one pool for every graph of this model; the backend keeps it alive
-                self.pool = torch.cuda.graph_pool_handle()
-            return CudaGraphRunner(work.forward, gm.forward, static, record, self.pool)
         record.runs_as = "rewritten graph, no CUDA graph" + (" (Triton interpreter)" if not on_cuda else "")
         return work.forward

@@ -1,84 +1,125 @@
-"""Run a rewritten graph under CUDA graphs: one capture per compiled graph, one memory pool per model.
+"""Run the whole optimized forward under CUDA graphs: one capture per input signature, one pool per model.
 
-TorchDynamo (``dynamic=False``) compiles one graph per input shape; ``optimize_model`` pads sequence
-lengths up to a few buckets, so there is one graph, and one capture, per (batch, bucket).
+The captured region is the full ``forward`` (TorchDynamo's compiled graphs with kernl's kernels, and the
+PyTorch code between them), so a replay costs one graph launch plus the input copies: TorchDynamo's
+guards and the Python of ``forward`` run only while capturing. That is safe because the capture is
+keyed by everything the guards would look at that can change between calls: each tensor argument's
+shape, dtype and device, every other argument's value, and the autocast state; and because before
+each replay the model's parameters and buffers are checked to still live where the graph reads them
+(a replaced parameter, or ``model.half()`` after ``optimize_model``, drops every graph).
 
-Memory: every capture of one optimized model allocates from one pool (``torch.cuda.graph_pool_handle()``,
-held by the backend). Graphs are never replayed concurrently and each copies its outputs out after
-replay, so the intermediates of one capture reuse the blocks earlier captures freed: the pool grows to
-about the largest graph's working set plus each graph's (small) static inputs and outputs, not the sum
-of all working sets.
+Memory: every capture of one model allocates from one pool (``torch.cuda.graph_pool_handle()``).
+Graphs never replay concurrently and outputs are copied out after each replay, so a capture's
+intermediates reuse the blocks earlier captures freed: the pool grows to about the largest graph's
+working set plus each graph's small static inputs and outputs, not the sum of all working sets.
 """
 
-import operator
 import time
+from dataclasses import dataclass
 
 import torch
 
+from kernl.integration.report import OptimizationReport
 
-class CudaGraphRunner:
-    """Callable that replays ``fn`` (the rewritten graph) from a CUDA graph captured on the first call.
 
-    ``static`` holds the indices of inputs that keep their storage between calls (the model's weights
-    and buffers): the graph reads them in place. The other inputs are copied into static buffers on
-    each call. Outputs are copied out of the pool, so callers may keep them across calls.
-    A different weight tensor in a static slot triggers a new capture. When ``fn`` raises during the
-    warm-up, ``original`` (the graph as TorchDynamo gave it) is captured instead; when capturing fails,
-    the graph runs without a CUDA graph. Either way the reason goes to ``record.error``.
+def map_tensors(fn, value):
+    """``value`` with ``fn`` applied to every tensor inside (tuples, lists, dicts, ModelOutputs)."""
+    if isinstance(value, torch.Tensor):
+        return fn(value)
+    if isinstance(value, dict):  # transformers' ModelOutput is an OrderedDict subclass
+        return type(value)(**{k: map_tensors(fn, v) for k, v in value.items()})
+    if isinstance(value, (tuple, list)):
+        return type(value)(map_tensors(fn, v) for v in value)
+    return value
+
+
+def _tensors(args: tuple, kwargs: dict) -> list:
+    return [v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor)]
+
+
+@dataclass
+class _Capture:
+    graph: torch.cuda.CUDAGraph | None  # None: capturing failed, this signature runs without a graph
+    tensors: list  # the static input tensors the graph reads, in argument order
+    outputs: object = None
+
+
+class ForwardGraphs:
+    """``runner(*args, **kwargs)``: ``forward(*args, **kwargs)`` replayed from a CUDA graph captured per signature.
+
+    ``model`` owns the parameters and buffers the graphs read in place. The first call of a signature
+    warms up (two plain calls on a side stream: compilation and autotuning), then captures; a capture
+    that fails leaves that signature running ``forward`` directly, with the reason in the report.
     """
 
-    def __init__(self, fn, original, static: list[int], record, pool):
-        self.fn, self.original, self.record, self.pool = fn, original, record, pool
-        self.static_indices = static
-        pick = operator.itemgetter(*static) if static else None
-        self.pick_static = lambda args: (pick(args) if len(static) > 1 else (pick(args),)) if pick else ()
-        self.graph = None
-        self.failed = False
-
-    def __call__(self, *args):
-        if self.failed:
-            return self.fn(*args)
-        if self.graph is None or not all(map(operator.is_, self.pick_static(args), self.static_args)):
-            self._capture(args)
-            if self.failed:
-                return self.fn(*args)
-        for index in self.dynamic_indices:
-            self.inputs[index].copy_(args[index])
-        self.graph.replay()
-        return tuple(o.clone() if isinstance(o, torch.Tensor) else o for o in self.outputs)
-
-    def _warm_up(self, device) -> None:
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):
-            for _ in range(2):  # compiles and autotunes the kernels outside the capture
-                self.fn(*self.inputs)
-        torch.cuda.current_stream(device).wait_stream(side)
-
-    def _capture(self, args) -> None:
-        start = time.perf_counter()
-        static = set(self.static_indices)
-        self.dynamic_indices = [
-            i for i, a in enumerate(args) if i not in static and isinstance(a, torch.Tensor)
+    def __init__(self, forward, model: torch.nn.Module, report: OptimizationReport):
+        self.forward, self.report = forward, report
+        self.slots = [(m._parameters, n) for m in model.modules() for n in m._parameters] + [
+            (m._buffers, n) for m in model.modules() for n in m._buffers
         ]
-        self.inputs = [a.clone() if i in self.dynamic_indices else a for i, a in enumerate(args)]
-        self.static_args = self.pick_static(args)
-        device = next(a.device for a in args if isinstance(a, torch.Tensor))
+        self.addresses = self._addresses()
+        self.captures: dict[tuple, _Capture] = {}
+        self.pool = torch.cuda.graph_pool_handle()
+
+    def _addresses(self) -> list[int]:
+        return [0 if owner[name] is None else owner[name].data_ptr() for owner, name in self.slots]
+
+    @staticmethod
+    def signature(args: tuple, kwargs: dict) -> tuple | None:
+        """What a capture depends on; ``None`` when an argument cannot be part of a key (unhashable)."""
+        parts = [torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")]
+        for name, value in [*enumerate(args), *kwargs.items()]:
+            if isinstance(value, torch.Tensor):
+                parts.append((name, value.shape, value.dtype, value.device))
+            elif value is None or isinstance(value, (bool, int, float, str)):
+                parts.append((name, value))
+            else:
+                return None
+        return tuple(parts)
+
+    def __call__(self, *args, **kwargs):
+        key = self.signature(args, kwargs)
+        if key is None:
+            return self.forward(*args, **kwargs)
+        if self._addresses() != self.addresses:  # parameters moved: every graph reads stale memory
+            self.captures.clear()
+            self.addresses = self._addresses()
+        capture = self.captures.get(key)
+        if capture is None:
+            capture = self.captures[key] = self._capture(args, kwargs)
+        if capture.graph is None:
+            return self.forward(*args, **kwargs)
+        for static, value in zip(capture.tensors, _tensors(args, kwargs), strict=True):
+            static.copy_(value)
+        capture.graph.replay()
+        return map_tensors(torch.Tensor.clone, capture.outputs)
+
+    def _capture(self, args: tuple, kwargs: dict) -> _Capture:
+        start, first_record = time.perf_counter(), len(self.report.graphs)
+        args, kwargs = map_tensors(torch.Tensor.clone, (args, kwargs))
+        capture = _Capture(graph=None, tensors=_tensors(args, kwargs))
+        error = None
         try:
-            try:
-                self._warm_up(device)
-            except Exception as error:  # noqa: BLE001 - the kernels failed: run the graph as PyTorch
-                self.record.error = f"kernels failed ({type(error).__name__}: {error}); graph runs as PyTorch"
-                self.fn = self.original
-                self._warm_up(device)
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(2):  # compiles and autotunes outside the capture
+                    self.forward(*args, **kwargs)
+            torch.cuda.current_stream().wait_stream(side)
+            if self._addresses() != self.addresses:  # the warm-up moved weights (fused projections)
+                self.captures.clear()
+                self.addresses = self._addresses()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self.pool):
-                outputs = self.fn(*self.inputs)
-            torch.cuda.synchronize(device)
-            self.graph, self.outputs = graph, outputs  # an earlier graph is released only now
-            self.record.runs_as = "CUDA graph"
-        except Exception as error:  # noqa: BLE001 - anything the capture cannot handle runs as is
-            self.failed = True
-            self.record.runs_as = "PyTorch (no CUDA graph)"
-            self.record.error = f"CUDA graph capture failed: {type(error).__name__}: {error}"
-        self.record.warmup_s = time.perf_counter() - start
+                capture.outputs = self.forward(*args, **kwargs)
+            torch.cuda.synchronize()
+            capture.graph = graph
+        except Exception as failure:  # noqa: BLE001 - anything a capture cannot handle runs without one
+            error = f"CUDA graph capture failed ({type(failure).__name__}: {failure}); runs without"
+        for record in self.report.graphs[first_record:]:
+            record.runs_as = (
+                "CUDA graph (whole forward)" if error is None else "rewritten graph, no CUDA graph"
+            )
+            record.warmup_s = time.perf_counter() - start
+            record.error = record.error or error
+        return capture

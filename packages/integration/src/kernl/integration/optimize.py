@@ -1,9 +1,11 @@
 """``optimize_model``: install kernl in place on a Hugging Face Bert-family model.
 
-The model's ``forward`` becomes: pad the sequence to a bucket length (padding is masked out), call the
-``torch.compile``d forward (TorchDynamo, ``dynamic=False``, :class:`~kernl.integration.backend.KernlBackend`),
-and cut the outputs back to the caller's length. One graph is compiled and captured per
-(batch, bucket), so a stream of many sequence lengths costs a bounded number of warm-ups.
+The model's ``forward`` becomes: pad the sequence to a bucket length (padding is masked out), replay
+the CUDA graph of the ``torch.compile``d forward for that input signature
+(TorchDynamo, ``dynamic=False``, :class:`~kernl.integration.backend.KernlBackend`;
+:class:`~kernl.integration.cuda_graphs.ForwardGraphs`), and cut the outputs back to the caller's
+length. One graph is compiled and captured per (batch, bucket), so a stream of many sequence lengths
+costs a bounded number of warm-ups.
 """
 
 import inspect
@@ -13,6 +15,7 @@ import warnings
 import torch
 
 from kernl.integration.backend import KernlBackend
+from kernl.integration.cuda_graphs import ForwardGraphs
 from kernl.integration.report import OptimizationReport
 
 DEFAULT_BUCKETS = (16, 32, 64, 128, 256, 384, 512)
@@ -124,9 +127,11 @@ def optimize_model(model: torch.nn.Module, *, buckets=DEFAULT_BUCKETS, cuda_grap
     buckets = tuple(sorted(buckets))
     _raise_recompile_limit(64)
     static = [*model.parameters(), *model.buffers()]
-    backend = KernlBackend(report, static, cuda_graphs=cuda_graphs)
+    backend = KernlBackend(report, static)
     original = model.forward
     compiled = torch.compile(original, backend=backend, dynamic=False)
+    if device.type == "cuda" and cuda_graphs:
+        compiled = model.kernl_cuda_graphs = ForwardGraphs(compiled, model, report)
     pad_id = getattr(model.config, "pad_token_id", None) or 0
     model.forward = _padded_call(compiled, inspect.signature(original), buckets, pad_id)
     model.kernl_original_forward = original

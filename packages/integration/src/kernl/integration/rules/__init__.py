@@ -23,9 +23,23 @@ class Rule:
 
 
 def _rules() -> list[Rule]:
-    from kernl.integration.rules import attention_eager, attention_sdpa, dropout, layer_norm, linear_act
+    from kernl.integration.rules import (
+        attention_eager,
+        attention_sdpa,
+        dropout,
+        fused_projections,
+        layer_norm,
+        linear_act,
+    )
 
-    return [dropout.RULE, attention_sdpa.RULE, attention_eager.RULE, linear_act.RULE, layer_norm.RULE]
+    return [
+        dropout.RULE,
+        attention_sdpa.RULE,
+        attention_eager.RULE,
+        linear_act.RULE,
+        fused_projections.RULE,
+        layer_norm.RULE,
+    ]
 
 
 RULES: list[Rule] = _rules()

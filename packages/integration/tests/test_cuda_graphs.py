@@ -1,0 +1,66 @@
+"""The whole-forward CUDA graphs: what a capture is keyed by, and that replays stay correct when
+inputs, arguments or weights change."""
+
+import copy
+
+import pytest
+import torch
+from transformers import BertConfig, BertModel
+
+from kernl.integration import optimize_model
+from kernl.integration.cuda_graphs import ForwardGraphs, map_tensors
+from kernl_testing import assert_matches_reference, on_gpu
+
+
+def test_signature_covers_shapes_dtypes_and_plain_arguments():
+    ids = torch.zeros(2, 16, dtype=torch.long)
+    key = ForwardGraphs.signature((ids,), {"attention_mask": ids, "output_hidden_states": False})
+    assert key == ForwardGraphs.signature(
+        (ids.clone(),), {"attention_mask": ids, "output_hidden_states": False}
+    )
+    assert key != ForwardGraphs.signature((ids[:1],), {"attention_mask": ids, "output_hidden_states": False})
+    assert key != ForwardGraphs.signature(
+        (ids,), {"attention_mask": ids.int(), "output_hidden_states": False}
+    )
+    assert key != ForwardGraphs.signature((ids,), {"attention_mask": ids, "output_hidden_states": True})
+    assert ForwardGraphs.signature((ids,), {"head_mask": [1, 2]}) is None  # unhashable: runs without a graph
+
+
+def test_map_tensors_keeps_the_structure():
+    value = {"a": torch.ones(2), "b": (torch.zeros(1), None, 3)}
+    doubled = map_tensors(lambda t: t * 2, value)
+    assert torch.equal(doubled["a"], torch.full((2,), 2.0)) and doubled["b"][1:] == (None, 3)
+
+
+@pytest.mark.skipif(not on_gpu(), reason="CUDA graphs need a GPU")
+def test_replays_follow_inputs_arguments_and_weights(kit):
+    model = kit.build(BertModel, kit.tiny_config(BertConfig))
+    reference = copy.deepcopy(model).double()
+    optimized = copy.deepcopy(model).to("cuda", torch.float16)
+    peer = copy.deepcopy(model).to("cuda", torch.float16)
+    report = optimize_model(optimized)
+
+    def check(ids, mask, **kwargs):
+        with torch.inference_mode():
+            expected = reference(input_ids=ids, attention_mask=mask, **kwargs)
+            same = peer(input_ids=ids.cuda(), attention_mask=mask.cuda(), **kwargs)
+            actual = optimized(input_ids=ids.cuda(), attention_mask=mask.cuda(), **kwargs)
+        assert_matches_reference(actual.last_hidden_state, expected.last_hidden_state, same.last_hidden_state)
+        return actual
+
+    first = check(*kit.padded_batch(2, 16, [16, 5], vocab=120, seed=1))
+    kept = first.last_hidden_state.clone()
+    check(*kit.padded_batch(2, 16, [9, 16], vocab=120, seed=2))  # same graph, new inputs
+    assert torch.equal(first.last_hidden_state, kept)  # outputs are copies: the replay did not overwrite them
+    assert report.graphs[0].runs_as == "CUDA graph (whole forward)", str(report)
+    hidden = check(*kit.padded_batch(2, 16, [16, 3], vocab=120, seed=3), output_hidden_states=True)
+    assert len(hidden.hidden_states) == 3  # another argument: another capture
+    for target in (reference, peer, optimized):  # weights changed in place: the graph reads them in place
+        with torch.no_grad():
+            target.encoder.layer[0].attention.self.query.weight.mul_(0.5)
+            target.encoder.layer[1].output.dense.bias.add_(0.25)
+    check(*kit.padded_batch(2, 16, [16, 5], vocab=120, seed=4))
+    for target in (reference, peer, optimized):  # a parameter replaced: the graphs are captured again
+        dense = target.pooler.dense
+        dense.weight = torch.nn.Parameter(dense.weight.detach().flip(0).clone(), requires_grad=False)
+    check(*kit.padded_batch(2, 16, [16, 5], vocab=120, seed=5))
