@@ -106,7 +106,7 @@ def _attn_fwd_kernel(
             if ACC_DTYPE == tl.float64:
                 k = k.to(tl.float64)
                 v = v.to(tl.float64)
-            s = tl.dot(q, k)  # raw q.k, or scaled scores plus the bias
+            s = tl.dot(q, k, out_dtype=ACC_DTYPE)  # raw q.k, or scaled scores plus the bias
             tile_ok = row_ok[:, None] if stage == 0 else row_ok[:, None] & col_ok[None, :]
             if HAS_BIAS or MASK_KIND == 2:
                 add = tl.zeros([BLOCK_M, BLOCK_N], ACC_DTYPE)
@@ -133,7 +133,7 @@ def _attn_fwd_kernel(
             p = tl.math.exp2(tl.math.fma(s, factor, -m_use[:, None]))
             alpha = tl.math.exp2(m_i - m_use)
             l_i = l_i * alpha + tl.sum(p, axis=1)
-            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])  # accumulates in the MMA
+            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], out_dtype=ACC_DTYPE)  # accumulates in the MMA
             m_i = m_new
 
     o_mask = row_ok[:, None] & d_ok[None, :]
