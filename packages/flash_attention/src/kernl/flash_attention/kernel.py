@@ -133,7 +133,9 @@ def _attn_fwd_kernel(
             p = tl.math.exp2(tl.math.fma(s, factor, -m_use[:, None]))
             alpha = tl.math.exp2(m_i - m_use)
             l_i = l_i * alpha + tl.sum(p, axis=1)
-            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], out_dtype=ACC_DTYPE)  # accumulates in the MMA
+            acc = tl.dot(
+                p.to(v.dtype), v, acc * alpha[:, None], out_dtype=ACC_DTYPE
+            )  # accumulates in the MMA
             m_i = m_new
 
     o_mask = row_ok[:, None] & d_ok[None, :]

@@ -86,7 +86,11 @@ def _activation(node: fx.Node, source: fx.Node) -> str | None:
 def _match(node: fx.Node):
     x, weight, bias = arg(node, 0, "input"), arg(node, 1, "weight"), arg(node, 2, "bias")
     w, ex = example(weight), example(x)
-    if w is None or ex is None or w.dim() != 2 or ex.dim() < 2 or ex.dtype != w.dtype:
+    # x and the weight may differ in dtype only under autocast (fp16 activations, fp32 weights):
+    # the call casts both to the autocast dtype, as F.linear does there
+    if w is None or ex is None or w.dim() != 2 or ex.dim() < 2:
+        return None
+    if not (ex.dtype.is_floating_point and w.dtype.is_floating_point):
         return None
     if bias is not None and example(bias) is None:
         return None
