@@ -77,8 +77,8 @@ def test_activation_tails_and_nan(activation):
     x = torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0], [0.0, 0.0, 0.0, 1.0]])
     values = torch.tensor([-200.0, -30.0, -9.0, -1e-4, 0.0, 1e-4, 3.0, 9.0, 30.0, 200.0, float("nan")])
     weight = values[:, None] * torch.ones(1, k)
-    x = make_tensor((4, k), torch.float32, ValueSpec(0, 0.0, 0.0)) + x.to(weight.device)
-    weight = weight.to(x.device)
+    zeros = make_tensor((4, k), torch.float32, ValueSpec(0, 0.0, 0.0))  # on the test device
+    x, weight = zeros + x.to(zeros.device), weight.to(zeros.device)
     out = linear_act(x, weight, None, activation)
     reference = linear_act_reference(x.double(), weight.double(), None, activation)
     assert_matches_reference(out, reference, _torch_unfused(x, weight, None, activation, None))

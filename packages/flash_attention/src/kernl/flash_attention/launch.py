@@ -98,6 +98,10 @@ def attention_forward(
     out = torch.empty((batch, n_q, heads, head_dim), dtype=q.dtype, device=q.device).transpose(1, 2)
     if out.numel() == 0:
         return out
+    wide = q.dtype == torch.float32  # fp32 inputs are computed in fp64 (see the kernel)
+    if wide and mask is not None and mask.dtype == torch.bool:
+        # Triton 3.6 cannot lower fp64 dots beside a boolean mask tile: fp32 inputs get it additive
+        mask = torch.where(mask, 0.0, float("-inf")).to(q.dtype)
     loads_tiles = bias is not None or mask is not None
     cfg = config or launch_config(batch * heads, n_q, n_k, head_dim, q.dtype, loads_tiles, q.device)
     full = (batch, heads, n_q, n_k)
@@ -106,7 +110,6 @@ def attention_forward(
     mask_arg = mask.view(torch.uint8) if mask_kind == 1 else mask
     kpm_arg = key_padding_mask.view(torch.uint8) if kpm_kind == 2 else key_padding_mask
     kpm_strides = (key_padding_mask.stride() + (0,))[:2] if key_padding_mask is not None else (0, 0)
-    wide = q.dtype == torch.float32  # fp32 inputs are computed in fp64 (see the kernel)
     split_len = triton.cdiv(triton.cdiv(n_k, cfg.num_splits), cfg.block_n) * cfg.block_n
     splits = triton.cdiv(n_k, split_len) if n_k > 0 else 1
     if splits > 1:

@@ -62,9 +62,10 @@ def gemm_kernel(
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     # Rows/columns past the edge wrap around (their results are masked at the store), so the loads
-    # in the main loop need no M/N masks.
-    ram = tl.max_contiguous(tl.multiple_of(rm % M, BLOCK_M), BLOCK_M)
-    rbn = tl.max_contiguous(tl.multiple_of(rn % N, BLOCK_N), BLOCK_N)
+    # in the main loop need no M/N masks. No alignment hints here: a row of a sliced or padded operand
+    # need not start on a 16-byte boundary (a wrong hint faults with a misaligned address).
+    ram = rm % M
+    rbn = rn % N
     # This program's share of K: whole BLOCK_K steps, the launcher guarantees it is not empty.
     k_steps = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K)
     k_start = pid_k * k_steps * BLOCK_K
