@@ -18,7 +18,7 @@ import torch
 from transformers import BertConfig, BertModel
 
 from kernl.integration import optimize_model
-from kernl.integration.bench.gpu import inputs
+from kernl.integration.bench.gpu import inputs, kernels_of_one_forward
 
 
 def wall_ms(fn, reps: int = 50) -> float:
@@ -45,26 +45,6 @@ def gpu_ms(fn, reps: int = 50) -> float:
     return statistics.median(times)
 
 
-def kernel_table(model, ids, mask) -> list[tuple[str, int, float]]:
-    """(kernel name, launches per forward, mean us) of one forward without CUDA graphs."""
-    work = copy.deepcopy(model)
-    optimize_model(work, cuda_graphs=False)
-    with torch.inference_mode():
-        for _ in range(3):
-            work(input_ids=ids, attention_mask=mask)
-        torch.cuda.synchronize()
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-            for _ in range(5):
-                work(input_ids=ids, attention_mask=mask)
-            torch.cuda.synchronize()
-    rows = []
-    for event in prof.key_averages():
-        total = getattr(event, "device_time_total", 0)
-        if total > 0 and event.count >= 5:
-            rows.append((event.key[:60], event.count // 5, total / event.count))
-    return sorted(rows, key=lambda r: -r[1] * r[2])
-
-
 def profile(base, batch: int, seq: int) -> None:
     """Print the call / replay / kernel split of one kernl forward at ``(batch, seq)``."""
     torch._dynamo.reset()
@@ -77,12 +57,12 @@ def profile(base, batch: int, seq: int) -> None:
         call = wall_ms(lambda: model(input_ids=ids, attention_mask=mask))
     graph = next(iter(model.kernl_cuda_graphs.captures.values())).graph
     replay_wall, replay_gpu = wall_ms(graph.replay), gpu_ms(graph.replay)
-    rows = kernel_table(base, ids, mask)
-    kernels = sum(n * us for _, n, us in rows) / 1e3
+    rows = kernels_of_one_forward(base, (batch, seq))
+    kernels = sum(us for _, _, us in rows) / 1e3
     print(f"== {batch}x{seq}: call {call:.3f} ms | replay wall {replay_wall:.3f} ms | replay GPU "
           f"{replay_gpu:.3f} ms | kernels {kernels:.3f} ms in {sum(n for _, n, _ in rows)} launches")  # fmt: skip
     for name, count, us in rows[:12]:
-        print(f"   {count:4d} x {us:8.1f} us  {name}")
+        print(f"   {count:4d} x {us / max(count, 1):8.1f} us  {name[:60]}")
 
 
 def main() -> None:

@@ -73,8 +73,8 @@ def run_engine(name, model, shapes, progress, reference=None) -> dict:
     return result
 
 
-def kernel_breakdown(model, shape) -> dict[str, float]:
-    """Per-kernel-family GPU time (us) of one kernl forward at ``shape`` (rewritten graph, no CUDA graph)."""
+def kernels_of_one_forward(model, shape, reps: int = 5) -> list[tuple[str, int, float]]:
+    """``(kernel name, launches, us)`` per forward at ``shape``: rewritten graph, no CUDA graph, profiler."""
     from kernl.integration import optimize_model
 
     torch._dynamo.reset()
@@ -86,20 +86,27 @@ def kernel_breakdown(model, shape) -> dict[str, float]:
             work(input_ids=ids, attention_mask=mask)
         torch.cuda.synchronize()
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-            for _ in range(5):
+            for _ in range(reps):
                 work(input_ids=ids, attention_mask=mask)
             torch.cuda.synchronize()
-    families: dict[str, float] = {}
+    rows = []
     for event in prof.key_averages():
         total = getattr(event, "device_time_total", getattr(event, "cuda_time_total", 0))
-        if total <= 0 or event.key.startswith("ProfilerStep"):
-            continue
-        name = event.key.lower()
-        family = next(
-            (f for f, keys in _FAMILIES.items() if any(k in name for k in keys)), f"other: {event.key[:40]}"
-        )
-        families[family] = families.get(family, 0.0) + total / 5
+        if total > 0 and not event.key.startswith("ProfilerStep"):
+            rows.append((event.key, event.count // reps, total / reps))
     del work
+    return sorted(rows, key=lambda row: -row[2])
+
+
+def kernel_breakdown(model, shape) -> dict[str, float]:
+    """Per-kernel-family GPU time (us) of one kernl forward at ``shape`` (rewritten graph, no CUDA graph)."""
+    families: dict[str, float] = {}
+    for key, _, us in kernels_of_one_forward(model, shape):
+        name = key.lower()
+        family = next(
+            (f for f, keys in _FAMILIES.items() if any(k in name for k in keys)), f"other: {key[:40]}"
+        )
+        families[family] = families.get(family, 0.0) + us
     return {k: round(v, 1) for k, v in sorted(families.items(), key=lambda kv: -kv[1])}
 
 
