@@ -186,3 +186,23 @@ def test_stacked_rows_is_a_view_once_parameters_are_laid_out():
     plain = [torch.randn(2, 4), torch.randn(3, 4)]  # not parameters: concatenated, left where they are
     assert torch.equal(stacked_rows(*plain), torch.cat(plain))
     assert plain[1].untyped_storage().data_ptr() != plain[0].untyped_storage().data_ptr()
+
+
+@pytest.mark.skipif(find("linear_act") is None, reason="needs kernl.linear_act")
+def test_shared_projection_weights_are_stacked_once():
+    torch.manual_seed(0)
+    q, k, v = (torch.nn.Linear(16, 16) for _ in range(3))
+
+    def layers(x, y):  # ALBERT-style: the same projections on two inputs, plus q twice and a mix
+        return q(x), k(x), v(x), q(y), k(y), v(y), q(x) + 1, q(y * 2), v(y * 2)
+
+    x, y = torch.randn(3, 16), torch.randn(3, 16)
+    with torch.no_grad():
+        expected = layers(x, y)
+        record, gm, compiled = rewritten(layers, x, y)
+        # {q, k, v} on x and on y share one stack; {q, v} on y * 2 would need another layout: kept apart
+        assert record.fired["fused_projections"] == 2
+        for actual, reference in zip(compiled(x, y), expected, strict=True):
+            torch.testing.assert_close(actual, reference)
+        for actual, reference in zip(compiled(x, y), expected, strict=True):  # the layout stays put
+            torch.testing.assert_close(actual, reference)

@@ -61,8 +61,19 @@ def _groups(gm: fx.GraphModule) -> list[list[fx.Node]]:
             continue
         if bias is not None and getattr(bias, "op", None) != "placeholder":
             continue
-        groups.setdefault((x, w.dtype, w.shape[1], bias is None), []).append(node)
-    return [nodes for nodes in groups.values() if len(nodes) > 1]
+        group = groups.setdefault((x, w.dtype, w.shape[1], bias is None), [])
+        if weight not in (n.args[1] for n in group):  # the same weight twice: computed once is enough
+            group.append(node)
+    # A weight can live in one buffer only: groups that would stack it with different neighbours
+    # (weights shared across inputs in another combination) are left alone.
+    stacks: dict[fx.Node, tuple] = {}
+    merged = []
+    for nodes in (nodes for nodes in groups.values() if len(nodes) > 1):
+        stack = tuple(n.args[1] for n in nodes) + tuple(n.args[2] for n in nodes if n.args[2] is not None)
+        if all(stacks.get(t, stack) == stack for t in stack):
+            stacks.update(dict.fromkeys(stack, stack))
+            merged.append(nodes)
+    return merged
 
 
 def rewrite(gm: fx.GraphModule) -> int:
