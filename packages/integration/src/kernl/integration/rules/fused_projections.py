@@ -62,7 +62,7 @@ def _groups(gm: fx.GraphModule) -> list[list[fx.Node]]:
         if bias is not None and getattr(bias, "op", None) != "placeholder":
             continue
         group = groups.setdefault((x, w.dtype, w.shape[1], bias is None), [])
-        if weight not in (n.args[1] for n in group):  # the same weight twice: computed once is enough
+        if weight not in (n.args[1] for n in group):  # a weight twice in one stack: the repeat stays apart
             group.append(node)
     # A weight can live in one buffer only: groups that would stack it with different neighbours
     # (weights shared across inputs in another combination) are left alone.
