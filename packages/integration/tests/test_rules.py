@@ -100,6 +100,26 @@ def test_padding_mask_becomes_key_padding_mask_and_causal_mask_stays_dense():
     check_same(fn, compiled, q, k, v, mask)
 
 
+def test_a_mask_built_from_nothing_that_lets_everything_through_is_dropped():
+    # transformers 5.17 builds this when called without attention_mask while tracing
+    def fn(q, k, v):
+        b, _, s, _ = q.shape
+        everything = (torch.arange(s)[None, None, :, None] >= 0).expand(b, 1, s, s)
+        causal = torch.ones(1, 1, s, s, dtype=torch.bool).tril()  # from nothing too, but not all True
+        additive = torch.zeros(b, 1, s, s)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=everything)
+        out = F.scaled_dot_product_attention(out, k, v, attn_mask=additive)
+        return (F.scaled_dot_product_attention(out, k, v, attn_mask=causal),)
+
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 3, 7, 16, generator=g) for _ in range(3))
+    record, gm, compiled = rewritten(fn, q, k, v)
+    if find("attention") is None:
+        return
+    assert record.attention_masks == {"none": 2, "dense": 1}
+    check_same(fn, compiled, q, k, v)
+
+
 def test_eager_attention_spellings():
     def fn(q, k, v, additive):
         scores = torch.matmul(q, k.transpose(-1, -2)) / 4.0

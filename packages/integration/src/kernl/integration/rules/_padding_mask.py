@@ -5,7 +5,8 @@ between releases (``.to(bool)``, fancy indexing with aranges, ``&`` with a causa
 an additive float mask...). Rather than match that spelling, :func:`key_padding_source` checks the
 mask's meaning: the nodes that compute it must depend on exactly one graph input, a ``[B, K]`` tensor,
 and running those nodes on test masks must give "attend to key k of row b iff input[b, k] != 0" for
-every query and head. Then the kernel can take ``input != 0`` instead of the dense mask.
+every query and head. Then the kernel can take ``input != 0`` instead of the dense mask. A mask that
+depends on no graph input and lets everything through (:func:`attends_everywhere`) is dropped.
 """
 
 import torch
@@ -49,34 +50,57 @@ def _means_key_padding(mask: torch.Tensor, source: torch.Tensor, additive: bool,
     return bool((mask[attend] == 0).all()) and bool((mask[~attend] <= _ADDITIVE_MASKED).all())
 
 
-def key_padding_source(mask: fx.Node, heads: int, queries: int, additive: bool) -> fx.Node | None:
-    """The graph input ``[B, K]`` whose ``!= 0`` is exactly what ``mask`` lets attend, else None.
-
-    ``additive``: ``mask`` is a float mask added to the scores (0 = attend, very negative = blocked);
-    otherwise a bool mask (True = attend). The check runs the mask's nodes on the input's device.
-    """
+def _program(mask: fx.Node) -> tuple[fx.GraphModule, list[fx.Node]] | None:
+    """The nodes computing ``mask`` as a standalone program, and its graph inputs (None: not replayable)."""
     ancestors = _ancestors(mask)
-    inputs = [n for n in ancestors if n.op == "placeholder"]
-    if len(inputs) != 1 or any(
-        n.op not in ("placeholder", "call_function", "call_method") for n in ancestors
-    ):
-        return None
-    source = example(inputs[0])
-    if source is None or source.dim() != 2:
+    if any(n.op not in ("placeholder", "call_function", "call_method") for n in ancestors):
         return None
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
     for node in [*ancestors, mask]:
         env[node] = graph.node_copy(node, lambda n: env[n])
     graph.output(env[mask])
-    program = fx.GraphModule(torch.nn.Module(), graph)
+    return fx.GraphModule(torch.nn.Module(), graph), [n for n in ancestors if n.op == "placeholder"]
+
+
+def attends_everywhere(mask: fx.Node, additive: bool) -> bool:
+    """True when ``mask`` depends on no graph input and lets every query attend every key.
+
+    Transformers releases that cannot skip the mask while tracing (5.17) build such a mask, all True,
+    from ``arange`` when no ``attention_mask`` is given: the kernel is better off without it.
+    """
+    found = _program(mask)
+    if found is None or found[1]:
+        return False
+    try:
+        value = found[0]()
+    except Exception:  # an op we cannot replay here: keep the mask
+        return False
+    if additive:
+        return bool((value == 0).all())
+    return value.dtype == torch.bool and bool(value.all())
+
+
+def key_padding_source(mask: fx.Node, heads: int, queries: int, additive: bool) -> fx.Node | None:
+    """The graph input ``[B, K]`` whose ``!= 0`` is exactly what ``mask`` lets attend, else None.
+
+    ``additive``: ``mask`` is a float mask added to the scores (0 = attend, very negative = blocked);
+    otherwise a bool mask (True = attend). The check runs the mask's nodes on the input's device.
+    """
+    found = _program(mask)
+    if found is None or len(found[1]) != 1:
+        return None
+    program, (source_node,) = found
+    source = example(source_node)
+    if source is None or source.dim() != 2:
+        return None
     try:
         for test in _test_masks(*source.shape, source.dtype, source.device):
             if not _means_key_padding(program(test), test, additive, heads, queries):
                 return None
     except Exception:  # an op we cannot replay here: fall back to the dense mask
         return None
-    return inputs[0]
+    return source_node
 
 
 def key_padding_node(gm: fx.GraphModule, source: fx.Node) -> fx.Node:

@@ -12,7 +12,7 @@ from kernl.integration import fallback
 from kernl.integration.kernels import find
 from kernl.integration.rules import Rule
 from kernl.integration.rules._fx import arg, autocast_dtype, cast_all, example, is_function, replace_with_call
-from kernl.integration.rules._padding_mask import key_padding_node, key_padding_source
+from kernl.integration.rules._padding_mask import attends_everywhere, key_padding_node, key_padding_source
 
 SDPA_TARGETS = (torch.nn.functional.scaled_dot_product_attention,)
 
@@ -40,7 +40,7 @@ def _pytorch(q, k, v, scale, mask, key_padding_mask, causal):
 def attention_args(gm: fx.GraphModule, q, k, v, scale, mask, causal, additive: bool):
     """Arguments of :func:`attention_call`, the mask turned into a key padding mask where possible."""
     eq = example(q)
-    if mask is None:
+    if mask is None or attends_everywhere(mask, additive):
         return (q, k, v, scale, None, None, causal)
     source = key_padding_source(mask, heads=eq.shape[1], queries=eq.shape[2], additive=additive)
     if source is None:
