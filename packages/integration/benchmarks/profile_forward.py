@@ -22,6 +22,7 @@ from kernl.integration.bench.gpu import inputs, kernels_of_one_forward
 
 
 def wall_ms(fn, reps: int = 50) -> float:
+    """Median wall-clock ms of ``fn()`` with a device sync around each call (host work included)."""
     times = []
     for _ in range(reps):
         torch.cuda.synchronize()
@@ -33,6 +34,7 @@ def wall_ms(fn, reps: int = 50) -> float:
 
 
 def gpu_ms(fn, reps: int = 50) -> float:
+    """Median GPU ms of ``fn()`` between CUDA events, queued behind a GPU sleep (host work hidden)."""
     times = []
     for _ in range(reps):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
