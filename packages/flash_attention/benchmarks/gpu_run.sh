@@ -3,8 +3,8 @@
 # Each test file runs on its own, with its own time limit, so a slow one cannot hide the others' reports.
 # Usage from the repo root: bash packages/flash_attention/benchmarks/gpu_run.sh [examples] [tests|bench|sweep ...]
 cd "$(dirname "$0")/../../.."
-export PYTHONUNBUFFERED=1 KERNL_TEST_DEVICE=cuda HYPOTHESIS_PROFILE=gpufast OUT="${OUT:-/tmp/out}"
-export PYTHONPATH="$PWD/testing:$PWD/packages/flash_attention/src:$PWD/packages/layernorm/src"
+source testing/gpu_env.sh
+export KERNL_TEST_DEVICE=cuda HYPOTHESIS_PROFILE=gpufast OUT="${OUT:-/tmp/out}"
 mkdir -p "$OUT"
 examples="${1:-25}"; shift || true
 steps="${*:-tests bench sweep}"

@@ -12,25 +12,12 @@ import copy
 import gc
 import statistics
 import sys
-import time
 
 import torch
 from transformers import BertConfig, BertModel
 
 from kernl.integration import optimize_model
-from kernl.integration.bench.gpu import inputs, kernels_of_one_forward
-
-
-def wall_ms(fn, reps: int = 50) -> float:
-    """Median wall-clock ms of ``fn()`` with a device sync around each call (host work included)."""
-    times = []
-    for _ in range(reps):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+from kernl.integration.bench.gpu import inputs, kernels_of_one_forward, wall_clock_ms
 
 
 def gpu_ms(fn, reps: int = 50) -> float:
@@ -56,9 +43,9 @@ def profile(base, batch: int, seq: int) -> None:
     with torch.inference_mode():
         for _ in range(3):
             model(input_ids=ids, attention_mask=mask)
-        call = wall_ms(lambda: model(input_ids=ids, attention_mask=mask))
+        call = wall_clock_ms(lambda: model(input_ids=ids, attention_mask=mask))
     graph = next(iter(model.kernl_cuda_graphs.captures.values())).graph
-    replay_wall, replay_gpu = wall_ms(graph.replay), gpu_ms(graph.replay)
+    replay_wall, replay_gpu = wall_clock_ms(graph.replay), gpu_ms(graph.replay)
     rows = kernels_of_one_forward(base, (batch, seq))
     kernels = sum(us for _, _, us in rows) / 1e3
     print(f"== {batch}x{seq}: call {call:.3f} ms | replay wall {replay_wall:.3f} ms | replay GPU "

@@ -64,6 +64,13 @@ class ForwardGraphs:
     def _addresses(self) -> list[int]:
         return [0 if owner[name] is None else owner[name].data_ptr() for owner, name in self.slots]
 
+    def _drop_stale_captures(self) -> None:
+        """Forget every graph when a parameter or buffer no longer lives where the graphs read it."""
+        addresses = self._addresses()
+        if addresses != self.addresses:
+            self.captures.clear()
+            self.addresses = addresses
+
     @staticmethod
     def signature(args: tuple, kwargs: dict) -> tuple | None:
         """What a capture depends on; ``None`` when an argument cannot be part of a key (unhashable)."""
@@ -81,9 +88,7 @@ class ForwardGraphs:
         key = self.signature(args, kwargs)
         if key is None:
             return self.forward(*args, **kwargs)
-        if self._addresses() != self.addresses:  # parameters moved: every graph reads stale memory
-            self.captures.clear()
-            self.addresses = self._addresses()
+        self._drop_stale_captures()
         capture = self.captures.get(key)
         if capture is None:
             capture = self.captures[key] = self._capture(args, kwargs)
@@ -106,9 +111,7 @@ class ForwardGraphs:
                 for _ in range(2):  # compiles and autotunes outside the capture
                     self.forward(*args, **kwargs)
             torch.cuda.current_stream().wait_stream(side)
-            if self._addresses() != self.addresses:  # the warm-up moved weights (fused projections)
-                self.captures.clear()
-                self.addresses = self._addresses()
+            self._drop_stale_captures()  # the warm-up may move weights (fused projections)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self.pool):
                 capture.outputs = self.forward(*args, **kwargs)

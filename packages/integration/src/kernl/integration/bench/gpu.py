@@ -26,16 +26,21 @@ def inputs(batch: int, seq: int, vocab: int, device="cuda"):
     return ids, torch.ones_like(ids)
 
 
-def latency_ms(forward, ids, mask, budget_s: float = 0.6, min_reps: int = 10) -> float:
-    """Median wall-clock ms of ``forward(ids, mask)`` with a device sync around each call."""
+def wall_clock_ms(fn, budget_s: float = 0.6, min_reps: int = 10) -> float:
+    """Median wall-clock ms of ``fn()`` with a device sync around each call (host work included)."""
     times = []
     while len(times) < min_reps or sum(times) < budget_s * 1e3 and len(times) < 200:
         torch.cuda.synchronize()
         start = time.perf_counter()
-        forward(ids, mask)
+        fn()
         torch.cuda.synchronize()
         times.append((time.perf_counter() - start) * 1e3)
     return statistics.median(times)
+
+
+def latency_ms(forward, ids, mask) -> float:
+    """Median wall-clock ms of ``forward(ids, mask)``: what a caller waits, launch overhead included."""
+    return wall_clock_ms(lambda: forward(ids, mask))
 
 
 def run_engine(name, model, shapes, progress, reference=None) -> dict:
