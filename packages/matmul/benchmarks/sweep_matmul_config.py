@@ -1,7 +1,8 @@
 """Tuning aid: time the tuner's candidates and a wider grid on the shapes that matter, on the GPU.
 
-Prints, per shape, every config's GPU time (CUDA-graph replay, L2 flushed; fastest first) and whether it is among the tuner's
-candidates, so the candidate lists in kernl/matmul/tuning.py can be checked against the best found.
+Prints, per shape, every config's GPU time (CUDA-graph replay, L2 flushed; fastest first), whether it is among the tuner's
+candidates, and what torch (cuBLAS plus the activation as separate ops) takes for the same product, so the candidate lists in
+kernl/matmul/tuning.py can be checked against the best found.
 Run: python packages/matmul/benchmarks/sweep_matmul_config.py [--quick] [label substring ...]
 (``--quick``: the tuner's candidates only; substrings pick shapes.)
 """
@@ -12,6 +13,7 @@ import os
 import sys
 
 import torch
+import torch.nn.functional as F
 import triton
 
 from kernl.matmul import Config, gemm
@@ -23,7 +25,13 @@ SHAPES = [
     ("bert M=16 768->2304 bias", 16, 768, 2304, "none", False),
     ("bert M=16 3072->768", 16, 3072, 768, "none", False),
     ("t5 M=1 512->2048 gated", 1, 512, 2048, "gelu_tanh", True),
+    ("bert M=512 768->2304", 512, 768, 2304, "none", False),
+    ("bert M=1024 768->2304", 1024, 768, 2304, "none", False),
     ("bert M=1024 768->3072 gelu", 1024, 768, 3072, "gelu", False),
+    ("bert M=1024 3072->768", 1024, 3072, 768, "none", False),
+    ("bert M=4096 768->3072 gelu", 4096, 768, 3072, "gelu", False),
+    ("bert M=16384 768->2304", 16384, 768, 2304, "none", False),
+    ("bert M=16384 768->3072", 16384, 768, 3072, "none", False),
     ("bert M=16384 768->3072 gelu", 16384, 768, 3072, "gelu", False),
     ("bert M=16384 3072->768", 16384, 3072, 768, "none", False),
     ("t5 M=16384 768->3072 gated", 16384, 768, 3072, "gelu_tanh", True),
@@ -51,6 +59,16 @@ def wider_grid(p: Problem, sms: int) -> list[Config]:
     return grid
 
 
+def _torch_op(x, w, w2, activation):
+    """What a user would write: cuBLAS through ``F.linear``, then the activation (and gate) as torch ops."""
+    y = F.linear(x, w)
+    if activation == "gelu":
+        y = F.gelu(y)
+    elif activation == "gelu_tanh":
+        y = F.gelu(y, approximate="tanh")
+    return y * F.linear(x, w2) if w2 is not None else y
+
+
 def main(quick: bool, picks: list[str]) -> None:
     sms = sm_count(0)
     flush = torch.empty(64 * 1024 * 1024, dtype=torch.int32, device="cuda")
@@ -73,12 +91,19 @@ def main(quick: bool, picks: list[str]) -> None:
         timings = {cfg: _time_ms(launch, cfg, flush) for cfg in grid}
         timings = {cfg: ms for cfg, ms in timings.items() if ms != float("inf")}
         ranked = sorted(timings, key=timings.get)
-        print(f"== {label}: best {ranked[0]} {timings[ranked[0]] * 1e3:.1f} us")
+        torch_ms = _time_ms(
+            lambda cfg, x=x[0], w=w, w2=w2, act=activation: _torch_op(x, w, w2, act), None, flush
+        )
+        print(
+            f"== {label}: best {ranked[0]} {timings[ranked[0]] * 1e3:.1f} us; torch {torch_ms * 1e3:.1f} us"
+        )
         for cfg in ranked[:12]:
             print(f"   {timings[cfg] * 1e3:8.1f} us  {'cand' if cfg in tuned else '    '}  {cfg}")
         best_candidate = min((c for c in tuned if c in timings), key=timings.get)
         print(f"   best candidate {best_candidate} {timings[best_candidate] * 1e3:.1f} us")
-        report[label] = [[timings[c] * 1e3, c in tuned, list(c.__dict__.values())] for c in ranked]
+        report[label] = [[torch_ms * 1e3, "torch", []]] + [
+            [timings[c] * 1e3, c in tuned, list(c.__dict__.values())] for c in ranked
+        ]
     out = os.environ.get("OUT")
     if out:
         with open(os.path.join(out, "matmul_sweep.json"), "w") as f:
