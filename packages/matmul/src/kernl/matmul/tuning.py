@@ -26,8 +26,9 @@ import triton
 from kernl.matmul.config_cache import Config, cache_path, cached_choice, lookup
 
 CACHE_VERSION = 2
-MAX_CANDIDATES = 8
-SHARED_MEMORY_BUDGET = 220 * 1024  # H100/H200 allow 227 KB a block; Triton needs a little scratch
+MAX_CANDIDATES = 10
+SHARED_MEMORY_BUDGET = 220 * 1024
+NARROW_TILES = ((64, 64), (64, 128), (32, 128))  # H100/H200 allow 227 KB a block; Triton needs a little scratch
 
 
 @dataclass(frozen=True)
@@ -114,6 +115,11 @@ def candidates(p: Problem, sms: int) -> list[Config]:
                 tma = [(128, 128, 8, 4, 1), (128, 256, 8, 3, 1), (128, 128, 4, 2, 2), (128, 64, 4, 3, 2),
                        (64, 128, 4, 4, 2), (64, 64, 4, 4, 2)]  # fmt: skip
             configs = [Config(bm, bn, bk, 1, 8, w, s, "tma", o) for bm, bn, w, s, o in tma] + configs
+        if p.batch * triton.cdiv(p.m, 128) * triton.cdiv(p.n, 128) < sms // 2:
+            # 128x128 tiles would leave over half the SMs idle (a few hundred rows): narrower tiles and
+            # split-K spread the work, after the first guesses of the regular list
+            narrow = [Config(bm, bn, bk, _split_for(p, bm, bn, bk, sms), 8, 4, 4) for bm, bn in NARROW_TILES]
+            configs = configs[:4] + narrow + configs[4:]
     limit_m = max(16, triton.next_power_of_2(p.m))
     limit_n = max(16, triton.next_power_of_2(p.n))
     kept = []
