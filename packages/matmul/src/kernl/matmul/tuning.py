@@ -27,8 +27,9 @@ from kernl.matmul.config_cache import Config, cache_path, cached_choice, lookup
 
 CACHE_VERSION = 2
 MAX_CANDIDATES = 10
-SHARED_MEMORY_BUDGET = 220 * 1024
-NARROW_TILES = ((64, 64), (64, 128), (32, 128))  # H100/H200 allow 227 KB a block; Triton needs a little scratch
+SHARED_MEMORY_BUDGET = 220 * 1024  # H100/H200 allow 227 KB a block; Triton needs a little scratch
+# (BLOCK_M, BLOCK_N) also tried, with split-K, when 128x128 tiles would be few
+NARROW_TILES = ((64, 64), (64, 128), (32, 128))
 
 
 @dataclass(frozen=True)
