@@ -15,7 +15,7 @@ import warnings
 import torch
 
 from kernl.integration.backend import KernlBackend
-from kernl.integration.cuda_graphs import ForwardGraphs
+from kernl.integration.cuda_graphs import ForwardGraphs, map_tensors
 from kernl.integration.report import OptimizationReport
 
 DEFAULT_BUCKETS = (16, 32, 64, 128, 256, 384, 512)
@@ -41,17 +41,13 @@ def _bucket(length: int, buckets) -> int:
     return next((b for b in buckets if b >= length), length)
 
 
-def _cut(value, length: int, padded: int):
-    """Cut padded positions off per-token outputs: dim 1 of 3-D tensors, the last two of 4-D maps."""
-    if isinstance(value, torch.Tensor):
-        if value.dim() == 3 and value.shape[1] == padded:
-            return value[:, :length].contiguous()
-        if value.dim() == 4 and value.shape[-1] == padded and value.shape[-2] == padded:
-            return value[..., :length, :length].contiguous()
-        return value
-    if isinstance(value, tuple):
-        return tuple(_cut(v, length, padded) for v in value)
-    return value
+def _cut(t: torch.Tensor, length: int, padded: int) -> torch.Tensor:
+    """Cut padded positions off a per-token output: dim 1 of a 3-D tensor, the last two of a 4-D map."""
+    if t.dim() == 3 and t.shape[1] == padded:
+        return t[:, :length].contiguous()
+    if t.dim() == 4 and t.shape[-1] == padded and t.shape[-2] == padded:
+        return t[..., :length, :length].contiguous()
+    return t
 
 
 def _padded_call(compiled, signature, buckets, pad_id):
@@ -82,9 +78,7 @@ def _padded_call(compiled, signature, buckets, pad_id):
             output = compiled(*bound.args, **bound.kwargs)
         if padded == length:
             return output
-        if isinstance(output, dict):  # transformers' ModelOutput
-            return type(output)(**{k: _cut(v, length, padded) for k, v in output.items()})
-        return _cut(output, length, padded)
+        return map_tensors(lambda t: _cut(t, length, padded), output)
 
     return forward
 
