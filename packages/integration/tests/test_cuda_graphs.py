@@ -6,6 +6,7 @@ import copy
 import pytest
 import torch
 from transformers import BertConfig, BertModel
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from kernl.integration import optimize_model
 from kernl.integration.cuda_graphs import ForwardGraphs, map_tensors
@@ -30,6 +31,12 @@ def test_map_tensors_keeps_the_structure():
     value = {"a": torch.ones(2), "b": (torch.zeros(1), None, 3)}
     doubled = map_tensors(lambda t: t * 2, value)
     assert torch.equal(doubled["a"], torch.full((2,), 2.0)) and doubled["b"][1:] == (None, 3)
+    output = BaseModelOutputWithPooling(last_hidden_state=torch.ones(1, 2, 3), pooler_output=torch.ones(1, 3))
+    copied = map_tensors(torch.Tensor.clone, output)
+    assert type(copied) is BaseModelOutputWithPooling
+    assert list(copied) == ["last_hidden_state", "pooler_output"]
+    assert copied.pooler_output is copied[1] is copied["pooler_output"] is not output.pooler_output
+    assert copied.hidden_states is None and copied.to_tuple()[0].shape == (1, 2, 3)
 
 
 @pytest.mark.skipif(not on_gpu(), reason="CUDA graphs need a GPU")
@@ -46,6 +53,7 @@ def test_replays_follow_inputs_arguments_and_weights(kit):
             same = peer(input_ids=ids.cuda(), attention_mask=mask.cuda(), **kwargs)
             actual = optimized(input_ids=ids.cuda(), attention_mask=mask.cuda(), **kwargs)
         assert_matches_reference(actual.last_hidden_state, expected.last_hidden_state, same.last_hidden_state)
+        assert_matches_reference(actual.pooler_output, expected.pooler_output, same.pooler_output)
         return actual
 
     first = check(*kit.padded_batch(2, 16, [16, 5], vocab=120, seed=1))
@@ -64,3 +72,10 @@ def test_replays_follow_inputs_arguments_and_weights(kit):
         dense = target.pooler.dense
         dense.weight = torch.nn.Parameter(dense.weight.detach().flip(0).clone(), requires_grad=False)
     check(*kit.padded_batch(2, 16, [16, 5], vocab=120, seed=5))
+    bias = {}
+    for target in (reference, peer, optimized):  # a parameter set to None, then back: captured again
+        bias[id(target)], target.pooler.dense.bias = target.pooler.dense.bias, None
+    check(*kit.padded_batch(2, 16, [16, 5], vocab=120, seed=6))
+    for target in (reference, peer, optimized):
+        target.pooler.dense.bias = bias[id(target)]
+    check(*kit.padded_batch(2, 16, [16, 5], vocab=120, seed=7))

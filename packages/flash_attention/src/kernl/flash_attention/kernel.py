@@ -13,8 +13,9 @@ Accumulation is fp32 for fp16/bf16 inputs; fp32 inputs are computed in fp64 (``A
 
 Work is split in two stages over the key range: the full blocks no boundary or causal diagonal can
 touch (no ``where`` on the scores), then the few edge blocks with every check. With ``SPLIT`` a
-third grid axis cuts the key range into chunks (split-KV, for decoding one token against a long
-cache): each program writes its unnormalised ``acc``, ``m`` and ``l``, merged by :mod:`.merge`.
+third grid axis cuts the valid key range into equal chunks of whole blocks (split-KV, for decoding
+one token against a long cache; the valid length may be known only here, from a cache-length
+tensor): each program writes its unnormalised ``acc``, ``m`` and ``l``, merged by :mod:`.merge`.
 
 Key padding: ``KPM_KIND`` 1 = per-batch lengths (the loop stops there); 2 = a bool ``[B, K]`` mask,
 scanned first for its last valid key (the loop stops there too) and applied block by block only
@@ -30,7 +31,7 @@ LOG2E = tl.constexpr(1.4426950408889634)
 @triton.jit
 def _attn_fwd_kernel(
     Q, K, V, OUT, BIAS, MASK, KPM, CACHE_LEN, PART_ML,
-    scale, qk_scale, n_q, n_k, n_heads, split_len,
+    scale, qk_scale, n_q, n_k, n_heads,
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod,
     sbb, sbh, sbm, sbn, smb, smh, smm, smn, skpb, skpn, scl,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -64,8 +65,12 @@ def _attn_fwd_kernel(
             count += tl.sum(valid.to(tl.int32), axis=0)
         kv_end = tl.minimum(kv_end, extent)
         kpm_partial = count != extent  # not a prefix mask: apply it block by block
-    lo = split * split_len
-    hi = tl.minimum(kv_end, lo + split_len)
+    lo = 0
+    hi = kv_end
+    if SPLIT:  # an equal share of the valid keys, in whole blocks
+        split_len = tl.cdiv(tl.cdiv(kv_end, tl.num_programs(2)), BLOCK_N) * BLOCK_N
+        lo = split * split_len
+        hi = tl.minimum(kv_end, lo + split_len)
     if CAUSAL:  # top-left aligned, as F.scaled_dot_product_attention(is_causal=True): key j <= query i
         hi = tl.minimum(hi, (start_m + 1) * BLOCK_M)
         full_end = tl.maximum(lo, lo + (tl.minimum(hi, start_m * BLOCK_M) - lo) // BLOCK_N * BLOCK_N)

@@ -110,20 +110,19 @@ def attention_forward(
     mask_arg = mask.view(torch.uint8) if mask_kind == 1 else mask
     kpm_arg = key_padding_mask.view(torch.uint8) if kpm_kind == 2 else key_padding_mask
     kpm_strides = (key_padding_mask.stride() + (0,))[:2] if key_padding_mask is not None else (0, 0)
-    split_len = triton.cdiv(triton.cdiv(n_k, cfg.num_splits), cfg.block_n) * cfg.block_n
-    splits = triton.cdiv(n_k, split_len) if n_k > 0 else 1
+    splits = cfg.num_splits
     if splits > 1:
         part_dtype = torch.float64 if wide else torch.float32
         target = torch.empty((batch * heads, splits, n_q, head_dim), dtype=part_dtype, device=q.device)
         part_ml = torch.empty((batch * heads, splits, 2, n_q), dtype=part_dtype, device=q.device)
     else:
-        split_len, target, part_ml = max(n_k, 1), out, out
+        target, part_ml = out, out
     block_d = max(16, triton.next_power_of_2(head_dim))
     grid = (triton.cdiv(n_q, cfg.block_m), batch * heads, splits)
     _attn_fwd_kernel[grid](
         q, k, v, target, bias if bias is not None else q, mask_arg if mask is not None else q,
         kpm_arg if kpm_arg is not None else q, cache_len if cache_len is not None else q, part_ml,
-        scale, scale * LOG2E.value, n_q, n_k, heads, split_len,
+        scale, scale * LOG2E.value, n_q, n_k, heads,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         *_strides4(bias, full), *_strides4(mask, full), *kpm_strides,
         cache_len.stride(0) if cache_len is not None and cache_len.dim() == 1 else 0,

@@ -26,8 +26,13 @@ def map_tensors(fn, value):
     """``value`` with ``fn`` applied to every tensor inside (tuples, lists, dicts, ModelOutputs)."""
     if isinstance(value, torch.Tensor):
         return fn(value)
-    if isinstance(value, dict):  # transformers' ModelOutput is an OrderedDict subclass
-        return type(value)(**{k: map_tensors(fn, v) for k, v in value.items()})
+    if isinstance(value, dict):
+        # Filled item by item: a transformers ModelOutput (an OrderedDict subclass) keeps its attributes
+        # in step through __setitem__, without its dataclass __init__ (~10 us a call).
+        mapped = type(value).__new__(type(value))
+        for key, item in value.items():
+            mapped[key] = map_tensors(fn, item)
+        return mapped
     if isinstance(value, (tuple, list)):
         return type(value)(map_tensors(fn, v) for v in value)
     return value
@@ -94,8 +99,8 @@ class ForwardGraphs:
             capture = self.captures[key] = self._capture(args, kwargs)
         if capture.graph is None:
             return self.forward(*args, **kwargs)
-        for static, value in zip(capture.tensors, _tensors(args, kwargs), strict=True):
-            static.copy_(value)
+        if capture.tensors:
+            torch._foreach_copy_(capture.tensors, _tensors(args, kwargs))  # one launch for all inputs
         capture.graph.replay()
         return map_tensors(torch.Tensor.clone, capture.outputs)
 
