@@ -28,6 +28,7 @@ SHAPES = [
     ("bert M=128 768->768", 128, 768, 768, "none", False),
     ("bert M=128 768->2304", 128, 768, 2304, "none", False),
     ("bert M=128 3072->768", 128, 3072, 768, "none", False),
+    ("bert M=128 768->3072 gelu", 128, 768, 3072, "gelu", False),
     ("bert M=512 768->2304", 512, 768, 2304, "none", False),
     ("bert M=512 3072->768", 512, 3072, 768, "none", False),
     ("bert M=1024 768->2304", 1024, 768, 2304, "none", False),
@@ -60,6 +61,11 @@ def wider_grid(p: Problem, sms: int) -> list[Config]:
                (128, 128, 64, 8, 4), (128, 128, 64, 4, 4), (128, 128, 64, 8, 5), (128, 128, 128, 8, 3),
                (128, 256, 128, 8, 2), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (128, 128, 64, 4, 3)]  # fmt: skip
         grid += [Config(bm, bn, bk, 1, 8, w, s, "tma") for bm, bn, bk, w, s in tma]
+        if p.batch * triton.cdiv(p.m, 128) * triton.cdiv(p.n, 128) < sms:  # few big tiles: narrow ones
+            for bm, bn, bk in itertools.product((64, 128), (16, 32, 64), (64, 128)):
+                grid += [
+                    Config(bm, bn, bk, 1, 8, 4, stages, "tma") for stages in ((4, 6) if bk == 64 else (3, 4))
+                ]
     return grid
 
 
