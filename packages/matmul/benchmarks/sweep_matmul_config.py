@@ -50,6 +50,8 @@ def wider_grid(p: Problem, sms: int) -> list[Config]:
         for bn, bk in itertools.product((16, 32, 64, 128), (64, 128, 256)):
             split = _split_for(p, bm, bn, bk, sms)
             grid += [Config(bm, bn, bk, s, 8, 4, 3) for s in {split, split * 2}]
+        if p.tma:  # the TMA kernel (no split-K): narrow tiles, the whole K range of a slab in flight
+            grid += [Config(bm, bn, 128, 1, 8, 4, 6, "tma") for bn in (16, 32, 64)]
         return grid
     tiles = [(128, 256, 64, 8, 3), (128, 256, 64, 8, 4), (256, 128, 64, 8, 3), (256, 128, 64, 8, 4),
              (128, 128, 64, 4, 3), (128, 128, 64, 4, 4), (128, 128, 64, 4, 5), (128, 128, 64, 8, 3),
