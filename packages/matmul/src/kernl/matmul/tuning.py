@@ -30,8 +30,9 @@ MAX_CANDIDATES = 10
 SHARED_MEMORY_BUDGET = 220 * 1024  # H100/H200 allow 227 KB a block; Triton needs a little scratch
 # (BLOCK_M, BLOCK_N) also tried, with split-K, when 128x128 tiles would be few
 NARROW_TILES = ((64, 64), (64, 128), (32, 128))
-# (BLOCK_M, BLOCK_N, num_stages) of the TMA kernel, BLOCK_K 128, for the same problems: the whole K range
-# of a 768-wide weight slab in flight at once (H100, M=128: 768->768 9.0 -> 7.4 us, 3072->768 14.2 -> 11.7)
+# (BLOCK_M, BLOCK_N, num_stages) of the TMA kernel, BLOCK_K 128, tried when 128x128 tiles would not fill
+# the SMs once: the whole K range of a 768-wide weight slab in flight at once (H100, M=128: 768->768
+# 9.0 -> 7.4 us, 3072->768 14.2 -> 11.7; M=512 768->3072 + gelu 15.1 -> 14.3)
 NARROW_TMA_TILES = ((64, 16, 6), (64, 32, 6), (64, 64, 5), (128, 32, 5))
 
 
@@ -120,7 +121,7 @@ def candidates(p: Problem, sms: int) -> list[Config]:
                 tma = [(128, 128, 8, 4, 1), (128, 256, 8, 3, 1), (128, 128, 4, 2, 2), (128, 64, 4, 3, 2),
                        (64, 128, 4, 4, 2), (64, 64, 4, 4, 2)]  # fmt: skip
             tma = [Config(bm, bn, bk, 1, 8, w, s, "tma", o) for bm, bn, w, s, o in tma]
-            if tiles_128 < sms // 2:  # a few hundred rows: narrow tiles, K steps of 128, deep pipelines
+            if tiles_128 < sms:  # a few hundred rows: narrow tiles, K steps of 128, deep pipelines
                 tma = [Config(bm, bn, 128, 1, 8, 4, s, "tma") for bm, bn, s in NARROW_TMA_TILES] + tma[-2:]
             configs = tma + configs
         if tiles_128 < sms // 2:
