@@ -63,6 +63,15 @@ def test_candidate_lists_are_bounded_and_fit_the_shape():
             assert all(c.block_m <= max(16, 2 * shape[1]) for c in configs)
 
 
+def test_few_row_problems_get_narrow_deep_tma_tiles():
+    """A few hundred rows (128x128 tiles short of one wave): narrow TMA tiles with 128-wide K steps are timed."""
+    for shape in [(1, 128, 768, 768), (1, 128, 2304, 768), (1, 512, 3072, 768), (1, 512, 768, 3072)]:
+        tma = [c for c in candidates(_problem(shape, torch.float16), 132) if c.kernel == "tma"]
+        assert any(c.block_k == 128 and c.block_n <= 64 and c.num_stages >= 5 for c in tma), (shape, tma)
+    many_tiles = candidates(_problem((1, 16384, 3072, 768), torch.float16), 132)
+    assert all(c.block_k == 64 for c in many_tiles if c.kernel == "tma")
+
+
 def test_effective_split_never_leaves_a_split_empty():
     for k in range(1, 300, 7):
         for split in range(1, 20):
