@@ -38,6 +38,8 @@ def attention_impl(
     cache_len: torch.Tensor | None,
     causal: bool,
 ) -> torch.Tensor:
+    """``kernl::attention`` on validated inputs: q ``(B, H, Q, D)``, k/v ``(B, H, K, D)`` -> ``(B, H, Q, D)``
+    in q's dtype; the Triton kernel, or the PyTorch reference on CPU without the interpreter."""
     if not runs_triton_kernel(q):
         out = attention_reference(
             q, k, v, scale=scale, bias=bias, mask=mask, key_padding_mask=key_padding_mask,

@@ -46,6 +46,7 @@ def _normalize(x, residual, weight, bias, eps, is_rms):
 def layer_norm_impl(
     x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float
 ) -> torch.Tensor:
+    """``kernl::layer_norm``: x ``(..., N)`` normalised over N, in x's dtype."""
     return _normalize(x, None, weight, bias, eps, is_rms=False)[0]
 
 
@@ -56,16 +57,19 @@ def add_layer_norm_impl(
     bias: torch.Tensor | None,
     eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``kernl::add_layer_norm``: ``(layer_norm(x + residual), x + residual)``, both shaped like x ``(..., N)``."""
     return _normalize(x, residual, weight, bias, eps, is_rms=False)
 
 
 def rms_norm_impl(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """``kernl::rms_norm``: x ``(..., N)`` scaled by its root mean square over N (T5's layer norm)."""
     return _normalize(x, None, weight, None, eps, is_rms=True)[0]
 
 
 def add_rms_norm_impl(
     x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``kernl::add_rms_norm``: ``(rms_norm(x + residual), x + residual)``, both shaped like x ``(..., N)``."""
     return _normalize(x, residual, weight, None, eps, is_rms=True)
 
 

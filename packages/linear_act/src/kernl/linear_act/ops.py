@@ -25,6 +25,7 @@ def linear_act_impl(
     activation: str,
     residual: torch.Tensor | None,
 ) -> torch.Tensor:
+    """``kernl::linear_act``: ``act(x @ weight.T + bias) [+ residual]``, x ``(..., K)``, weight ``(N, K)`` -> ``(..., N)``."""
     if not runs_triton_kernel(x):
         return linear_act_reference(x, weight, bias, activation, residual)
     out = gemm(_flat(x)[None], weight.t()[None], bias=bias, residual=_flat(residual), activation=activation,
@@ -35,6 +36,7 @@ def linear_act_impl(
 def gated_linear_act_impl(
     x: torch.Tensor, w0: torch.Tensor, w1: torch.Tensor, activation: str, residual: torch.Tensor | None
 ) -> torch.Tensor:
+    """``kernl::gated_linear_act``: ``act(x @ w0.T) * (x @ w1.T) [+ residual]``, x ``(..., K)`` -> ``(..., N)``."""
     if not runs_triton_kernel(x):
         return gated_linear_act_reference(x, w0, w1, activation, residual)
     out = gemm(_flat(x)[None], w0.t()[None], b2=w1.t(), residual=_flat(residual), activation=activation,

@@ -24,6 +24,7 @@ def _tanh(x):
 
 @triton.jit
 def apply_activation(x, ACTIVATION: tl.constexpr):
+    """``ACTIVATION`` (one of :data:`ACTIVATIONS`) applied to an fp32 tile, element by element."""
     if ACTIVATION == "relu":
         x = tl.maximum(x, 0.0, propagate_nan=tl.PropagateNan.ALL)
     elif ACTIVATION == "gelu":

@@ -28,6 +28,7 @@ class Config:
 
 
 def cache_path(gpu: str) -> Path:
+    """Where the chosen configs of GPU ``gpu`` (see :func:`kernl.matmul.tuning.gpu_name`) are kept."""
     root = os.environ.get("KERNL_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "kernl")
     return Path(root) / f"matmul-{gpu}.json"
 

@@ -29,6 +29,7 @@ def output_shape(a: torch.Tensor, b: torch.Tensor) -> tuple[int, ...]:
 
 
 def matmul_impl(a: torch.Tensor, b: torch.Tensor, allow_tf32: bool) -> torch.Tensor:
+    """``kernl::matmul``: ``a @ b`` for 2-D or 3-D (broadcast batch) operands, in a's dtype."""
     if not runs_triton_kernel(a):
         return matmul_reference(a, b, allow_tf32).reshape(output_shape(a, b))
     shape = output_shape(a, b)

@@ -54,6 +54,7 @@ class Problem:
     residual: bool = False  # the residual tile loaded in the epilogue needs shared memory too
 
     def key(self, gpu: str) -> str:
+        """The config-cache key: everything above, with batch and M rounded up to a power of two."""
         bucket = triton.next_power_of_2
         dtype = str(self.dtype).removeprefix("torch.")
         return (
@@ -66,10 +67,12 @@ class Problem:
 
 @functools.cache
 def sm_count(device_index: int) -> int:
+    """Streaming multiprocessors of CUDA device ``device_index``."""
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 def gpu_name(device: torch.device) -> str:
+    """The device's name as a file-name-safe slug (``nvidia-h100-80gb-hbm3``), ``"cpu"`` off CUDA."""
     if device.type != "cuda":
         return "cpu"
     return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(device).lower()).strip("-")
