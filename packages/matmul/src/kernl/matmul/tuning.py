@@ -120,12 +120,14 @@ def candidates(p: Problem, sms: int) -> list[Config]:
             if tiles_128 >= 2 * sms:
                 tma = [(128, 256, 8, 3, 1), (256, 128, 8, 3, 1), (128, 128, 8, 4, 1), (128, 128, 4, 4, 1),
                        (128, 128, 4, 2, 2), (128, 64, 4, 3, 2)]  # fmt: skip
-            else:  # a few waves of big tiles would leave SMs idle: smaller tiles, two programs a SM
+            elif tiles_128 >= sms:  # a few waves of big tiles would leave SMs idle: smaller tiles, two a SM
                 tma = [(128, 128, 8, 4, 1), (128, 256, 8, 3, 1), (128, 128, 4, 2, 2), (128, 64, 4, 3, 2),
                        (64, 128, 4, 4, 2), (64, 64, 4, 4, 2)]  # fmt: skip
+            else:  # a few hundred rows: the narrow deep tiles below first, then small tiles two a SM
+                tma = [(64, 128, 4, 4, 2), (64, 64, 4, 4, 2)]
             tma = [Config(bm, bn, bk, 1, 8, w, s, "tma", o) for bm, bn, w, s, o in tma]
-            if tiles_128 < sms:  # a few hundred rows: narrow tiles, K steps of 128, deep pipelines
-                tma = [Config(bm, bn, 128, 1, 8, 4, s, "tma") for bm, bn, s in NARROW_TMA_TILES] + tma[-2:]
+            if tiles_128 < sms:  # narrow tiles, K steps of 128, deep pipelines
+                tma = [Config(bm, bn, 128, 1, 8, 4, s, "tma") for bm, bn, s in NARROW_TMA_TILES] + tma
             configs = tma + configs
         if tiles_128 < sms // 2:
             # 128x128 tiles would leave over half the SMs idle (a few hundred rows): narrower tiles and
