@@ -25,15 +25,17 @@ import triton
 
 from kernl.matmul.config_cache import Config, cache_path, cached_choice, lookup
 
-CACHE_VERSION = 3
+CACHE_VERSION = 4
 MAX_CANDIDATES = 10
 SHARED_MEMORY_BUDGET = 220 * 1024  # H100/H200 allow 227 KB a block; Triton needs a little scratch
 # (BLOCK_M, BLOCK_N) also tried, with split-K, when 128x128 tiles would be few
 NARROW_TILES = ((64, 64), (64, 128), (32, 128))
 # (BLOCK_M, BLOCK_N, num_stages) of the TMA kernel, BLOCK_K 128, tried when 128x128 tiles would not fill
 # the SMs once: the whole K range of a 768-wide weight slab in flight at once (H100, M=128: 768->768
-# 9.0 -> 7.4 us, 3072->768 14.2 -> 11.7; M=512 768->3072 + gelu 15.1 -> 14.3)
-NARROW_TMA_TILES = ((64, 16, 6), (64, 32, 6), (64, 64, 5), (128, 32, 5))
+# 9.0 -> 7.4 us, 3072->768 14.2 -> 11.7; M=512 768->3072 + gelu 15.1 -> 14.3; M=1024 3072->768
+# 21.2 -> 18.7 with 128x64)
+NARROW_TMA_TILES = ((64, 16, 6), (64, 32, 6), (64, 64, 5), (128, 32, 5), (128, 64, 4))
+MAX_TMA_CANDIDATES = 7
 
 
 @dataclass(frozen=True)
@@ -138,7 +140,7 @@ def candidates(p: Problem, sms: int) -> list[Config]:
     limit_n = max(16, triton.next_power_of_2(p.n))
     kept = []
     for c in configs:
-        if c.kernel == "tma" and len([k for k in kept if k.kernel == "tma"]) >= 6:
+        if c.kernel == "tma" and len([k for k in kept if k.kernel == "tma"]) >= MAX_TMA_CANDIDATES:
             continue
         if c.block_m > limit_m or c.block_n > limit_n or _smem_bytes(p, c) > SHARED_MEMORY_BUDGET:
             continue
