@@ -65,6 +65,21 @@ def test_length_on_a_bucket_and_no_mask_needs_no_padding(kit):
         assert report.graphs[0].attention_masks == {"none": LAYERS}
 
 
+def test_positional_and_keyword_calls_agree(kit):
+    model = kit.build(BertModel, kit.tiny_config(BertConfig, num_hidden_layers=1)).to(kit.device, DTYPES[0])
+    optimize_model(model)
+    ids, mask = (t.to(kit.device) for t in kit.padded_batch(2, 9, [9, 4], vocab=120))  # padded to a bucket
+    with torch.inference_mode():
+        by_name = model(input_ids=ids, attention_mask=mask)
+        by_position = model(ids, mask)
+        mixed = model(ids, attention_mask=mask, return_dict=False)
+    assert by_name.last_hidden_state.shape == (2, 9, 64)
+    for output in (by_position.last_hidden_state, mixed[0]):
+        torch.testing.assert_close(output, by_name.last_hidden_state, rtol=0, atol=0)
+    with pytest.raises(TypeError):
+        model(ids, input_ids=ids)  # a name given twice: the signature refuses it
+
+
 def test_report_lists_rules_and_kept_ops(kit):
     model = kit.build(BertModel, kit.tiny_config(BertConfig, num_hidden_layers=1))
     ids, mask = kit.padded_batch(2, 9, [9, 4], vocab=120)

@@ -79,3 +79,7 @@ def test_replays_follow_inputs_arguments_and_weights(kit):
     for target in (reference, peer, optimized):
         target.pooler.dense.bias = bias[id(target)]
     check(*kit.padded_batch(2, 16, [16, 5], vocab=120, seed=7))
+    for target in (reference, peer, optimized):  # new memory under the same parameter (what .half() does)
+        dense = target.encoder.layer[1].intermediate.dense
+        dense.weight.data = dense.weight.detach() * 0.5
+    check(*kit.padded_batch(2, 16, [16, 5], vocab=120, seed=8))
