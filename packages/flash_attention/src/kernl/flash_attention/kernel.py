@@ -37,7 +37,11 @@ def _attn_fwd_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_BIAS: tl.constexpr, MASK_KIND: tl.constexpr, KPM_KIND: tl.constexpr, HAS_CACHE_LEN: tl.constexpr,
     CAUSAL: tl.constexpr, SCAN_BLOCK: tl.constexpr, SPLIT: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):  # fmt: skip
+    if USE_PDL:  # programmatic dependent launch: the previous kernel's writes are visible past this wait
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()  # the next kernel may be scheduled while this one runs
     start_m = tl.program_id(0)
     off_bh = tl.program_id(1)
     split = tl.program_id(2)

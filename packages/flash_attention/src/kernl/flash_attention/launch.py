@@ -1,6 +1,7 @@
 """Block sizes, split-KV choice and the launch of :mod:`.kernel` (+ :mod:`.merge` when split)."""
 
 import functools
+import os
 from typing import NamedTuple
 
 import torch
@@ -27,6 +28,21 @@ class LaunchConfig(NamedTuple):
 @functools.cache
 def _multiprocessor_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+@functools.cache
+def _capability(device_index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device_index)
+
+
+def programmatic_launch(device: torch.device) -> bool:
+    """Programmatic dependent launch on Hopper or newer (``KERNL_PDL=0`` turns it off): the kernel waits
+    for the previous kernel's writes first thing, and the next kernel may be scheduled while it runs."""
+    return (
+        device.type == "cuda"
+        and os.environ.get("KERNL_PDL") != "0"
+        and _capability(device.index or 0)[0] >= 9
+    )
 
 
 def _split_count(programs: int, n_k: int, block_n: int, sm_count: int) -> int:
@@ -119,6 +135,7 @@ def attention_forward(
         target, part_ml = out, out
     block_d = max(16, triton.next_power_of_2(head_dim))
     grid = (triton.cdiv(n_q, cfg.block_m), batch * heads, splits)
+    pdl = programmatic_launch(q.device)
     _attn_fwd_kernel[grid](
         q, k, v, target, bias if bias is not None else q, mask_arg if mask is not None else q,
         kpm_arg if kpm_arg is not None else q, cache_len if cache_len is not None else q, part_ml,
@@ -131,11 +148,12 @@ def attention_forward(
         HAS_CACHE_LEN=cache_len is not None, CAUSAL=causal,
         SCAN_BLOCK=min(max(16, triton.next_power_of_2(n_k)), 4096 if q.is_cuda else 32), SPLIT=splits > 1,
         ACC_DTYPE=tl.float64 if wide else tl.float32,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, USE_PDL=pdl, launch_pdl=pdl,
     )  # fmt: skip
     if splits > 1:
         _merge_kernel[(n_q, batch * heads)](
             target, part_ml, out, n_q, heads, splits, *out.stride(),
             HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=max(2, triton.next_power_of_2(splits)),
+            USE_PDL=pdl, launch_pdl=pdl,
         )  # fmt: skip
     return out

@@ -15,8 +15,11 @@ def _merge_kernel(
     PART_O, PART_ML, OUT,
     n_q, n_heads, n_splits,
     sob, soh, som, sod,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, USE_PDL: tl.constexpr,
 ):  # fmt: skip
+    if USE_PDL:  # programmatic dependent launch: the previous kernel's writes are visible past this wait
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()  # the next kernel may be scheduled while this one runs
     row = tl.program_id(0)
     off_bh = tl.program_id(1).to(tl.int64)
     offs_s = tl.arange(0, BLOCK_S)

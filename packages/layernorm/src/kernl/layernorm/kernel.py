@@ -7,6 +7,7 @@ inputs with large offsets. Supported row lengths: 1 to ``MAX_N``.
 """
 
 import functools
+import os
 
 import torch
 import triton
@@ -22,8 +23,11 @@ def _norm_kernel(
     stride_xm, stride_xn, stride_rm, stride_rn,
     eps,
     IS_RMS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
-    ROUND_TO_WEIGHT_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ROUND_TO_WEIGHT_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_PDL: tl.constexpr,
 ):  # fmt: skip
+    if USE_PDL:  # programmatic dependent launch: the previous kernel's writes are visible past this wait
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()  # the next kernel may be scheduled while this one runs
     rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     cols = tl.arange(0, BLOCK_N)
     col_ok = cols < N
@@ -65,6 +69,21 @@ def _multiprocessor_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+@functools.cache
+def _capability(device_index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device_index)
+
+
+def programmatic_launch(device: torch.device) -> bool:
+    """Programmatic dependent launch on Hopper or newer (``KERNL_PDL=0`` turns it off): the kernel waits
+    for the previous kernel's writes first thing, and the next kernel may be scheduled while it runs."""
+    return (
+        device.type == "cuda"
+        and os.environ.get("KERNL_PDL") != "0"
+        and _capability(device.index or 0)[0] >= 9
+    )
+
+
 def launch_config(m: int, n: int, device: torch.device) -> tuple[int, int, int]:
     """``(BLOCK_M, BLOCK_N, num_warps)``: about 8K elements a program (several 16-byte loads in flight
     per thread, 1K elements per warp), but at least two programs per SM (measured on H100)."""
@@ -104,6 +123,7 @@ def norm_forward(
     r = residual if residual is not None else x
     w = weight.contiguous() if weight is not None else None
     b = bias.contiguous() if bias is not None else None
+    pdl = programmatic_launch(x.device)
     _norm_kernel[(triton.cdiv(m, block_m),)](
         x, r, w, b, y, summed,
         m, n,
@@ -112,6 +132,6 @@ def norm_forward(
         IS_RMS=is_rms, HAS_RESIDUAL=residual is not None, HAS_WEIGHT=weight is not None,
         HAS_BIAS=bias is not None,
         ROUND_TO_WEIGHT_DTYPE=is_rms and weight.dtype in (torch.float16, torch.bfloat16),
-        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
+        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, USE_PDL=pdl, launch_pdl=pdl,
     )  # fmt: skip
     return y, summed

@@ -4,6 +4,7 @@
 """
 
 import functools
+import os
 
 import torch
 from triton.tools.tensor_descriptor import TensorDescriptor
@@ -48,6 +49,17 @@ def _capability(device_index: int) -> tuple[int, int]:
     return torch.cuda.get_device_capability(device_index)
 
 
+def programmatic_launch(device: torch.device) -> bool:
+    """Whether kernels on ``device`` use programmatic dependent launch (Hopper or newer; ``KERNL_PDL=0``
+    turns it off): each kernel waits for the previous one's writes first thing, then lets the next one
+    be scheduled, so a stream of small kernels overlaps its launch latencies."""
+    return (
+        device.type == "cuda"
+        and os.environ.get("KERNL_PDL") != "0"
+        and _capability(device.index or 0)[0] >= 9
+    )
+
+
 def _tma_ready(t: torch.Tensor) -> bool:
     """An operand a tensor descriptor can describe: unit inner stride, 16-byte aligned strides and base."""
     size = t.element_size()
@@ -87,6 +99,7 @@ def _launch_tma(a, b, c, bias, residual, activation, cfg: Config) -> None:
         programs = min(batch * _cdiv(m, cfg.block_m) * _cdiv(n, cfg.block_n), 4)
     bias_t = bias if bias is not None else c
     res_t = residual if residual is not None else c[0]
+    pdl = programmatic_launch(c.device)
     gemm_tma_kernel[(programs,)](
         a_desc, b_desc, c_desc, c, bias_t, res_t,
         batch, m, n, k,
@@ -94,7 +107,7 @@ def _launch_tma(a, b, c, bias, residual, activation, cfg: Config) -> None:
         ACTIVATION=activation, HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
         B_K_MAJOR=b_k_major, BATCHED=batch > 1, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, NUM_PROGRAMS=programs, num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
+        num_stages=cfg.num_stages, USE_PDL=pdl, launch_pdl=pdl,
     )  # fmt: skip
 
 
@@ -170,8 +183,9 @@ def gemm(
             ACTIVATION=activation, HAS_BIAS=bias is not None, HAS_GATE=b2 is not None,
             HAS_RESIDUAL=residual is not None, INPUT_PRECISION=precision, EVEN_K=k % cfg.block_k == 0,
             USE_SPLIT=split > 1, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, USE_PDL=pdl, launch_pdl=pdl,
         )  # fmt: skip
 
+    pdl = programmatic_launch(c.device)
     launch(config or tuning.choose(problem, c.device, launch))
     return c
