@@ -80,13 +80,14 @@ class ForwardGraphs:
             0 if owner[name] is None else owner[name].data_ptr() for owner, name in self.slots
         ] != self.addresses
 
-    def _drop_stale_captures(self) -> bool:
-        """Forget every graph when a parameter or buffer no longer lives where the graphs read it."""
-        if not self._weights_moved():
-            return False
+    def _forget_captures(self) -> None:
         self.captures.clear()
         self._remember_weights()
-        return True
+
+    def _drop_stale_captures(self) -> None:
+        """Forget every graph when a parameter or buffer no longer lives where the graphs read it."""
+        if self._weights_moved():
+            self._forget_captures()
 
     @staticmethod
     def signature(args: tuple, kwargs: dict) -> tuple | None:
@@ -117,7 +118,7 @@ class ForwardGraphs:
         outputs = map_tensors(torch.Tensor.clone, capture.outputs)
         if self._weights_moved():  # checked while the GPU replays: a stale replay's outputs are dropped
             torch.cuda.current_stream().synchronize()  # it finishes before its graph is destroyed
-            self._drop_stale_captures()
+            self._forget_captures()
             return self(*args, **kwargs)
         return outputs
 

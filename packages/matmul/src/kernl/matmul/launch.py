@@ -83,7 +83,7 @@ def tma_eligible(a: torch.Tensor, b: torch.Tensor, b2: torch.Tensor | None, batc
     return all(_tma_ready(t) for t in _tma_operands(a, b, batch))
 
 
-def _launch_tma(a, b, c, bias, residual, activation, cfg: Config) -> None:
+def _launch_tma(a, b, c, bias, residual, activation, cfg: Config, pdl: bool) -> None:
     batch, m, k = a.shape
     n = b.shape[2]
     b_k_major = b.stride(1) == 1
@@ -99,7 +99,6 @@ def _launch_tma(a, b, c, bias, residual, activation, cfg: Config) -> None:
         programs = min(batch * _cdiv(m, cfg.block_m) * _cdiv(n, cfg.block_n), 4)
     bias_t = bias if bias is not None else c
     res_t = residual if residual is not None else c[0]
-    pdl = programmatic_launch(c.device)
     gemm_tma_kernel[(programs,)](
         a_desc, b_desc, c_desc, c, bias_t, res_t,
         batch, m, n, k,
@@ -159,7 +158,7 @@ def gemm(
         if cfg.kernel == "tma":
             if not problem.tma:
                 raise ValueError(f"config {cfg} needs the TMA kernel, which cannot run this problem")
-            _launch_tma(a, b, c, bias, residual, activation, cfg)
+            _launch_tma(a, b, c, bias, residual, activation, cfg, pdl)
             return
         split = effective_split(k, cfg.block_k, cfg.split_k)
         grid_m, grid_n = _cdiv(m, cfg.block_m), _cdiv(n, cfg.block_n)

@@ -11,6 +11,7 @@ import gc
 import os
 import statistics
 import time
+from unittest import mock
 
 import torch
 
@@ -90,19 +91,7 @@ def kernels_of_one_forward(model, shape, reps: int = 5) -> list[tuple[str, int, 
     work = copy.deepcopy(model)
     optimize_model(work, cuda_graphs=False)
     ids, mask = inputs(*shape, model.config.vocab_size)
-    previous = os.environ.get("KERNL_PDL")
-    os.environ["KERNL_PDL"] = "0"
-    try:
-        return _profile(work, ids, mask, reps)
-    finally:
-        if previous is None:
-            del os.environ["KERNL_PDL"]
-        else:
-            os.environ["KERNL_PDL"] = previous
-
-
-def _profile(work, ids, mask, reps: int) -> list[tuple[str, int, float]]:
-    with torch.inference_mode():
+    with mock.patch.dict(os.environ, KERNL_PDL="0"), torch.inference_mode():
         for _ in range(3):
             work(input_ids=ids, attention_mask=mask)
         torch.cuda.synchronize()
@@ -115,6 +104,7 @@ def _profile(work, ids, mask, reps: int) -> list[tuple[str, int, float]]:
         total = getattr(event, "device_time_total", getattr(event, "cuda_time_total", 0))
         if total > 0 and not event.key.startswith("ProfilerStep"):
             rows.append((event.key, event.count // reps, total / reps))
+    del work
     return sorted(rows, key=lambda row: -row[2])
 
 
