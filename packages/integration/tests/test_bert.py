@@ -1,6 +1,7 @@
 """optimize_model on tiny Bert models: same outputs as Hugging Face, every target op replaced."""
 
 import copy
+import inspect
 
 import pytest
 import torch
@@ -8,6 +9,7 @@ from transformers import BertConfig, BertModel
 
 from kernl.integration import optimize_model
 from kernl.integration.kernels import find
+from kernl.integration.optimize import _argument_namer
 from kernl_testing import assert_matches_reference, on_gpu
 
 # CPU: fp32 through the interpreter (bf16 is wrong there); GPU: fp16 everywhere, bf16 once.
@@ -72,12 +74,27 @@ def test_positional_and_keyword_calls_agree(kit):
     with torch.inference_mode():
         by_name = model(input_ids=ids, attention_mask=mask)
         by_position = model(ids, mask)
+        if on_gpu():  # both calls name their arguments: one capture serves them
+            assert len(model.kernl_cuda_graphs.captures) == 1
         mixed = model(ids, attention_mask=mask, return_dict=False)
     assert by_name.last_hidden_state.shape == (2, 9, 64)
     for output in (by_position.last_hidden_state, mixed[0]):
         torch.testing.assert_close(output, by_name.last_hidden_state, rtol=0, atol=0)
     with pytest.raises(TypeError):
         model(ids, input_ids=ids)  # a name given twice: the signature refuses it
+
+
+def test_arguments_are_named_as_the_signature_binds_them():
+    def forward(input_ids=None, attention_mask=None, *, output_hidden_states=None, **kwargs): ...
+
+    name = _argument_namer(inspect.signature(forward))
+    assert name((1, 2), {"return_dict": False}) == dict(input_ids=1, attention_mask=2, return_dict=False)
+    assert name((), {"attention_mask": 2}) == dict(attention_mask=2)
+    with pytest.raises(TypeError, match="multiple values"):
+        name((1,), {"input_ids": 1})
+    with pytest.raises(TypeError):
+        name((1, 2, 3), {})  # output_hidden_states is keyword-only
+    assert _argument_namer(inspect.signature(lambda x, /, y: None)) is None  # called as it was
 
 
 def test_report_lists_rules_and_kept_ops(kit):

@@ -50,15 +50,47 @@ def _cut(t: torch.Tensor, length: int, padded: int) -> torch.Tensor:
     return t
 
 
+def _argument_namer(signature: inspect.Signature):
+    """``name(args, kwargs) -> {name: value}``, as ``signature.bind`` would name them, in ~1 us instead of
+    ~15: positional arguments take the names of the leading parameters. ``None`` for a signature with
+    positional-only parameters or ``*args`` (no Hugging Face model has them): such a forward is called
+    as it was, without bucketing."""
+    kinds = [p.kind for p in signature.parameters.values()]
+    if inspect.Parameter.VAR_POSITIONAL in kinds or inspect.Parameter.POSITIONAL_ONLY in kinds:
+        return None
+    leading = [
+        p.name for p in signature.parameters.values() if p.kind == inspect.Parameter.POSITIONAL_OR_KEYWORD
+    ]
+
+    def name(args: tuple, kwargs: dict) -> dict:
+        if not args:
+            return dict(kwargs)
+        if len(args) > len(leading):
+            signature.bind(*args, **kwargs)  # raises the TypeError a plain call would
+        arguments = dict(zip(leading, args, strict=False))
+        for key, value in kwargs.items():
+            if key in arguments:
+                raise TypeError(f"forward() got multiple values for argument '{key}'")
+            arguments[key] = value
+        return arguments
+
+    return name
+
+
 def _padded_call(compiled, signature, buckets, pad_id):
+    name_arguments = _argument_namer(signature)
+
     def forward(*args, **kwargs):
-        # Positional arguments get their names (inspect's bind: ~15 us, so keyword-only calls skip it).
-        bound = signature.bind(*args, **kwargs) if args else None
-        arguments = bound.arguments if bound is not None else dict(kwargs)
+        # Every call reaches the compiled forward by keyword: positional and keyword calls of one shape
+        # share one graph and one capture.
+        if name_arguments is None:
+            with torch.no_grad():
+                return compiled(*args, **kwargs)
+        arguments = name_arguments(args, kwargs)
 
         def call():  # with the (padded) arguments
             with torch.no_grad():
-                return compiled(*bound.args, **bound.kwargs) if bound is not None else compiled(**arguments)
+                return compiled(**arguments)
 
         tensors = {k: v for k, v in arguments.items() if isinstance(v, torch.Tensor)}
         token_input = arguments.get("input_ids", arguments.get("inputs_embeds"))
