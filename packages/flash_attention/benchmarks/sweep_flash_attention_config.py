@@ -11,7 +11,8 @@ import torch
 from kernl.flash_attention.launch import LaunchConfig, attention_forward, launch_config
 from kernl_testing.benchmarking import median_ms
 
-ENCODER = [(32, 12, 512, "none"), (1, 12, 4096, "none"), (8, 8, 512, "t5")]
+ENCODER = [(32, 12, 512, "none"), (16, 12, 1024, "none"), (8, 12, 2048, "none"), (4, 12, 4096, "none"),
+           (1, 12, 4096, "none"), (8, 8, 512, "t5")]  # fmt: skip
 ENCODER_CONFIGS = [LaunchConfig(*c) for c in (
     (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 64, 4, 2), (128, 128, 8, 2),
     (64, 128, 4, 3), (64, 64, 4, 4), (64, 64, 4, 2), (64, 32, 4, 3), (64, 64, 8, 3), (64, 128, 8, 3),

@@ -37,7 +37,10 @@ SHAPES = [
     ("bert M=1024 768->2304", 1024, 768, 2304, "none", False),
     ("bert M=1024 768->3072 gelu", 1024, 768, 3072, "gelu", False),
     ("bert M=1024 3072->768", 1024, 3072, 768, "none", False),
+    ("bert M=4096 768->768", 4096, 768, 768, "none", False),
+    ("bert M=4096 768->2304", 4096, 768, 2304, "none", False),
     ("bert M=4096 768->3072 gelu", 4096, 768, 3072, "gelu", False),
+    ("bert M=4096 3072->768", 4096, 3072, 768, "none", False),
     ("bert M=16384 768->2304", 16384, 768, 2304, "none", False),
     ("bert M=16384 768->3072", 16384, 768, 3072, "none", False),
     ("bert M=16384 768->3072 gelu", 16384, 768, 3072, "gelu", False),
@@ -66,6 +69,10 @@ def wider_grid(p: Problem, sms: int) -> list[Config]:
                (128, 128, 64, 8, 4), (128, 128, 64, 4, 4), (128, 128, 64, 8, 5), (128, 128, 128, 8, 3),
                (128, 256, 128, 8, 2), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (128, 128, 64, 4, 3)]  # fmt: skip
         grid += [Config(bm, bn, bk, 1, 8, w, s, "tma") for bm, bn, bk, w, s in tma]
+        # several small tiles a SM, so that the tile count fills whole waves of programs
+        grid += [Config(bm, bn, 64, 1, 8, 4, s, "tma", o) for bm, bn, s, o in (
+            (64, 128, 2, 3), (64, 128, 3, 2), (128, 64, 2, 3), (64, 64, 3, 3), (64, 64, 2, 5), (64, 256, 2, 2),
+            (128, 128, 2, 2), (128, 64, 3, 2))]  # fmt: skip
         if p.batch * triton.cdiv(p.m, 128) * triton.cdiv(p.n, 128) < sms:  # few big tiles: narrow ones
             for bm, bn, bk in itertools.product((64, 128), (16, 32, 64), (64, 128)):
                 grid += [
