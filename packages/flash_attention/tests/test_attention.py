@@ -2,6 +2,7 @@
 
 import math
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -174,6 +175,23 @@ def test_split_kv_with_long_queries(shape, splits, causal, spec):
     config = LaunchConfig(32, 16, 4, 1, splits) if not on_gpu() else LaunchConfig(64, 32, 4, 2, splits)
     out = attention_forward(q, k, v, 0.3, None, None, lengths.to(torch.int32), None, causal, config)
     check(out, q, k, v, 0.3, key_padding_mask=lengths, causal=causal)
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+def test_scores_that_keep_growing_along_the_keys(splits):
+    """Each key block raises every row's maximum by far more than the kernel's rescaling margin."""
+    n_q, n_k, d = 33, MAX_LEN, 32
+    generator = torch.Generator().manual_seed(7)
+    direction = torch.randn(1, 2, 1, d, generator=generator)
+    ramp = torch.arange(n_k, dtype=torch.float32)[None, None, :, None] / 2
+    q = (direction + 0.1 * torch.randn(1, 2, n_q, d, generator=generator)).to(TEST_DEVICE)
+    k = (direction * ramp / d + 0.1 * torch.randn(1, 2, n_k, d, generator=generator)).to(TEST_DEVICE)
+    v = torch.randn(1, 2, n_k, d, generator=generator).to(TEST_DEVICE)
+    for dtype in (torch.float16, torch.float32):
+        q_, k_, v_ = (t.to(dtype) for t in (q, k, v))
+        config = LaunchConfig(16, 16, 4, 1, splits) if not on_gpu() else LaunchConfig(64, 32, 4, 2, splits)
+        out = attention_forward(q_, k_, v_, 1.0, None, None, None, None, False, config)
+        check(out, q_, k_, v_, 1.0)
 
 
 def test_fully_masked_rows_return_zeros():
