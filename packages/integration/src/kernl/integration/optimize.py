@@ -81,14 +81,12 @@ def _padded_call(compiled, signature, buckets, pad_id):
     name_arguments = _argument_namer(signature)
 
     def forward(*args, **kwargs):
-        # Every call reaches the compiled forward by keyword: positional and keyword calls of one shape
-        # share one graph and one capture.
         if name_arguments is None:
             with torch.no_grad():
                 return compiled(*args, **kwargs)
         arguments = name_arguments(args, kwargs)
 
-        def call():  # with the (padded) arguments
+        def call():  # by keyword, with the (padded) arguments: positional and keyword calls share a capture
             with torch.no_grad():
                 return compiled(**arguments)
 

@@ -154,6 +154,8 @@ def gemm(
     bias_t = bias if bias is not None else c
     res_t = residual if residual is not None else c
 
+    pdl = programmatic_launch(c.device)
+
     def launch(cfg: Config) -> None:
         if cfg.kernel == "tma":
             if not problem.tma:
@@ -185,6 +187,5 @@ def gemm(
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, USE_PDL=pdl, launch_pdl=pdl,
         )  # fmt: skip
 
-    pdl = programmatic_launch(c.device)
     launch(config or tuning.choose(problem, c.device, launch))
     return c
