@@ -41,11 +41,13 @@ def build(model_class, config, attn_implementation="sdpa"):
     return model_class._from_config(config, attn_implementation=attn_implementation).eval()
 
 
-def compare_with_reference(model, dtype, calls, fields):
+def compare_with_reference(model, dtype, calls, fields, scale=1.0):
     """Optimize a copy of ``model`` in ``dtype`` on the test device and check every call's ``fields``.
 
     Reference: the same model in fp64 on CPU; peer: plain HF in ``dtype`` on the device. Each call is a
-    dict of inputs (CPU tensors). Returns the optimization report.
+    dict of inputs (CPU tensors). Returns the optimization report. ``scale`` > 1 widens the per-element
+    tolerance for outputs that compound many layers' rounding; then the mean error must also be no
+    worse than 1.25x the peer's, so the looser bound cannot hide a systematic error.
     """
     reference = copy.deepcopy(model).double()
     peer = copy.deepcopy(model).to(DEVICE, dtype)
@@ -58,7 +60,17 @@ def compare_with_reference(model, dtype, calls, fields):
             same_dtype = peer(**on_device)
             actual = optimized(**on_device)
         for field in fields:
-            assert_matches_reference(actual[field], expected[field], same_dtype[field], name=field)
+            assert_matches_reference(
+                actual[field], expected[field], same_dtype[field], name=field, scale=scale
+            )
+            if scale > 1:
+                errors = [
+                    (t.detach().cpu().double() - expected[field]).abs().mean()
+                    for t in (actual[field], same_dtype[field])
+                ]
+                assert errors[0] <= 1.25 * errors[1] + 1e-7, (
+                    f"{field}: mean error {errors[0]:.3g}, HF's {errors[1]:.3g}"
+                )
     return report
 
 

@@ -11,6 +11,7 @@ from kernl.integration.backend import rewrite_graph
 from kernl.integration.kernels import find
 from kernl.integration.report import GraphRecord
 from kernl.integration.rules.attention_sdpa import attention_call
+from kernl.integration.rules.gated_ffn import gated_linear_act_call
 from kernl_testing import assert_matches_reference
 
 
@@ -226,3 +227,64 @@ def test_shared_projection_weights_are_stacked_once():
             torch.testing.assert_close(actual, reference)
         for actual, reference in zip(compiled(x, y), expected, strict=True):  # the layout stays put
             torch.testing.assert_close(actual, reference)
+
+
+def test_gated_products_of_each_activation_spelling():
+    from transformers.activations import NewGELUActivation
+
+    def fn(x, w0, w1, w2):
+        written_out = NewGELUActivation()(F.linear(x, w0)) * F.linear(x, w1)  # T5 v1.1 "gelu_new"
+        called = F.linear(x, w1) * F.silu(F.linear(x, w0))  # the gate on the right-hand side
+        return written_out, called, F.relu(F.linear(x, w0)) * F.linear(x, w2)
+
+    g = torch.Generator().manual_seed(3)
+    x, w0, w1 = (
+        torch.randn(2, 5, 8, generator=g),
+        torch.randn(12, 8, generator=g),
+        torch.randn(12, 8, generator=g),
+    )
+    w2 = torch.randn(12, 8, generator=g)
+    record, gm, compiled = rewritten(fn, x, w0, w1, w2)
+    if find("gated_linear_act") is not None:
+        assert record.fired["gated_ffn"] == 3 and record.kept == {}
+        calls = [n for n in gm.graph.nodes if n.target is gated_linear_act_call]
+        assert sorted(n.args[3] for n in calls) == ["gelu_tanh", "relu", "silu"]
+        check_same(fn, compiled, x, w0, w1, w2)
+
+
+def test_products_that_are_not_a_gated_ffn_are_kept():
+    def fn(x, w0, w1, b):
+        not_an_activation = torch.sigmoid(F.linear(x, w0)) * F.linear(x, w1)
+        with_bias = F.gelu(F.linear(x, w0, b)) * F.linear(x, w1)
+        other_input = F.gelu(F.linear(x, w0)) * F.linear(x * 2, w1)
+        return not_an_activation, with_bias, other_input
+
+    g = torch.Generator().manual_seed(4)
+    x, w0, w1 = torch.randn(3, 8, generator=g), torch.randn(6, 8, generator=g), torch.randn(6, 8, generator=g)
+    b = torch.randn(6, generator=g)
+    record, _, compiled = rewritten(fn, x, w0, w1, b)
+    assert record.fired.get("gated_ffn", 0) == 0
+    check_same(fn, compiled, x, w0, w1, b)
+
+
+@pytest.mark.parametrize("weight_dtype", [torch.float32, torch.float16])
+def test_t5_norm_chain_with_and_without_its_residual(weight_dtype):
+    def t5_norm(h, w):  # transformers' T5LayerNorm.forward, as written there
+        variance = h.to(torch.float32).pow(2).mean(-1, keepdim=True)
+        h = h * torch.rsqrt(variance + 1e-6)
+        if w.dtype in [torch.float16, torch.bfloat16]:
+            h = h.to(w.dtype)
+        return w * h
+
+    def fn(a, b, w):
+        s = a + b
+        return t5_norm(s, w) + s, t5_norm(a, w), a * torch.rsqrt(a.pow(2).sum(-1, keepdim=True) + 1e-6)
+
+    g = torch.Generator().manual_seed(5)
+    a, b = (torch.randn(2, 5, 24, generator=g).to(weight_dtype) for _ in range(2))
+    w = (1 + 0.1 * torch.randn(24, generator=g)).to(weight_dtype)
+    record, _, compiled = rewritten(fn, a, b, w)
+    if find("rms_norm") is not None:
+        assert record.fired["rms_norm"] == 2  # the sum of squares (not a mean) is not an RMS norm
+        assert record.kept == {"rms_norm": 1}
+        check_same(fn, compiled, a, b, w)

@@ -10,6 +10,8 @@ KERNELS = {
     "linear_act": ("kernl.linear_act", "linear_act"),
     "attention": ("kernl.flash_attention", "attention"),
     "layer_norm": ("kernl.layernorm", "layer_norm"),
+    "rms_norm": ("kernl.layernorm", "rms_norm"),
+    "gated_linear_act": ("kernl.linear_act", "gated_linear_act"),
 }
 
 

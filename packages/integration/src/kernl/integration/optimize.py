@@ -125,24 +125,45 @@ def _raise_recompile_limit(graphs: int) -> None:
             return
 
 
+def _optimize_encoder(model: torch.nn.Module, buckets, cuda_graphs: bool) -> OptimizationReport:
+    """Encoder-decoder models (T5): the encoder stack is optimized in place, so ``forward`` and
+    ``generate()`` (which calls the encoder directly) run it on kernl; the decoder, whose key/value
+    cache grows by one token a step, stays PyTorch (one graph per step would compile without end)."""
+    encoder = model.get_encoder()
+    report = _optimize_forward(encoder, buckets, cuda_graphs)
+    report.model = f"{type(model).__name__} (encoder: {report.model})"
+    if report.status == "optimized":
+        report.notes.append("decoder runs as PyTorch: its key/value cache changes shape at every step")
+    model.kernl_report = report
+    return report
+
+
 def optimize_model(model: torch.nn.Module, *, buckets=DEFAULT_BUCKETS, cuda_graphs: bool = True):
-    """Make ``model`` (a transformers Bert/RoBERTa model or head, eval mode) run on kernl, in place.
+    """Make ``model`` (a transformers Bert/RoBERTa model or head, T5, eval mode) run on kernl, in place.
 
     Sequence lengths are padded up to the next of ``buckets`` (with ``attention_mask`` zeros, so the
     outputs of the real tokens do not change) and the outputs are cut back. Returns the
     :class:`OptimizationReport`, also kept as ``model.kernl_report``; it fills in as graphs compile
     (one per batch size and bucket, on first use). On a CPU model (without ``TRITON_INTERPRET=1``) or a
     GPU below compute capability 8.0 the model is left as it was and the report says why.
-    A sentence-transformers model is accepted too: its transformer module's model is optimized.
+    A sentence-transformers model is accepted too: its transformer module's model is optimized. Of an
+    encoder-decoder model (T5) the encoder is optimized and the decoder stays PyTorch.
     The original forward stays available as ``model.kernl_original_forward``.
     """
     inner = model._first_module().auto_model if hasattr(model, "_first_module") else None
     if inner is not None:
         return optimize_model(inner, buckets=buckets, cuda_graphs=cuda_graphs)
-    report = OptimizationReport(model=type(model).__name__)
-    model.kernl_report = report
     if model.training:
         raise ValueError("optimize_model is for inference: call model.eval() first")
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        return _optimize_encoder(model, buckets, cuda_graphs)
+    return _optimize_forward(model, buckets, cuda_graphs)
+
+
+def _optimize_forward(model: torch.nn.Module, buckets, cuda_graphs: bool) -> OptimizationReport:
+    """Replace ``model.forward`` by the bucketed, compiled, CUDA-graphed call (see the module docstring)."""
+    report = OptimizationReport(model=type(model).__name__)
+    model.kernl_report = report
     device = next(model.parameters()).device
     reason = _unsupported_reason(device)
     if reason is not None:

@@ -20,6 +20,7 @@ _KEPT_FUNCTIONS = {
     torch.tanh: "activation",
     F.silu: "activation",
     F.layer_norm: "layer_norm",
+    torch.rsqrt: "rms_norm",
     F.scaled_dot_product_attention: "attention (sdpa)",
     F.softmax: "attention (softmax)",
     torch.softmax: "attention (softmax)",
@@ -31,6 +32,7 @@ _KEPT_METHODS = {
     "matmul": "matmul",
     "tanh": "activation",
     "relu": "activation",
+    "rsqrt": "rms_norm",
 }
 
 

@@ -28,17 +28,21 @@ def _rules() -> list[Rule]:
         attention_sdpa,
         dropout,
         fused_projections,
+        gated_ffn,
         layer_norm,
         linear_act,
+        rms_norm,
     )
 
     return [
         dropout.RULE,
         attention_sdpa.RULE,
         attention_eager.RULE,
+        gated_ffn.RULE,
         linear_act.RULE,
         fused_projections.RULE,
         layer_norm.RULE,
+        rms_norm.RULE,
     ]
 
 

@@ -1,0 +1,89 @@
+"""T5 on kernl: the encoder forward and greedy ``generate()``, against Hugging Face in the same run.
+
+flan-T5-base shapes (d_model 768, 12 heads, d_ff 2048, gated gelu_new, 12 + 12 layers), random
+weights, fp16. Encoder: wall-clock latency of ``model.encoder(...)`` (host work included, as a user
+sees it) for HF (sdpa), HF with ``torch.compile(mode="reduce-overhead")`` and kernl, at batch x tokens
+{1x128, 8x128, 8x512, 32x512}. Generation: batch 1 and 8 with 128 input tokens, 32 new tokens (the
+decoder stays PyTorch under kernl, so this shows what the encoder alone brings).
+Writes benchmarks/results/<gpu>/t5.json. Run: python packages/integration/benchmarks/bench_t5.py
+"""
+
+import copy
+import functools
+import time
+
+import torch
+from transformers import T5Config, T5ForConditionalGeneration
+
+from kernl.integration import optimize_model
+from kernl.integration.bench.gpu import inputs, wall_clock_ms
+from kernl_testing.benchmarking import write_results
+
+ENCODER_SHAPES = [(1, 128), (8, 128), (8, 512), (32, 512)]
+GENERATE_SHAPES = [(1, 128), (8, 128)]
+NEW_TOKENS = 32
+
+
+def flan_t5_base() -> T5ForConditionalGeneration:
+    config = T5Config(
+        vocab_size=32128, d_model=768, d_kv=64, d_ff=2048, num_layers=12, num_decoder_layers=12, num_heads=12,
+        feed_forward_proj="gated-gelu", decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
+        tie_word_embeddings=False,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = T5ForConditionalGeneration(config).eval().to("cuda", torch.float16)
+    with torch.no_grad():  # greedy decoding that never stops early: no pad or end-of-sequence token
+        model.lm_head.weight[:2] = -1
+    return model
+
+
+def encoder_engines(model):
+    """name -> (model, warm-up seconds): HF, HF + torch.compile reduce-overhead, kernl."""
+    compiled = copy.deepcopy(model)
+    compiled.encoder.forward = torch.compile(compiled.encoder.forward, mode="reduce-overhead")
+    kernl = copy.deepcopy(model)
+    optimize_model(kernl)
+    return {"HF sdpa": model, "torch.compile reduce-overhead": compiled, "kernl": kernl}
+
+
+def main() -> None:
+    model = flan_t5_base()
+    engines = encoder_engines(model)
+    results = {"encoder": [], "generate": []}
+    with torch.inference_mode():
+        for batch, seq in ENCODER_SHAPES:
+            ids, mask = inputs(batch, seq, model.config.vocab_size)
+            row = {"batch": batch, "seq": seq}
+            for name, engine in engines.items():
+                start = time.perf_counter()
+                engine.encoder(input_ids=ids, attention_mask=mask)
+                torch.cuda.synchronize()
+                row[f"{name} warm-up s"] = round(time.perf_counter() - start, 2)
+                row[f"{name} ms"] = wall_clock_ms(
+                    functools.partial(engine.encoder, input_ids=ids, attention_mask=mask)
+                )
+            peer = min(row[f"{n} ms"] for n in engines if n != "kernl")
+            row["kernl / best peer"] = round(peer / row["kernl ms"], 3)
+            print(row, flush=True)
+            results["encoder"].append(row)
+        for batch, seq in GENERATE_SHAPES:
+            ids, mask = inputs(batch, seq, model.config.vocab_size)
+            row = {"batch": batch, "seq": seq, "new_tokens": NEW_TOKENS}
+            outputs = {}
+            for name in ("HF sdpa", "kernl"):
+                generate = functools.partial(
+                    engines[name].generate, input_ids=ids, attention_mask=mask, max_new_tokens=NEW_TOKENS,
+                    min_new_tokens=NEW_TOKENS, do_sample=False,
+                )  # fmt: skip
+                outputs[name] = generate()
+                row[f"{name} ms"] = wall_clock_ms(generate, budget_s=2.0, min_reps=5)
+            row["kernl speedup"] = round(row["HF sdpa ms"] / row["kernl ms"], 3)
+            row["same tokens"] = bool(torch.equal(outputs["HF sdpa"], outputs["kernl"]))
+            print(row, flush=True)
+            results["generate"].append(row)
+    print(engines["kernl"].kernl_report)
+    write_results("t5", {"model": "flan-T5-base shapes, random weights, fp16", **results})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,139 @@
+"""Rule: the T5 norm chain ``weight * (x * rsqrt(mean(x.float() ** 2, -1) + eps))[.to(dtype)]`` becomes
+``kernl.layernorm.rms_norm``; ``a + b`` feeding it is fused as the kernel's residual.
+
+Anchored on ``rsqrt``: its argument must be ``mean(pow(x', 2), -1, keepdim=True) + eps`` where ``x'`` is
+``x`` or ``x`` cast to float32, and its only user ``x * rsqrt``, optionally cast, then times a 1-D weight.
+Every intermediate node has that one user, so the chain disappears whole.
+"""
+
+import operator
+
+import torch
+from torch import fx
+
+from kernl.integration import fallback
+from kernl.integration.kernels import find
+from kernl.integration.rules import Rule
+from kernl.integration.rules._fx import arg, example, is_add, is_function, is_method, only_user, same_layout
+
+_MUL = (operator.mul, torch.mul)
+
+
+def rms_norm_call(x, weight, eps, residual):
+    """What the graph calls in place of the matched nodes: ``normed`` or ``(normed, x + residual)``."""
+    return fallback.call("rms_norm", _kernel, _pytorch, x, weight, eps, residual)
+
+
+def _kernel(x, weight, eps, residual):
+    return find("rms_norm")(x, weight, eps, residual=residual)
+
+
+def _pytorch(x, weight, eps, residual):
+    summed = x if residual is None else x + residual
+    h = summed * torch.rsqrt(summed.float().pow(2).mean(-1, keepdim=True) + eps)
+    normed = weight * (h.to(weight.dtype) if weight.dtype in (torch.float16, torch.bfloat16) else h)
+    return normed if residual is None else (normed, summed)
+
+
+def _is_op(node, functions, method) -> bool:
+    return is_function(node, functions) or is_method(node, (method,))
+
+
+def _other(node: fx.Node, known):
+    """The operand of binary ``node`` that is not ``known`` (None when both or neither are)."""
+    a, b = node.args[:2] if len(node.args) >= 2 else (None, None)
+    return b if a is known and b is not known else a if b is known and a is not known else None
+
+
+def _source(node):
+    """``x`` when ``node`` is ``x`` cast to float32 (or already float32 and uncast)."""
+    if is_method(node, ("float",)) and len(node.args) == 1:
+        return node.args[0]
+    if is_method(node, ("to",)) and node.args[1:] == (torch.float32,) and not node.kwargs:
+        return node.args[0]
+    ex = example(node)
+    return node if ex is not None and ex.dtype == torch.float32 else None
+
+
+def _match(rsqrt: fx.Node):
+    """``(nodes of the chain in graph order, x, weight, eps)`` for the chain around ``rsqrt``, or None."""
+    shifted = rsqrt.args[0] if len(rsqrt.args) == 1 else None
+    if not is_add(shifted) or only_user(shifted) is not rsqrt:
+        return None
+    mean = next((a for a in shifted.args if isinstance(a, fx.Node)), None)
+    eps = _other(shifted, mean)
+    if (
+        not isinstance(eps, float)
+        or not _is_op(mean, (torch.mean,), "mean")
+        or only_user(mean) is not shifted
+    ):
+        return None
+    dim, keepdim = arg(mean, 1, "dim"), arg(mean, 2, "keepdim", False)
+    if dim not in (-1, [-1], (-1,)) or keepdim is not True:
+        return None
+    square = mean.args[0]
+    if not _is_op(square, (torch.pow,), "pow") or square.args[1:] not in ((2,), (2.0,)) or square.kwargs:
+        return None
+    x = _source(square.args[0])
+    scaled = only_user(rsqrt)
+    if (
+        x is None
+        or only_user(square) is not mean
+        or not is_function(scaled, _MUL)
+        or _other(scaled, rsqrt) is not x
+    ):
+        return None
+    cast = square.args[0]
+    chain = (
+        [square, mean, shifted, rsqrt, scaled] if cast is x else [cast, square, mean, shifted, rsqrt, scaled]
+    )
+    if cast is not x and only_user(cast) is not square:
+        return None
+    last, cast_to = only_user(scaled), None
+    if is_method(last, ("to",)) and len(last.args) == 2 and not last.kwargs:
+        chain, last, cast_to = chain + [last], only_user(last), last.args[1]
+    weight = _other(last, chain[-1]) if is_function(last, _MUL) else None
+    w, ex = example(weight), example(x)
+    if w is None or ex is None or w.dim() != 1 or w.shape[0] != ex.shape[-1]:
+        return None
+    if cast_to != (w.dtype if w.dtype in (torch.float16, torch.bfloat16) else None):
+        return None  # the only cast rms_norm applies: to a half-precision weight's dtype
+    return chain + [last], x, weight, eps
+
+
+def rewrite(gm: fx.GraphModule) -> int:
+    """Replace each matched norm chain (with the ``a + b`` feeding it, where there is one)."""
+    if find("rms_norm") is None:
+        return 0
+    replaced = 0
+    for node in list(gm.graph.nodes):
+        if not _is_op(node, (torch.rsqrt,), "rsqrt") or (match := _match(node)) is None:
+            continue
+        chain, x, weight, eps = match
+        residual = None
+        if is_add(x) and same_layout(*x.args) and same_layout(x.args[0], x):
+            source, (x, residual) = x, x.args
+        with gm.graph.inserting_before(chain[-1]):
+            fused = gm.graph.call_function(rms_norm_call, (x, weight, eps, residual))
+            normed = fused if residual is None else gm.graph.call_function(operator.getitem, (fused, 0))
+            summed = None if residual is None else gm.graph.call_function(operator.getitem, (fused, 1))
+        normed.meta = dict(chain[-1].meta)
+        chain[-1].replace_all_uses_with(normed)
+        for dead in reversed(chain):
+            gm.graph.erase_node(dead)
+        if summed is not None:
+            summed.meta = dict(source.meta)
+            source.replace_all_uses_with(summed)
+            gm.graph.erase_node(source)
+        replaced += 1
+    return replaced
+
+
+RULE = Rule(
+    name="rms_norm",
+    kernel="rms_norm",
+    matches="weight * (x * rsqrt(mean(x.float() ** 2, -1, keepdim=True) + eps))[.to(half)] (T5LayerNorm), "
+    "optionally fed by a + b of one shape and dtype",
+    replacement="kernl.layernorm.rms_norm(x, w, eps[, residual=]) (fused add + norm)",
+    rewrite=rewrite,
+)
