@@ -41,13 +41,15 @@ def build(model_class, config, attn_implementation="sdpa"):
     return model_class._from_config(config, attn_implementation=attn_implementation).eval()
 
 
-def compare_with_reference(model, dtype, calls, fields, scale=1.0):
+def compare_with_reference(model, dtype, calls, fields, scale=1.0, aggregate_fields=()):
     """Optimize a copy of ``model`` in ``dtype`` on the test device and check every call's ``fields``.
 
     Reference: the same model in fp64 on CPU; peer: plain HF in ``dtype`` on the device. Each call is a
     dict of inputs (CPU tensors). Returns the optimization report. ``scale`` > 1 widens the per-element
     tolerance for outputs that compound many layers' rounding; then the mean error must also be no
     worse than 1.25x the peer's, so the looser bound cannot hide a systematic error.
+    ``aggregate_fields`` (e.g. logits, whose near-zero entries carry the absolute error of a long sum)
+    are held to the peer in mean (1.25x) and maximum (2x) error only.
     """
     reference = copy.deepcopy(model).double()
     peer = copy.deepcopy(model).to(DEVICE, dtype)
@@ -63,13 +65,16 @@ def compare_with_reference(model, dtype, calls, fields, scale=1.0):
             assert_matches_reference(
                 actual[field], expected[field], same_dtype[field], name=field, scale=scale
             )
-            if scale > 1:
-                errors = [
-                    (t.detach().cpu().double() - expected[field]).abs().mean()
-                    for t in (actual[field], same_dtype[field])
-                ]
-                assert errors[0] <= 1.25 * errors[1] + 1e-7, (
-                    f"{field}: mean error {errors[0]:.3g}, HF's {errors[1]:.3g}"
+        for field in (list(fields) if scale > 1 else []) + list(aggregate_fields):
+            ours, hf = (
+                (t[field].detach().cpu().double() - expected[field]).abs() for t in (actual, same_dtype)
+            )
+            assert ours.mean() <= 1.25 * hf.mean() + 1e-7, (
+                f"{field}: mean error {ours.mean():.3g}, HF's {hf.mean():.3g}"
+            )
+            if field in aggregate_fields:
+                assert ours.max() <= 2 * hf.max() + 1e-6, (
+                    f"{field}: max error {ours.max():.3g}, HF's {hf.max():.3g}"
                 )
     return report
 
