@@ -58,9 +58,7 @@ def test_t5_generation_runs_the_encoder_on_kernl(kit):
     # HF's (0.00148 against 0.00118) while the encoder output's, which kernl computes, is below HF's:
     # held to HF only in fp32 (CPU), where the comparison is tight.
     logits = ["logits"] if DTYPE == torch.float32 else []
-    report = kit.compare_with_reference(
-        model, DTYPE, [call], ["encoder_last_hidden_state"], SCALE, ["logits"]
-    )
+    report = kit.compare_with_reference(model, DTYPE, [call], ["encoder_last_hidden_state"], SCALE, logits)
     assert report.model.startswith("T5ForConditionalGeneration (encoder: T5Stack)")
     assert any("decoder runs as PyTorch" in note for note in report.notes)
     optimized = copy.deepcopy(model).to(kit.device, DTYPE)
