@@ -288,3 +288,27 @@ def test_t5_norm_chain_with_and_without_its_residual(weight_dtype):
         assert record.fired["rms_norm"] == 2  # the sum of squares (not a mean) is not an RMS norm
         assert record.kept == {"rms_norm": 1}
         check_same(fn, compiled, a, b, w)
+
+
+def test_a_bias_folded_into_the_padding_mask_is_taken_out():
+    def fn(q, k, v, attention_mask, bias):  # T5 under sdpa: where(keep, position bias, finfo.min)
+        b, _, s, _ = q.shape
+        keep = attention_mask.bool()[:, None, None, :].expand(b, 1, s, s)
+        folded = torch.where(keep, bias, torch.finfo(q.dtype).min).contiguous()
+        not_blocking = torch.where(keep, bias, -1.0)  # -1 does not block a key: stays one dense mask
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=folded, scale=1.0)
+        return (F.scaled_dot_product_attention(out, k, v, attn_mask=not_blocking, scale=1.0),)
+
+    g = torch.Generator().manual_seed(6)
+    q, k, v = (torch.randn(2, 3, 9, 16, generator=g) for _ in range(3))
+    bias = torch.randn(1, 3, 9, 9, generator=g)
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[1, 5:] = 0
+    record, gm, compiled = rewritten(fn, q, k, v, mask, bias)
+    if find("attention") is None:
+        return
+    assert record.attention_masks == {"key padding [B, K] + bias": 1, "dense": 1}
+    first, second = _attention_calls(gm)
+    assert first.args[5] is not None and first.args[4] is None and first.args[7] is not None
+    assert second.args[4] is not None and second.args[7] is None
+    check_same(fn, compiled, q, k, v, mask, bias)

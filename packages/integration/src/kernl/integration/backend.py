@@ -56,14 +56,15 @@ def attention_masks(gm: fx.GraphModule) -> dict[str, int]:
     kinds = Counter()
     for node in gm.graph.nodes:
         if node.target is attention_call:
-            _, _, _, _, mask, key_padding_mask, _ = node.args
-            kinds[
+            mask, key_padding_mask, bias = node.args[4], node.args[5], node.args[7]
+            kind = (
                 "key padding [B, K]"
                 if key_padding_mask is not None
                 else "dense"
                 if mask is not None
                 else "none"
-            ] += 1
+            )
+            kinds[kind + (" + bias" if bias is not None else "")] += 1
     return dict(kinds)
 
 

@@ -14,7 +14,7 @@ from torch import fx
 
 from kernl.integration.rules._fx import example
 
-_ADDITIVE_MASKED = -1e4  # an additive mask entry at or below this blocks the key
+ADDITIVE_MASKED = -1e4  # an additive mask entry at or below this blocks the key
 
 
 def _ancestors(node: fx.Node) -> list[fx.Node]:
@@ -47,7 +47,7 @@ def _means_key_padding(mask: torch.Tensor, source: torch.Tensor, additive: bool,
         return False
     if not additive:
         return mask.dtype == torch.bool and torch.equal(mask, attend)
-    return bool((mask[attend] == 0).all()) and bool((mask[~attend] <= _ADDITIVE_MASKED).all())
+    return bool((mask[attend] == 0).all()) and bool((mask[~attend] <= ADDITIVE_MASKED).all())
 
 
 def _program(mask: fx.Node) -> tuple[fx.GraphModule, list[fx.Node]] | None:

@@ -3,6 +3,8 @@
 Matches sdpa on 4-D ``(B, H, S, D)`` q/k/v with ``dropout_p == 0``. The mask goes to the kernel as a
 key padding mask ``[B, K]`` when its provenance from a ``[B, K]`` graph input (``attention_mask``) is
 checked (see :mod:`._padding_mask`), so padded key blocks are skipped; otherwise as the dense mask.
+A bias folded into the mask (T5's position bias: ``where(keep, bias, -big)``) goes to the kernel as
+``bias=`` beside the mask it was folded with.
 """
 
 import torch
@@ -11,41 +13,77 @@ from torch import fx
 from kernl.integration import fallback
 from kernl.integration.kernels import find
 from kernl.integration.rules import Rule
-from kernl.integration.rules._fx import arg, autocast_dtype, cast_all, example, is_function, replace_with_call
-from kernl.integration.rules._padding_mask import attends_everywhere, key_padding_node, key_padding_source
+from kernl.integration.rules._fx import (
+    arg,
+    autocast_dtype,
+    cast_all,
+    example,
+    is_function,
+    is_method,
+    replace_with_call,
+)
+from kernl.integration.rules._padding_mask import (
+    ADDITIVE_MASKED,
+    attends_everywhere,
+    key_padding_node,
+    key_padding_source,
+)
 
 SDPA_TARGETS = (torch.nn.functional.scaled_dot_product_attention,)
 
 
-def attention_call(q, k, v, scale, mask, key_padding_mask, causal):
+def attention_call(q, k, v, scale, mask, key_padding_mask, causal, bias=None):
     """What the graph calls in place of the matched attention (autocast dtype when it is on)."""
     q, k, v = cast_all(autocast_dtype(q.device.type), q, k, v)
     if mask is not None and mask.is_floating_point():
         mask = mask.to(q.dtype)
-    return fallback.call("attention", _kernel, _pytorch, q, k, v, scale, mask, key_padding_mask, causal)
+    if bias is not None:
+        bias = bias.to(q.dtype)
+    return fallback.call("attention", _kernel, _pytorch, q, k, v, scale, mask, key_padding_mask, causal, bias)
 
 
-def _kernel(q, k, v, scale, mask, key_padding_mask, causal):
+def _kernel(q, k, v, scale, mask, key_padding_mask, causal, bias):
     return find("attention")(
-        q, k, v, scale=scale, mask=mask, key_padding_mask=key_padding_mask, causal=causal
+        q, k, v, scale=scale, bias=bias, mask=mask, key_padding_mask=key_padding_mask, causal=causal
     )
 
 
-def _pytorch(q, k, v, scale, mask, key_padding_mask, causal):
+def _pytorch(q, k, v, scale, mask, key_padding_mask, causal, bias):
     if key_padding_mask is not None:
         mask = key_padding_mask[:, None, None, :]
+    if bias is not None:
+        mask = bias if mask is None else torch.where(mask, bias, torch.finfo(bias.dtype).min)
     return torch.nn.functional.scaled_dot_product_attention(q, k, v, mask, scale=scale, is_causal=causal)
 
 
+def _bias_and_keep(mask: fx.Node) -> tuple[fx.Node, fx.Node] | None:
+    """``(bias, keep)`` when the additive ``mask`` is ``where(keep, bias, <very negative>)[.contiguous()]``:
+    T5 under sdpa folds its position bias and the padding into one ``[B, H, Q, K]`` tensor that way."""
+    if is_method(mask, ("contiguous",)) and len(mask.args) == 1:
+        mask = mask.args[0]
+    if not is_function(mask, (torch.where,)) or len(mask.args) != 3 or mask.kwargs:
+        return None
+    keep, bias, blocked = mask.args
+    ek, eb = example(keep), example(bias)
+    if ek is None or eb is None or ek.dtype != torch.bool or not eb.is_floating_point() or eb.dim() != 4:
+        return None
+    return (bias, keep) if isinstance(blocked, float) and blocked <= ADDITIVE_MASKED else None
+
+
 def attention_args(gm: fx.GraphModule, q, k, v, scale, mask, causal, additive: bool):
-    """Arguments of :func:`attention_call`, the mask turned into a key padding mask where possible."""
+    """Arguments of :func:`attention_call`: the mask turned into a key padding mask where possible, and
+    an additive bias taken out of the mask where it was folded in (see :func:`_bias_and_keep`)."""
     eq = example(q)
+    split = _bias_and_keep(mask) if additive else None
+    if split is not None:
+        bias, keep = split
+        return attention_args(gm, q, k, v, scale, keep, causal, additive=False)[:7] + (bias,)
     if mask is None or attends_everywhere(mask, additive):
-        return (q, k, v, scale, None, None, causal)
+        return (q, k, v, scale, None, None, causal, None)
     source = key_padding_source(mask, heads=eq.shape[1], queries=eq.shape[2], additive=additive)
     if source is None:
-        return (q, k, v, scale, mask, None, causal)
-    return (q, k, v, scale, None, key_padding_node(gm, source), causal)
+        return (q, k, v, scale, mask, None, causal, None)
+    return (q, k, v, scale, None, key_padding_node(gm, source), causal, None)
 
 
 def qkv_ok(*nodes) -> bool:
@@ -82,6 +120,6 @@ RULE = Rule(
     name="attention_sdpa",
     kernel="attention",
     matches="F.scaled_dot_product_attention(q, k, v, attn_mask=None | bool | additive, dropout_p=0)",
-    replacement="kernl.flash_attention.attention(q, k, v, scale=, key_padding_mask=[B,K] | mask=, causal=)",
+    replacement="kernl.flash_attention.attention(q, k, v, scale=, bias=, key_padding_mask=[B,K] | mask=, causal=)",
     rewrite=rewrite,
 )
