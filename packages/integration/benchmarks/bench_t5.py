@@ -3,13 +3,15 @@
 flan-T5-base shapes (d_model 768, 12 heads, d_ff 2048, gated gelu_new, 12 + 12 layers), random
 weights, fp16. Encoder: wall-clock latency of ``model.encoder(...)`` (host work included, as a user
 sees it) for HF (sdpa), HF with ``torch.compile(mode="reduce-overhead")`` and kernl, at batch x tokens
-{1x128, 8x128, 8x512, 32x512}. Generation: batch 1 and 8 with 128 input tokens, 32 new tokens (the
-decoder stays PyTorch under kernl, so this shows what the encoder alone brings).
+{1x128, 8x128, 8x512, 32x512}. Generation: batch 1 and 8 with 128 input tokens, 32 new tokens, with
+the default dynamic cache and with ``cache_implementation="static"`` (where transformers compiles the
+decoder step itself); the decoder stays PyTorch under kernl, so this shows what the encoder brings.
 Writes benchmarks/results/<gpu>/t5.json. Run: python packages/integration/benchmarks/bench_t5.py
 """
 
 import copy
 import functools
+import itertools
 import time
 
 import torch
@@ -66,16 +68,19 @@ def main() -> None:
             row["kernl / best peer"] = round(peer / row["kernl ms"], 3)
             print(row, flush=True)
             results["encoder"].append(row)
-        for batch, seq in GENERATE_SHAPES:
+        for (batch, seq), cache in itertools.product(GENERATE_SHAPES, ("dynamic", "static")):
             ids, mask = inputs(batch, seq, model.config.vocab_size)
-            row = {"batch": batch, "seq": seq, "new_tokens": NEW_TOKENS}
+            row = {"batch": batch, "seq": seq, "new_tokens": NEW_TOKENS, "cache": cache}
             outputs = {}
             for name in ("HF sdpa", "kernl"):
                 generate = functools.partial(
                     engines[name].generate, input_ids=ids, attention_mask=mask, max_new_tokens=NEW_TOKENS,
-                    min_new_tokens=NEW_TOKENS, do_sample=False,
+                    min_new_tokens=NEW_TOKENS, do_sample=False, **({"cache_implementation": "static"} if cache == "static" else {}),
                 )  # fmt: skip
+                start = time.perf_counter()
                 outputs[name] = generate()
+                torch.cuda.synchronize()
+                row[f"{name} warm-up s"] = round(time.perf_counter() - start, 2)
                 row[f"{name} ms"] = wall_clock_ms(generate, budget_s=2.0, min_reps=5)
             row["kernl speedup"] = round(row["HF sdpa ms"] / row["kernl ms"], 3)
             row["same tokens"] = bool(torch.equal(outputs["HF sdpa"], outputs["kernl"]))
