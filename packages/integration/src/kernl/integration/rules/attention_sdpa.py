@@ -70,6 +70,18 @@ def _bias_and_keep(mask: fx.Node) -> tuple[fx.Node, fx.Node] | None:
     return (bias, keep) if isinstance(blocked, float) and blocked <= ADDITIVE_MASKED else None
 
 
+def _contiguous(gm: fx.GraphModule, node: fx.Node) -> fx.Node:
+    """``node.contiguous()``, one node shared by every attention that reads ``node``. T5's position bias
+    is a permuted view with the heads innermost: the kernel would read its tiles with a stride of H."""
+    for user in node.users:
+        if user.meta.get("kernl_contiguous"):
+            return user
+    with gm.graph.inserting_after(node):
+        copy = gm.graph.call_method("contiguous", (node,))
+    copy.meta["kernl_contiguous"] = True
+    return copy
+
+
 def attention_args(gm: fx.GraphModule, q, k, v, scale, mask, causal, additive: bool):
     """Arguments of :func:`attention_call`: the mask turned into a key padding mask where possible, and
     an additive bias taken out of the mask where it was folded in (see :func:`_bias_and_keep`)."""
@@ -77,7 +89,7 @@ def attention_args(gm: fx.GraphModule, q, k, v, scale, mask, causal, additive: b
     split = _bias_and_keep(mask) if additive else None
     if split is not None:
         bias, keep = split
-        return attention_args(gm, q, k, v, scale, keep, causal, additive=False)[:7] + (bias,)
+        return attention_args(gm, q, k, v, scale, keep, causal, additive=False)[:7] + (_contiguous(gm, bias),)
     if mask is None or attends_everywhere(mask, additive):
         return (q, k, v, scale, None, None, causal, None)
     source = key_padding_source(mask, heads=eq.shape[1], queries=eq.shape[2], additive=additive)
