@@ -27,9 +27,12 @@ def t5_config(feed_forward_proj: str) -> T5Config:
     )  # fmt: skip
 
 
-@pytest.mark.parametrize("feed_forward_proj", ["relu", "gated-gelu", "gated-silu"])
-def test_t5_encoder_matches_hugging_face(kit, feed_forward_proj):
-    model = kit.build(T5EncoderModel, t5_config(feed_forward_proj))
+@pytest.mark.parametrize(
+    "feed_forward_proj, attention",
+    [("relu", "sdpa"), ("gated-gelu", "sdpa"), ("gated-silu", "sdpa"), ("gated-gelu", "eager")],
+)
+def test_t5_encoder_matches_hugging_face(kit, feed_forward_proj, attention):
+    model = kit.build(T5EncoderModel, t5_config(feed_forward_proj), attention)
     ids, mask = kit.padded_batch(2, 11, [11, 5], vocab=120)
     report = kit.compare_with_reference(
         model,
@@ -42,7 +45,8 @@ def test_t5_encoder_matches_hugging_face(kit, feed_forward_proj):
     if all(find(name) for name in KERNELS):
         graph = report.graphs[0]
         assert graph.kept == {}, graph.kept
-        assert graph.fired["rms_norm"] == 2 * LAYERS + 1 and graph.fired["attention_sdpa"] == LAYERS
+        assert graph.fired["rms_norm"] == 2 * LAYERS + 1 and graph.fired[f"attention_{attention}"] == LAYERS
+        assert graph.attention_masks == {"key padding [B, K] + bias": LAYERS}
         assert graph.fired.get("gated_ffn", 0) == (LAYERS if feed_forward_proj.startswith("gated") else 0)
 
 

@@ -4,7 +4,9 @@
 The transpose of k can be ``transpose(-1, -2)``/``(2, 3)`` as a method or function; the softmax can be
 ``F.softmax``, ``torch.softmax`` or the method, over the last dimension, optionally cast back with
 ``.to(dtype)``. Every intermediate must have no other user (so ``output_attentions`` stays PyTorch).
-A float mask whose provenance is a ``[B, K]`` input goes to the kernel as a key padding mask.
+A float mask whose provenance is a ``[B, K]`` input goes to the kernel as a key padding mask. Two added
+terms (T5: the position bias, then the padding mask) are a bias and a mask when one of them turns
+into a key padding mask; the other goes to the kernel as ``bias=``.
 """
 
 import operator
@@ -23,7 +25,7 @@ from kernl.integration.rules._fx import (
     only_user,
     replace_with_call,
 )
-from kernl.integration.rules.attention_sdpa import attention_args, attention_call, qkv_ok
+from kernl.integration.rules.attention_sdpa import attention_args, attention_call, contiguous_once, qkv_ok
 
 MATMUL_TARGETS = (torch.matmul, operator.matmul)
 SOFTMAX_TARGETS = (torch.nn.functional.softmax, torch.softmax)
@@ -41,7 +43,7 @@ def _transposed_key(node) -> fx.Node | None:
 
 
 def _is_scores(node) -> bool:
-    return _is_matmul(node) or is_function(node, (operator.mul, operator.truediv))
+    return _is_matmul(node) or is_function(node, (operator.mul, operator.truediv)) or is_add(node)
 
 
 def _softmax_input(node) -> fx.Node | None:
@@ -65,10 +67,11 @@ def _match(probs_matmul: fx.Node):
     if scores is None or only_user(probs) is None:
         return None
     chain.append(probs)
-    mask = None
-    if is_add(scores) and only_user(scores) is not None:
+    addends = []  # the mask, or a bias and a mask (T5: position bias, then the padding mask)
+    while is_add(scores) and only_user(scores) is not None and len(addends) < 2:
         chain.append(scores)
-        scores, mask = scores.args if _is_scores(scores.args[0]) else reversed(scores.args)
+        scores, addend = scores.args if _is_scores(scores.args[0]) else reversed(scores.args)
+        addends.append(addend)
     scale = None
     if is_function(scores, (operator.mul, operator.truediv)) and only_user(scores) is not None:
         a, b = scores.args
@@ -85,9 +88,23 @@ def _match(probs_matmul: fx.Node):
     if k is None or not qkv_ok(q, k, v):
         return None
     chain += [scores, key_t]
-    if mask is not None and (example(mask) is None or example(mask).dim() != 4):
+    if any(
+        example(a) is None or example(a).dim() != 4 or not example(a).is_floating_point() for a in addends
+    ):
         return None
-    return q, k, v, 1.0 if scale is None else scale, mask, chain
+    return q, k, v, 1.0 if scale is None else scale, addends, chain
+
+
+def _call_args(gm: fx.GraphModule, q, k, v, scale, addends):
+    """Arguments of :func:`attention_call` for the added terms: no term, a mask, or a bias beside a mask
+    that must turn into a key padding mask (or go away); None when neither term is such a mask."""
+    if len(addends) < 2:
+        return attention_args(gm, q, k, v, scale, addends[0] if addends else None, False, True)
+    for mask, bias in (addends, addends[::-1]):
+        call_args = attention_args(gm, q, k, v, scale, mask, False, True)
+        if call_args[4] is None:  # the mask became a key padding mask, or lets everything through
+            return call_args[:7] + (contiguous_once(gm, bias),)
+    return None
 
 
 def rewrite(gm: fx.GraphModule) -> int:
@@ -98,9 +115,9 @@ def rewrite(gm: fx.GraphModule) -> int:
     for node in list(gm.graph.nodes):
         if not _is_matmul(node) or (match := _match(node)) is None:
             continue
-        q, k, v, scale, mask, chain = match
-        additive = mask is not None and example(mask).dtype != torch.bool
-        call_args = attention_args(gm, q, k, v, scale, mask, False, additive)
+        q, k, v, scale, addends, chain = match
+        if (call_args := _call_args(gm, q, k, v, scale, addends)) is None:
+            continue
         replace_with_call(gm, node, attention_call, call_args, list(reversed(chain)))
         replaced += 1
     return replaced
@@ -109,7 +126,7 @@ def rewrite(gm: fx.GraphModule) -> int:
 RULE = Rule(
     name="attention_eager",
     kernel="attention",
-    matches="matmul(q, k.transpose(-1,-2)) [* s | / s] [+ mask] -> softmax(-1) [-> .to] -> matmul(., v)",
-    replacement="kernl.flash_attention.attention(q, k, v, scale=s, key_padding_mask=[B,K] | mask=)",
+    matches="matmul(q, k.transpose(-1,-2)) [* s | / s] [+ bias] [+ mask] -> softmax(-1) [-> .to] -> matmul(., v)",
+    replacement="kernl.flash_attention.attention(q, k, v, scale=s, bias=, key_padding_mask=[B,K] | mask=)",
     rewrite=rewrite,
 )

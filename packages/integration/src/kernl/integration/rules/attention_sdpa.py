@@ -70,7 +70,7 @@ def _bias_and_keep(mask: fx.Node) -> tuple[fx.Node, fx.Node] | None:
     return (bias, keep) if isinstance(blocked, float) and blocked <= ADDITIVE_MASKED else None
 
 
-def _contiguous(gm: fx.GraphModule, node: fx.Node) -> fx.Node:
+def contiguous_once(gm: fx.GraphModule, node: fx.Node) -> fx.Node:
     """``node.contiguous()``, one node shared by every attention that reads ``node``. T5's position bias
     is a permuted view with the heads innermost: the kernel would read its tiles with a stride of H."""
     for user in node.users:
@@ -89,7 +89,9 @@ def attention_args(gm: fx.GraphModule, q, k, v, scale, mask, causal, additive: b
     split = _bias_and_keep(mask) if additive else None
     if split is not None:
         bias, keep = split
-        return attention_args(gm, q, k, v, scale, keep, causal, additive=False)[:7] + (_contiguous(gm, bias),)
+        return attention_args(gm, q, k, v, scale, keep, causal, additive=False)[:7] + (
+            contiguous_once(gm, bias),
+        )
     if mask is None or attends_everywhere(mask, additive):
         return (q, k, v, scale, None, None, causal, None)
     source = key_padding_source(mask, heads=eq.shape[1], queries=eq.shape[2], additive=additive)
