@@ -312,3 +312,26 @@ def test_a_bias_folded_into_the_padding_mask_is_taken_out():
     assert first.args[5] is not None and first.args[4] is None and first.args[7].target == "contiguous"
     assert second.args[4] is not None and second.args[7] is None
     check_same(fn, compiled, q, k, v, mask, bias)
+
+
+@pytest.mark.parametrize("inject", [None, float("inf")])
+def test_t5_overflow_guard(inject):
+    def guard(h):  # transformers' T5 block, verbatim
+        clamp_value = torch.where(
+            torch.isinf(h).any(), torch.finfo(h.dtype).max - 1000, torch.finfo(h.dtype).max
+        )
+        return torch.clamp(h, min=-clamp_value, max=clamp_value)
+
+    def fn(a, b):
+        h = guard(a + b)
+        return guard(h * 2) + 1, torch.clamp(h, min=-1.0, max=1.0)  # a plain clamp is not a guard
+
+    g = torch.Generator().manual_seed(7)
+    a, b = (torch.randn(3, 40, generator=g).mul(3e4).half() for _ in range(2))
+    if inject is not None:
+        a[2, 17] = inject
+    record, _, compiled = rewritten(fn, a, b)
+    if find("overflow_clamp") is not None:
+        assert record.fired["overflow_guard"] == 2 and record.kept == {}
+    for actual, expected in zip(compiled(a, b), fn(a, b), strict=True):
+        torch.testing.assert_close(actual, expected, rtol=0, atol=0)

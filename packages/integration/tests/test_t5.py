@@ -47,6 +47,7 @@ def test_t5_encoder_matches_hugging_face(kit, feed_forward_proj, attention):
         assert graph.kept == {}, graph.kept
         assert graph.fired["rms_norm"] == 2 * LAYERS + 1 and graph.fired[f"attention_{attention}"] == LAYERS
         assert graph.attention_masks == {"key padding [B, K] + bias": LAYERS}
+        assert graph.fired.get("overflow_guard", 0) == (2 * LAYERS if DTYPE == torch.float16 else 0)
         assert graph.fired.get("gated_ffn", 0) == (LAYERS if feed_forward_proj.startswith("gated") else 0)
 
 

@@ -11,6 +11,7 @@ KERNELS = {
     "attention": ("kernl.flash_attention", "attention"),
     "layer_norm": ("kernl.layernorm", "layer_norm"),
     "rms_norm": ("kernl.layernorm", "rms_norm"),
+    "overflow_clamp": ("kernl.layernorm", "overflow_clamp"),
     "gated_linear_act": ("kernl.linear_act", "gated_linear_act"),
 }
 

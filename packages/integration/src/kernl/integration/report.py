@@ -21,6 +21,7 @@ _KEPT_FUNCTIONS = {
     F.silu: "activation",
     F.layer_norm: "layer_norm",
     torch.rsqrt: "rms_norm",
+    torch.isinf: "overflow guard",
     F.scaled_dot_product_attention: "attention (sdpa)",
     F.softmax: "attention (softmax)",
     torch.softmax: "attention (softmax)",

@@ -93,4 +93,18 @@ def rms_norm(
     )
 
 
-__all__ = ["SUPPORTED_DTYPES", "layer_norm", "ops", "rms_norm"]
+def overflow_clamp(x: torch.Tensor, limit_if_inf: float, limit: float) -> torch.Tensor:
+    """T5's fp16 overflow guard in two light passes: ``clamp(x, -L, L)`` with ``L = limit_if_inf`` when
+    any element of ``x`` is infinite, else ``limit`` (transformers: ``finfo.max - 1000`` and
+    ``finfo.max``). x: any shape and strides, float16/bfloat16/float32; output contiguous, x's dtype."""
+    _check_float_tensor("x", x)
+    if x.device.type not in ("cuda", "cpu"):
+        raise ValueError(f"x must be on a CUDA device (or CPU), got {x.device}")
+    for name, value in (("limit_if_inf", limit_if_inf), ("limit", limit)):
+        if not isinstance(value, (float, int)) or not value > 0:
+            raise ValueError(f"{name} must be a positive number, got {value!r}")
+    op = torch.ops.kernl.overflow_clamp if torch.compiler.is_compiling() else ops.overflow_clamp_impl
+    return op(x, float(limit_if_inf), float(limit))
+
+
+__all__ = ["SUPPORTED_DTYPES", "layer_norm", "ops", "overflow_clamp", "rms_norm"]

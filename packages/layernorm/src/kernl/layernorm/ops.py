@@ -14,7 +14,8 @@ import os
 import torch
 
 from kernl.layernorm.kernel import norm_forward
-from kernl.layernorm.reference import layer_norm_reference, rms_norm_reference
+from kernl.layernorm.overflow_clamp import overflow_clamp_forward
+from kernl.layernorm.reference import layer_norm_reference, overflow_clamp_reference, rms_norm_reference
 
 
 def runs_triton_kernel(x: torch.Tensor) -> bool:
@@ -73,10 +74,19 @@ def add_rms_norm_impl(
     return _normalize(x, residual, weight, None, eps, is_rms=True)
 
 
+def overflow_clamp_impl(x: torch.Tensor, limit_if_inf: float, limit: float) -> torch.Tensor:
+    """``kernl::overflow_clamp``: x (any shape) clamped to ``+-limit_if_inf`` if it holds an infinity,
+    else to ``+-limit``; contiguous, in x's dtype."""
+    if not runs_triton_kernel(x):
+        return overflow_clamp_reference(x, limit_if_inf, limit).contiguous()
+    return overflow_clamp_forward(x.contiguous(), limit_if_inf, limit)
+
+
 layer_norm_op = torch.library.custom_op("kernl::layer_norm", layer_norm_impl, mutates_args=())
 add_layer_norm_op = torch.library.custom_op("kernl::add_layer_norm", add_layer_norm_impl, mutates_args=())
 rms_norm_op = torch.library.custom_op("kernl::rms_norm", rms_norm_impl, mutates_args=())
 add_rms_norm_op = torch.library.custom_op("kernl::add_rms_norm", add_rms_norm_impl, mutates_args=())
+overflow_clamp_op = torch.library.custom_op("kernl::overflow_clamp", overflow_clamp_impl, mutates_args=())
 
 
 @layer_norm_op.register_fake
@@ -97,3 +107,8 @@ def _(x, weight, eps):
 @add_rms_norm_op.register_fake
 def _(x, residual, weight, eps):
     return x.new_empty(x.shape, dtype=rms_norm_output_dtype(x, weight)), x.new_empty(x.shape)
+
+
+@overflow_clamp_op.register_fake
+def _(x, limit_if_inf, limit):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)

@@ -51,3 +51,10 @@ def rms_norm_reference(
         hidden = hidden.to(weight.dtype)
     out = weight * hidden
     return (out, summed) if residual is not None else out
+
+
+def overflow_clamp_reference(x: torch.Tensor, limit_if_inf: float, limit: float) -> torch.Tensor:
+    """T5's fp16 overflow guard as transformers writes it: ``clamp(x, -L, L)``, ``L = limit_if_inf`` when
+    any element of ``x`` is infinite, else ``limit``."""
+    bound = torch.where(torch.isinf(x).any(), limit_if_inf, limit)
+    return torch.clamp(x, min=-bound, max=bound)

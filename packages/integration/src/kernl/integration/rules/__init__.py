@@ -31,6 +31,7 @@ def _rules() -> list[Rule]:
         gated_ffn,
         layer_norm,
         linear_act,
+        overflow_guard,
         rms_norm,
     )
 
@@ -43,6 +44,7 @@ def _rules() -> list[Rule]:
         fused_projections.RULE,
         layer_norm.RULE,
         rms_norm.RULE,
+        overflow_guard.RULE,
     ]
 
 
