@@ -33,6 +33,27 @@ def replace_with_call(
     return call
 
 
+def replace_with_norm_call(
+    gm: fx.GraphModule, last: fx.Node, function, args: tuple, dead: list[fx.Node], summed_source=None
+) -> None:
+    """Insert the norm call ``function(*args)`` before ``last`` and erase ``dead`` (graph order, ``last``
+    included). With ``summed_source`` (the ``a + b`` node whose sum the call fuses as its residual) the
+    call returns ``(normed, a + b)``: ``last``'s users take the first, ``summed_source``'s the second."""
+    with gm.graph.inserting_before(last):
+        fused = gm.graph.call_function(function, args)
+        normed = fused if summed_source is None else gm.graph.call_function(operator.getitem, (fused, 0))
+    normed.meta = dict(last.meta)
+    last.replace_all_uses_with(normed)
+    for node in reversed(dead):
+        gm.graph.erase_node(node)
+    if summed_source is not None:
+        with gm.graph.inserting_after(normed):
+            summed = gm.graph.call_function(operator.getitem, (fused, 1))
+        summed.meta = dict(summed_source.meta)
+        summed_source.replace_all_uses_with(summed)
+        gm.graph.erase_node(summed_source)
+
+
 def example(node) -> torch.Tensor | None:
     """The fake tensor dynamo recorded for ``node`` (shape, dtype, device), or None."""
     if not isinstance(node, fx.Node):

@@ -4,8 +4,6 @@
 When the sum also feeds other nodes, they take the kernel's second output (``a + b``).
 """
 
-import operator
-
 import torch
 from torch import fx
 
@@ -19,6 +17,7 @@ from kernl.integration.rules._fx import (
     example,
     is_add,
     is_function,
+    replace_with_norm_call,
     same_layout,
 )
 
@@ -64,21 +63,8 @@ def rewrite(gm: fx.GraphModule) -> int:
     for node in list(gm.graph.nodes):
         if not is_function(node, LAYER_NORM_TARGETS) or (match := _match(node)) is None:
             continue
-        source = arg(node, 0, "input")
-        with gm.graph.inserting_before(node):
-            fused = gm.graph.call_function(layer_norm_call, match)
-            if match[-1] is None:
-                normed = fused
-            else:
-                normed = gm.graph.call_function(operator.getitem, (fused, 0))
-                summed = gm.graph.call_function(operator.getitem, (fused, 1))
-        normed.meta = dict(node.meta)
-        node.replace_all_uses_with(normed)
-        gm.graph.erase_node(node)
-        if match[-1] is not None:
-            summed.meta = dict(source.meta)
-            source.replace_all_uses_with(summed)
-            gm.graph.erase_node(source)
+        source = arg(node, 0, "input") if match[-1] is not None else None
+        replace_with_norm_call(gm, node, layer_norm_call, match, [node], source)
         replaced += 1
     return replaced
 

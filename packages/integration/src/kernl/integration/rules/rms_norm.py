@@ -14,7 +14,16 @@ from torch import fx
 from kernl.integration import fallback
 from kernl.integration.kernels import find
 from kernl.integration.rules import Rule
-from kernl.integration.rules._fx import arg, example, is_add, is_function, is_method, only_user, same_layout
+from kernl.integration.rules._fx import (
+    arg,
+    example,
+    is_add,
+    is_function,
+    is_method,
+    only_user,
+    replace_with_norm_call,
+    same_layout,
+)
 
 _MUL = (operator.mul, torch.mul)
 
@@ -110,21 +119,10 @@ def rewrite(gm: fx.GraphModule) -> int:
         if not _is_op(node, (torch.rsqrt,), "rsqrt") or (match := _match(node)) is None:
             continue
         chain, x, weight, eps = match
-        residual = None
+        source, residual = None, None
         if is_add(x) and same_layout(*x.args) and same_layout(x.args[0], x):
             source, (x, residual) = x, x.args
-        with gm.graph.inserting_before(chain[-1]):
-            fused = gm.graph.call_function(rms_norm_call, (x, weight, eps, residual))
-            normed = fused if residual is None else gm.graph.call_function(operator.getitem, (fused, 0))
-            summed = None if residual is None else gm.graph.call_function(operator.getitem, (fused, 1))
-        normed.meta = dict(chain[-1].meta)
-        chain[-1].replace_all_uses_with(normed)
-        for dead in reversed(chain):
-            gm.graph.erase_node(dead)
-        if summed is not None:
-            summed.meta = dict(source.meta)
-            source.replace_all_uses_with(summed)
-            gm.graph.erase_node(source)
+        replace_with_norm_call(gm, chain[-1], rms_norm_call, (x, weight, eps, residual), chain, source)
         replaced += 1
     return replaced
 
