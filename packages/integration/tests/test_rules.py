@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernl.integration import fallback
+from kernl.integration import fallback, optimize_model
 from kernl.integration.backend import rewrite_graph
 from kernl.integration.kernels import find
 from kernl.integration.report import GraphRecord
@@ -207,6 +207,29 @@ def test_stacked_rows_is_a_view_once_parameters_are_laid_out():
     plain = [torch.randn(2, 4), torch.randn(3, 4)]  # not parameters: concatenated, left where they are
     assert torch.equal(stacked_rows(*plain), torch.cat(plain))
     assert plain[1].untyped_storage().data_ptr() != plain[0].untyped_storage().data_ptr()
+
+
+def test_parameters_made_under_inference_mode_are_concatenated():
+    from kernl.integration.rules.fused_projections import stacked_rows
+
+    with torch.inference_mode():  # e.g. a model loaded and cast inside inference_mode: storage cannot move
+        parts = [torch.nn.Parameter(torch.randn(rows, 6)) for rows in (3, 5)]
+    with torch.inference_mode():
+        assert torch.equal(stacked_rows(*parts), torch.cat(parts))
+    assert parts[1].untyped_storage().data_ptr() != parts[0].untyped_storage().data_ptr()
+
+
+def test_model_made_under_inference_mode(kit):
+    from transformers import BertConfig, BertModel
+
+    model = kit.build(BertModel, kit.tiny_config(BertConfig))
+    ids, mask = kit.padded_batch(2, 7, [7, 3], vocab=120)
+    with torch.inference_mode():
+        expected = model(input_ids=ids, attention_mask=mask).last_hidden_state
+        optimized = copy.deepcopy(model)
+        optimize_model(optimized)
+        actual = optimized(input_ids=ids, attention_mask=mask).last_hidden_state
+    assert_matches_reference(actual, expected.double(), expected)
 
 
 @pytest.mark.skipif(find("linear_act") is None, reason="needs kernl.linear_act")

@@ -8,7 +8,8 @@ better and, at small batch, saves two launches per layer.
 
 Stacking costs nothing per call: the first call lays the weights out back to back in one buffer (the
 parameters keep their values and identity; only their storage moves), after which :func:`stacked_rows`
-is a view. Tensors that are not parameters are concatenated on each call instead.
+is a view. Tensors that are not parameters (or are parameters created under ``inference_mode``) are
+concatenated on each call instead.
 """
 
 import torch
@@ -37,7 +38,8 @@ def stacked_rows(*tensors: torch.Tensor) -> torch.Tensor:
     Parameters not yet back to back in one storage are moved there first (same values, same objects).
     """
     if not _adjacent(tensors):
-        if not all(isinstance(t, torch.nn.Parameter) for t in tensors):
+        # Parameters created under inference_mode cannot take new storage: concatenated each call instead
+        if not all(isinstance(t, torch.nn.Parameter) and not t.is_inference() for t in tensors):
             return torch.cat(tensors)
         with torch.inference_mode(False), torch.no_grad():  # normal tensors, even under inference_mode
             buffer, offset = torch.cat(tensors), 0
