@@ -81,3 +81,25 @@ def test_t5_generation_runs_the_encoder_on_kernl(kit):
     assert len(optimized.kernl_report.graphs) == graphs_before + 1
     if not on_gpu():  # fp32 on both sides; in fp16 a near tie between two logits may flip a token
         assert torch.equal(tokens.cpu(), expected)
+
+
+@pytest.mark.parametrize("family", ["bart", "mt5"])
+def test_other_encoder_decoder_models(kit, family):
+    """Any encoder-decoder model gets the same treatment: its encoder on kernl, nothing left in PyTorch."""
+    from transformers import BartConfig, BartForConditionalGeneration, MT5Config, MT5ForConditionalGeneration
+
+    if family == "bart":
+        config = BartConfig(
+            vocab_size=120, d_model=64, encoder_layers=LAYERS, decoder_layers=LAYERS, encoder_attention_heads=4,
+            decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128, max_position_embeddings=64,
+        )  # fmt: skip
+        model = kit.build(BartForConditionalGeneration, config)
+    else:
+        config = MT5Config(vocab_size=120, d_model=64, d_kv=16, d_ff=128, num_layers=LAYERS, num_heads=4)
+        model = kit.build(MT5ForConditionalGeneration, config)
+    ids, mask = kit.padded_batch(2, 11, [11, 6], vocab=120)
+    call = dict(input_ids=ids, attention_mask=mask, decoder_input_ids=torch.tensor([[2, 7, 9], [2, 3, 3]]))
+    report = kit.compare_with_reference(model, DTYPE, [call], ["encoder_last_hidden_state"], SCALE)
+    assert report.model.startswith(type(model).__name__) and report.graphs[0].error is None
+    if all(find(name) for name in KERNELS):
+        assert report.graphs[0].kept == {}, report.graphs[0].kept
