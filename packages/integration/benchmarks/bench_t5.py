@@ -6,7 +6,7 @@ sees it) for HF (sdpa), HF with ``torch.compile(mode="reduce-overhead")`` and ke
 {1x128, 8x128, 8x512, 32x512}. Generation: batch 1 and 8 with 128 input tokens, 32 new tokens, with
 the default dynamic cache and with ``cache_implementation="static"`` (where transformers compiles the
 decoder step itself); the decoder stays PyTorch under kernl, so this shows what the encoder brings.
-Writes benchmarks/results/<gpu>/t5.json. Run: python packages/integration/benchmarks/bench_t5.py
+Writes benchmarks/results/<gpu>/t5.json and t5.png. Run: python packages/integration/benchmarks/bench_t5.py
 """
 
 import copy
@@ -19,7 +19,7 @@ from transformers import T5Config, T5ForConditionalGeneration
 
 from kernl.integration import optimize_model
 from kernl.integration.bench.gpu import inputs, wall_clock_ms
-from kernl_testing.benchmarking import write_results
+from kernl_testing.benchmarking import save_figure, write_results
 
 ENCODER_SHAPES = [(1, 128), (8, 128), (8, 512), (32, 512)]
 GENERATE_SHAPES = [(1, 128), (8, 128)]
@@ -46,6 +46,34 @@ def encoder_engines(model):
     kernl = copy.deepcopy(model)
     optimize_model(kernl)
     return {"HF sdpa": model, "torch.compile reduce-overhead": compiled, "kernl": kernl}
+
+
+def chart(results: dict):
+    """Two panels: encoder speedup over HF per engine and shape; generate() speedup per cache kind."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (encoder, generate) = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [2, 1]})
+    rows = results["encoder"]
+    engines = [name.removesuffix(" ms") for name in rows[0] if name.endswith(" ms") and name != "HF sdpa ms"]
+    for index, engine in enumerate(engines):
+        ratios = [row["HF sdpa ms"] / row[f"{engine} ms"] for row in rows]
+        bars = encoder.bar([i + (index - 0.5) * 0.4 for i in range(len(rows))], ratios, 0.4, label=engine)
+        encoder.bar_label(bars, labels=[f"{r:.1f}x" for r in ratios], fontsize=7)
+    encoder.set_xticks(range(len(rows)), [f"{row['batch']} x {row['seq']}" for row in rows])
+    encoder.set_ylabel("encoder speedup over Hugging Face (sdpa)")
+    encoder.legend(fontsize=8)
+    runs = results["generate"]
+    bars = generate.bar(range(len(runs)), [row["kernl speedup"] for row in runs], color="tab:green")
+    generate.bar_label(bars, labels=[f"{row['kernl speedup']:.2f}x" for row in runs], fontsize=7)
+    generate.set_xticks(range(len(runs)), [f"b{row['batch']} {row['cache']}" for row in runs], fontsize=8)
+    generate.axhline(1.0, color="grey", linewidth=0.8)
+    generate.set_ylabel(f"generate() speedup, {runs[0]['new_tokens']} new tokens")
+    figure.suptitle("T5 (flan-T5-base shapes, fp16): kernl against Hugging Face")
+    figure.tight_layout()
+    return figure
 
 
 def main() -> None:
@@ -88,6 +116,7 @@ def main() -> None:
             results["generate"].append(row)
     print(engines["kernl"].kernl_report)
     write_results("t5", {"model": "flan-T5-base shapes, random weights, fp16", **results})
+    save_figure(chart(results), "t5")
 
 
 if __name__ == "__main__":
