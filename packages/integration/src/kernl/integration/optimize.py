@@ -1,4 +1,5 @@
-"""``optimize_model``: install kernl in place on a Hugging Face Bert-family model.
+"""``optimize_model``: install kernl in place on a Hugging Face Bert-family model (or on the encoder of an
+encoder-decoder model such as T5).
 
 The model's ``forward`` becomes: pad the sequence to a bucket length (padding is masked out), replay
 the CUDA graph of the ``torch.compile``d forward for that input signature
@@ -155,7 +156,7 @@ def optimize_model(model: torch.nn.Module, *, buckets=DEFAULT_BUCKETS, cuda_grap
         return optimize_model(inner, buckets=buckets, cuda_graphs=cuda_graphs)
     if model.training:
         raise ValueError("optimize_model is for inference: call model.eval() first")
-    if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False) and hasattr(model, "get_encoder"):
         return _optimize_encoder(model, buckets, cuda_graphs)
     return _optimize_forward(model, buckets, cuda_graphs)
 
