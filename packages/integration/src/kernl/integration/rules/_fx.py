@@ -72,9 +72,14 @@ def is_method(node, names) -> bool:
     return isinstance(node, fx.Node) and node.op == "call_method" and node.target in names
 
 
+def is_op(node, functions, method: str) -> bool:
+    """True when ``node`` calls one of ``functions`` or the tensor method ``method`` (both spellings)."""
+    return is_function(node, functions) or is_method(node, (method,))
+
+
 def is_add(node) -> bool:
     """``a + b`` spelled as operator, ``torch.add`` or ``Tensor.add`` (no ``alpha``)."""
-    if not (is_function(node, ADD_TARGETS) or is_method(node, ("add",))):
+    if not is_op(node, ADD_TARGETS, "add"):
         return False
     return len(node.args) == 2 and "alpha" not in node.kwargs and not node.kwargs.get("out")
 

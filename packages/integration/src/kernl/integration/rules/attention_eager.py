@@ -22,6 +22,7 @@ from kernl.integration.rules._fx import (
     is_add,
     is_function,
     is_method,
+    is_op,
     only_user,
     replace_with_call,
 )
@@ -32,7 +33,7 @@ SOFTMAX_TARGETS = (torch.nn.functional.softmax, torch.softmax)
 
 
 def _is_matmul(node) -> bool:
-    return (is_function(node, MATMUL_TARGETS) or is_method(node, ("matmul",))) and len(node.args) == 2
+    return is_op(node, MATMUL_TARGETS, "matmul") and len(node.args) == 2
 
 
 def _transposed_key(node) -> fx.Node | None:

@@ -21,7 +21,7 @@ from kernl.integration.rules._fx import (
     cast_all,
     example,
     is_function,
-    is_method,
+    is_op,
     replace_with_call,
 )
 from kernl.integration.rules.linear_act import LINEAR_TARGETS
@@ -122,7 +122,7 @@ def _same_shape_and_dtype(a, b) -> bool:
 
 def _match(product: fx.Node, position: dict):
     """``((x, w0, w1, activation), dead nodes)`` for ``act(linear(x, w0)) * linear(x, w1)``, or None."""
-    if not (is_function(product, (operator.mul, torch.mul)) or is_method(product, ("mul",))):
+    if not is_op(product, (operator.mul, torch.mul), "mul"):
         return None
     if len(product.args) != 2 or product.kwargs or not all(isinstance(a, fx.Node) for a in product.args):
         return None

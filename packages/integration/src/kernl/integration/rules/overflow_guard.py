@@ -12,7 +12,7 @@ from torch import fx
 from kernl.integration import fallback
 from kernl.integration.kernels import find
 from kernl.integration.rules import Rule
-from kernl.integration.rules._fx import arg, is_function, is_method, only_user, replace_with_call
+from kernl.integration.rules._fx import arg, is_function, is_op, only_user, replace_with_call
 
 
 def overflow_clamp_call(h, limit_if_inf, limit):
@@ -32,7 +32,7 @@ def _pytorch(h, limit_if_inf, limit):
 def _match(clamp: fx.Node):
     """``((h, A, B), guard nodes in graph order)`` for a guard ending at ``clamp``, or None."""
     h, low, high = arg(clamp, 0, "input"), arg(clamp, 1, "min"), arg(clamp, 2, "max")
-    negated = is_function(low, (operator.neg, torch.neg)) or is_method(low, ("neg",))
+    negated = is_op(low, (operator.neg, torch.neg), "neg")
     if not negated or low.args[0] is not high or only_user(low) is not clamp or len(high.users) != 2:
         return None
     if not is_function(high, (torch.where,)) or len(high.args) != 3 or high.kwargs:
@@ -40,17 +40,10 @@ def _match(clamp: fx.Node):
     found, limit_if_inf, limit = high.args
     if not all(isinstance(v, float | int) for v in (limit_if_inf, limit)) or only_user(found) is not high:
         return None
-    if (
-        not (is_method(found, ("any",)) or is_function(found, (torch.any,)))
-        or len(found.args) != 1
-        or found.kwargs
-    ):
+    if not is_op(found, (torch.any,), "any") or len(found.args) != 1 or found.kwargs:
         return None
     infinite = found.args[0]
-    if (
-        not (is_function(infinite, (torch.isinf,)) or is_method(infinite, ("isinf",)))
-        or only_user(infinite) is not found
-    ):
+    if not is_op(infinite, (torch.isinf,), "isinf") or only_user(infinite) is not found:
         return None
     if infinite.args != (h,) or infinite.kwargs:
         return None
@@ -63,7 +56,7 @@ def rewrite(gm: fx.GraphModule) -> int:
         return 0
     replaced = 0
     for node in list(gm.graph.nodes):
-        if not (is_function(node, (torch.clamp,)) or is_method(node, ("clamp",))):
+        if not is_op(node, (torch.clamp,), "clamp"):
             continue
         if (match := _match(node)) is not None:
             replace_with_call(gm, node, overflow_clamp_call, *match)

@@ -20,6 +20,7 @@ from kernl.integration.rules._fx import (
     is_add,
     is_function,
     is_method,
+    is_op,
     only_user,
     replace_with_norm_call,
     same_layout,
@@ -42,10 +43,6 @@ def _pytorch(x, weight, eps, residual):
     h = summed * torch.rsqrt(summed.float().pow(2).mean(-1, keepdim=True) + eps)
     normed = weight * (h.to(weight.dtype) if weight.dtype in (torch.float16, torch.bfloat16) else h)
     return normed if residual is None else (normed, summed)
-
-
-def _is_op(node, functions, method) -> bool:
-    return is_function(node, functions) or is_method(node, (method,))
 
 
 def _other(node: fx.Node, known):
@@ -71,17 +68,13 @@ def _match(rsqrt: fx.Node):
         return None
     mean = next((a for a in shifted.args if isinstance(a, fx.Node)), None)
     eps = _other(shifted, mean)
-    if (
-        not isinstance(eps, float)
-        or not _is_op(mean, (torch.mean,), "mean")
-        or only_user(mean) is not shifted
-    ):
+    if not isinstance(eps, float) or not is_op(mean, (torch.mean,), "mean") or only_user(mean) is not shifted:
         return None
     dim, keepdim = arg(mean, 1, "dim"), arg(mean, 2, "keepdim", False)
     if dim not in (-1, [-1], (-1,)) or keepdim is not True:
         return None
     square = mean.args[0]
-    if not _is_op(square, (torch.pow,), "pow") or square.args[1:] not in ((2,), (2.0,)) or square.kwargs:
+    if not is_op(square, (torch.pow,), "pow") or square.args[1:] not in ((2,), (2.0,)) or square.kwargs:
         return None
     x = _source(square.args[0])
     scaled = only_user(rsqrt)
@@ -116,7 +109,7 @@ def rewrite(gm: fx.GraphModule) -> int:
         return 0
     replaced = 0
     for node in list(gm.graph.nodes):
-        if not _is_op(node, (torch.rsqrt,), "rsqrt") or (match := _match(node)) is None:
+        if not is_op(node, (torch.rsqrt,), "rsqrt") or (match := _match(node)) is None:
             continue
         chain, x, weight, eps = match
         source, residual = None, None
