@@ -15,10 +15,14 @@ def _check_float_tensor(name: str, t: torch.Tensor) -> None:
         raise TypeError(f"{name} must be float16, bfloat16 or float32, got {t.dtype}")
 
 
-def _check_inputs(x, residual, weight, bias, eps) -> None:
+def _check_x(x) -> None:
     _check_float_tensor("x", x)
     if x.device.type not in ("cuda", "cpu"):
         raise ValueError(f"x must be on a CUDA device (or CPU), got {x.device}")
+
+
+def _check_inputs(x, residual, weight, bias, eps) -> None:
+    _check_x(x)
     if x.dim() == 0:
         raise ValueError("x must have at least one dimension (the normalised one)")
     n = x.shape[-1]
@@ -97,9 +101,7 @@ def overflow_clamp(x: torch.Tensor, limit_if_inf: float, limit: float) -> torch.
     """T5's fp16 overflow guard in two light passes: ``clamp(x, -L, L)`` with ``L = limit_if_inf`` when
     any element of ``x`` is infinite, else ``limit`` (transformers: ``finfo.max - 1000`` and
     ``finfo.max``). x: any shape and strides, float16/bfloat16/float32; output contiguous, x's dtype."""
-    _check_float_tensor("x", x)
-    if x.device.type not in ("cuda", "cpu"):
-        raise ValueError(f"x must be on a CUDA device (or CPU), got {x.device}")
+    _check_x(x)
     for name, value in (("limit_if_inf", limit_if_inf), ("limit", limit)):
         if not isinstance(value, (float, int)) or not value > 0:
             raise ValueError(f"{name} must be a positive number, got {value!r}")
