@@ -83,3 +83,42 @@ def test_replays_follow_inputs_arguments_and_weights(kit):
         dense = target.encoder.layer[1].intermediate.dense
         dense.weight.data = dense.weight.detach() * 0.5
     check(*kit.padded_batch(2, 16, [16, 5], vocab=120, seed=8))
+
+
+def _cache_step(weight, cache, position, x):
+    """A decoder step in miniature: write ``x @ weight`` into ``cache`` at ``position``, read it all."""
+    cache.index_copy_(0, position, x @ weight)
+    position.add_(1)
+    return cache.sum(0) * 2
+
+
+@pytest.mark.parametrize("step_graphs", [False, True] if on_gpu() else [False])
+def test_in_place_updates_of_static_inputs_survive(step_graphs):
+    """The rewritten graph keeps in-place updates (FX deems methods pure), and under per-graph CUDA graphs
+    a replay writes the static cache where it lives; new cache memory is captured anew, a few times."""
+    from kernl.integration.backend import KernlBackend
+    from kernl.integration.report import OptimizationReport
+    from kernl.integration.step_graphs import MAX_CAPTURES
+
+    device = "cuda" if on_gpu() else "cpu"
+    weight = torch.nn.Parameter(torch.randn(8, 8, device=device), requires_grad=False)
+    report = OptimizationReport()
+    step = torch.compile(
+        _cache_step, backend=KernlBackend(report, [weight], "step", step_graphs), dynamic=False
+    )
+    torch._dynamo.reset()
+    for _ in range(MAX_CAPTURES + 2):  # the last ones exceed the captures kept: no graph
+        cache, position = torch.zeros(6, 8, device=device), torch.zeros(1, dtype=torch.long, device=device)
+        torch._dynamo.mark_static_address(cache)
+        torch._dynamo.mark_static_address(position)
+        expected_cache, expected_position = cache.clone(), position.clone()
+        for _ in range(4):
+            x = torch.randn(1, 8, device=device)
+            expected = _cache_step(weight, expected_cache, expected_position, x)
+            torch.testing.assert_close(step(weight, cache, position, x), expected)
+            torch.testing.assert_close(cache, expected_cache)
+            assert torch.equal(position, expected_position)
+    assert len(report.graphs) == 1 and report.graphs[0].error is None, str(report)
+    assert report.graphs[0].inputs == f"[1x8 float32, 2 static cache tensors] on {cache.device}"
+    if step_graphs:
+        assert report.graphs[0].runs_as == "CUDA graph (step)"

@@ -2,7 +2,8 @@
 
 Anything the backend cannot handle runs as plain PyTorch: a rule that raises leaves the graph as
 TorchDynamo gave it (the error goes in the report). CUDA graphs wrap the whole forward, outside the
-backend (:mod:`kernl.integration.cuda_graphs`).
+backend (:mod:`kernl.integration.cuda_graphs`), except for the decoder of ``generate()``, whose graphs
+the backend wraps one by one (:mod:`kernl.integration.step_graphs`).
 """
 
 from collections import Counter
@@ -14,17 +15,30 @@ from kernl.integration.kernels import find, qualified_name
 from kernl.integration.report import GraphRecord, OptimizationReport, kept_as_pytorch
 from kernl.integration.rules import RULES
 from kernl.integration.rules.attention_sdpa import attention_call
+from kernl.integration.step_graphs import StepGraph, has_static_address
 
 
 def _describe_inputs(example_inputs, static_ids: set[int]) -> str:
-    """The graph's tensor inputs other than the model's weights, e.g. ``[1x16 int64, 1x16 int64] on cuda:0``."""
+    """The graph's tensor inputs other than the model's weights, e.g. ``[1x16 int64, 1x16 int64] on cuda:0``;
+    tensors updated in place at a fixed address (a static key/value cache) are counted, not listed."""
+    tensors = [t for t in example_inputs if isinstance(t, torch.Tensor)]
     shapes = [
         f"{'x'.join(map(str, t.shape)) or 'scalar'} {str(t.dtype).removeprefix('torch.')}"
-        for t in example_inputs
-        if isinstance(t, torch.Tensor) and id(t) not in static_ids
+        for t in tensors
+        if not has_static_address(t, static_ids)
     ]
-    device = next((t.device for t in example_inputs if isinstance(t, torch.Tensor)), "cpu")
-    return f"[{', '.join(shapes)}] on {device}"
+    in_place = sum(hasattr(t, "_dynamo_static_input_type") and id(t) not in static_ids for t in tensors)
+    in_place = [f"{in_place} static cache tensors"] if in_place else []
+    device = tensors[0].device if tensors else "cpu"
+    return f"[{', '.join(shapes + in_place)}] on {device}"
+
+
+def _mutates(node: fx.Node) -> bool:
+    """Whether dead code elimination must keep ``node``: FX's own rule, plus in-place tensor methods and
+    functions (``index_copy_``, ``add_``: a static key/value cache updated in place), which FX deems pure."""
+    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
+    in_place = isinstance(name, str) and name.endswith("_") and not name.endswith("__")
+    return node.is_impure() or (node.op in ("call_method", "call_function") and in_place)
 
 
 def rewrite_graph(gm: fx.GraphModule, record: GraphRecord) -> fx.GraphModule:
@@ -38,7 +52,7 @@ def rewrite_graph(gm: fx.GraphModule, record: GraphRecord) -> fx.GraphModule:
                 record.skipped[rule.name] = f"{qualified_name(rule.kernel)} is not available: kept as PyTorch"
                 continue
             record.fired[rule.name] = rule.rewrite(work)
-        work.graph.eliminate_dead_code()
+        work.graph.eliminate_dead_code(is_impure_node=_mutates)
         work.graph.lint()
         work.recompile()
     except Exception as error:  # noqa: BLE001 - never break the model: run the original graph
@@ -72,16 +86,26 @@ class KernlBackend:
     """``torch.compile(fn, backend=KernlBackend(report, weights))``: each graph rewritten by the rules.
 
     ``static_tensors``: the model's parameters and buffers (left out of the report's input lists).
+    ``part`` names the model part in the report (``"decoder"``); with ``step_graphs`` each graph on
+    a GPU also runs under its own CUDA graphs (:class:`~kernl.integration.step_graphs.StepGraph`),
+    for callers that are not wrapped whole, such as the decoder that ``generate()`` calls once a step.
     """
 
-    def __init__(self, report: OptimizationReport, static_tensors=()):
-        self.report = report
+    def __init__(
+        self, report: OptimizationReport, static_tensors=(), part: str = "", step_graphs: bool = False
+    ):
+        self.report, self.part, self.step_graphs = report, part, step_graphs
         self.static_ids = {id(t) for t in static_tensors}
+        self.pool = None
 
     def __call__(self, gm: fx.GraphModule, example_inputs):
-        record = GraphRecord(inputs=_describe_inputs(example_inputs, self.static_ids))
+        record = GraphRecord(inputs=_describe_inputs(example_inputs, self.static_ids), part=self.part)
         self.report.graphs.append(record)
         work = rewrite_graph(gm, record)
         on_cuda = any(isinstance(t, torch.Tensor) and t.is_cuda for t in example_inputs)
         record.runs_as = "rewritten graph, no CUDA graph" + (" (Triton interpreter)" if not on_cuda else "")
-        return work.forward
+        if not (on_cuda and self.step_graphs):
+            return work.forward
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
+        return StepGraph(work.forward, example_inputs, self.static_ids, self.pool, record)

@@ -17,6 +17,7 @@ import torch
 
 from kernl.integration.backend import KernlBackend
 from kernl.integration.cuda_graphs import ForwardGraphs, map_tensors
+from kernl.integration.generation import optimize_generation
 from kernl.integration.report import OptimizationReport
 
 DEFAULT_BUCKETS = (16, 32, 64, 128, 256, 384, 512)
@@ -126,16 +127,19 @@ def _raise_recompile_limit(graphs: int) -> None:
             return
 
 
-def _optimize_encoder(model: torch.nn.Module, buckets, cuda_graphs: bool) -> OptimizationReport:
-    """Encoder-decoder models (T5): the encoder stack is optimized in place, so ``forward`` and
-    ``generate()`` (which calls the encoder directly) run it on kernl; the decoder, whose key/value
-    cache grows by one token a step, stays PyTorch (one graph per step would compile without end)."""
+def _optimize_encoder_decoder(model: torch.nn.Module, buckets, cuda_graphs: bool) -> OptimizationReport:
+    """Encoder-decoder models (T5, BART): the encoder stack is optimized in place, so ``forward`` and
+    ``generate()`` (which calls the encoder directly) run it on kernl; ``generate()``'s decoder steps run on
+    kernl too, over a static cache (:mod:`kernl.integration.generation`). A direct ``forward`` call's
+    decoder stays PyTorch."""
     encoder = model.get_encoder()
-    report = _optimize_forward(encoder, buckets, cuda_graphs)
+    report = _optimize_forward(encoder, buckets, cuda_graphs, part="encoder")
     report.model = f"{type(model).__name__} (encoder: {report.model})"
-    if report.status == "optimized":
-        report.notes.append("decoder runs as PyTorch: its key/value cache changes shape at every step")
     model.kernl_report = report
+    if report.status == "optimized" and hasattr(model, "generation_config"):
+        optimize_generation(
+            model, report, lambda length: _bucket(length, tuple(sorted(buckets))), cuda_graphs
+        )
     return report
 
 
@@ -148,7 +152,8 @@ def optimize_model(model: torch.nn.Module, *, buckets=DEFAULT_BUCKETS, cuda_grap
     (one per batch size and bucket, on first use). On a CPU model (without ``TRITON_INTERPRET=1``) or a
     GPU below compute capability 8.0 the model is left as it was and the report says why.
     A sentence-transformers model is accepted too: its transformer module's model is optimized. Of an
-    encoder-decoder model (T5) the encoder is optimized and the decoder stays PyTorch.
+    encoder-decoder model (T5, BART) the encoder is optimized, and ``generate()`` runs its decoder steps
+    on kernl over a static key/value cache.
     The original forward stays available as ``model.kernl_original_forward``.
     """
     inner = model._first_module().auto_model if hasattr(model, "_first_module") else None
@@ -157,11 +162,13 @@ def optimize_model(model: torch.nn.Module, *, buckets=DEFAULT_BUCKETS, cuda_grap
     if model.training:
         raise ValueError("optimize_model is for inference: call model.eval() first")
     if getattr(getattr(model, "config", None), "is_encoder_decoder", False) and hasattr(model, "get_encoder"):
-        return _optimize_encoder(model, buckets, cuda_graphs)
+        return _optimize_encoder_decoder(model, buckets, cuda_graphs)
     return _optimize_forward(model, buckets, cuda_graphs)
 
 
-def _optimize_forward(model: torch.nn.Module, buckets, cuda_graphs: bool) -> OptimizationReport:
+def _optimize_forward(
+    model: torch.nn.Module, buckets, cuda_graphs: bool, part: str = ""
+) -> OptimizationReport:
     """Replace ``model.forward`` by the bucketed, compiled, CUDA-graphed call (see the module docstring)."""
     report = OptimizationReport(model=type(model).__name__)
     model.kernl_report = report
@@ -177,7 +184,7 @@ def _optimize_forward(model: torch.nn.Module, buckets, cuda_graphs: bool) -> Opt
     buckets = tuple(sorted(buckets))
     _raise_recompile_limit(64)
     static = [*model.parameters(), *model.buffers()]
-    backend = KernlBackend(report, static)
+    backend = KernlBackend(report, static, part)
     original = model.forward
     compiled = torch.compile(original, backend=backend, dynamic=False)
     if device.type == "cuda" and cuda_graphs:

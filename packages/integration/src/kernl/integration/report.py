@@ -53,6 +53,7 @@ class GraphRecord:
     """One graph TorchDynamo handed the backend (one per input shape and input set)."""
 
     inputs: str
+    part: str = ""  # the model part, for models compiled in parts ("encoder", "decoder")
     fired: dict[str, int] = field(default_factory=dict)
     kept: dict[str, int] = field(default_factory=dict)
     attention_masks: dict[str, int] = field(default_factory=dict)  # key padding / dense / none
@@ -92,7 +93,8 @@ class OptimizationReport:
         if not self.graphs:
             lines.append("  no graph compiled yet (graphs are compiled on the first call of each shape)")
         for index, graph in enumerate(self.graphs):
-            lines.append(f"  graph {index}: {graph.inputs} -> runs as {graph.runs_as or 'not run yet'}")
+            part = f" ({graph.part})" if graph.part else ""
+            lines.append(f"  graph {index}{part}: {graph.inputs} -> runs as {graph.runs_as or 'not run yet'}")
             fired = ", ".join(f"{name} x{count}" for name, count in graph.fired.items() if count) or "none"
             lines.append(f"    rules fired: {fired}")
             kept = ", ".join(f"{name} x{count}" for name, count in sorted(graph.kept.items())) or "nothing"

@@ -1,0 +1,145 @@
+"""``generate()`` on kernl for encoder-decoder models (T5, BART): the decoder compiled by kernl's
+backend over a static key/value cache and replayed from CUDA graphs.
+
+The model's ``forward`` is routed: a call whose ``past_key_values`` is a static cache with its buffers
+allocated (every step of ``generate()``, the first one included once a cache is reused) runs the
+``torch.compile``d forward (TorchDynamo, :class:`~kernl.integration.backend.KernlBackend`: the FX rules,
+then a CUDA graph per graph that updates the cache in place, :mod:`kernl.integration.step_graphs`);
+any other call runs as before. The static cache becomes the default and transformers' own compilation
+of the decoder step is turned off (kernl's takes its place). Two things keep the number of compiled
+graphs and captures bounded: the prompt is padded to the encoder's bucket lengths (masked, so the tokens
+do not change; the cross-attention cache has the bucket's length), and a static cache is reset and
+reused by the next call of the same batch size and lengths (transformers allocates a new one each
+call, and new addresses would mean a new capture). At most :data:`KEPT_CACHES` are kept.
+"""
+
+import inspect
+
+import torch
+
+from kernl.integration.backend import KernlBackend
+from kernl.integration.report import OptimizationReport
+
+KEPT_CACHES = 4
+_CACHE_FACTORY_PARAMETERS = [
+    "cache_implementation",
+    "batch_size",
+    "max_cache_len",
+    "prefill_chunk_size",
+    "model_kwargs",
+]
+
+
+def optimize_generation(model, report: OptimizationReport, bucket, cuda_graphs: bool = True) -> None:
+    """Run ``model.generate()``'s decoder steps on kernl (see the module docstring), in place.
+
+    ``bucket(length) -> padded length``: the encoder's bucketing, applied to the prompt; ``cuda_graphs``:
+    replay the steps from CUDA graphs (on a GPU).
+    """
+    backend = KernlBackend(report, [*model.parameters(), *model.buffers()], "decoder", cuda_graphs)
+    original = model.forward
+    compiled = torch.compile(original, backend=backend, dynamic=False)
+
+    def forward(*args, **kwargs):
+        if _ready_static_cache(kwargs.get("past_key_values")):
+            return compiled(*args, **kwargs)
+        return original(*args, **kwargs)
+
+    model.forward = forward
+    config = model.generation_config
+    if config.cache_implementation is None:
+        config.cache_implementation = "static"
+    config.disable_compile = True
+    report.notes.append(
+        f"generate(): decoder on kernl with the '{config.cache_implementation}' cache "
+        "(generation_config.cache_implementation; with a dynamic cache it runs as PyTorch); "
+        "prompts padded to the encoder's buckets"
+    )
+    if [*inspect.signature(model._prepare_static_cache).parameters] == _CACHE_FACTORY_PARAMETERS:
+        model._prepare_static_cache = _reusing_static_cache(model, model._prepare_static_cache)
+    else:
+        report.notes.append("static caches are not reused across generate() calls (unknown transformers API)")
+    model.kernl_original_generate = model.generate
+    model.generate = _bucketed_generate(model, model.generate, bucket)
+
+
+def _ready_static_cache(cache) -> bool:
+    """A static cache (or an encoder-decoder pair of them) whose buffers exist: the decoder can be compiled
+    over it (a fresh cache allocates its buffers in its first update, which must not be traced)."""
+    if cache is None:
+        return False
+    parts = (
+        [cache.self_attention_cache, cache.cross_attention_cache]
+        if hasattr(cache, "cross_attention_cache")
+        else [cache]
+    )
+    return all(
+        getattr(part, "is_compileable", False)
+        and all(getattr(layer, "is_initialized", False) for layer in part.layers)
+        for part in parts
+    )
+
+
+def _reusing_static_cache(model, create):
+    """``model._prepare_static_cache`` that resets and returns a kept cache of the same sizes when it has one."""
+    kept = {}
+
+    def prepare(cache_implementation, batch_size, max_cache_len, prefill_chunk_size, model_kwargs):
+        length = max(max_cache_len, getattr(model, "_previous_max_cache_length", -1))
+        encoder_outputs = model_kwargs.get("encoder_outputs")
+        encoder_length = None if encoder_outputs is None else encoder_outputs[0].shape[1]
+        key = (cache_implementation, batch_size, length, encoder_length, prefill_chunk_size)
+        cache = kept.pop(key, None)
+        if cache is None:
+            cache = create(cache_implementation, batch_size, max_cache_len, prefill_chunk_size, model_kwargs)
+        else:
+            cache.reset()
+            model._previous_max_cache_length = length
+        kept[key] = cache
+        while len(kept) > KEPT_CACHES:
+            kept.pop(next(iter(kept)))
+        return cache
+
+    return prepare
+
+
+def _bucketed_generate(model, generate, bucket):
+    """``generate`` with ``input_ids`` and ``attention_mask`` right-padded to ``bucket(length)``."""
+
+    def padded_generate(*args, **kwargs):
+        place = 0 if args else "inputs" if "inputs" in kwargs else "input_ids"
+        ids = args[0] if args else kwargs.get(place)
+        mask = kwargs.get("attention_mask")
+        if (
+            not isinstance(ids, torch.Tensor)
+            or ids.dim() != 2
+            or ids.is_floating_point()
+            or {"inputs_embeds", "encoder_outputs"} & kwargs.keys()
+            or not (mask is None or (isinstance(mask, torch.Tensor) and mask.shape == ids.shape))
+        ):
+            return generate(*args, **kwargs)
+        extra = bucket(ids.shape[1]) - ids.shape[1]
+        if extra == 0:
+            return generate(*args, **kwargs)
+        config = kwargs.get("generation_config") or model.generation_config
+        pad = kwargs.get("pad_token_id", config.pad_token_id)
+        if mask is None:
+            mask = _default_attention_mask(ids, pad, kwargs.get("eos_token_id", config.eos_token_id))
+        ids = torch.nn.functional.pad(ids, (0, extra), value=0 if pad is None else pad)
+        kwargs["attention_mask"] = torch.nn.functional.pad(mask, (0, extra), value=0)
+        if args:
+            args = (ids, *args[1:])
+        else:
+            kwargs[place] = ids
+        return generate(*args, **kwargs)
+
+    return padded_generate
+
+
+def _default_attention_mask(ids: torch.Tensor, pad, eos) -> torch.Tensor:
+    """The mask ``generate()`` infers without one: ``ids != pad`` when pad tokens occur and pad is not an
+    end-of-sequence token, else ones. ``ids``: (batch, length) int; returns the same shape, int64."""
+    eos = set(eos if isinstance(eos, (list, tuple)) else [eos])
+    if pad is not None and pad not in eos and bool((ids == pad).any()):
+        return ids.ne(pad).long()
+    return torch.ones_like(ids, dtype=torch.long)
