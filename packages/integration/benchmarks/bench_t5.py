@@ -70,7 +70,8 @@ def chart(results: dict):
         encoder.bar_label(bars, labels=[f"{r:.1f}x" for r in ratios], fontsize=7)
     encoder.set_xticks(range(len(rows)), [f"{row['batch']} x {row['seq']}" for row in rows])
     encoder.set_ylabel("encoder speedup over Hugging Face (sdpa)")
-    encoder.legend(fontsize=8)
+    encoder.legend(fontsize=8, loc="upper left")
+    encoder.set_ylim(top=encoder.get_ylim()[1] * 1.25)  # room for the legend above the bars
     runs = results["generate"]
     for index, engine in enumerate(list(GENERATE_ENGINES)[1:]):
         ratios = [row["HF dynamic cache ms"] / row[f"{engine} ms"] for row in runs]
@@ -78,7 +79,8 @@ def chart(results: dict):
         generate.bar_label(bars, labels=[f"{r:.1f}x" for r in ratios], fontsize=7)
     generate.set_xticks(range(len(runs)), [f"batch {row['batch']}" for row in runs], fontsize=8)
     generate.set_ylabel(f"generate() speedup over HF, {runs[0]['new_tokens']} new tokens")
-    generate.legend(fontsize=8)
+    generate.legend(fontsize=8, loc="upper left")
+    generate.set_ylim(top=generate.get_ylim()[1] * 1.25)
     figure.suptitle("T5 (flan-T5-base shapes, fp16): kernl against Hugging Face")
     figure.tight_layout()
     return figure

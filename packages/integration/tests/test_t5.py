@@ -78,7 +78,10 @@ def test_t5_generation_runs_on_kernl(kit):
     calls = [(ids, mask), (ids[:, :7], mask[:, :7]), (ids[:1], None)]
     for prompt, prompt_mask in calls:
         arguments = dict(max_new_tokens=6, do_sample=False)
-        prompt, prompt_mask = prompt.to(kit.device), None if prompt_mask is None else prompt_mask.to(kit.device)
+        prompt, prompt_mask = (
+            prompt.to(kit.device),
+            None if prompt_mask is None else prompt_mask.to(kit.device),
+        )
         with torch.inference_mode():
             tokens = optimized.generate(prompt, attention_mask=prompt_mask, **arguments)
             expected = reference.generate(prompt, attention_mask=prompt_mask, **arguments)
@@ -92,7 +95,9 @@ def test_t5_generation_runs_on_kernl(kit):
     cache_tensors = int(re.search(r"(\d+) static cache tensors\] on", step.inputs).group(1))
     assert cache_tensors >= 4 * LAYERS, step.inputs  # keys and values, self- and cross-attention
     assert f"2x16x{model.config.d_model}" in prefill.inputs  # the encoder output: cross-attention keys
-    expected_runs_as = "CUDA graph (decoder)" if on_gpu() else "rewritten graph, no CUDA graph (Triton interpreter)"
+    expected_runs_as = (
+        "CUDA graph (decoder)" if on_gpu() else "rewritten graph, no CUDA graph (Triton interpreter)"
+    )
     assert step.runs_as == prefill.runs_as == expected_runs_as
     if all(find(name) for name in KERNELS):
         for graph in (step, prefill):
@@ -118,8 +123,13 @@ def test_other_encoder_decoder_models(kit, family):
         model = kit.build(MT5ForConditionalGeneration, config)
     ids, mask = kit.padded_batch(2, 11, [11, 6], vocab=120)
     call = dict(input_ids=ids, attention_mask=mask, decoder_input_ids=torch.tensor([[2, 7, 9], [2, 3, 3]]))
+    # BART's encoder layers branch on `isfinite(h).all()` in fp16: TorchDynamo splits the encoder there, and
+    # the host sync between its graphs cannot be captured in one CUDA graph; the graphs run without one.
+    split_encoder = family == "bart" and DTYPE == torch.float16
     report = kit.compare_with_reference(model, DTYPE, [call], ["encoder_last_hidden_state"], SCALE)
-    assert report.model.startswith(type(model).__name__) and report.graphs[0].error is None
+    assert report.model.startswith(type(model).__name__)
+    for graph in report.graphs:
+        assert graph.error is None or (split_encoder and graph.error.startswith("CUDA graph capture failed"))
     optimized = copy.deepcopy(model).to(kit.device, DTYPE)
     report = optimize_model(optimized)
     arguments = dict(attention_mask=mask.to(kit.device), max_new_tokens=3, min_new_tokens=3, do_sample=False)
@@ -127,6 +137,10 @@ def test_other_encoder_decoder_models(kit, family):
         tokens = optimized.generate(ids.to(kit.device), **arguments)
         expected = model.to(kit.device, DTYPE).generate(ids.to(kit.device), **arguments)
     assert torch.equal(tokens, expected) or on_gpu()  # fp16: a near tie may flip a token
-    assert [graph.part for graph in report.graphs] == ["encoder", "decoder"], str(report)
+    parts = [graph.part for graph in report.graphs]
+    assert parts[-1] == "decoder" and parts.count("decoder") == 1 and set(parts) == {"encoder", "decoder"}
+    assert split_encoder or len(parts) == 2, str(report)
+    decoder = report.graphs[-1]
+    assert decoder.error is None and decoder.runs_as.startswith("CUDA graph" if on_gpu() else "rewritten")
     if all(find(name) for name in KERNELS):
-        assert all(graph.kept == {} and graph.error is None for graph in report.graphs), str(report)
+        assert all(graph.kept == {} for graph in report.graphs), str(report)

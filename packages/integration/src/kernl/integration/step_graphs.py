@@ -87,10 +87,10 @@ class StepGraph:
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
-                warm_args = self._with(graph_args, self.state, [args[i].clone() for i in self.state])
                 for _ in range(2):  # compiles and autotunes the kernels outside the capture
-                    self.fn(*warm_args)
-                del warm_args
+                    # on fresh copies of the state each time: a second update of the same copy could
+                    # write past the end of the cache (a prefill fills the cross-attention cache whole)
+                    self.fn(*self._with(graph_args, self.state, [args[i].clone() for i in self.state]))
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self.pool):
