@@ -24,7 +24,12 @@ def test_signature_covers_shapes_dtypes_and_plain_arguments():
         (ids,), {"attention_mask": ids.int(), "output_hidden_states": False}
     )
     assert key != ForwardGraphs.signature((ids,), {"attention_mask": ids, "output_hidden_states": True})
-    assert ForwardGraphs.signature((ids,), {"head_mask": [1, 2]}) is None  # unhashable: runs without a graph
+    nested = {"encoder_outputs": {"last_hidden_state": torch.zeros(2, 16, 8)}, "head_mask": [1, None]}
+    key = ForwardGraphs.signature((ids,), nested)
+    assert key == ForwardGraphs.signature((ids,), copy.deepcopy(nested))
+    assert key != ForwardGraphs.signature((ids,), {**nested, "head_mask": [1, 2]})
+    assert key != ForwardGraphs.signature((ids,), {**nested, "encoder_outputs": {"last_hidden_state": ids}})
+    assert ForwardGraphs.signature((ids,), {"cache": object()}) is None  # an object: runs without a graph
 
 
 def test_map_tensors_keeps_the_structure():

@@ -106,6 +106,30 @@ def test_t5_generation_runs_on_kernl(kit):
             assert graph.attention_masks == {"dense + bias": LAYERS, "key padding [B, K] + bias": LAYERS}
 
 
+@pytest.mark.skipif(not on_gpu(), reason="CUDA graphs need a GPU")
+def test_t5_generation_replays_match_the_compiled_decoder(kit):
+    """The decoder's CUDA graphs (one per TorchDynamo graph for the prefill and the first step, then the
+    whole step) give bit for bit the scores of the same kernels run without CUDA graphs, call after call."""
+    model = kit.build(T5ForConditionalGeneration, t5_config("gated-gelu")).to("cuda", torch.float16)
+    with_graphs, without = copy.deepcopy(model), copy.deepcopy(model)
+    optimize_model(with_graphs)
+    optimize_model(without, cuda_graphs=False)
+    arguments = dict(max_new_tokens=8, do_sample=False, output_scores=True, return_dict_in_generate=True)
+    for seed in range(3):  # a fresh cache, then the reused one (compiled prefill, replayed steps)
+        ids, mask = (t.cuda() for t in kit.padded_batch(2, 9, [9, 4], vocab=120, seed=seed))
+        with torch.inference_mode():
+            replayed = with_graphs.generate(ids, attention_mask=mask, **arguments)
+            direct = without.generate(ids, attention_mask=mask, **arguments)
+        assert torch.equal(replayed.sequences, direct.sequences)
+        for step, (ours, theirs) in enumerate(zip(replayed.scores, direct.scores, strict=True)):
+            assert torch.equal(ours, theirs), f"call {seed}, step {step}"
+    whole_steps = with_graphs.kernl_decoder_graphs.captures  # one signature: batch 2, bucket 16, one cache
+    assert len(whole_steps) == 1 and all(capture.graph is not None for capture in whole_steps.values())
+    report = with_graphs.kernl_report
+    assert [graph.part for graph in report.graphs] == ["encoder", "decoder", "decoder"], str(report)
+    assert all(graph.runs_as.startswith("CUDA graph") and graph.error is None for graph in report.graphs)
+
+
 @pytest.mark.parametrize("family", ["bart", "mt5"])
 def test_other_encoder_decoder_models(kit, family):
     """Any encoder-decoder model gets the same treatment: its encoder and generate()'s decoder steps on

@@ -42,7 +42,28 @@ def map_tensors(fn, value):
 
 
 def _tensors(args: tuple, kwargs: dict) -> list:
-    return [v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor)]
+    """Every tensor in the arguments, nested ones (a ModelOutput, a tuple) included, in a fixed order."""
+    found = []
+    map_tensors(found.append, (args, kwargs))
+    return found
+
+
+class _Unkeyable(Exception):
+    """An argument a capture key cannot stand for (an arbitrary object)."""
+
+
+def _describe(value):
+    """A hashable description of an argument: tensors by shape, dtype and device, containers item by
+    item, plain values as they are; raises :class:`_Unkeyable` for anything else."""
+    if isinstance(value, torch.Tensor):
+        return (value.shape, value.dtype, value.device)
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, dict):
+        return (type(value), tuple((key, _describe(item)) for key, item in value.items()))
+    if isinstance(value, (tuple, list)):
+        return (type(value), tuple(_describe(item) for item in value))
+    raise _Unkeyable(type(value).__name__)
 
 
 @dataclass
@@ -58,10 +79,24 @@ class ForwardGraphs:
     ``model`` owns the parameters and buffers the graphs read in place. The first call of a signature
     warms up (two plain calls on a side stream: compilation and autotuning), then captures; a capture
     that fails leaves that signature running ``forward`` directly, with the reason in the report.
+    ``signature(args, kwargs)`` replaces :meth:`signature` as the capture key. A ``stateful`` forward
+    (one that updates a cache in place) is never called twice for one call: the first call of a
+    signature runs directly and is the warm-up, the second captures. Beyond ``max_captures`` graphs,
+    new signatures run directly.
     """
 
-    def __init__(self, forward, model: torch.nn.Module, report: OptimizationReport):
+    def __init__(
+        self,
+        forward,
+        model: torch.nn.Module,
+        report: OptimizationReport,
+        signature=None,
+        stateful=False,
+        max_captures=None,
+    ):
         self.forward, self.report = forward, report
+        self.key = signature or self.signature
+        self.stateful, self.max_captures, self.warm = stateful, max_captures, set()
         self.slots = [(m._parameters, n) for m in model.modules() for n in m._parameters] + [
             (m._buffers, n) for m in model.modules() for n in m._buffers
         ]
@@ -91,23 +126,27 @@ class ForwardGraphs:
 
     @staticmethod
     def signature(args: tuple, kwargs: dict) -> tuple | None:
-        """What a capture depends on; ``None`` when an argument cannot be part of a key (unhashable)."""
+        """What a capture depends on; ``None`` when an argument cannot be part of a key (an object)."""
         parts = [torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")]
-        for name, value in [*enumerate(args), *kwargs.items()]:
-            if isinstance(value, torch.Tensor):
-                parts.append((name, value.shape, value.dtype, value.device))
-            elif value is None or isinstance(value, (bool, int, float, str)):
-                parts.append((name, value))
-            else:
-                return None
+        try:
+            parts += [(name, _describe(value)) for name, value in [*enumerate(args), *kwargs.items()]]
+        except _Unkeyable:
+            return None
         return tuple(parts)
 
     def __call__(self, *args, **kwargs):
-        key = self.signature(args, kwargs)
+        key = self.key(args, kwargs)
         if key is None:
             return self.forward(*args, **kwargs)
+        if self.stateful:  # checked before the replay: a call that updates a cache cannot run twice
+            self._drop_stale_captures()
         capture = self.captures.get(key)
         if capture is None:
+            if self.max_captures is not None and len(self.captures) >= self.max_captures:
+                return self.forward(*args, **kwargs)
+            if self.stateful and key not in self.warm:  # this call compiles and warms up the kernels
+                self.warm.add(key)
+                return self.forward(*args, **kwargs)
             self._drop_stale_captures()
             capture = self.captures[key] = self._capture(args, kwargs)
         if capture.graph is None:
@@ -116,7 +155,7 @@ class ForwardGraphs:
             torch._foreach_copy_(capture.tensors, _tensors(args, kwargs))  # one launch for all inputs
         capture.graph.replay()
         outputs = map_tensors(torch.Tensor.clone, capture.outputs)
-        if self._weights_moved():  # checked while the GPU replays: a stale replay's outputs are dropped
+        if not self.stateful and self._weights_moved():  # checked while the GPU replays: outputs dropped
             torch.cuda.current_stream().synchronize()  # it finishes before its graph is destroyed
             self._forget_captures()
             return self(*args, **kwargs)
@@ -131,7 +170,7 @@ class ForwardGraphs:
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
-                for _ in range(2):  # compiles and autotunes outside the capture
+                for _ in range(0 if self.stateful else 2):  # compiles and autotunes outside the capture
                     self.forward(*args, **kwargs)
             torch.cuda.current_stream().wait_stream(side)
             self._drop_stale_captures()  # the warm-up may move weights (fused projections)

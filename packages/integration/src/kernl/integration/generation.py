@@ -5,7 +5,10 @@ The model's ``forward`` is routed: a call whose ``past_key_values`` is a static 
 allocated (every step of ``generate()``, the first one included once a cache is reused) runs the
 ``torch.compile``d forward (TorchDynamo, :class:`~kernl.integration.backend.KernlBackend`: the FX rules,
 then a CUDA graph per graph that updates the cache in place, :mod:`kernl.integration.step_graphs`);
-any other call runs as before. The static cache becomes the default and transformers' own compilation
+any other call runs as before. Once the prefill has filled the cross-attention cache, a step changes
+nothing but tensors, so from a signature's second step on the whole call (TorchDynamo's guards and the
+Python of ``forward`` included) is captured and replayed as one CUDA graph
+(:class:`~kernl.integration.cuda_graphs.ForwardGraphs`, keyed by the cache and where its tensors live). The static cache becomes the default and transformers' own compilation
 of the decoder step is turned off (kernl's takes its place). Two things keep the number of compiled
 graphs and captures bounded: the prompt is padded to the encoder's bucket lengths (masked, so the tokens
 do not change; the cross-attention cache has the bucket's length), and a static cache is reset and
@@ -18,6 +21,7 @@ import inspect
 import torch
 
 from kernl.integration.backend import KernlBackend
+from kernl.integration.cuda_graphs import ForwardGraphs
 from kernl.integration.report import OptimizationReport
 
 KEPT_CACHES = 4
@@ -39,11 +43,18 @@ def optimize_generation(model, report: OptimizationReport, bucket, cuda_graphs: 
     backend = KernlBackend(report, [*model.parameters(), *model.buffers()], "decoder", cuda_graphs)
     original = model.forward
     compiled = torch.compile(original, backend=backend, dynamic=False)
+    steps = compiled
+    if cuda_graphs and model.device.type == "cuda":
+        steps = ForwardGraphs(
+            compiled, model, report, _step_signature, stateful=True, max_captures=KEPT_CACHES
+        )
+        model.kernl_decoder_graphs = steps
 
     def forward(*args, **kwargs):
-        if _ready_static_cache(kwargs.get("past_key_values")):
-            return compiled(*args, **kwargs)
-        return original(*args, **kwargs)
+        cache = kwargs.get("past_key_values")
+        if not _ready_static_cache(cache):
+            return original(*args, **kwargs)
+        return steps(*args, **kwargs) if _cross_attention_filled(cache) else compiled(*args, **kwargs)
 
     model.forward = forward
     config = model.generation_config
@@ -78,6 +89,30 @@ def _ready_static_cache(cache) -> bool:
         and all(getattr(layer, "is_initialized", False) for layer in part.layers)
         for part in parts
     )
+
+
+def _cross_attention_filled(cache) -> bool:
+    """After the prefill: every layer's cross-attention cache is filled, so a step changes only tensors."""
+    filled = getattr(cache, "is_updated", None)
+    return isinstance(filled, dict) and bool(filled) and all(filled.values())
+
+
+def _step_signature(args: tuple, kwargs: dict) -> tuple | None:
+    """The capture key of a whole decoder step: the other arguments as :meth:`ForwardGraphs.signature`
+    sees them, the cache object, and where its tensors live (beam search moves them)."""
+    cache = kwargs["past_key_values"]
+    key = ForwardGraphs.signature(args, {name: v for name, v in kwargs.items() if name != "past_key_values"})
+    if key is None:
+        return None
+    parts = [cache.self_attention_cache, cache.cross_attention_cache]
+    tensors = [
+        t
+        for part in parts
+        for layer in part.layers
+        for t in vars(layer).values()
+        if isinstance(t, torch.Tensor)
+    ]
+    return (*key, id(cache), tuple(t.data_ptr() for t in tensors))
 
 
 def _reusing_static_cache(model, create):

@@ -59,6 +59,8 @@ class StepGraph:
         self.captures: dict[tuple, _Capture] = {}
 
     def __call__(self, *args):
+        if torch.cuda.is_current_stream_capturing():  # inside a capture of the whole call: record the kernels
+            return self.fn(*args)
         key = tuple(args[i].data_ptr() for i in self.static)
         capture = self.captures.get(key)
         if capture is None:
