@@ -1,7 +1,8 @@
 """``generate()`` on kernl for encoder-decoder models (T5, BART): the decoder compiled by kernl's
 backend over a static key/value cache and replayed from CUDA graphs.
 
-The model's ``forward`` is routed: a call whose ``past_key_values`` is a static cache with its buffers
+The model's ``forward`` is routed: a call whose cache argument (``cache``, or ``past_key_values``
+before transformers 5.24) is a static cache with its buffers
 allocated (every step of ``generate()``, the first one included once a cache is reused) runs the
 ``torch.compile``d forward (TorchDynamo, :class:`~kernl.integration.backend.KernlBackend`: the FX rules,
 then a CUDA graph per graph that updates the cache in place, :mod:`kernl.integration.step_graphs`);
@@ -51,7 +52,7 @@ def optimize_generation(model, report: OptimizationReport, bucket, cuda_graphs: 
         model.kernl_decoder_graphs = steps
 
     def forward(*args, **kwargs):
-        cache = kwargs.get("past_key_values")
+        cache = _cache_argument(kwargs)[1]
         if not _ready_static_cache(cache):
             return original(*args, **kwargs)
         return steps(*args, **kwargs) if _cross_attention_filled(cache) else compiled(*args, **kwargs)
@@ -72,6 +73,15 @@ def optimize_generation(model, report: OptimizationReport, bucket, cuda_graphs: 
         report.notes.append("static caches are not reused across generate() calls (unknown transformers API)")
     model.kernl_original_generate = model.generate
     model.generate = _bucketed_generate(model, model.generate, bucket)
+
+
+def _cache_argument(kwargs: dict) -> tuple:
+    """``(name, cache)`` of the key/value cache argument (``cache`` from transformers 5.24 on, before it
+    ``past_key_values``), ``(None, None)`` without one."""
+    for name in ("cache", "past_key_values"):
+        if kwargs.get(name) is not None:
+            return name, kwargs[name]
+    return None, None
 
 
 def _ready_static_cache(cache) -> bool:
@@ -100,8 +110,8 @@ def _cross_attention_filled(cache) -> bool:
 def _step_signature(args: tuple, kwargs: dict) -> tuple | None:
     """The capture key of a whole decoder step: the other arguments as :meth:`ForwardGraphs.signature`
     sees them, the cache object, and where its tensors live (beam search moves them)."""
-    cache = kwargs["past_key_values"]
-    key = ForwardGraphs.signature(args, {name: v for name, v in kwargs.items() if name != "past_key_values"})
+    cache_name, cache = _cache_argument(kwargs)
+    key = ForwardGraphs.signature(args, {name: v for name, v in kwargs.items() if name != cache_name})
     if key is None:
         return None
     parts = [cache.self_attention_cache, cache.cross_attention_cache]
