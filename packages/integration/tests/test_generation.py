@@ -1,0 +1,118 @@
+"""The generate() plumbing of kernl.integration.generation, without a model: the prompt bucketing, the
+attention mask transformers would infer, the static cache reuse and the cache argument's names."""
+
+from types import SimpleNamespace
+
+import torch
+
+from kernl.integration import generation
+
+
+def _recording_generate():
+    calls = []
+
+    def generate(*args, **kwargs):
+        calls.append((args, kwargs))
+        return "tokens"
+
+    return generate, calls
+
+
+def _model(pad=0, eos=1):
+    return SimpleNamespace(generation_config=SimpleNamespace(pad_token_id=pad, eos_token_id=eos))
+
+
+def test_prompt_and_mask_are_padded_to_the_bucket_wherever_the_prompt_is_passed():
+    generate, calls = _recording_generate()
+    padded = generation._bucketed_generate(_model(pad=3), generate, lambda length: 16)
+    ids, mask = torch.randint(5, 50, (2, 9)), torch.ones(2, 9, dtype=torch.long)
+    mask[1, 6:] = 0
+    assert padded(ids, attention_mask=mask, max_new_tokens=4) == "tokens"
+    padded(inputs=ids, attention_mask=mask)
+    padded(input_ids=ids, attention_mask=mask)
+    for (args, kwargs), place in zip(calls, ["positional", "inputs", "input_ids"], strict=True):
+        sent = args[0] if place == "positional" else kwargs[place]
+        assert sent.shape == (2, 16) and torch.equal(sent[:, :9], ids) and bool((sent[:, 9:] == 3).all())
+        assert (
+            torch.equal(kwargs["attention_mask"][:, :9], mask) and not kwargs["attention_mask"][:, 9:].any()
+        )
+    assert calls[0][1]["max_new_tokens"] == 4
+
+
+def test_without_a_mask_the_padding_is_masked_and_the_prompt_keeps_the_mask_transformers_infers():
+    generate, calls = _recording_generate()
+    padded = generation._bucketed_generate(_model(pad=0, eos=1), generate, lambda length: 8)
+    ids = torch.tensor([[7, 8, 9, 0, 0], [7, 8, 9, 10, 11]])  # pad tokens in the prompt: inferred as padding
+    padded(ids)
+    assert calls[-1][1]["attention_mask"].tolist() == [[1, 1, 1, 0, 0, 0, 0, 0], [1, 1, 1, 1, 1, 0, 0, 0]]
+    padded(torch.tensor([[7, 8, 9]]))  # no pad token: every prompt token is real
+    assert calls[-1][1]["attention_mask"].tolist() == [[1, 1, 1, 0, 0, 0, 0, 0]]
+
+
+def test_default_mask_follows_transformers_rule():
+    ids = torch.tensor([[5, 0, 6]])
+    assert generation._default_attention_mask(ids, 0, 1).tolist() == [[1, 0, 1]]
+    assert generation._default_attention_mask(ids, 0, [1, 0]).tolist() == [[1, 1, 1]]  # pad is an end token
+    assert generation._default_attention_mask(ids, None, 1).tolist() == [[1, 1, 1]]
+    assert generation._default_attention_mask(ids, 9, 1).tolist() == [[1, 1, 1]]  # no pad token present
+
+
+def test_calls_the_bucketing_cannot_handle_pass_through_unchanged():
+    generate, calls = _recording_generate()
+    padded = generation._bucketed_generate(_model(), generate, lambda length: 16)
+    ids = torch.randint(5, 50, (2, 9))
+    unchanged = [
+        ((ids,), {"encoder_outputs": object()}),
+        ((ids,), {"inputs_embeds": torch.zeros(2, 9, 4)}),
+        ((ids,), {"attention_mask": torch.ones(2, 5)}),  # a mask of another shape: left for transformers
+        ((torch.zeros(2, 9),), {}),  # not token ids
+        ((ids[0],), {}),  # one-dimensional
+        ((), {}),
+    ]
+    for args, kwargs in unchanged:
+        padded(*args, **kwargs)
+        sent_args, sent_kwargs = calls[-1]
+        assert len(sent_args) == len(args) and all(a is b for a, b in zip(sent_args, args, strict=True))
+        assert sent_kwargs.keys() == kwargs.keys() and all(sent_kwargs[k] is v for k, v in kwargs.items())
+    bucketed = generation._bucketed_generate(_model(), generate, lambda length: length)
+    bucketed(ids)
+    assert calls[-1][0][0] is ids and "attention_mask" not in calls[-1][1]  # already at a bucket length
+
+
+class _Cache:
+    def __init__(self):
+        self.resets = 0
+
+    def reset(self):
+        self.resets += 1
+
+
+def test_static_caches_of_one_size_are_reset_and_reused_and_at_most_a_few_are_kept():
+    model = SimpleNamespace()
+    created = []
+
+    def create(cache_implementation, batch_size, max_cache_len, prefill_chunk_size, model_kwargs):
+        model._previous_max_cache_length = max(
+            max_cache_len, getattr(model, "_previous_max_cache_length", -1)
+        )
+        created.append(_Cache())
+        return created[-1]
+
+    prepare = generation._reusing_static_cache(model, create)
+    encoder = {"encoder_outputs": (torch.zeros(2, 16, 8),)}
+    first = prepare("static", 2, 33, None, encoder)
+    assert prepare("static", 2, 33, None, encoder) is first and first.resets == 1
+    assert prepare("static", 4, 33, None, encoder) is not first  # another batch size
+    assert prepare("static", 2, 33, None, {"encoder_outputs": (torch.zeros(2, 32, 8),)}) is not first
+    for batch in range(5, 5 + generation.KEPT_CACHES):
+        prepare("static", batch, 33, None, encoder)
+    assert prepare("static", 2, 33, None, encoder) is not first  # the oldest ones were let go
+    assert len(created) == 4 + generation.KEPT_CACHES
+
+
+def test_the_cache_argument_is_found_under_either_name():
+    cache = object()
+    assert generation._cache_argument({"cache": cache, "use_cache": True}) == ("cache", cache)
+    assert generation._cache_argument({"past_key_values": cache}) == ("past_key_values", cache)
+    assert generation._cache_argument({"past_key_values": None}) == (None, None)
+    assert not generation._ready_static_cache(None)
