@@ -168,3 +168,16 @@ def test_other_encoder_decoder_models(kit, family):
     assert decoder.error is None and decoder.runs_as.startswith("CUDA graph" if on_gpu() else "rewritten")
     if all(find(name) for name in KERNELS):
         assert all(graph.kept == {} for graph in report.graphs), str(report)
+
+
+def test_encoder_decoder_model_without_generate(kit):
+    """T5Model (no language-model head, no generate()): the encoder on kernl, the decoder untouched."""
+    from transformers import T5Model
+
+    model = kit.build(T5Model, t5_config("gated-gelu"))
+    ids, mask = kit.padded_batch(2, 11, [11, 6], vocab=120)
+    call = dict(input_ids=ids, attention_mask=mask, decoder_input_ids=torch.tensor([[0, 7, 9], [0, 3, 3]]))
+    fields = ["encoder_last_hidden_state"] + (["last_hidden_state"] if DTYPE == torch.float32 else [])
+    report = kit.compare_with_reference(model, DTYPE, [call], fields, SCALE)
+    assert [graph.part for graph in report.graphs] == ["encoder"]
+    assert not any("generate()" in note for note in report.notes)

@@ -2,19 +2,20 @@
 backend over a static key/value cache and replayed from CUDA graphs.
 
 The model's ``forward`` is routed: a call whose cache argument (``cache``, or ``past_key_values``
-before transformers 5.24) is a static cache with its buffers
-allocated (every step of ``generate()``, the first one included once a cache is reused) runs the
-``torch.compile``d forward (TorchDynamo, :class:`~kernl.integration.backend.KernlBackend`: the FX rules,
-then a CUDA graph per graph that updates the cache in place, :mod:`kernl.integration.step_graphs`);
-any other call runs as before. Once the prefill has filled the cross-attention cache, a step changes
-nothing but tensors, so from a signature's second step on the whole call (TorchDynamo's guards and the
-Python of ``forward`` included) is captured and replayed as one CUDA graph
-(:class:`~kernl.integration.cuda_graphs.ForwardGraphs`, keyed by the cache and where its tensors live). The static cache becomes the default and transformers' own compilation
-of the decoder step is turned off (kernl's takes its place). Two things keep the number of compiled
-graphs and captures bounded: the prompt is padded to the encoder's bucket lengths (masked, so the tokens
-do not change; the cross-attention cache has the bucket's length), and a static cache is reset and
-reused by the next call of the same batch size and lengths (transformers allocates a new one each
-call, and new addresses would mean a new capture). At most :data:`KEPT_CACHES` are kept.
+before transformers 5.24) is a static cache with its buffers allocated (every step of ``generate()``,
+the first one included once a cache is reused) runs the ``torch.compile``d forward (TorchDynamo,
+:class:`~kernl.integration.backend.KernlBackend`: the FX rules, then a CUDA graph per graph that
+updates the cache in place, :mod:`kernl.integration.step_graphs`); any other call runs as before.
+Once the prefill has filled the cross-attention cache, a step changes nothing but tensors, so from a
+signature's second step on the whole call (TorchDynamo's guards and the Python of ``forward``
+included) is captured and replayed as one CUDA graph (:class:`~kernl.integration.cuda_graphs.ForwardGraphs`,
+keyed by the cache and where its tensors live). The static cache becomes the default and
+transformers' own compilation of the decoder step is turned off (kernl's takes its place). Two things
+keep the number of compiled graphs and captures bounded: the prompt is padded to the encoder's bucket
+lengths (masked, so the tokens do not change; the cross-attention cache has the bucket's length), and
+a static cache is reset and reused by the next call of the same batch size and lengths (transformers
+allocates a new one each call, and new addresses would mean a new capture). At most
+:data:`KEPT_CACHES` are kept.
 """
 
 import inspect
@@ -67,7 +68,8 @@ def optimize_generation(model, report: OptimizationReport, bucket, cuda_graphs: 
         "(generation_config.cache_implementation; with a dynamic cache it runs as PyTorch); "
         "prompts padded to the encoder's buckets"
     )
-    if [*inspect.signature(model._prepare_static_cache).parameters] == _CACHE_FACTORY_PARAMETERS:
+    factory = getattr(model, "_prepare_static_cache", None)
+    if factory is not None and [*inspect.signature(factory).parameters] == _CACHE_FACTORY_PARAMETERS:
         model._prepare_static_cache = _reusing_static_cache(model, model._prepare_static_cache)
     else:
         report.notes.append("static caches are not reused across generate() calls (unknown transformers API)")

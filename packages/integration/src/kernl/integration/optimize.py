@@ -136,7 +136,7 @@ def _optimize_encoder_decoder(model: torch.nn.Module, buckets, cuda_graphs: bool
     report = _optimize_forward(encoder, buckets, cuda_graphs, part="encoder")
     report.model = f"{type(model).__name__} (encoder: {report.model})"
     model.kernl_report = report
-    if report.status == "optimized" and hasattr(model, "generation_config"):
+    if report.status == "optimized" and getattr(model, "generation_config", None) is not None:
         optimize_generation(
             model, report, lambda length: _bucket(length, tuple(sorted(buckets))), cuda_graphs
         )
