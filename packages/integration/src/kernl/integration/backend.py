@@ -15,7 +15,7 @@ from kernl.integration.kernels import find, qualified_name
 from kernl.integration.report import GraphRecord, OptimizationReport, kept_as_pytorch
 from kernl.integration.rules import RULES
 from kernl.integration.rules.attention_sdpa import attention_call
-from kernl.integration.step_graphs import StepGraph, has_static_address
+from kernl.integration.step_graphs import StepGraph, has_static_address, holds_state
 
 
 def _describe_inputs(example_inputs, static_ids: set[int]) -> str:
@@ -27,7 +27,7 @@ def _describe_inputs(example_inputs, static_ids: set[int]) -> str:
         for t in tensors
         if not has_static_address(t, static_ids)
     ]
-    in_place = sum(hasattr(t, "_dynamo_static_input_type") and id(t) not in static_ids for t in tensors)
+    in_place = sum(holds_state(t, static_ids) for t in tensors)
     in_place = [f"{in_place} static cache tensors"] if in_place else []
     device = tensors[0].device if tensors else "cpu"
     return f"[{', '.join(shapes + in_place)}] on {device}"

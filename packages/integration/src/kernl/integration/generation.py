@@ -86,16 +86,19 @@ def _cache_argument(kwargs: dict) -> tuple:
     return None, None
 
 
+def _cache_parts(cache) -> list:
+    """The caches inside ``cache``: its self- and cross-attention caches, or itself."""
+    if hasattr(cache, "cross_attention_cache"):
+        return [cache.self_attention_cache, cache.cross_attention_cache]
+    return [cache]
+
+
 def _ready_static_cache(cache) -> bool:
     """A static cache (or an encoder-decoder pair of them) whose buffers exist: the decoder can be compiled
     over it (a fresh cache allocates its buffers in its first update, which must not be traced)."""
     if cache is None:
         return False
-    parts = (
-        [cache.self_attention_cache, cache.cross_attention_cache]
-        if hasattr(cache, "cross_attention_cache")
-        else [cache]
-    )
+    parts = _cache_parts(cache)
     return all(
         getattr(part, "is_compileable", False)
         and all(getattr(layer, "is_initialized", False) for layer in part.layers)
@@ -116,7 +119,7 @@ def _step_signature(args: tuple, kwargs: dict) -> tuple | None:
     key = ForwardGraphs.signature(args, {name: v for name, v in kwargs.items() if name != cache_name})
     if key is None:
         return None
-    parts = [cache.self_attention_cache, cache.cross_attention_cache]
+    parts = _cache_parts(cache)
     tensors = [
         t
         for part in parts

@@ -137,9 +137,8 @@ def _optimize_encoder_decoder(model: torch.nn.Module, buckets, cuda_graphs: bool
     report.model = f"{type(model).__name__} (encoder: {report.model})"
     model.kernl_report = report
     if report.status == "optimized" and getattr(model, "generation_config", None) is not None:
-        optimize_generation(
-            model, report, lambda length: _bucket(length, tuple(sorted(buckets))), cuda_graphs
-        )
+        ordered = tuple(sorted(buckets))
+        optimize_generation(model, report, lambda length: _bucket(length, ordered), cuda_graphs)
     return report
 
 

@@ -31,6 +31,16 @@ def has_static_address(tensor: torch.Tensor, static_ids: set[int]) -> bool:
     )
 
 
+def holds_state(tensor: torch.Tensor, static_ids: set[int]) -> bool:
+    """A tensor at a fixed address that is not a weight: a static cache's buffer or length, which a graph
+    may update in place."""
+    return (
+        hasattr(tensor, "_dynamo_static_input_type")
+        and id(tensor) not in static_ids
+        and not isinstance(tensor, torch.nn.Parameter)
+    )
+
+
 @dataclass
 class _Capture:
     graph: torch.cuda.CUDAGraph | None  # None: capturing failed, this address set runs without a graph
@@ -51,11 +61,8 @@ class StepGraph:
         tensors = [i for i, t in enumerate(example_inputs) if isinstance(t, torch.Tensor)]
         self.static = [i for i in tensors if has_static_address(example_inputs[i], static_ids)]
         self.copied = [i for i in tensors if i not in self.static]
-        # Static inputs that are not weights (the cache): the warm-up runs on copies, so it changes nothing.
-        self.state = [
-            i for i in self.static
-            if id(example_inputs[i]) not in static_ids and not isinstance(example_inputs[i], torch.nn.Parameter)
-        ]  # fmt: skip
+        # The cache: the warm-up runs on copies of it, so it changes nothing.
+        self.state = [i for i in self.static if holds_state(example_inputs[i], static_ids)]
         self.captures: dict[tuple, _Capture] = {}
 
     def __call__(self, *args):
