@@ -3,10 +3,11 @@
 flan-T5-base shapes (d_model 768, 12 heads, d_ff 2048, gated gelu_new, 12 + 12 layers), random
 weights, fp16. Encoder: wall-clock latency of ``model.encoder(...)`` (host work included, as a user
 sees it) for HF (sdpa), HF with ``torch.compile(mode="reduce-overhead")`` and kernl, at batch x tokens
-{1x128, 8x128, 8x512, 32x512}. Generation: greedy ``generate()``, batch 1 and 8, 128 input tokens, 32
-new tokens: HF with its default dynamic cache, HF with ``cache_implementation="static"`` (transformers
-compiles the decoder step with ``torch.compile(mode="reduce-overhead")``), and kernl (encoder and
-decoder on kernl, static cache by default).
+{1x128, 8x128, 8x512, 32x512}. Generation: ``generate()``, 128 input tokens, 32 new tokens, greedy at
+batch 1 and 8 and beam search (4 beams) at batch 1: HF with its default dynamic cache, HF with
+``cache_implementation="static"`` (transformers compiles the decoder step with
+``torch.compile(mode="reduce-overhead")``), and kernl (encoder and decoder on kernl, static cache by
+default). Each warm-up call is timed on its own (``... warm-up calls s``).
 Writes benchmarks/results/<gpu>/t5.json and t5.png. Run: python packages/integration/benchmarks/bench_t5.py
 """
 
@@ -22,11 +23,11 @@ from kernl.integration.bench.gpu import inputs, wall_clock_ms
 from kernl_testing.benchmarking import save_figure, write_results
 
 ENCODER_SHAPES = [(1, 128), (8, 128), (8, 512), (32, 512)]
-GENERATE_SHAPES = [(1, 128), (8, 128)]
+GENERATE_SHAPES = [(1, 128, 1), (8, 128, 1), (1, 128, 4)]  # batch, prompt tokens, beams
 NEW_TOKENS = 32
 # generate() calls before timing: kernl compiles the encoder and the decoder step in the first, the
-# prefill (the first call that reuses a static cache) in the second, and recaptures in the third the
-# graphs whose weights the prefill's stacked projections moved; HF's static cache compiles in the first.
+# prefill (the first call that reuses a static cache) in the second, which also recaptures the step whose
+# weights the prefill's stacked projections moved; HF's static cache compiles in the first.
 WARM_UP_CALLS = 3
 # generate() engines: name -> extra generate() arguments (kernl: its defaults, a static cache)
 GENERATE_ENGINES = {
@@ -78,10 +79,13 @@ def chart(results: dict):
     encoder.set_ylim(top=encoder.get_ylim()[1] * 1.25)  # room for the legend above the bars
     runs = results["generate"]
     for index, engine in enumerate(list(GENERATE_ENGINES)[1:]):
-        ratios = [row["HF dynamic cache ms"] / row[f"{engine} ms"] for row in runs]
+        ratios = [row["HF dynamic cache ms"] / row.get(f"{engine} ms", float("inf")) for row in runs]
         bars = generate.bar([i + (index - 0.5) * 0.4 for i in range(len(runs))], ratios, 0.4, label=engine)
-        generate.bar_label(bars, labels=[f"{r:.1f}x" for r in ratios], fontsize=7)
-    generate.set_xticks(range(len(runs)), [f"batch {row['batch']}" for row in runs], fontsize=8)
+        generate.bar_label(bars, labels=[f"{r:.1f}x" if r else "failed" for r in ratios], fontsize=7)
+    labels = [
+        f"batch {row['batch']}" + (f", {row['beams']} beams" if row["beams"] > 1 else "") for row in runs
+    ]
+    generate.set_xticks(range(len(runs)), labels, fontsize=8)
     generate.set_ylabel(f"generate() speedup over HF, {runs[0]['new_tokens']} new tokens")
     generate.legend(fontsize=8, loc="upper left")
     generate.set_ylim(top=generate.get_ylim()[1] * 1.25)
@@ -110,29 +114,35 @@ def main() -> None:
             row["kernl / best peer"] = round(peer / row["kernl ms"], 3)
             print(row, flush=True)
             results["encoder"].append(row)
-        for batch, seq in GENERATE_SHAPES:
+        for batch, seq, beams in GENERATE_SHAPES:
             ids, mask = inputs(batch, seq, model.config.vocab_size)
-            row = {"batch": batch, "seq": seq, "new_tokens": NEW_TOKENS}
+            row = {"batch": batch, "seq": seq, "beams": beams, "new_tokens": NEW_TOKENS}
             outputs = {}
             for name in GENERATE_ENGINES:
                 engine = engines["kernl" if name == "kernl" else "HF sdpa"]
                 generate = functools.partial(
                     engine.generate, input_ids=ids, attention_mask=mask, max_new_tokens=NEW_TOKENS,
-                    min_new_tokens=NEW_TOKENS, do_sample=False, **GENERATE_ENGINES[name],
+                    min_new_tokens=NEW_TOKENS, do_sample=False, num_beams=beams, **GENERATE_ENGINES[name],
                 )  # fmt: skip
-                start = time.perf_counter()
-                for _ in range(WARM_UP_CALLS):
-                    outputs[name] = generate()
-                torch.cuda.synchronize()
-                row[f"{name} warm-up s"] = round(time.perf_counter() - start, 2)
-                row[f"{name} ms"] = wall_clock_ms(generate, budget_s=2.0, min_reps=5)
+                try:
+                    row[f"{name} warm-up calls s"] = []
+                    for _ in range(WARM_UP_CALLS):
+                        start = time.perf_counter()
+                        outputs[name] = generate()
+                        torch.cuda.synchronize()
+                        row[f"{name} warm-up calls s"].append(round(time.perf_counter() - start, 2))
+                    row[f"{name} ms"] = wall_clock_ms(generate, budget_s=2.0, min_reps=5)
+                except Exception as failure:  # noqa: BLE001 - a peer that fails is reported, not fatal
+                    row[f"{name} error"] = f"{type(failure).__name__}: {str(failure)[:200]}"
+            peers = [row[f"{n} ms"] for n in GENERATE_ENGINES if n != "kernl" and f"{n} ms" in row]
             row["kernl / HF dynamic"] = round(row["HF dynamic cache ms"] / row["kernl ms"], 3)
-            row["kernl / best peer"] = round(
-                min(row[f"{n} ms"] for n in GENERATE_ENGINES if n != "kernl") / row["kernl ms"], 3
+            row["kernl / best peer"] = round(min(peers) / row["kernl ms"], 3)
+            reference = (
+                "HF static cache + torch.compile"
+                if "HF static cache + torch.compile ms" in row
+                else "HF dynamic cache"
             )
-            row["same tokens as HF static"] = bool(
-                torch.equal(outputs["HF static cache + torch.compile"], outputs["kernl"])
-            )
+            row[f"same tokens as {reference}"] = bool(torch.equal(outputs[reference], outputs["kernl"]))
             print(row, flush=True)
             results["generate"].append(row)
     print(engines["kernl"].kernl_report)

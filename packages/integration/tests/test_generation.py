@@ -116,3 +116,38 @@ def test_the_cache_argument_is_found_under_either_name():
     assert generation._cache_argument({"past_key_values": cache}) == ("past_key_values", cache)
     assert generation._cache_argument({"past_key_values": None}) == (None, None)
     assert not generation._ready_static_cache(None)
+
+
+class _Layer:
+    """A cache layer whose ``reorder_cache`` replaces its tensors, as transformers' layers do."""
+
+    def __init__(self, reorder):
+        self.keys, self.values, self.length = torch.randn(4, 3), torch.randn(4, 2, 2), torch.tensor(5)
+        self._reorder = reorder
+
+    def reorder_cache(self, beam_idx):
+        self.keys, self.values = self._reorder(self.keys, beam_idx), self._reorder(self.values, beam_idx)
+
+
+def test_beam_search_reorders_write_the_rows_back_in_place():
+    selecting = _Layer(lambda t, index: t.index_select(0, index))
+    shifting = _Layer(lambda t, index: t.index_select(0, index) + 1)  # not a plain selection of rows
+    resizing = _Layer(lambda t, index: t[:2])  # another shape: left to transformers
+    layers = [selecting, shifting, resizing]
+    cache = SimpleNamespace(layers=layers)
+    generation._reorder_in_place(cache)
+    kept = [(layer.keys, layer.values) for layer in layers[:2]]
+    for beam_idx in (torch.tensor([1, 1, 0, 3]), torch.tensor([2, 0, 0, 1]), torch.tensor([3, 2, 1, 0])):
+        expected = [(layer.keys.clone(), layer.values.clone()) for layer in layers]
+        cache.reorder_cache(beam_idx)
+        for (keys, values), layer in zip(expected[:2], layers[:2], strict=True):
+            shift = 0 if layer is selecting else 1
+            assert torch.equal(layer.keys, keys[beam_idx] + shift)
+            assert torch.equal(layer.values, values[beam_idx] + shift)
+        assert torch.equal(resizing.keys, expected[2][0][:2])
+    assert all(layer.keys is k and layer.values is v for layer, (k, v) in zip(layers, kept, strict=False))
+    reorder = cache.reorder_cache
+    assert [name for _, name in reorder.selected] == ["keys", "values"] and reorder.own == [
+        shifting,
+        resizing,
+    ]

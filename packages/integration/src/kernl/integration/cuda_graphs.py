@@ -48,6 +48,22 @@ def _tensors(args: tuple, kwargs: dict) -> list:
     return found
 
 
+def captured(run, warm_up, pool) -> tuple:
+    """``(graph, outputs)``: ``warm_up()`` run on a side stream (first calls compile and autotune, which a
+    capture cannot hold), then one call of ``run()`` captured in a new CUDA graph allocating from ``pool``;
+    ``outputs`` are what the captured call returned, living in the graph's memory."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        warm_up()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        outputs = run()
+    torch.cuda.synchronize()
+    return graph, outputs
+
+
 class _Unkeyable(Exception):
     """An argument a capture key cannot stand for (an arbitrary object)."""
 
@@ -166,19 +182,16 @@ class ForwardGraphs:
         args, kwargs = map_tensors(torch.Tensor.clone, (args, kwargs))
         capture = _Capture(graph=None, tensors=_tensors(args, kwargs))
         error = None
-        try:
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(0 if self.stateful else 2):  # compiles and autotunes outside the capture
-                    self.forward(*args, **kwargs)
-            torch.cuda.current_stream().wait_stream(side)
+
+        def warm_up():  # compiles and autotunes outside the capture
+            for _ in range(0 if self.stateful else 2):
+                self.forward(*args, **kwargs)
             self._drop_stale_captures()  # the warm-up may move weights (fused projections)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
-                capture.outputs = self.forward(*args, **kwargs)
-            torch.cuda.synchronize()
-            capture.graph = graph
+
+        try:
+            capture.graph, capture.outputs = captured(
+                lambda: self.forward(*args, **kwargs), warm_up, self.pool
+            )
         except Exception as failure:  # noqa: BLE001 - anything a capture cannot handle runs without one
             error = f"CUDA graph capture failed ({type(failure).__name__}: {failure}); runs without"
         for record in self.report.graphs[first_record:]:

@@ -14,8 +14,10 @@ transformers' own compilation of the decoder step is turned off (kernl's takes i
 keep the number of compiled graphs and captures bounded: the prompt is padded to the encoder's bucket
 lengths (masked, so the tokens do not change; the cross-attention cache has the bucket's length), and
 a static cache is reset and reused by the next call of the same batch size and lengths (transformers
-allocates a new one each call, and new addresses would mean a new capture). At most
-:data:`KEPT_CACHES` are kept.
+allocates a new one each call, and new addresses would mean a new capture), and beam search's reordering
+of the cache between steps writes the reordered rows back where they were (transformers replaces the
+tensors), so that every step of a beam search replays the same capture. At most :data:`KEPT_CACHES`
+caches are kept.
 """
 
 import inspect
@@ -114,7 +116,8 @@ def _cross_attention_filled(cache) -> bool:
 
 def _step_signature(args: tuple, kwargs: dict) -> tuple | None:
     """The capture key of a whole decoder step: the other arguments as :meth:`ForwardGraphs.signature`
-    sees them, the cache object, and where its tensors live (beam search moves them)."""
+    sees them, the cache object, and where its tensors live (a cache that kernl did not allocate moves
+    when beam search reorders it)."""
     cache_name, cache = _cache_argument(kwargs)
     key = ForwardGraphs.signature(args, {name: v for name, v in kwargs.items() if name != cache_name})
     if key is None:
@@ -142,6 +145,7 @@ def _reusing_static_cache(model, create):
         cache = kept.pop(key, None)
         if cache is None:
             cache = create(cache_implementation, batch_size, max_cache_len, prefill_chunk_size, model_kwargs)
+            _reorder_in_place(cache)
         else:
             cache.reset()
             model._previous_max_cache_length = length
@@ -151,6 +155,75 @@ def _reusing_static_cache(model, create):
         return cache
 
     return prepare
+
+
+def _reorder_in_place(cache) -> None:
+    """Make beam search's ``cache.reorder_cache(beam_idx)`` keep the cache's tensors where they are:
+    transformers' layers replace them by reordered copies, and the captured step reads the old ones."""
+    cache.reorder_cache = _InPlaceReorder(
+        [layer for part in _cache_parts(cache) for layer in getattr(part, "layers", [])]
+    )
+
+
+class _InPlaceReorder:
+    """``reorder_cache(beam_idx)`` over ``layers`` that writes the reordered rows back in place.
+
+    The first call runs each layer's own reorder and copies every tensor it replaced back into the old
+    one, noting the tensors whose new value was ``old.index_select(0, beam_idx)`` (a static layer's keys
+    and values). Later calls select those rows for every layer at once: no host synchronisation
+    (transformers' reorder reads each layer's length on the host) and two launches a tensor. A layer
+    whose reorder did anything else keeps running its own, followed by the copy back.
+    """
+
+    def __init__(self, layers: list):
+        self.layers, self.selected, self.own = layers, None, []
+
+    def __call__(self, beam_idx: torch.Tensor) -> None:
+        if self.selected is None:
+            self.selected = []
+            for layer in self.layers:
+                names = _copy_back(layer, layer.reorder_cache, beam_idx)
+                if names:
+                    self.selected += [(layer, name) for name in names]
+                else:
+                    self.own.append(layer)
+            return
+        for layer in self.own:
+            _copy_back(layer, layer.reorder_cache, beam_idx)
+        tensors = [getattr(layer, name) for layer, name in self.selected]
+        if tensors:
+            index = beam_idx.to(tensors[0].device)
+            torch._foreach_copy_(tensors, [t.index_select(0, index) for t in tensors])
+
+
+def _copy_back(layer, reorder, beam_idx: torch.Tensor) -> list[str] | None:
+    """Run ``reorder(beam_idx)``, then copy each tensor attribute of ``layer`` it replaced (same shape, dtype
+    and device) back into the old tensor. Returns the names of those tensors when every one of them was
+    the old one's rows ``beam_idx``, else None."""
+    before = {name: t for name, t in vars(layer).items() if isinstance(t, torch.Tensor)}
+    reorder(beam_idx)
+    names, selected_rows = [], True
+    for name, old in before.items():
+        new = getattr(layer, name, None)
+        if new is old:
+            continue
+        fits = isinstance(new, torch.Tensor) and (new.shape, new.dtype, new.device) == (
+            old.shape,
+            old.dtype,
+            old.device,
+        )
+        if not fits:
+            selected_rows = False
+            continue
+        selected_rows = (
+            selected_rows
+            and old.shape[:1] == beam_idx.shape
+            and torch.equal(new, old.index_select(0, beam_idx.to(old.device)))
+        )
+        old.copy_(new)
+        setattr(layer, name, old)
+        names.append(name)
+    return names if selected_rows else None
 
 
 def _bucketed_generate(model, generate, bucket):

@@ -8,8 +8,8 @@ them there. Every other tensor input (token ids, masks: a few bytes) is copied i
 buffers before the replay, and the graph's own outputs are copied out after it.
 
 One capture per set of static addresses: a new cache, or weights moved by ``model.half()``, is a new
-set. At most :data:`MAX_CAPTURES` are kept per graph; an address set beyond them (beam search moves
-its cache at every step) runs the graph without a CUDA graph.
+set. At most :data:`MAX_CAPTURES` are kept per graph; an address set beyond them (a cache that moves
+at every step, as beam search moves one that kernl did not allocate) runs the graph without a CUDA graph.
 """
 
 import time
@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kernl.integration.cuda_graphs import captured
 from kernl.integration.report import GraphRecord
 
 MAX_CAPTURES = 4
@@ -92,19 +93,14 @@ class StepGraph:
         inputs = [args[i].clone() for i in self.copied]
         graph_args = self._with(args, self.copied, inputs)
         capture = _Capture(graph=None, inputs=inputs, outputs=[], owned=[])
+
+        def warm_up():  # twice, on fresh copies of the state each time: a second update of the same copy
+            # could write past the end of the cache (a prefill fills the cross-attention cache whole)
+            for _ in range(2):
+                self.fn(*self._with(graph_args, self.state, [args[i].clone() for i in self.state]))
+
         try:
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(2):  # compiles and autotunes the kernels outside the capture
-                    # on fresh copies of the state each time: a second update of the same copy could
-                    # write past the end of the cache (a prefill fills the cross-attention cache whole)
-                    self.fn(*self._with(graph_args, self.state, [args[i].clone() for i in self.state]))
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
-                outputs = list(self.fn(*graph_args))
-            torch.cuda.synchronize()
+            graph, outputs = captured(lambda: list(self.fn(*graph_args)), warm_up, self.pool)
             read_in_place = {args[i].untyped_storage().data_ptr() for i in self.static}
             capture.owned = [
                 isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in read_in_place
