@@ -133,13 +133,35 @@ def test_t5_beam_search_keeps_the_cache_in_place(kit):
     for seed in range(2):
         ids, mask = (t.to(kit.device) for t in kit.padded_batch(2, 9, [9, 5], vocab=120, seed=seed))
         with torch.inference_mode():
-            tokens = optimized.generate(ids, attention_mask=mask, **arguments)
+            output = optimized.generate(ids, attention_mask=mask, return_dict_in_generate=True, **arguments)
             expected = reference.generate(ids, attention_mask=mask, **arguments)
-        assert torch.equal(tokens, expected) or on_gpu()  # fp16: a near tie may flip a token
+        assert torch.equal(output.sequences, expected) or on_gpu()  # fp16: a near tie may flip a token
     assert len(addresses) >= 10 and len(set(addresses)) == 1
+    # after the first reorder, every layer's keys and values (self- and cross-attention) are reordered
+    # together, without transformers' per-layer reorder
+    reorder = output.past_key_values.reorder_cache
+    assert len(reorder.selected) == 2 * 2 * LAYERS and reorder.own == []
     if on_gpu():
         captures = optimized.kernl_decoder_graphs.captures
         assert len(captures) == 1 and all(capture.graph is not None for capture in captures.values())
+
+
+def test_t5_sampling_on_kernl_draws_hugging_face_tokens(kit):
+    """Sampling draws from the same distribution with the same random numbers: the same tokens."""
+    model = kit.build(T5ForConditionalGeneration, t5_config("gated-gelu"))
+    optimized = copy.deepcopy(model).to(kit.device, DTYPE)
+    optimize_model(optimized)
+    reference = model.to(kit.device, DTYPE)
+    ids, mask = (t.to(kit.device) for t in kit.padded_batch(2, 9, [9, 6], vocab=120))
+    arguments = dict(max_new_tokens=5, min_new_tokens=5, do_sample=True, top_k=20, temperature=0.9)
+    for seed in range(2):
+        with torch.inference_mode():
+            torch.manual_seed(seed)
+            tokens = optimized.generate(ids, attention_mask=mask, **arguments)
+            torch.manual_seed(seed)
+            expected = reference.generate(ids, attention_mask=mask, **arguments)
+        assert torch.equal(tokens, expected) or on_gpu()  # fp16: a near tie may flip a token
+        assert tokens.shape == expected.shape
 
 
 @pytest.mark.skipif(not on_gpu(), reason="CUDA graphs need a GPU")
