@@ -79,7 +79,8 @@ def test_t5_generation_runs_on_kernl(kit):
     # Prompt lengths 9 and 7 share one bucket (16): one encoder graph for both calls; the first call's
     # first step allocates the static cache (PyTorch), its later steps compile the decoder step graph;
     # the second call reuses the cache, so its first step (the prefill, which fills the cross-attention
-    # cache) compiles too. Batch 1 without a mask compiles its own encoder and step graphs.
+    # cache) compiles too. Batch 1 without a mask compiles its own encoder, and its cache is allocated
+    # like the first one: its prefill and steps compile in that first call.
     calls = [(ids, mask), (ids[:, :7], mask[:, :7]), (ids[:1], None)]
     for prompt, prompt_mask in calls:
         arguments = dict(max_new_tokens=6, do_sample=False)
@@ -93,10 +94,12 @@ def test_t5_generation_runs_on_kernl(kit):
         if not on_gpu():  # fp32 on both sides; in fp16 a near tie between two logits may flip a token
             assert torch.equal(tokens, expected)
         assert tokens.shape == expected.shape
-    assert [graph.part for graph in report.graphs] == ["encoder", "decoder", "decoder", "encoder", "decoder"]
+    parts = ["encoder", "decoder", "decoder", "encoder", "decoder", "decoder"]
+    assert [graph.part for graph in report.graphs] == parts
     for graph in report.graphs:
         assert graph.error is None and graph.kept == {}, str(report)
-    step, prefill = report.graphs[1], report.graphs[2]
+    step, prefill, batch_1_prefill = report.graphs[1], report.graphs[2], report.graphs[4]
+    assert f"1x16x{model.config.d_model}" in batch_1_prefill.inputs
     cache_tensors = int(re.search(r"(\d+) static cache tensors\] on", step.inputs).group(1))
     assert cache_tensors >= 4 * LAYERS, step.inputs  # keys and values, self- and cross-attention
     assert f"2x16x{model.config.d_model}" in prefill.inputs  # the encoder output: cross-attention keys

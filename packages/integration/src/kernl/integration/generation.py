@@ -14,7 +14,9 @@ transformers' own compilation of the decoder step is turned off (kernl's takes i
 keep the number of compiled graphs and captures bounded: the prompt is padded to the encoder's bucket
 lengths (masked, so the tokens do not change; the cross-attention cache has the bucket's length), and
 a static cache is reset and reused by the next call of the same batch size and lengths (transformers
-allocates a new one each call, and new addresses would mean a new capture), and beam search's reordering
+allocates a new one each call, and new addresses would mean a new capture; a new size's cache has its
+buffers allocated up front, like those of the caches before it, so that its prefill runs compiled in its
+first call), and beam search's reordering
 of the cache between steps writes the reordered rows back where they were (transformers replaces the
 tensors), so that every step of a beam search replays the same capture. At most :data:`KEPT_CACHES`
 caches are kept.
@@ -146,6 +148,9 @@ def _reusing_static_cache(model, create):
         if cache is None:
             cache = create(cache_implementation, batch_size, max_cache_len, prefill_chunk_size, model_kwargs)
             _reorder_in_place(cache)
+            _allocate_like(
+                cache, next((c for c in kept.values() if _ready_static_cache(c)), None), batch_size
+            )
         else:
             cache.reset()
             model._previous_max_cache_length = length
@@ -155,6 +160,33 @@ def _reusing_static_cache(model, create):
         return cache
 
     return prepare
+
+
+def _allocate_like(cache, model, batch_size: int) -> None:
+    """Allocate the buffers of a fresh ``cache`` now, shaped as those of ``model`` (an allocated cache of the
+    same model: heads, head sizes, dtype, device) for ``batch_size`` rows, so that its first step, the
+    prefill, runs compiled in the first call of a new size (left to itself, a cache allocates them in its
+    first update, which cannot be traced). Nothing is done when the two caches differ in structure."""
+    if model is None:
+        return
+    parts, model_parts = _cache_parts(cache), _cache_parts(model)
+    pairs = [
+        (layer, like)
+        for part, model_part in zip(parts, model_parts, strict=False)
+        for layer, like in zip(part.layers, model_part.layers, strict=False)
+    ]
+    if len(parts) != len(model_parts) or len(pairs) != sum(len(part.layers) for part in parts):
+        return
+    if not all(
+        type(layer) is type(like) and isinstance(getattr(like, "keys", None), torch.Tensor)
+        for layer, like in pairs
+    ):
+        return
+    for layer, like in pairs:  # what a layer's first update would pass, without the tokens
+        keys, values = (
+            t.new_empty((batch_size, t.shape[1], 0, t.shape[-1])) for t in (like.keys, like.values)
+        )
+        layer.lazy_initialization(keys, values)
 
 
 def _reorder_in_place(cache) -> None:
