@@ -25,6 +25,11 @@ SHAPES = [
     ("bert M=16 768->2304 bias", 16, 768, 2304, "none", False),
     ("bert M=16 3072->768", 16, 3072, 768, "none", False),
     ("t5 M=1 512->2048 gated", 1, 512, 2048, "gelu_tanh", True),
+    # flan-T5-base's decoder step at batch 1: Q / output projections, fused QKV, gated FFN, FFN out
+    ("t5 decode M=1 768->768", 1, 768, 768, "none", False),
+    ("t5 decode M=1 768->2304", 1, 768, 2304, "none", False),
+    ("t5 decode M=1 768->2048 gated", 1, 768, 2048, "gelu_tanh", True),
+    ("t5 decode M=1 2048->768", 1, 2048, 768, "none", False),
     ("bert M=128 768->768", 128, 768, 768, "none", False),
     ("bert M=128 768->2304", 128, 768, 2304, "none", False),
     ("bert M=128 3072->768", 128, 3072, 768, "none", False),
@@ -56,6 +61,9 @@ def wider_grid(p: Problem, sms: int) -> list[Config]:
         for bn, bk in itertools.product((16, 32, 64, 128), (64, 128, 256)):
             split = _split_for(p, bm, bn, bk, sms)
             grid += [Config(bm, bn, bk, s, 8, 4, 3) for s in {split, split * 2}]
+        # no split-K (no second pass over partials), fewer warps a program, deeper pipelines
+        for bn, bk, warps, stages in itertools.product((16, 32, 64), (128, 256), (2, 4), (3, 4)):
+            grid.append(Config(bm, bn, bk, 1, 8, warps, stages))
         if p.tma:  # the TMA kernel (no split-K): narrow tiles, the whole K range of a slab in flight
             grid += [Config(bm, bn, 128, 1, 8, 4, 6, "tma") for bn in (16, 32, 64)]
         return grid

@@ -55,6 +55,14 @@ def test_small_m_candidates_spread_the_work_over_every_sm():
         assert programs >= 66, f"{config} leaves most of the 132 SMs idle ({programs} programs)"
 
 
+def test_short_k_small_m_problems_also_time_a_tile_without_split_k():
+    """Few rows and a short K (T5 decode, 768 -> 768): one candidate reads K whole, without split-K's pass."""
+    for shape in [(1, 1, 768, 768), (1, 16, 768, 512)]:
+        configs = candidates(_problem(shape, torch.float16), 132)
+        assert configs[0].split_k > 1 and any(c.split_k == 1 and c.block_n == 32 for c in configs), configs
+    assert all(c.split_k > 1 for c in candidates(_problem((1, 1, 768, 2048), torch.float16), 132))
+
+
 def test_candidate_lists_are_bounded_and_fit_the_shape():
     for shape in [(1, 1, 768, 768), (1, 64, 3072, 768), (1, 16384, 3072, 768), (384, 384, 384, 64)]:
         for gated in (False, True):

@@ -25,7 +25,7 @@ import triton
 
 from kernl.matmul.config_cache import Config, cache_path, cached_choice, lookup
 
-CACHE_VERSION = 4
+CACHE_VERSION = 5
 MAX_CANDIDATES = 10
 SHARED_MEMORY_BUDGET = 220 * 1024  # H100/H200 allow 227 KB a block; Triton needs a little scratch
 # (BLOCK_M, BLOCK_N) also tried, with split-K, when 128x128 tiles would be few
@@ -36,6 +36,9 @@ NARROW_TILES = ((64, 64), (64, 128), (32, 128))
 # 21.2 -> 18.7 with 128x64)
 NARROW_TMA_TILES = ((64, 16, 6), (64, 32, 6), (64, 64, 5), (128, 32, 5), (128, 64, 4))
 MAX_TMA_CANDIDATES = 7
+# Small M, K at most this: one more candidate without split-K (H100, M=1 768->768: 7.8 -> 6.8 us, cuBLAS
+# 6.9; gated 768->2048: 10.1 -> 9.7 us; at K=2048 split-K stays ahead, 9.0 against 9.4 us)
+SHORT_K = 1024
 
 
 @dataclass(frozen=True)
@@ -110,6 +113,9 @@ def candidates(p: Problem, sms: int) -> list[Config]:
             Config(bm, bn, k if half else k // 2, _split_for(p, bm, bn, k, sms), 8, 4, st)
             for bn, k, st in shapes
         ]
+        if p.k <= SHORT_K and configs[0].split_k > 1:
+            # a short K read whole by each program: no split-K pass, though fewer programs than SMs
+            configs.insert(1, Config(bm, 32, 128 if half else 64, 1, 8, 4, 4))
         if p.tma and p.batch * triton.cdiv(p.m, bm) * triton.cdiv(p.n, 32) >= sms // 2:
             # the TMA kernel's bulk loads, on the best pointer-kernel tile of the first sweep (no split-K)
             configs.insert(1, Config(bm, 32, 128, 1, 8, 4, 4, "tma"))
