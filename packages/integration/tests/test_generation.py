@@ -151,3 +151,40 @@ def test_beam_search_reorders_write_the_rows_back_in_place():
         shifting,
         resizing,
     ]
+
+
+class _LazyLayer:
+    """A static cache layer: buffers of ``length`` slots allocated by its first update."""
+
+    def __init__(self, length):
+        self.length = length
+
+    def lazy_initialization(self, keys, values):
+        self.keys, self.values = (
+            t.new_zeros((t.shape[0], t.shape[1], self.length, t.shape[-1])) for t in (keys, values)
+        )
+
+
+def _pair_cache(layers: int, lengths=(8, 5)):
+    parts = [SimpleNamespace(layers=[_LazyLayer(length) for _ in range(layers)]) for length in lengths]
+    return SimpleNamespace(self_attention_cache=parts[0], cross_attention_cache=parts[1])
+
+
+def test_a_new_size_cache_is_allocated_like_the_earlier_ones():
+    template = _pair_cache(2, lengths=(4, 3))
+    for part in generation._cache_parts(template):
+        for layer in part.layers:
+            layer.lazy_initialization(torch.zeros(2, 4, 1, 16, dtype=torch.float16), torch.zeros(2, 4, 1, 8))
+    cache = _pair_cache(2)
+    generation._allocate_like(cache, template, batch_size=6)
+    for part, length in zip(generation._cache_parts(cache), (8, 5), strict=True):
+        for layer in part.layers:
+            assert layer.keys.shape == (6, 4, length, 16) and layer.keys.dtype == torch.float16
+            assert layer.values.shape == (6, 4, length, 8) and layer.values.dtype == torch.float32
+    other, without_template = _pair_cache(3), _pair_cache(2)  # another structure; no earlier cache
+    generation._allocate_like(other, template, batch_size=6)
+    generation._allocate_like(without_template, None, batch_size=6)
+    for left_lazy in (other, without_template):
+        assert not any(
+            hasattr(layer, "keys") for part in generation._cache_parts(left_lazy) for layer in part.layers
+        )

@@ -162,20 +162,20 @@ def _reusing_static_cache(model, create):
     return prepare
 
 
-def _allocate_like(cache, model, batch_size: int) -> None:
-    """Allocate the buffers of a fresh ``cache`` now, shaped as those of ``model`` (an allocated cache of the
-    same model: heads, head sizes, dtype, device) for ``batch_size`` rows, so that its first step, the
+def _allocate_like(cache, template, batch_size: int) -> None:
+    """Allocate the buffers of a fresh ``cache`` now, shaped as those of ``template`` (an allocated cache of
+    the same model: heads, head sizes, dtype, device) for ``batch_size`` rows, so that its first step, the
     prefill, runs compiled in the first call of a new size (left to itself, a cache allocates them in its
     first update, which cannot be traced). Nothing is done when the two caches differ in structure."""
-    if model is None:
+    if template is None:
         return
-    parts, model_parts = _cache_parts(cache), _cache_parts(model)
+    parts, template_parts = _cache_parts(cache), _cache_parts(template)
     pairs = [
         (layer, like)
-        for part, model_part in zip(parts, model_parts, strict=False)
-        for layer, like in zip(part.layers, model_part.layers, strict=False)
+        for part, template_part in zip(parts, template_parts, strict=False)
+        for layer, like in zip(part.layers, template_part.layers, strict=False)
     ]
-    if len(parts) != len(model_parts) or len(pairs) != sum(len(part.layers) for part in parts):
+    if len(parts) != len(template_parts) or len(pairs) != sum(len(part.layers) for part in parts):
         return
     if not all(
         type(layer) is type(like) and isinstance(getattr(like, "keys", None), torch.Tensor)
@@ -229,8 +229,8 @@ class _InPlaceReorder:
 
 
 def _copy_back(layer, reorder, beam_idx: torch.Tensor) -> list[str] | None:
-    """Run ``reorder(beam_idx)``, then copy each tensor attribute of ``layer`` it replaced (same shape, dtype
-    and device) back into the old tensor. Returns the names of those tensors when every one of them was
+    """Run ``reorder(beam_idx)``, then copy each tensor attribute of ``layer`` it replaced (same shape and
+    dtype) back into the old tensor. Returns the names of those tensors when every one of them was
     the old one's rows ``beam_idx``, else None."""
     before = {name: t for name, t in vars(layer).items() if isinstance(t, torch.Tensor)}
     reorder(beam_idx)
@@ -239,12 +239,7 @@ def _copy_back(layer, reorder, beam_idx: torch.Tensor) -> list[str] | None:
         new = getattr(layer, name, None)
         if new is old:
             continue
-        fits = isinstance(new, torch.Tensor) and (new.shape, new.dtype, new.device) == (
-            old.shape,
-            old.dtype,
-            old.device,
-        )
-        if not fits:
+        if not isinstance(new, torch.Tensor) or (new.shape, new.dtype) != (old.shape, old.dtype):
             selected_rows = False
             continue
         selected_rows = (
