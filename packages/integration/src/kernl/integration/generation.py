@@ -16,9 +16,9 @@ lengths (masked, so the tokens do not change; the cross-attention cache has the 
 a static cache is reset and reused by the next call of the same batch size and lengths (transformers
 allocates a new one each call, and new addresses would mean a new capture; a new size's cache has its
 buffers allocated up front, like those of the caches before it, so that its prefill runs compiled in its
-first call), and beam search's reordering
-of the cache between steps writes the reordered rows back where they were (transformers replaces the
-tensors), so that every step of a beam search replays the same capture. At most :data:`KEPT_CACHES`
+first call), and beam search's reordering of a static cache the decoder runs on writes the reordered rows
+back where they were (transformers replaces the tensors), so that every step of a beam search replays
+the same capture. At most :data:`KEPT_CACHES`
 caches are kept.
 """
 
@@ -60,6 +60,8 @@ def optimize_generation(model, report: OptimizationReport, bucket, cuda_graphs: 
         cache = _cache_argument(kwargs)[1]
         if not _ready_static_cache(cache):
             return original(*args, **kwargs)
+        if not isinstance(cache.reorder_cache, _InPlaceReorder):  # once per cache, before any beam step
+            _reorder_in_place(cache)
         return steps(*args, **kwargs) if _cross_attention_filled(cache) else compiled(*args, **kwargs)
 
     model.forward = forward
@@ -118,8 +120,7 @@ def _cross_attention_filled(cache) -> bool:
 
 def _step_signature(args: tuple, kwargs: dict) -> tuple | None:
     """The capture key of a whole decoder step: the other arguments as :meth:`ForwardGraphs.signature`
-    sees them, the cache object, and where its tensors live (a cache that kernl did not allocate moves
-    when beam search reorders it)."""
+    sees them, the cache object, and where its tensors live."""
     cache_name, cache = _cache_argument(kwargs)
     key = ForwardGraphs.signature(args, {name: v for name, v in kwargs.items() if name != cache_name})
     if key is None:
@@ -147,7 +148,6 @@ def _reusing_static_cache(model, create):
         cache = kept.pop(key, None)
         if cache is None:
             cache = create(cache_implementation, batch_size, max_cache_len, prefill_chunk_size, model_kwargs)
-            _reorder_in_place(cache)
             _allocate_like(
                 cache, next((c for c in kept.values() if _ready_static_cache(c)), None), batch_size
             )

@@ -9,7 +9,7 @@ buffers before the replay, and the graph's own outputs are copied out after it.
 
 One capture per set of static addresses: a new cache, or weights moved by ``model.half()``, is a new
 set. At most :data:`MAX_CAPTURES` are kept per graph; an address set beyond them (a cache that moves
-at every step, as beam search moves one that kernl did not allocate) runs the graph without a CUDA graph.
+at every step) runs the graph without a CUDA graph.
 """
 
 import time
