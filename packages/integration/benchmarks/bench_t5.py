@@ -25,9 +25,10 @@ from kernl_testing.benchmarking import save_figure, write_results
 ENCODER_SHAPES = [(1, 128), (8, 128), (8, 512), (32, 512)]
 GENERATE_SHAPES = [(1, 128, 1), (8, 128, 1), (1, 128, 4)]  # batch, prompt tokens, beams
 NEW_TOKENS = 32
-# generate() calls before timing: kernl compiles the encoder and the decoder step in the first, the
-# prefill (the first call that reuses a static cache) in the second, which also recaptures the step whose
-# weights the prefill's stacked projections moved; HF's static cache compiles in the first.
+# generate() calls before timing: kernl compiles the encoder and the decoder step in the model's first,
+# the prefill (the first call that reuses a static cache) in its second, which also recaptures the step
+# whose weights the prefill's stacked projections moved (a later size's cache is allocated up front: one
+# call); HF's static cache compiles in the first.
 WARM_UP_CALLS = 3
 # generate() engines: name -> extra generate() arguments (kernl: its defaults, a static cache)
 GENERATE_ENGINES = {

@@ -1,5 +1,6 @@
 """The generate() plumbing of kernl.integration.generation, without a model: the prompt bucketing, the
-attention mask transformers would infer, the static cache reuse and the cache argument's names."""
+attention mask transformers would infer, the static cache reuse and up-front allocation, beam search's
+in-place reorder and the cache argument's names."""
 
 from types import SimpleNamespace
 

@@ -10,16 +10,15 @@ Once the prefill has filled the cross-attention cache, a step changes nothing bu
 signature's second step on the whole call (TorchDynamo's guards and the Python of ``forward``
 included) is captured and replayed as one CUDA graph (:class:`~kernl.integration.cuda_graphs.ForwardGraphs`,
 keyed by the cache and where its tensors live). The static cache becomes the default and
-transformers' own compilation of the decoder step is turned off (kernl's takes its place). Two things
+transformers' own compilation of the decoder step is turned off (kernl's takes its place). Three things
 keep the number of compiled graphs and captures bounded: the prompt is padded to the encoder's bucket
-lengths (masked, so the tokens do not change; the cross-attention cache has the bucket's length), and
-a static cache is reset and reused by the next call of the same batch size and lengths (transformers
-allocates a new one each call, and new addresses would mean a new capture; a new size's cache has its
-buffers allocated up front, like those of the caches before it, so that its prefill runs compiled in its
-first call), and beam search's reordering of a static cache the decoder runs on writes the reordered rows
-back where they were (transformers replaces the tensors), so that every step of a beam search replays
-the same capture. At most :data:`KEPT_CACHES`
-caches are kept.
+lengths (masked, so the tokens do not change; the cross-attention cache has the bucket's length); a
+static cache is reset and reused by the next call of the same batch size and lengths (transformers
+allocates a new one each call, and new addresses would mean a new capture; at most :data:`KEPT_CACHES`
+are kept, and a new size's cache has its buffers allocated up front, like those of the caches before it,
+so that its prefill runs compiled in its first call); and beam search's reordering of a static cache the
+decoder runs on writes the reordered rows back where they were (transformers replaces the tensors), so
+that every step of a beam search replays the same capture.
 """
 
 import inspect
@@ -192,9 +191,7 @@ def _allocate_like(cache, template, batch_size: int) -> None:
 def _reorder_in_place(cache) -> None:
     """Make beam search's ``cache.reorder_cache(beam_idx)`` keep the cache's tensors where they are:
     transformers' layers replace them by reordered copies, and the captured step reads the old ones."""
-    cache.reorder_cache = _InPlaceReorder(
-        [layer for part in _cache_parts(cache) for layer in getattr(part, "layers", [])]
-    )
+    cache.reorder_cache = _InPlaceReorder([layer for part in _cache_parts(cache) for layer in part.layers])
 
 
 class _InPlaceReorder:

@@ -18,7 +18,7 @@ import functools
 import os
 import re
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
@@ -114,8 +114,8 @@ def candidates(p: Problem, sms: int) -> list[Config]:
             for bn, k, st in shapes
         ]
         if p.k <= SHORT_K and configs[0].split_k > 1:
-            # a short K read whole by each program: no split-K pass, though fewer programs than SMs
-            configs.insert(1, Config(bm, 32, 128 if half else 64, 1, 8, 4, 4))
+            # the first tile reading a short K whole: no split-K pass, though fewer programs than SMs
+            configs.insert(1, replace(configs[0], split_k=1))
         if p.tma and p.batch * triton.cdiv(p.m, bm) * triton.cdiv(p.n, 32) >= sms // 2:
             # the TMA kernel's bulk loads, on the best pointer-kernel tile of the first sweep (no split-K)
             configs.insert(1, Config(bm, 32, 128, 1, 8, 4, 4, "tma"))
