@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 from kernl.matmul.activations import apply_activation
+from kernl.matmul.prefetch import prefetch_rows
 
 
 @triton.jit
@@ -46,11 +47,8 @@ def gemm_kernel(
     ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_GATE: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, EVEN_K: tl.constexpr, USE_SPLIT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    USE_PDL: tl.constexpr,
+    USE_PDL: tl.constexpr, PREFETCH_B: tl.constexpr,
 ):  # fmt: skip
-    if USE_PDL:  # programmatic dependent launch: the previous kernel's writes are visible past this wait
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()  # the next kernel may be scheduled while this one runs
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     batch = tl.program_id(2).to(tl.int64)
@@ -74,6 +72,13 @@ def gemm_kernel(
     k_steps = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K)
     k_start = pid_k * k_steps * BLOCK_K
     k_end = min(K, k_start + k_steps * BLOCK_K)
+    if USE_PDL:  # programmatic dependent launch: the previous kernel's writes are visible past this wait
+        if PREFETCH_B:  # B (and B2) contiguous along K, weights: this program's rows into L2 meanwhile
+            prefetch_rows(B + batch * stride_bb, rbn, stride_bn, k_start, k_end, pid_m, grid_m, GROUP_M)
+            if HAS_GATE:
+                prefetch_rows(B2, rbn, stride_b2n, k_start, k_end, pid_m, grid_m, GROUP_M)
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()  # the next kernel may be scheduled while this one runs
     rk = k_start + tl.arange(0, BLOCK_K)
     a_ptrs = A + batch * stride_ab + ram[:, None] * stride_am + rk[None, :] * stride_ak
     b_ptrs = B + batch * stride_bb + rk[:, None] * stride_bk + rbn[None, :] * stride_bn

@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from kernl.matmul.activations import apply_activation
+from kernl.matmul.prefetch import prefetch_rows
 
 
 @triton.jit
@@ -28,24 +29,30 @@ def _tile_coords(tile, grid_m, grid_n, GROUP_M: tl.constexpr):
 
 @triton.jit(do_not_specialize=["M", "N"])
 def gemm_tma_kernel(
-    a_desc, b_desc, c_desc, C, BIAS, R,
+    a_desc, b_desc, c_desc, B, C, BIAS, R,
     BATCH, M, N, K,
-    stride_bias, stride_rm, stride_rn,
+    stride_bz, stride_bn, stride_bias, stride_rm, stride_rn,
     ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, B_K_MAJOR: tl.constexpr,
     BATCHED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    NUM_PROGRAMS: tl.constexpr, USE_PDL: tl.constexpr,
+    NUM_PROGRAMS: tl.constexpr, USE_PDL: tl.constexpr, PREFETCH_B: tl.constexpr,
 ):  # fmt: skip
-    if USE_PDL:  # programmatic dependent launch: the previous kernel's writes are visible past this wait
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()  # the next kernel may be scheduled while this one runs
     start = tl.program_id(0)
     grid_m = tl.cdiv(M, BLOCK_M)
     grid_n = tl.cdiv(N, BLOCK_N)
     k_tiles = tl.cdiv(K, BLOCK_K)
+    per_batch = grid_m * grid_n
+    if USE_PDL:  # programmatic dependent launch: the previous kernel's writes are visible past this wait
+        if PREFETCH_B:  # B (N, K) holds weights: the rows of this program's first tile into L2
+            if start < BATCH * per_batch:
+                first_m, first_n = _tile_coords(start % per_batch, grid_m, grid_n, GROUP_M)
+                rows = tl.minimum(first_n * BLOCK_N + tl.arange(0, BLOCK_N), N - 1)
+                b_first = B + (start // per_batch).to(tl.int64) * stride_bz
+                prefetch_rows(b_first, rows, stride_bn, 0, K, first_m, grid_m, GROUP_M)
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()  # the next kernel may be scheduled while this one runs
     # The epilogue keeps its own tile counter: the pipeliner must not see one value used in both the
     # loads of the next tile and the stores of this one.
     tile_out = start - NUM_PROGRAMS
-    per_batch = grid_m * grid_n
     for tile in tl.range(start, BATCH * per_batch, NUM_PROGRAMS, flatten=True):
         pid_m, pid_n = _tile_coords(tile % per_batch, grid_m, grid_n, GROUP_M)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)

@@ -60,6 +60,20 @@ def programmatic_launch(device: torch.device) -> bool:
     )
 
 
+def prefetch_weights(pdl: bool, b_k_contiguous: bool, tiles: int, device: torch.device) -> bool:
+    """Whether a launch prefetches its rows of B into L2 before waiting for the previous kernel
+    (:mod:`kernl.matmul.prefetch`): with programmatic launch, for a K-contiguous B (an ``nn.Linear``
+    weight), when the output has at most two tiles per multiprocessor. With more, each program's first
+    tile is a small part of its work and the rest of B streams in during the main loop anyway.
+    ``KERNL_PREFETCH=0`` turns it off."""
+    return (
+        pdl
+        and b_k_contiguous
+        and tiles <= 2 * tuning.sm_count(device.index or 0)
+        and os.environ.get("KERNL_PREFETCH") != "0"
+    )
+
+
 def _tma_ready(t: torch.Tensor) -> bool:
     """An operand a tensor descriptor can describe: unit inner stride, 16-byte aligned strides and base."""
     size = t.element_size()
@@ -93,20 +107,21 @@ def _launch_tma(a, b, c, bias, residual, activation, cfg: Config, pdl: bool) -> 
     b_block = [cfg.block_n, cfg.block_k] if b_k_major else [cfg.block_k, cfg.block_n]
     b_desc = TensorDescriptor.from_tensor(b_op, lead + b_block)
     c_desc = TensorDescriptor.from_tensor(c if batch > 1 else c[0], lead + [cfg.block_m, cfg.block_n])
-    if c.device.type == "cuda":
-        programs = tuning.sm_count(c.device.index or 0) * cfg.occupancy
-    else:
-        programs = min(batch * _cdiv(m, cfg.block_m) * _cdiv(n, cfg.block_n), 4)
+    tiles = batch * _cdiv(m, cfg.block_m) * _cdiv(n, cfg.block_n)
+    programs = (
+        tuning.sm_count(c.device.index or 0) * cfg.occupancy if c.device.type == "cuda" else min(tiles, 4)
+    )
+    prefetch = prefetch_weights(pdl, b_k_major, tiles, c.device)
     bias_t = bias if bias is not None else c
     res_t = residual if residual is not None else c[0]
     gemm_tma_kernel[(programs,)](
-        a_desc, b_desc, c_desc, c, bias_t, res_t,
+        a_desc, b_desc, c_desc, b_op, c, bias_t, res_t,
         batch, m, n, k,
-        bias_t.stride(-1), res_t.stride(0), res_t.stride(1),
+        b_op.stride(0) if batch > 1 else 0, b_op.stride(-2), bias_t.stride(-1), res_t.stride(0), res_t.stride(1),
         ACTIVATION=activation, HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
         B_K_MAJOR=b_k_major, BATCHED=batch > 1, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, NUM_PROGRAMS=programs, num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages, USE_PDL=pdl, launch_pdl=pdl,
+        num_stages=cfg.num_stages, USE_PDL=pdl, PREFETCH_B=prefetch, launch_pdl=pdl,
     )  # fmt: skip
 
 
@@ -184,7 +199,8 @@ def gemm(
             ACTIVATION=activation, HAS_BIAS=bias is not None, HAS_GATE=b2 is not None,
             HAS_RESIDUAL=residual is not None, INPUT_PRECISION=precision, EVEN_K=k % cfg.block_k == 0,
             USE_SPLIT=split > 1, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages, USE_PDL=pdl, launch_pdl=pdl,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, USE_PDL=pdl,
+            PREFETCH_B=prefetch_weights(pdl, b.stride(1) == 1 and g.stride(0) == 1, tiles, c.device), launch_pdl=pdl,
         )  # fmt: skip
 
     launch(config or tuning.choose(problem, c.device, launch))
