@@ -8,7 +8,10 @@ the last one to arrive sums the partials in a fixed order (deterministic) and ru
 split-K GEMM is still a single launch. The counter is reset by that program, so the counter buffer
 can be reused (and captured in a CUDA graph) without clearing.
 
-On Hopper, ``tl.dot`` on pipelined shared-memory tiles (``num_stages``) compiles to wgmma.
+On Hopper, ``tl.dot`` on pipelined shared-memory tiles (``num_stages``) compiles to wgmma. With
+programmatic launch (``USE_PDL``) a program may start before the previous kernel ends: it waits for
+that kernel's writes before its first load, and with ``PREFETCH_B`` first asks L2 for its share of B
+(:mod:`kernl.matmul.prefetch`).
 """
 
 import triton

@@ -9,7 +9,8 @@ then a TMA store (clipped at the edges). ``BATCHED`` problems use 3-D descriptor
 tile). Used for ungated half-precision problems whose operands have a unit inner stride and 16-byte
 aligned rows (and no broadcast batch); everything else takes the pointer kernel. ``NUM_PROGRAMS`` may
 be a multiple of the SM count, so that two programs share an SM and one's epilogue hides behind the
-other's main loop.
+other's main loop. With ``PREFETCH_B`` (programmatic launch) a program asks L2 for the rows of B of
+its first tile before it waits for the previous kernel (:mod:`kernl.matmul.prefetch`).
 """
 
 import triton
