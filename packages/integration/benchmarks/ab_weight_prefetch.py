@@ -27,6 +27,7 @@ from transformers import BertConfig, BertModel
 
 from kernl.integration import optimize_model
 from kernl.integration.bench.gpu import inputs, wall_clock_ms
+from kernl.integration.cuda_graphs import captured
 from kernl.linear_act import gated_linear_act, linear_act
 from kernl_testing.benchmarking import write_results
 
@@ -90,20 +91,6 @@ def t5_layers(m: int, layers: int = 12):
     return run
 
 
-def _captured(run):
-    """``run`` captured in a CUDA graph after an eager call (which tunes the GEMM configs)."""
-    run()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        run()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = run()
-    return graph, out
-
-
 def _row(times: dict[bool, list[float]], **fields) -> dict:
     on, off = min(times[True]), min(times[False])
     row = {
@@ -126,7 +113,8 @@ def chains() -> list[dict]:
             run, times, outputs = make(m), {True: [], False: []}, {}
             for on in SETTINGS:
                 _prefetch(on)
-                graph, out = _captured(run)
+                run()  # tunes the GEMM configs
+                graph, out = captured(run, run, None)
                 times[on].append(replay_gpu_ms(graph))
                 outputs[on] = out.clone()
                 del graph

@@ -1,7 +1,14 @@
 """The ``kernl`` command: ``bench`` (the main job) and ``demo`` work and check their own numbers."""
 
 import json
+import os
+import signal
+import threading
+import time
 
+import pytest
+
+from kernl.integration.bench.run import termination_as_interrupt
 from kernl.integration.cli import main
 from kernl_testing import on_gpu
 
@@ -28,3 +35,12 @@ def test_bench(capsys, tmp_path):
     kernl = results["engines"]["kernl"]
     assert set(kernl["shapes"]) == {"1x16", "2x40"} and (tmp_path / "integration.png").exists()
     assert all(entry["max_abs_diff_vs_hf_sdpa"] < 0.05 for entry in kernl["shapes"].values())
+
+
+@pytest.mark.skipif(threading.current_thread() is not threading.main_thread(), reason="signals: main thread")
+def test_a_bench_cut_short_by_sigterm_is_interrupted_like_ctrl_c():
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(KeyboardInterrupt), termination_as_interrupt():
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler runs at the next bytecode boundary, well before this ends
+    assert signal.getsignal(signal.SIGTERM) is before

@@ -1,8 +1,11 @@
 """``kernl bench``: on a GPU the Bert-base grid over every engine (JSON + PNG), else the CPU check."""
 
+import contextlib
 import json
 import platform
 import re
+import signal
+import threading
 from pathlib import Path
 
 import torch
@@ -26,6 +29,25 @@ def add_arguments(parser) -> None:
     parser.add_argument(
         "--quick", action="store_true", help="skip kernl's warm-cache re-run and kernel breakdown"
     )
+
+
+@contextlib.contextmanager
+def termination_as_interrupt():
+    """Inside the block, SIGTERM (``timeout``, a job scheduler's time limit) raises KeyboardInterrupt like
+    Ctrl-C, so a run cut short still prints, writes and charts what it measured. The previous handler
+    comes back after the block. A no-op off the main thread, where Python cannot set signal handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _summarise(results: dict) -> list[str]:
@@ -108,8 +130,9 @@ def run_gpu_bench(args, console) -> int:
     out = Path(args.out) if args.out else Path("benchmarks") / "results" / gpu_slug()
     out.mkdir(parents=True, exist_ok=True)
     try:
-        _run_engines(args, names, shapes, model, results, out, console)
-    except KeyboardInterrupt:  # cut short (Ctrl-C, a time limit): report what was measured
+        with termination_as_interrupt():
+            _run_engines(args, names, shapes, model, results, out, console)
+    except KeyboardInterrupt:  # cut short (Ctrl-C, SIGTERM): report what was measured
         results["interrupted"] = True
         console.print("interrupted: reporting the engines measured so far")
     names = [n for n in names if n in results["engines"]]
