@@ -2,8 +2,8 @@
 
 With programmatic launch each kernl GEMM may start while the kernel before it still runs; with the
 prefetch on, its programs first ask L2 for their rows of the weight, then wait (``kernl.matmul.prefetch``).
-Measured, each as the median GPU time of a CUDA graph replay (the best of two rounds per setting,
-the settings alternated):
+Measured side by side in one run (``chains`` and ``bert``: median GPU time of a CUDA graph replay,
+best of two rounds per setting, the settings alternated; ``t5``: wall clock, one round):
 - ``chains``: 12 layers' GEMMs in a row on linear_act alone (Bert: QKV, output + residual, GELU up,
   down + residual; T5: q, output + residual, gated GELU, down + residual) at decode and encoder sizes;
   the outputs of both settings must be equal bit for bit.
@@ -34,7 +34,7 @@ from kernl_testing.benchmarking import write_results
 SETTINGS = (True, False, True, False)  # prefetch on / off, alternated, two rounds each
 
 
-def _prefetch(on: bool) -> None:
+def _set_prefetch(on: bool) -> None:
     os.environ["KERNL_PREFETCH"] = "1" if on else "0"
 
 
@@ -61,6 +61,7 @@ def _weights(shapes: dict[str, tuple[int, int]], layers: int) -> list[dict[str, 
 
 
 def bert_layers(m: int, layers: int = 12):
+    """A function running ``layers`` Bert-base layers' GEMMs on an ``(m, 768)`` fp16 input."""
     d, f = 768, 3072
     weights = _weights({"qkv": (3 * d, d), "o": (d, d), "up": (f, d), "down": (d, f)}, layers)
     x0 = torch.randn(m, d, device="cuda", dtype=torch.half)
@@ -77,6 +78,7 @@ def bert_layers(m: int, layers: int = 12):
 
 
 def t5_layers(m: int, layers: int = 12):
+    """A function running ``layers`` flan-T5-base layers' GEMMs (gated FFN) on an ``(m, 768)`` fp16 input."""
     d, f = 768, 2048
     weights = _weights({"q": (d, d), "o": (d, d), "w0": (f, d), "w1": (f, d), "down": (d, f)}, layers)
     x0 = torch.randn(m, d, device="cuda", dtype=torch.half)
@@ -104,6 +106,7 @@ def _row(times: dict[bool, list[float]], **fields) -> dict:
 
 
 def chains() -> list[dict]:
+    """Rows for the GEMM chains: T5 layers at M = 1, 8; Bert layers at M = 16, 128, 1024, 4096."""
     rows = []
     for name, make, sizes in (
         ("T5 layers", t5_layers, (1, 8)),
@@ -112,7 +115,7 @@ def chains() -> list[dict]:
         for m in sizes:
             run, times, outputs = make(m), {True: [], False: []}, {}
             for on in SETTINGS:
-                _prefetch(on)
+                _set_prefetch(on)
                 run()  # tunes the GEMM configs
                 graph, out = captured(run, run, None)
                 times[on].append(replay_gpu_ms(graph))
@@ -124,6 +127,7 @@ def chains() -> list[dict]:
 
 
 def bert() -> list[dict]:
+    """Rows for Bert-base under ``optimize_model`` at (1, 16), (8, 128), (32, 128), (8, 512)."""
     torch.manual_seed(0)
     base = BertModel(BertConfig()).to("cuda", torch.float16).eval()
     rows = []
@@ -131,7 +135,7 @@ def bert() -> list[dict]:
         ids, mask = inputs(batch, seq, base.config.vocab_size)
         times = {True: [], False: []}
         for on in SETTINGS:
-            _prefetch(on)
+            _set_prefetch(on)
             torch._dynamo.reset()
             model = copy.deepcopy(base)
             optimize_model(model)
@@ -146,6 +150,7 @@ def bert() -> list[dict]:
 
 
 def t5() -> list[dict]:
+    """Rows for flan-T5-base ``generate()`` at batch 1 and 8 (a fresh compile and capture per setting)."""
     sys.path.insert(0, str(Path(__file__).parent))
     from bench_t5 import NEW_TOKENS, WARM_UP_CALLS, flan_t5_base
 
@@ -155,7 +160,7 @@ def t5() -> list[dict]:
         ids, mask = inputs(batch, 128, base.config.vocab_size)
         times, tokens = {True: [], False: []}, {}
         for on in SETTINGS[:2]:  # one round: each setting compiles and captures the model again
-            _prefetch(on)
+            _set_prefetch(on)
             torch._dynamo.reset()
             model = copy.deepcopy(base)
             optimize_model(model)
@@ -175,8 +180,15 @@ def t5() -> list[dict]:
 
 
 def main() -> None:
+    """Run the parts named on the command line (default: all) and write their rows."""
     parts = sys.argv[1:] or ["chains", "bert", "t5"]
-    results = {part: {"chains": chains, "bert": bert, "t5": t5}[part]() for part in parts}
+    before = os.environ.get("KERNL_PREFETCH")
+    try:
+        results = {part: {"chains": chains, "bert": bert, "t5": t5}[part]() for part in parts}
+    finally:
+        os.environ.pop("KERNL_PREFETCH", None)
+        if before is not None:
+            os.environ["KERNL_PREFETCH"] = before
     write_results("weight_prefetch", results)
 
 

@@ -10,14 +10,14 @@ from kernl.matmul import launch, tuning
 from kernl_testing import ValueSpec, assert_matches_reference, float_dtypes, make_tensor, on_gpu
 
 
-def test_prefetch_needs_programmatic_launch_a_k_contiguous_weight_and_few_tiles(monkeypatch):
+def test_prefetch_needs_programmatic_launch_a_weight_like_b_and_few_tiles(monkeypatch):
     monkeypatch.setattr(tuning, "sm_count", lambda index: 132)
     monkeypatch.delenv("KERNL_PREFETCH", raising=False)
     cuda = torch.device("cuda", 0)
     assert launch.prefetch_weights(True, True, 264, cuda)
     assert not launch.prefetch_weights(True, True, 265, cuda)  # over two tiles a multiprocessor
     assert not launch.prefetch_weights(False, True, 1, cuda)  # no programmatic launch: nothing to overlap
-    assert not launch.prefetch_weights(True, False, 1, cuda)  # B is not an nn.Linear weight
+    assert not launch.prefetch_weights(True, False, 1, cuda)  # B not one K-contiguous matrix: not a weight
     monkeypatch.setenv("KERNL_PREFETCH", "0")
     assert not launch.prefetch_weights(True, True, 1, cuda)
 
@@ -45,7 +45,14 @@ def test_prefetched_launches_give_the_same_bits(m, dtype, monkeypatch):
     w1 = make_tensor((f, n), dtype, ValueSpec(5, n**-0.5, 0.0))
     w_out = make_tensor((n, f), dtype, ValueSpec(6, f**-0.5, 0.0))
     monkeypatch.delenv("KERNL_PREFETCH", raising=False)
+    monkeypatch.setenv("KERNL_AUTOTUNE", "0")  # one launch a GEMM (no candidates timed)
+    decisions = []  # every launch's choice: the chain must have prefetched somewhere to test anything
+    rule = launch.prefetch_weights
+    monkeypatch.setattr(
+        launch, "prefetch_weights", lambda *args: decisions.append(rule(*args)) or decisions[-1]
+    )
     out, h, g = _decoder_like_chain(x, w_in, bias, w0, w1, w_out)
+    assert len(decisions) == 3 and all(decisions)
     monkeypatch.setenv("KERNL_PREFETCH", "0")
     expected, _, _ = _decoder_like_chain(x, w_in, bias, w0, w1, w_out)
     assert torch.equal(out, expected)

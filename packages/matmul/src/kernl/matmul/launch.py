@@ -60,15 +60,16 @@ def programmatic_launch(device: torch.device) -> bool:
     )
 
 
-def prefetch_weights(pdl: bool, b_k_contiguous: bool, tiles: int, device: torch.device) -> bool:
+def prefetch_weights(pdl: bool, b_like_weight: bool, tiles: int, device: torch.device) -> bool:
     """Whether a launch prefetches its rows of B into L2 before waiting for the previous kernel
-    (:mod:`kernl.matmul.prefetch`): with programmatic launch, for a K-contiguous B (an ``nn.Linear``
-    weight), when the output has at most two tiles per multiprocessor. With more, each program's first
-    tile is a small part of its work and the rest of B streams in during the main loop anyway.
+    (:mod:`kernl.matmul.prefetch`): with programmatic launch, for a B laid out like an ``nn.Linear``
+    weight (one matrix for the whole batch, contiguous along K: not the previous kernel's output), when
+    the output has at most two tiles per multiprocessor. With more, each program's first tile is a
+    small part of its work and the rest of B streams in during the main loop anyway.
     ``KERNL_PREFETCH=0`` turns it off."""
     return (
         pdl
-        and b_k_contiguous
+        and b_like_weight
         and tiles <= 2 * tuning.sm_count(device.index or 0)
         and os.environ.get("KERNL_PREFETCH") != "0"
     )
@@ -111,7 +112,7 @@ def _launch_tma(a, b, c, bias, residual, activation, cfg: Config, pdl: bool) -> 
     programs = (
         tuning.sm_count(c.device.index or 0) * cfg.occupancy if c.device.type == "cuda" else min(tiles, 4)
     )
-    prefetch = prefetch_weights(pdl, b_k_major, tiles, c.device)
+    prefetch = prefetch_weights(pdl, b_k_major and b.shape[0] == 1, tiles, c.device)
     bias_t = bias if bias is not None else c
     res_t = residual if residual is not None else c[0]
     gemm_tma_kernel[(programs,)](
@@ -170,6 +171,7 @@ def gemm(
     res_t = residual if residual is not None else c
 
     pdl = programmatic_launch(c.device)
+    weight_like = b.shape[0] == 1 and b.stride(1) == 1 and g.stride(0) == 1  # B (and B2) as nn.Linear weights
 
     def launch(cfg: Config) -> None:
         if cfg.kernel == "tma":
@@ -188,6 +190,7 @@ def gemm(
             locks = _tile_locks(c.device, tiles)
         else:
             ws = locks = c
+        prefetch = prefetch_weights(pdl, weight_like, tiles, c.device)
         gemm_kernel[(grid_m * grid_n, split, batch)](
             a, b, g, c, bias_t, res_t, ws, locks,
             m, n, k, split,
@@ -200,7 +203,7 @@ def gemm(
             HAS_RESIDUAL=residual is not None, INPUT_PRECISION=precision, EVEN_K=k % cfg.block_k == 0,
             USE_SPLIT=split > 1, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, USE_PDL=pdl,
-            PREFETCH_B=prefetch_weights(pdl, b.stride(1) == 1 and g.stride(0) == 1, tiles, c.device), launch_pdl=pdl,
+            PREFETCH_B=prefetch, launch_pdl=pdl,
         )  # fmt: skip
 
     launch(config or tuning.choose(problem, c.device, launch))

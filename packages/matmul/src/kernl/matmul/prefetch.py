@@ -24,16 +24,18 @@ def prefetch_rows(base, rows, stride_row, k_start, k_end, pid_m, grid_m, GROUP_M
     """Prefetch ``base[rows[i] * stride_row + k]`` for ``k`` in this program's part of ``[k_start, k_end)``.
 
     ``rows``: a 1-D tile of row indices (in bounds); each row is contiguous along ``k``. The programs
-    of one group (``GROUP_M`` row tiles in a row, as the GEMMs order them) read the same rows of B:
-    program ``pid_m`` fetches only its ``1 / min(GROUP_M, grid_m)`` of the range, so the group asks for
-    each line once. Four 128-byte lines of every row are requested per step.
+    of one group (up to ``GROUP_M`` row tiles in a row, as the GEMMs order them) read the same rows of
+    B: program ``pid_m`` fetches only its equal part of the range, so the group asks for each line once.
+    Four 128-byte lines of every row are requested per step. Offsets are 64-bit: a TMA kernel's weight
+    may have more than 2**31 elements.
     """
     LINE: tl.constexpr = 1024 // base.dtype.element_ty.primitive_bitwidth  # elements in 128 bytes
     CHUNK: tl.constexpr = 4
-    sharers = min(GROUP_M, grid_m)
+    sharers = min(GROUP_M, grid_m - pid_m // GROUP_M * GROUP_M)  # the last group may be smaller
     share = tl.cdiv(k_end - k_start, sharers)
-    k_start += (pid_m % sharers) * share
+    k_start += (pid_m % GROUP_M) * share
     k_end = min(k_end, k_start + share)
+    row_offsets = rows.to(tl.int64)[:, None] * stride_row
     for k in range(k_start, k_end, LINE * CHUNK):
         cols = tl.minimum(k + tl.arange(0, CHUNK) * LINE, k_end - 1)
-        _prefetch_l2(base + rows[:, None] * stride_row + cols[None, :])
+        _prefetch_l2(base + row_offsets + cols[None, :])
