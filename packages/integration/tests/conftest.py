@@ -56,7 +56,7 @@ def compare_with_reference(model, dtype, calls, fields, scale=1.0, aggregate_fie
     optimized = copy.deepcopy(model).to(DEVICE, dtype)
     report = optimize_model(optimized)
     for inputs in calls:
-        on_device = {k: v.to(DEVICE) if v is not None else None for k, v in inputs.items()}
+        on_device = {k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
         with torch.inference_mode():
             expected = reference(**inputs)
             same_dtype = peer(**on_device)

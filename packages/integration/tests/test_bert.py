@@ -123,6 +123,41 @@ def test_training_mode_is_refused(kit):
         optimize_model(model)
 
 
+@pytest.mark.parametrize(
+    "model, buckets, error, match",
+    [
+        ("bert-base", (16,), TypeError, "torch.nn.Module"),
+        (torch.nn.ReLU().eval(), (16,), ValueError, "no parameters"),
+        (None, 16, TypeError, "buckets"),
+        (None, (16, 0), ValueError, "buckets"),
+        (None, ("16",), ValueError, "buckets"),
+        (None, (), ValueError, "buckets"),
+    ],
+    ids=[
+        "not-a-module",
+        "no-parameters",
+        "buckets-not-a-sequence",
+        "bucket-zero",
+        "bucket-string",
+        "no-bucket",
+    ],
+)
+def test_bad_arguments_name_the_argument(kit, model, buckets, error, match):
+    model = kit.build(BertModel, kit.tiny_config(BertConfig, num_hidden_layers=1)) if model is None else model
+    with pytest.raises(error, match=match):
+        optimize_model(model, buckets=buckets)
+
+
+def test_optimizing_twice_keeps_the_first_optimization(kit):
+    model = kit.build(BertModel, kit.tiny_config(BertConfig, num_hidden_layers=1)).to(kit.device)
+    original = model.forward
+    report = optimize_model(model)
+    optimized = model.forward
+    with pytest.warns(UserWarning, match="already applied"):
+        assert optimize_model(model) is report
+    assert model.forward == optimized and model.kernl_original_forward == original
+
+
 @pytest.mark.skipif(not on_gpu(), reason="autocast to fp16 is a GPU feature")
 def test_fp32_weights_under_autocast(kit):
     model = kit.build(BertModel, kit.tiny_config(BertConfig))

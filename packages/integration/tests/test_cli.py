@@ -7,9 +7,11 @@ import threading
 import time
 
 import pytest
+import torch
 
 from kernl.integration.bench.run import termination_as_interrupt
 from kernl.integration.cli import main
+from kernl.integration.runtime import select_device
 from kernl_testing import on_gpu
 
 
@@ -44,3 +46,19 @@ def test_a_bench_cut_short_by_sigterm_is_interrupted_like_ctrl_c():
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(5)  # the handler runs at the next bytecode boundary, well before this ends
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+@pytest.mark.parametrize(
+    "option, value",
+    [("--engines", "kernl,HF sdpaa"), ("--shapes", "1x"), ("--shapes", "8x0"), ("--shapes", "ax16")],
+)
+def test_bad_bench_options_are_refused_naming_the_option(option, value, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", option, value])
+    assert exit_info.value.code == 2 and option in capsys.readouterr().err
+
+
+def test_a_gpu_older_than_ampere_is_not_selected(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    assert select_device() == "cpu" and os.environ["TRITON_INTERPRET"] == "1"

@@ -1,12 +1,16 @@
-"""optimize_model on the Bert heads and RoBERTa: same logits as Hugging Face, nothing left in PyTorch."""
+"""optimize_model on the Bert heads and RoBERTa: same logits as Hugging Face, nothing left in PyTorch;
+outputs cut back to the caller's length whatever their layout (per-token 2-D logits, tuples, choices)."""
 
 import pytest
 import torch
 from transformers import (
     BertConfig,
     BertForMaskedLM,
+    BertForMultipleChoice,
+    BertForQuestionAnswering,
     BertForSequenceClassification,
     BertForTokenClassification,
+    BertModel,
     RobertaConfig,
     RobertaForMaskedLM,
     RobertaModel,
@@ -23,6 +27,12 @@ CASES = {
     "bert-sequence-classification": (BertForSequenceClassification, BertConfig, {"num_labels": 3}, "logits"),
     "bert-token-classification": (BertForTokenClassification, BertConfig, {"num_labels": 5}, "logits"),
     "bert-masked-lm": (BertForMaskedLM, BertConfig, {}, "logits"),
+    "bert-question-answering": (
+        BertForQuestionAnswering,
+        BertConfig,
+        {},
+        "start_logits",
+    ),  # (B, S): per token
     "roberta": (RobertaModel, RobertaConfig, ROBERTA, "last_hidden_state"),
     "roberta-masked-lm": (RobertaForMaskedLM, RobertaConfig, ROBERTA, "logits"),
     "xlm-roberta-sequence-classification": (
@@ -46,3 +56,20 @@ def test_head_matches_hugging_face(kit, case):
     if all(find(name) for name in KERNELS):
         assert graph.kept == {}, graph.kept
         assert graph.fired["linear_act"] >= 13 and graph.fired["layer_norm"] >= 5
+
+
+def test_tuple_outputs_as_wide_as_the_bucket_run_unpadded(kit):
+    # return_dict=False: a (B, 64) pooler output at bucket 64 cannot be told from per-token logits
+    model = kit.build(BertModel, kit.tiny_config(BertConfig))  # hidden 64
+    ids, mask = kit.padded_batch(2, 40, [40, 23], vocab=120)
+    call = dict(input_ids=ids, attention_mask=mask, return_dict=False)
+    report = kit.compare_with_reference(model, DTYPE, [call, call], [0, 1])
+    assert len(report.graphs) == 2  # the padded try once, then the caller's length; no third compile
+
+
+def test_multiple_choice_runs_as_called(kit):
+    model = kit.build(BertForMultipleChoice, kit.tiny_config(BertConfig))
+    ids, mask = kit.padded_batch(6, 11, [11, 6, 9, 11, 3, 7], vocab=120)
+    ids, mask = ids.view(2, 3, 11), mask.view(2, 3, 11)  # (batch, choices, tokens)
+    calls = [dict(input_ids=ids), dict(input_ids=ids, attention_mask=mask)]
+    assert kit.compare_with_reference(model, DTYPE, calls, ["logits"]).status == "optimized"

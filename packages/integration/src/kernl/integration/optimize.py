@@ -21,8 +21,10 @@ from kernl.integration.generation import optimize_generation
 from kernl.integration.report import OptimizationReport
 
 DEFAULT_BUCKETS = (16, 32, 64, 128, 256, 384, 512)
-# Per-token inputs the wrapper pads: name -> value of the padding.
+# Per-token inputs the wrapper pads (input_ids with the pad token, the others with zeros).
 _PADDED_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "inputs_embeds")
+# 2-D ModelOutput fields with one value per token, cut back like 3-D hidden states.
+_PER_TOKEN_2D = ("start_logits", "end_logits")
 
 
 def _unsupported_reason(device: torch.device) -> str | None:
@@ -52,6 +54,29 @@ def _cut(t: torch.Tensor, length: int, padded: int) -> torch.Tensor:
     return t
 
 
+def _cut_outputs(output, length: int, padded: int):
+    """``output`` with the padded positions cut off, or ``None`` when that cannot be done safely.
+
+    A 2-D output ``(B, padded)`` may hold one value per token (question answering's ``start_logits``)
+    or per sequence (a pooler output or classification logits as wide as the bucket): in a ModelOutput
+    the field name tells (:data:`_PER_TOKEN_2D`); in a plain tuple nothing does, so ``None``."""
+    if isinstance(output, dict):
+        cut = type(output).__new__(type(output))
+        for key, item in output.items():
+            per_token = key in _PER_TOKEN_2D and isinstance(item, torch.Tensor) and item.dim() == 2
+            cut[key] = (
+                item[:, :length].contiguous()
+                if per_token
+                else map_tensors(lambda t: _cut(t, length, padded), item)
+            )
+        return cut
+    widths = []
+    map_tensors(lambda t: widths.append(t.shape[-1] if t.dim() == 2 else None), output)
+    if padded in widths:
+        return None
+    return map_tensors(lambda t: _cut(t, length, padded), output)
+
+
 def _argument_namer(signature: inspect.Signature):
     """``name(args, kwargs) -> {name: value}``, as ``signature.bind`` would name them, in ~1 us instead of
     ~15: positional arguments take the names of the leading parameters. ``None`` for a signature with
@@ -79,6 +104,12 @@ def _argument_namer(signature: inspect.Signature):
     return name
 
 
+def _call_kind(arguments: dict) -> tuple:
+    """What decides a call's output structure: the argument names, and the plain values (flags)."""
+    plain = (bool, int, float, str, type(None))
+    return tuple((k, v if isinstance(v, plain) else type(v).__name__) for k, v in arguments.items())
+
+
 def _padded_call(compiled, signature, buckets, pad_id):
     name_arguments = _argument_namer(signature)
 
@@ -93,12 +124,16 @@ def _padded_call(compiled, signature, buckets, pad_id):
                 return compiled(**arguments)
 
         tensors = {k: v for k, v in arguments.items() if isinstance(v, torch.Tensor)}
-        token_input = arguments.get("input_ids", arguments.get("inputs_embeds"))
-        if token_input is None or any(k not in _PADDED_INPUTS for k in tensors) or token_input.dim() < 2:
-            return call()
+        ids, embeds = arguments.get("input_ids"), arguments.get("inputs_embeds")
+        token_input = ids if ids is not None else embeds
+        one_sequence_a_row = ids.dim() == 2 if ids is not None else embeds is not None and embeds.dim() == 3
+        if not one_sequence_a_row or any(k not in _PADDED_INPUTS for k in tensors):
+            return call()  # e.g. multiple choice (B, choices, S): run as called, no bucketing
         batch, length = token_input.shape[:2]
         padded = _bucket(length, buckets)
-        if padded != length:
+        kind = (padded, _call_kind(arguments))
+        if padded != length and kind not in unpadded_only:
+            unpadded = dict(arguments)
             extra = padded - length
             if arguments.get("attention_mask") is None:
                 arguments["attention_mask"] = torch.ones(
@@ -111,11 +146,15 @@ def _padded_call(compiled, signature, buckets, pad_id):
                 fill = pad_id if name == "input_ids" else 0
                 pad = (0, 0, 0, extra) if name == "inputs_embeds" else (0, extra)
                 arguments[name] = torch.nn.functional.pad(value, pad, value=fill)
-        output = call()
-        if padded == length:
-            return output
-        return map_tensors(lambda t: _cut(t, length, padded), output)
+            output = call()
+            cut = _cut_outputs(output, length, padded)
+            if cut is not None:
+                return cut
+            unpadded_only.add(kind)  # outputs such a call cannot cut: run it as called from now on
+            arguments = unpadded
+        return call()
 
+    unpadded_only = set()
     return forward
 
 
@@ -137,8 +176,7 @@ def _optimize_encoder_decoder(model: torch.nn.Module, buckets, cuda_graphs: bool
     report.model = f"{type(model).__name__} (encoder: {report.model})"
     model.kernl_report = report
     if report.status == "optimized" and getattr(model, "generation_config", None) is not None:
-        ordered = tuple(sorted(buckets))
-        optimize_generation(model, report, lambda length: _bucket(length, ordered), cuda_graphs)
+        optimize_generation(model, report, lambda length: _bucket(length, buckets), cuda_graphs)
     return report
 
 
@@ -153,16 +191,45 @@ def optimize_model(model: torch.nn.Module, *, buckets=DEFAULT_BUCKETS, cuda_grap
     A sentence-transformers model is accepted too: its transformer module's model is optimized. Of an
     encoder-decoder model (T5, BART) the encoder is optimized, and ``generate()`` runs its decoder steps
     on kernl over a static key/value cache.
-    The original forward stays available as ``model.kernl_original_forward``.
+    The original forward stays available as ``model.kernl_original_forward``. A model optimized
+    before is left as it is (a warning says so) and its report returned.
+
+    ``buckets``: the padded sequence lengths, positive integers; longer inputs run at their own length
+    (one graph each). ``cuda_graphs=False`` runs the compiled forward without capturing it.
+    Raises ``TypeError``/``ValueError`` naming the argument for a model that is not a ``torch.nn.Module``
+    with parameters, a model in training mode, or bad ``buckets``.
     """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module (a transformers model), got {type(model).__name__}")
     inner = model._first_module().auto_model if hasattr(model, "_first_module") else None
     if inner is not None:
         return optimize_model(inner, buckets=buckets, cuda_graphs=cuda_graphs)
     if model.training:
         raise ValueError("optimize_model is for inference: call model.eval() first")
-    if getattr(getattr(model, "config", None), "is_encoder_decoder", False) and hasattr(model, "get_encoder"):
+    if next(model.parameters(), None) is None:
+        raise ValueError(f"model ({type(model).__name__}) has no parameters: nothing for kernl to run")
+    buckets = _checked_buckets(buckets)
+    encoder_decoder = getattr(getattr(model, "config", None), "is_encoder_decoder", False)
+    part = model.get_encoder() if encoder_decoder and hasattr(model, "get_encoder") else model
+    if hasattr(part, "kernl_original_forward"):
+        warnings.warn(
+            "kernl: optimize_model was already applied to this model; it stays as it is", stacklevel=2
+        )
+        return model.kernl_report
+    if part is not model:
         return _optimize_encoder_decoder(model, buckets, cuda_graphs)
     return _optimize_forward(model, buckets, cuda_graphs)
+
+
+def _checked_buckets(buckets) -> tuple[int, ...]:
+    """``buckets`` sorted, after checking they are positive integers."""
+    try:
+        values = tuple(buckets)
+    except TypeError:
+        raise TypeError(f"buckets must be a sequence of positive ints, got {buckets!r}") from None
+    if not values or not all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in values):
+        raise ValueError(f"buckets must be a non-empty sequence of positive ints, got {buckets!r}")
+    return tuple(sorted(values))
 
 
 def _optimize_forward(
@@ -180,7 +247,6 @@ def _optimize_forward(
         return report
     if device.type == "cpu":
         report.notes.append("Triton interpreter on CPU: kernels run for debugging, not for speed")
-    buckets = tuple(sorted(buckets))
     _raise_recompile_limit(64)
     static = [*model.parameters(), *model.buffers()]
     backend = KernlBackend(report, static, part)

@@ -4,13 +4,14 @@ import os
 
 
 def select_device() -> str:
-    """``"cuda"`` when a GPU is visible, else ``"cpu"`` with ``TRITON_INTERPRET=1`` set.
+    """``"cuda"`` when a GPU kernl can use is visible (compute capability 8.0 or newer), else ``"cpu"``
+    with ``TRITON_INTERPRET=1`` set.
 
     Must run before anything imports triton, which reads the interpreter flag at import time.
     """
     import torch
 
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 8:
         return "cuda"
     os.environ.setdefault("TRITON_INTERPRET", "1")
     return "cpu"

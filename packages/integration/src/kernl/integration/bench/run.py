@@ -1,5 +1,6 @@
 """``kernl bench``: on a GPU the Bert-base grid over every engine (JSON + PNG), else the CPU check."""
 
+import argparse
 import contextlib
 import json
 import platform
@@ -18,13 +19,41 @@ def gpu_slug() -> str:
     return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name().lower()).strip("-")
 
 
+def shape_list(text: str) -> list[tuple[int, int]]:
+    """``"1x16,8x128"`` -> ``[(1, 16), (8, 128)]``; argparse reports a malformed list with the option name."""
+    try:
+        shapes = [tuple(int(v) for v in item.split("x")) for item in text.split(",")]
+    except ValueError:
+        shapes = []
+    if not shapes or any(len(s) != 2 or min(s) < 1 for s in shapes):
+        raise argparse.ArgumentTypeError(f"expected batch x sequence pairs such as 1x16,8x128, got {text!r}")
+    return shapes
+
+
+def engine_list(text: str) -> list[str]:
+    """``"HF sdpa,kernl"`` -> ``["HF sdpa", "kernl"]``, each one of the benchmark's engines."""
+    from kernl.integration.bench.engines import ENGINES
+
+    names = [name.strip() for name in text.split(",")]
+    unknown = [name for name in names if name not in ENGINES]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown engine(s) {unknown}; choose from {list(ENGINES)}")
+    return names
+
+
 def add_arguments(parser) -> None:
     """The options of ``kernl bench``."""
     parser.add_argument(
         "--max-autotune", action="store_true", help="also time torch.compile max-autotune (slow)"
     )
-    parser.add_argument("--engines", help="comma-separated subset of engines (default: all but max-autotune)")
-    parser.add_argument("--shapes", help="comma-separated BxS list (default: {1,8,32} x {16,128,512})")
+    parser.add_argument(
+        "--engines",
+        type=engine_list,
+        help="comma-separated subset of engines (default: all but max-autotune)",
+    )
+    parser.add_argument(
+        "--shapes", type=shape_list, help="comma-separated BxS list (default: {1,8,32} x {16,128,512})"
+    )
     parser.add_argument("--out", help="results folder (default: benchmarks/results/<gpu>/)")
     parser.add_argument(
         "--quick", action="store_true", help="skip kernl's warm-cache re-run and kernel breakdown"
@@ -112,14 +141,10 @@ def run_gpu_bench(args, console) -> int:
     from kernl.integration.bench import engines, gpu
     from kernl.integration.bench.chart import speedup_chart
 
-    names = (
-        args.engines.split(",") if args.engines else [n for n in engines.ENGINES if "max-autotune" not in n]
-    )
+    names = list(args.engines) if args.engines else [n for n in engines.ENGINES if "max-autotune" not in n]
     if args.max_autotune and "torch.compile max-autotune" not in names:
         names.insert(-1, "torch.compile max-autotune")
-    shapes = [tuple(map(int, s.split("x"))) for s in args.shapes.split(",")] if args.shapes else [
-        (b, s) for b in gpu.BATCHES for s in gpu.SEQS
-    ]  # fmt: skip
+    shapes = args.shapes or [(b, s) for b in gpu.BATCHES for s in gpu.SEQS]
     torch.manual_seed(0)
     model = BertModel(BertConfig()).to("cuda", torch.float16).eval()
     model.set_attn_implementation("sdpa")
@@ -179,4 +204,8 @@ def run_bench(args) -> int:
     from kernl.integration.bench.cpu_check import run_cpu_check
 
     console.print("no usable CUDA GPU: running the embedded small-Bert check through Triton's interpreter")
+    if args.engines or args.shapes or args.max_autotune or args.out or args.quick:
+        console.print(
+            "(the options of kernl bench choose the GPU benchmark's engines and shapes: ignored here)"
+        )
     return 0 if run_cpu_check(console.print) else 1
