@@ -195,7 +195,9 @@ def optimize_model(model: torch.nn.Module, *, buckets=DEFAULT_BUCKETS, cuda_grap
     before is left as it is (a warning says so) and its report returned.
 
     ``buckets``: the padded sequence lengths, positive integers; longer inputs run at their own length
-    (one graph each). ``cuda_graphs=False`` runs the compiled forward without capturing it.
+    (one graph each; TorchDynamo's recompile limit, a process-wide setting, is raised to 64 for them,
+    beyond which it runs the model as PyTorch). ``cuda_graphs=False`` runs the compiled forward
+    without capturing it.
     Raises ``TypeError``/``ValueError`` naming the argument for a model that is not a ``torch.nn.Module``
     with parameters, a model in training mode, or bad ``buckets``.
     """

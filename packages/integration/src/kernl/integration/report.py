@@ -80,7 +80,8 @@ class OptimizationReport:
         return dict(total)
 
     def to_dict(self) -> dict:
-        """Plain data (for JSON)."""
+        """Plain data (for JSON). ``kernel_failures``: kernel signatures that raised and ran as PyTorch, in
+        this process (any model: a signature that failed once is not tried again)."""
         return {**asdict(self), "totals": self.totals(), "kernel_failures": fallback.summary()}
 
     def to_json(self) -> str:
@@ -107,5 +108,8 @@ class OptimizationReport:
                 lines.append(f"    warm-up (capture) {graph.warmup_s:.2f} s")
             if graph.error:
                 lines.append(f"    fell back to PyTorch: {graph.error}")
-        lines += [f"  kernel call ran as PyTorch after an error: {line}" for line in fallback.summary()]
+        lines += [
+            f"  in this process, a kernel call ran as PyTorch after an error: {line}"
+            for line in fallback.summary()
+        ]
         return "\n".join(lines)
