@@ -18,7 +18,6 @@ import copy
 import functools
 import gc
 import os
-import statistics
 import sys
 from pathlib import Path
 
@@ -26,7 +25,7 @@ import torch
 from transformers import BertConfig, BertModel
 
 from kernl.integration import optimize_model
-from kernl.integration.bench.gpu import inputs, wall_clock_ms
+from kernl.integration.bench.gpu import gpu_ms, inputs, wall_clock_ms
 from kernl.integration.cuda_graphs import captured
 from kernl.linear_act import gated_linear_act, linear_act
 from kernl_testing.benchmarking import write_results
@@ -36,20 +35,6 @@ SETTINGS = (True, False, True, False)  # prefetch on / off, alternated, two roun
 
 def _set_prefetch(on: bool) -> None:
     os.environ["KERNL_PREFETCH"] = "1" if on else "0"
-
-
-def replay_gpu_ms(graph: torch.cuda.CUDAGraph, reps: int = 100) -> float:
-    """Median GPU ms of one replay between CUDA events, queued behind a GPU sleep (host work hidden)."""
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda._sleep(100_000)
-        start.record()
-        graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def _weights(shapes: dict[str, tuple[int, int]], layers: int) -> list[dict[str, torch.Tensor]]:
@@ -118,7 +103,7 @@ def chains() -> list[dict]:
                 _set_prefetch(on)
                 run()  # tunes the GEMM configs
                 graph, out = captured(run, run, None)
-                times[on].append(replay_gpu_ms(graph))
+                times[on].append(gpu_ms(graph.replay, reps=100))
                 outputs[on] = out.clone()
                 del graph
             same = torch.equal(outputs[True], outputs[False])
@@ -142,7 +127,9 @@ def bert() -> list[dict]:
             with torch.inference_mode():
                 for _ in range(3):
                     model(input_ids=ids, attention_mask=mask)
-            times[on].append(replay_gpu_ms(next(iter(model.kernl_cuda_graphs.captures.values())).graph))
+            times[on].append(
+                gpu_ms(next(iter(model.kernl_cuda_graphs.captures.values())).graph.replay, reps=100)
+            )
             del model
             gc.collect()
         rows.append(_row(times, case=f"Bert-base forward {batch}x{seq} (graph replay)"))

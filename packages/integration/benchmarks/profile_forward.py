@@ -13,28 +13,13 @@ import copy
 import cProfile
 import gc
 import pstats
-import statistics
 import sys
 
 import torch
 from transformers import BertConfig, BertModel
 
 from kernl.integration import optimize_model
-from kernl.integration.bench.gpu import inputs, kernels_of_one_forward, wall_clock_ms
-
-
-def gpu_ms(fn, reps: int = 50) -> float:
-    """Median GPU ms of ``fn()`` between CUDA events, queued behind a GPU sleep (host work hidden)."""
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda._sleep(100_000)  # the host runs ahead: only GPU time between the events
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+from kernl.integration.bench.gpu import gpu_ms, inputs, kernels_of_one_forward, wall_clock_ms
 
 
 def host_breakdown(call, calls: int = 200, top: int = 8) -> None:

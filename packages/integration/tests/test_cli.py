@@ -21,6 +21,15 @@ def test_demo_passes(capsys):
     assert "layer_norm(x + residual)" in out and "MISMATCH" not in out
 
 
+def test_rules_lists_every_rule_with_what_it_matches(capsys):
+    from kernl.integration.rules import RULES
+
+    assert main(["rules"]) == 0
+    out = capsys.readouterr().out
+    assert all(f"{rule.name} (kernel:" in out and rule.matches in out for rule in RULES)
+    assert out.count("puts there:") == len(RULES)
+
+
 def test_bench(capsys, tmp_path):
     if not on_gpu():  # no options on CPU: the embedded small-Bert check through the interpreter
         assert main(["bench"]) == 0

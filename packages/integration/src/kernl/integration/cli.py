@@ -1,4 +1,4 @@
-"""The ``kernl`` console command: ``kernl bench`` (the main job) and ``kernl demo``."""
+"""The ``kernl`` console command: ``kernl bench`` (the main job), ``kernl demo`` and ``kernl rules``."""
 
 import argparse
 import sys
@@ -23,7 +23,13 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser(
         "demo", help="run the layernorm kernels against their references and print the result"
     )
+    commands.add_parser("rules", help="list the FX replacement rules: what each matches, what it puts there")
     args = parser.parse_args(argv)
+    if args.command == "rules":
+        from kernl.integration.rules import describe_rules
+
+        print(describe_rules())
+        return 0
     device = select_device()
     if args.command == "bench":
         from kernl.integration.bench.run import run_bench

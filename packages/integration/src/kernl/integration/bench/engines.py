@@ -9,6 +9,7 @@ import copy
 import torch
 
 from kernl.integration import optimize_model
+from kernl.integration.cuda_graphs import captured
 
 
 def _hf(model, attn_implementation):
@@ -17,7 +18,8 @@ def _hf(model, attn_implementation):
 
 
 def _sdpa_cuda_graph(model):
-    """HF sdpa captured by hand with ``torch.cuda.CUDAGraph``, one graph per shape, one shared pool."""
+    """HF sdpa captured in a ``torch.cuda.CUDAGraph`` (two warm-up calls first), one graph per shape, one
+    shared pool: what a user would write by hand."""
     model.set_attn_implementation("sdpa")
     graphs, pool = {}, torch.cuda.graph_pool_handle()
 
@@ -25,15 +27,11 @@ def _sdpa_cuda_graph(model):
         key = tuple(ids.shape)
         if key not in graphs:
             static = (ids.clone(), mask.clone())
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(2):
-                    model(input_ids=static[0], attention_mask=static[1])
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                out = model(input_ids=static[0], attention_mask=static[1]).last_hidden_state
+
+            def run():
+                return model(input_ids=static[0], attention_mask=static[1]).last_hidden_state
+
+            graph, out = captured(run, lambda: (run(), run()), pool)
             graphs[key] = (graph, static, out)
         graph, static, out = graphs[key]
         static[0].copy_(ids)

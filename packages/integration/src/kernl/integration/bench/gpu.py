@@ -40,6 +40,20 @@ def wall_clock_ms(fn, budget_s: float = 0.6, min_reps: int = 10) -> float:
     return statistics.median(times)
 
 
+def gpu_ms(fn, reps: int = 50) -> float:
+    """Median GPU ms of ``fn()`` between CUDA events, queued behind a GPU sleep (host work hidden)."""
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda._sleep(100_000)  # the host runs ahead: only GPU time between the events
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
 def latency_ms(forward, ids, mask) -> float:
     """Median wall-clock ms of ``forward(ids, mask)``: what a caller waits, launch overhead included."""
     return wall_clock_ms(lambda: forward(ids, mask))

@@ -50,4 +50,14 @@ def _rules() -> list[Rule]:
 
 RULES: list[Rule] = _rules()
 
-__all__ = ["RULES", "Rule"]
+
+def describe_rules() -> str:
+    """The rules in the order they run: name, kernel, what each matches and what it puts there."""
+    lines = []
+    for rule in RULES:
+        lines += [f"{rule.name} (kernel: {rule.kernel or 'none'})", f"  matches: {rule.matches}"]
+        lines.append(f"  puts there: {rule.replacement}")
+    return "\n".join(lines)
+
+
+__all__ = ["RULES", "Rule", "describe_rules"]

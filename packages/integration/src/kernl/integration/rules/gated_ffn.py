@@ -24,15 +24,10 @@ from kernl.integration.rules._fx import (
     is_op,
     replace_with_call,
 )
-from kernl.integration.rules.linear_act import LINEAR_TARGETS
+from kernl.integration.rules.linear_act import LINEAR_TARGETS, TORCH_ACTIVATIONS
 
 F = torch.nn.functional
-ACTIVATIONS = {
-    "gelu": F.gelu,
-    "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"),
-    "relu": F.relu,
-    "silu": F.silu,
-}
+ACTIVATIONS = {name: TORCH_ACTIVATIONS[name] for name in ("gelu", "gelu_tanh", "relu", "silu")}
 _PROBE = torch.linspace(-8.0, 8.0, 401, dtype=torch.float64)
 
 

@@ -37,7 +37,8 @@ _FUNCTION_ACTIVATIONS = {
 _METHOD_ACTIVATIONS = {"relu": "relu", "tanh": "tanh"}
 
 
-_TORCH_ACTIVATIONS = {
+# What each activation computes in PyTorch (the fallback; gated_ffn's probes).
+TORCH_ACTIVATIONS = {
     None: lambda t: t,
     "gelu": F.gelu,
     "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"),
@@ -48,7 +49,7 @@ _TORCH_ACTIVATIONS = {
 
 
 def _pytorch(x, weight, bias, activation, residual):
-    out = _TORCH_ACTIVATIONS[activation](F.linear(x, weight, bias))
+    out = TORCH_ACTIVATIONS[activation](F.linear(x, weight, bias))
     return out if residual is None else out + residual
 
 
