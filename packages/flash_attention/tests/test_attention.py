@@ -221,6 +221,24 @@ def test_fully_masked_rows_return_zeros():
     assert (decoded[1] == 0).all() and not torch.isnan(decoded).any()
 
 
+@pytest.mark.parametrize("fill", [-1e9, -1e10, -1e20, torch.finfo(torch.float32).min])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("n_q, splits", [(1, 4), (24, 1)])
+def test_huge_finite_additive_masks(fill, dtype, n_q, splits):
+    """Masked keys written as a huge finite number in an fp32 additive mask (HF's ``finfo.min``, or
+    ``-1e9`` / ``-1e10`` by hand): no NaN in any key block or KV split, same result as the reference."""
+    b, h, n_k, d = 2, 2, 64, 32
+    specs = [ValueSpec(i, 1.0, 0.0) for i in range(3)]
+    q, k, v = make_qkv(b, h, n_q, n_k, d, dtype, specs, ["contiguous"] * 3)
+    valid = torch.arange(n_k, device=TEST_DEVICE) < torch.tensor([[20], [64]], device=TEST_DEVICE)
+    mask = torch.where(valid, 0.0, fill)[:, None, None, :]  # fp32 (B, 1, 1, K); keys 20.. of batch 0 masked
+    block_m = 16 if n_q <= 16 or not on_gpu() else 64
+    config = LaunchConfig(block_m, 16, 4, 1 if not on_gpu() else 2, splits)  # 16-key splits: some all masked
+    out = attention_forward(q, k, v, 1 / math.sqrt(d), None, mask, None, None, False, config)
+    assert not torch.isnan(out).any()
+    check(out, q, k, v, 1 / math.sqrt(d), mask=mask)
+
+
 def test_empty_sizes():
     q = make_tensor((2, 3, 5, 16), torch.float32, ValueSpec(1, 1.0, 0.0))
     no_keys = make_tensor((2, 3, 0, 16), torch.float32, ValueSpec(2, 1.0, 0.0))

@@ -139,7 +139,10 @@ def _attn_fwd_kernel(
             # Running maximum in base-2 units; exp2(fma(s, factor, -m)) rounds the small result only.
             m_new = tl.maximum(m_i, tl.max(s, axis=1) * factor)
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no visible key so far
-            p = tl.math.exp2(tl.math.fma(s, factor, -m_use[:, None]))
+            exponent = tl.math.fma(s, factor, -m_use[:, None])
+            if HAS_BIAS or MASK_KIND == 2:  # huge finite additions (-1e10, finfo.min): the exact product
+                exponent = tl.minimum(exponent, 0.0)  # may exceed the rounded maximum by far; exp2 <= 1
+            p = tl.math.exp2(exponent)
             alpha = tl.math.exp2(m_i - m_use)
             l_i = l_i * alpha + tl.sum(p, axis=1)
             acc = tl.dot(
