@@ -89,3 +89,15 @@ def test_hf_activation_names_are_accepted():
     w = make_tensor((24, 40), torch.float32, ValueSpec(2, 0.2, 0.0))
     assert torch.equal(linear_act(x, w, activation="gelu_new"), linear_act(x, w, activation="gelu_tanh"))
     assert torch.equal(linear_act(x, w, activation=None), linear_act(x, w, activation="none"))
+
+
+@pytest.mark.parametrize("lead", [(3,), (2, 3)])
+def test_k_zero_gives_the_activation_of_the_bias(lead):
+    x = make_tensor((*lead, 0), torch.float32, ValueSpec(1, 1.0, 0.0))
+    weight = make_tensor((5, 0), torch.float32, ValueSpec(2, 1.0, 0.0))
+    bias = make_tensor((5,), torch.float32, ValueSpec(3, 1.0, 0.0))
+    assert torch.allclose(
+        linear_act(x, weight, bias, activation="gelu").cpu(), F.gelu(bias.cpu()).expand(*lead, 5)
+    )
+    gated = gated_linear_act(x, weight, weight, "gelu_tanh")
+    assert gated.shape == (*lead, 5) and torch.equal(gated.cpu(), torch.zeros(*lead, 5))

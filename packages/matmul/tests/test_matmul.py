@@ -1,10 +1,12 @@
 """matmul vs. the fp64 reference, with torch.matmul in the same dtype as the yardstick."""
 
+import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
 from kernl.matmul import matmul, matmul_reference
+from kernl.matmul.functional import tf32_allowed
 from kernl_testing import ValueSpec, assert_matches_reference, make_tensor
 from kernl_testing.strategies import dtypes, layouts, value_specs
 
@@ -54,6 +56,10 @@ def test_empty_and_k_zero():
     out = matmul(make_tensor((3, 0), torch.float16, ValueSpec(1, 1.0, 0.0)),
                  make_tensor((0, 7), torch.float16, ValueSpec(1, 1.0, 0.0)))  # fmt: skip
     assert torch.equal(out.float().cpu(), torch.zeros(3, 7))
+    spec = ValueSpec(3, 1.0, 0.0)
+    empty_batch = make_tensor((0, 5, 7), torch.float32, spec)
+    for b in (make_tensor((7, 6), torch.float32, spec), make_tensor((1, 7, 6), torch.float32, spec)):
+        assert matmul(empty_batch, b).shape == torch.matmul(empty_batch, b).shape == (0, 5, 6)
 
 
 def test_nan_and_inf_propagate_like_torch():
@@ -66,3 +72,16 @@ def test_nan_and_inf_propagate_like_torch():
     expected = torch.matmul(a, b)
     assert torch.equal(torch.isnan(out), torch.isnan(expected))
     assert_matches_reference(out, matmul_reference(a.double(), b.double()), expected)
+
+
+@pytest.mark.parametrize("precision, tf32", [("tf32", True), ("ieee", False)])
+def test_follows_pytorchs_new_fp32_precision_setting(precision, tf32):
+    settings = torch.backends.cuda.matmul
+    before = settings.fp32_precision
+    settings.fp32_precision = precision
+    try:
+        assert tf32_allowed() is tf32
+        a = make_tensor((5, 8), torch.float16, ValueSpec(1, 1.0, 0.0))
+        assert matmul(a, a.t()).shape == (5, 5)  # reading the legacy flag here raised under "tf32"
+    finally:
+        settings.fp32_precision = before

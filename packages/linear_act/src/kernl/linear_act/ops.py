@@ -6,6 +6,8 @@ the custom-op dispatcher would cost tens of microseconds a call, and the ops whe
 epilogue. CPU tensors run the Triton kernel only under Triton's interpreter, else the reference.
 """
 
+import math
+
 import torch
 
 from kernl.linear_act.reference import gated_linear_act_reference, linear_act_reference
@@ -15,7 +17,8 @@ from kernl.matmul.ops import runs_triton_kernel
 
 
 def _flat(t: torch.Tensor | None) -> torch.Tensor | None:
-    return t.reshape(-1, t.shape[-1]) if t is not None else None
+    """``(..., K)`` -> ``(rows, K)`` (K may be 0)."""
+    return t.reshape(math.prod(t.shape[:-1]), t.shape[-1]) if t is not None else None
 
 
 def linear_act_impl(

@@ -26,8 +26,12 @@ def check_same(name: str, t: torch.Tensor, ref_name: str, ref: torch.Tensor) -> 
 
 
 def tf32_allowed() -> bool:
-    """PyTorch's own switch for TF32 in fp32 matmuls (``torch.backends.cuda.matmul.allow_tf32``)."""
-    return bool(torch.backends.cuda.matmul.allow_tf32)
+    """PyTorch's own switch for TF32 in fp32 matmuls: ``torch.backends.cuda.matmul.fp32_precision``
+    (``"tf32"`` or ``"ieee"``) when set, else the legacy ``allow_tf32`` (which raises once the new
+    setting says ``"tf32"``)."""
+    matmul = torch.backends.cuda.matmul
+    precision = getattr(matmul, "fp32_precision", "none")
+    return precision == "tf32" if precision != "none" else bool(matmul.allow_tf32)
 
 
 def matmul(a: torch.Tensor, b: torch.Tensor, allow_tf32: bool | None = None) -> torch.Tensor:
@@ -36,7 +40,7 @@ def matmul(a: torch.Tensor, b: torch.Tensor, allow_tf32: bool | None = None) -> 
     a: ``(M, K)`` or ``(Ba, M, K)``; b: ``(K, N)`` or ``(Bb, K, N)``; batch sizes equal, or one of
     them 1 or absent (broadcast). float16/bfloat16/float32, both the same dtype and device, any
     strides. Output: contiguous ``(M, N)`` (both 2-D) or ``(B, M, N)``, in the input dtype.
-    ``allow_tf32`` (fp32 only): None follows ``torch.backends.cuda.matmul.allow_tf32``.
+    ``allow_tf32`` (fp32 only): None follows PyTorch's setting (:func:`tf32_allowed`).
     """
     check_float_tensor("a", a)
     check_float_tensor("b", b)

@@ -24,8 +24,8 @@ def output_shape(a: torch.Tensor, b: torch.Tensor) -> tuple[int, ...]:
     m, n = a.shape[-2], b.shape[-1]
     if a.dim() == 2 and b.dim() == 2:
         return (m, n)
-    batch = max(a.shape[0] if a.dim() == 3 else 1, b.shape[0] if b.dim() == 3 else 1)
-    return (batch, m, n)
+    batches = (a.shape[0] if a.dim() == 3 else 1, b.shape[0] if b.dim() == 3 else 1)
+    return (0 if 0 in batches else max(batches), m, n)  # an empty batch broadcasts to empty, as in torch
 
 
 def matmul_impl(a: torch.Tensor, b: torch.Tensor, allow_tf32: bool) -> torch.Tensor:
@@ -33,7 +33,9 @@ def matmul_impl(a: torch.Tensor, b: torch.Tensor, allow_tf32: bool) -> torch.Ten
     if not runs_triton_kernel(a):
         return matmul_reference(a, b, allow_tf32).reshape(output_shape(a, b))
     shape = output_shape(a, b)
-    if a.dim() == 3 and b.dim() == 2 and a.shape[0] > 0:
+    if 0 in shape:
+        return a.new_empty(shape)
+    if a.dim() == 3 and b.dim() == 2:
         try:  # fold the batch into M when the strides allow: one bigger GEMM, better tiles
             folded = a.view(-1, a.shape[-1])
         except RuntimeError:
