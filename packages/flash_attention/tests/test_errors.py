@@ -31,6 +31,7 @@ lengths = torch.tensor([3, 7], device=TEST_DEVICE)
         ),
         (lambda: attention(q, kv, kv, scale=0.0), ValueError, "scale must be a positive"),
         (lambda: attention(q, kv, kv, scale=float("nan")), ValueError, "scale must be a positive"),
+        (lambda: attention(q, kv, kv, scale=True), ValueError, "scale must be a positive"),
         (
             lambda: attention(q, kv, kv, bias=torch.zeros(3, 5, 6, device=TEST_DEVICE)),
             ValueError,

@@ -1,11 +1,12 @@
 """Bad input gets a clear error naming the argument; CPU tensors without the interpreter use the reference."""
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 from kernl.layernorm import MAX_N, layer_norm, rms_norm
-from kernl_testing import TEST_DEVICE, needs_two_devices, other_device
+from kernl_testing import TEST_DEVICE, ValueSpec, make_tensor, needs_two_devices, other_device
 
 x = torch.randn(4, 8, device=TEST_DEVICE)
 w = torch.ones(8, device=TEST_DEVICE)
@@ -25,6 +26,8 @@ w = torch.ones(8, device=TEST_DEVICE)
         (lambda: layer_norm(torch.tensor(1.0, device=TEST_DEVICE)), ValueError, "at least one dimension"),
         (lambda: layer_norm(torch.empty(1, MAX_N + 1, device=TEST_DEVICE)), ValueError, "last dimension"),
         (lambda: layer_norm(x, eps=-1.0), ValueError, "eps"),
+        (lambda: layer_norm(x, eps=float("nan")), ValueError, "eps"),
+        (lambda: layer_norm(x, eps=True), ValueError, "eps"),
         (lambda: rms_norm(x, None), ValueError, "weight is required"),
         (lambda: rms_norm(x, w.reshape(1, 8)), ValueError, "weight must have shape"),
     ],
@@ -47,3 +50,8 @@ def test_cpu_without_interpreter_falls_back_to_reference(monkeypatch):
     cpu_w, cpu_b = torch.randn(40), torch.randn(40)
     expected = F.layer_norm(cpu_x, (40,), cpu_w, cpu_b, 1e-5)
     assert torch.equal(layer_norm(cpu_x, cpu_w, cpu_b, 1e-5), expected)
+
+
+def test_eps_as_a_numpy_scalar_is_accepted():
+    x = make_tensor((3, 17), torch.float32, ValueSpec(1, 1.0, 0.0))
+    assert torch.equal(layer_norm(x, eps=np.float32(1e-5)), layer_norm(x, eps=float(np.float32(1e-5))))

@@ -24,6 +24,7 @@ b = torch.randn(6, device=TEST_DEVICE)
         (lambda: linear_act(x, w, b[:5]), ValueError, r"bias must have shape \(6,\)"),
         (lambda: linear_act(x, w, b.half()), ValueError, "bias must have the dtype"),
         (lambda: linear_act(x, w, b, "gelu_fast"), ValueError, "activation must be one of"),
+        (lambda: linear_act(x, w, b, ["gelu"]), TypeError, "activation must be a str"),
         (lambda: linear_act(x, w, b, "relu", x), ValueError, "residual must have shape"),
         (
             lambda: linear_act(x, w, b, "relu", torch.zeros(4, 6, dtype=torch.half, device=TEST_DEVICE)),

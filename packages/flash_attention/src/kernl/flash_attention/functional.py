@@ -82,7 +82,12 @@ def _check_common(q, k, v, scale, bias, mask, key_padding_mask) -> float:
         _check_key_padding(key_padding_mask, q.shape[0], k.shape[2], q.device)
     if scale is None:
         return 1.0 / math.sqrt(q.shape[-1])
-    if not isinstance(scale, numbers.Real) or not math.isfinite(scale) or scale <= 0:
+    if (
+        not isinstance(scale, numbers.Real)
+        or isinstance(scale, bool)
+        or not math.isfinite(scale)
+        or scale <= 0
+    ):
         raise ValueError(f"scale must be a positive finite number, got {scale!r}")
     return float(scale)
 
@@ -112,7 +117,9 @@ def attention(
     """
     scale = _check_common(q, k, v, scale, bias, mask, key_padding_mask)
     if not isinstance(causal, bool):
-        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+        raise TypeError(
+            f"causal must be a Python bool, got {type(causal).__module__}.{type(causal).__name__}"
+        )
     return _attention_op()(q, k, v, scale, bias, mask, key_padding_mask, None, causal)
 
 

@@ -1,5 +1,8 @@
 """Public entry points: validate the arguments, then call the registered ``torch.library`` ops."""
 
+import math
+import numbers
+
 import torch
 
 from kernl.layernorm import ops
@@ -13,6 +16,11 @@ def _check_float_tensor(name: str, t: torch.Tensor) -> None:
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"{name} must be float16, bfloat16 or float32, got {t.dtype}")
+
+
+def _real(value) -> bool:
+    """A finite real number (Python or NumPy), not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _check_x(x) -> None:
@@ -46,8 +54,8 @@ def _check_inputs(x, residual, weight, bias, eps) -> None:
     for name, t in (("residual", residual), ("weight", weight), ("bias", bias)):
         if t is not None and t.device != x.device:
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
-    if not isinstance(eps, (float, int)) or eps < 0:
-        raise ValueError(f"eps must be a non-negative number, got {eps!r}")
+    if not _real(eps) or not eps >= 0:
+        raise ValueError(f"eps must be a non-negative finite number, got {eps!r}")
 
 
 def layer_norm(
@@ -103,8 +111,8 @@ def overflow_clamp(x: torch.Tensor, limit_if_inf: float, limit: float) -> torch.
     ``finfo.max``). x: any shape and strides, float16/bfloat16/float32; output contiguous, x's dtype."""
     _check_x(x)
     for name, value in (("limit_if_inf", limit_if_inf), ("limit", limit)):
-        if not isinstance(value, (float, int)) or not value > 0:
-            raise ValueError(f"{name} must be a positive number, got {value!r}")
+        if not _real(value) or not value > 0:
+            raise ValueError(f"{name} must be a positive finite number, got {value!r}")
     op = torch.ops.kernl.overflow_clamp if torch.compiler.is_compiling() else ops.overflow_clamp_impl
     return op(x, float(limit_if_inf), float(limit))
 

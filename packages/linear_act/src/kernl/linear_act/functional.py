@@ -11,6 +11,8 @@ ALIASES = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "swish": "
 
 
 def _activation(activation: str | None) -> str:
+    if activation is not None and not isinstance(activation, str):
+        raise TypeError(f"activation must be a str or None, got {type(activation).__name__}")
     name = "none" if activation is None else ALIASES.get(activation, activation)
     if name not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS} (or None), got {activation!r}")
