@@ -117,9 +117,7 @@ def attention(
     """
     scale = _check_common(q, k, v, scale, bias, mask, key_padding_mask)
     if not isinstance(causal, bool):
-        raise TypeError(
-            f"causal must be a Python bool, got {type(causal).__module__}.{type(causal).__name__}"
-        )
+        raise TypeError(f"causal must be a bool, got {type(causal).__module__}.{type(causal).__name__}")
     return _attention_op()(q, k, v, scale, bias, mask, key_padding_mask, None, causal)
 
 
