@@ -1,6 +1,9 @@
 """The config cache: stored on disk per GPU, survives a process restart, tolerates a bad file."""
 
 import json
+import multiprocessing
+import sys
+import warnings
 
 import pytest
 import torch
@@ -17,6 +20,7 @@ def _restart(monkeypatch):
     """Forget everything held in memory, as a new process would."""
     monkeypatch.setattr(config_cache, "_memory", {})
     monkeypatch.setattr(config_cache, "_loaded", set())
+    monkeypatch.setattr(config_cache, "_unwritable", set())
 
 
 def test_key_buckets_m_and_batch_but_keeps_n_and_k():
@@ -73,7 +77,8 @@ def test_writes_merge_with_entries_from_other_processes(tmp_path):
     write_cache(path, "a", Config(16, 32, 64))
     write_cache(path, "b", Config(128, 128, 64, 1, 8, 8, 4))
     assert read_cache(path) == {"a": Config(16, 32, 64), "b": Config(128, 128, 64, 1, 8, 8, 4)}
-    assert [p.name for p in path.parent.iterdir()] == ["matmul-gpu.json"], "no temporary file is left behind"
+    assert not list(path.parent.glob("*.tmp")), "no temporary file is left behind"
+    assert path.stat().st_mode & 0o777 == 0o644, "readable by the user's other processes"
 
 
 def test_a_corrupt_or_foreign_cache_file_counts_as_empty(tmp_path, monkeypatch):
@@ -85,6 +90,61 @@ def test_a_corrupt_or_foreign_cache_file_counts_as_empty(tmp_path, monkeypatch):
     assert read_cache(path) == {}
     assert cached_choice("k", path, lambda: Config(32, 32, 32)) == Config(32, 32, 32)
     assert read_cache(path) == {"k": Config(32, 32, 32)}
+
+
+@pytest.mark.parametrize("contents", ["[]", "null", "42", '"text"'])
+def test_a_cache_file_that_is_not_a_table_counts_as_empty(tmp_path, contents):
+    path = tmp_path / "matmul-gpu.json"
+    path.write_text(contents)
+    assert read_cache(path) == {}
+    write_cache(path, "k", Config(32, 32, 32))
+    assert read_cache(path) == {"k": Config(32, 32, 32)}
+
+
+def test_bad_entries_are_skipped_and_kept_and_good_ones_survive(tmp_path):
+    path = tmp_path / "matmul-gpu.json"
+    good = {"block_m": 64, "block_n": 64, "block_k": 32}
+    bad = {
+        "strings": {"block_m": "x", "block_n": 0, "block_k": None},
+        "not a power of two": {"block_m": 48, "block_n": 64, "block_k": 32},
+        "unknown kernel": {**good, "kernel": "cuda"},
+        "newer version": {**good, "swizzle": 2},
+    }
+    path.write_text(json.dumps({"good": good, **bad}))
+    assert read_cache(path) == {"good": Config(64, 64, 32)}
+    write_cache(path, "mine", Config(16, 32, 64))
+    on_disk = json.loads(path.read_text())
+    assert set(on_disk) == {"good", "mine", *bad}, "a write keeps what it cannot read"
+
+
+def test_an_unwritable_cache_warns_once_and_keeps_the_choice(tmp_path, monkeypatch):
+    _restart(monkeypatch)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    path = blocker / "matmul-gpu.json"  # its directory would be a file: cannot be created
+    with pytest.warns(UserWarning, match="cannot write the GEMM config cache"):
+        assert cached_choice("k", path, lambda: Config(32, 32, 32)) == Config(32, 32, 32)
+    assert cached_choice("k", path, lambda: Config(64, 64, 64)) == Config(32, 32, 32)  # remembered
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        write_cache(path, "other", Config(16, 16, 16))  # warned once per file already
+
+
+def _write_many(path, prefix, count):
+    for i in range(count):
+        write_cache(path, f"{prefix}-{i}", Config(16, 32, 64, split_k=i + 1))
+
+
+def test_concurrent_writers_lose_no_entry(tmp_path):
+    path = tmp_path / "matmul-gpu.json"
+    context = multiprocessing.get_context("spawn" if sys.platform != "linux" else "fork")
+    writers = [context.Process(target=_write_many, args=(path, f"p{n}", 15)) for n in range(4)]
+    for writer in writers:
+        writer.start()
+    for writer in writers:
+        writer.join(60)
+    assert all(writer.exitcode == 0 for writer in writers)
+    assert len(read_cache(path)) == 60
 
 
 def test_cpu_and_interpreter_pick_by_heuristic_without_timing():

@@ -2,14 +2,23 @@
 
 ``$KERNL_CACHE_DIR/matmul-<gpu>.json`` (default ``~/.cache/kernl``) maps a problem key (see
 :meth:`kernl.matmul.tuning.Problem.key`) to a :class:`~kernl.matmul.tuning.Config`'s fields. Writes
-merge with what is on disk and replace the file atomically; an unreadable file counts as empty.
+take a lock, merge with what is on disk and replace the file atomically; an unreadable file counts as
+empty and an entry that is not a launchable config is skipped (and kept in the file); a cache that
+cannot be written only costs the re-tuning in the next process.
 """
 
+import contextlib
 import json
 import os
 import tempfile
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: writers merge without a lock
+    fcntl = None
 
 
 @dataclass(frozen=True)
@@ -33,26 +42,82 @@ def cache_path(gpu: str) -> Path:
     return Path(root) / f"matmul-{gpu}.json"
 
 
-def read_cache(path: Path) -> dict[str, Config]:
-    """The configs stored at ``path`` (an unreadable or foreign file counts as empty)."""
+_BLOCKS = ("block_m", "block_n", "block_k")
+_COUNTS = ("split_k", "group_m", "num_warps", "num_stages", "occupancy")
+
+
+def _config(fields: object) -> Config | None:
+    """``fields`` as a :class:`Config`, or ``None`` when they do not describe a launchable one."""
+    if not isinstance(fields, dict):
+        return None
+    try:
+        config = Config(**fields)
+    except TypeError:  # unknown or missing fields (another version's entry)
+        return None
+    values = [getattr(config, name) for name in _BLOCKS + _COUNTS]
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values):
+        return None
+    if any(v & (v - 1) for v in values[: len(_BLOCKS)]) or config.kernel not in ("ptr", "tma"):
+        return None  # tile sizes are powers of two; two kernels
+    return config
+
+
+def _read_raw(path: Path) -> dict:
     try:
         raw = json.loads(path.read_text())
-        return {key: Config(**fields) for key, fields in raw.items()}
-    except (OSError, ValueError, TypeError):
+    except (OSError, ValueError):
         return {}
+    return raw if isinstance(raw, dict) else {}
+
+
+def read_cache(path: Path) -> dict[str, Config]:
+    """The valid configs stored at ``path``; an unreadable file counts as empty, a bad entry is skipped."""
+    configs = {key: _config(fields) for key, fields in _read_raw(path).items()}
+    return {key: config for key, config in configs.items() if config is not None}
+
+
+@contextlib.contextmanager
+def _locked(path: Path):
+    """An exclusive lock on ``path``'s lock file (POSIX), so that concurrent writers merge in turn."""
+    if fcntl is None:
+        yield
+        return
+    with open(path.with_name(path.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def write_cache(path: Path, key: str, config: Config) -> None:
-    """Add ``key -> config`` to the file at ``path`` (merging with what another process wrote)."""
-    entries = {k: asdict(v) for k, v in read_cache(path).items()}
-    entries[key] = asdict(config)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(entries, f, indent=1, sort_keys=True)
-    os.replace(tmp, path)
+    """Add ``key -> config`` to the file at ``path``, merging with what is there (entries of other
+    versions included) under a lock. Failing to write (read-only or missing directory, full disk)
+    warns once: the config is still remembered for this process."""
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with _locked(path):
+            entries = _read_raw(path)
+            entries[key] = asdict(config)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+            with os.fdopen(fd, "w") as f:
+                json.dump(entries, f, indent=1, sort_keys=True)
+            os.chmod(tmp, 0o644)  # shared by every process of the user (mkstemp makes it private)
+            os.replace(tmp, path)
+            tmp = None
+    except OSError as error:
+        if path not in _unwritable:
+            _unwritable.add(path)
+            warnings.warn(f"kernl: cannot write the GEMM config cache {path} ({error}); "
+                          "chosen configs are kept for this process only", stacklevel=3)  # fmt: skip
+    finally:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
 
 
+_unwritable: set[Path] = set()
 _memory: dict[str, Config] = {}
 _loaded: set[Path] = set()
 
