@@ -1,5 +1,7 @@
 """matmul vs. the fp64 reference, with torch.matmul in the same dtype as the yardstick."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from hypothesis import given
@@ -7,6 +9,7 @@ from hypothesis import strategies as st
 
 from kernl.matmul import matmul, matmul_reference
 from kernl.matmul.functional import tf32_allowed
+from kernl.matmul.launch import check_spans
 from kernl_testing import ValueSpec, assert_matches_reference, make_tensor
 from kernl_testing.strategies import dtypes, layouts, value_specs
 
@@ -85,3 +88,14 @@ def test_follows_pytorchs_new_fp32_precision_setting(precision, tf32):
         assert matmul(a, a.t()).shape == (5, 5)  # reading the legacy flag here raised under "tf32"
     finally:
         settings.fp32_precision = before
+
+
+def test_operands_past_32_bit_indexing_are_refused_naming_them():
+    wide = SimpleNamespace(shape=(1, 3, 16), stride=lambda: (0, 2**30, 1), numel=lambda: 48)
+    with pytest.raises(ValueError, match=r"a \(linear_act's x\) spans 2147483664 elements"):
+        check_spans({"a (linear_act's x)": wide}, 3, 8)
+    with pytest.raises(ValueError, match="output"):
+        check_spans({}, 2**16, 2**15)
+    check_spans(
+        {"a": SimpleNamespace(shape=(4, 3, 16), stride=lambda: (2**40, 16, 1), numel=lambda: 192)}, 3, 8
+    )

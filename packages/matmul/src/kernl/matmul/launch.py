@@ -75,6 +75,24 @@ def prefetch_weights(pdl: bool, b_like_weight: bool, tiles: int, device: torch.d
     )
 
 
+MAX_SPAN = 2**31  # the kernels index within one batch entry in 32 bits
+
+
+def check_spans(operands: dict[str, torch.Tensor | None], m: int, n: int) -> None:
+    """ValueError unless every operand, and the ``(M, N)`` output, spans fewer than 2**31 elements
+    within one batch entry (what the kernels' 32-bit index arithmetic reaches)."""
+    spans = {"output (M x N)": m * n}
+    for name, t in operands.items():
+        if t is not None and t.numel():
+            spans[name] = 1 + sum(
+                (size - 1) * abs(stride) for size, stride in zip(t.shape[-2:], t.stride()[-2:], strict=True)
+            )
+    for name, span in spans.items():
+        if span >= MAX_SPAN:
+            raise ValueError(f"{name} spans {span} elements in one batch entry; kernl's GEMM indexes in 32 bits "
+                             "(under 2**31 elements): split the problem, e.g. along M")  # fmt: skip
+
+
 def _tma_ready(t: torch.Tensor) -> bool:
     """An operand a tensor descriptor can describe: unit inner stride, 16-byte aligned strides and base."""
     size = t.element_size()
@@ -146,6 +164,7 @@ def gemm(
     batch = max(a.shape[0], b.shape[0])
     m, k = a.shape[1], a.shape[2]
     n = b.shape[2]
+    check_spans({"a (linear_act's x)": a, "b (the weight)": b, "b2": b2, "residual": residual}, m, n)
     c = torch.empty((batch, m, n), dtype=a.dtype, device=a.device)
     if c.numel() == 0:
         return c
