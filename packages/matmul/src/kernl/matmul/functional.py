@@ -25,6 +25,7 @@ def check_same(name: str, t: torch.Tensor, ref_name: str, ref: torch.Tensor) -> 
         raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}")
 
 
+@torch.compiler.assume_constant_result  # read while tracing, a constant in the graph (as torch's own flag)
 def tf32_allowed() -> bool:
     """PyTorch's own switch for TF32 in fp32 matmuls: ``torch.backends.cuda.matmul.fp32_precision``
     (``"tf32"`` or ``"ieee"``) when set, else the legacy ``allow_tf32`` (which raises once the new
