@@ -52,6 +52,7 @@ def gemm_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     USE_PDL: tl.constexpr, PREFETCH_B: tl.constexpr,
 ):  # fmt: skip
+    """One ``BLOCK_M x BLOCK_N`` output tile (its ``pid_k``-th share of K with split-K); see the module."""
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     batch = tl.program_id(2).to(tl.int64)

@@ -37,6 +37,7 @@ def gemm_tma_kernel(
     BATCHED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     NUM_PROGRAMS: tl.constexpr, USE_PDL: tl.constexpr, PREFETCH_B: tl.constexpr,
 ):  # fmt: skip
+    """Persistent program ``start``: the output tiles ``start, start + NUM_PROGRAMS, ...``; see the module."""
     start = tl.program_id(0)
     grid_m = tl.cdiv(M, BLOCK_M)
     grid_n = tl.cdiv(N, BLOCK_N)

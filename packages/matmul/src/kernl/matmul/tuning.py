@@ -205,7 +205,7 @@ _chosen: dict[tuple[Problem, torch.device], Config] = {}
 def choose(p: Problem, device: torch.device, launch) -> Config:
     """The config to run ``p`` with; times the candidates (calling ``launch(config)``) on a cache miss.
 
-    ``KERNL_AUTOTUNE=0`` turns timing off (the heuristic choice is used, nothing is stored).
+    ``KERNL_AUTOTUNE=0`` turns timing off (the heuristic choice is used, kept in memory, not on disk).
     """
     found = _chosen.get((p, device))
     if found is None:
