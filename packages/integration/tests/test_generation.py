@@ -1,6 +1,6 @@
 """The generate() plumbing of kernl.integration.generation, without a model: the prompt bucketing, the
-attention mask transformers would infer, the static cache reuse and up-front allocation, beam search's
-in-place reorder and the cache argument's names."""
+static cache default, its reuse and up-front allocation, beam search's in-place reorder and the cache
+argument's names."""
 
 from types import SimpleNamespace
 
@@ -19,8 +19,9 @@ def _recording_generate():
     return generate, calls
 
 
-def _model(pad=0, eos=1):
-    return SimpleNamespace(generation_config=SimpleNamespace(pad_token_id=pad, eos_token_id=eos))
+def _model(pad=0, eos=1, cache_implementation=None):
+    config = SimpleNamespace(pad_token_id=pad, eos_token_id=eos, cache_implementation=cache_implementation)
+    return SimpleNamespace(generation_config=config)
 
 
 def test_prompt_and_mask_are_padded_to_the_bucket_wherever_the_prompt_is_passed():
@@ -40,22 +41,26 @@ def test_prompt_and_mask_are_padded_to_the_bucket_wherever_the_prompt_is_passed(
     assert calls[0][1]["max_new_tokens"] == 4
 
 
-def test_without_a_mask_the_padding_is_masked_and_the_prompt_keeps_the_mask_transformers_infers():
+def test_without_a_mask_only_prompts_without_pad_tokens_are_bucketed():
     generate, calls = _recording_generate()
     padded = generation._bucketed_generate(_model(pad=0, eos=1), generate, lambda length: 8)
-    ids = torch.tensor([[7, 8, 9, 0, 0], [7, 8, 9, 10, 11]])  # pad tokens in the prompt: inferred as padding
-    padded(ids)
-    assert calls[-1][1]["attention_mask"].tolist() == [[1, 1, 1, 0, 0, 0, 0, 0], [1, 1, 1, 1, 1, 0, 0, 0]]
-    padded(torch.tensor([[7, 8, 9]]))  # no pad token: every prompt token is real
+    padded(torch.tensor([[7, 8, 9]]))  # no pad token: every prompt token is real, the padding is masked
     assert calls[-1][1]["attention_mask"].tolist() == [[1, 1, 1, 0, 0, 0, 0, 0]]
+    ids = torch.tensor([[7, 8, 9, 0, 0], [7, 8, 9, 10, 11]])  # pad tokens: transformers releases differ
+    padded(ids)  # on whether they are attended, so generate() decides, at the prompt's length
+    assert calls[-1][0][0] is ids and "attention_mask" not in calls[-1][1]
 
 
-def test_default_mask_follows_transformers_rule():
-    ids = torch.tensor([[5, 0, 6]])
-    assert generation._default_attention_mask(ids, 0, 1).tolist() == [[1, 0, 1]]
-    assert generation._default_attention_mask(ids, 0, [1, 0]).tolist() == [[1, 1, 1]]  # pad is an end token
-    assert generation._default_attention_mask(ids, None, 1).tolist() == [[1, 1, 1]]
-    assert generation._default_attention_mask(ids, 9, 1).tolist() == [[1, 1, 1]]  # no pad token present
+def test_a_static_cache_is_the_default_of_calls_that_name_no_cache():
+    generate, calls = _recording_generate()
+    ids = torch.randint(5, 50, (1, 8))
+    generation._bucketed_generate(_model(), generate, lambda length: 8)(ids)
+    assert calls[-1][1]["cache_implementation"] == "static"
+    for named in ({"past_key_values": object()}, {"cache_implementation": "dynamic"}):
+        generation._bucketed_generate(_model(), generate, lambda length: 8)(ids, **named)
+        assert calls[-1][1].keys() == named.keys()  # the caller's cache choice stands
+    generation._bucketed_generate(_model(cache_implementation="offloaded"), generate, lambda length: 8)(ids)
+    assert "cache_implementation" not in calls[-1][1]  # nor does the model's generation config
 
 
 def test_calls_the_bucketing_cannot_handle_pass_through_unchanged():
@@ -67,12 +72,14 @@ def test_calls_the_bucketing_cannot_handle_pass_through_unchanged():
         ((ids,), {"inputs_embeds": torch.zeros(2, 9, 4)}),
         ((ids,), {"attention_mask": torch.ones(2, 5)}),  # a mask of another shape: left for transformers
         ((torch.zeros(2, 9),), {}),  # not token ids
+        ((ids,), {"output_hidden_states": True}),  # encoder outputs come back at the prompt's length
         ((ids[0],), {}),  # one-dimensional
         ((), {}),
     ]
     for args, kwargs in unchanged:
         padded(*args, **kwargs)
         sent_args, sent_kwargs = calls[-1]
+        assert sent_kwargs.pop("cache_implementation") == "static"
         assert len(sent_args) == len(args) and all(a is b for a, b in zip(sent_args, args, strict=True))
         assert sent_kwargs.keys() == kwargs.keys() and all(sent_kwargs[k] is v for k, v in kwargs.items())
     bucketed = generation._bucketed_generate(_model(), generate, lambda length: length)
@@ -89,7 +96,7 @@ class _Cache:
 
 
 def test_static_caches_of_one_size_are_reset_and_reused_and_at_most_a_few_are_kept():
-    model = SimpleNamespace()
+    model = SimpleNamespace(dtype=torch.float16, device=torch.device("cpu"))
     created = []
 
     def create(cache_implementation, batch_size, max_cache_len, prefill_chunk_size, model_kwargs):
@@ -109,6 +116,11 @@ def test_static_caches_of_one_size_are_reset_and_reused_and_at_most_a_few_are_ke
         prepare("static", batch, 33, None, encoder)
     assert prepare("static", 2, 33, None, encoder) is not first  # the oldest ones were let go
     assert len(created) == 4 + generation.KEPT_CACHES
+    second = prepare("static", 2, 33, None, encoder)
+    with torch.inference_mode():  # inference tensors cannot be reset outside inference mode: apart
+        assert prepare("static", 2, 33, None, encoder) is not second
+    model.dtype = torch.float32  # model.float() after a call: the kept cache holds fp16 tensors
+    assert prepare("static", 2, 33, None, encoder) is not second
 
 
 def test_the_cache_argument_is_found_under_either_name():

@@ -73,3 +73,28 @@ def test_multiple_choice_runs_as_called(kit):
     ids, mask = ids.view(2, 3, 11), mask.view(2, 3, 11)  # (batch, choices, tokens)
     calls = [dict(input_ids=ids), dict(input_ids=ids, attention_mask=mask)]
     assert kit.compare_with_reference(model, DTYPE, calls, ["logits"]).status == "optimized"
+
+
+def test_buckets_stop_at_the_position_table(kit):
+    # 33 tokens would be padded to 64, past a 40-position table: that bucket is not used
+    model = kit.build(BertModel, kit.tiny_config(BertConfig, max_position_embeddings=40))
+    ids, mask = kit.padded_batch(2, 33, [33, 20], vocab=120)
+    kit.compare_with_reference(
+        model, DTYPE, [dict(input_ids=ids, attention_mask=mask)], ["last_hidden_state"]
+    )
+
+
+def test_usable_buckets_follow_each_family_position_table(kit):
+    from transformers import BartConfig, BartModel
+
+    from kernl.integration.optimize import _usable_buckets
+
+    buckets = (16, 32, 64, 128, 256)
+    bert = kit.build(BertModel, kit.tiny_config(BertConfig, max_position_embeddings=64))
+    assert _usable_buckets(bert, buckets) == (16, 32, 64)
+    roberta = kit.build(RobertaModel, kit.tiny_config(RobertaConfig, **ROBERTA))  # positions from pad + 1 = 2
+    assert _usable_buckets(roberta, buckets) == (16, 32, 64, 128)  # 130 positions: 128 tokens
+    bart = kit.build(BartModel, BartConfig(vocab_size=120, d_model=32, encoder_layers=1, decoder_layers=1,
+                                           encoder_attention_heads=2, decoder_attention_heads=2,
+                                           encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=100))  # fmt: skip
+    assert _usable_buckets(bart, buckets) == (16, 32, 64)

@@ -167,6 +167,44 @@ def test_t5_sampling_on_kernl_draws_hugging_face_tokens(kit):
         assert tokens.shape == expected.shape
 
 
+def test_t5_generate_arguments_behave_as_in_hugging_face(kit):
+    """The ways of calling generate() that kernl's bucketing and static cache must not change: a prompt
+    with pad tokens and no mask, given encoder outputs, a cache of the caller's, encoder hidden states
+    returned, and a call outside inference mode after one inside it (a kept cache is not reused)."""
+    from transformers import DynamicCache, EncoderDecoderCache
+
+    model = kit.build(T5ForConditionalGeneration, t5_config("gated-gelu"))
+    optimized = copy.deepcopy(model).to(kit.device, DTYPE)
+    optimize_model(optimized)
+    reference = model.to(kit.device, DTYPE)
+    ids, mask = (t.to(kit.device) for t in kit.padded_batch(2, 9, [9, 5], vocab=120))
+    with_pads = ids.masked_fill(mask == 0, 0)  # pad tokens in the prompt
+    base = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False)
+
+    def same(**arguments):
+        with torch.no_grad():
+            tokens = optimized.generate(**base, **arguments)
+            expected = reference.generate(**base, **copy.deepcopy(arguments))  # a cache of its own
+        sequences = (getattr(t, "sequences", t) for t in (tokens, expected))
+        assert torch.equal(*sequences) or on_gpu()  # fp16: a near tie may flip a token
+        return tokens, expected
+
+    with torch.inference_mode():
+        optimized.generate(ids, attention_mask=mask, **base)
+    same(input_ids=ids, attention_mask=mask)  # outside inference mode now: another cache
+    same(input_ids=with_pads)
+    with torch.no_grad():
+        encoded = reference.get_encoder()(input_ids=ids, attention_mask=mask)
+    same(encoder_outputs=encoded, attention_mask=mask)
+    cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
+    same(input_ids=ids, attention_mask=mask, past_key_values=cache)
+    assert cache.cross_attention_cache.get_seq_length() == ids.shape[1]  # the caller's cache: not bucketed
+    out, expected = same(
+        input_ids=ids, attention_mask=mask, return_dict_in_generate=True, output_hidden_states=True
+    )
+    assert [t.shape for t in out.encoder_hidden_states] == [t.shape for t in expected.encoder_hidden_states]
+
+
 @pytest.mark.skipif(not on_gpu(), reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_t5_generation_replays_match_the_compiled_decoder(kit, dtype):

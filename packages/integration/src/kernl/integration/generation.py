@@ -21,6 +21,7 @@ decoder runs on writes the reordered rows back where they were (transformers rep
 that every step of a beam search replays the same capture.
 """
 
+import functools
 import inspect
 
 import torch
@@ -55,6 +56,7 @@ def optimize_generation(model, report: OptimizationReport, bucket, cuda_graphs: 
         )
         model.kernl_decoder_graphs = steps
 
+    @functools.wraps(original)  # transformers validates generate()'s kwargs against this signature
     def forward(*args, **kwargs):
         cache = _cache_argument(kwargs)[1]
         if not _ready_static_cache(cache):
@@ -65,12 +67,10 @@ def optimize_generation(model, report: OptimizationReport, bucket, cuda_graphs: 
 
     model.forward = forward
     config = model.generation_config
-    if config.cache_implementation is None:
-        config.cache_implementation = "static"
     config.disable_compile = True
     report.notes.append(
-        f"generate(): decoder on kernl with the '{config.cache_implementation}' cache "
-        "(generation_config.cache_implementation; with a dynamic cache it runs as PyTorch); "
+        f"generate(): decoder on kernl with the '{config.cache_implementation or 'static'}' cache "
+        "(by default, in calls that name no cache; with a dynamic cache it runs as PyTorch); "
         "prompts padded to the encoder's buckets"
     )
     factory = getattr(model, "_prepare_static_cache", None)
@@ -143,13 +143,14 @@ def _reusing_static_cache(model, create):
         length = max(max_cache_len, getattr(model, "_previous_max_cache_length", -1))
         encoder_outputs = model_kwargs.get("encoder_outputs")
         encoder_length = None if encoder_outputs is None else encoder_outputs[0].shape[1]
-        key = (cache_implementation, batch_size, length, encoder_length, prefill_chunk_size)
+        # a kept cache is only reused, or copied in shape, by calls whose tensors it matches
+        state = (model.dtype, model.device, torch.is_inference_mode_enabled())
+        key = (cache_implementation, batch_size, length, encoder_length, prefill_chunk_size, state)
         cache = kept.pop(key, None)
         if cache is None:
             cache = create(cache_implementation, batch_size, max_cache_len, prefill_chunk_size, model_kwargs)
-            _allocate_like(
-                cache, next((c for c in kept.values() if _ready_static_cache(c)), None), batch_size
-            )
+            like = (c for k, c in kept.items() if k[-1] == state and _ready_static_cache(c))
+            _allocate_like(cache, next(like, None), batch_size)
         else:
             cache.reset()
             model._previous_max_cache_length = length
@@ -254,24 +255,38 @@ def _bucketed_generate(model, generate, bucket):
     """``generate`` with ``input_ids`` and ``attention_mask`` right-padded to ``bucket(length)``."""
 
     def padded_generate(*args, **kwargs):
+        config = kwargs.get("generation_config") or model.generation_config
+        if not (
+            {"past_key_values", "cache", "cache_implementation"} & kwargs.keys()
+            or config.cache_implementation
+        ):
+            kwargs["cache_implementation"] = "static"  # kernl's decoder steps run over a static cache
         place = 0 if args else "inputs" if "inputs" in kwargs else "input_ids"
         ids = args[0] if args else kwargs.get(place)
         mask = kwargs.get("attention_mask")
+        pad = kwargs.get("pad_token_id", config.pad_token_id)
         if (
             not isinstance(ids, torch.Tensor)
             or ids.dim() != 2
             or ids.is_floating_point()
-            or {"inputs_embeds", "encoder_outputs"} & kwargs.keys()
+            or {"inputs_embeds", "encoder_outputs", "past_key_values", "cache"}
+            & kwargs.keys()  # the caller's
             or not (mask is None or (isinstance(mask, torch.Tensor) and mask.shape == ids.shape))
+            # without a mask, whether pad tokens in the prompt are attended depends on the transformers
+            # release: left to generate() itself
+            or (mask is None and pad is not None and bool((ids == pad).any()))
+            # encoder hidden states and attentions are returned at the prompt's length
+            or any(
+                kwargs.get(f, getattr(config, f, False))
+                for f in ("output_hidden_states", "output_attentions")
+            )
         ):
             return generate(*args, **kwargs)
         extra = bucket(ids.shape[1]) - ids.shape[1]
         if extra == 0:
             return generate(*args, **kwargs)
-        config = kwargs.get("generation_config") or model.generation_config
-        pad = kwargs.get("pad_token_id", config.pad_token_id)
         if mask is None:
-            mask = _default_attention_mask(ids, pad, kwargs.get("eos_token_id", config.eos_token_id))
+            mask = torch.ones_like(ids, dtype=torch.long)
         ids = torch.nn.functional.pad(ids, (0, extra), value=0 if pad is None else pad)
         kwargs["attention_mask"] = torch.nn.functional.pad(mask, (0, extra), value=0)
         if args:
@@ -281,12 +296,3 @@ def _bucketed_generate(model, generate, bucket):
         return generate(*args, **kwargs)
 
     return padded_generate
-
-
-def _default_attention_mask(ids: torch.Tensor, pad, eos) -> torch.Tensor:
-    """The mask ``generate()`` infers without one: ``ids != pad`` when pad tokens occur and pad is not an
-    end-of-sequence token, else ones. ``ids``: (batch, length) int; returns the same shape, int64."""
-    eos = set(eos if isinstance(eos, (list, tuple)) else [eos])
-    if pad is not None and pad not in eos and bool((ids == pad).any()):
-        return ids.ne(pad).long()
-    return torch.ones_like(ids, dtype=torch.long)

@@ -9,6 +9,7 @@ length. One graph is compiled and captured per (batch, bucket), so a stream of m
 costs a bounded number of warm-ups.
 """
 
+import functools
 import inspect
 import os
 import warnings
@@ -110,9 +111,10 @@ def _call_kind(arguments: dict) -> tuple:
     return tuple((k, v if isinstance(v, plain) else type(v).__name__) for k, v in arguments.items())
 
 
-def _padded_call(compiled, signature, buckets, pad_id):
-    name_arguments = _argument_namer(signature)
+def _padded_call(compiled, original, buckets, pad_id):
+    name_arguments = _argument_namer(inspect.signature(original))
 
+    @functools.wraps(original)  # inspect.signature(model.forward) still tells the model's arguments
     def forward(*args, **kwargs):
         if name_arguments is None:
             with torch.no_grad():
@@ -176,7 +178,8 @@ def _optimize_encoder_decoder(model: torch.nn.Module, buckets, cuda_graphs: bool
     report.model = f"{type(model).__name__} (encoder: {report.model})"
     model.kernl_report = report
     if report.status == "optimized" and getattr(model, "generation_config", None) is not None:
-        optimize_generation(model, report, lambda length: _bucket(length, buckets), cuda_graphs)
+        usable = _usable_buckets(model, buckets)
+        optimize_generation(model, report, lambda length: _bucket(length, usable), cuda_graphs)
     return report
 
 
@@ -223,6 +226,20 @@ def optimize_model(model: torch.nn.Module, *, buckets=DEFAULT_BUCKETS, cuda_grap
     return _optimize_forward(model, buckets, cuda_graphs)
 
 
+def _usable_buckets(model: torch.nn.Module, buckets: tuple[int, ...]) -> tuple[int, ...]:
+    """The buckets no longer than the longest input the model's position table takes (a prompt padded
+    past it would index out of the table): ``config.max_position_embeddings``, less the offset of
+    tables indexed from ``padding_idx + 1`` (RoBERTa). All of them without such a table (T5)."""
+    longest = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if not isinstance(longest, int):
+        return buckets
+    for module in model.modules():
+        if isinstance(module, torch.nn.Embedding) and module.num_embeddings == longest:
+            longest -= 0 if module.padding_idx is None else module.padding_idx + 1
+            break
+    return tuple(b for b in buckets if b <= longest)
+
+
 def _checked_buckets(buckets) -> tuple[int, ...]:
     """``buckets`` sorted, after checking they are positive integers."""
     try:
@@ -257,6 +274,6 @@ def _optimize_forward(
     if device.type == "cuda" and cuda_graphs:
         compiled = model.kernl_cuda_graphs = ForwardGraphs(compiled, model, report)
     pad_id = getattr(model.config, "pad_token_id", None) or 0
-    model.forward = _padded_call(compiled, inspect.signature(original), buckets, pad_id)
+    model.forward = _padded_call(compiled, original, _usable_buckets(model, buckets), pad_id)
     model.kernl_original_forward = original
     return report
