@@ -111,8 +111,32 @@ def _call_kind(arguments: dict) -> tuple:
     return tuple((k, v if isinstance(v, plain) else type(v).__name__) for k, v in arguments.items())
 
 
+def _pad_arguments(arguments: dict, token_input: torch.Tensor, extra: int, pad_id: int) -> dict:
+    """``arguments`` with every per-token input right-padded by ``extra`` positions (a mask of ones for
+    the real tokens of ``token_input``, ``(B, S[, H])``, is made when there is none: the padding is
+    masked out)."""
+    padded = dict(arguments)
+    if padded.get("attention_mask") is None:
+        padded["attention_mask"] = torch.ones(
+            token_input.shape[:2], dtype=torch.long, device=token_input.device
+        )
+    for name in _PADDED_INPUTS:
+        value = padded.get(name)
+        if value is None:
+            continue
+        fill = pad_id if name == "input_ids" else 0
+        pad = (0, 0, 0, extra) if name == "inputs_embeds" else (0, extra)
+        padded[name] = torch.nn.functional.pad(value, pad, value=fill)
+    return padded
+
+
 def _padded_call(compiled, original, buckets, pad_id):
     name_arguments = _argument_namer(inspect.signature(original))
+    unpadded_only = set()  # kinds of call (see _call_kind) whose outputs cannot be cut back
+
+    def call(named: dict):  # by keyword: positional and keyword calls share a capture
+        with torch.no_grad():
+            return compiled(**named)
 
     @functools.wraps(original)  # inspect.signature(model.forward) still tells the model's arguments
     def forward(*args, **kwargs):
@@ -120,43 +144,26 @@ def _padded_call(compiled, original, buckets, pad_id):
             with torch.no_grad():
                 return compiled(*args, **kwargs)
         arguments = name_arguments(args, kwargs)
-
-        def call():  # by keyword, with the (padded) arguments: positional and keyword calls share a capture
-            with torch.no_grad():
-                return compiled(**arguments)
-
         tensors = {k: v for k, v in arguments.items() if isinstance(v, torch.Tensor)}
         ids, embeds = arguments.get("input_ids"), arguments.get("inputs_embeds")
         token_input = ids if ids is not None else embeds
         one_sequence_a_row = ids.dim() == 2 if ids is not None else embeds is not None and embeds.dim() == 3
         if not one_sequence_a_row or any(k not in _PADDED_INPUTS for k in tensors):
-            return call()  # e.g. multiple choice (B, choices, S): run as called, no bucketing
-        batch, length = token_input.shape[:2]
+            return call(arguments)  # e.g. multiple choice (B, choices, S): run as called, no bucketing
+        length = token_input.shape[1]
         padded = _bucket(length, buckets)
+        if padded == length:
+            return call(arguments)
         kind = (padded, _call_kind(arguments))
-        if padded != length and kind not in unpadded_only:
-            unpadded = dict(arguments)
-            extra = padded - length
-            if arguments.get("attention_mask") is None:
-                arguments["attention_mask"] = torch.ones(
-                    batch, length, dtype=torch.long, device=token_input.device
-                )
-            for name in _PADDED_INPUTS:
-                value = arguments.get(name)
-                if value is None:
-                    continue
-                fill = pad_id if name == "input_ids" else 0
-                pad = (0, 0, 0, extra) if name == "inputs_embeds" else (0, extra)
-                arguments[name] = torch.nn.functional.pad(value, pad, value=fill)
-            output = call()
-            cut = _cut_outputs(output, length, padded)
+        if kind not in unpadded_only:
+            cut = _cut_outputs(
+                call(_pad_arguments(arguments, token_input, padded - length, pad_id)), length, padded
+            )
             if cut is not None:
                 return cut
             unpadded_only.add(kind)  # outputs such a call cannot cut: run it as called from now on
-            arguments = unpadded
-        return call()
+        return call(arguments)
 
-    unpadded_only = set()
     return forward
 
 
@@ -178,8 +185,7 @@ def _optimize_encoder_decoder(model: torch.nn.Module, buckets, cuda_graphs: bool
     report.model = f"{type(model).__name__} (encoder: {report.model})"
     model.kernl_report = report
     if report.status == "optimized" and getattr(model, "generation_config", None) is not None:
-        usable = _usable_buckets(model, buckets)
-        optimize_generation(model, report, lambda length: _bucket(length, usable), cuda_graphs)
+        optimize_generation(model, report, lambda length: _bucket(length, buckets), cuda_graphs)
     return report
 
 
@@ -213,7 +219,7 @@ def optimize_model(model: torch.nn.Module, *, buckets=DEFAULT_BUCKETS, cuda_grap
         raise ValueError("optimize_model is for inference: call model.eval() first")
     if next(model.parameters(), None) is None:
         raise ValueError(f"model ({type(model).__name__}) has no parameters: nothing for kernl to run")
-    buckets = _checked_buckets(buckets)
+    buckets = _usable_buckets(model, _checked_buckets(buckets))
     encoder_decoder = getattr(getattr(model, "config", None), "is_encoder_decoder", False)
     part = model.get_encoder() if encoder_decoder and hasattr(model, "get_encoder") else model
     if hasattr(part, "kernl_original_forward"):
@@ -274,6 +280,6 @@ def _optimize_forward(
     if device.type == "cuda" and cuda_graphs:
         compiled = model.kernl_cuda_graphs = ForwardGraphs(compiled, model, report)
     pad_id = getattr(model.config, "pad_token_id", None) or 0
-    model.forward = _padded_call(compiled, original, _usable_buckets(model, buckets), pad_id)
+    model.forward = _padded_call(compiled, original, buckets, pad_id)
     model.kernl_original_forward = original
     return report

@@ -116,7 +116,7 @@ def tma_eligible(a: torch.Tensor, b: torch.Tensor, b2: torch.Tensor | None, batc
     return all(_tma_ready(t) for t in _tma_operands(a, b, batch))
 
 
-def _launch_tma(a, b, c, bias, residual, activation, cfg: Config, pdl: bool) -> None:
+def _launch_tma(a, b, c, bias, residual, activation, cfg: Config, pdl: bool, weight_like: bool) -> None:
     batch, m, k = a.shape
     n = b.shape[2]
     b_k_major = b.stride(1) == 1
@@ -130,7 +130,7 @@ def _launch_tma(a, b, c, bias, residual, activation, cfg: Config, pdl: bool) -> 
     programs = (
         tuning.sm_count(c.device.index or 0) * cfg.occupancy if c.device.type == "cuda" else min(tiles, 4)
     )
-    prefetch = prefetch_weights(pdl, b_k_major and b.shape[0] == 1, tiles, c.device)
+    prefetch = prefetch_weights(pdl, weight_like, tiles, c.device)
     bias_t = bias if bias is not None else c
     res_t = residual if residual is not None else c[0]
     gemm_tma_kernel[(programs,)](
@@ -159,9 +159,9 @@ def gemm(
 
     a: ``(Ba, M, K)``, b: ``(Bb, K, N)`` with ``Ba``/``Bb`` equal or 1 (broadcast), any strides.
     b2 (gate, ``(K, N)``), bias (``(N,)``) and residual (``(M, N)``) are for unbatched problems.
-    Returns a contiguous ``(max(Ba, Bb), M, N)`` tensor. ``config`` bypasses the tuner.
+    Returns a contiguous ``(B, M, N)`` tensor, ``B`` the broadcast batch. ``config`` bypasses the tuner.
     """
-    batch = max(a.shape[0], b.shape[0])
+    batch = 0 if 0 in (a.shape[0], b.shape[0]) else max(a.shape[0], b.shape[0])  # broadcast, as torch
     m, k = a.shape[1], a.shape[2]
     n = b.shape[2]
     check_spans({"a (linear_act's x)": a, "b (the weight)": b, "b2": b2, "residual": residual}, m, n)
@@ -196,7 +196,7 @@ def gemm(
         if cfg.kernel == "tma":
             if not problem.tma:
                 raise ValueError(f"config {cfg} needs the TMA kernel, which cannot run this problem")
-            _launch_tma(a, b, c, bias, residual, activation, cfg, pdl)
+            _launch_tma(a, b, c, bias, residual, activation, cfg, pdl, weight_like)
             return
         split = effective_split(k, cfg.block_k, cfg.split_k)
         grid_m, grid_n = _cdiv(m, cfg.block_m), _cdiv(n, cfg.block_n)

@@ -33,8 +33,6 @@ def matmul_impl(a: torch.Tensor, b: torch.Tensor, allow_tf32: bool) -> torch.Ten
     if not runs_triton_kernel(a):
         return matmul_reference(a, b, allow_tf32).reshape(output_shape(a, b))
     shape = output_shape(a, b)
-    if 0 in shape:
-        return a.new_empty(shape)
     if a.dim() == 3 and b.dim() == 2:
         try:  # fold the batch into M when the strides allow: one bigger GEMM, better tiles
             folded = a.view(-1, a.shape[-1])
