@@ -30,6 +30,9 @@ def test_signature_covers_shapes_dtypes_and_plain_arguments():
     assert key != ForwardGraphs.signature((ids,), {**nested, "head_mask": [1, 2]})
     assert key != ForwardGraphs.signature((ids,), {**nested, "encoder_outputs": {"last_hidden_state": ids}})
     assert ForwardGraphs.signature((ids,), {"cache": object()}) is None  # an object: runs without a graph
+    outside = ForwardGraphs.signature((ids,), {})
+    with torch.inference_mode():  # a graph captured in inference mode holds inference tensors
+        assert ForwardGraphs.signature((ids,), {}) != outside
 
 
 def test_map_tensors_keeps_the_structure():
@@ -52,8 +55,8 @@ def test_replays_follow_inputs_arguments_and_weights(kit):
     peer = copy.deepcopy(model).to("cuda", torch.float16)
     report = optimize_model(optimized)
 
-    def check(ids, mask, **kwargs):
-        with torch.inference_mode():
+    def check(ids, mask, mode=torch.inference_mode, **kwargs):
+        with mode():
             expected = reference(input_ids=ids, attention_mask=mask, **kwargs)
             same = peer(input_ids=ids.cuda(), attention_mask=mask.cuda(), **kwargs)
             actual = optimized(input_ids=ids.cuda(), attention_mask=mask.cuda(), **kwargs)
@@ -66,6 +69,7 @@ def test_replays_follow_inputs_arguments_and_weights(kit):
     check(*kit.padded_batch(2, 16, [9, 16], vocab=120, seed=2))  # same graph, new inputs
     assert torch.equal(first.last_hidden_state, kept)  # outputs are copies: the replay did not overwrite them
     assert report.graphs[0].runs_as == "CUDA graph (whole forward)", str(report)
+    check(*kit.padded_batch(2, 16, [7, 16], vocab=120, seed=9), mode=torch.no_grad)  # not inference mode
     hidden = check(*kit.padded_batch(2, 16, [16, 3], vocab=120, seed=3), output_hidden_states=True)
     assert len(hidden.hidden_states) == 3  # another argument: another capture
     for target in (reference, peer, optimized):  # weights changed in place: the graph reads them in place

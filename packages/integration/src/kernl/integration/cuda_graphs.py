@@ -4,12 +4,14 @@ The captured region is the full ``forward`` (TorchDynamo's compiled graphs with 
 PyTorch code between them), so a replay costs one graph launch plus the input copies: TorchDynamo's
 guards and the Python of ``forward`` run only while capturing. That is safe because the capture is
 keyed by everything the guards would look at that can change between calls: each tensor argument's
-shape, dtype and device, every other argument's value, and the autocast state; and because the
-model's parameters and buffers are checked to still live where the graphs read them (a replaced
-parameter, or ``model.half()`` after ``optimize_model``, drops every graph and the call runs again on
-a new capture). That check (~60 us of Python for Bert-base's 201 tensors on the H100 machine) runs
-while the GPU replays, not before: the graphs hold references to the tensors they read, so memory
-a stale graph reads is never freed under it, and a stale replay's result is thrown away.
+shape, dtype and device, every other argument's value, the autocast state and whether inference mode
+is on (a graph captured in inference mode reads inference tensors, which no call outside it may
+write); and because the model's parameters and buffers are checked to still live where the graphs
+read them (a replaced parameter, or ``model.half()`` after ``optimize_model``, drops every graph and
+the call runs again on a new capture). That check (~60 us of Python for Bert-base's 201 tensors on
+the H100 machine) runs while the GPU replays, not before: the graphs hold references to the tensors
+they read, so memory a stale graph reads is never freed under it, and a stale replay's result is
+thrown away.
 
 Memory: every capture of one model allocates from one pool (``torch.cuda.graph_pool_handle()``).
 Graphs never replay concurrently and outputs are copied out after each replay, so a capture's
@@ -143,7 +145,11 @@ class ForwardGraphs:
     @staticmethod
     def signature(args: tuple, kwargs: dict) -> tuple | None:
         """What a capture depends on; ``None`` when an argument cannot be part of a key (an object)."""
-        parts = [torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")]
+        parts = [
+            torch.is_autocast_enabled("cuda"),
+            torch.get_autocast_dtype("cuda"),
+            torch.is_inference_mode_enabled(),
+        ]
         try:
             parts += [(name, _describe(value)) for name, value in [*enumerate(args), *kwargs.items()]]
         except _Unkeyable:
