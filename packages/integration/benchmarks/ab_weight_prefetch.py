@@ -10,7 +10,8 @@ best of two rounds per setting, the settings alternated; ``t5``: wall clock, one
 - ``bert``: Bert-base under ``optimize_model`` (the whole forward's graph) at four shapes.
 - ``t5``: flan-T5-base ``generate()`` wall clock (128 tokens in, 32 out, greedy) at batch 1 and 8;
   both settings must produce the same tokens.
-Writes benchmarks/results/<gpu>/weight_prefetch.json.
+Writes benchmarks/results/<gpu>/weight_prefetch_<part>.json, one file per part (each written as soon as
+its part ends, so that parts can run in separate processes).
 Run: python packages/integration/benchmarks/ab_weight_prefetch.py [chains] [bert] [t5]
 """
 
@@ -171,12 +172,14 @@ def main() -> None:
     parts = sys.argv[1:] or ["chains", "bert", "t5"]
     before = os.environ.get("KERNL_PREFETCH")
     try:
-        results = {part: {"chains": chains, "bert": bert, "t5": t5}[part]() for part in parts}
+        for part in parts:
+            write_results(
+                f"weight_prefetch_{part}", {part: {"chains": chains, "bert": bert, "t5": t5}[part]()}
+            )
     finally:
         os.environ.pop("KERNL_PREFETCH", None)
         if before is not None:
             os.environ["KERNL_PREFETCH"] = before
-    write_results("weight_prefetch", results)
 
 
 if __name__ == "__main__":
