@@ -239,6 +239,64 @@ def test_huge_finite_additive_masks(fill, dtype, n_q, splits):
     check(out, q, k, v, 1 / math.sqrt(d), mask=mask)
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("where", ["bias", "mask"])
+def test_nan_or_inf_additions_give_nan_rows_as_the_reference(bad, where):
+    """A NaN or +inf in a bias or additive mask makes that query row NaN (reference, SDPA); other rows
+    stay right. (The clamp of huge finite additions must not turn NaN into a weight of 1.)"""
+    b, h, n_q, n_k, d = 1, 2, 5, 40, 16
+    q, k, v = make_qkv(
+        b, h, n_q, n_k, d, torch.float16, [ValueSpec(i, 1.0, 0.0) for i in range(3)], ["contiguous"] * 3
+    )
+    addition = torch.zeros((1, h, n_q, n_k), device=TEST_DEVICE)
+    addition[0, 1, 2, 33] = bad
+    out = attention(q, k, v, **{where: addition})
+    assert torch.isnan(out[0, 1, 2]).all()
+    clean = torch.ones_like(out, dtype=torch.bool)
+    clean[0, 1, 2] = False
+    expected = attention_reference(q.double(), k.double(), v.double(), **{where: addition.double()})
+    assert torch.isnan(expected[0, 1, 2]).all()
+    assert_matches_reference(
+        out[clean], expected[clean], eager_attention(q, k, v, d**-0.5, **{where: addition})[clean]
+    )
+
+
+def test_lengths_beyond_int32_are_clamped_not_wrapped():
+    q, k, v = make_qkv(
+        2, 1, 3, 9, 16, torch.float32, [ValueSpec(i, 1.0, 0.0) for i in range(3)], ["contiguous"] * 3
+    )
+    full = attention(q, k, v)
+    huge = torch.tensor([2**32 + 2, 2**40], device=TEST_DEVICE)  # int64: a cast alone would wrap to 2 and 0
+    torch.testing.assert_close(attention(q, k, v, key_padding_mask=huge), full)
+    torch.testing.assert_close(attention_decode(q[:, :, :1], k, v, huge), full[:, :, :1])
+
+
+def test_reference_never_reads_past_the_valid_keys():
+    """The reference (the CPU fallback without the interpreter) treats unread cache slots as the kernel
+    does: whatever they hold (NaN from ``torch.empty``) never reaches the output; no keys gives zeros."""
+    q, k, v = make_qkv(
+        2, 2, 1, 12, 16, torch.float32, [ValueSpec(i, 1.0, 0.0) for i in range(3)], ["contiguous"] * 3
+    )
+    lengths = torch.tensor([5, 0], device=TEST_DEVICE)
+    k_nan, v_nan = k.clone(), v.clone()
+    k_nan[0, :, 5:] = v_nan[0, :, 5:] = k_nan[1] = v_nan[1] = float("nan")
+    expected = attention_reference(q, k[:, :, :5], v[:, :, :5])[0]
+    for kwargs in (
+        dict(key_padding_mask=lengths),
+        dict(key_padding_mask=torch.arange(12, device=TEST_DEVICE) < lengths[:, None]),
+        dict(cache_len=lengths),
+    ):
+        for out in (
+            attention_reference(q, k_nan, v_nan, **kwargs),
+            attention_decode(q, k_nan, v_nan, lengths)
+            if "cache_len" in kwargs
+            else attention(q, k_nan, v_nan, **kwargs),
+        ):
+            torch.testing.assert_close(out[0], expected)
+            assert torch.equal(out[1], torch.zeros_like(out[1]))
+    assert torch.equal(attention_reference(q, k[:, :, :0], v[:, :, :0]), torch.zeros_like(q))
+
+
 def test_empty_sizes():
     q = make_tensor((2, 3, 5, 16), torch.float32, ValueSpec(1, 1.0, 0.0))
     no_keys = make_tensor((2, 3, 0, 16), torch.float32, ValueSpec(2, 1.0, 0.0))

@@ -19,6 +19,7 @@ lengths = torch.tensor([3, 7], device=TEST_DEVICE)
         (lambda: attention(q, kv.long(), kv), TypeError, "k must be float16"),
         (lambda: attention(q, kv.half(), kv), ValueError, "k must have q's dtype"),
         (lambda: attention(q[0], kv, kv), ValueError, "q must be 4-D"),
+        (lambda: attention(q, kv, kv.clone().requires_grad_()), ValueError, "v requires grad"),
         (lambda: attention(q, kv[:1], kv), ValueError, r"k must have shape \(2, 3, K, 16\)"),
         (lambda: attention(q, kv[..., :8], kv), ValueError, r"k must have shape"),
         (lambda: attention(q, kv, kv[:, :, :6]), ValueError, "v must have k's shape"),

@@ -30,6 +30,8 @@ w = torch.ones(8, device=TEST_DEVICE)
         (lambda: layer_norm(x, eps=True), ValueError, "eps"),
         (lambda: rms_norm(x, None), ValueError, "weight is required"),
         (lambda: rms_norm(x, w.reshape(1, 8)), ValueError, "weight must have shape"),
+        (lambda: layer_norm(x, w.clone().requires_grad_()), ValueError, "weight requires grad"),
+        (lambda: rms_norm(x.clone().requires_grad_(), w), ValueError, "x requires grad"),
     ],
 )
 def test_bad_arguments_raise_clear_errors(call, error, message):

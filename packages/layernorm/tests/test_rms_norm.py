@@ -42,8 +42,8 @@ def test_matches_transformers_t5_layer_norm_module():
     with torch.no_grad():
         module.weight.copy_(torch.linspace(0.5, 1.5, 96))
     x = make_tensor((3, 5, 96), torch.float16, ValueSpec(7, 2.0, 0.0))
-    with torch.no_grad():
+    with torch.no_grad():  # the module's weight requires grad: kernl refuses it under grad mode
         expected = module(x)
-    out = rms_norm(x, module.weight, module.variance_epsilon)
+        out = rms_norm(x, module.weight, module.variance_epsilon)
     assert out.dtype == expected.dtype
     assert_matches_reference(out, _fp64_reference(x, module.weight, 1e-6), expected)

@@ -20,6 +20,8 @@ b = torch.randn(6, device=TEST_DEVICE)
         (lambda: linear_act(x, w.half()), ValueError, "weight must have the dtype of x"),
         (lambda: linear_act(x[0], w), ValueError, "x must have at least 2 dimensions"),
         (lambda: linear_act(x, w[:, :7]), ValueError, "x's last dimension"),
+        (lambda: linear_act(x, w.clone().requires_grad_()), ValueError, "weight requires grad"),
+        (lambda: linear_act(x, w, b.clone().requires_grad_()), ValueError, "bias requires grad"),
         (lambda: linear_act(x, w[None]), ValueError, "weight must be 2-D"),
         (lambda: linear_act(x, w, b[:5]), ValueError, r"bias must have shape \(6,\)"),
         (lambda: linear_act(x, w, b.half()), ValueError, "bias must have the dtype"),
@@ -52,3 +54,11 @@ def test_cpu_without_interpreter_falls_back_to_reference(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     cpu_x, cpu_w, cpu_b = torch.randn(2, 5, 40), torch.randn(24, 40), torch.randn(24)
     assert torch.equal(linear_act(cpu_x, cpu_w, cpu_b, "relu"), F.relu(F.linear(cpu_x, cpu_w, cpu_b)))
+
+
+def test_parameters_that_require_grad_run_under_no_grad():
+    layer = torch.nn.Linear(8, 6).to(TEST_DEVICE)
+    for mode in (torch.no_grad, torch.inference_mode):
+        with mode():
+            expected = F.linear(x, layer.weight, layer.bias)
+            torch.testing.assert_close(linear_act(x, layer.weight, layer.bias), expected)

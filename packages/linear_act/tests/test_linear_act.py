@@ -15,7 +15,7 @@ from kernl.linear_act import (
     linear_act,
     linear_act_reference,
 )
-from kernl_testing import ValueSpec, assert_matches_reference, make_tensor
+from kernl_testing import TEST_DEVICE, ValueSpec, assert_matches_reference, make_tensor
 from kernl_testing.strategies import dtypes, layouts, value_specs
 
 sizes = st.one_of(st.integers(1, 80), st.sampled_from([96, 128, 131, 192]))
@@ -82,6 +82,18 @@ def test_activation_tails_and_nan(activation):
     out = linear_act(x, weight, None, activation)
     reference = linear_act_reference(x.double(), weight.double(), None, activation)
     assert_matches_reference(out, reference, _torch_unfused(x, weight, None, activation, None))
+
+
+def test_tanh_keeps_fp32_relative_precision_near_zero():
+    """tanh(x) ~ x for small x: relative error within a few fp32 ulps (``1 - 2 / (exp(2x) + 1)`` alone
+    cancels there: tanh(1e-8) came out 0, tanh(1e-6) 4.6% off)."""
+    values = torch.tensor([1e-30, 1e-8, -1e-6, 1e-4, -0.01, 0.3, -0.62, 0.63, 1.0, -3.0, 12.0])
+    x = make_tensor((values.numel(), 1), torch.float32, ValueSpec(0, 0.0, 0.0)) + values[:, None].to(
+        TEST_DEVICE
+    )
+    weight = torch.ones(1, 1, device=x.device)
+    out = linear_act(x, weight, None, "tanh")[:, 0].cpu()
+    torch.testing.assert_close(out.double(), torch.tanh(values.double()), rtol=1e-6, atol=0)
 
 
 def test_hf_activation_names_are_accepted():

@@ -20,6 +20,7 @@ b = torch.randn(8, 5, device=TEST_DEVICE)
         (lambda: matmul(a[0], b), ValueError, "a must be 2-D or 3-D"),
         (lambda: matmul(a, b[None, None]), ValueError, "b must be 2-D or 3-D"),
         (lambda: matmul(a, b[:7]), ValueError, "a's last dimension"),
+        (lambda: matmul(a, b.clone().requires_grad_()), ValueError, "b requires grad"),
         (lambda: matmul(a.expand(2, 4, 8), b.expand(3, 8, 5)), ValueError, "cannot be broadcast"),
         (lambda: matmul(a, b, allow_tf32=1), TypeError, "allow_tf32"),
     ],

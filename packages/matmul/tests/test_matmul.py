@@ -7,10 +7,10 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kernl.matmul import matmul, matmul_reference
+from kernl.matmul import launch, matmul, matmul_reference
 from kernl.matmul.functional import tf32_allowed
 from kernl.matmul.launch import check_spans
-from kernl_testing import ValueSpec, assert_matches_reference, make_tensor
+from kernl_testing import ValueSpec, assert_matches_reference, make_tensor, on_gpu
 from kernl_testing.strategies import dtypes, layouts, value_specs
 
 sizes = st.one_of(st.integers(1, 80), st.sampled_from([96, 128, 129, 200]))
@@ -63,6 +63,22 @@ def test_empty_and_k_zero():
     empty_batch = make_tensor((0, 5, 7), torch.float32, spec)
     for b in (make_tensor((7, 6), torch.float32, spec), make_tensor((1, 7, 6), torch.float32, spec)):
         assert matmul(empty_batch, b).shape == torch.matmul(empty_batch, b).shape == (0, 5, 6)
+
+
+@pytest.mark.parametrize("batches", [(7, 7), (7, 1), (1, 7)])
+def test_batches_past_the_grid_limit_run_in_parts(monkeypatch, batches):
+    """CUDA caps the grid's batch axis at 65535 programs: larger batches launch in parts (here, parts of 3)."""
+    monkeypatch.setattr(launch, "MAX_GRID_Z", 3)
+    a = make_tensor((batches[0], 9, 20), torch.float32, ValueSpec(1, 1.0, 0.0))
+    b = make_tensor((batches[1], 20, 11), torch.float32, ValueSpec(2, 1.0, 0.0))
+    assert_matches_reference(matmul(a, b), matmul_reference(a.double(), b.double()), torch.matmul(a, b))
+
+
+@pytest.mark.skipif(not on_gpu(), reason="the grid limit is CUDA's; the interpreter would take minutes")
+def test_batch_of_70000_on_the_gpu():
+    a = make_tensor((70000, 4, 8), torch.float16, ValueSpec(1, 1.0, 0.0))
+    b = make_tensor((70000, 8, 4), torch.float16, ValueSpec(2, 1.0, 0.0))
+    assert_matches_reference(matmul(a, b), matmul_reference(a.double(), b.double()), torch.matmul(a, b))
 
 
 def test_nan_and_inf_propagate_like_torch():

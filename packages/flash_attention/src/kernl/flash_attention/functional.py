@@ -17,6 +17,10 @@ def _check_tensor(name: str, t, dtypes: tuple[torch.dtype, ...], what: str) -> N
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dtype not in dtypes:
         raise TypeError(f"{name} must be {what}, got {t.dtype}")
+    if t.requires_grad and torch.is_grad_enabled():  # no backward: inference only
+        raise ValueError(
+            f"{name} requires grad; kernl's kernels have no backward: call under torch.no_grad()"
+        )
 
 
 def _check_qkv(q, k, v) -> None:

@@ -141,7 +141,8 @@ def _attn_fwd_kernel(
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no visible key so far
             exponent = tl.math.fma(s, factor, -m_use[:, None])
             if HAS_BIAS or MASK_KIND == 2:  # huge finite additions (-1e10, finfo.min): the exact product
-                exponent = tl.minimum(exponent, 0.0)  # may exceed the rounded maximum by far; exp2 <= 1
+                exponent = tl.where(exponent > 0.0, 0.0, exponent)  # may exceed the rounded maximum by
+                # far; exp2 <= 1. A where, not a minimum: NaN (a NaN or +inf addition) must stay NaN.
             p = tl.math.exp2(exponent)
             alpha = tl.math.exp2(m_i - m_use)
             l_i = l_i * alpha + tl.sum(p, axis=1)

@@ -23,8 +23,11 @@ def runs_triton_kernel(x: torch.Tensor) -> bool:
     return x.device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _as_int32(t: torch.Tensor | None) -> torch.Tensor | None:
-    return t.to(torch.int32) if t is not None and t.dtype not in (torch.bool, torch.int32) else t
+def _as_int32(t: torch.Tensor | None, n_k: int) -> torch.Tensor | None:
+    """Lengths as the kernel reads them: int32, clamped to ``[0, n_k]`` first (2**32 + 2 must not wrap to 2)."""
+    if t is None or t.dtype in (torch.bool, torch.int32):
+        return t
+    return t.clamp(0, n_k).to(torch.int32)
 
 
 def attention_impl(
@@ -46,9 +49,8 @@ def attention_impl(
             causal=causal, cache_len=cache_len,
         )  # fmt: skip
         return out.transpose(1, 2).contiguous().transpose(1, 2)  # the kernel's layout
-    return attention_forward(
-        q, k, v, scale, bias, mask, _as_int32(key_padding_mask), _as_int32(cache_len), causal
-    )
+    key_padding_mask, cache_len = _as_int32(key_padding_mask, k.shape[2]), _as_int32(cache_len, k.shape[2])
+    return attention_forward(q, k, v, scale, bias, mask, key_padding_mask, cache_len, causal)
 
 
 attention_op = torch.library.custom_op("kernl::attention", attention_impl, mutates_args=())

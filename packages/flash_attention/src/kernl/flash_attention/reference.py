@@ -31,6 +31,8 @@ def attention_reference(
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     n_q, n_k = q.shape[2], k.shape[2]
+    if n_k == 0:  # no keys: every row is fully masked
+        return q.new_zeros((*q.shape[:-1], v.shape[-1]))
     scores = scale * (q.to(compute) @ k.to(compute).transpose(-1, -2))
     if bias is not None:
         scores = scores + bias.to(compute)
@@ -40,12 +42,18 @@ def attention_reference(
     elif mask is not None:
         scores = scores + mask.to(compute)
     positions = torch.arange(n_k, device=q.device)
+    # Keys the kernel never reads: past a length, past cache_len, after a bool padding mask's last True.
+    # A preallocated cache may hold anything there (NaN from torch.empty); their values count as zeros.
+    readable = torch.ones((1, 1, 1, n_k), dtype=torch.bool, device=q.device)
     if key_padding_mask is not None and key_padding_mask.dtype == torch.bool:
         keep = keep & key_padding_mask[:, None, None, :]
+        extent = torch.where(key_padding_mask, positions + 1, 0).amax(-1)
+        readable = readable & (positions < extent.reshape(-1, 1, 1, 1))
     elif key_padding_mask is not None:
-        keep = keep & (positions < key_padding_mask.reshape(-1, 1, 1, 1))
+        readable = readable & (positions < key_padding_mask.reshape(-1, 1, 1, 1))
     if cache_len is not None:
-        keep = keep & (positions < cache_len.reshape(-1, 1, 1, 1))
+        readable = readable & (positions < cache_len.reshape(-1, 1, 1, 1))
+    keep = keep & readable
     if causal:
         keep = keep & (positions[None, :] <= torch.arange(n_q, device=q.device)[:, None])
     scores = scores.masked_fill(~keep, float("-inf"))
@@ -53,5 +61,6 @@ def attention_reference(
     row_max = torch.where(row_max == float("-inf"), 0.0, row_max)
     p = torch.exp(scores - row_max)
     denominator = p.sum(-1, keepdim=True)
-    out = (p @ v.to(compute)) / torch.where(denominator == 0, 1.0, denominator)
+    values = v.to(compute).masked_fill(~readable.transpose(-1, -2), 0.0)
+    out = (p @ values) / torch.where(denominator == 0, 1.0, denominator)
     return out.to(q.dtype)

@@ -16,6 +16,10 @@ def _check_float_tensor(name: str, t: torch.Tensor) -> None:
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"{name} must be float16, bfloat16 or float32, got {t.dtype}")
+    if t.requires_grad and torch.is_grad_enabled():  # no backward: inference only
+        raise ValueError(
+            f"{name} requires grad; kernl's kernels have no backward: call under torch.no_grad()"
+        )
 
 
 def _real(value) -> bool:

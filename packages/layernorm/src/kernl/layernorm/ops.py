@@ -31,12 +31,12 @@ def rms_norm_output_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
 
 
 def _normalize(x, residual, weight, bias, eps, is_rms):
-    if not runs_triton_kernel(x):
+    if not runs_triton_kernel(x):  # contiguous, as the kernel's outputs and the fake implementations
         if is_rms:
             result = rms_norm_reference(x, weight, eps, residual)
         else:
             result = layer_norm_reference(x, weight, bias, eps, residual)
-        return result if residual is not None else (result, None)
+        return tuple(t.contiguous() for t in result) if residual is not None else (result.contiguous(), None)
     n = x.shape[-1]
     out_dtype = rms_norm_output_dtype(x, weight) if is_rms else x.dtype
     flat_residual = residual.reshape(-1, n) if residual is not None else None

@@ -76,6 +76,7 @@ def prefetch_weights(pdl: bool, b_like_weight: bool, tiles: int, device: torch.d
 
 
 MAX_SPAN = 2**31  # the kernels index within one batch entry in 32 bits
+MAX_GRID_Z = 65535  # CUDA's limit on grid axis z, the pointer kernel's batch axis: larger batches go in parts
 
 
 def check_spans(operands: dict[str, torch.Tensor | None], m: int, n: int) -> None:
@@ -200,30 +201,33 @@ def gemm(
             return
         split = effective_split(k, cfg.block_k, cfg.split_k)
         grid_m, grid_n = _cdiv(m, cfg.block_m), _cdiv(n, cfg.block_n)
-        tiles = batch * grid_m * grid_n
-        if split > 1:
-            parts = 2 if b2 is not None else 1
-            ws = torch.empty(
-                split * tiles * parts * cfg.block_m * cfg.block_n, dtype=torch.float32, device=c.device
-            )
-            locks = _tile_locks(c.device, tiles)
-        else:
-            ws = locks = c
-        prefetch = prefetch_weights(pdl, weight_like, tiles, c.device)
-        gemm_kernel[(grid_m * grid_n, split, batch)](
-            a, b, g, c, bias_t, res_t, ws, locks,
-            m, n, k, split,
-            stride_ab, a.stride(1), a.stride(2),
-            stride_bb, b.stride(1), b.stride(2),
-            g.stride(0), g.stride(1),
-            c.stride(0), c.stride(1), c.stride(2),
-            bias_t.stride(-1), res_t.stride(-2), res_t.stride(-1),
-            ACTIVATION=activation, HAS_BIAS=bias is not None, HAS_GATE=b2 is not None,
-            HAS_RESIDUAL=residual is not None, INPUT_PRECISION=precision, EVEN_K=k % cfg.block_k == 0,
-            USE_SPLIT=split > 1, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages, USE_PDL=pdl,
-            PREFETCH_B=prefetch, launch_pdl=pdl,
-        )  # fmt: skip
+        for first in range(0, batch, MAX_GRID_Z):
+            part = slice(first, first + MAX_GRID_Z)
+            a_z, b_z, c_z = (t[part] if t.shape[0] > 1 else t for t in (a, b, c))
+            tiles = c_z.shape[0] * grid_m * grid_n
+            if split > 1:
+                parts = 2 if b2 is not None else 1
+                ws = torch.empty(
+                    split * tiles * parts * cfg.block_m * cfg.block_n, dtype=torch.float32, device=c.device
+                )
+                locks = _tile_locks(c.device, tiles)
+            else:
+                ws = locks = c
+            prefetch = prefetch_weights(pdl, weight_like, tiles, c.device)
+            gemm_kernel[(grid_m * grid_n, split, c_z.shape[0])](
+                a_z, b_z, g, c_z, bias_t, res_t, ws, locks,
+                m, n, k, split,
+                stride_ab, a.stride(1), a.stride(2),
+                stride_bb, b.stride(1), b.stride(2),
+                g.stride(0), g.stride(1),
+                c.stride(0), c.stride(1), c.stride(2),
+                bias_t.stride(-1), res_t.stride(-2), res_t.stride(-1),
+                ACTIVATION=activation, HAS_BIAS=bias is not None, HAS_GATE=b2 is not None,
+                HAS_RESIDUAL=residual is not None, INPUT_PRECISION=precision, EVEN_K=k % cfg.block_k == 0,
+                USE_SPLIT=split > 1, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+                GROUP_M=cfg.group_m, num_warps=cfg.num_warps, num_stages=cfg.num_stages, USE_PDL=pdl,
+                PREFETCH_B=prefetch, launch_pdl=pdl,
+            )  # fmt: skip
 
     launch(config or tuning.choose(problem, c.device, launch))
     return c
