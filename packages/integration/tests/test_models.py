@@ -1,6 +1,8 @@
 """optimize_model on the Bert heads and RoBERTa: same logits as Hugging Face, nothing left in PyTorch;
 outputs cut back to the caller's length whatever their layout (per-token 2-D logits, tuples, choices)."""
 
+import copy
+
 import pytest
 import torch
 from transformers import (
@@ -18,8 +20,9 @@ from transformers import (
     XLMRobertaForSequenceClassification,
 )
 
+from kernl.integration import optimize_model
 from kernl.integration.kernels import KERNELS, find
-from kernl_testing import on_gpu
+from kernl_testing import assert_matches_reference, on_gpu
 
 DTYPE = torch.float16 if on_gpu() else torch.float32
 ROBERTA = dict(pad_token_id=1, max_position_embeddings=130)
@@ -98,3 +101,58 @@ def test_usable_buckets_follow_each_family_position_table(kit):
                                            encoder_attention_heads=2, decoder_attention_heads=2,
                                            encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=100))  # fmt: skip
     assert _usable_buckets(bart, buckets) == (16, 32, 64)
+
+
+def test_bert_decoder_with_a_cache_runs_as_called(kit):
+    """A Bert decoder returns a key/value cache: a padded call would return one of the bucket's length,
+    and the next step would read padding as keys (greedy tokens went wrong from the 6th on); a CUDA graph
+    replay would hand every call the same cache object, overwritten by the next call."""
+    from transformers import BertLMHeadModel
+
+    model = kit.build(BertLMHeadModel, kit.tiny_config(BertConfig, is_decoder=True))
+    ids, other = (kit.padded_batch(1, 5, [5], vocab=120, seed=seed)[0] for seed in (0, 1))
+    step = torch.tensor([[7]])
+    report = kit.compare_with_reference(model, DTYPE, [dict(input_ids=ids, use_cache=True)], ["logits"])
+    assert report.status == "optimized"
+    optimized, peer = (copy.deepcopy(model).to(kit.device, DTYPE) for _ in range(2))
+    optimize_model(optimized)
+    reference = copy.deepcopy(model).double()
+
+    def two_steps(m, device):
+        first = m(input_ids=ids.to(device), use_cache=True)
+        length = first.past_key_values.get_seq_length()
+        m(input_ids=other.to(device), use_cache=True)  # same signature: must not overwrite first's cache
+        second = m(input_ids=step.to(device), past_key_values=first.past_key_values, use_cache=True)
+        return length, second
+
+    with torch.inference_mode():
+        (length, actual), (_, expected), (_, same_dtype) = (
+            two_steps(m, d) for m, d in ((optimized, kit.device), (reference, "cpu"), (peer, kit.device))
+        )
+        assert length == 5 and actual.past_key_values.get_seq_length() == 6
+        assert_matches_reference(actual.logits, expected.logits, same_dtype.logits)
+        tokens = [
+            m.generate(ids.to(kit.device), max_new_tokens=6, do_sample=False) for m in (optimized, peer)
+        ]
+    assert torch.equal(*tokens) or on_gpu()  # fp16: a near tie may flip a token
+
+
+def test_four_dimensional_attention_masks_run_as_called(kit):
+    model = kit.build(BertModel, kit.tiny_config(BertConfig))
+    ids, mask = kit.padded_batch(2, 11, [11, 6], vocab=120)
+    square = (mask[:, None, None, :] * torch.ones(1, 1, 11, 1, dtype=torch.long)).bool()  # [B, 1, S, S]
+    call = dict(input_ids=ids, attention_mask=square)
+    kit.compare_with_reference(model, DTYPE, [call], ["last_hidden_state"])
+
+
+def test_models_that_mix_positions_outside_attention_are_not_bucketed(kit):
+    """ConvBERT's span convolution sees the padding a bucket adds: it runs at the caller's length."""
+    from transformers import ConvBertConfig, ConvBertModel
+
+    model = kit.build(ConvBertModel, kit.tiny_config(ConvBertConfig, embedding_size=64), "eager")
+    ids, mask = kit.padded_batch(2, 11, [11, 6], vocab=120)
+    report = kit.compare_with_reference(
+        model, DTYPE, [dict(input_ids=ids[:1], attention_mask=mask[:1])], ["last_hidden_state"]
+    )
+    assert "no bucketing" in " ".join(report.notes)
+    assert report.graphs[0].inputs.startswith("[1x11")

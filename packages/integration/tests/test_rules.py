@@ -280,11 +280,16 @@ def test_products_that_are_not_a_gated_ffn_are_kept():
         not_an_activation = torch.sigmoid(F.linear(x, w0)) * F.linear(x, w1)
         with_bias = F.gelu(F.linear(x, w0, b)) * F.linear(x, w1)
         other_input = F.gelu(F.linear(x, w0)) * F.linear(x * 2, w1)
-        return not_an_activation, with_bias, other_input
+        clipped = torch.clip(F.gelu(F.linear(x, w0)), -10, 10) * F.linear(x, w1)  # HF "gelu_10"
+        return not_an_activation, with_bias, other_input, clipped
 
     g = torch.Generator().manual_seed(4)
-    x, w0, w1 = torch.randn(3, 8, generator=g), torch.randn(6, 8, generator=g), torch.randn(6, 8, generator=g)
-    b = torch.randn(6, generator=g)
+    x, w0, w1 = (
+        torch.randn(3, 8, generator=g),
+        torch.randn(6, 8, generator=g) * 4,
+        torch.randn(6, 8, generator=g),
+    )
+    b = torch.randn(6, generator=g)  # w0 * 4: gate values beyond the clip at 10
     record, _, compiled = rewritten(fn, x, w0, w1, b)
     assert record.fired.get("gated_ffn", 0) == 0
     check_same(fn, compiled, x, w0, w1, b)

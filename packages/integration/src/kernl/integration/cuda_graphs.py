@@ -43,6 +43,15 @@ def map_tensors(fn, value):
     return value
 
 
+def holds_objects(value) -> bool:
+    """True when ``value`` holds anything beyond tensors, plain values and containers of them (a Cache)."""
+    if isinstance(value, dict):
+        return any(holds_objects(item) for item in value.values())
+    if isinstance(value, (tuple, list)):
+        return any(holds_objects(item) for item in value)
+    return not isinstance(value, (torch.Tensor, bool, int, float, str, type(None)))
+
+
 def _tensors(args: tuple, kwargs: dict) -> list:
     """Every tensor in the arguments, nested ones (a ModelOutput, a tuple) included, in a fixed order."""
     found = []
@@ -200,6 +209,9 @@ class ForwardGraphs:
             )
         except Exception as failure:  # noqa: BLE001 - anything a capture cannot handle runs without one
             error = f"CUDA graph capture failed ({type(failure).__name__}: {failure}); runs without"
+        if error is None and not self.stateful and holds_objects(capture.outputs):
+            capture.graph = None  # every replay would hand out the same object, its tensors overwritten
+            error = "outputs hold an object (a key/value cache) each replay would overwrite; runs without"
         for record in self.report.graphs[first_record:]:
             record.runs_as = (
                 "CUDA graph (whole forward)" if error is None else "rewritten graph, no CUDA graph"

@@ -17,7 +17,7 @@ import warnings
 import torch
 
 from kernl.integration.backend import KernlBackend
-from kernl.integration.cuda_graphs import ForwardGraphs, map_tensors
+from kernl.integration.cuda_graphs import ForwardGraphs, holds_objects, map_tensors
 from kernl.integration.generation import optimize_generation
 from kernl.integration.report import OptimizationReport
 
@@ -26,6 +26,16 @@ DEFAULT_BUCKETS = (16, 32, 64, 128, 256, 384, 512)
 _PADDED_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "inputs_embeds")
 # 2-D ModelOutput fields with one value per token, cut back like 3-D hidden states.
 _PER_TOKEN_2D = ("start_logits", "end_logits")
+# Models whose real tokens never see padding that attention masks out (positions mix only through
+# attention): padding them to a bucket leaves their outputs unchanged. Others (ConvBERT's span
+# convolution, Nystromformer's value convolution mix neighbouring positions) run at the caller's length.
+BUCKETED_MODEL_TYPES = frozenset(
+    {
+        "bert", "roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "electra", "albert", "distilbert",
+        "ernie", "data2vec-text", "xmod", "mpnet", "megatron-bert", "rembert", "roformer", "deberta",
+        "deberta-v2", "t5", "mt5", "umt5", "bart", "mbart",
+    }
+)  # fmt: skip
 
 
 def _unsupported_reason(device: torch.device) -> str | None:
@@ -61,6 +71,8 @@ def _cut_outputs(output, length: int, padded: int):
     A 2-D output ``(B, padded)`` may hold one value per token (question answering's ``start_logits``)
     or per sequence (a pooler output or classification logits as wide as the bucket): in a ModelOutput
     the field name tells (:data:`_PER_TOKEN_2D`); in a plain tuple nothing does, so ``None``."""
+    if holds_objects(output):  # a returned key/value cache: as long as the padded input, cannot be cut
+        return None
     if isinstance(output, dict):
         cut = type(output).__new__(type(output))
         for key, item in output.items():
@@ -76,6 +88,18 @@ def _cut_outputs(output, length: int, padded: int):
     if padded in widths:
         return None
     return map_tensors(lambda t: _cut(t, length, padded), output)
+
+
+def _one_sequence_a_row(arguments: dict, tensors: dict) -> bool:
+    """Whether every tensor argument is a per-token input of one ``(B, S)`` layout (``inputs_embeds``
+    ``(B, S, H)``) and no argument is an object (a cache of earlier positions): the calls bucketing pads."""
+    if any(k not in _PADDED_INPUTS for k in tensors) or holds_objects(arguments):
+        return False
+    shapes = {
+        tuple(t.shape[:2]) if k == "inputs_embeds" and t.dim() == 3 else tuple(t.shape)
+        for k, t in tensors.items()
+    }
+    return len(shapes) == 1 and len(next(iter(shapes))) == 2
 
 
 def _argument_namer(signature: inspect.Signature):
@@ -147,9 +171,8 @@ def _padded_call(compiled, original, buckets, pad_id):
         tensors = {k: v for k, v in arguments.items() if isinstance(v, torch.Tensor)}
         ids, embeds = arguments.get("input_ids"), arguments.get("inputs_embeds")
         token_input = ids if ids is not None else embeds
-        one_sequence_a_row = ids.dim() == 2 if ids is not None else embeds is not None and embeds.dim() == 3
-        if not one_sequence_a_row or any(k not in _PADDED_INPUTS for k in tensors):
-            return call(arguments)  # e.g. multiple choice (B, choices, S): run as called, no bucketing
+        if token_input is None or not _one_sequence_a_row(arguments, tensors):
+            return call(arguments)  # multiple choice (B, choices, S), a 4-D mask, a cache: run as called
         length = token_input.shape[1]
         padded = _bucket(length, buckets)
         if padded == length:
@@ -185,6 +208,7 @@ def _optimize_encoder_decoder(model: torch.nn.Module, buckets, cuda_graphs: bool
     report.model = f"{type(model).__name__} (encoder: {report.model})"
     model.kernl_report = report
     if report.status == "optimized" and getattr(model, "generation_config", None) is not None:
+        buckets = _safe_buckets(model, buckets)
         optimize_generation(model, report, lambda length: _bucket(length, buckets), cuda_graphs)
     return report
 
@@ -246,6 +270,11 @@ def _usable_buckets(model: torch.nn.Module, buckets: tuple[int, ...]) -> tuple[i
     return tuple(b for b in buckets if b <= longest)
 
 
+def _safe_buckets(model: torch.nn.Module, buckets: tuple[int, ...]) -> tuple[int, ...]:
+    """``buckets``, or none for a model type not in :data:`BUCKETED_MODEL_TYPES`."""
+    return buckets if getattr(model.config, "model_type", None) in BUCKETED_MODEL_TYPES else ()
+
+
 def _checked_buckets(buckets) -> tuple[int, ...]:
     """``buckets`` sorted, after checking they are positive integers."""
     try:
@@ -280,6 +309,11 @@ def _optimize_forward(
     if device.type == "cuda" and cuda_graphs:
         compiled = model.kernl_cuda_graphs = ForwardGraphs(compiled, model, report)
     pad_id = getattr(model.config, "pad_token_id", None) or 0
-    model.forward = _padded_call(compiled, original, buckets, pad_id)
+    if buckets and not _safe_buckets(model, buckets):
+        report.notes.append(
+            f"model type {model.config.model_type!r} is not known to keep padding out of its real tokens' "
+            "outputs: no bucketing, each sequence length compiles and captures its own graph"
+        )
+    model.forward = _padded_call(compiled, original, _safe_buckets(model, buckets), pad_id)
     model.kernl_original_forward = original
     return report

@@ -28,7 +28,10 @@ from kernl.integration.rules.linear_act import LINEAR_TARGETS, TORCH_ACTIVATIONS
 
 F = torch.nn.functional
 ACTIVATIONS = {name: TORCH_ACTIVATIONS[name] for name in ("gelu", "gelu_tanh", "relu", "silu")}
-_PROBE = torch.linspace(-8.0, 8.0, 401, dtype=torch.float64)
+# Probe values: dense where the activations bend, and out to 1e30 on both sides, so that a clamp after
+# the activation (transformers' "gelu_10" clips at +-10) does not pass for the plain activation.
+_TAILS = torch.logspace(1, 30, 59, dtype=torch.float64)
+_PROBE = torch.cat([torch.linspace(-8.0, 8.0, 401, dtype=torch.float64), _TAILS, -_TAILS])
 
 
 def gated_linear_act_call(x, w0, w1, activation):
