@@ -205,6 +205,33 @@ def test_t5_generate_arguments_behave_as_in_hugging_face(kit):
     assert [t.shape for t in out.encoder_hidden_states] == [t.shape for t in expected.encoder_hidden_states]
 
 
+def test_t5_generate_settings_that_read_the_prompt_or_refuse_static_caches(kit):
+    """Processors built from the prompt (encoder_no_repeat_ngram_size, encoder_repetition_penalty) must
+    not see the bucket's padding; assisted generation runs on transformers' dynamic cache; a cache that
+    kernl's generate() made cannot be continued, and says how to get one that can."""
+    model = kit.build(T5ForConditionalGeneration, t5_config("gated-gelu"))
+    optimized = copy.deepcopy(model).to(kit.device, DTYPE)
+    optimize_model(optimized)
+    reference = model.to(kit.device, DTYPE)
+    ids, mask = (t.to(kit.device) for t in kit.padded_batch(1, 9, [9], vocab=120))
+    base = dict(input_ids=ids, attention_mask=mask, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    scored = dict(return_dict_in_generate=True, output_scores=True)
+    with torch.no_grad():
+        for setting in (dict(encoder_no_repeat_ngram_size=2), dict(encoder_repetition_penalty=0.5)):
+            out, expected = (m.generate(**base, **scored, **setting) for m in (optimized, reference))
+            for ours, theirs in zip(out.scores, expected.scores, strict=True):  # padding banned no n-gram
+                assert torch.equal(torch.isinf(ours), torch.isinf(theirs)), setting
+            assert torch.equal(out.sequences, expected.sequences) or on_gpu()
+        for setting in (dict(prompt_lookup_num_tokens=2), dict(assistant_model=reference)):
+            tokens = optimized.generate(**base, **setting)
+            assert torch.equal(tokens, reference.generate(**base, **setting)) or on_gpu()
+        first = optimized.generate(**base, return_dict_in_generate=True)
+        with pytest.raises(ValueError, match="cache_implementation='dynamic'"):
+            optimized.generate(
+                **base, decoder_input_ids=first.sequences, past_key_values=first.past_key_values
+            )
+
+
 @pytest.mark.skipif(not on_gpu(), reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_t5_generation_replays_match_the_compiled_decoder(kit, dtype):

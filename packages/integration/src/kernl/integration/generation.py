@@ -154,6 +154,7 @@ def _reusing_static_cache(model, create):
         else:
             cache.reset()
             model._previous_max_cache_length = length
+        cache.kernl_kept = True  # reset and reused by a later call: see _bucketed_generate
         kept[key] = cache
         while len(kept) > KEPT_CACHES:
             kept.pop(next(iter(kept)))
@@ -256,6 +257,15 @@ def _bucketed_generate(model, generate, bucket):
 
     def padded_generate(*args, **kwargs):
         config = kwargs.get("generation_config") or model.generation_config
+        setting = lambda name: kwargs.get(name, getattr(config, name, None))  # noqa: E731
+        if getattr(_cache_argument(kwargs)[1], "kernl_kept", False):
+            raise ValueError(
+                "past_key_values is a static cache kernl's generate() made for an earlier call: sized for "
+                "that call and reset by the next call of its size, it cannot be continued. To continue a "
+                "generation from its cache, make the first call with cache_implementation='dynamic'"
+            )
+        if any(setting(n) for n in ("assistant_model", "prompt_lookup_num_tokens", "assistant_early_exit")):
+            return generate(*args, **kwargs)  # assisted generation: transformers refuses static caches
         if not (
             {"past_key_values", "cache", "cache_implementation"} & kwargs.keys()
             or config.cache_implementation
@@ -276,10 +286,10 @@ def _bucketed_generate(model, generate, bucket):
             # release: left to generate() itself
             or (mask is None and pad is not None and bool((ids == pad).any()))
             # encoder hidden states and attentions are returned at the prompt's length
-            or any(
-                kwargs.get(f, getattr(config, f, False))
-                for f in ("output_hidden_states", "output_attentions")
-            )
+            or any(setting(f) for f in ("output_hidden_states", "output_attentions"))
+            # processors built from the prompt itself would count the padding as prompt tokens
+            or (setting("encoder_no_repeat_ngram_size") or 0) > 0
+            or setting("encoder_repetition_penalty") not in (None, 1.0)
         ):
             return generate(*args, **kwargs)
         extra = bucket(ids.shape[1]) - ids.shape[1]
