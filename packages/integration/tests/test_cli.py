@@ -59,12 +59,19 @@ def test_a_bench_cut_short_by_sigterm_is_interrupted_like_ctrl_c():
 
 @pytest.mark.parametrize(
     "option, value",
-    [("--engines", "kernl,HF sdpaa"), ("--shapes", "1x"), ("--shapes", "8x0"), ("--shapes", "ax16")],
-)
+    [("--engines", "kernl,HF sdpaa"), ("--shapes", "1x"), ("--shapes", "8x0"), ("--shapes", "ax16"),
+     ("--shapes", "1x16,1x1024"), ("--out", "/proc/kernl-results"), ("--out", __file__)],
+)  # fmt: skip
 def test_bad_bench_options_are_refused_naming_the_option(option, value, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["bench", option, value])
     assert exit_info.value.code == 2 and option in capsys.readouterr().err
+
+
+def test_the_cpu_path_turns_the_interpreter_on_whatever_it_was(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the kernels could not run on the CPU at all
+    assert select_device() == "cpu" and os.environ["TRITON_INTERPRET"] == "1"
 
 
 def test_a_gpu_older_than_ampere_is_not_selected(monkeypatch):

@@ -4,6 +4,7 @@ import json
 import multiprocessing
 import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -51,6 +52,8 @@ def test_key_and_candidates_account_for_the_residual_epilogue():
 def test_cache_path_follows_kernl_cache_dir(tmp_path, monkeypatch):
     monkeypatch.setenv("KERNL_CACHE_DIR", str(tmp_path))
     assert cache_path("nvidia-h100") == tmp_path / "matmul-nvidia-h100.json"
+    monkeypatch.setenv("KERNL_CACHE_DIR", "~/kernl-cache")  # as a shell would not expand it in quotes
+    assert cache_path("gpu") == Path.home() / "kernl-cache" / "matmul-gpu.json"
 
 
 def test_tuned_choice_is_written_and_reused_after_a_restart(tmp_path, monkeypatch):
@@ -109,6 +112,10 @@ def test_bad_entries_are_skipped_and_kept_and_good_ones_survive(tmp_path):
         "not a power of two": {"block_m": 48, "block_n": 64, "block_k": 32},
         "unknown kernel": {**good, "kernel": "cuda"},
         "newer version": {**good, "swizzle": 2},
+        "warps not a power of two": {**good, "num_warps": 3},
+        "tile too small for a dot": {**good, "block_m": 1},
+        "tile too large": {**good, "block_m": 2**30},
+        "split-K in the TMA kernel": {**good, "kernel": "tma", "split_k": 4},
     }
     path.write_text(json.dumps({"good": good, **bad}))
     assert read_cache(path) == {"good": Config(64, 64, 32)}

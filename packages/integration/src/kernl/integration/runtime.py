@@ -13,5 +13,5 @@ def select_device() -> str:
 
     if torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 8:
         return "cuda"
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+    os.environ["TRITON_INTERPRET"] = "1"  # a user's 0 would leave the CPU with no way to run a kernel
     return "cpu"

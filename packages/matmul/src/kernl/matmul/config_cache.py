@@ -38,8 +38,8 @@ class Config:
 
 def cache_path(gpu: str) -> Path:
     """Where the chosen configs of GPU ``gpu`` (see :func:`kernl.matmul.tuning.gpu_name`) are kept."""
-    root = os.environ.get("KERNL_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "kernl")
-    return Path(root) / f"matmul-{gpu}.json"
+    root = os.environ.get("KERNL_CACHE_DIR") or os.path.join("~", ".cache", "kernl")
+    return Path(os.path.expanduser(root)) / f"matmul-{gpu}.json"
 
 
 _BLOCKS = ("block_m", "block_n", "block_k")
@@ -57,8 +57,13 @@ def _config(fields: object) -> Config | None:
     values = [getattr(config, name) for name in _BLOCKS + _COUNTS]
     if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values):
         return None
-    if any(v & (v - 1) for v in values[: len(_BLOCKS)]) or config.kernel not in ("ptr", "tma"):
-        return None  # tile sizes are powers of two; two kernels
+    blocks = values[: len(_BLOCKS)]
+    if any(v & (v - 1) or not 16 <= v <= 512 for v in blocks) or config.kernel not in ("ptr", "tma"):
+        return None  # tile sizes: powers of two a tl.dot takes; two kernels
+    if config.num_warps & (config.num_warps - 1) or config.num_warps > 16 or config.num_stages > 8:
+        return None
+    if config.kernel == "tma" and config.split_k != 1:
+        return None  # the persistent TMA kernel has no split-K
     return config
 
 

@@ -11,7 +11,7 @@ the shape bucket (batch and M rounded up to a power of two, N and K exact), so a
 skips the timing. Under Triton's interpreter :func:`heuristic` picks without timing; while a CUDA
 graph is being captured, a remembered config (memory or disk) is used, else the heuristic (so: tune
 with one eager call before capturing).
-``KERNL_AUTOTUNE=0`` always uses the heuristic; ``KERNL_TUNING_LOG=1`` prints every tuning's timings.
+``KERNL_AUTOTUNE=0`` (or ``false``/``off``/``no``) always uses the heuristic; ``KERNL_TUNING_LOG=1`` prints every tuning's timings.
 """
 
 import functools
@@ -219,7 +219,7 @@ def _choose(p: Problem, device: torch.device, launch) -> Config:
     if device.type != "cuda":
         return heuristic(p)
     sms = sm_count(device.index if device.index is not None else torch.cuda.current_device())
-    if os.environ.get("KERNL_AUTOTUNE") == "0":
+    if os.environ.get("KERNL_AUTOTUNE", "").strip().lower() in ("0", "false", "off", "no"):
         return heuristic(p, sms)
     gpu = gpu_name(device)
     if torch.cuda.is_current_stream_capturing():  # no timing inside a capture: a remembered config or a guess

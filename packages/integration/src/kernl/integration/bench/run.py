@@ -3,6 +3,7 @@
 import argparse
 import contextlib
 import json
+import os
 import platform
 import re
 import signal
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+MAX_SEQUENCE = 512  # Bert-base's position table
 TARGETS = {"ratio_to_best_peer": 1.25, "1x16_max_ms": 0.6, "1x16_min_speedup": 12.0, "32x512_max_ms": 6.5}
 
 
@@ -27,7 +29,23 @@ def shape_list(text: str) -> list[tuple[int, int]]:
         shapes = []
     if not shapes or any(len(s) != 2 or min(s) < 1 for s in shapes):
         raise argparse.ArgumentTypeError(f"expected batch x sequence pairs such as 1x16,8x128, got {text!r}")
+    if any(seq > MAX_SEQUENCE for _, seq in shapes):
+        raise argparse.ArgumentTypeError(
+            f"Bert-base takes at most {MAX_SEQUENCE} tokens a sequence, got {text!r}"
+        )
     return shapes
+
+
+def results_folder(text: str) -> Path:
+    """``--out``: made now (parents too) and checked writable, so that a bad folder fails before the run."""
+    folder = Path(text).expanduser()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise argparse.ArgumentTypeError(f"cannot create {text!r}: {error.strerror or error}") from None
+    if not os.access(folder, os.W_OK):
+        raise argparse.ArgumentTypeError(f"{text!r} is not writable")
+    return folder
 
 
 def engine_list(text: str) -> list[str]:
@@ -54,7 +72,9 @@ def add_arguments(parser) -> None:
     parser.add_argument(
         "--shapes", type=shape_list, help="comma-separated BxS list (default: {1,8,32} x {16,128,512})"
     )
-    parser.add_argument("--out", help="results folder (default: benchmarks/results/<gpu>/)")
+    parser.add_argument(
+        "--out", type=results_folder, help="results folder (default: benchmarks/results/<gpu>/)"
+    )
     parser.add_argument(
         "--quick", action="store_true", help="skip kernl's warm-cache re-run and kernel breakdown"
     )
