@@ -151,10 +151,10 @@ def _reusing_static_cache(model, create):
             cache = create(cache_implementation, batch_size, max_cache_len, prefill_chunk_size, model_kwargs)
             like = (c for k, c in kept.items() if k[-1] == state and _ready_static_cache(c))
             _allocate_like(cache, next(like, None), batch_size)
+            cache.kernl_kept = True  # reset and reused by a later call: see _bucketed_generate
         else:
             cache.reset()
             model._previous_max_cache_length = length
-        cache.kernl_kept = True  # reset and reused by a later call: see _bucketed_generate
         kept[key] = cache
         while len(kept) > KEPT_CACHES:
             kept.pop(next(iter(kept)))
@@ -274,7 +274,7 @@ def _bucketed_generate(model, generate, bucket):
         place = 0 if args else "inputs" if "inputs" in kwargs else "input_ids"
         ids = args[0] if args else kwargs.get(place)
         mask = kwargs.get("attention_mask")
-        pad = kwargs.get("pad_token_id", config.pad_token_id)
+        pad = setting("pad_token_id")
         if (
             not isinstance(ids, torch.Tensor)
             or ids.dim() != 2

@@ -90,9 +90,10 @@ def _cut_outputs(output, length: int, padded: int):
     return map_tensors(lambda t: _cut(t, length, padded), output)
 
 
-def _one_sequence_a_row(arguments: dict, tensors: dict) -> bool:
+def _one_sequence_a_row(arguments: dict) -> bool:
     """Whether every tensor argument is a per-token input of one ``(B, S)`` layout (``inputs_embeds``
     ``(B, S, H)``) and no argument is an object (a cache of earlier positions): the calls bucketing pads."""
+    tensors = {k: v for k, v in arguments.items() if isinstance(v, torch.Tensor)}
     if any(k not in _PADDED_INPUTS for k in tensors) or holds_objects(arguments):
         return False
     shapes = {
@@ -168,10 +169,9 @@ def _padded_call(compiled, original, buckets, pad_id):
             with torch.no_grad():
                 return compiled(*args, **kwargs)
         arguments = name_arguments(args, kwargs)
-        tensors = {k: v for k, v in arguments.items() if isinstance(v, torch.Tensor)}
         ids, embeds = arguments.get("input_ids"), arguments.get("inputs_embeds")
         token_input = ids if ids is not None else embeds
-        if token_input is None or not _one_sequence_a_row(arguments, tensors):
+        if token_input is None or not _one_sequence_a_row(arguments):
             return call(arguments)  # multiple choice (B, choices, S), a 4-D mask, a cache: run as called
         length = token_input.shape[1]
         padded = _bucket(length, buckets)
@@ -309,11 +309,12 @@ def _optimize_forward(
     if device.type == "cuda" and cuda_graphs:
         compiled = model.kernl_cuda_graphs = ForwardGraphs(compiled, model, report)
     pad_id = getattr(model.config, "pad_token_id", None) or 0
-    if buckets and not _safe_buckets(model, buckets):
+    safe = _safe_buckets(model, buckets)
+    if buckets and not safe:
         report.notes.append(
             f"model type {model.config.model_type!r} is not known to keep padding out of its real tokens' "
             "outputs: no bucketing, each sequence length compiles and captures its own graph"
         )
-    model.forward = _padded_call(compiled, original, _safe_buckets(model, buckets), pad_id)
+    model.forward = _padded_call(compiled, original, safe, pad_id)
     model.kernl_original_forward = original
     return report

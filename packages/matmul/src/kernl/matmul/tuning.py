@@ -11,7 +11,8 @@ the shape bucket (batch and M rounded up to a power of two, N and K exact), so a
 skips the timing. Under Triton's interpreter :func:`heuristic` picks without timing; while a CUDA
 graph is being captured, a remembered config (memory or disk) is used, else the heuristic (so: tune
 with one eager call before capturing).
-``KERNL_AUTOTUNE=0`` (or ``false``/``off``/``no``) always uses the heuristic; ``KERNL_TUNING_LOG=1`` prints every tuning's timings.
+``KERNL_AUTOTUNE=0`` (or ``false``/``off``/``no``) always uses the heuristic; ``KERNL_TUNING_LOG=1``
+prints every tuning's timings.
 """
 
 import functools

@@ -172,7 +172,7 @@ def run_gpu_bench(args, console) -> int:
         "gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "python": platform.python_version(),
         "transformers": __import__("transformers").__version__, "triton": __import__("triton").__version__,
     }}  # fmt: skip
-    out = Path(args.out) if args.out else Path("benchmarks") / "results" / gpu_slug()
+    out = args.out or Path("benchmarks") / "results" / gpu_slug()  # --out: made when parsed
     out.mkdir(parents=True, exist_ok=True)
     try:
         with termination_as_interrupt():
