@@ -20,7 +20,7 @@ from kernl.matmul import Config, gemm
 from kernl.matmul.launch import input_precision
 from kernl.matmul.tuning import Problem, _split_for, _time_ms, candidates, sm_count
 
-# (label, M, K, N, activation, gated)
+# (label, M, K, N, activation, gated[, residual])
 SHAPES = [
     ("bert M=16 768->2304 bias", 16, 768, 2304, "none", False),
     ("bert M=16 3072->768", 16, 3072, 768, "none", False),
@@ -50,6 +50,12 @@ SHAPES = [
     ("bert M=16384 768->3072", 16384, 768, 3072, "none", False),
     ("bert M=16384 768->3072 gelu", 16384, 768, 3072, "gelu", False),
     ("bert M=16384 3072->768", 16384, 3072, 768, "none", False),
+    # Bert's output projections add the residual in the epilogue (its staging needs shared memory)
+    ("bert M=1024 3072->768 res", 1024, 3072, 768, "none", False, True),
+    ("bert M=4096 768->768 res", 4096, 768, 768, "none", False, True),
+    ("bert M=4096 3072->768 res", 4096, 3072, 768, "none", False, True),
+    ("bert M=16384 768->768 res", 16384, 768, 768, "none", False, True),
+    ("bert M=16384 3072->768 res", 16384, 3072, 768, "none", False, True),
     ("t5 M=16384 768->3072 gated", 16384, 768, 3072, "gelu_tanh", True),
 ]
 
@@ -89,40 +95,42 @@ def wider_grid(p: Problem, sms: int) -> list[Config]:
     return grid
 
 
-def _torch_op(x, w, w2, activation):
-    """What a user would write: cuBLAS through ``F.linear``, then the activation (and gate) as torch ops."""
+def _torch_op(x, w, w2, activation, residual):
+    """What a user would write: cuBLAS through ``F.linear``, then the activation (and gate, residual) as
+    torch ops."""
     y = F.linear(x, w)
     if activation == "gelu":
         y = F.gelu(y)
     elif activation == "gelu_tanh":
         y = F.gelu(y, approximate="tanh")
-    return y * F.linear(x, w2) if w2 is not None else y
+    y = y * F.linear(x, w2) if w2 is not None else y
+    return y + residual if residual is not None else y
 
 
 def main(quick: bool, picks: list[str]) -> None:
     sms = sm_count(0)
     flush = torch.empty(64 * 1024 * 1024, dtype=torch.int32, device="cuda")
     report = {}
-    for label, m, k, n, activation, gated in SHAPES:
+    for label, m, k, n, activation, gated, *residual in SHAPES:
         if picks and not any(pick in label for pick in picks):
             continue
         x = torch.randn(1, m, k, device="cuda", dtype=torch.float16)
         w = torch.randn(n, k, device="cuda", dtype=torch.float16) / k**0.5
         w2 = torch.randn(n, k, device="cuda", dtype=torch.float16) / k**0.5 if gated else None
-        p = Problem(
-            1, m, n, k, torch.float16, input_precision(torch.float16, False), True, True, gated, not gated
-        )
+        r = torch.randn(m, n, device="cuda", dtype=torch.float16) if residual and residual[0] else None
+        p = Problem(1, m, n, k, torch.float16, input_precision(torch.float16, False), True, True, gated,
+                    not gated, activation, r is not None)  # fmt: skip
         tuned = candidates(p, sms)
         grid = list(dict.fromkeys(tuned + ([] if quick else wider_grid(p, sms))))
         b2 = w2.t() if gated else None
-        launch = lambda cfg, x=x, w=w, b2=b2, act=activation: gemm(
-            x, w.t()[None], b2=b2, activation=act, config=cfg
+        launch = lambda cfg, x=x, w=w, b2=b2, act=activation, r=r: gemm(
+            x, w.t()[None], b2=b2, residual=r, activation=act, config=cfg
         )
         timings = {cfg: _time_ms(launch, cfg, flush) for cfg in grid}
         timings = {cfg: ms for cfg, ms in timings.items() if ms != float("inf")}
         ranked = sorted(timings, key=timings.get)
         torch_ms = _time_ms(
-            lambda cfg, x=x[0], w=w, w2=w2, act=activation: _torch_op(x, w, w2, act), None, flush
+            lambda cfg, x=x[0], w=w, w2=w2, act=activation, r=r: _torch_op(x, w, w2, act, r), None, flush
         )
         print(
             f"== {label}: best {ranked[0]} {timings[ranked[0]] * 1e3:.1f} us; torch {torch_ms * 1e3:.1f} us"

@@ -5,7 +5,9 @@ descriptors (the bulk tensor copy engine, zero-filled past the edges) and ``tl.d
 ``tl.range(..., flatten=True)`` merges the tile loop with the K loop, so the software pipeline keeps
 loading the next tile's operands while the current tile's epilogue runs: what pays for small K
 (Bert's 768). Epilogue as in :mod:`kernl.matmul.kernel` (bias, activation, residual, one rounding),
-then a TMA store (clipped at the edges). ``BATCHED`` problems use 3-D descriptors (one batch entry per
+then a TMA store (clipped at the edges); with ``SPLIT_EPILOGUE`` (256-wide tiles) the tile is finished
+in two halves of ``BLOCK_N // 2`` columns, which halves the shared memory its stores (and residual
+loads) stage through, so that 128x256 tiles with a residual keep a 3-stage pipeline. ``BATCHED`` problems use 3-D descriptors (one batch entry per
 tile). Used for ungated half-precision problems whose operands have a unit inner stride and 16-byte
 aligned rows (and no broadcast batch); everything else takes the pointer kernel. ``NUM_PROGRAMS`` may
 be a multiple of the SM count, so that two programs share an SM and one's epilogue hides behind the
@@ -28,6 +30,28 @@ def _tile_coords(tile, grid_m, grid_n, GROUP_M: tl.constexpr):
     return group_id * GROUP_M + (tile % width) % group_size, (tile % width) // group_size
 
 
+@triton.jit
+def _finish(acc, c_desc, C, BIAS, R, z, off_m, off_n, M, N, stride_bias, stride_rm, stride_rn,
+            ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, BATCHED: tl.constexpr,
+            ROWS: tl.constexpr, COLS: tl.constexpr):  # fmt: skip
+    """The epilogue of the ``ROWS x COLS`` output block at ``(off_m, off_n)`` (a tile or half of one), then its store."""
+    rm = off_m + tl.arange(0, ROWS)
+    rn = off_n + tl.arange(0, COLS)
+    if HAS_BIAS:
+        acc += tl.load(BIAS + rn * stride_bias, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+    acc = apply_activation(acc, ACTIVATION)
+    if HAS_RESIDUAL:
+        mask = (rm < M)[:, None] & (rn < N)[None, :]
+        acc += tl.load(R + rm[:, None] * stride_rm + rn[None, :] * stride_rn, mask=mask, other=0.0).to(
+            tl.float32
+        )
+    out = acc.to(C.dtype.element_ty)
+    if BATCHED:
+        c_desc.store([z, off_m, off_n], out.reshape(1, ROWS, COLS))
+    else:
+        c_desc.store([off_m, off_n], out)
+
+
 @triton.jit(do_not_specialize=["M", "N"])
 def gemm_tma_kernel(
     a_desc, b_desc, c_desc, B, C, BIAS, R,
@@ -35,7 +59,7 @@ def gemm_tma_kernel(
     stride_bz, stride_bn, stride_bias, stride_rm, stride_rn,
     ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, B_K_MAJOR: tl.constexpr,
     BATCHED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    NUM_PROGRAMS: tl.constexpr, USE_PDL: tl.constexpr, PREFETCH_B: tl.constexpr,
+    NUM_PROGRAMS: tl.constexpr, USE_PDL: tl.constexpr, PREFETCH_B: tl.constexpr, SPLIT_EPILOGUE: tl.constexpr,
 ):  # fmt: skip
     """Persistent program ``start``: the output tiles ``start, start + NUM_PROGRAMS, ...``; see the module."""
     start = tl.program_id(0)
@@ -76,20 +100,13 @@ def gemm_tma_kernel(
 
         tile_out += NUM_PROGRAMS
         pid_m, pid_n = _tile_coords(tile_out % per_batch, grid_m, grid_n, GROUP_M)
-        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        if HAS_BIAS:
-            acc += tl.load(BIAS + rn * stride_bias, mask=rn < N, other=0.0).to(tl.float32)[None, :]
-        acc = apply_activation(acc, ACTIVATION)
-        if HAS_RESIDUAL:
-            mask = (rm < M)[:, None] & (rn < N)[None, :]
-            acc += tl.load(R + rm[:, None] * stride_rm + rn[None, :] * stride_rn, mask=mask, other=0.0).to(
-                tl.float32
-            )
-        out = acc.to(C.dtype.element_ty)
-        if BATCHED:
-            c_desc.store(
-                [tile_out // per_batch, pid_m * BLOCK_M, pid_n * BLOCK_N], out.reshape(1, BLOCK_M, BLOCK_N)
-            )
+        z_out = tile_out // per_batch
+        if SPLIT_EPILOGUE:  # two halves of BLOCK_N // 2 columns: half the shared memory for the stores
+            left, right = acc.reshape(BLOCK_M, 2, BLOCK_N // 2).permute(0, 2, 1).split()
+            _finish(left, c_desc, C, BIAS, R, z_out, pid_m * BLOCK_M, pid_n * BLOCK_N, M, N,
+                    stride_bias, stride_rm, stride_rn, ACTIVATION, HAS_BIAS, HAS_RESIDUAL, BATCHED, BLOCK_M, BLOCK_N // 2)  # fmt: skip
+            _finish(right, c_desc, C, BIAS, R, z_out, pid_m * BLOCK_M, pid_n * BLOCK_N + BLOCK_N // 2, M, N,
+                    stride_bias, stride_rm, stride_rn, ACTIVATION, HAS_BIAS, HAS_RESIDUAL, BATCHED, BLOCK_M, BLOCK_N // 2)  # fmt: skip
         else:
-            c_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], out)
+            _finish(acc, c_desc, C, BIAS, R, z_out, pid_m * BLOCK_M, pid_n * BLOCK_N, M, N,
+                    stride_bias, stride_rm, stride_rn, ACTIVATION, HAS_BIAS, HAS_RESIDUAL, BATCHED, BLOCK_M, BLOCK_N)  # fmt: skip
