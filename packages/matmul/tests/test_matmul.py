@@ -34,13 +34,14 @@ def test_matmul_matches_reference(mode, batch, m, n, k, dtype, layout_a, layout_
     expected = torch.matmul(a, b)
     assert out.dtype == dtype and out.shape == expected.shape and out.is_contiguous()
     assert_matches_reference(
-        out, matmul_reference(a.double(), b.double()), expected, scale=reduction_scale(a, k)
+        out, matmul_reference(a.double(), b.double()), expected, atol_scale=reduction_scale(a, k)
     )
 
 
 def reduction_scale(x: torch.Tensor, k: int) -> float:
-    """Tolerance widening for a K-long dot product: its rounding error grows like sqrt(K) times the size
-    of the terms (the summation order differs from torch's), which matters where the sum cancels."""
+    """atol widening for a K-long dot product: its rounding error grows like sqrt(K) times the size of
+    the terms (the summation order differs from torch's), which matters where the sum cancels. An
+    absolute allowance: as a factor on rtol too it let a 2% error through in fp16 when x is large."""
     return max(1.0, k**0.5 / 4) * max(1.0, float(x.abs().float().mean()))
 
 

@@ -46,7 +46,8 @@ def test_key_and_candidates_account_for_the_residual_epilogue():
     assert plain.key("h100") != with_residual.key("h100")
     for config in candidates(with_residual, 132):
         assert tuning._smem_bytes(with_residual, config) <= tuning.SHARED_MEMORY_BUDGET
-    assert all(c.block_m * c.block_n < 128 * 256 for c in candidates(with_residual, 132) if c.kernel == "tma")
+    wide = [c for c in candidates(with_residual, 132) if c.kernel == "tma" and c.block_n == 256]
+    assert wide and all(c.epilogue_parts > 1 for c in wide)  # it fits with the epilogue in parts
 
 
 def test_cache_path_follows_kernl_cache_dir(tmp_path, monkeypatch):
@@ -116,6 +117,9 @@ def test_bad_entries_are_skipped_and_kept_and_good_ones_survive(tmp_path):
         "tile too small for a dot": {**good, "block_m": 1},
         "tile too large": {**good, "block_m": 2**30},
         "split-K in the TMA kernel": {**good, "kernel": "tma", "split_k": 4},
+        "epilogue in thirds": {**good, "kernel": "tma", "epilogue_parts": 3},
+        "epilogue blocks under 16 wide": {**good, "block_n": 32, "kernel": "tma", "epilogue_parts": 4},
+        "epilogue parts in the pointer kernel": {**good, "epilogue_parts": 2},
     }
     path.write_text(json.dumps({"good": good, **bad}))
     assert read_cache(path) == {"good": Config(64, 64, 32)}

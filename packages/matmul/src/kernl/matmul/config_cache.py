@@ -34,6 +34,7 @@ class Config:
     num_stages: int = 3
     kernel: str = "ptr"  # "ptr": kernel.gemm_kernel; "tma": kernel_tma.gemm_tma_kernel (persistent)
     occupancy: int = 1  # tma: programs per SM
+    epilogue_parts: int = 1  # tma: the epilogue finishes block_n // epilogue_parts columns at a time
 
 
 def cache_path(gpu: str) -> Path:
@@ -43,7 +44,7 @@ def cache_path(gpu: str) -> Path:
 
 
 _BLOCKS = ("block_m", "block_n", "block_k")
-_COUNTS = ("split_k", "group_m", "num_warps", "num_stages", "occupancy")
+_COUNTS = ("split_k", "group_m", "num_warps", "num_stages", "occupancy", "epilogue_parts")
 
 
 def _config(fields: object) -> Config | None:
@@ -64,6 +65,9 @@ def _config(fields: object) -> Config | None:
         return None
     if config.kernel == "tma" and config.split_k != 1:
         return None  # the persistent TMA kernel has no split-K
+    parts = config.epilogue_parts
+    if parts not in (1, 2, 4) or config.block_n // parts < 16 or (parts > 1 and config.kernel != "tma"):
+        return None  # column blocks of the TMA kernel's epilogue: halves or quarters, 16 wide at least
     return config
 
 

@@ -5,9 +5,9 @@ descriptors (the bulk tensor copy engine, zero-filled past the edges) and ``tl.d
 ``tl.range(..., flatten=True)`` merges the tile loop with the K loop, so the software pipeline keeps
 loading the next tile's operands while the current tile's epilogue runs: what pays for small K
 (Bert's 768). Epilogue as in :mod:`kernl.matmul.kernel` (bias, activation, residual, one rounding),
-then a TMA store (clipped at the edges); with ``SPLIT_EPILOGUE`` (256-wide tiles) the tile is finished
-in two halves of ``BLOCK_N // 2`` columns, which halves the shared memory its stores (and residual
-loads) stage through, so that 128x256 tiles with a residual keep a 3-stage pipeline. ``BATCHED`` problems use 3-D descriptors (one batch entry per
+then a TMA store (clipped at the edges). With ``EPILOGUE_PARTS`` 2 or 4 a tile is finished in column
+blocks of ``BLOCK_N // EPILOGUE_PARTS``: that fraction of the shared memory its stores (and residual
+loads) stage through, which leaves room for deeper pipelines or a second program on the SM. ``BATCHED`` problems use 3-D descriptors (one batch entry per
 tile). Used for ungated half-precision problems whose operands have a unit inner stride and 16-byte
 aligned rows (and no broadcast batch); everything else takes the pointer kernel. ``NUM_PROGRAMS`` may
 be a multiple of the SM count, so that two programs share an SM and one's epilogue hides behind the
@@ -59,7 +59,7 @@ def gemm_tma_kernel(
     stride_bz, stride_bn, stride_bias, stride_rm, stride_rn,
     ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, B_K_MAJOR: tl.constexpr,
     BATCHED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    NUM_PROGRAMS: tl.constexpr, USE_PDL: tl.constexpr, PREFETCH_B: tl.constexpr, SPLIT_EPILOGUE: tl.constexpr,
+    NUM_PROGRAMS: tl.constexpr, USE_PDL: tl.constexpr, PREFETCH_B: tl.constexpr, EPILOGUE_PARTS: tl.constexpr,
 ):  # fmt: skip
     """Persistent program ``start``: the output tiles ``start, start + NUM_PROGRAMS, ...``; see the module."""
     start = tl.program_id(0)
@@ -101,12 +101,26 @@ def gemm_tma_kernel(
         tile_out += NUM_PROGRAMS
         pid_m, pid_n = _tile_coords(tile_out % per_batch, grid_m, grid_n, GROUP_M)
         z_out = tile_out // per_batch
-        if SPLIT_EPILOGUE:  # two halves of BLOCK_N // 2 columns: half the shared memory for the stores
+        off_m, off_n = pid_m * BLOCK_M, pid_n * BLOCK_N
+        if EPILOGUE_PARTS == 1:
+            _finish(acc, c_desc, C, BIAS, R, z_out, off_m, off_n, M, N, stride_bias, stride_rm, stride_rn,
+                    ACTIVATION, HAS_BIAS, HAS_RESIDUAL, BATCHED, BLOCK_M, BLOCK_N)  # fmt: skip
+        else:  # column blocks of BLOCK_N // EPILOGUE_PARTS: that fraction of the shared memory for the stores
+            W: tl.constexpr = BLOCK_N // EPILOGUE_PARTS
             left, right = acc.reshape(BLOCK_M, 2, BLOCK_N // 2).permute(0, 2, 1).split()
-            _finish(left, c_desc, C, BIAS, R, z_out, pid_m * BLOCK_M, pid_n * BLOCK_N, M, N,
-                    stride_bias, stride_rm, stride_rn, ACTIVATION, HAS_BIAS, HAS_RESIDUAL, BATCHED, BLOCK_M, BLOCK_N // 2)  # fmt: skip
-            _finish(right, c_desc, C, BIAS, R, z_out, pid_m * BLOCK_M, pid_n * BLOCK_N + BLOCK_N // 2, M, N,
-                    stride_bias, stride_rm, stride_rn, ACTIVATION, HAS_BIAS, HAS_RESIDUAL, BATCHED, BLOCK_M, BLOCK_N // 2)  # fmt: skip
-        else:
-            _finish(acc, c_desc, C, BIAS, R, z_out, pid_m * BLOCK_M, pid_n * BLOCK_N, M, N,
-                    stride_bias, stride_rm, stride_rn, ACTIVATION, HAS_BIAS, HAS_RESIDUAL, BATCHED, BLOCK_M, BLOCK_N)  # fmt: skip
+            if EPILOGUE_PARTS == 2:
+                _finish(left, c_desc, C, BIAS, R, z_out, off_m, off_n, M, N, stride_bias, stride_rm, stride_rn,
+                        ACTIVATION, HAS_BIAS, HAS_RESIDUAL, BATCHED, BLOCK_M, W)  # fmt: skip
+                _finish(right, c_desc, C, BIAS, R, z_out, off_m, off_n + W, M, N, stride_bias, stride_rm, stride_rn,
+                        ACTIVATION, HAS_BIAS, HAS_RESIDUAL, BATCHED, BLOCK_M, W)  # fmt: skip
+            else:
+                l0, l1 = left.reshape(BLOCK_M, 2, W).permute(0, 2, 1).split()
+                r0, r1 = right.reshape(BLOCK_M, 2, W).permute(0, 2, 1).split()
+                _finish(l0, c_desc, C, BIAS, R, z_out, off_m, off_n, M, N, stride_bias, stride_rm, stride_rn,
+                        ACTIVATION, HAS_BIAS, HAS_RESIDUAL, BATCHED, BLOCK_M, W)  # fmt: skip
+                _finish(l1, c_desc, C, BIAS, R, z_out, off_m, off_n + W, M, N, stride_bias, stride_rm, stride_rn,
+                        ACTIVATION, HAS_BIAS, HAS_RESIDUAL, BATCHED, BLOCK_M, W)  # fmt: skip
+                _finish(r0, c_desc, C, BIAS, R, z_out, off_m, off_n + 2 * W, M, N, stride_bias, stride_rm,
+                        stride_rn, ACTIVATION, HAS_BIAS, HAS_RESIDUAL, BATCHED, BLOCK_M, W)  # fmt: skip
+                _finish(r1, c_desc, C, BIAS, R, z_out, off_m, off_n + 3 * W, M, N, stride_bias, stride_rm,
+                        stride_rn, ACTIVATION, HAS_BIAS, HAS_RESIDUAL, BATCHED, BLOCK_M, W)  # fmt: skip

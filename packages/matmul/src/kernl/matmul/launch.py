@@ -126,8 +126,7 @@ def _launch_tma(a, b, c, bias, residual, activation, cfg: Config, pdl: bool, wei
     a_desc = TensorDescriptor.from_tensor(a_op, lead + [cfg.block_m, cfg.block_k])
     b_block = [cfg.block_n, cfg.block_k] if b_k_major else [cfg.block_k, cfg.block_n]
     b_desc = TensorDescriptor.from_tensor(b_op, lead + b_block)
-    split = tuning.split_epilogue(cfg)
-    c_block = [cfg.block_m, cfg.block_n // 2 if split else cfg.block_n]
+    c_block = [cfg.block_m, cfg.block_n // cfg.epilogue_parts]
     c_desc = TensorDescriptor.from_tensor(c if batch > 1 else c[0], lead + c_block)
     tiles = batch * _cdiv(m, cfg.block_m) * _cdiv(n, cfg.block_n)
     programs = (
@@ -143,7 +142,7 @@ def _launch_tma(a, b, c, bias, residual, activation, cfg: Config, pdl: bool, wei
         ACTIVATION=activation, HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
         B_K_MAJOR=b_k_major, BATCHED=batch > 1, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, NUM_PROGRAMS=programs, num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages, USE_PDL=pdl, PREFETCH_B=prefetch, SPLIT_EPILOGUE=split, launch_pdl=pdl,
+        num_stages=cfg.num_stages, USE_PDL=pdl, PREFETCH_B=prefetch, EPILOGUE_PARTS=cfg.epilogue_parts, launch_pdl=pdl,
     )  # fmt: skip
 
 

@@ -26,9 +26,10 @@ import triton
 
 from kernl.matmul.config_cache import Config, cache_path, cached_choice, lookup
 
-CACHE_VERSION = 6
+CACHE_VERSION = 7
 MAX_CANDIDATES = 10
 SHARED_MEMORY_BUDGET = 220 * 1024  # H100/H200 allow 227 KB a block; Triton needs a little scratch
+SM_SHARED_MEMORY = 228 * 1024  # what the programs on one SM share (each also reserves 1 KB)
 # (BLOCK_M, BLOCK_N) also tried, with split-K, when 128x128 tiles would be few
 NARROW_TILES = ((64, 64), (64, 128), (32, 128))
 # (BLOCK_M, BLOCK_N, num_stages) of the TMA kernel, BLOCK_K 128, tried when 128x128 tiles would not fill
@@ -92,22 +93,23 @@ def _split_for(p: Problem, block_m: int, block_n: int, block_k: int, sms: int) -
     return max(1, min(sms // tiles, triton.cdiv(p.k, block_k), 32))
 
 
-def split_epilogue(c: Config) -> bool:
-    """Whether the TMA kernel finishes each tile of ``c`` in two halves of ``block_n // 2`` columns
-    (:mod:`kernl.matmul.kernel_tma`): 256-wide tiles. With a residual their whole-tile epilogue does not
-    fit beside a 3-stage pipeline; without one, halves still ran faster on an H100 (M=16384 768->3072
-    + gelu 197.9 -> 185.5 us, M=4096 51.8 against 54.1 us; no shape slower)."""
-    return c.kernel == "tma" and c.block_n >= 256
-
-
 def _smem_bytes(p: Problem, c: Config) -> int:
-    """Shared memory of the main loop's pipeline, plus the epilogue's staging tiles (TMA store output;
-    the residual tile), halved when the epilogue runs in halves: a 128x256 TMA tile with a residual
-    and a whole-tile epilogue measured 245,784 bytes on an H100."""
+    """Shared memory of one program: the main loop's pipeline, plus what the epilogue stages (the TMA
+    kernel's store and residual: 1.5 output blocks, measured 245,784 bytes for a 128x256 tile with a
+    residual and 3 stages on an H100, over its block of ``block_n // epilogue_parts`` columns; the
+    pointer kernel's residual tile)."""
     b_tiles = 2 if p.gated else 1
     pipeline = c.num_stages * (c.block_m + b_tiles * c.block_n) * c.block_k * p.dtype.itemsize
-    epilogue = ((c.kernel == "tma") + p.residual) * c.block_m * c.block_n * p.dtype.itemsize
-    return pipeline + (epilogue // 2 if split_epilogue(c) else epilogue)
+    tile = c.block_m * c.block_n * p.dtype.itemsize
+    if c.kernel == "tma":
+        return pipeline + (2 + p.residual) * tile // (2 * c.epilogue_parts)
+    return pipeline + p.residual * tile
+
+
+def _fits(p: Problem, c: Config) -> bool:
+    """Whether ``c``'s programs fit in shared memory, ``occupancy`` of them on one SM."""
+    need = _smem_bytes(p, c)
+    return need <= SHARED_MEMORY_BUDGET and c.occupancy * (need + 1024) <= SM_SHARED_MEMORY
 
 
 def candidates(p: Problem, sms: int) -> list[Config]:
@@ -135,15 +137,18 @@ def candidates(p: Problem, sms: int) -> list[Config]:
         configs = [Config(bm, bn, bk, _split_for(p, bm, bn, bk, sms), 8, w, s) for bm, bn, w, s in tiles]
         tiles_128 = p.batch * triton.cdiv(p.m, 128) * triton.cdiv(p.n, 128)
         if p.tma:  # persistent TMA tiles first (two a SM: one's epilogue overlaps the other's MMAs)
+            # (BLOCK_M, BLOCK_N, warps, stages, programs a SM, epilogue parts): the epilogue in halves or
+            # quarters stages less in shared memory, which makes room for more stages or a second program
+            # (H100, M=16384 768->3072 + gelu: 128x128 two a SM in quarters 189 us, against 204-219 us)
             if tiles_128 >= 2 * sms:
-                tma = [(128, 256, 8, 3, 1), (256, 128, 8, 3, 1), (128, 128, 8, 4, 1), (128, 128, 4, 4, 1),
-                       (128, 128, 4, 2, 2), (128, 64, 4, 3, 2)]  # fmt: skip
+                tma = [(128, 256, 8, 3, 1, 2), (128, 128, 8, 3, 2, 4), (256, 128, 8, 3, 1, 1), (128, 128, 8, 4, 1, 1),
+                       (128, 128, 4, 4, 1, 1), (128, 256, 8, 4, 1, 4), (128, 64, 4, 3, 2, 1)]  # fmt: skip
             elif tiles_128 >= sms:  # a few waves of big tiles would leave SMs idle: smaller tiles, two a SM
-                tma = [(128, 128, 8, 4, 1), (128, 256, 8, 3, 1), (128, 128, 4, 2, 2), (128, 64, 4, 3, 2),
-                       (64, 128, 4, 4, 2), (64, 64, 4, 4, 2)]  # fmt: skip
+                tma = [(128, 128, 8, 4, 1, 1), (128, 128, 8, 3, 2, 4), (128, 256, 8, 3, 1, 2), (128, 64, 4, 3, 2, 1),
+                       (64, 128, 4, 4, 2, 1), (64, 64, 4, 4, 2, 1)]  # fmt: skip
             else:  # a few hundred rows: the narrow deep tiles below first, then small tiles two a SM
-                tma = [(64, 128, 4, 4, 2), (64, 64, 4, 4, 2)]
-            tma = [Config(bm, bn, bk, 1, 8, w, s, "tma", o) for bm, bn, w, s, o in tma]
+                tma = [(64, 128, 4, 4, 2, 1), (64, 64, 4, 4, 2, 1)]
+            tma = [Config(bm, bn, bk, 1, 8, w, s, "tma", o, e) for bm, bn, w, s, o, e in tma]
             if tiles_128 < sms:  # narrow tiles, K steps of 128, deep pipelines
                 tma = [Config(bm, bn, 128, 1, 8, 4, s, "tma") for bm, bn, s in NARROW_TMA_TILES] + tma
             configs = tma + configs
@@ -158,7 +163,7 @@ def candidates(p: Problem, sms: int) -> list[Config]:
     for c in configs:
         if c.kernel == "tma" and len([k for k in kept if k.kernel == "tma"]) >= MAX_TMA_CANDIDATES:
             continue
-        if c.block_m > limit_m or c.block_n > limit_n or _smem_bytes(p, c) > SHARED_MEMORY_BUDGET:
+        if c.block_m > limit_m or c.block_n > limit_n or not _fits(p, c):
             continue
         if (p.gated or not half) and c.block_m * c.block_n > 128 * 128:
             continue  # two accumulators, or fp32 operands: the big tiles run out of registers/shared memory
@@ -182,7 +187,7 @@ def heuristic(p: Problem, sms: int = 132) -> Config:
 
 
 def _short(c: Config) -> str:
-    kind = f"/tma/o{c.occupancy}" if c.kernel == "tma" else ""
+    kind = f"/tma/o{c.occupancy}/e{c.epilogue_parts}" if c.kernel == "tma" else ""
     return f"{c.block_m}x{c.block_n}x{c.block_k}/s{c.split_k}/w{c.num_warps}/st{c.num_stages}{kind}"
 
 
