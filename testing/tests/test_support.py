@@ -35,3 +35,22 @@ def test_tolerance_accepts_matching_nan():
     assert_matches_reference(ref.float(), ref, None)
     with pytest.raises(AssertionError, match="infinities"):
         assert_matches_reference(torch.tensor([1.0, float("nan"), -float("inf")]), ref, None)
+
+
+def test_an_overflowed_yardstick_does_not_let_any_value_pass():
+    ref = torch.tensor([1.0, 2.0, 7e4], dtype=torch.float64)
+    peer = torch.tensor([1.0, float("inf"), float("inf")], dtype=torch.float16)  # torch overflowed at [1]
+    with pytest.raises(AssertionError, match="out of tolerance"):
+        assert_matches_reference(torch.tensor([1.0, 1234.0, float("inf")], dtype=torch.float16), ref, peer)
+    # beyond fp16's range the right answer overflows: inf or the largest value, of the reference's sign
+    for top in (float("inf"), 65504.0):
+        assert_matches_reference(torch.tensor([1.0, 2.0, top], dtype=torch.float16), ref, peer)
+    with pytest.raises(AssertionError, match="out of tolerance"):
+        assert_matches_reference(torch.tensor([1.0, 2.0, -float("inf")], dtype=torch.float16), ref, peer)
+
+
+def test_atol_scale_widens_the_absolute_part_only():
+    ref = torch.tensor([0.0, 300.0], dtype=torch.float64)
+    assert_matches_reference(torch.tensor([0.05, 300.0], dtype=torch.float16), ref, None, atol_scale=70)
+    with pytest.raises(AssertionError, match="out of tolerance"):  # 2% off a large result: still caught
+        assert_matches_reference(torch.tensor([0.0, 306.0], dtype=torch.float16), ref, None, atol_scale=70)

@@ -24,8 +24,9 @@ leading_shapes = st.one_of(st.tuples(st.integers(1, 70)), st.tuples(st.integers(
 
 
 def reduction_scale(x: torch.Tensor, k: int) -> float:
-    """Tolerance widening for a K-long dot product: its rounding error grows like sqrt(K) times the size
-    of the terms (the summation order differs from torch's), which matters where the sum cancels."""
+    """atol widening for a K-long dot product: its rounding error grows like sqrt(K) times the size of
+    the terms (the summation order differs from torch's), which matters where the sum cancels. An
+    absolute allowance: as a factor on rtol too it let a 2% error through in fp16 when x is large."""
     return max(1.0, k**0.5 / 4) * max(1.0, float(x.abs().float().mean()))
 
 
@@ -48,7 +49,7 @@ def test_linear_act_matches_reference(lead, n, k, dtype, x_layout, w_layout, spe
     as64 = lambda t: t.double() if t is not None else None
     reference = linear_act_reference(as64(x), as64(weight), as64(bias), activation, as64(residual))
     assert_matches_reference(out, reference, _torch_unfused(x, weight, bias, activation, residual),
-                             scale=reduction_scale(x, k))  # fmt: skip
+                             atol_scale=reduction_scale(x, k))  # fmt: skip
 
 
 @given(lead=leading_shapes, n=sizes, k=sizes, dtype=dtypes(), x_layout=layouts(), w_layout=layouts(),
@@ -67,7 +68,7 @@ def test_gated_linear_act_matches_reference(lead, n, k, dtype, x_layout, w_layou
     unfused = TORCH_ACTIVATIONS[activation](F.linear(x, w0)) * F.linear(x, w1)
     if with_residual:
         unfused = unfused + residual
-    assert_matches_reference(out, reference, unfused, scale=reduction_scale(x, k))
+    assert_matches_reference(out, reference, unfused, atol_scale=reduction_scale(x, k))
 
 
 @pytest.mark.parametrize("activation", ACTIVATIONS)
