@@ -1,6 +1,7 @@
 """Each rule on small TorchDynamo graphs: the spellings it must match, and what it must leave alone."""
 
 import copy
+import operator
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from kernl.integration.kernels import find
 from kernl.integration.report import GraphRecord
 from kernl.integration.rules.attention_sdpa import attention_call
 from kernl.integration.rules.gated_ffn import gated_linear_act_call
-from kernl_testing import assert_matches_reference
+from kernl_testing import assert_matches_reference, on_gpu
 
 
 def rewritten(fn, *inputs):
@@ -65,6 +66,46 @@ def test_add_layer_norm_and_shared_sum():
     if find("layer_norm") is not None:
         assert record.fired["layer_norm"] == 2 and record.kept == {}
         check_same(fn, compiled, a, b, w, bias)
+
+
+def test_a_sum_used_before_its_norm_is_not_fused():
+    def t5_norm(h, w):
+        return w * (h * torch.rsqrt(h.to(torch.float32).pow(2).mean(-1, keepdim=True) + 1e-6))
+
+    def fn(a, b, w):  # the fused call would stand after `t`, which reads the sum: an invalid graph
+        s, s2 = a + b, a - b + b
+        t, t2 = s * 2, s2 * 3
+        return F.layer_norm(s, (7,), w) + t, t5_norm(s2, w) + t2
+
+    g = torch.Generator().manual_seed(2)
+    a, b, w = torch.randn(3, 7, generator=g), torch.randn(3, 7, generator=g), torch.rand(7, generator=g)
+    record, gm, compiled = rewritten(fn, a, b, w)
+    assert record.error is None
+    if find("layer_norm") is not None:
+        assert record.fired["layer_norm"] == 1 and record.fired["rms_norm"] == 1
+        assert sum(n.target is operator.add for n in gm.graph.nodes) == 4  # both sums and outputs stay
+        check_same(fn, compiled, a, b, w)
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"] if on_gpu() else ["cpu"])
+def test_add_layer_norm_under_autocast_keeps_torch_dtypes(device):
+    def fn(a, b, w):
+        s = a + b
+        return F.layer_norm(s, (40,), w, None, 1e-5), s
+
+    g = torch.Generator().manual_seed(3)
+    a, b = (torch.randn(3, 40, generator=g).mul(100).half().to(device) for _ in range(2))
+    w = torch.rand(40, generator=g).half().to(device)
+    # CUDA autocast runs layer_norm in fp32 (not the add: the sum stays fp16); CPU autocast leaves it alone
+    with torch.autocast(device, dtype=torch.float16):
+        record, _, compiled = rewritten(fn, a, b, w)
+        expected, actual = fn(a, b, w), compiled(a, b, w)
+    if find("layer_norm") is not None:
+        assert record.fired["layer_norm"] == 1
+    for got, want in zip(actual, expected, strict=True):
+        assert got.dtype == want.dtype
+    assert torch.equal(actual[1], expected[1])
+    assert_matches_reference(actual[0], F.layer_norm(expected[1].double(), (40,), w.double()), expected[0])
 
 
 def test_layer_norm_over_two_dims_is_kept():
@@ -316,6 +357,18 @@ def test_t5_norm_chain_with_and_without_its_residual(weight_dtype):
         assert record.fired["rms_norm"] == 2  # the sum of squares (not a mean) is not an RMS norm
         assert record.kept == {"rms_norm": 1}
         check_same(fn, compiled, a, b, w)
+
+
+def test_a_mean_taken_in_another_dtype_is_not_an_rms_norm():
+    def fn(h, w):  # the fp64 mean makes the whole chain fp64: the kernel's output would be fp32
+        variance = h.to(torch.float32).pow(2).mean(-1, keepdim=True, dtype=torch.float64)
+        return (w * (h * torch.rsqrt(variance + 1e-6)),)
+
+    g = torch.Generator().manual_seed(8)
+    h, w = torch.randn(2, 5, 24, generator=g), torch.rand(24, generator=g)
+    record, _, compiled = rewritten(fn, h, w)
+    assert record.fired.get("rms_norm", 0) == 0 and record.kept == {"rms_norm": 1}
+    assert compiled(h, w)[0].dtype == torch.float64
 
 
 def test_a_bias_folded_into_the_padding_mask_is_taken_out():

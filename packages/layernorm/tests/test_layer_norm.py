@@ -1,12 +1,13 @@
 """LayerNorm kernel vs. the fp64 reference, with torch in the same dtype as the yardstick."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kernl.layernorm import layer_norm, layer_norm_reference
-from kernl_testing import ValueSpec, assert_matches_reference, make_tensor
+from kernl.layernorm import layer_norm, layer_norm_reference, rms_norm, rms_norm_reference
+from kernl_testing import TEST_DEVICE, ValueSpec, assert_matches_reference, make_tensor
 from kernl_testing.strategies import dtypes, layouts, value_specs
 
 hidden_sizes = st.one_of(st.integers(1, 300), st.sampled_from([512, 768, 1000, 1024, 4096, 5120, 16384]))
@@ -51,3 +52,25 @@ def test_nan_and_inf_propagate_like_torch():
     out = layer_norm(x)
     assert_matches_reference(out, layer_norm_reference(x.double(), None, None), F.layer_norm(x, (50,)))
     assert torch.isnan(out[1]).all() and torch.isnan(out[2]).all() and torch.isfinite(out[[0, 3]]).all()
+
+
+def test_rows_spanning_more_than_2_31_elements_of_memory(monkeypatch):
+    monkeypatch.setattr(torch.utils.deterministic, "fill_uninitialized_memory", False)  # 4 GiB, untouched
+    try:
+        storage = torch.empty(2**31 + 8, dtype=torch.float16, device=TEST_DEVICE)
+    except (RuntimeError, MemoryError) as error:  # a machine that will not even reserve 4 GiB
+        pytest.skip(f"cannot reserve 4 GiB: {error}")
+    # Column offsets up to 2 * (2**30 + 1) > 2**31: 32-bit offsets wrap (a crash or garbage).
+    x, residual = (storage.as_strided((2, 3), (1, 2**30 + 1), offset) for offset in (0, 2))
+    x.copy_(torch.tensor([[1.0, 2.0, 4.0], [-1.0, 0.5, 3.0]]))
+    residual.copy_(torch.tensor([[0.5, -2.0, 1.0], [2.0, 0.25, -1.0]]))
+    weight = torch.tensor([1.0, 2.0, 0.5], dtype=torch.float16, device=TEST_DEVICE)
+    w64 = weight.double()
+    reference = layer_norm_reference(x.double(), w64, None)
+    assert_matches_reference(layer_norm(x, weight), reference, F.layer_norm(x, (3,), weight))
+    out, summed = layer_norm(x, weight, residual=residual)
+    assert torch.equal(summed, x + residual)
+    reference = layer_norm_reference(summed.double(), w64, None)
+    assert_matches_reference(out, reference, F.layer_norm(summed, (3,), weight))
+    reference = rms_norm_reference(x.double(), w64)
+    assert_matches_reference(rms_norm(x, weight), reference, rms_norm_reference(x, weight))

@@ -120,6 +120,9 @@ def norm_forward(
     if m == 0:
         return y, summed
     block_m, block_n, num_warps = config or launch_config(m, n, x.device)
+    # The kernel offsets columns in 32 bits (`cols * stride_n`): a row spanning 2**31 elements of memory
+    # or more (a transposed view of a huge tensor) is copied to a contiguous one first.
+    x, residual = (t if t is None or (n - 1) * t.stride(1) < 2**31 else t.contiguous() for t in (x, residual))
     r = residual if residual is not None else x
     w = weight.contiguous() if weight is not None else None
     b = bias.contiguous() if bias is not None else None

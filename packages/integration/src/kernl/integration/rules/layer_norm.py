@@ -25,9 +25,13 @@ LAYER_NORM_TARGETS = (torch.nn.functional.layer_norm, torch.layer_norm)
 
 
 def layer_norm_call(x, weight, bias, eps, residual):
-    """What the graph calls in place of the matched nodes (fp32 under autocast, as torch does)."""
-    dtype = torch.float32 if autocast_dtype(x.device.type) is not None else None
-    x, weight, bias, residual = cast_all(dtype, x, weight, bias, residual)
+    """What the graph calls in place of the matched nodes. Autocast on CUDA runs layer_norm in fp32 (CPU
+    autocast leaves it alone) but not the add feeding it: the sum is taken in the inputs' dtype first."""
+    if x.device.type != "cpu" and autocast_dtype(x.device.type) is not None:
+        if residual is not None:
+            summed = x + residual
+            return layer_norm_call(summed, weight, bias, eps, None), summed
+        x, weight, bias = cast_all(torch.float32, x, weight, bias)
     return fallback.call("layer_norm", _kernel, _pytorch, x, weight, bias, eps, residual)
 
 
@@ -50,7 +54,8 @@ def _match(node: fx.Node):
     if not isinstance(eps, float | int):
         return None
     residual = None
-    if is_add(x) and same_layout(*x.args) and same_layout(x.args[0], x):
+    later = all(u is node or u > node for u in x.users)  # the fused call stands where the norm is
+    if is_add(x) and same_layout(*x.args) and same_layout(x.args[0], x) and later:
         x, residual = x.args
     return x, weight, bias, float(eps), residual
 

@@ -71,7 +71,7 @@ def _match(rsqrt: fx.Node):
     if not isinstance(eps, float) or not is_op(mean, (torch.mean,), "mean") or only_user(mean) is not shifted:
         return None
     dim, keepdim = arg(mean, 1, "dim"), arg(mean, 2, "keepdim", False)
-    if dim not in (-1, [-1], (-1,)) or keepdim is not True:
+    if dim not in (-1, [-1], (-1,)) or keepdim is not True or "dtype" in mean.kwargs:
         return None
     square = mean.args[0]
     if not is_op(square, (torch.pow,), "pow") or square.args[1:] not in ((2,), (2.0,)) or square.kwargs:
@@ -113,7 +113,8 @@ def rewrite(gm: fx.GraphModule) -> int:
             continue
         chain, x, weight, eps = match
         source, residual = None, None
-        if is_add(x) and same_layout(*x.args) and same_layout(x.args[0], x):
+        later = all(u in chain or u > chain[-1] for u in x.users)  # the fused call stands at chain[-1]
+        if is_add(x) and same_layout(*x.args) and same_layout(x.args[0], x) and later:
             source, (x, residual) = x, x.args
         replace_with_norm_call(gm, chain[-1], rms_norm_call, (x, weight, eps, residual), chain, source)
         replaced += 1
