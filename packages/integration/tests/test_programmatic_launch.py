@@ -1,5 +1,5 @@
 """Programmatic dependent launch: on for CUDA devices of compute capability 9.0 or newer, off on CPU
-tensors (the interpreter has no ``griddepcontrol``), on older GPUs, and with ``KERNL_PDL=0``."""
+tensors (the interpreter has no ``griddepcontrol``), on older GPUs, and with ``KERNL_PDL=0`` (or false/off/no)."""
 
 import pytest
 import torch
@@ -19,8 +19,11 @@ def test_programmatic_launch_follows_device_capability_and_switch(launcher, monk
     cuda = torch.device("cuda", 0)
     assert launcher.programmatic_launch(cuda)
     assert not launcher.programmatic_launch(torch.device("cpu"))
-    monkeypatch.setenv("KERNL_PDL", "0")
-    assert not launcher.programmatic_launch(cuda)
+    for off in ("0", "false", "Off", " no "):
+        monkeypatch.setenv("KERNL_PDL", off)
+        assert not launcher.programmatic_launch(cuda)
+    monkeypatch.setenv("KERNL_PDL", "1")
+    assert launcher.programmatic_launch(cuda)
     monkeypatch.delenv("KERNL_PDL")
     capability["value"] = (8, 0)  # Ampere: no griddepcontrol
     assert not launcher.programmatic_launch(cuda)

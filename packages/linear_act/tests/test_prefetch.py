@@ -18,8 +18,9 @@ def test_prefetch_needs_programmatic_launch_a_weight_like_b_and_few_tiles(monkey
     assert not launch.prefetch_weights(True, True, 265, cuda)  # over two tiles a multiprocessor
     assert not launch.prefetch_weights(False, True, 1, cuda)  # no programmatic launch: nothing to overlap
     assert not launch.prefetch_weights(True, False, 1, cuda)  # B not one K-contiguous matrix: not a weight
-    monkeypatch.setenv("KERNL_PREFETCH", "0")
-    assert not launch.prefetch_weights(True, True, 1, cuda)
+    for off in ("0", "false", "OFF", "no"):
+        monkeypatch.setenv("KERNL_PREFETCH", off)
+        assert not launch.prefetch_weights(True, True, 1, cuda)
 
 
 def _hopper() -> bool:

@@ -36,11 +36,12 @@ def _capability(device_index: int) -> tuple[int, int]:
 
 
 def programmatic_launch(device: torch.device) -> bool:
-    """Programmatic dependent launch on Hopper or newer (``KERNL_PDL=0`` turns it off): the kernel waits
+    """Programmatic dependent launch on Hopper or newer (``KERNL_PDL=0``, ``false``, ``off`` or ``no`` turns
+    it off): the kernel waits
     for the previous kernel's writes first thing, and the next kernel may be scheduled while it runs."""
     return (
         device.type == "cuda"
-        and os.environ.get("KERNL_PDL") != "0"
+        and os.environ.get("KERNL_PDL", "").strip().lower() not in ("0", "false", "off", "no")
         and _capability(device.index or 0)[0] >= 9
     )
 

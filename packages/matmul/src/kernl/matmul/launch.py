@@ -4,7 +4,6 @@
 """
 
 import functools
-import os
 
 import torch
 from triton.tools.tensor_descriptor import TensorDescriptor
@@ -51,11 +50,11 @@ def _capability(device_index: int) -> tuple[int, int]:
 
 def programmatic_launch(device: torch.device) -> bool:
     """Whether kernels on ``device`` use programmatic dependent launch (Hopper or newer; ``KERNL_PDL=0``
-    turns it off): each kernel waits for the previous one's writes first thing, then lets the next one
+    or ``false``/``off``/``no`` turns it off): each kernel waits for the previous one's writes first thing, then lets the next one
     be scheduled, so a stream of small kernels overlaps its launch latencies."""
     return (
         device.type == "cuda"
-        and os.environ.get("KERNL_PDL") != "0"
+        and not tuning.switched_off("KERNL_PDL")
         and _capability(device.index or 0)[0] >= 9
     )
 
@@ -66,12 +65,12 @@ def prefetch_weights(pdl: bool, b_like_weight: bool, tiles: int, device: torch.d
     weight (one matrix for the whole batch, contiguous along K: not the previous kernel's output), when
     the output has at most two tiles per multiprocessor. With more, each program's first tile is a
     small part of its work and the rest of B streams in during the main loop anyway.
-    ``KERNL_PREFETCH=0`` turns it off."""
+    ``KERNL_PREFETCH=0`` (or ``false``/``off``/``no``) turns it off."""
     return (
         pdl
         and b_like_weight
         and tiles <= 2 * tuning.sm_count(device.index or 0)
-        and os.environ.get("KERNL_PREFETCH") != "0"
+        and not tuning.switched_off("KERNL_PREFETCH")
     )
 
 

@@ -72,6 +72,11 @@ class Problem:
         )
 
 
+def switched_off(variable: str) -> bool:
+    """Whether environment variable ``variable`` turns a feature off: ``0``, ``false``, ``off`` or ``no``."""
+    return os.environ.get(variable, "").strip().lower() in ("0", "false", "off", "no")
+
+
 @functools.cache
 def sm_count(device_index: int) -> int:
     """Streaming multiprocessors of CUDA device ``device_index``."""
@@ -234,7 +239,7 @@ def _choose(p: Problem, device: torch.device, launch) -> Config:
     if device.type != "cuda":
         return heuristic(p)
     sms = sm_count(device.index if device.index is not None else torch.cuda.current_device())
-    if os.environ.get("KERNL_AUTOTUNE", "").strip().lower() in ("0", "false", "off", "no"):
+    if switched_off("KERNL_AUTOTUNE"):
         return heuristic(p, sms)
     gpu = gpu_name(device)
     if torch.cuda.is_current_stream_capturing():  # no timing inside a capture: a remembered config or a guess
