@@ -103,7 +103,12 @@ def autocast_dtype(device_type: str) -> torch.dtype | None:
 
 
 def cast_all(dtype: torch.dtype | None, *tensors):
-    """``tensors`` cast to ``dtype`` (None entries and a None dtype pass through), as autocast would."""
+    """``tensors`` cast to ``dtype`` (None entries and a None dtype pass through), as autocast would:
+    floating tensors only, and never float64 ones."""
     if dtype is None:
         return tensors
-    return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in tensors)
+    return tuple(t.to(dtype) if _autocast_eligible(t) else t for t in tensors)
+
+
+def _autocast_eligible(t) -> bool:
+    return isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64
