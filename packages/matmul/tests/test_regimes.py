@@ -117,11 +117,14 @@ def test_tma_kernel_with_fused_epilogue_on_ragged_edges(config):
         assert_matches_reference(out[0], expected, torch_same)
 
 
-def test_batched_tma_kernel_with_n_major_b():
+@pytest.mark.parametrize("parts", [1, 4])
+def test_batched_tma_kernel_with_n_major_b(parts):
     a = make_tensor((3, 40, 72), torch.float16, ValueSpec(1, 1.0, 0.0))
     b = make_tensor((3, 72, 48), torch.float16, ValueSpec(2, 1.0, 0.0))
     assert tma_eligible(a, b, None, 3)
-    out = gemm(a, b, config=Config(64, 64, 64, kernel="tma"))
+    out = gemm(
+        a, b, config=Config(64, 64, 64, kernel="tma", epilogue_parts=parts)
+    )  # 16-wide blocks: one past N
     assert_matches_reference(out, matmul_reference(a.double(), b.double()), torch.matmul(a, b))
     assert not tma_eligible(a[:1], b, None, 3), "a broadcast batch cannot be described by a descriptor"
 
