@@ -309,3 +309,50 @@ def test_output_layout_feeds_the_output_projection_without_copy():
     q = make_tensor((2, 3, 7, 16), torch.float16, ValueSpec(1, 1.0, 0.0))
     out = attention(q, q, q)
     assert out.transpose(1, 2).is_contiguous()
+
+
+def _spread_rows(t, step, offset):
+    """``t`` ``(1, 1, n, d)`` as a view whose rows lie ``step`` elements apart, from element ``offset``
+    of a (lazily allocated) buffer whose first ``d`` elements hold 99 instead (where a row offset
+    wrapped past 2**31 lands). Skips the test where the buffer cannot be allocated."""
+    n, d = t.shape[2], t.shape[3]
+    try:
+        buffer = torch.empty(offset + (n - 1) * step + d, dtype=t.dtype, device=t.device)
+    except (RuntimeError, MemoryError):  # torch.OutOfMemoryError is a RuntimeError
+        pytest.skip("cannot allocate the (mostly untouched) buffer")
+    buffer[:d] = 99
+    view = buffer.as_strided(t.shape, (0, 0, step, 1), storage_offset=offset)
+    view.copy_(t)
+    return view
+
+
+def test_element_offsets_past_int32(monkeypatch):
+    """Row offsets (Q x row stride: a ``(B, 1, Q, K)`` mask of 2**31 elements) and key offsets (K x row
+    stride: a long cache) past 2**31 elements are computed in int64 (they wrapped: wrong rows, or a
+    crash). Strides are large and lengths small so that the test stays quick."""
+    # The buffers are mostly never touched (on CPU, never resident): no NaN poisoning of torch.empty.
+    monkeypatch.setattr(torch.utils.deterministic, "fill_uninitialized_memory", False)
+    q, k, v = make_qkv(
+        1, 1, 3, 129, 16, torch.float16, [ValueSpec(i, 1.0, 0.0) for i in range(3)], ["contiguous"] * 3
+    )
+    mask = (torch.arange(129, device=TEST_DEVICE) % 3 != 0).expand(1, 1, 3, 129)
+    wide_mask = _spread_rows(mask, 2**30, 2**31)  # row 2 at element 2**32 of the mask
+    torch.testing.assert_close(attention(q, k, v, mask=wide_mask), attention(q, k, v, mask=mask))
+    del wide_mask
+    # key 128 at element 2**31 + 2**31 (one block of 128 keys times the stride still fits in int32)
+    kv = _spread_rows(torch.cat([k, v], dim=-1), 2**24, 2**31)
+    k_far, v_far = kv[..., :16], kv[..., 16:]
+    torch.testing.assert_close(attention(q, k_far, v_far), attention(q, k, v))
+    torch.testing.assert_close(attention_decode(q[:, :, :1], k_far, v_far), attention(q[:, :, :1], k, v))
+
+
+def test_decode_with_int_cache_len_and_scalar_bias_or_mask():
+    """0-d ``bias``/``mask`` (they broadcast) with an int ``cache_len`` (the cache is sliced): they raised
+    IndexError while being trimmed to the cache length."""
+    q, k, v = make_qkv(
+        2, 2, 1, 20, 16, torch.float32, [ValueSpec(i, 1.0, 0.0) for i in range(3)], ["contiguous"] * 3
+    )
+    bias = torch.tensor(0.5, device=TEST_DEVICE)
+    mask = torch.tensor(True, device=TEST_DEVICE)
+    out = attention_decode(q, k, v, 7, bias=bias, mask=mask)
+    check(out, q, k, v, 0.25, bias=bias, mask=mask, cache_len=torch.tensor(7, device=TEST_DEVICE))

@@ -154,7 +154,7 @@ def attention_decode(
         if not 0 <= cache_len <= n_k:
             raise ValueError(f"cache_len must be between 0 and the cache length {n_k}, got {cache_len}")
         k_cache, v_cache = k_cache[:, :, :cache_len], v_cache[:, :, :cache_len]
-        trim = lambda t: t[..., :cache_len] if t is not None and t.shape[-1] == n_k else t
+        trim = lambda t: t[..., :cache_len] if t is not None and t.dim() and t.shape[-1] == n_k else t
         bias, mask = trim(bias), trim(mask)
         if key_padding_mask is not None and key_padding_mask.dtype == torch.bool:
             key_padding_mask = key_padding_mask[:, :cache_len]

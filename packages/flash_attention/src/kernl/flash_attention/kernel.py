@@ -81,14 +81,15 @@ def _attn_fwd_kernel(
     else:
         full_end = tl.maximum(lo, lo + (hi - lo) // BLOCK_N * BLOCK_N)
 
-    q_ptrs = Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd
+    rows = offs_m.to(tl.int64)  # row and key offsets in int64: Q * K or K * stride can pass 2**31
+    q_ptrs = Q + b * sqb + h * sqh + rows[:, None] * sqm + offs_d[None, :] * sqd
     q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
     if ACC_DTYPE == tl.float64:  # fp32 inputs: dots and softmax in fp64, so the fp32 result is exact
         q = q.to(tl.float64)
     k_base = K + b * skb + h * skh + offs_d[:, None] * skd
     v_base = V + b * svb + h * svh + offs_d[None, :] * svd
-    bias_base = BIAS + b * sbb + h * sbh + offs_m[:, None] * sbm
-    mask_base = MASK + b * smb + h * smh + offs_m[:, None] * smm
+    bias_base = BIAS + b * sbb + h * sbh + rows[:, None] * sbm
+    mask_base = MASK + b * smb + h * smh + rows[:, None] * smm
 
     if HAS_BIAS or MASK_KIND == 2:  # s * factor: the scores in base 2
         factor = tl.full([], LOG2E, ACC_DTYPE)
@@ -106,12 +107,15 @@ def _attn_fwd_kernel(
         for start_n in range(start_lo, start_hi, BLOCK_N):
             cols = start_n + offs_n
             col_ok = cols < hi
+            n0 = tl.cast(start_n, tl.int64)  # the block's first key, in int64; offs_n * stride stays int32
+            k_ptrs = k_base + n0 * skn + offs_n[None, :] * skn
+            v_ptrs = v_base + n0 * svn + offs_n[:, None] * svn
             if stage == 0 and HEAD_DIM == BLOCK_D:
-                k = tl.load(k_base + cols[None, :] * skn)
-                v = tl.load(v_base + cols[:, None] * svn)
+                k = tl.load(k_ptrs)
+                v = tl.load(v_ptrs)
             else:
-                k = tl.load(k_base + cols[None, :] * skn, mask=d_ok[:, None] & col_ok[None, :], other=0.0)
-                v = tl.load(v_base + cols[:, None] * svn, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+                k = tl.load(k_ptrs, mask=d_ok[:, None] & col_ok[None, :], other=0.0)
+                v = tl.load(v_ptrs, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
             if ACC_DTYPE == tl.float64:
                 k = k.to(tl.float64)
                 v = v.to(tl.float64)
@@ -120,12 +124,14 @@ def _attn_fwd_kernel(
             if HAS_BIAS or MASK_KIND == 2:
                 add = tl.zeros([BLOCK_M, BLOCK_N], ACC_DTYPE)
                 if HAS_BIAS:
-                    add += tl.load(bias_base + cols[None, :] * sbn, mask=tile_ok, other=0.0).to(ACC_DTYPE)
+                    bias_ptrs = bias_base + n0 * sbn + offs_n[None, :] * sbn
+                    add += tl.load(bias_ptrs, mask=tile_ok, other=0.0).to(ACC_DTYPE)
                 if MASK_KIND == 2:
-                    add += tl.load(mask_base + cols[None, :] * smn, mask=tile_ok, other=0.0).to(ACC_DTYPE)
+                    mask_ptrs = mask_base + n0 * smn + offs_n[None, :] * smn
+                    add += tl.load(mask_ptrs, mask=tile_ok, other=0.0).to(ACC_DTYPE)
                 s = tl.math.fma(s, scale, add)
             if MASK_KIND == 1:
-                visible = tl.load(mask_base + cols[None, :] * smn, mask=tile_ok, other=0) != 0
+                visible = tl.load(mask_base + n0 * smn + offs_n[None, :] * smn, mask=tile_ok, other=0) != 0
                 s = tl.where(visible, s, float("-inf"))
             if KPM_KIND == 2:
                 if kpm_partial:
@@ -162,5 +168,5 @@ def _attn_fwd_kernel(
         tl.store(PART_ML + part * 2 * n_q + n_q + offs_m, l_i, mask=row_ok)
     else:
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # fully masked rows: acc = 0, out = 0
-        o_ptrs = OUT + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :] * sod
+        o_ptrs = OUT + b * sob + h * soh + rows[:, None] * som + offs_d[None, :] * sod
         tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=o_mask)
