@@ -123,6 +123,23 @@ def test_training_mode_is_refused(kit):
         optimize_model(model)
 
 
+def test_training_mode_after_optimizing_runs_as_pytorch(kit):
+    model = kit.build(BertModel, kit.tiny_config(BertConfig, num_hidden_layers=1)).to(kit.device)
+    optimized = copy.deepcopy(model)
+    optimize_model(optimized)
+    ids, mask = (t.to(kit.device) for t in kit.padded_batch(2, 7, [7, 3], vocab=120))
+    optimized(input_ids=ids, attention_mask=mask)  # compiled (and the Q/K/V weights moved) in eval mode
+    outputs = []
+    for m in (optimized.train(), model.train()):
+        torch.manual_seed(0)  # the same dropout masks
+        outputs.append(m(input_ids=ids, attention_mask=mask).last_hidden_state)
+    # it ran without gradients, through kernels, padded to a bucket (other dropout masks) before
+    assert outputs[0].requires_grad
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=0, atol=0)
+    outputs[0].sum().backward()
+    assert all(p.grad is not None for p in optimized.encoder.parameters())
+
+
 @pytest.mark.parametrize(
     "model, buckets, error, match",
     [

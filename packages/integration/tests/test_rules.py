@@ -293,6 +293,22 @@ def test_shared_projection_weights_are_stacked_once():
             torch.testing.assert_close(actual, reference)
 
 
+@pytest.mark.skipif(find("linear_act") is None, reason="needs kernl.linear_act")
+def test_projections_read_through_as_strided_are_not_stacked():
+    torch.manual_seed(0)
+    q, k = torch.nn.Linear(16, 16), torch.nn.Linear(16, 16)
+
+    def chunks(x):  # Longformer's sliding-window chunks: strides dynamo took from the unfused layout
+        a, b = q(x), k(x)
+        return (a.as_strided((2, 3, 8), a.stride()) + b.as_strided((2, 3, 8), b.stride()),)
+
+    x = torch.randn(2, 4, 16)
+    with torch.no_grad():
+        record, gm, compiled = rewritten(chunks, x)
+        assert record.fired["fused_projections"] == 0 and record.fired["linear_act"] == 2
+        torch.testing.assert_close(compiled(x)[0], chunks(x)[0])  # a wide output's slice: off by ~2.6
+
+
 def test_gated_products_of_each_activation_spelling():
     from transformers.activations import NewGELUActivation
 

@@ -155,7 +155,7 @@ def _pad_arguments(arguments: dict, token_input: torch.Tensor, extra: int, pad_i
     return padded
 
 
-def _padded_call(compiled, original, buckets, pad_id):
+def _padded_call(model, compiled, original, buckets, pad_id):
     name_arguments = _argument_namer(inspect.signature(original))
     unpadded_only = set()  # kinds of call (see _call_kind) whose outputs cannot be cut back
 
@@ -165,6 +165,8 @@ def _padded_call(compiled, original, buckets, pad_id):
 
     @functools.wraps(original)  # inspect.signature(model.forward) still tells the model's arguments
     def forward(*args, **kwargs):
+        if model.training:  # put back in training mode: dropout and gradients, as plain PyTorch
+            return original(*args, **kwargs)
         if name_arguments is None:
             with torch.no_grad():
                 return compiled(*args, **kwargs)
@@ -224,6 +226,8 @@ def optimize_model(model: torch.nn.Module, *, buckets=DEFAULT_BUCKETS, cuda_grap
     A sentence-transformers model is accepted too: its transformer module's model is optimized. Of an
     encoder-decoder model (T5, BART) the encoder is optimized, and ``generate()`` runs its decoder steps
     on kernl over a static key/value cache.
+    A model put back in training mode (``model.train()``) runs its original forward, plain PyTorch with
+    dropout and gradients, until ``model.eval()``.
     The original forward stays available as ``model.kernl_original_forward``. A model optimized
     before is left as it is (a warning says so) and its report returned.
 
@@ -315,6 +319,6 @@ def _optimize_forward(
             f"model type {model.config.model_type!r} is not known to keep padding out of its real tokens' "
             "outputs: no bucketing, each sequence length compiles and captures its own graph"
         )
-    model.forward = _padded_call(compiled, original, safe, pad_id)
+    model.forward = _padded_call(model, compiled, original, safe, pad_id)
     model.kernl_original_forward = original
     return report

@@ -6,6 +6,10 @@ input width, become one call on the weights stacked by rows; each original resul
 the wide output (a view: attention reads it with its strides). One launch instead of three fills the GPU
 better and, at small batch, saves two launches per layer.
 
+A group whose results reach an ``as_strided`` call is left alone: its strides were taken from the
+unfused layout while tracing (Longformer's sliding-window chunks), and would read the wrong elements of
+a slice of the wide output.
+
 Stacking costs nothing per call: the first call lays the weights out back to back in one buffer (the
 parameters keep their values and identity; only their storage moves), after which :func:`stacked_rows`
 is a view. Tensors that are not parameters (or are parameters created under ``inference_mode``) are
@@ -16,7 +20,7 @@ import torch
 from torch import fx
 
 from kernl.integration.rules import Rule
-from kernl.integration.rules._fx import example
+from kernl.integration.rules._fx import example, is_function, is_method
 from kernl.integration.rules.linear_act import linear_act_call
 
 
@@ -51,6 +55,19 @@ def stacked_rows(*tensors: torch.Tensor) -> torch.Tensor:
     return first.as_strided((rows, *first.shape[1:]), first.stride(), first.storage_offset())
 
 
+def _reaches_as_strided(nodes: list[fx.Node]) -> bool:
+    """Whether a node computed from ``nodes`` is ``as_strided`` (strides fixed while tracing)."""
+    seen, stack = set(nodes), list(nodes)
+    while stack:
+        for user in stack.pop().users:
+            if is_function(user, (torch.as_strided,)) or is_method(user, ("as_strided",)):
+                return True
+            if user not in seen:
+                seen.add(user)
+                stack.append(user)
+    return False
+
+
 def _groups(gm: fx.GraphModule) -> list[list[fx.Node]]:
     """Plain projection calls grouped by (input, weight dtype and width, bias present)."""
     groups: dict[tuple, list[fx.Node]] = {}
@@ -70,7 +87,7 @@ def _groups(gm: fx.GraphModule) -> list[list[fx.Node]]:
     # (weights shared across inputs in another combination) are left alone.
     stacks: dict[fx.Node, tuple] = {}
     merged = []
-    for nodes in (nodes for nodes in groups.values() if len(nodes) > 1):
+    for nodes in (nodes for nodes in groups.values() if len(nodes) > 1 and not _reaches_as_strided(nodes)):
         stack = tuple(n.args[1] for n in nodes) + tuple(n.args[2] for n in nodes if n.args[2] is not None)
         if all(stacks.get(t, stack) == stack for t in stack):
             stacks.update(dict.fromkeys(stack, stack))
