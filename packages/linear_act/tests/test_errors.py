@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from kernl.linear_act import gated_linear_act, linear_act
+from kernl.matmul import launch
 from kernl_testing import TEST_DEVICE, needs_two_devices, other_device
 
 x = torch.randn(4, 8, device=TEST_DEVICE)
@@ -41,6 +42,15 @@ b = torch.randn(6, device=TEST_DEVICE)
 def test_bad_arguments_raise_clear_errors(call, error, message):
     with pytest.raises(error, match=message):
         call()
+
+
+def test_a_bias_past_32_bit_indexing_is_refused_naming_it(monkeypatch):
+    """The epilogue indexes the bias in 32 bits, as the operands: a strided bias (a column of a huge
+    table) spanning 2**31 elements is refused like them (here with the limit lowered to 1024)."""
+    monkeypatch.setattr(launch, "MAX_SPAN", 1024)
+    column = torch.randn(6, 300, device=TEST_DEVICE)[:, 0]  # 1501 elements from first to last
+    with pytest.raises(ValueError, match="bias spans 1501 elements"):
+        linear_act(x, w, column)
 
 
 @needs_two_devices

@@ -66,6 +66,17 @@ def test_empty_and_k_zero():
         assert matmul(empty_batch, b).shape == torch.matmul(empty_batch, b).shape == (0, 5, 6)
 
 
+def test_k_zero_slices_with_aligned_rows():
+    """K = 0 views of wider tensors keep 16-byte aligned row strides, as the TMA kernel wants, but a tensor
+    descriptor cannot describe an empty dimension: the result is still zeros (it raised an assertion)."""
+    spec = ValueSpec(1, 1.0, 0.0)
+    a = make_tensor((2, 100, 64), torch.float16, spec)[..., :0]
+    b = make_tensor((2, 64, 48), torch.float16, spec)[:, :0]
+    for x, y in ((a[0], b[0]), (a, b)):
+        out = matmul(x, y)
+        assert out.shape == torch.matmul(x, y).shape and not out.float().cpu().any()
+
+
 @pytest.mark.parametrize("batches", [(7, 7), (7, 1), (1, 7)])
 def test_batches_past_the_grid_limit_run_in_parts(monkeypatch, batches):
     """CUDA caps the grid's batch axis at 65535 programs: larger batches launch in parts (here, parts of 3)."""

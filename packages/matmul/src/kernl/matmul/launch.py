@@ -79,8 +79,8 @@ MAX_GRID_Z = 65535  # CUDA's limit on grid axis z, the pointer kernel's batch ax
 
 
 def check_spans(operands: dict[str, torch.Tensor | None], m: int, n: int) -> None:
-    """ValueError unless every operand, and the ``(M, N)`` output, spans fewer than 2**31 elements
-    within one batch entry (what the kernels' 32-bit index arithmetic reaches)."""
+    """ValueError unless every operand (a matrix, or a 1-D bias), and the ``(M, N)`` output, spans fewer
+    than 2**31 elements within one batch entry (what the kernels' 32-bit index arithmetic reaches)."""
     spans = {"output (M x N)": m * n}
     for name, t in operands.items():
         if t is not None and t.numel():
@@ -108,6 +108,8 @@ def _tma_operands(a: torch.Tensor, b: torch.Tensor, batch: int) -> tuple[torch.T
 def tma_eligible(a: torch.Tensor, b: torch.Tensor, b2: torch.Tensor | None, batch: int) -> bool:
     """Whether the persistent TMA kernel can run this problem (Hopper or newer, or the interpreter)."""
     if b2 is not None or a.dtype == torch.float32 or (b.shape[2] * a.element_size()) % 16:
+        return False
+    if a.shape[2] == 0:  # a descriptor cannot describe an empty dimension (K = 0: the epilogue of zeros)
         return False
     if batch > 1 and (a.shape[0] != batch or b.shape[0] != batch):
         return False
@@ -165,7 +167,8 @@ def gemm(
     batch = 0 if 0 in (a.shape[0], b.shape[0]) else max(a.shape[0], b.shape[0])  # broadcast, as torch
     m, k = a.shape[1], a.shape[2]
     n = b.shape[2]
-    check_spans({"a (linear_act's x)": a, "b (the weight)": b, "b2": b2, "residual": residual}, m, n)
+    operands = {"a (linear_act's x)": a, "b (the weight)": b, "b2": b2, "bias": bias, "residual": residual}
+    check_spans(operands, m, n)
     c = torch.empty((batch, m, n), dtype=a.dtype, device=a.device)
     if c.numel() == 0:
         return c
