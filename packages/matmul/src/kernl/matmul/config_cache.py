@@ -23,7 +23,8 @@ except ImportError:  # not POSIX: writers merge without a lock
 
 @dataclass(frozen=True)
 class Config:
-    """One launch configuration of :func:`kernl.matmul.kernel.gemm_kernel`."""
+    """One launch configuration of :func:`kernl.matmul.kernel.gemm_kernel` (``kernel="ptr"``) or
+    :func:`kernl.matmul.kernel_tma.gemm_tma_kernel` (``kernel="tma"``)."""
 
     block_m: int
     block_n: int

@@ -34,7 +34,8 @@ def _tile_coords(tile, grid_m, grid_n, GROUP_M: tl.constexpr):
 def _finish(acc, c_desc, C, BIAS, R, z, off_m, off_n, M, N, stride_bias, stride_rm, stride_rn,
             ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, BATCHED: tl.constexpr,
             ROWS: tl.constexpr, COLS: tl.constexpr):  # fmt: skip
-    """The epilogue of the ``ROWS x COLS`` output block at ``(off_m, off_n)`` (a tile or half of one), then its store."""
+    """The epilogue of the ``ROWS x COLS`` output block at ``(off_m, off_n)`` (a tile, or a column block
+    of one), then its store."""
     rm = off_m + tl.arange(0, ROWS)
     rn = off_n + tl.arange(0, COLS)
     if HAS_BIAS:
