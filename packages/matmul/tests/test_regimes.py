@@ -130,6 +130,17 @@ def test_batched_tma_kernel_with_n_major_b(parts):
     assert not tma_eligible(a[:1], b, None, 3), "a broadcast batch cannot be described by a descriptor"
 
 
+def test_expanded_operands_take_the_pointer_kernel():
+    """Views with a 0 stride (``expand``) are not given to a tensor descriptor (CUDA's tensor maps
+    step through memory); the pointer kernel computes them."""
+    row = make_tensor((1, 1, 72), torch.float16, ValueSpec(1, 1.0, 0.0))
+    a = make_tensor((3, 40, 72), torch.float16, ValueSpec(2, 1.0, 0.0))
+    b = make_tensor((3, 72, 48), torch.float16, ValueSpec(3, 1.0, 0.0))
+    for x, y in ((row.expand(1, 40, 72), b[:1]), (row.expand(3, 40, 72), b), (a, b[:1].expand(3, 72, 48))):
+        assert not tma_eligible(x, y, None, y.shape[0])
+        assert_matches_reference(gemm(x, y), matmul_reference(x.double(), y.double()), torch.matmul(x, y))
+
+
 def test_tma_config_on_an_ineligible_problem_is_refused():
     a = make_tensor((1, 8, 75), torch.float16, ValueSpec(1, 1.0, 0.0))  # rows of 150 bytes: not aligned
     b = make_tensor((1, 75, 16), torch.float16, ValueSpec(2, 1.0, 0.0))

@@ -94,9 +94,12 @@ def check_spans(operands: dict[str, torch.Tensor | None], m: int, n: int) -> Non
 
 
 def _tma_ready(t: torch.Tensor) -> bool:
-    """An operand a tensor descriptor can describe: unit inner stride, 16-byte aligned strides and base."""
+    """An operand a tensor descriptor can describe: unit inner stride, 16-byte aligned base and outer
+    strides, none of them 0 (an expanded operand: a descriptor steps through memory, it cannot
+    broadcast; the pointer kernel reads such views as they are)."""
     size = t.element_size()
-    return t.stride(-1) == 1 and all((s * size) % 16 == 0 for s in t.stride()[:-1]) and t.data_ptr() % 16 == 0
+    outer = t.stride()[:-1]
+    return t.stride(-1) == 1 and all(s > 0 and (s * size) % 16 == 0 for s in outer) and t.data_ptr() % 16 == 0
 
 
 def _tma_operands(a: torch.Tensor, b: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
