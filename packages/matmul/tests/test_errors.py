@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from kernl.matmul import matmul
+from kernl.matmul import Config, gemm, matmul
 from kernl_testing import TEST_DEVICE, needs_two_devices, other_device
 
 a = torch.randn(4, 8, device=TEST_DEVICE)
@@ -23,6 +23,14 @@ b = torch.randn(8, 5, device=TEST_DEVICE)
         (lambda: matmul(a, b.clone().requires_grad_()), ValueError, "b requires grad"),
         (lambda: matmul(a.expand(2, 4, 8), b.expand(3, 8, 5)), ValueError, "cannot be broadcast"),
         (lambda: matmul(a, b, allow_tf32=1), TypeError, "allow_tf32"),
+        (lambda: gemm(a[None], b[None], activation="gelu_erf"), ValueError, "activation must be one of"),
+        (
+            lambda: gemm(a[None], b[None], config=Config(16, 48, 16)),
+            ValueError,
+            "config must be a launchable",
+        ),
+        (lambda: gemm(a[None], b[None], config=Config(64, 64, 64, epilogue_parts=2)), ValueError, "config"),
+        (lambda: gemm(a[None], b[None], config=(64, 64, 64)), ValueError, "config must be a launchable"),
     ],
 )
 def test_bad_arguments_raise_clear_errors(call, error, message):

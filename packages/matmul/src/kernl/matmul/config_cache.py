@@ -48,6 +48,25 @@ _BLOCKS = ("block_m", "block_n", "block_k")
 _COUNTS = ("split_k", "group_m", "num_warps", "num_stages", "occupancy", "epilogue_parts")
 
 
+def launchable(config: Config) -> bool:
+    """Whether the kernels can launch ``config``: tiles powers of two from 16 to 512, counts positive
+    ints, num_warps a power of two up to 16, at most 8 stages; TMA: no split-K; epilogue in 1, 2 or 4
+    column blocks (TMA only), each at least 16 wide."""
+    values = [getattr(config, name) for name in _BLOCKS + _COUNTS]
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values):
+        return False
+    blocks = values[: len(_BLOCKS)]
+    if any(v & (v - 1) or not 16 <= v <= 512 for v in blocks) or config.kernel not in ("ptr", "tma"):
+        return False  # tile sizes: powers of two a tl.dot takes; two kernels
+    if config.num_warps & (config.num_warps - 1) or config.num_warps > 16 or config.num_stages > 8:
+        return False
+    if config.kernel == "tma" and config.split_k != 1:
+        return False  # the persistent TMA kernel has no split-K
+    parts = config.epilogue_parts
+    # column blocks of the TMA kernel's epilogue: halves or quarters, 16 wide at least
+    return parts in (1, 2, 4) and config.block_n // parts >= 16 and (parts == 1 or config.kernel == "tma")
+
+
 def _config(fields: object) -> Config | None:
     """``fields`` as a :class:`Config`, or ``None`` when they do not describe a launchable one."""
     if not isinstance(fields, dict):
@@ -56,20 +75,7 @@ def _config(fields: object) -> Config | None:
         config = Config(**fields)
     except TypeError:  # unknown or missing fields (another version's entry)
         return None
-    values = [getattr(config, name) for name in _BLOCKS + _COUNTS]
-    if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values):
-        return None
-    blocks = values[: len(_BLOCKS)]
-    if any(v & (v - 1) or not 16 <= v <= 512 for v in blocks) or config.kernel not in ("ptr", "tma"):
-        return None  # tile sizes: powers of two a tl.dot takes; two kernels
-    if config.num_warps & (config.num_warps - 1) or config.num_warps > 16 or config.num_stages > 8:
-        return None
-    if config.kernel == "tma" and config.split_k != 1:
-        return None  # the persistent TMA kernel has no split-K
-    parts = config.epilogue_parts
-    if parts not in (1, 2, 4) or config.block_n // parts < 16 or (parts > 1 and config.kernel != "tma"):
-        return None  # column blocks of the TMA kernel's epilogue: halves or quarters, 16 wide at least
-    return config
+    return config if launchable(config) else None
 
 
 def _read_raw(path: Path) -> dict:

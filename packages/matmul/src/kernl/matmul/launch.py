@@ -9,6 +9,8 @@ import torch
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from kernl.matmul import tuning
+from kernl.matmul.activations import ACTIVATIONS
+from kernl.matmul.config_cache import launchable
 from kernl.matmul.kernel import gemm_kernel
 from kernl.matmul.kernel_tma import gemm_tma_kernel
 from kernl.matmul.tuning import Config, Problem
@@ -167,6 +169,10 @@ def gemm(
     b2 (gate, ``(K, N)``), bias (``(N,)``) and residual (``(M, N)``) are for unbatched problems.
     Returns a contiguous ``(B, M, N)`` tensor, ``B`` the broadcast batch. ``config`` bypasses the tuner.
     """
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    if config is not None and not (isinstance(config, Config) and launchable(config)):
+        raise ValueError(f"config must be a launchable kernl.matmul.Config, got {config!r}")
     batch = 0 if 0 in (a.shape[0], b.shape[0]) else max(a.shape[0], b.shape[0])  # broadcast, as torch
     m, k = a.shape[1], a.shape[2]
     n = b.shape[2]
