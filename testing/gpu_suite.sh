@@ -6,7 +6,9 @@
 # Tests run one package at a time, each with its own log in $KERNL_GPU_LOGS (default /tmp/kernl-gpu)
 # and a one-line summary, so that a slow package cannot hide the others' results. On an H100 the
 # whole test pass takes about 12 minutes: testing 6 s, layernorm 60 s, matmul 175 s, linear_act 120 s,
-# flash_attention 255 s, integration 90 s.
+# flash_attention 255 s, integration 90 s. KERNL_GPU_PARALLEL=1 runs the packages' tests side by side
+# on the one GPU (about the longest package's time; they check numbers, not speed), for a device call
+# with a time limit.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source testing/gpu_env.sh
@@ -17,15 +19,24 @@ packages=("$@")
 logs="${KERNL_GPU_LOGS:-/tmp/kernl-gpu}"
 mkdir -p "$logs"
 status=0
+run_tests() {  # one package's tests into its log; exit status of pytest
+  local path="packages/$1/tests"; [[ "$1" == testing ]] && path=testing/tests
+  # Tests check numbers, not speed: no matmul autotuning (it would time every tiny test shape).
+  KERNL_AUTOTUNE=0 python3 -m pytest "$path" -q -rf --tb=short -p no:cacheprovider >"$logs/$1.log" 2>&1
+}
+summarise() {
+  echo "== $1: $(tail -n 1 "$logs/$1.log")"
+  grep -E "^FAILED" "$logs/$1.log" || true
+}
 if [[ "$what" == tests || "$what" == all ]]; then
-  for package in "${packages[@]}"; do
-    path="packages/$package/tests"; [[ "$package" == testing ]] && path=testing/tests
-    # Tests check numbers, not speed: no matmul autotuning (it would time every tiny test shape).
-    KERNL_AUTOTUNE=0 python3 -m pytest "$path" -q -rf --tb=short -p no:cacheprovider >"$logs/$package.log" 2>&1 \
-      || status=1
-    echo "== $package: $(tail -n 1 "$logs/$package.log")"
-    grep -E "^FAILED" "$logs/$package.log" || true
-  done
+  if [[ "${KERNL_GPU_PARALLEL:-0}" == 1 ]]; then
+    pids=()
+    for package in "${packages[@]}"; do run_tests "$package" & pids+=($!); done
+    for pid in "${pids[@]}"; do wait "$pid" || status=1; done
+    for package in "${packages[@]}"; do summarise "$package"; done
+  else
+    for package in "${packages[@]}"; do run_tests "$package" || status=1; summarise "$package"; done
+  fi
 fi
 if [[ "$what" == bench || "$what" == all ]]; then
   for package in "${packages[@]}"; do
