@@ -41,7 +41,12 @@ lengths = torch.tensor([3, 7], device=TEST_DEVICE)
         (
             lambda: attention(q, kv, kv, bias=torch.zeros(5, 7, dtype=torch.bool, device=TEST_DEVICE)),
             TypeError,
-            "bias must be a float tensor",
+            "bias must be float16, bfloat16 or float32, got torch.bool",
+        ),  # fmt: skip
+        (
+            lambda: attention(q, kv, kv, bias=torch.zeros(5, 7, dtype=torch.float64, device=TEST_DEVICE)),
+            TypeError,
+            "bias must be float16, bfloat16 or float32, got torch.float64",  # it said "must be a float tensor"
         ),  # fmt: skip
         (
             lambda: attention(q, kv, kv, mask=torch.zeros(2, 2, 5, 7, device=TEST_DEVICE)),

@@ -50,7 +50,8 @@ def _check_qkv(q, k, v) -> None:
 
 def _check_broadcastable(name: str, t, full: tuple[int, ...], device, allow_bool: bool) -> None:
     dtypes = SUPPORTED_DTYPES + ((torch.bool,) if allow_bool else ())
-    _check_tensor(name, t, dtypes, "bool or float16/bfloat16/float32" if allow_bool else "a float tensor")
+    what = "float16, bfloat16 or float32"
+    _check_tensor(name, t, dtypes, f"bool or {what}" if allow_bool else what)
     if t.device != device:
         raise ValueError(f"{name} is on {t.device} but q is on {device}")
     shape, lead = tuple(t.shape), 4 - t.dim()  # aligned on the right, as broadcasting is

@@ -47,8 +47,8 @@ def _check_inputs(x, residual, weight, bias, eps) -> None:
                 f"residual must match x in shape and dtype: got {tuple(residual.shape)} {residual.dtype}, "
                 f"x is {tuple(x.shape)} {x.dtype}"
             )
-    for name, t in (("residual", residual), ("weight", weight), ("bias", bias)):
-        if t is None or name == "residual":
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is None:
             continue
         _check_float_tensor(name, t)
         if t.shape != (n,):
