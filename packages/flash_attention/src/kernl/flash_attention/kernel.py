@@ -84,7 +84,7 @@ def _attn_fwd_kernel(
     rows = offs_m.to(tl.int64)  # row and key offsets in int64: Q * K or K * stride can pass 2**31
     q_ptrs = Q + b * sqb + h * sqh + rows[:, None] * sqm + offs_d[None, :] * sqd
     q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-    if ACC_DTYPE == tl.float64:  # fp32 inputs: dots and softmax in fp64, so the fp32 result is exact
+    if ACC_DTYPE == tl.float64:  # fp32 inputs: dots and softmax in fp64 (the scale arrives as fp32)
         q = q.to(tl.float64)
     k_base = K + b * skb + h * skh + offs_d[:, None] * skd
     v_base = V + b * svb + h * svh + offs_d[None, :] * svd
