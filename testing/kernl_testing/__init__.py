@@ -1,6 +1,13 @@
 """Test support shared by every kernl package: device switch, hypothesis strategies, tolerance rule."""
 
-from kernl_testing.device import TEST_DEVICE, float_dtypes, needs_two_devices, on_gpu, other_device
+from kernl_testing.device import (
+    TEST_DEVICE,
+    float_dtypes,
+    needs_two_devices,
+    needs_two_gpus,
+    on_gpu,
+    other_device,
+)
 from kernl_testing.strategies import LAYOUTS, ValueSpec, layouts, make_tensor, value_specs
 from kernl_testing.tolerance import assert_matches_reference, tolerance_for
 
@@ -13,6 +20,7 @@ __all__ = [
     "layouts",
     "make_tensor",
     "needs_two_devices",
+    "needs_two_gpus",
     "on_gpu",
     "other_device",
     "tolerance_for",

@@ -42,3 +42,6 @@ def other_device() -> str:
 needs_two_devices = pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a CUDA device to mix devices"
 )
+needs_two_gpus = pytest.mark.skipif(
+    not on_gpu() or torch.cuda.device_count() < 2, reason="needs two GPUs (tensors off the current one)"
+)

@@ -9,7 +9,14 @@ from hypothesis import strategies as st
 
 from kernl.flash_attention import attention, attention_decode, attention_reference
 from kernl.flash_attention.launch import LaunchConfig, attention_forward
-from kernl_testing import TEST_DEVICE, ValueSpec, assert_matches_reference, make_tensor, on_gpu
+from kernl_testing import (
+    TEST_DEVICE,
+    ValueSpec,
+    assert_matches_reference,
+    make_tensor,
+    needs_two_gpus,
+    on_gpu,
+)
 from kernl_testing.strategies import dtypes, value_specs
 
 MAX_LEN = 600 if on_gpu() else 70
@@ -356,3 +363,21 @@ def test_decode_with_int_cache_len_and_scalar_bias_or_mask():
     mask = torch.tensor(True, device=TEST_DEVICE)
     out = attention_decode(q, k, v, 7, bias=bias, mask=mask)
     check(out, q, k, v, 0.25, bias=bias, mask=mask, cache_len=torch.tensor(7, device=TEST_DEVICE))
+
+
+@needs_two_gpus
+def test_tensors_on_a_gpu_other_than_the_current_one():
+    """Triton launches on the current device: attention must make q's GPU current (the split-KV decode
+    path's two kernels too)."""
+    q, k, v = (
+        t.to("cuda:1")
+        for t in make_qkv(
+            2, 3, 7, 300, 64, torch.float16, [ValueSpec(i, 1.0, 0.0) for i in range(3)], ["contiguous"] * 3
+        )
+    )
+    lengths = torch.tensor([300, 41], device="cuda:1")
+    with torch.cuda.device(0):
+        outs = [attention(q, k, v, key_padding_mask=lengths), attention_decode(q[:, :, :1], k, v, lengths)]
+    torch.cuda.synchronize(1)
+    check(outs[0], q, k, v, 0.125, key_padding_mask=lengths)
+    check(outs[1], q[:, :, :1], k, v, 0.125, key_padding_mask=lengths)

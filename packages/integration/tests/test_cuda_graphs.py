@@ -10,7 +10,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from kernl.integration import optimize_model
 from kernl.integration.cuda_graphs import ForwardGraphs, map_tensors
-from kernl_testing import assert_matches_reference, on_gpu
+from kernl_testing import assert_matches_reference, needs_two_gpus, on_gpu
 
 
 def test_signature_covers_shapes_dtypes_and_plain_arguments():
@@ -131,3 +131,22 @@ def test_in_place_updates_of_static_inputs_survive(step_graphs):
     assert report.graphs[0].inputs == f"[1x8 float32, 2 static cache tensors] on {cache.device}"
     if step_graphs:
         assert report.graphs[0].runs_as == "CUDA graph (step)"
+
+
+@needs_two_gpus
+def test_a_model_on_a_gpu_other_than_the_current_one(kit):
+    """Streams, captures and kernels follow the model's GPU, not the current device (silently missing
+    work in the graph otherwise: the model's ops ran on a stream the capture did not watch)."""
+    model = kit.build(BertModel, kit.tiny_config(BertConfig))
+    reference = copy.deepcopy(model).double()
+    peer = copy.deepcopy(model).to("cuda:1", torch.float16)
+    optimized = copy.deepcopy(model).to("cuda:1", torch.float16)
+    report = optimize_model(optimized)
+    for seed in (1, 2, 3):  # warm-up, capture, replays
+        ids, mask = kit.padded_batch(2, 16, [16, 5], vocab=120, seed=seed)
+        with torch.inference_mode(), torch.cuda.device(0):
+            expected = reference(input_ids=ids, attention_mask=mask).last_hidden_state
+            same = peer(input_ids=ids.to("cuda:1"), attention_mask=mask.to("cuda:1")).last_hidden_state
+            actual = optimized(input_ids=ids.to("cuda:1"), attention_mask=mask.to("cuda:1")).last_hidden_state
+        assert_matches_reference(actual, expected, same)
+    assert report.graphs[0].runs_as == "CUDA graph (whole forward)", str(report)

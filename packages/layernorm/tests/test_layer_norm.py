@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from kernl.layernorm import layer_norm, layer_norm_reference, rms_norm, rms_norm_reference
-from kernl_testing import TEST_DEVICE, ValueSpec, assert_matches_reference, make_tensor
+from kernl_testing import TEST_DEVICE, ValueSpec, assert_matches_reference, make_tensor, needs_two_gpus
 from kernl_testing.strategies import dtypes, layouts, value_specs
 
 hidden_sizes = st.one_of(st.integers(1, 300), st.sampled_from([512, 768, 1000, 1024, 4096, 5120, 16384]))
@@ -74,3 +74,20 @@ def test_rows_spanning_more_than_2_31_elements_of_memory(monkeypatch):
     assert_matches_reference(out, reference, F.layer_norm(summed, (3,), weight))
     reference = rms_norm_reference(x.double(), w64)
     assert_matches_reference(rms_norm(x, weight), reference, rms_norm_reference(x, weight))
+
+
+@needs_two_gpus
+def test_tensors_on_a_gpu_other_than_the_current_one():
+    """Triton launches on the current device: the norms must make x's GPU current."""
+    x, r = (make_tensor((37, 768), torch.float16, ValueSpec(i, 1.0, 0.0)).to("cuda:1") for i in (1, 2))
+    w, b = (make_tensor((768,), torch.float16, ValueSpec(i, 1.0, 0.5)).to("cuda:1") for i in (3, 4))
+    with torch.cuda.device(0):
+        y, summed = layer_norm(x, w, b, eps=1e-5, residual=r)
+        t5 = rms_norm(x, w, eps=1e-6)
+    torch.cuda.synchronize(1)
+    expected, expected_sum = layer_norm_reference(x.double(), w.double(), b.double(), 1e-5, r.double())
+    assert_matches_reference(y, expected, F.layer_norm(x + r, (768,), w, b, 1e-5))
+    assert_matches_reference(summed, expected_sum, x + r)
+    assert_matches_reference(
+        t5, rms_norm_reference(x.double(), w.double(), 1e-6), rms_norm_reference(x, w, 1e-6)
+    )

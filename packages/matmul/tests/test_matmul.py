@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from kernl.matmul import launch, matmul, matmul_reference
 from kernl.matmul.functional import tf32_allowed
 from kernl.matmul.launch import check_spans
-from kernl_testing import ValueSpec, assert_matches_reference, make_tensor, on_gpu
+from kernl_testing import ValueSpec, assert_matches_reference, make_tensor, needs_two_gpus, on_gpu
 from kernl_testing.strategies import dtypes, layouts, value_specs
 
 sizes = st.one_of(st.integers(1, 80), st.sampled_from([96, 128, 129, 200]))
@@ -127,3 +127,17 @@ def test_operands_past_32_bit_indexing_are_refused_naming_them():
     check_spans(
         {"a": SimpleNamespace(shape=(4, 3, 16), stride=lambda: (2**40, 16, 1), numel=lambda: 192)}, 3, 8
     )
+
+
+@needs_two_gpus
+def test_operands_on_a_gpu_other_than_the_current_one():
+    """Triton launches on the current device: the GEMM must make the operands' GPU current (small M
+    with split-K and large M, tuned, so that the tuner's timing runs there too)."""
+    for m in (5, 1000):
+        a = make_tensor((m, 72), torch.float16, ValueSpec(1, 1.0, 0.0)).to("cuda:1")
+        b = make_tensor((72, 136), torch.float16, ValueSpec(2, 1.0, 0.0)).to("cuda:1")
+        with torch.cuda.device(0):
+            out = matmul(a, b)
+        torch.cuda.synchronize(1)
+        assert out.device == a.device
+        assert_matches_reference(out, matmul_reference(a.double(), b.double()), torch.matmul(a, b))

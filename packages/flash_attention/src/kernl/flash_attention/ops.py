@@ -50,7 +50,8 @@ def attention_impl(
         )  # fmt: skip
         return out.transpose(1, 2).contiguous().transpose(1, 2)  # the kernel's layout
     key_padding_mask, cache_len = _as_int32(key_padding_mask, k.shape[2]), _as_int32(cache_len, k.shape[2])
-    return attention_forward(q, k, v, scale, bias, mask, key_padding_mask, cache_len, causal)
+    with torch.cuda.device(q.device.index if q.is_cuda else -1):  # Triton launches on the current device
+        return attention_forward(q, k, v, scale, bias, mask, key_padding_mask, cache_len, causal)
 
 
 attention_op = torch.library.custom_op("kernl::attention", attention_impl, mutates_args=())

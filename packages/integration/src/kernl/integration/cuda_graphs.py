@@ -59,6 +59,13 @@ def _tensors(args: tuple, kwargs: dict) -> list:
     return found
 
 
+def on_inputs_gpu(values) -> torch.cuda.device:
+    """A context in which the GPU of the first CUDA tensor among ``values`` is the current device (streams,
+    captures and synchronisation act on the current device, not on a model's); a no-op without one."""
+    tensors = (v for v in values if isinstance(v, torch.Tensor) and v.is_cuda)
+    return torch.cuda.device(next((t.device.index for t in tensors), -1))
+
+
 def captured(run, warm_up, pool) -> tuple:
     """``(graph, outputs)``: ``warm_up()`` run on a side stream (first calls compile and autotune, which a
     capture cannot hold), then one call of ``run()`` captured in a new CUDA graph allocating from ``pool``;
@@ -166,6 +173,10 @@ class ForwardGraphs:
         return tuple(parts)
 
     def __call__(self, *args, **kwargs):
+        with on_inputs_gpu(_tensors(args, kwargs)):
+            return self._run(*args, **kwargs)
+
+    def _run(self, *args, **kwargs):
         key = self.key(args, kwargs)
         if key is None:
             return self.forward(*args, **kwargs)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernl.integration.cuda_graphs import captured
+from kernl.integration.cuda_graphs import captured, on_inputs_gpu
 from kernl.integration.report import GraphRecord
 
 MAX_CAPTURES = 4
@@ -67,6 +67,10 @@ class StepGraph:
         self.captures: dict[tuple, _Capture] = {}
 
     def __call__(self, *args):
+        with on_inputs_gpu(args):
+            return self._run(*args)
+
+    def _run(self, *args):
         if torch.cuda.is_current_stream_capturing():  # inside a capture of the whole call: record the kernels
             return self.fn(*args)
         key = tuple(args[i].data_ptr() for i in self.static)

@@ -40,7 +40,8 @@ def _normalize(x, residual, weight, bias, eps, is_rms):
     n = x.shape[-1]
     out_dtype = rms_norm_output_dtype(x, weight) if is_rms else x.dtype
     flat_residual = residual.reshape(-1, n) if residual is not None else None
-    y, summed = norm_forward(x.reshape(-1, n), weight, bias, flat_residual, eps, is_rms, out_dtype)
+    with torch.cuda.device(x.device.index if x.is_cuda else -1):  # Triton launches on the current device
+        y, summed = norm_forward(x.reshape(-1, n), weight, bias, flat_residual, eps, is_rms, out_dtype)
     return y.view(x.shape), summed.view(x.shape) if summed is not None else None
 
 
@@ -79,7 +80,8 @@ def overflow_clamp_impl(x: torch.Tensor, limit_if_inf: float, limit: float) -> t
     else to ``+-limit``; contiguous, in x's dtype."""
     if not runs_triton_kernel(x):
         return overflow_clamp_reference(x, limit_if_inf, limit).contiguous()
-    return overflow_clamp_forward(x.contiguous(), limit_if_inf, limit)
+    with torch.cuda.device(x.device.index if x.is_cuda else -1):  # Triton launches on the current device
+        return overflow_clamp_forward(x.contiguous(), limit_if_inf, limit)
 
 
 layer_norm_op = torch.library.custom_op("kernl::layer_norm", layer_norm_impl, mutates_args=())

@@ -241,5 +241,6 @@ def gemm(
                 PREFETCH_B=prefetch, launch_pdl=pdl,
             )  # fmt: skip
 
-    launch(config or tuning.choose(problem, c.device, launch))
+    with torch.cuda.device(c.device.index if c.is_cuda else -1):  # Triton launches on the current device
+        launch(config or tuning.choose(problem, c.device, launch))
     return c
