@@ -117,6 +117,40 @@ def test_without_a_usable_device_the_model_runs_unchanged(kit, monkeypatch):
     assert "runs unchanged" in str(report)
 
 
+class _Classifier(torch.nn.Module):
+    """A user's own module around a BertModel: no transformers config of its own."""
+
+    def __init__(self, bert):
+        super().__init__()
+        self.bert, self.head = bert, torch.nn.Linear(bert.config.hidden_size, 3)
+
+    def forward(self, input_ids, attention_mask=None):
+        return self.head(
+            self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state[:, 0]
+        )
+
+
+def test_a_module_of_ones_own_is_left_unchanged_and_its_transformers_model_is_named(kit):
+    """A module around a Bert has no config: its forward (Python between the transformers calls) is
+    not known, so it runs as it is, and the report names the model inside that can be optimized."""
+    torch.manual_seed(0)
+    model = _Classifier(kit.build(BertModel, kit.tiny_config(BertConfig))).eval()
+    reference, peer = copy.deepcopy(model).double(), copy.deepcopy(model).to(kit.device, DTYPES[0])
+    optimized = copy.deepcopy(model).to(kit.device, DTYPES[0])
+    forward = optimized.forward
+    with pytest.warns(UserWarning, match="model.bert"):
+        report = optimize_model(optimized)
+    assert report.status == "not optimized" and optimized.forward == forward
+    assert "_Classifier is not a transformers model" in str(report)
+    bert_report = optimize_model(optimized.bert)
+    ids, mask = kit.padded_batch(2, 11, [11, 6], vocab=120)
+    with torch.inference_mode():
+        expected = reference(ids, mask)
+        same_dtype, actual = (m(ids.to(kit.device), mask.to(kit.device)) for m in (peer, optimized))
+    assert_matches_reference(actual, expected, same_dtype)
+    assert bert_report.status == "optimized" and bert_report.graphs[0].inputs.startswith("[2x16 int64")
+
+
 def test_training_mode_is_refused(kit):
     model = kit.build(BertModel, kit.tiny_config(BertConfig, num_hidden_layers=1)).train()
     with pytest.raises(ValueError, match="eval"):

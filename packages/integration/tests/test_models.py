@@ -13,6 +13,8 @@ from transformers import (
     BertForSequenceClassification,
     BertForTokenClassification,
     BertModel,
+    ElectraConfig,
+    ElectraForPreTraining,
     RobertaConfig,
     RobertaForMaskedLM,
     RobertaModel,
@@ -36,6 +38,8 @@ CASES = {
         {},
         "start_logits",
     ),  # (B, S): per token
+    # the discriminator's logits are (B, S): one per token, cut back though 2-D and not named per token
+    "electra-pretraining": (ElectraForPreTraining, ElectraConfig, {"embedding_size": 32}, "logits"),
     "roberta": (RobertaModel, RobertaConfig, ROBERTA, "last_hidden_state"),
     "roberta-masked-lm": (RobertaForMaskedLM, RobertaConfig, ROBERTA, "logits"),
     "xlm-roberta-sequence-classification": (
@@ -68,6 +72,22 @@ def test_tuple_outputs_as_wide_as_the_bucket_run_unpadded(kit):
     call = dict(input_ids=ids, attention_mask=mask, return_dict=False)
     report = kit.compare_with_reference(model, DTYPE, [call, call], [0, 1])
     assert len(report.graphs) == 2  # the padded try once, then the caller's length; no third compile
+
+
+def test_two_dimensional_fields_as_wide_as_the_bucket_are_cut_only_when_known_per_token():
+    """A (B, bucket) field may hold one value per token or per sequence (``num_labels`` logits as wide as
+    the bucket): a field not known to be either cannot be cut, and the call runs at its own length."""
+    from transformers.modeling_outputs import BaseModelOutputWithPooling, SequenceClassifierOutput
+
+    from kernl.integration.optimize import _cut_outputs
+
+    assert _cut_outputs(SequenceClassifierOutput(logits=torch.zeros(2, 16)), 11, 16) is None
+    assert _cut_outputs(SequenceClassifierOutput(logits=torch.zeros(2, 3)), 11, 16).logits.shape == (2, 3)
+    pooled = BaseModelOutputWithPooling(
+        last_hidden_state=torch.zeros(2, 16, 16), pooler_output=torch.zeros(2, 16)
+    )
+    cut = _cut_outputs(pooled, 11, 16)
+    assert cut.last_hidden_state.shape == (2, 11, 16) and cut.pooler_output.shape == (2, 16)
 
 
 def test_multiple_choice_runs_as_called(kit):

@@ -24,8 +24,12 @@ from kernl.integration.report import OptimizationReport
 DEFAULT_BUCKETS = (16, 32, 64, 128, 256, 384, 512)
 # Per-token inputs the wrapper pads (input_ids with the pad token, the others with zeros).
 _PADDED_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "inputs_embeds")
-# 2-D ModelOutput fields with one value per token, cut back like 3-D hidden states.
+# 2-D ModelOutput fields with one value per token, cut back like 3-D hidden states: by field name, and by
+# output class for fields whose name does not tell (ELECTRA's discriminator logits are (B, S)).
 _PER_TOKEN_2D = ("start_logits", "end_logits")
+_PER_TOKEN_2D_BY_OUTPUT = {"ElectraForPreTrainingOutput": ("logits",)}
+# 2-D ModelOutput fields with one value per sequence (a pooler output as wide as a bucket is not cut).
+_PER_SEQUENCE_2D = ("pooler_output",)
 # Models whose real tokens never see padding that attention masks out (positions mix only through
 # attention): padding them to a bucket leaves their outputs unchanged. Others (ConvBERT's span
 # convolution, Nystromformer's value convolution mix neighbouring positions) run at the caller's length.
@@ -70,18 +74,22 @@ def _cut_outputs(output, length: int, padded: int):
 
     A 2-D output ``(B, padded)`` may hold one value per token (question answering's ``start_logits``)
     or per sequence (a pooler output or classification logits as wide as the bucket): in a ModelOutput
-    the field name tells (:data:`_PER_TOKEN_2D`); in a plain tuple nothing does, so ``None``."""
+    the field name, or the output class, tells for the fields of :data:`_PER_TOKEN_2D`,
+    :data:`_PER_TOKEN_2D_BY_OUTPUT` and :data:`_PER_SEQUENCE_2D`; for any other field as wide as the
+    bucket, and in a plain tuple, nothing does, so ``None``."""
     if holds_objects(output):  # a returned key/value cache: as long as the padded input, cannot be cut
         return None
     if isinstance(output, dict):
+        per_token_fields = _PER_TOKEN_2D + _PER_TOKEN_2D_BY_OUTPUT.get(type(output).__name__, ())
         cut = type(output).__new__(type(output))
         for key, item in output.items():
-            per_token = key in _PER_TOKEN_2D and isinstance(item, torch.Tensor) and item.dim() == 2
-            cut[key] = (
-                item[:, :length].contiguous()
-                if per_token
-                else map_tensors(lambda t: _cut(t, length, padded), item)
-            )
+            flat = isinstance(item, torch.Tensor) and item.dim() == 2 and key not in _PER_SEQUENCE_2D
+            if flat and key in per_token_fields:
+                cut[key] = item[:, :length].contiguous()
+            elif flat and item.shape[-1] == padded:
+                return None
+            else:
+                cut[key] = map_tensors(lambda t: _cut(t, length, padded), item)
         return cut
     widths = []
     map_tensors(lambda t: widths.append(t.shape[-1] if t.dim() == 2 else None), output)
@@ -222,7 +230,9 @@ def optimize_model(model: torch.nn.Module, *, buckets=DEFAULT_BUCKETS, cuda_grap
     outputs of the real tokens do not change) and the outputs are cut back. Returns the
     :class:`OptimizationReport`, also kept as ``model.kernl_report``; it fills in as graphs compile
     (one per batch size and bucket, on first use). On a CPU model (without ``TRITON_INTERPRET=1``) or a
-    GPU below compute capability 8.0 the model is left as it was and the report says why.
+    GPU below compute capability 8.0 the model is left as it was and the report says why; so is a module
+    without a transformers config (a module of your own around a Bert: the report names the transformers
+    models inside it, which can be optimized instead).
     A sentence-transformers model is accepted too: its transformer module's model is optimized. Of an
     encoder-decoder model (T5, BART) the encoder is optimized, and ``generate()`` runs its decoder steps
     on kernl over a static key/value cache.
@@ -274,9 +284,31 @@ def _usable_buckets(model: torch.nn.Module, buckets: tuple[int, ...]) -> tuple[i
     return tuple(b for b in buckets if b <= longest)
 
 
+def _model_type(model: torch.nn.Module) -> str | None:
+    """``model.config.model_type``; None for a module without a transformers config (a user's own
+    module around a transformers model)."""
+    return getattr(getattr(model, "config", None), "model_type", None)
+
+
+def _unknown_model_reason(model: torch.nn.Module) -> str | None:
+    """Why a module without a transformers config is left alone (None for a transformers model): nothing
+    tells what its own forward does between the transformers calls (a branch on a tensor's value would
+    be replayed as captured); the transformers models inside it can be optimized instead."""
+    if _model_type(model) is not None:
+        return None
+    inner = [name for name, module in model.named_modules() if name and _model_type(module) is not None]
+    outermost = [name for name in inner if not any(name.startswith(other + ".") for other in inner)]
+    hint = (
+        f"call optimize_model on the transformers model inside it ({', '.join(f'model.{n}' for n in outermost)})"
+        if outermost
+        else "it holds no transformers model"
+    )
+    return f"{type(model).__name__} is not a transformers model (no config.model_type): {hint}"
+
+
 def _safe_buckets(model: torch.nn.Module, buckets: tuple[int, ...]) -> tuple[int, ...]:
-    """``buckets``, or none for a model type not in :data:`BUCKETED_MODEL_TYPES`."""
-    return buckets if getattr(model.config, "model_type", None) in BUCKETED_MODEL_TYPES else ()
+    """``buckets``, or none for a model type not in :data:`BUCKETED_MODEL_TYPES` (or no model type)."""
+    return buckets if _model_type(model) in BUCKETED_MODEL_TYPES else ()
 
 
 def _checked_buckets(buckets) -> tuple[int, ...]:
@@ -297,7 +329,7 @@ def _optimize_forward(
     report = OptimizationReport(model=type(model).__name__)
     model.kernl_report = report
     device = next(model.parameters()).device
-    reason = _unsupported_reason(device)
+    reason = _unsupported_reason(device) or _unknown_model_reason(model)
     if reason is not None:
         report.status = "not optimized"
         report.notes.append(reason + "; the model runs unchanged")
