@@ -61,6 +61,13 @@ def test_a_static_cache_is_the_default_of_calls_that_name_no_cache():
         assert calls[-1][1].keys() == named.keys()  # the caller's cache choice stands
     generation._bucketed_generate(_model(cache_implementation="offloaded"), generate, lambda length: 8)(ids)
     assert "cache_implementation" not in calls[-1][1]  # nor does the model's generation config
+    # without a cache (use_cache=False) a cache_implementation only makes transformers warn that it is unused
+    generation._bucketed_generate(_model(), generate, lambda length: 8)(ids, use_cache=False)
+    assert "cache_implementation" not in calls[-1][1]
+    # over a static cache the decoder's attention maps span the whole cache, not the tokens so far:
+    # a call that returns them keeps transformers' default cache, and with it their shapes
+    generation._bucketed_generate(_model(), generate, lambda length: 8)(ids, output_attentions=True)
+    assert "cache_implementation" not in calls[-1][1]
 
 
 def test_calls_the_bucketing_cannot_handle_pass_through_unchanged():

@@ -269,6 +269,9 @@ def _bucketed_generate(model, generate, bucket):
         if not (
             {"past_key_values", "cache", "cache_implementation"} & kwargs.keys()
             or config.cache_implementation
+            or setting("use_cache") is False  # no cache at all: transformers would warn the setting is unused
+            # over a static cache the decoder's attention maps would span the whole cache (other shapes)
+            or setting("output_attentions")
         ):
             kwargs["cache_implementation"] = "static"  # kernl's decoder steps run over a static cache
         place = 0 if args else "inputs" if "inputs" in kwargs else "input_ids"
