@@ -223,3 +223,27 @@ def test_fp32_weights_under_autocast(kit):
     # the work ran in fp16 (autocast): fp16's tolerance, on outputs rounded to fp16
     assert_matches_reference(actual.half(), expected, same.half())
     assert report.graphs[0].error is None and report.graphs[0].kept == {}
+
+
+def test_a_deep_copy_of_an_optimized_model_is_a_plain_model_of_its_own_weights(kit):
+    """kernl's forward is a closure over the optimized model: a copy carrying it computed with the
+    original's weights (halving a weight of the copy changed nothing)."""
+    model = kit.build(BertModel, kit.tiny_config(BertConfig, num_hidden_layers=1)).to(kit.device)
+    plain = copy.deepcopy(model)
+    optimize_model(model)
+    ids, mask = (t.to(kit.device) for t in kit.padded_batch(2, 7, [7, 3], vocab=120))
+    with torch.inference_mode():
+        before = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    with pytest.warns(UserWarning, match="copy of an optimized model is a plain PyTorch model"):
+        copied = copy.deepcopy(model)
+    assert not hasattr(copied, "kernl_original_forward") and "forward" not in copied.__dict__
+    with torch.no_grad():
+        for target in (copied, plain):
+            target.encoder.layer[0].output.dense.weight.mul_(0.5)
+    with torch.inference_mode():
+        actual = copied(input_ids=ids, attention_mask=mask).last_hidden_state
+        expected = plain(input_ids=ids, attention_mask=mask).last_hidden_state
+        kept = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    torch.testing.assert_close(actual, expected, rtol=0, atol=0)  # plain PyTorch on the copy's weights
+    torch.testing.assert_close(kept, before)  # the original is untouched and still optimized
+    assert optimize_model(copied).status == "optimized"

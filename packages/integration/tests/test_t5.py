@@ -308,3 +308,23 @@ def test_encoder_decoder_model_without_generate(kit):
     report = kit.compare_with_reference(model, DTYPE, [call], fields, SCALE)
     assert [graph.part for graph in report.graphs] == ["encoder"]
     assert not any("generate()" in note for note in report.notes)
+
+
+def test_a_deep_copy_of_an_optimized_t5_is_a_plain_model(kit):
+    """The encoder's forward and generate() are closures over the optimized model: a deep copy is made
+    without them (and without its graphs and report), so it generates with its own weights."""
+    from kernl.integration.copies import INSTALLED
+
+    model = kit.build(T5ForConditionalGeneration, t5_config("relu")).to(kit.device)
+    plain = copy.deepcopy(model)
+    optimize_model(model)
+    with pytest.warns(UserWarning, match="plain PyTorch model"):
+        copied = copy.deepcopy(model)
+    assert not any(name in m.__dict__ for m in copied.modules() for name in INSTALLED)
+    ids = torch.tensor([[5, 9, 3, 1]], device=kit.device)
+    with torch.no_grad():
+        for target in (copied, plain):
+            target.lm_head.weight.mul_(-1)
+        tokens = copied.generate(input_ids=ids, max_new_tokens=4, do_sample=False)
+        expected = plain.generate(input_ids=ids, max_new_tokens=4, do_sample=False)
+    assert torch.equal(tokens, expected)

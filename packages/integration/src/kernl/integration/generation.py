@@ -27,6 +27,7 @@ import inspect
 import torch
 
 from kernl.integration.backend import KernlBackend
+from kernl.integration.copies import copies_unoptimized
 from kernl.integration.cuda_graphs import ForwardGraphs
 from kernl.integration.report import OptimizationReport
 
@@ -80,6 +81,7 @@ def optimize_generation(model, report: OptimizationReport, bucket, cuda_graphs: 
         report.notes.append("static caches are not reused across generate() calls (unknown transformers API)")
     model.kernl_original_generate = model.generate
     model.generate = _bucketed_generate(model, model.generate, bucket)
+    copies_unoptimized(model)
 
 
 def _cache_argument(kwargs: dict) -> tuple:

@@ -17,6 +17,7 @@ import warnings
 import torch
 
 from kernl.integration.backend import KernlBackend
+from kernl.integration.copies import copies_unoptimized
 from kernl.integration.cuda_graphs import ForwardGraphs, holds_objects, map_tensors
 from kernl.integration.generation import optimize_generation
 from kernl.integration.report import OptimizationReport
@@ -353,4 +354,5 @@ def _optimize_forward(
         )
     model.forward = _padded_call(model, compiled, original, safe, pad_id)
     model.kernl_original_forward = original
+    copies_unoptimized(model)
     return report
