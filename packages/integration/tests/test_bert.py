@@ -247,3 +247,18 @@ def test_a_deep_copy_of_an_optimized_model_is_a_plain_model_of_its_own_weights(k
     torch.testing.assert_close(actual, expected, rtol=0, atol=0)  # plain PyTorch on the copy's weights
     torch.testing.assert_close(kept, before)  # the original is untouched and still optimized
     assert optimize_model(copied).status == "optimized"
+
+
+def test_an_input_that_requires_grad_runs_the_original_forward(kit):
+    """Attributions (gradients to ``inputs_embeds``): kernl's kernels have no backward and ran under
+    no_grad (backward raised); such a call runs the original forward, whose gradients are PyTorch's."""
+    model = kit.build(BertModel, kit.tiny_config(BertConfig, num_hidden_layers=1)).to(kit.device)
+    plain = copy.deepcopy(model)
+    optimize_model(model)
+    ids, mask = (t.to(kit.device) for t in kit.padded_batch(2, 7, [7, 3], vocab=120))
+    grads = []
+    for m in (model, plain):
+        embeds = m.embeddings.word_embeddings(ids).detach().requires_grad_()
+        m(inputs_embeds=embeds, attention_mask=mask).last_hidden_state.sum().backward()
+        grads.append(embeds.grad)
+    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)

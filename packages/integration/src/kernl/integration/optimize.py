@@ -164,6 +164,13 @@ def _pad_arguments(arguments: dict, token_input: torch.Tensor, extra: int, pad_i
     return padded
 
 
+def _input_wants_gradients(args: tuple, kwargs: dict) -> bool:
+    """Whether, under grad mode, a tensor argument requires grad (``inputs_embeds`` for attributions):
+    kernl's kernels have no backward, so such a call runs the original forward."""
+    values = (*args, *kwargs.values())
+    return torch.is_grad_enabled() and any(isinstance(v, torch.Tensor) and v.requires_grad for v in values)
+
+
 def _padded_call(model, compiled, original, buckets, pad_id):
     name_arguments = _argument_namer(inspect.signature(original))
     unpadded_only = set()  # kinds of call (see _call_kind) whose outputs cannot be cut back
@@ -174,7 +181,7 @@ def _padded_call(model, compiled, original, buckets, pad_id):
 
     @functools.wraps(original)  # inspect.signature(model.forward) still tells the model's arguments
     def forward(*args, **kwargs):
-        if model.training:  # put back in training mode: dropout and gradients, as plain PyTorch
+        if model.training or _input_wants_gradients(args, kwargs):  # dropout or gradients: plain PyTorch
             return original(*args, **kwargs)
         if name_arguments is None:
             with torch.no_grad():
@@ -238,7 +245,8 @@ def optimize_model(model: torch.nn.Module, *, buckets=DEFAULT_BUCKETS, cuda_grap
     encoder-decoder model (T5, BART) the encoder is optimized, and ``generate()`` runs its decoder steps
     on kernl over a static key/value cache.
     A model put back in training mode (``model.train()``) runs its original forward, plain PyTorch with
-    dropout and gradients, until ``model.eval()``.
+    dropout and gradients, until ``model.eval()``; so does a call, under grad mode, with an input that
+    requires grad (``inputs_embeds`` for attributions).
     The original forward stays available as ``model.kernl_original_forward``. A model optimized
     before is left as it is (a warning says so) and its report returned.
 
