@@ -115,6 +115,9 @@ def test_usable_buckets_follow_each_family_position_table(kit):
     buckets = (16, 32, 64, 128, 256)
     bert = kit.build(BertModel, kit.tiny_config(BertConfig, max_position_embeddings=64))
     assert _usable_buckets(bert, buckets) == (16, 32, 64)
+    # word embeddings as large as the position table (padding_idx 0) are not taken for it (64 was dropped)
+    bert = kit.build(BertModel, kit.tiny_config(BertConfig, max_position_embeddings=64, vocab_size=64))
+    assert _usable_buckets(bert, buckets) == (16, 32, 64)
     roberta = kit.build(RobertaModel, kit.tiny_config(RobertaConfig, **ROBERTA))  # positions from pad + 1 = 2
     assert _usable_buckets(roberta, buckets) == (16, 32, 64, 128)  # 130 positions: 128 tokens
     bart = kit.build(BartModel, BartConfig(vocab_size=120, d_model=32, encoder_layers=1, decoder_layers=1,

@@ -286,8 +286,8 @@ def _usable_buckets(model: torch.nn.Module, buckets: tuple[int, ...]) -> tuple[i
     longest = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     if not isinstance(longest, int):
         return buckets
-    for module in model.modules():
-        if isinstance(module, torch.nn.Embedding) and module.num_embeddings == longest:
+    for name, module in model.named_modules():  # the position table (not word embeddings of that size)
+        if "position" in name and isinstance(module, torch.nn.Embedding) and module.num_embeddings == longest:
             longest -= 0 if module.padding_idx is None else module.padding_idx + 1
             break
     return tuple(b for b in buckets if b <= longest)
