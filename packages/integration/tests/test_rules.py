@@ -116,6 +116,27 @@ def test_layer_norm_over_two_dims_is_kept():
     assert record.fired.get("layer_norm", 0) == 0 and record.kept == {"layer_norm": 1}
 
 
+def test_the_report_counts_every_spelling_a_rule_matches_that_stays_pytorch():
+    def fn(h, w):
+        probs = torch.softmax(h @ h.transpose(-1, -2), dim=-1)  # also returned: the attention stays
+        return (
+            torch.dropout(h, 0.1, True),  # training: kept
+            torch.layer_norm(h, [6, 8], None, None, 1e-5, False),  # over two dims: kept
+            F.tanh(h),  # no linear before it: kept
+            probs @ h,
+            probs,
+        )
+
+    record, _, _ = rewritten(fn, torch.randn(2, 3, 6, 8), torch.randn(8))
+    assert record.kept == {
+        "dropout": 1,
+        "layer_norm": 1,
+        "activation": 1,
+        "matmul": 2,
+        "attention (softmax)": 1,
+    }
+
+
 def _attention_calls(gm):
     return [n for n in gm.graph.nodes if n.target is attention_call]
 
@@ -309,6 +330,31 @@ def test_projections_read_through_as_strided_are_not_stacked():
         torch.testing.assert_close(compiled(x)[0], chunks(x)[0])  # a wide output's slice: off by ~2.6
 
 
+@pytest.mark.skipif(find("linear_act") is None, reason="needs kernl.linear_act")
+def test_projections_viewed_across_their_last_dimension_are_not_stacked():
+    torch.manual_seed(0)
+    q, k, v = (torch.nn.Linear(16, 16) for _ in range(3))
+
+    def flattened(x):  # views a column slice of a wide output cannot take; the heads split still can
+        return q(x).view(-1), k(x)[1].view(-1), v(x).view(2, 3, 4, 4).transpose(1, 2)
+
+    x = torch.randn(2, 3, 16)
+    with torch.no_grad():
+        record, gm, compiled = rewritten(flattened, x)
+        assert record.fired["fused_projections"] == 0 and record.fired["linear_act"] == 3
+        for actual, expected in zip(compiled(x), flattened(x), strict=True):
+            torch.testing.assert_close(actual, expected)
+
+    def split_heads(x):
+        return tuple(m(x).view(2, 3, 4, 4).transpose(1, 2) for m in (q, k, v))
+
+    with torch.no_grad():
+        record, gm, compiled = rewritten(split_heads, x)
+        assert record.fired["fused_projections"] == 1
+        for actual, expected in zip(compiled(x), split_heads(x), strict=True):
+            torch.testing.assert_close(actual, expected)
+
+
 def test_gated_products_of_each_activation_spelling():
     from transformers.activations import NewGELUActivation
 
@@ -350,6 +396,25 @@ def test_products_that_are_not_a_gated_ffn_are_kept():
     record, _, compiled = rewritten(fn, x, w0, w1, b)
     assert record.fired.get("gated_ffn", 0) == 0
     check_same(fn, compiled, x, w0, w1, b)
+
+
+def test_a_gate_written_in_place_does_not_change_the_probe_of_later_gates():
+    def in_place(x, w0, w1):
+        return (F.relu(F.linear(x, w0), inplace=True) * F.linear(x, w1),)
+
+    def leaky(x, w0, w1):  # relu on the probe's positive half: only its negative half tells them apart
+        return (F.leaky_relu(F.linear(x, w0), 0.2) * F.linear(x, w1),)
+
+    g = torch.Generator().manual_seed(10)
+    x, w0, w1 = torch.randn(3, 8, generator=g), torch.randn(6, 8, generator=g), torch.randn(6, 8, generator=g)
+    with torch.no_grad():
+        record, _, compiled = rewritten(in_place, x, w0, w1)
+        if find("gated_linear_act") is not None:
+            assert record.fired["gated_ffn"] == 1
+        check_same(in_place, compiled, x, w0, w1)
+        record, _, compiled = rewritten(leaky, x, w0, w1)
+        assert record.fired.get("gated_ffn", 0) == 0
+        check_same(leaky, compiled, x, w0, w1)
 
 
 @pytest.mark.parametrize("weight_dtype", [torch.float32, torch.float16])
@@ -409,6 +474,24 @@ def test_a_bias_folded_into_the_padding_mask_is_taken_out():
     assert first.args[5] is not None and first.args[4] is None and first.args[7].target == "contiguous"
     assert second.args[4] is not None and second.args[7] is None
     check_same(fn, compiled, q, k, v, mask, bias)
+
+
+def test_eager_attention_with_a_bias_beside_a_bias_folded_mask_keeps_both_biases():
+    def fn(q, k, v, attention_mask, bias, folded_bias):
+        b, _, s, _ = q.shape
+        keep = attention_mask.bool()[:, None, None, :].expand(b, 1, s, s)
+        folded = torch.where(keep, folded_bias, torch.finfo(q.dtype).min)
+        scores = torch.matmul(q, k.transpose(-1, -2))
+        return (torch.matmul(torch.softmax(scores + bias + folded, dim=-1), v),)
+
+    g = torch.Generator().manual_seed(9)
+    q, k, v = (torch.randn(2, 3, 6, 8, generator=g) for _ in range(3))
+    bias, folded_bias = (torch.randn(1, 3, 6, 6, generator=g) for _ in range(2))
+    mask = torch.ones(2, 6, dtype=torch.long)
+    mask[1, 3:] = 0
+    record, _, compiled = rewritten(fn, q, k, v, mask, bias, folded_bias)
+    assert record.error is None
+    check_same(fn, compiled, q, k, v, mask, bias, folded_bias)
 
 
 @pytest.mark.parametrize("inject", [None, float("inf")])

@@ -103,7 +103,9 @@ def _call_args(gm: fx.GraphModule, q, k, v, scale, addends):
         return attention_args(gm, q, k, v, scale, addends[0] if addends else None, False, True)
     for mask, bias in (addends, addends[::-1]):
         call_args = attention_args(gm, q, k, v, scale, mask, False, True)
-        if call_args[4] is None:  # the mask became a key padding mask, or lets everything through
+        # the mask became a key padding mask, or lets everything through; a bias folded into it
+        # (where(keep, bias, -big)) would make two biases, which the kernel does not take
+        if call_args[4] is None and call_args[7] is None:
             return call_args[:7] + (contiguous_once(gm, bias),)
     return None
 

@@ -8,7 +8,9 @@ better and, at small batch, saves two launches per layer.
 
 A group whose results reach an ``as_strided`` call is left alone: its strides were taken from the
 unfused layout while tracing (Longformer's sliding-window chunks), and would read the wrong elements of
-a slice of the wide output.
+a slice of the wide output. So is a group where a ``view`` of a result would not fit a column slice
+(``q(x).view(-1)`` merges the columns with the rows: a slice's rows are not back to back): the views
+and reshapes taken of each result are replayed on the slice's layout (meta tensors) to check.
 
 Stacking costs nothing per call: the first call lays the weights out back to back in one buffer (the
 parameters keep their values and identity; only their storage moves), after which :func:`stacked_rows`
@@ -68,6 +70,68 @@ def _reaches_as_strided(nodes: list[fx.Node]) -> bool:
     return False
 
 
+# Ops whose result can be a view of their input (method or function spelling): replayed by
+# :func:`_views_fit` on the layout of a column slice of the wide output.
+_VIEW_OPS = frozenset(
+    "view view_as reshape reshape_as transpose permute unsqueeze squeeze expand expand_as narrow select t "
+    "unflatten flatten movedim split chunk unbind contiguous getitem".split()
+)
+
+
+class _Unknown(Exception):
+    """An argument the replay cannot stand in for."""
+
+
+def _replay_value(node, values: dict):
+    if not isinstance(node, fx.Node):
+        return node
+    if node in values:
+        return values[node]
+    value = node.meta.get("example_value", node.meta.get("val"))
+    if isinstance(value, torch.Tensor):
+        return torch.empty_strided(value.shape, value.stride(), dtype=value.dtype, device="meta")
+    if value is None or isinstance(value, int | float | bool):
+        return value
+    raise _Unknown
+
+
+def _views_fit(nodes: list[fx.Node], limit: int = 256) -> bool:
+    """Whether the views taken of each result (and of those views...) still work when the result is a
+    column slice of the wide output: they are replayed on meta tensors with the slice's strides."""
+    examples = [example(node) for node in nodes]
+    if any(e is None or e.dim() == 0 for e in examples):
+        return False
+    wide = torch.empty(
+        (*examples[0].shape[:-1], sum(e.shape[-1] for e in examples)), dtype=examples[0].dtype, device="meta"
+    )
+    values, stack, start = {}, [], 0
+    for node, value in zip(nodes, examples, strict=True):
+        values[node] = wide.narrow(-1, start, value.shape[-1])
+        stack.append(node)
+        start += value.shape[-1]
+    while stack and len(values) < limit:
+        for user in stack.pop().users:
+            if user in values or user.op not in ("call_function", "call_method"):
+                continue
+            name = user.target if user.op == "call_method" else getattr(user.target, "__name__", None)
+            if name not in _VIEW_OPS:
+                continue  # a new tensor, laid out by the op
+            try:
+                args = fx.node.map_arg(user.args, lambda n: _replay_value(n, values))
+                kwargs = fx.node.map_arg(user.kwargs, lambda n: _replay_value(n, values))
+            except _Unknown:
+                continue
+            try:
+                if user.op == "call_method":
+                    values[user] = getattr(args[0], user.target)(*args[1:], **kwargs)
+                else:
+                    values[user] = user.target(*args, **kwargs)
+            except Exception:  # noqa: BLE001 - a view the slice's strides do not allow
+                return False
+            stack.append(user)
+    return True
+
+
 def _groups(gm: fx.GraphModule) -> list[list[fx.Node]]:
     """Plain projection calls grouped by (input, weight dtype and width, bias present)."""
     groups: dict[tuple, list[fx.Node]] = {}
@@ -87,7 +151,8 @@ def _groups(gm: fx.GraphModule) -> list[list[fx.Node]]:
     # (weights shared across inputs in another combination) are left alone.
     stacks: dict[fx.Node, tuple] = {}
     merged = []
-    for nodes in (nodes for nodes in groups.values() if len(nodes) > 1 and not _reaches_as_strided(nodes)):
+    candidates = (nodes for nodes in groups.values() if len(nodes) > 1 and not _reaches_as_strided(nodes))
+    for nodes in (nodes for nodes in candidates if _views_fit(nodes)):
         stack = tuple(n.args[1] for n in nodes) + tuple(n.args[2] for n in nodes if n.args[2] is not None)
         if all(stacks.get(t, stack) == stack for t in stack):
             stacks.update(dict.fromkeys(stack, stack))

@@ -76,7 +76,7 @@ def _region(start: fx.Node, end: fx.Node, position: dict) -> list[fx.Node] | Non
 
 def _activation_of(region: list[fx.Node], start: fx.Node) -> str | None:
     """Which of :data:`ACTIVATIONS` the region computes from ``start``, judged on probe values."""
-    values = {start: _PROBE}
+    values = {start: _PROBE.clone()}  # a region may work in place (relu(inplace=True)): not on _PROBE
     try:
         for node in region:
             args = fx.node.map_arg(node.args, values.__getitem__)
