@@ -78,3 +78,18 @@ def test_a_gpu_older_than_ampere_is_not_selected(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
     assert select_device() == "cpu" and os.environ["TRITON_INTERPRET"] == "1"
+
+
+def test_demo_on_a_gpu_older_than_ampere_says_why_it_runs_on_the_cpu(monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    assert main(["demo"]) == 0
+    first_line = capsys.readouterr().out.splitlines()[0]
+    assert "no CUDA GPU found" not in first_line and "compute capability" in first_line
+
+
+def test_bench_options_listing_an_engine_or_shape_twice_run_it_once():
+    from kernl.integration.bench.run import engine_list, shape_list
+
+    assert shape_list("1x16,8x128,1x16") == [(1, 16), (8, 128)]
+    assert engine_list("kernl,HF sdpa, kernl") == ["kernl", "HF sdpa"]

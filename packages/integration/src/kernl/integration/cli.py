@@ -40,7 +40,8 @@ def main(argv: list[str] | None = None) -> int:
 
         if device == "cpu":
             print(
-                "no CUDA GPU found: kernels run through Triton's interpreter on the CPU (slow, for checking)"
+                "no CUDA GPU of compute capability 8.0 or newer: kernels run through Triton's interpreter "
+                "on the CPU (slow, for checking)"
             )
         return 0 if run_demo(device) else 1
     return 2

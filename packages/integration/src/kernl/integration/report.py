@@ -9,24 +9,25 @@ from torch import fx
 
 from kernl.integration import fallback
 from kernl.integration.rules._fx import is_function, is_method
+from kernl.integration.rules.attention_eager import MATMUL_TARGETS, SOFTMAX_TARGETS
+from kernl.integration.rules.attention_sdpa import SDPA_TARGETS
+from kernl.integration.rules.dropout import DROPOUT_TARGETS
+from kernl.integration.rules.layer_norm import LAYER_NORM_TARGETS
+from kernl.integration.rules.linear_act import LINEAR_TARGETS
 
 F = torch.nn.functional
-# Ops a rule exists for: when they are still in a graph after rewriting, they ran as plain PyTorch.
+# Ops a rule exists for, in every spelling a rule matches: when they are still in a graph after
+# rewriting, they ran as plain PyTorch.
 _KEPT_FUNCTIONS = {
-    F.linear: "linear",
-    F.gelu: "activation",
-    F.relu: "activation",
-    torch.relu: "activation",
-    torch.tanh: "activation",
-    F.silu: "activation",
-    F.layer_norm: "layer_norm",
+    **dict.fromkeys(LINEAR_TARGETS, "linear"),
+    **dict.fromkeys((F.gelu, F.relu, torch.relu, torch.tanh, F.tanh, F.silu), "activation"),
+    **dict.fromkeys(LAYER_NORM_TARGETS, "layer_norm"),
     torch.rsqrt: "rms_norm",
     torch.isinf: "overflow guard",
-    F.scaled_dot_product_attention: "attention (sdpa)",
-    F.softmax: "attention (softmax)",
-    torch.softmax: "attention (softmax)",
-    torch.matmul: "matmul",
-    F.dropout: "dropout",
+    **dict.fromkeys(SDPA_TARGETS, "attention (sdpa)"),
+    **dict.fromkeys(SOFTMAX_TARGETS, "attention (softmax)"),
+    **dict.fromkeys(MATMUL_TARGETS, "matmul"),
+    **dict.fromkeys(DROPOUT_TARGETS, "dropout"),
 }
 _KEPT_METHODS = {
     "softmax": "attention (softmax)",

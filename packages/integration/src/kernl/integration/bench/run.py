@@ -22,7 +22,8 @@ def gpu_slug() -> str:
 
 
 def shape_list(text: str) -> list[tuple[int, int]]:
-    """``"1x16,8x128"`` -> ``[(1, 16), (8, 128)]``; argparse reports a malformed list with the option name."""
+    """``"1x16,8x128"`` -> ``[(1, 16), (8, 128)]`` (a repeat counted once); argparse reports a malformed
+    list with the option name."""
     try:
         shapes = [tuple(int(v) for v in item.split("x")) for item in text.split(",")]
     except ValueError:
@@ -33,7 +34,7 @@ def shape_list(text: str) -> list[tuple[int, int]]:
         raise argparse.ArgumentTypeError(
             f"Bert-base takes at most {MAX_SEQUENCE} tokens a sequence, got {text!r}"
         )
-    return shapes
+    return list(dict.fromkeys(shapes))
 
 
 def results_folder(text: str) -> Path:
@@ -49,14 +50,14 @@ def results_folder(text: str) -> Path:
 
 
 def engine_list(text: str) -> list[str]:
-    """``"HF sdpa,kernl"`` -> ``["HF sdpa", "kernl"]``, each one of the benchmark's engines."""
+    """``"HF sdpa,kernl"`` -> ``["HF sdpa", "kernl"]``, each one of the benchmark's engines (once)."""
     from kernl.integration.bench.engines import ENGINES
 
     names = [name.strip() for name in text.split(",")]
     unknown = [name for name in names if name not in ENGINES]
     if unknown:
         raise argparse.ArgumentTypeError(f"unknown engine(s) {unknown}; choose from {list(ENGINES)}")
-    return names
+    return list(dict.fromkeys(names))
 
 
 def add_arguments(parser) -> None:
