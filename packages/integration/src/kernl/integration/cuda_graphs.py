@@ -173,10 +173,11 @@ class ForwardGraphs:
         return tuple(parts)
 
     def __call__(self, *args, **kwargs):
-        with on_inputs_gpu(_tensors(args, kwargs)):
-            return self._run(*args, **kwargs)
+        tensors = _tensors(args, kwargs)
+        with on_inputs_gpu(tensors):
+            return self._run(tensors, args, kwargs)
 
-    def _run(self, *args, **kwargs):
+    def _run(self, tensors: list, args: tuple, kwargs: dict):
         key = self.key(args, kwargs)
         if key is None:
             return self.forward(*args, **kwargs)
@@ -194,7 +195,7 @@ class ForwardGraphs:
         if capture.graph is None:
             return self.forward(*args, **kwargs)
         if capture.tensors:
-            torch._foreach_copy_(capture.tensors, _tensors(args, kwargs))  # one launch for all inputs
+            torch._foreach_copy_(capture.tensors, tensors)  # one launch for all inputs
         capture.graph.replay()
         outputs = map_tensors(torch.Tensor.clone, capture.outputs)
         if not self.stateful and self._weights_moved():  # checked while the GPU replays: outputs dropped
