@@ -25,11 +25,17 @@ b = torch.randn(8, 5, device=TEST_DEVICE)
         (lambda: matmul(a, b, allow_tf32=1), TypeError, "allow_tf32"),
         (lambda: gemm(a[None], b[None], activation="gelu_erf"), ValueError, "activation must be one of"),
         (
-            lambda: gemm(a[None], b[None], config=Config(16, 48, 16)),
+            lambda: gemm(a[None], b[None], config=Config(block_m=16, block_n=48, block_k=16)),
             ValueError,
             "config must be a launchable",
         ),
-        (lambda: gemm(a[None], b[None], config=Config(64, 64, 64, epilogue_parts=2)), ValueError, "config"),
+        (
+            lambda: gemm(
+                a[None], b[None], config=Config(block_m=64, block_n=64, block_k=64, epilogue_parts=2)
+            ),
+            ValueError,
+            "config",
+        ),
         (lambda: gemm(a[None], b[None], config=(64, 64, 64)), ValueError, "config must be a launchable"),
     ],
 )

@@ -1,11 +1,13 @@
-"""Every config the tuner may pick, in each regime (small M with split-K, large M, ragged), is correct."""
+"""Every config the tuner may pick, in each regime (small M with split-K, large M, ragged), is correct,
+PyTorch's candidate included."""
 
 import pytest
 import torch
 
 from kernl.matmul import Config, gemm, matmul_reference
 from kernl.matmul.launch import effective_split, input_precision, tma_eligible
-from kernl.matmul.tuning import MAX_CANDIDATES, Problem, candidates, heuristic
+from kernl.matmul.config_cache import TORCH
+from kernl.matmul.tuning import MAX_CANDIDATES, MAX_SMALL_M_CANDIDATES, Problem, candidates, heuristic
 from kernl_testing import ValueSpec, assert_matches_reference, float_dtypes, make_tensor, on_gpu
 
 # (batch, M, N, K): decode / batch-1 encoder rows, a compute-bound block (smaller on the interpreter),
@@ -23,7 +25,13 @@ REGIMES = {
 def _problem(shape, dtype, gated=False):
     batch, m, n, k = shape
     tma = not gated and dtype != torch.float32 and n % 8 == 0 and k % 8 == 0
-    return Problem(batch, m, n, k, dtype, input_precision(dtype, False), True, False, gated, tma)
+    return Problem(batch=batch, m=m, n=n, k=k, dtype=dtype, precision=input_precision(dtype, False),
+                   a_k_contiguous=True, b_k_contiguous=False, gated=gated, tma=tma)  # fmt: skip
+
+
+def _tiles(problem):
+    """The tuner's Triton candidates for ``problem`` (without PyTorch's)."""
+    return [c for c in candidates(problem, 132) if c.kernel != "torch"]
 
 
 def _configs(regime, dtype):
@@ -37,6 +45,7 @@ def _configs(regime, dtype):
     ids=str,
 )
 def test_every_candidate_config_is_correct(regime, dtype, config):
+    """Every Triton tile the tuner may time, and PyTorch's candidate (half precision), routed by ``config``."""
     batch, m, n, k = REGIMES[regime]
     a = make_tensor((batch, m, k), dtype, ValueSpec(1, 1.0, 0.5))
     b = make_tensor((batch, n, k), dtype, ValueSpec(2, 1.0, 0.0)).transpose(-1, -2)  # nn.Linear weight.T
@@ -49,7 +58,7 @@ def test_every_candidate_config_is_correct(regime, dtype, config):
 
 def test_small_m_candidates_spread_the_work_over_every_sm():
     problem = _problem((1, 16, 768, 3072), torch.float16)
-    for config in candidates(problem, 132):
+    for config in _tiles(problem):
         tiles = triton_cdiv(16, config.block_m) * triton_cdiv(768, config.block_n)
         programs = tiles * effective_split(3072, config.block_k, config.split_k)
         assert programs >= 66, f"{config} leaves most of the 132 SMs idle ({programs} programs)"
@@ -58,25 +67,39 @@ def test_small_m_candidates_spread_the_work_over_every_sm():
 def test_short_k_small_m_problems_also_time_a_tile_without_split_k():
     """Few rows and a short K (T5 decode, 768 -> 768): one candidate reads K whole, without split-K's pass."""
     for shape in [(1, 1, 768, 768), (1, 16, 768, 512)]:
-        configs = candidates(_problem(shape, torch.float16), 132)
+        configs = _tiles(_problem(shape, torch.float16))
         assert configs[0].split_k > 1 and any(c.split_k == 1 and c.block_n == 32 for c in configs), configs
-    assert all(c.split_k > 1 for c in candidates(_problem((1, 1, 768, 2048), torch.float16), 132))
+    assert all(c.split_k > 1 for c in _tiles(_problem((1, 1, 768, 2048), torch.float16)))
 
 
 def test_candidate_lists_are_bounded_and_fit_the_shape():
     for shape in [(1, 1, 768, 768), (1, 64, 3072, 768), (1, 16384, 3072, 768), (384, 384, 384, 64)]:
         for gated in (False, True):
-            configs = candidates(_problem(shape, torch.float16, gated), 132)
-            assert 1 <= len(configs) <= MAX_CANDIDATES
+            problem = _problem(shape, torch.float16, gated)
+            configs = _tiles(problem)
+            assert 1 <= len(configs) <= (MAX_CANDIDATES if shape[1] > 64 else MAX_SMALL_M_CANDIDATES)
             assert all(c.block_m <= max(16, 2 * shape[1]) for c in configs)
+            assert candidates(problem, 132)[-1] == TORCH, "PyTorch's candidate is timed too, last"
+    assert TORCH not in candidates(_problem((1, 64, 3072, 768), torch.float32), 132), (
+        "fp32 follows allow_tf32"
+    )
+
+
+def test_small_m_with_a_long_k_also_splits_over_two_waves():
+    """M=16, 3072 -> 768 (Bert's FFN down at batch 1): candidates with more programs than SMs, beside one wave."""
+    programs = [
+        triton_cdiv(16, c.block_m) * triton_cdiv(768, c.block_n) * effective_split(3072, c.block_k, c.split_k)
+        for c in _tiles(_problem((1, 16, 768, 3072), torch.float16))
+    ]
+    assert max(programs) > 132 and min(programs) <= 132, programs
 
 
 def test_few_row_problems_get_narrow_deep_tma_tiles():
     """A few hundred rows (128x128 tiles short of one wave): narrow TMA tiles with 128-wide K steps are timed."""
     for shape in [(1, 128, 768, 768), (1, 128, 2304, 768), (1, 512, 3072, 768), (1, 512, 768, 3072)]:
-        tma = [c for c in candidates(_problem(shape, torch.float16), 132) if c.kernel == "tma"]
+        tma = [c for c in _tiles(_problem(shape, torch.float16)) if c.kernel == "tma"]
         assert any(c.block_k == 128 and c.block_n <= 64 and c.num_stages >= 5 for c in tma), (shape, tma)
-    many_tiles = candidates(_problem((1, 16384, 3072, 768), torch.float16), 132)
+    many_tiles = _tiles(_problem((1, 16384, 3072, 768), torch.float16))
     assert all(c.block_k == 64 for c in many_tiles if c.kernel == "tma")
 
 
@@ -96,8 +119,8 @@ def triton_cdiv(a, b):
 @pytest.mark.parametrize(
     "config",
     [
-        Config(64, 64, 64, kernel="tma"),
-        *(Config(64, 256, 64, kernel="tma", epilogue_parts=e) for e in (2, 4)),
+        Config(kernel="tma", block_m=64, block_n=64, block_k=64),
+        *(Config(kernel="tma", block_m=64, block_n=256, block_k=64, epilogue_parts=e) for e in (2, 4)),
     ],
     ids=str,
 )
@@ -124,7 +147,7 @@ def test_batched_tma_kernel_with_n_major_b(parts):
     b = make_tensor((3, 72, 48), torch.float16, ValueSpec(2, 1.0, 0.0))
     assert tma_eligible(a, b, None, 3)
     out = gemm(
-        a, b, config=Config(64, 64, 64, kernel="tma", epilogue_parts=parts)
+        a, b, config=Config(kernel="tma", block_m=64, block_n=64, block_k=64, epilogue_parts=parts)
     )  # 16-wide blocks: one past N
     assert_matches_reference(out, matmul_reference(a.double(), b.double()), torch.matmul(a, b))
     assert not tma_eligible(a[:1], b, None, 3), "a broadcast batch cannot be described by a descriptor"
@@ -145,4 +168,4 @@ def test_tma_config_on_an_ineligible_problem_is_refused():
     a = make_tensor((1, 8, 75), torch.float16, ValueSpec(1, 1.0, 0.0))  # rows of 150 bytes: not aligned
     b = make_tensor((1, 75, 16), torch.float16, ValueSpec(2, 1.0, 0.0))
     with pytest.raises(ValueError, match="TMA"):
-        gemm(a, b, config=Config(64, 64, 64, kernel="tma"))
+        gemm(a, b, config=Config(kernel="tma", block_m=64, block_n=64, block_k=64))

@@ -1,7 +1,8 @@
 """The on-disk cache of chosen configs: one JSON file per GPU, shared by every process.
 
 ``$KERNL_CACHE_DIR/matmul-<gpu>.json`` (default ``~/.cache/kernl``) maps a problem key (see
-:meth:`kernl.matmul.tuning.Problem.key`) to a :class:`~kernl.matmul.tuning.Config`'s fields. Writes
+:meth:`kernl.matmul.tuning.Problem.key`) to a :class:`Config`'s fields (``{"kernel": "torch", ...}``
+with null tile fields for the PyTorch candidate). Writes
 take a lock, merge with what is on disk and replace the file atomically; an unreadable file counts as
 empty and an entry that is not a launchable config is skipped (and kept in the file); a cache that
 cannot be written only costs the re-tuning in the next process.
@@ -21,21 +22,27 @@ except ImportError:  # not POSIX: writers merge without a lock
     fcntl = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Config:
-    """One launch configuration of :func:`kernl.matmul.kernel.gemm_kernel` (``kernel="ptr"``) or
-    :func:`kernl.matmul.kernel_tma.gemm_tma_kernel` (``kernel="tma"``)."""
+    """One launch configuration: a tile of :func:`kernl.matmul.kernel.gemm_kernel` (``kernel="ptr"``) or
+    :func:`kernl.matmul.kernel_tma.gemm_tma_kernel` (``kernel="tma"``), or PyTorch's own ops
+    (``kernel="torch"``, :mod:`kernl.matmul.torch_path`: cuBLAS/cuBLASLt on CUDA), which take no tile
+    fields (:data:`TORCH`). Built with keywords only."""
 
-    block_m: int
-    block_n: int
-    block_k: int
+    kernel: str = "ptr"  # "ptr": kernel.gemm_kernel; "tma": kernel_tma.gemm_tma_kernel (persistent); "torch"
+    block_m: int | None = None
+    block_n: int | None = None
+    block_k: int | None = None
     split_k: int = 1
     group_m: int = 8
     num_warps: int = 4
     num_stages: int = 3
-    kernel: str = "ptr"  # "ptr": kernel.gemm_kernel; "tma": kernel_tma.gemm_tma_kernel (persistent)
     occupancy: int = 1  # tma: programs per SM
     epilogue_parts: int = 1  # tma: the epilogue finishes block_n // epilogue_parts columns at a time
+
+
+TORCH = Config(kernel="torch")
+KERNELS = ("ptr", "tma", "torch")
 
 
 def cache_path(gpu: str) -> Path:
@@ -49,15 +56,19 @@ _COUNTS = ("split_k", "group_m", "num_warps", "num_stages", "occupancy", "epilog
 
 
 def launchable(config: Config) -> bool:
-    """Whether the kernels can launch ``config``: tiles powers of two from 16 to 512, counts positive
-    ints, num_warps a power of two up to 16, at most 8 stages; TMA: no split-K; epilogue in 1, 2 or 4
-    column blocks (TMA only), each at least 16 wide."""
+    """Whether ``config`` can launch: :data:`TORCH` exactly (no tile fields), or a Triton tile: tiles
+    powers of two from 16 to 512, counts positive ints, num_warps a power of two up to 16, at most 8
+    stages; TMA: no split-K; epilogue in 1, 2 or 4 column blocks (TMA only), each at least 16 wide."""
+    if config.kernel not in KERNELS:
+        return False
+    if config.kernel == "torch":
+        return config == TORCH
     values = [getattr(config, name) for name in _BLOCKS + _COUNTS]
     if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values):
         return False
     blocks = values[: len(_BLOCKS)]
-    if any(v & (v - 1) or not 16 <= v <= 512 for v in blocks) or config.kernel not in ("ptr", "tma"):
-        return False  # tile sizes: powers of two a tl.dot takes; two kernels
+    if any(v & (v - 1) or not 16 <= v <= 512 for v in blocks):
+        return False  # tile sizes: powers of two a tl.dot takes
     if config.num_warps & (config.num_warps - 1) or config.num_warps > 16 or config.num_stages > 8:
         return False
     if config.kernel == "tma" and config.split_k != 1:

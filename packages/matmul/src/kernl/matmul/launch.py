@@ -13,6 +13,7 @@ from kernl.matmul.activations import ACTIVATIONS
 from kernl.matmul.config_cache import launchable
 from kernl.matmul.kernel import gemm_kernel
 from kernl.matmul.kernel_tma import gemm_tma_kernel
+from kernl.matmul.torch_path import gemm_torch
 from kernl.matmul.tuning import Config, Problem
 
 _locks: dict[torch.device, torch.Tensor] = {}
@@ -163,7 +164,8 @@ def gemm(
     allow_tf32: bool = False,
     config: Config | None = None,
 ) -> torch.Tensor:
-    """``act(a @ b + bias) [* (a @ b2)] [+ residual]`` in one launch, output in ``a.dtype``.
+    """``act(a @ b + bias) [* (a @ b2)] [+ residual]``, output in ``a.dtype``: one Triton launch, or
+    PyTorch's ops where the tuner found them faster (``Config(kernel="torch")``, float16/bfloat16).
 
     a: ``(Ba, M, K)``, b: ``(Bb, K, N)`` with ``Ba``/``Bb`` equal or 1 (broadcast), any strides.
     b2 (gate, ``(K, N)``), bias (``(N,)``) and residual (``(M, N)``) are for unbatched problems.
@@ -178,9 +180,8 @@ def gemm(
     n = b.shape[2]
     operands = {"a (linear_act's x)": a, "b (the weight)": b, "b2": b2, "bias": bias, "residual": residual}
     check_spans(operands, m, n)
-    c = torch.empty((batch, m, n), dtype=a.dtype, device=a.device)
-    if c.numel() == 0:
-        return c
+    if batch * m * n == 0:
+        return torch.empty((batch, m, n), dtype=a.dtype, device=a.device)
     precision = input_precision(a.dtype, allow_tf32)
     problem = Problem(
         batch=batch,
@@ -195,22 +196,25 @@ def gemm(
         tma=tma_eligible(a, b, b2, batch),
         activation=activation,
         residual=residual is not None,
+        bias=bias is not None,
     )
     stride_ab = a.stride(0) if a.shape[0] > 1 else 0
     stride_bb = b.stride(0) if b.shape[0] > 1 else 0
     g = b2 if b2 is not None else b[0]
-    bias_t = bias if bias is not None else c
-    res_t = residual if residual is not None else c
-
-    pdl = programmatic_launch(c.device)
+    pdl = programmatic_launch(a.device)
     weight_like = b.shape[0] == 1 and b.stride(1) == 1 and g.stride(0) == 1  # B (and B2) as nn.Linear weights
 
-    def launch(cfg: Config) -> None:
+    def launch(cfg: Config) -> torch.Tensor:
+        if cfg.kernel == "torch":
+            return gemm_torch(a, b, b2, bias, residual, activation)
+        c = torch.empty((batch, m, n), dtype=a.dtype, device=a.device)
         if cfg.kernel == "tma":
             if not problem.tma:
                 raise ValueError(f"config {cfg} needs the TMA kernel, which cannot run this problem")
             _launch_tma(a, b, c, bias, residual, activation, cfg, pdl, weight_like)
-            return
+            return c
+        bias_t = bias if bias is not None else c
+        res_t = residual if residual is not None else c
         split = effective_split(k, cfg.block_k, cfg.split_k)
         grid_m, grid_n = _cdiv(m, cfg.block_m), _cdiv(n, cfg.block_n)
         for first in range(0, batch, MAX_GRID_Z):
@@ -240,7 +244,7 @@ def gemm(
                 GROUP_M=cfg.group_m, num_warps=cfg.num_warps, num_stages=cfg.num_stages, USE_PDL=pdl,
                 PREFETCH_B=prefetch, launch_pdl=pdl,
             )  # fmt: skip
+        return c
 
-    with torch.cuda.device(c.device.index if c.is_cuda else -1):  # Triton launches on the current device
-        launch(config or tuning.choose(problem, c.device, launch))
-    return c
+    with torch.cuda.device(a.device.index if a.is_cuda else -1):  # Triton launches on the current device
+        return launch(config or tuning.choose(problem, a.device, launch))

@@ -1,16 +1,18 @@
 """Choosing a launch config: a short candidate list per regime, timed once, remembered on disk.
 
 Regimes: small M (``M <= 64``: decode and batch-1 encoders, weight-read bound; narrow tiles plus
-split-K spread the weight read over every SM), and large M (compute-bound tiles, the persistent TMA
-kernel first where it can run; split-K only when the tiles alone leave SMs idle). Ragged N/K use
-the same tiles with masked (pointer kernel) or zero-filled (TMA) edges.
+split-K spread the weight read over every SM, once or twice over), and large M (compute-bound tiles,
+the persistent TMA kernel first where it can run; split-K only when the tiles alone leave SMs idle).
+Ragged N/K use the same tiles with masked (pointer kernel) or zero-filled (TMA) edges. In every
+regime, float16/bfloat16 problems also time PyTorch's own ops (:data:`TORCH`, cuBLAS on CUDA:
+:mod:`kernl.matmul.torch_path`), and the faster wins.
 
 Each candidate is timed once (CUDA-graph replay, L2 flushed before each). The winner is kept in
-memory and on disk (:mod:`kernl.matmul.config_cache`), keyed by dtype, layout, gating, activation and
-the shape bucket (batch and M rounded up to a power of two, N and K exact), so a restarted process
+memory and on disk (:mod:`kernl.matmul.config_cache`), keyed by dtype, layout and epilogue (gate,
+activation, bias, residual) and the shape bucket (batch and M rounded up to a power of two, N and K exact), so a restarted process
 skips the timing. Under Triton's interpreter :func:`heuristic` picks without timing; while a CUDA
 graph is being captured, a remembered config (memory or disk) is used, else the heuristic (so: tune
-with one eager call before capturing).
+with one eager call before capturing). The heuristic always picks a Triton tile.
 ``KERNL_AUTOTUNE=0`` (or ``false``/``off``/``no``) always uses the heuristic; ``KERNL_TUNING_LOG=1``
 prints every tuning's timings.
 """
@@ -24,26 +26,29 @@ from dataclasses import dataclass, replace
 import torch
 import triton
 
-from kernl.matmul.config_cache import Config, cache_path, cached_choice, lookup
+from kernl.matmul.config_cache import TORCH, Config, cache_path, cached_choice, lookup
 
-CACHE_VERSION = 7
-MAX_CANDIDATES = 10
+CACHE_VERSION = 8
+MAX_CANDIDATES = 10  # Triton configs a problem (large M); compiling them is most of a tuning's cost
+MAX_SMALL_M_CANDIDATES = 12  # small M: the same tiles with split-K over one or two waves of programs
 SHARED_MEMORY_BUDGET = 220 * 1024  # H100/H200 allow 227 KB a block; Triton needs a little scratch
 SM_SHARED_MEMORY = 228 * 1024  # what the programs on one SM share (each also reserves 1 KB)
-# (BLOCK_M, BLOCK_N) also tried, with split-K, when 128x128 tiles would be few
-NARROW_TILES = ((64, 64), (64, 128), (32, 128))
-# (BLOCK_M, BLOCK_N, num_stages) of the TMA kernel, BLOCK_K 128, tried when 128x128 tiles would not fill
-# the SMs once: the whole K range of a 768-wide weight slab in flight at once (H100, M=128: 768->768
-# 9.0 -> 7.4 us, 3072->768 14.2 -> 11.7; M=512 768->3072 + gelu 15.1 -> 14.3; M=1024 3072->768
-# 21.2 -> 18.7 with 128x64)
-NARROW_TMA_TILES = ((64, 16, 6), (64, 32, 6), (64, 64, 5), (128, 32, 5), (128, 64, 4))
+# TMA tiles with 128-wide K steps and deep pipelines, tried when 128x128 tiles would not fill the SMs
+# once: the whole K range of a 768-wide weight slab is then in flight at once (README, item 4)
+NARROW_TMA_TILES = (
+    dict(block_m=64, block_n=16, num_stages=6),
+    dict(block_m=64, block_n=32, num_stages=6),
+    dict(block_m=64, block_n=64, num_stages=5),
+    dict(block_m=128, block_n=32, num_stages=5),
+    dict(block_m=128, block_n=64, num_stages=4),
+)
 MAX_TMA_CANDIDATES = 7
-# Small M, K at most this: one more candidate without split-K (H100, M=1 768->768: 7.8 -> 6.8 us, cuBLAS
-# 6.9; gated 768->2048: 10.1 -> 9.7 us; at K=2048 split-K stays ahead, 9.0 against 9.4 us)
+# Small M, K at most this: one more candidate reads K whole, without split-K's pass over partials
+# (fewer programs than SMs, but for a short K the second pass costs more; README, item 9)
 SHORT_K = 1024
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Problem:
     """What the choice of config depends on."""
 
@@ -59,6 +64,7 @@ class Problem:
     tma: bool = False  # the persistent TMA kernel can run it
     activation: str = "none"  # the epilogue's cost and register use change the best tile
     residual: bool = False  # the residual tile loaded in the epilogue needs shared memory too
+    bias: bool = False  # PyTorch's candidate fuses a bias (cuBLASLt epilogue) but not every other epilogue
 
     def key(self, gpu: str) -> str:
         """The config-cache key: everything above, with batch and M rounded up to a power of two."""
@@ -67,7 +73,7 @@ class Problem:
         return (
             f"v{CACHE_VERSION}|{gpu}|{dtype}|{self.precision}|a{'k' if self.a_k_contiguous else 'm'}"
             f"|b{'k' if self.b_k_contiguous else 'n'}|gate{int(self.gated)}|tma{int(self.tma)}|{self.activation}"
-            f"|res{int(self.residual)}"
+            f"|res{int(self.residual)}|bias{int(self.bias)}"
             f"|B{bucket(self.batch)}|M{bucket(self.m)}|N{self.n}|K{self.k}"
         )
 
@@ -90,12 +96,12 @@ def gpu_name(device: torch.device) -> str:
     return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(device).lower()).strip("-")
 
 
-def _split_for(p: Problem, block_m: int, block_n: int, block_k: int, sms: int) -> int:
-    """Enough K splits that the tiles fill every SM about once, never more splits than K steps."""
+def _split_for(p: Problem, block_m: int, block_n: int, block_k: int, sms: int, waves: int = 1) -> int:
+    """Enough K splits that the tiles fill every SM about ``waves`` times, never more splits than K steps."""
     tiles = p.batch * triton.cdiv(p.m, block_m) * triton.cdiv(p.n, block_n)
     if tiles >= sms:
         return 1
-    return max(1, min(sms // tiles, triton.cdiv(p.k, block_k), 32))
+    return max(1, min(waves * sms // tiles, triton.cdiv(p.k, block_k), 32))
 
 
 def _smem_bytes(p: Problem, c: Config) -> int:
@@ -103,6 +109,8 @@ def _smem_bytes(p: Problem, c: Config) -> int:
     kernel's store and residual: 1.5 output blocks, measured 245,784 bytes for a 128x256 tile with a
     residual and 3 stages on an H100, over its block of ``block_n // epilogue_parts`` columns; the
     pointer kernel's residual tile)."""
+    if c.kernel == "torch":
+        return 0
     b_tiles = 2 if p.gated else 1
     pipeline = c.num_stages * (c.block_m + b_tiles * c.block_n) * c.block_k * p.dtype.itemsize
     tile = c.block_m * c.block_n * p.dtype.itemsize
@@ -118,50 +126,13 @@ def _fits(p: Problem, c: Config) -> bool:
 
 
 def candidates(p: Problem, sms: int) -> list[Config]:
-    """At most :data:`MAX_CANDIDATES` configs worth timing for ``p``, best guesses first."""
+    """The configs worth timing for ``p``, best guesses first: at most :data:`MAX_CANDIDATES` Triton
+    tiles (:data:`MAX_SMALL_M_CANDIDATES` for small M), then :data:`TORCH` for float16/bfloat16."""
     half = p.dtype != torch.float32
-    bk = 64 if half else 32
     if p.m <= 64:
-        # Weight-read bound: narrow tiles, deep pipelines (bytes in flight), split-K where tiles are few.
-        bm = max(16, triton.next_power_of_2(p.m))
-        shapes = [(32, 128, 4), (32, 128, 6), (64, 128, 4), (16, 256, 4), (32, 256, 4), (64, 256, 4),
-                  (128, 64, 4), (64, 64, 4)]  # fmt: skip
-        configs = [
-            Config(bm, bn, k if half else k // 2, _split_for(p, bm, bn, k, sms), 8, 4, st)
-            for bn, k, st in shapes
-        ]
-        if p.k <= SHORT_K and configs[0].split_k > 1:
-            # the first tile reading a short K whole: no split-K pass, though fewer programs than SMs
-            configs.insert(1, replace(configs[0], split_k=1))
-        if p.tma and p.batch * triton.cdiv(p.m, bm) * triton.cdiv(p.n, 32) >= sms // 2:
-            # the TMA kernel's bulk loads, on the best pointer-kernel tile of the first sweep (no split-K)
-            configs.insert(1, Config(bm, 32, 128, 1, 8, 4, 4, "tma"))
+        configs, limit = _small_m_candidates(p, sms, half), MAX_SMALL_M_CANDIDATES
     else:
-        tiles = [(128, 128, 4, 3), (128, 128, 8, 4), (64, 64, 4, 4), (128, 256, 8, 3), (256, 128, 8, 3),
-                 (128, 64, 4, 4), (64, 128, 4, 4), (64, 256, 4, 3)]  # fmt: skip
-        configs = [Config(bm, bn, bk, _split_for(p, bm, bn, bk, sms), 8, w, s) for bm, bn, w, s in tiles]
-        tiles_128 = p.batch * triton.cdiv(p.m, 128) * triton.cdiv(p.n, 128)
-        if p.tma:  # persistent TMA tiles first (two a SM: one's epilogue overlaps the other's MMAs)
-            # (BLOCK_M, BLOCK_N, warps, stages, programs a SM, epilogue parts): the epilogue in halves or
-            # quarters stages less in shared memory, which makes room for more stages or a second program
-            # (H100, M=16384 768->3072 + gelu: 128x128 two a SM in quarters 189 us, against 204-219 us)
-            if tiles_128 >= 2 * sms:
-                tma = [(128, 256, 8, 3, 1, 2), (128, 128, 8, 3, 2, 4), (256, 128, 8, 3, 1, 1), (128, 128, 8, 4, 1, 1),
-                       (128, 128, 4, 4, 1, 1), (128, 256, 8, 4, 1, 4), (128, 64, 4, 3, 2, 1)]  # fmt: skip
-            elif tiles_128 >= sms:  # a few waves of big tiles would leave SMs idle: smaller tiles, two a SM
-                tma = [(128, 128, 8, 4, 1, 1), (128, 128, 8, 3, 2, 4), (128, 256, 8, 3, 1, 2), (128, 64, 4, 3, 2, 1),
-                       (64, 128, 4, 4, 2, 1), (64, 64, 4, 4, 2, 1)]  # fmt: skip
-            else:  # a few hundred rows: the narrow deep tiles below first, then small tiles two a SM
-                tma = [(64, 128, 4, 4, 2, 1), (64, 64, 4, 4, 2, 1)]
-            tma = [Config(bm, bn, bk, 1, 8, w, s, "tma", o, e) for bm, bn, w, s, o, e in tma]
-            if tiles_128 < sms:  # narrow tiles, K steps of 128, deep pipelines
-                tma = [Config(bm, bn, 128, 1, 8, 4, s, "tma") for bm, bn, s in NARROW_TMA_TILES] + tma
-            configs = tma + configs
-        if tiles_128 < sms // 2:
-            # 128x128 tiles would leave over half the SMs idle (a few hundred rows): narrower tiles and
-            # split-K spread the work, after the first guesses of the regular list
-            narrow = [Config(bm, bn, bk, _split_for(p, bm, bn, bk, sms), 8, 4, 4) for bm, bn in NARROW_TILES]
-            configs = configs[:4] + narrow + configs[4:]
+        configs, limit = _large_m_candidates(p, sms, 64 if half else 32), MAX_CANDIDATES
     limit_m = max(16, triton.next_power_of_2(p.m))
     limit_n = max(16, triton.next_power_of_2(p.n))
     kept = []
@@ -174,24 +145,136 @@ def candidates(p: Problem, sms: int) -> list[Config]:
             continue  # two accumulators, or fp32 operands: the big tiles run out of registers/shared memory
         if c not in kept:
             kept.append(c)
-    return kept[:MAX_CANDIDATES] or [heuristic(p, sms)]
+    triton_configs = kept[:limit] or [heuristic(p, sms)]
+    # last, so that a tie keeps the Triton tile (programmatic launch and the weight prefetch, which this
+    # isolated timing cannot see, favour it inside a model)
+    return triton_configs + ([TORCH] if half else [])
+
+
+# Small M (block_k for half precision, halved for fp32): narrow tiles, deep pipelines (bytes in flight)
+SMALL_M_TILES = (
+    dict(block_n=32, block_k=128, num_stages=4),
+    dict(block_n=32, block_k=128, num_stages=6),
+    dict(block_n=64, block_k=128, num_stages=4),
+    dict(block_n=16, block_k=256, num_stages=4),
+    dict(block_n=32, block_k=256, num_stages=4),
+    dict(block_n=64, block_k=256, num_stages=4),
+    dict(block_n=128, block_k=64, num_stages=4),
+    dict(block_n=64, block_k=64, num_stages=4),
+)
+# The first tiles of that list again with split-K over two waves of programs: twice the weight bytes in
+# flight per SM, each program's share of K half as long
+SMALL_M_TWO_WAVE_TILES = 2
+
+
+def _small_m_candidates(p: Problem, sms: int, half: bool) -> list[Config]:
+    """Weight-read bound: narrow tiles, split-K where tiles are few so that every SM reads a share."""
+    bm = max(16, triton.next_power_of_2(p.m))
+
+    def tile(spec: dict, waves: int = 1) -> Config:
+        bk = spec["block_k"] if half else spec["block_k"] // 2
+        split = _split_for(
+            p, bm, spec["block_n"], spec["block_k"], sms, waves
+        )  # K steps counted at half width
+        return Config(
+            block_m=bm, block_n=spec["block_n"], block_k=bk, split_k=split, num_stages=spec["num_stages"]
+        )
+
+    one_wave = [tile(spec) for spec in SMALL_M_TILES]
+    two_waves = [tile(spec, waves=2) for spec in SMALL_M_TILES[:SMALL_M_TWO_WAVE_TILES]]
+    configs = one_wave[:3] + two_waves + one_wave[3:]
+    if p.k <= SHORT_K and configs[0].split_k > 1:
+        # the first tile reading a short K whole: no split-K pass, though fewer programs than SMs
+        configs.insert(1, replace(configs[0], split_k=1))
+    if p.tma and p.batch * triton.cdiv(p.m, bm) * triton.cdiv(p.n, 32) >= sms // 2:
+        # the TMA kernel's bulk loads, on the best pointer-kernel tile of the first sweep (no split-K)
+        configs.insert(1, Config(kernel="tma", block_m=bm, block_n=32, block_k=128, num_stages=4))
+    return configs
+
+
+# Large M, pointer kernel
+LARGE_M_TILES = (
+    dict(block_m=128, block_n=128, num_warps=4, num_stages=3),
+    dict(block_m=128, block_n=128, num_warps=8, num_stages=4),
+    dict(block_m=64, block_n=64, num_warps=4, num_stages=4),
+    dict(block_m=128, block_n=256, num_warps=8, num_stages=3),
+    dict(block_m=256, block_n=128, num_warps=8, num_stages=3),
+    dict(block_m=128, block_n=64, num_warps=4, num_stages=4),
+    dict(block_m=64, block_n=128, num_warps=4, num_stages=4),
+    dict(block_m=64, block_n=256, num_warps=4, num_stages=3),
+)
+# Persistent TMA tiles by how many 128x128 tiles the output has. Two programs a SM (occupancy): one's
+# epilogue overlaps the other's MMAs; the epilogue in halves or quarters (epilogue_parts) stages less in
+# shared memory, which makes room for more stages or a second program (README, item 11).
+TMA_MANY_TILES = (  # at least two waves of 128x128 tiles
+    dict(block_m=128, block_n=256, num_warps=8, num_stages=3, epilogue_parts=2),
+    dict(block_m=128, block_n=128, num_warps=8, num_stages=3, occupancy=2, epilogue_parts=4),
+    dict(block_m=256, block_n=128, num_warps=8, num_stages=3),
+    dict(block_m=128, block_n=128, num_warps=8, num_stages=4),
+    dict(block_m=128, block_n=128, num_warps=4, num_stages=4),
+    dict(block_m=128, block_n=256, num_warps=8, num_stages=4, epilogue_parts=4),
+    dict(block_m=128, block_n=64, num_warps=4, num_stages=3, occupancy=2),
+)
+TMA_FEW_WAVES = (  # one or two waves of big tiles would leave SMs idle: smaller tiles, two a SM
+    dict(block_m=128, block_n=128, num_warps=8, num_stages=4),
+    dict(block_m=128, block_n=128, num_warps=8, num_stages=3, occupancy=2, epilogue_parts=4),
+    dict(block_m=128, block_n=256, num_warps=8, num_stages=3, epilogue_parts=2),
+    dict(block_m=128, block_n=64, num_warps=4, num_stages=3, occupancy=2),
+    dict(block_m=64, block_n=128, num_warps=4, num_stages=4, occupancy=2),
+    dict(block_m=64, block_n=64, num_warps=4, num_stages=4, occupancy=2),
+)
+TMA_UNDER_A_WAVE = (  # a few hundred rows: after the narrow deep tiles, small tiles two a SM
+    dict(block_m=64, block_n=128, num_warps=4, num_stages=4, occupancy=2),
+    dict(block_m=64, block_n=64, num_warps=4, num_stages=4, occupancy=2),
+)
+# (BLOCK_M, BLOCK_N) also tried, with split-K, when 128x128 tiles would leave over half the SMs idle
+NARROW_TILES = (dict(block_m=64, block_n=64), dict(block_m=64, block_n=128), dict(block_m=32, block_n=128))
+
+
+def _large_m_candidates(p: Problem, sms: int, bk: int) -> list[Config]:
+    """Compute-bound tiles; the persistent TMA kernel first where it can run."""
+
+    def split(spec: dict) -> int:
+        return _split_for(p, spec["block_m"], spec["block_n"], bk, sms)
+
+    configs = [Config(**spec, block_k=bk, split_k=split(spec)) for spec in LARGE_M_TILES]
+    tiles_128 = p.batch * triton.cdiv(p.m, 128) * triton.cdiv(p.n, 128)
+    if p.tma:
+        if tiles_128 >= 2 * sms:
+            tma_tiles = TMA_MANY_TILES
+        elif tiles_128 >= sms:
+            tma_tiles = TMA_FEW_WAVES
+        else:
+            tma_tiles = TMA_UNDER_A_WAVE
+        tma = [Config(kernel="tma", **spec, block_k=bk) for spec in tma_tiles]
+        if tiles_128 < sms:  # narrow tiles, K steps of 128, deep pipelines
+            tma = [Config(kernel="tma", **spec, block_k=128) for spec in NARROW_TMA_TILES] + tma
+        configs = tma + configs
+    if tiles_128 < sms // 2:
+        # a few hundred rows: narrower tiles and split-K spread the work, after the first guesses
+        narrow = [Config(**spec, block_k=bk, split_k=split(spec), num_stages=4) for spec in NARROW_TILES]
+        configs = configs[:4] + narrow + configs[4:]
+    return configs
 
 
 def heuristic(p: Problem, sms: int = 132) -> Config:
-    """A reasonable config without timing (interpreter, CUDA graph capture, ``KERNL_AUTOTUNE=0``)."""
+    """A reasonable Triton config without timing (interpreter, CUDA graph capture, ``KERNL_AUTOTUNE=0``)."""
     bk = 64 if p.dtype != torch.float32 else 32
     if p.m <= 64:
         bm, bn = max(16, triton.next_power_of_2(p.m)), 64
     elif p.tma and p.batch == 1:
-        return Config(128, 128, 64, 1, 8, 8, 4, "tma")
+        return Config(kernel="tma", block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=4)
     elif p.batch * triton.cdiv(p.m, 128) * triton.cdiv(p.n, 128) >= sms:
         bm, bn = 128, 128
     else:
         bm, bn = 64, 64
-    return Config(bm, bn, bk, _split_for(p, bm, bn, bk, sms), 8, 4, 3)
+    return Config(block_m=bm, block_n=bn, block_k=bk, split_k=_split_for(p, bm, bn, bk, sms))
 
 
-def _short(c: Config) -> str:
+def describe(c: Config) -> str:
+    """A short label of ``c`` for logs and benchmark records, e.g. ``64x128x64/s1/w4/st4/tma/o2/e1``."""
+    if c.kernel == "torch":
+        return "torch"
     kind = f"/tma/o{c.occupancy}/e{c.epilogue_parts}" if c.kernel == "tma" else ""
     return f"{c.block_m}x{c.block_n}x{c.block_k}/s{c.split_k}/w{c.num_warps}/st{c.num_stages}{kind}"
 
@@ -235,6 +318,11 @@ def choose(p: Problem, device: torch.device, launch) -> Config:
     return found
 
 
+def chosen_configs() -> dict[Problem, Config]:
+    """The config this process runs each GPU problem with, once chosen (benchmarks report them)."""
+    return {problem: config for (problem, _device), config in _chosen.items()}
+
+
 def _choose(p: Problem, device: torch.device, launch) -> Config:
     if device.type != "cuda":
         return heuristic(p)
@@ -251,7 +339,7 @@ def _choose(p: Problem, device: torch.device, launch) -> Config:
         best = min(timings, key=timings.get)
         if os.environ.get("KERNL_TUNING_LOG") == "1":
             ranked = ", ".join(
-                f"{_short(c)} {timings[c] * 1e3:.1f}us" for c in sorted(timings, key=timings.get)
+                f"{describe(c)} {timings[c] * 1e3:.1f}us" for c in sorted(timings, key=timings.get)
             )
             print(f"[kernl.matmul tuning] {p.key(gpu)}: {ranked}", file=sys.stderr)
         return best
