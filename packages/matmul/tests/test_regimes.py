@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from kernl.matmul import Config, gemm, matmul_reference
-from kernl.matmul.launch import effective_split, input_precision, tma_eligible
 from kernl.matmul.config_cache import TORCH
+from kernl.matmul.launch import effective_split, input_precision, tma_eligible
 from kernl.matmul.tuning import MAX_CANDIDATES, MAX_SMALL_M_CANDIDATES, Problem, candidates, heuristic
 from kernl_testing import ValueSpec, assert_matches_reference, float_dtypes, make_tensor, on_gpu
 

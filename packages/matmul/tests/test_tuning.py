@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from kernl.matmul import Config, config_cache, matmul, matmul_reference, tuning
-from kernl.matmul.config_cache import cache_path, cached_choice, read_cache, write_cache
+from kernl.matmul import Config, config_cache, gemm, matmul, matmul_reference, tuning
+from kernl.matmul.config_cache import TORCH, cache_path, cached_choice, read_cache, write_cache
 from kernl.matmul.tuning import Problem, candidates
 from kernl_testing import ValueSpec, assert_matches_reference, make_tensor, on_gpu
 
@@ -97,6 +97,16 @@ def test_writes_merge_with_entries_from_other_processes(tmp_path):
     assert path.stat().st_mode & 0o777 == 0o644, "readable by the user's other processes"
 
 
+def test_pytorchs_candidate_is_stored_and_read_back(tmp_path, monkeypatch):
+    _restart(monkeypatch)
+    path = tmp_path / "matmul-gpu.json"
+    assert cached_choice("k", path, lambda: TORCH) == TORCH
+    assert json.loads(path.read_text())["k"]["kernel"] == "torch"
+    _restart(monkeypatch)
+    assert read_cache(path) == {"k": TORCH}
+    assert cached_choice("k", path, lambda: Config(block_m=32, block_n=32, block_k=32)) == TORCH
+
+
 def test_a_corrupt_or_foreign_cache_file_counts_as_empty(tmp_path, monkeypatch):
     _restart(monkeypatch)
     path = tmp_path / "matmul-gpu.json"
@@ -134,6 +144,8 @@ def test_bad_entries_are_skipped_and_kept_and_good_ones_survive(tmp_path):
         "epilogue in thirds": {**good, "kernel": "tma", "epilogue_parts": 3},
         "epilogue blocks under 16 wide": {**good, "block_n": 32, "kernel": "tma", "epilogue_parts": 4},
         "epilogue parts in the pointer kernel": {**good, "epilogue_parts": 2},
+        "PyTorch's candidate with a tile": {**good, "kernel": "torch"},
+        "PyTorch's candidate with split-K": {"kernel": "torch", "split_k": 2},
     }
     path.write_text(json.dumps({"good": good, **bad}))
     assert read_cache(path) == {"good": Config(block_m=64, block_n=64, block_k=32)}
@@ -181,6 +193,7 @@ def test_cpu_and_interpreter_pick_by_heuristic_without_timing():
         raise AssertionError("no timing on the CPU")
 
     assert tuning.choose(PROBLEM, torch.device("cpu"), launch) == tuning.heuristic(PROBLEM)
+    assert tuning.heuristic(PROBLEM).kernel != "torch", "untimed, the choice stays a Triton tile"
 
 
 @pytest.mark.skipif(not on_gpu(), reason="timing needs the GPU")
@@ -197,3 +210,28 @@ def test_autotuning_on_the_gpu_times_candidates_and_stores_the_winner(tmp_path, 
     assert len(stored) == 1
     problem = replace(PROBLEM, m=24, n=384, tma=True)
     assert next(iter(stored.values())) in candidates(problem, tuning.sm_count(0))
+
+
+@pytest.mark.skipif(not on_gpu(), reason="timing needs the GPU")
+def test_pytorchs_candidate_is_timed_in_a_cuda_graph_and_the_fastest_wins(tmp_path, monkeypatch):
+    _restart(monkeypatch)
+    monkeypatch.setattr(tuning, "_chosen", {})
+    monkeypatch.setenv("KERNL_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("KERNL_AUTOTUNE", raising=False)
+    timings = {}
+    real_time_ms = tuning._time_ms
+
+    def recording(launch, config, flush):
+        timings[config] = real_time_ms(launch, config, flush)
+        return timings[config]
+
+    monkeypatch.setattr(tuning, "_time_ms", recording)
+    x = make_tensor((1, 40, 768), torch.float16, ValueSpec(3, 1.0, 0.0))
+    w = make_tensor((1536, 768), torch.float16, ValueSpec(4, 768**-0.5, 0.0)).t()[None]
+    bias = make_tensor((1536,), torch.float16, ValueSpec(5, 1.0, 0.0))
+    out = gemm(x, w, bias=bias, activation="relu")
+    expected = torch.relu(x[0].double() @ w[0].double() + bias.double())
+    assert_matches_reference(out[0], expected, torch.relu(x[0] @ w[0] + bias))
+    assert timings[TORCH] < float("inf"), "PyTorch's candidate failed to run or to be captured"
+    (problem, chosen), *_ = tuning.chosen_configs().items()
+    assert problem.bias and chosen == min(timings, key=timings.get)
