@@ -6,9 +6,9 @@ Triton tiles and keeps the faster. It computes the function the Triton kernels c
 ``act(a @ b + bias) [* (a @ b2)] [+ residual]``, with fp32 accumulation: fp16/bf16 reduced-precision
 reductions (cuBLAS's split-K summed in the output type) are turned off for the call. Where cuBLAS
 fuses the epilogue it is applied to the fp32 accumulator as in kernl: ``addmm`` adds the bias, or the
-residual through its ``beta * C`` term; ``torch._addmm_activation`` applies a ReLU, or the GELU that
-PyTorch's backend gives it (tanh-approximated on CUDA, exact erf on the CPU: used only for the
-activation of the same name). Otherwise the remaining epilogue runs in PyTorch on the rounded GEMM
+residual through its ``beta * C`` term; ``torch._addmm_activation`` applies the GELU that PyTorch's
+backend gives it (tanh-approximated on CUDA, exact erf on the CPU: used only for the activation of the
+same name; its ReLU is not used: a max in cuBLASLt's epilogue may turn NaN into 0). Otherwise the remaining epilogue runs in PyTorch on the rounded GEMM
 output, as ``F.linear`` followed by the activation would (within the shared tolerance rule: at most
 one more rounding). Only ops that are safe to capture in a CUDA graph and need no host sync.
 """
@@ -57,8 +57,8 @@ def fp32_reductions():
 
 def _linear_with_activation(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, activation: str):
     """``act(a @ b + bias)`` for 2-D ``a`` ``(M, K)`` and ``b`` ``(K, N)``, fused by cuBLASLt where it can."""
-    if bias is not None and activation in ("relu", ADDMM_GELU.get(a.device.type)):
-        return torch._addmm_activation(bias, a, b, use_gelu=activation != "relu")
+    if bias is not None and activation == ADDMM_GELU.get(a.device.type):
+        return torch._addmm_activation(bias, a, b, use_gelu=True)
     h = torch.addmm(bias, a, b) if bias is not None else torch.mm(a, b)
     return TORCH_ACTIVATIONS[activation](h)
 
