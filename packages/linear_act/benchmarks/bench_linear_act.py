@@ -1,64 +1,100 @@
-"""Benchmark kernl.linear_act against the torch composition on the GPU (fp16), side by side in one run.
+"""Benchmark kernl.linear_act (tuned) against F.linear + the same epilogue in PyTorch (cuBLAS), side by
+side in one run, on the GPU (fp16).
 
-Bert-base: linear+bias and linear+bias+gelu (768->3072) at M in {16, 1024, 16384}, the pooler's
-linear+tanh. T5 (d_model/d_ff 512/2048 and 768/3072) at M in {1, 8, 64, 16384}: relu FFN up-projection
-and the gated-gelu (v1.1 / flan) up-projection against HF's own composition. Then the warm-up cost of
-one Bert layer's four GEMMs (first call in a fresh process: cold caches, warm config + compile
-caches, warm config cache only). Writes benchmarks/results/<gpu>/linear_act.json and linear_act.png.
-Run: python packages/linear_act/benchmarks/bench_linear_act.py
+Cases: every projection of Bert-base, Bert-large and T5-base with its epilogue, at M in {16, 1024, 4096,
+16384}: stacked Q/K/V + bias, attention output + bias + residual, FFN up + bias + GELU (erf), FFN down
++ bias + residual; T5 gated FFN ``gelu_tanh(x @ wi_0.T) * (x @ wi_1.T)`` and ``wo`` + residual (no
+biases). Each record names the config the tuner chose (``"torch"`` where PyTorch's own candidate won).
+Targets: 1.0x where torch fuses the epilogue too (the bias, in cuBLASLt), 1.3x where kernl's epilogue
+saves torch a kernel (residual, GELU, gate). ``--warmup`` also measures the first-call cost of one Bert
+layer in fresh processes (cold and warm caches). Writes benchmarks/results/<gpu>/linear_act.json and .png.
+Run: python packages/linear_act/benchmarks/bench_linear_act.py [--models bert-base] [--m 16,1024] [--warmup]
 """
 
+import argparse
+import functools
 import json
 import os
 import subprocess
 import sys
 import tempfile
+import time
 
 import torch
 import torch.nn.functional as F
-from transformers.activations import NewGELUActivation
 
 from kernl.linear_act import gated_linear_act, linear_act
+from kernl.matmul import tuning
 from kernl_testing.benchmarking import median_ms, save_figure, target_chart, write_results
 
-BERT = [(768, 2304), (768, 3072), (3072, 768)]  # (K, N)
-T5 = [(512, 2048), (768, 3072)]
-BERT_TARGETS = {16: 1.5, 1024: 1.0, 16384: 0.95}
-GELU_TARGETS = {16: 1.5, 1024: 2.0, 16384: 1.4}
+# (projection, K, N, epilogue) per model; epilogues are the keys of EPILOGUES
+PROJECTIONS = {
+    "bert-base": [("qkv", 768, 2304, "bias"), ("attn out", 768, 768, "bias+residual"),
+                  ("ffn up", 768, 3072, "bias+gelu"), ("ffn down", 3072, 768, "bias+residual")],
+    "bert-large": [("qkv", 1024, 3072, "bias"), ("attn out", 1024, 1024, "bias+residual"),
+                   ("ffn up", 1024, 4096, "bias+gelu"), ("ffn down", 4096, 1024, "bias+residual")],
+    "t5-base": [("ffn wi_0/wi_1", 768, 2048, "gated gelu_tanh"), ("ffn wo", 2048, 768, "residual")],
+}  # fmt: skip
+M_VALUES = (16, 1024, 4096, 16384)
+# epilogue: (torch composition, kernl call, weight matrices read, target speedup); t = the case's tensors
+EPILOGUES = {
+    "bias": (lambda t: F.linear(t["x"], t["w"], t["b"]), lambda t: linear_act(t["x"], t["w"], t["b"]), 1, 1.0),
+    "bias+residual": (lambda t: F.linear(t["x"], t["w"], t["b"]) + t["r"],
+                      lambda t: linear_act(t["x"], t["w"], t["b"], residual=t["r"]), 1, 1.3),
+    "bias+gelu": (lambda t: F.gelu(F.linear(t["x"], t["w"], t["b"])),
+                  lambda t: linear_act(t["x"], t["w"], t["b"], "gelu"), 1, 1.3),
+    "gated gelu_tanh": (lambda t: F.gelu(F.linear(t["x"], t["w"]), approximate="tanh") * F.linear(t["x"], t["w1"]),
+                        lambda t: gated_linear_act(t["x"], t["w"], t["w1"], "gelu_tanh"), 2, 1.3),
+    "residual": (lambda t: F.linear(t["x"], t["w"]) + t["r"], lambda t: linear_act(t["x"], t["w"], residual=t["r"]),
+                 1, 1.3),
+}  # fmt: skip
 
 
-def _weights(n, k, count=1):
-    return [torch.randn(n, k, device="cuda", dtype=torch.float16) / k**0.5 for _ in range(count)]
+def _tensors(m, k, n):
+    def randn(*shape, scale=1.0):
+        return torch.randn(*shape, device="cuda", dtype=torch.float16) * scale
+
+    return {"x": randn(m, k), "w": randn(n, k, scale=k**-0.5), "w1": randn(n, k, scale=k**-0.5),
+            "b": randn(n), "r": randn(m, n)}  # fmt: skip
 
 
-def _cases():
-    """(group, label, m, k, n, torch_fn, kernl_fn, weight matrices read, target)."""
-    for m in (16, 1024, 16384):
-        for k, n in BERT:
-            x = torch.randn(m, k, device="cuda", dtype=torch.float16)
-            (w,) = _weights(n, k)
-            b = torch.randn(n, device="cuda", dtype=torch.float16)
-            yield ("bert linear+bias", f"M={m} {k}->{n}", m, k, n, lambda x=x, w=w, b=b: F.linear(x, w, b),
-                   lambda x=x, w=w, b=b: linear_act(x, w, b), 1, BERT_TARGETS[m])  # fmt: skip
-            if n == 3072:
-                yield ("bert linear+bias+gelu", f"M={m} {k}->{n}", m, k, n,
-                       lambda x=x, w=w, b=b: F.gelu(F.linear(x, w, b)),
-                       lambda x=x, w=w, b=b: linear_act(x, w, b, "gelu"), 1, GELU_TARGETS[m])  # fmt: skip
-    x = torch.randn(32, 768, device="cuda", dtype=torch.float16)
-    (w,) = _weights(768, 768)
-    b = torch.randn(768, device="cuda", dtype=torch.float16)
-    yield ("bert pooler tanh", "M=32 768->768", 32, 768, 768, lambda: torch.tanh(F.linear(x, w, b)),
-           lambda: linear_act(x, w, b, "tanh"), 1, None)  # fmt: skip
-    gelu_new = NewGELUActivation()
-    for m in (1, 8, 64, 16384):
-        for k, n in T5:
-            x = torch.randn(m, k, device="cuda", dtype=torch.float16)
-            w0, w1 = _weights(n, k, 2)
-            yield ("t5 relu up", f"M={m} {k}->{n}", m, k, n, lambda x=x, w=w0: F.relu(F.linear(x, w)),
-                   lambda x=x, w=w0: linear_act(x, w, None, "relu"), 1, 1.2)  # fmt: skip
-            yield ("t5 gated gelu up", f"M={m} {k}->{n}", m, k, n,
-                   lambda x=x, w0=w0, w1=w1: gelu_new(F.linear(x, w0)) * F.linear(x, w1),
-                   lambda x=x, w0=w0, w1=w1: gated_linear_act(x, w0, w1, "gelu_tanh"), 2, 1.3)  # fmt: skip
+def _measure(model: str, m: int, name: str, k: int, n: int, epilogue: str) -> dict:
+    """Time one projection both ways (same tensors), print and return its record."""
+    torch_call, kernl_call, n_weights, target = EPILOGUES[epilogue]
+    t = _tensors(m, k, n)
+    torch_fn, kernl_fn = functools.partial(torch_call, t), functools.partial(kernl_call, t)
+    with tuning.recorded_choices() as configs:
+        out = kernl_fn()
+    chosen = [tuning.describe(c) for c in configs]
+    torch.testing.assert_close(out, torch_fn(), atol=3e-2, rtol=2e-2)
+    torch_ms, kernl_ms = median_ms(torch_fn), median_ms(kernl_fn)
+    flops = 2 * m * n * k * n_weights
+    record = {
+        "group": f"{model} M={m}",
+        "case": f"{name} {k}->{n} {epilogue}",
+        "model": model,
+        "projection": name,
+        "epilogue": epilogue,
+        "M": m,
+        "K": k,
+        "N": n,
+        "kernl_ms": kernl_ms,
+        "torch_ms": torch_ms,
+        "speedup_vs_torch": torch_ms / kernl_ms,
+        "kernl_TFLOPs": flops / kernl_ms / 1e9,
+        "torch_TFLOPs": flops / torch_ms / 1e9,
+        "kernl_weight_TBps": 2 * n * k * n_weights / kernl_ms / 1e9,
+        "kernl_config": chosen,
+        "target_speedup": target,
+        "met": torch_ms / kernl_ms >= target,
+    }
+    print(
+        f"{record['group']:<18} {record['case']:<38} kernl {kernl_ms * 1e3:8.1f} us "
+        f"({record['kernl_TFLOPs']:6.1f} TFLOP/s, {record['kernl_weight_TBps']:.2f} TB/s W)  "
+        f"torch {torch_ms * 1e3:8.1f} us  x{torch_ms / kernl_ms:.2f}  [{', '.join(chosen)}]  "
+        f"target x{target} {'met' if record['met'] else 'MISSED'}"
+    )
+    return record
 
 
 WARMUP_SCRIPT = """
@@ -99,45 +135,49 @@ def warmup_costs() -> dict:
     return results
 
 
+def _parse() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "--models", default=",".join(PROJECTIONS), help="comma-separated, of " + ", ".join(PROJECTIONS)
+    )
+    parser.add_argument("--m", default=",".join(map(str, M_VALUES)), help="comma-separated row counts")
+    parser.add_argument(
+        "--warmup", action="store_true", help="also time one Bert layer's first call (~1 minute)"
+    )
+    return parser.parse_args()
+
+
 def main() -> None:
-    records = []
+    args = _parse()
+    models = args.models.split(",")
+    if unknown := set(models) - set(PROJECTIONS):
+        raise SystemExit(f"--models: unknown {sorted(unknown)}; known: {', '.join(PROJECTIONS)}")
+    m_values = [int(m) for m in args.m.split(",")]
+    if tuning.switched_off("KERNL_AUTOTUNE"):
+        raise SystemExit("KERNL_AUTOTUNE is off: this benchmark compares the tuned kernels")
+    started = time.perf_counter()
     with torch.inference_mode():
-        for group, label, m, k, n, torch_fn, kernl_fn, n_weights, target in _cases():
-            torch.testing.assert_close(kernl_fn(), torch_fn(), atol=3e-2, rtol=2e-2)
-            torch_ms, kernl_ms = median_ms(torch_fn), median_ms(kernl_fn)
-            flops = 2 * m * n * k * n_weights
-            record = {
-                "group": group,
-                "case": label,
-                "M": m,
-                "K": k,
-                "N": n,
-                "kernl_ms": kernl_ms,
-                "torch_ms": torch_ms,
-                "speedup_vs_torch": torch_ms / kernl_ms,
-                "kernl_TFLOPs": flops / kernl_ms / 1e9,
-                "kernl_weight_TBps": 2 * n * k * n_weights / kernl_ms / 1e9,
-            }
-            if target is not None:
-                record["target_speedup"] = target
-                record["met"] = torch_ms / kernl_ms >= target
-            records.append(record)
-            print(
-                f"{group:<22} {label:<18} kernl {kernl_ms * 1e3:8.1f} us ({record['kernl_TFLOPs']:6.1f} TFLOP/s, "
-                f"{record['kernl_weight_TBps']:.2f} TB/s W)  torch {torch_ms * 1e3:8.1f} us  x{torch_ms / kernl_ms:.2f}"
-                + (f"  target x{target} {'met' if record['met'] else 'MISSED'}" if target else "")
-            )
+        records = [_measure(model, m, *projection) for model in models for m in m_values
+                   for projection in PROJECTIONS[model]]  # fmt: skip
+    elapsed = time.perf_counter() - started
+    print(f"{len(records)} cases in {elapsed:.0f} s (tuning and compiling included)")
+    everything = models == list(PROJECTIONS) and tuple(m_values) == M_VALUES
+    name = "linear_act" if everything else f"linear_act-{'-'.join(models)}-M{'-'.join(map(str, m_values))}"
     payload = {
         "dtype": "float16",
         "timing": "kernl_testing.benchmarking.median_ms: median GPU time, L2 flushed, host overhead hidden",
+        "peer": "F.linear (cuBLAS through torch) + the same epilogue in PyTorch ops",
+        "kernl_config": "the tuner's choice for the case (tuning.describe); 'torch' = PyTorch's candidate",
+        "elapsed_s": elapsed,
         "results": records,
     }
-    write_results("linear_act", payload)
+    write_results(name, payload)
     save_figure(
-        target_chart(records, "linear_act: speedup over the torch composition (fp16, H100)"), "linear_act"
+        target_chart(records, "linear_act: speedup over F.linear + the epilogue in torch (fp16)"), name
     )
-    payload["warmup_bert_layer_M1024"] = warmup_costs()
-    write_results("linear_act", payload)
+    if args.warmup:
+        payload["warmup_bert_layer_M1024"] = warmup_costs()
+        write_results(name, payload)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ with one eager call before capturing). The heuristic always picks a Triton tile.
 prints every tuning's timings.
 """
 
+import contextlib
 import functools
 import os
 import re
@@ -303,6 +304,19 @@ def _time_ms(launch, config: Config, flush: torch.Tensor) -> float:
 
 
 _chosen: dict[tuple[Problem, torch.device], Config] = {}
+_recorders: list[list[Config]] = []
+
+
+@contextlib.contextmanager
+def recorded_choices():
+    """Yields a list that receives the config of every GEMM launched in the block, in order (benchmarks
+    report which candidate ran)."""
+    configs: list[Config] = []
+    _recorders.append(configs)
+    try:
+        yield configs
+    finally:
+        _recorders.remove(configs)
 
 
 def choose(p: Problem, device: torch.device, launch) -> Config:
@@ -315,12 +329,9 @@ def choose(p: Problem, device: torch.device, launch) -> Config:
         found = _choose(p, device, launch)
         if device.type == "cuda" and not torch.cuda.is_current_stream_capturing():
             _chosen[(p, device)] = found
+    for configs in _recorders:
+        configs.append(found)
     return found
-
-
-def chosen_configs() -> dict[Problem, Config]:
-    """The config this process runs each GPU problem with, once chosen (benchmarks report them)."""
-    return {problem: config for (problem, _device), config in _chosen.items()}
 
 
 def _choose(p: Problem, device: torch.device, launch) -> Config:
