@@ -88,6 +88,17 @@ def test_the_tuner_can_route_to_it(monkeypatch, no_triton):
     assert len(chosen) == 1 and chosen[0].m == 2 * M, "3-D a with a 2-D b is one GEMM of 2*M rows"
 
 
+def test_an_autocast_region_around_the_call_does_not_recast_it(no_triton):
+    a = make_tensor((1, M, K), torch.float16, ValueSpec(25, 1.0, 0.0))
+    b = make_tensor((1, K, N), torch.float16, ValueSpec(26, K**-0.5, 0.0))
+    bias = make_tensor((N,), torch.float16, ValueSpec(27, 1.0, 0.0))
+    with torch.autocast(TEST_DEVICE, dtype=torch.bfloat16):
+        out = gemm(a, b, bias=bias, activation="gelu", config=TORCH)
+    assert out.dtype == torch.float16
+    reference, torch_same = _expected(a[0], b[0], None, bias, None, "gelu")
+    assert_matches_reference(out[0], reference, torch_same)
+
+
 def test_float32_is_refused():
     a = make_tensor((1, M, K), torch.float32, ValueSpec(13, 1.0, 0.0))
     b = make_tensor((1, K, N), torch.float32, ValueSpec(14, 1.0, 0.0))

@@ -55,6 +55,14 @@ def fp32_reductions():
             setattr(matmul, name, value)
 
 
+def _no_autocast(device_type: str):
+    """Autocast off inside (an autocast region around the caller would recast the operands: the output
+    must keep ``a``'s dtype, as the Triton kernels' does)."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def _linear_with_activation(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, activation: str):
     """``act(a @ b + bias)`` for 2-D ``a`` ``(M, K)`` and ``b`` ``(K, N)``, fused by cuBLASLt where it can."""
     if bias is not None and activation == ADDMM_GELU.get(a.device.type):
@@ -81,7 +89,7 @@ def gemm_torch(
             f"config kernel='torch' takes float16/bfloat16 operands, got {a.dtype} (PyTorch would "
             "follow its own TF32 setting, not the call's allow_tf32)"
         )
-    with fp32_reductions():
+    with fp32_reductions(), _no_autocast(a.device.type):
         if a.shape[0] != 1 or b.shape[0] != 1:  # batched (no epilogue operands): one bmm
             return TORCH_ACTIVATIONS[activation](torch.matmul(a, b)).contiguous()
         a2, w = a[0], b[0]
