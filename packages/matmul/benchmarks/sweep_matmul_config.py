@@ -7,6 +7,7 @@ Run: python packages/matmul/benchmarks/sweep_matmul_config.py [--quick] [label s
 (``--quick``: the tuner's candidates only; substrings pick shapes.)
 """
 
+import dataclasses
 import itertools
 import json
 import os
@@ -66,31 +67,39 @@ def wider_grid(p: Problem, sms: int) -> list[Config]:
         grid = []
         for bn, bk in itertools.product((16, 32, 64, 128), (64, 128, 256)):
             split = _split_for(p, bm, bn, bk, sms)
-            grid += [Config(bm, bn, bk, s, 8, 4, 3) for s in {split, split * 2}]
+            grid += [Config(block_m=bm, block_n=bn, block_k=bk, split_k=s) for s in {split, split * 2}]
         # no split-K (no second pass over partials), fewer warps a program, deeper pipelines
         for bn, bk, warps, stages in itertools.product((16, 32, 64), (128, 256), (2, 4), (3, 4)):
-            grid.append(Config(bm, bn, bk, 1, 8, warps, stages))
+            grid.append(Config(block_m=bm, block_n=bn, block_k=bk, num_warps=warps, num_stages=stages))
         if p.tma:  # the TMA kernel (no split-K): narrow tiles, the whole K range of a slab in flight
-            grid += [Config(bm, bn, 128, 1, 8, 4, 6, "tma") for bn in (16, 32, 64)]
+            grid += [
+                Config(kernel="tma", block_m=bm, block_n=bn, block_k=128, num_stages=6) for bn in (16, 32, 64)
+            ]
         return grid
     tiles = [(128, 256, 64, 8, 3), (128, 256, 64, 8, 4), (256, 128, 64, 8, 3), (256, 128, 64, 8, 4),
              (128, 128, 64, 4, 3), (128, 128, 64, 4, 4), (128, 128, 64, 4, 5), (128, 128, 64, 8, 3),
              (128, 128, 128, 8, 3), (128, 128, 128, 4, 3), (128, 256, 32, 8, 4), (64, 256, 64, 4, 3),
              (128, 64, 64, 4, 4), (256, 64, 64, 4, 4), (128, 256, 64, 4, 3)]  # fmt: skip
-    grid = [Config(bm, bn, bk, 1, 8, w, s) for bm, bn, bk, w, s in tiles]
+    grid = [
+        Config(block_m=bm, block_n=bn, block_k=bk, num_warps=w, num_stages=s) for bm, bn, bk, w, s in tiles
+    ]
     if p.tma:
         tma = [(128, 256, 64, 8, 3), (128, 256, 64, 8, 4), (256, 128, 64, 8, 3), (256, 128, 64, 8, 4),
                (128, 128, 64, 8, 4), (128, 128, 64, 4, 4), (128, 128, 64, 8, 5), (128, 128, 128, 8, 3),
                (128, 256, 128, 8, 2), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (128, 128, 64, 4, 3)]  # fmt: skip
-        grid += [Config(bm, bn, bk, 1, 8, w, s, "tma") for bm, bn, bk, w, s in tma]
+        grid += [
+            Config(kernel="tma", block_m=bm, block_n=bn, block_k=bk, num_warps=w, num_stages=s)
+            for bm, bn, bk, w, s in tma
+        ]
         # several small tiles a SM, so that the tile count fills whole waves of programs
-        grid += [Config(bm, bn, 64, 1, 8, 4, s, "tma", o) for bm, bn, s, o in (
+        grid += [Config(kernel="tma", block_m=bm, block_n=bn, block_k=64, num_stages=s, occupancy=o) for bm, bn, s, o in (
             (64, 128, 2, 3), (64, 128, 3, 2), (128, 64, 2, 3), (64, 64, 3, 3), (64, 64, 2, 5), (64, 256, 2, 2),
             (128, 128, 2, 2), (128, 64, 3, 2))]  # fmt: skip
         if p.batch * triton.cdiv(p.m, 128) * triton.cdiv(p.n, 128) < sms:  # few big tiles: narrow ones
             for bm, bn, bk in itertools.product((64, 128), (16, 32, 64), (64, 128)):
                 grid += [
-                    Config(bm, bn, bk, 1, 8, 4, stages, "tma") for stages in ((4, 6) if bk == 64 else (3, 4))
+                    Config(kernel="tma", block_m=bm, block_n=bn, block_k=bk, num_stages=stages)
+                    for stages in ((4, 6) if bk == 64 else (3, 4))
                 ]
     return grid
 
@@ -118,8 +127,9 @@ def main(quick: bool, picks: list[str]) -> None:
         w = torch.randn(n, k, device="cuda", dtype=torch.float16) / k**0.5
         w2 = torch.randn(n, k, device="cuda", dtype=torch.float16) / k**0.5 if gated else None
         r = torch.randn(m, n, device="cuda", dtype=torch.float16) if residual and residual[0] else None
-        p = Problem(1, m, n, k, torch.float16, input_precision(torch.float16, False), True, True, gated,
-                    not gated, activation, r is not None)  # fmt: skip
+        p = Problem(batch=1, m=m, n=n, k=k, dtype=torch.float16, precision=input_precision(torch.float16, False),
+                    a_k_contiguous=True, b_k_contiguous=True, gated=gated, tma=not gated, activation=activation,
+                    residual=r is not None)  # fmt: skip
         tuned = candidates(p, sms)
         grid = list(dict.fromkeys(tuned + ([] if quick else wider_grid(p, sms))))
         b2 = w2.t() if gated else None
@@ -139,8 +149,8 @@ def main(quick: bool, picks: list[str]) -> None:
             print(f"   {timings[cfg] * 1e3:8.1f} us  {'cand' if cfg in tuned else '    '}  {cfg}")
         best_candidate = min((c for c in tuned if c in timings), key=timings.get)
         print(f"   best candidate {best_candidate} {timings[best_candidate] * 1e3:.1f} us")
-        report[label] = [[torch_ms * 1e3, "torch", []]] + [
-            [timings[c] * 1e3, c in tuned, list(c.__dict__.values())] for c in ranked
+        report[label] = [[torch_ms * 1e3, "torch composition", {}]] + [
+            [timings[c] * 1e3, c in tuned, dataclasses.asdict(c)] for c in ranked
         ]
     out = os.environ.get("OUT")
     if out:

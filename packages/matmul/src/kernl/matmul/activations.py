@@ -4,12 +4,13 @@ Names (``ACTIVATIONS``): ``"none"``, ``"relu"``, ``"gelu"`` (exact, erf), ``"gel
 Face ``gelu_new`` / ``gelu_pytorch_tanh``), ``"tanh"``, ``"silu"``. All follow the PyTorch formulas:
 
 - ``tanh`` is written with ``exp`` (``1 - 2 / (exp(2|x|) + 1)``, sign restored), exactly +-1 where it
-  saturates; below ``|x| = 0.625``, where that difference cancels (tanh(1e-8) came out 0), the ``tanh``
-  activation takes Cephes' odd polynomial instead (within 1.5 fp32 ulps over the whole range, in
-  numpy). ``gelu_tanh`` keeps the plain form: there ``1 + tanh`` does not cancel.
-- ``gelu`` is ``0.5 * x * (1 + erf(x / sqrt 2))`` with libdevice's ``erff`` (within 2 fp32 ulps).
-  An Abramowitz & Stegun erfc (|error| < 1.5e-7, half the instructions but two MUFU operations an
-  element) measured 10% slower on the H100 in the epilogue-bound Bert shape, so it is not used.
+  saturates; below ``|x| = 0.625``, where that difference cancels (small arguments would lose their
+  relative precision, down to 0), the ``tanh`` activation takes Cephes' odd polynomial instead (within
+  1.5 fp32 ulps over the whole range, in numpy). ``gelu_tanh`` keeps the plain form: there
+  ``1 + tanh`` does not cancel.
+- ``gelu`` is ``0.5 * x * (1 + erf(x / sqrt 2))`` with libdevice's ``erff`` (within 2 fp32 ulps); a
+  cheaper erfc approximation was slower in the epilogue-bound Bert shape (two MUFU operations an
+  element: see the matmul README).
 """
 
 import triton
