@@ -43,6 +43,15 @@ def test_key_buckets_m_and_batch_but_keeps_n_and_k():
     assert PROBLEM.key("h100") != PROBLEM.key("a100")
 
 
+def test_pytorchs_candidate_can_be_left_out_and_its_absence_is_cached_apart(monkeypatch):
+    monkeypatch.delenv("KERNL_TORCH_CANDIDATE", raising=False)
+    assert candidates(PROBLEM, 132)[-1] == TORCH
+    with_torch = tuning.cache_key(PROBLEM, "h100")
+    monkeypatch.setenv("KERNL_TORCH_CANDIDATE", "off")
+    assert TORCH not in candidates(PROBLEM, 132)
+    assert tuning.cache_key(PROBLEM, "h100") != with_torch
+
+
 def test_key_tells_a_bias_apart():
     """PyTorch's candidate fuses a bias into cuBLASLt's epilogue: a choice made with one may not hold without."""
     assert PROBLEM.key("h100") != replace(PROBLEM, bias=True).key("h100")
@@ -218,6 +227,7 @@ def test_pytorchs_candidate_is_timed_in_a_cuda_graph_and_the_fastest_wins(tmp_pa
     monkeypatch.setattr(tuning, "_chosen", {})
     monkeypatch.setenv("KERNL_CACHE_DIR", str(tmp_path))
     monkeypatch.delenv("KERNL_AUTOTUNE", raising=False)
+    monkeypatch.delenv("KERNL_TORCH_CANDIDATE", raising=False)
     timings = {}
     real_time_ms = tuning._time_ms
 

@@ -13,7 +13,8 @@ activation, bias, residual) and the shape bucket (batch and M rounded up to a po
 skips the timing. Under Triton's interpreter :func:`heuristic` picks without timing; while a CUDA
 graph is being captured, a remembered config (memory or disk) is used, else the heuristic (so: tune
 with one eager call before capturing). The heuristic always picks a Triton tile.
-``KERNL_AUTOTUNE=0`` (or ``false``/``off``/``no``) always uses the heuristic; ``KERNL_TUNING_LOG=1``
+``KERNL_AUTOTUNE=0`` (or ``false``/``off``/``no``) always uses the heuristic; ``KERNL_TORCH_CANDIDATE=0``
+leaves PyTorch's candidate out (its choices are cached under their own keys); ``KERNL_TUNING_LOG=1``
 prints every tuning's timings.
 """
 
@@ -148,7 +149,18 @@ def candidates(p: Problem, sms: int) -> list[Config]:
     triton_configs = kept[:limit] or [heuristic(p, sms)]
     # last, so that a tie keeps the Triton tile (programmatic launch and the weight prefetch, which this
     # isolated timing cannot see, favour it inside a model)
-    return triton_configs + ([TORCH] if half else [])
+    return triton_configs + ([TORCH] if half and torch_candidate_on() else [])
+
+
+def torch_candidate_on() -> bool:
+    """Whether PyTorch's candidate is timed (``KERNL_TORCH_CANDIDATE=0``, ``false``, ``off`` or ``no``
+    leaves it out: an A/B of the Triton tiles alone inside a model)."""
+    return not switched_off("KERNL_TORCH_CANDIDATE")
+
+
+def cache_key(p: Problem, gpu: str) -> str:
+    """``p``'s config-cache key; choices made without PyTorch's candidate are kept apart."""
+    return p.key(gpu) + ("" if torch_candidate_on() else "|torch0")
 
 
 # Small M (block_k for half precision, halved for fp32): narrow tiles, deep pipelines (bytes in flight)
@@ -341,7 +353,7 @@ def _choose(p: Problem, device: torch.device, launch) -> Config:
         return heuristic(p, sms)
     gpu = gpu_name(device)
     if torch.cuda.is_current_stream_capturing():  # no timing inside a capture: a remembered config or a guess
-        return lookup(p.key(gpu), cache_path(gpu)) or heuristic(p, sms)
+        return lookup(cache_key(p, gpu), cache_path(gpu)) or heuristic(p, sms)
 
     def tune() -> Config:
         flush = torch.empty(64 * 1024 * 1024, dtype=torch.int32, device=device)  # 256 MB, > L2
@@ -351,7 +363,7 @@ def _choose(p: Problem, device: torch.device, launch) -> Config:
             ranked = ", ".join(
                 f"{describe(c)} {timings[c] * 1e3:.1f}us" for c in sorted(timings, key=timings.get)
             )
-            print(f"[kernl.matmul tuning] {p.key(gpu)}: {ranked}", file=sys.stderr)
+            print(f"[kernl.matmul tuning] {cache_key(p, gpu)}: {ranked}", file=sys.stderr)
         return best
 
-    return cached_choice(p.key(gpu), cache_path(gpu), tune)
+    return cached_choice(cache_key(p, gpu), cache_path(gpu), tune)
