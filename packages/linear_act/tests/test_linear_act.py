@@ -26,7 +26,8 @@ leading_shapes = st.one_of(st.tuples(st.integers(1, 70)), st.tuples(st.integers(
 def reduction_scale(x: torch.Tensor, k: int) -> float:
     """atol widening for a K-long dot product: its rounding error grows like sqrt(K) times the size of
     the terms (the summation order differs from torch's), which matters where the sum cancels. An
-    absolute allowance: as a factor on rtol too it let a 2% error through in fp16 when x is large."""
+    absolute allowance: as a factor on rtol too it would grow with the data and let percent-level errors
+    through in fp16 when x is large."""
     return max(1.0, k**0.5 / 4) * max(1.0, float(x.abs().float().mean()))
 
 
@@ -87,7 +88,7 @@ def test_activation_tails_and_nan(activation):
 
 def test_tanh_keeps_fp32_relative_precision_near_zero():
     """tanh(x) ~ x for small x: relative error within a few fp32 ulps (``1 - 2 / (exp(2x) + 1)`` alone
-    cancels there: tanh(1e-8) came out 0, tanh(1e-6) 4.6% off)."""
+    cancels there: it gives tanh(1e-8) = 0 and tanh(1e-6) 4.6% off)."""
     values = torch.tensor([1e-30, 1e-8, -1e-6, 1e-4, -0.01, 0.3, -0.62, 0.63, 1.0, -3.0, 12.0])
     x = make_tensor((values.numel(), 1), torch.float32, ValueSpec(0, 0.0, 0.0)) + values[:, None].to(
         TEST_DEVICE

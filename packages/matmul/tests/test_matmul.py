@@ -41,7 +41,8 @@ def test_matmul_matches_reference(mode, batch, m, n, k, dtype, layout_a, layout_
 def reduction_scale(x: torch.Tensor, k: int) -> float:
     """atol widening for a K-long dot product: its rounding error grows like sqrt(K) times the size of
     the terms (the summation order differs from torch's), which matters where the sum cancels. An
-    absolute allowance: as a factor on rtol too it let a 2% error through in fp16 when x is large."""
+    absolute allowance: as a factor on rtol too it would grow with the data and let percent-level errors
+    through in fp16 when x is large."""
     return max(1.0, k**0.5 / 4) * max(1.0, float(x.abs().float().mean()))
 
 
