@@ -245,3 +245,15 @@ def test_pytorchs_candidate_is_timed_in_a_cuda_graph_and_the_fastest_wins(tmp_pa
     assert timings[TORCH] < float("inf"), "PyTorch's candidate failed to run or to be captured"
     (key, chosen), *_ = read_cache(tmp_path / f"matmul-{tuning.gpu_name(x.device)}.json").items()
     assert "|bias1|" in key and chosen == min(timings, key=timings.get)
+
+
+def test_recorded_choices_lists_the_config_of_each_gemm_in_the_block():
+    a = make_tensor((1, 8, 32), torch.float16, ValueSpec(6, 1.0, 0.0))
+    b = make_tensor((1, 32, 16), torch.float16, ValueSpec(7, 1.0, 0.0))
+    with tuning.recorded_choices() as configs:
+        gemm(a, b)
+        gemm(a, b, config=TORCH)  # a forced config is not the tuner's choice
+        gemm(a, b, activation="relu")
+    assert len(configs) == 2 and all(c.kernel != "torch" for c in configs)
+    gemm(a, b)
+    assert len(configs) == 2, "nothing is recorded after the block"
