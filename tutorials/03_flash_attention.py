@@ -49,15 +49,15 @@ torch.manual_seed(0)
 scores = 3 * torch.randn(10, dtype=torch.float64)
 scores[5], scores[9] = 6.0, 9.0  # the maximum rises in the second and the third block
 values = torch.randn(10, 4, dtype=torch.float64)
-m, l, acc = torch.tensor(-math.inf, dtype=torch.float64), 0.0, torch.zeros(4, dtype=torch.float64)
+m, denominator, acc = torch.tensor(-math.inf, dtype=torch.float64), 0.0, torch.zeros(4, dtype=torch.float64)
 for block in range(0, 10, 4):  # blocks of 4 keys (the last one of 2)
     s, v = scores[block : block + 4], values[block : block + 4]
     m_new = torch.maximum(m, s.max())
     alpha = torch.exp(m - m_new)  # rescale what was gathered under the old maximum
     p = torch.exp(s - m_new)
-    l, acc, m = l * alpha + p.sum(), acc * alpha + p @ v, m_new
+    denominator, acc, m = denominator * alpha + p.sum(), acc * alpha + p @ v, m_new
     print(f"keys {block}..{block + len(s) - 1}: running max {float(m):+.3f}, alpha {float(alpha):.3f}")
-torch.testing.assert_close(acc / l, torch.softmax(scores, 0) @ values)
+torch.testing.assert_close(acc / denominator, torch.softmax(scores, 0) @ values)
 print("online softmax == softmax(scores) @ values")
 
 # %% [markdown]
@@ -216,6 +216,19 @@ else:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    def engines(q, k, v, whole, half, mask):
+        """The calls timed on full sequences, and on the half-padded batch."""
+        full = {
+            "teaching kernel": lambda: teaching(q, k, v, whole),
+            "kernl attention": lambda: fa.attention(q, k, v),
+            "SDPA": lambda: F.scaled_dot_product_attention(q, k, v),
+        }
+        padded = {
+            "kernl, lengths": lambda: fa.attention(q, k, v, key_padding_mask=half),
+            "SDPA, bool mask": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask),
+        }
+        return full, padded
+
     batch, heads, dim = 4, 12, 64
     seqs = [256, 512, 1024, 2048, 4096]
     full = {"teaching kernel": [], "kernl attention": [], "SDPA": []}
@@ -226,16 +239,10 @@ else:
         half = torch.tensor([seq, seq // 2, seq, seq // 2], device=DEVICE, dtype=torch.int32)
         mask = (torch.arange(seq, device=DEVICE)[None, :] < half[:, None])[:, None, None, :]
         flops = 4 * batch * heads * seq * seq * dim
-        for name, fn in {
-            "teaching kernel": lambda: teaching(q, k, v, whole),
-            "kernl attention": lambda: fa.attention(q, k, v),
-            "SDPA": lambda: F.scaled_dot_product_attention(q, k, v),
-        }.items():
+        timed_full, timed_padded = engines(q, k, v, whole, half, mask)
+        for name, fn in timed_full.items():
             full[name].append(flops / triton.testing.do_bench(fn) * 1e-9)
-        for name, fn in {
-            "kernl, lengths": lambda: fa.attention(q, k, v, key_padding_mask=half),
-            "SDPA, bool mask": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask),
-        }.items():
+        for name, fn in timed_padded.items():
             padded[name].append(triton.testing.do_bench(fn))
         print(f"seq {seq}: " + ", ".join(f"{n} {t[-1]:.0f} TFLOP/s" for n, t in full.items())
               + "; padded batch: " + ", ".join(f"{n} {t[-1]:.3f} ms" for n, t in padded.items()))  # fmt: skip
