@@ -47,4 +47,5 @@ def test_tutorial_runs_on_the_cpu(tutorial, tmp_path):
     assert result.returncode == 0, (
         f"{tutorial.name} failed (exit {result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
     )
-    assert "skipped" in result.stdout  # the GPU timing cells say so on the CPU
+    if not tutorial.name.startswith("00"):  # 00 has no GPU part; the others say their timing is skipped
+        assert "timing and plot skipped" in result.stdout
