@@ -165,8 +165,9 @@ print("rows that are wrong:", bad_rows)  # row 0 is right, every later row is wr
 
 # %% [markdown]
 # Row 0 right and every later row wrong means the kernel reads the right row start only for row 0: a
-# row offset. Print what the program for row 1 loads and compare it with `padded[1]` (the interpreter
-# runs one program at a time, so each print is one program's view):
+# row offset. The load reads `X + row * N + cols`; the tensor's rows are `stride(0) = 43` elements
+# apart. Look at what each address holds in the underlying storage (in the kernel, a `print` of `x`
+# in the program for row 1 shows the same values):
 
 # %%
 storage = padded.as_strided((padded.numel() + 3 * 7,), (1,))
@@ -190,8 +191,8 @@ print("fixed: passes contiguous and padded rows")
 # |---|---|
 # | `arange's range must be a power of 2` | `tl.arange(0, n)` with `n` not a power of two: round the block up with `triton.next_power_of_2` and mask |
 # | `Cannot access data pointer of Tensor (FakeTensor)` | a Triton launch inside `torch.compile` tracing: call the registered `torch.ops.kernl.*` op (what `functional.py` does) |
-# | `... object has no attribute 'type'` / `'data_ptr'` | a kernel argument is not a torch tensor (numpy array, list) |
-# | `Pointer argument (at N) cannot be accessed from Triton (cpu tensor?)` | a CPU tensor given to a compiled kernel: put it on the GPU, or set `TRITON_INTERPRET=1` before importing triton |
+# | `'numpy.ndarray' object has no attribute 'type'` (interpreter) | a kernel argument is not a torch tensor (numpy array, list) |
+# | `Pointer argument cannot be accessed from Triton (cpu tensor?)` | a CPU tensor given to a compiled kernel: put it on the GPU, or set `TRITON_INTERPRET=1` before importing triton |
 # | `an illegal memory access was encountered` | (GPU) a load/store outside the tensor: a missing mask or a wrong stride. The interpreter often reads garbage silently instead: check with padded layouts, as above |
 # | `misaligned address` | (GPU) a pointer hint (`tl.multiple_of`) or a TMA descriptor assumes 16-byte alignment a sliced tensor does not have |
 # | `out of resource: shared memory` | (GPU) the tiles and `num_stages` need more shared memory than the SM has: smaller blocks or fewer stages |
