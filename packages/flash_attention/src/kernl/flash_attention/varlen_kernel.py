@@ -60,17 +60,15 @@ def _varlen_fwd_kernel(
         seq_end += tl.sum(tl.where(hit, ends, 0), axis=0)
         first_tile += tl.sum(tl.where(hit, through - counts, 0), axis=0)
         tiles_before += tl.sum(counts, axis=0)
-    if found > 0:
-        row_start = seq_start + (tile - first_tile) * BLOCK_M
-        row_end = seq_end
-        lo = seq_start
-        hi = seq_end
-    else:  # the padding tail [cu[S], T): zeros, no key read
-        packed_end = tl.minimum(tl.maximum(tl.load(CU + n_seqs * scu), 0), n_tokens)
-        row_start = packed_end + (tile - tiles_before) * BLOCK_M
-        row_end = n_tokens
-        lo = 0
-        hi = 0
+    # Not found: a tile of the padding tail [cu[S], T), written as zeros with no key read.
+    in_seq = found > 0
+    packed_end = tl.minimum(tl.maximum(tl.load(CU + n_seqs * scu), 0), n_tokens)
+    row_start = tl.where(
+        in_seq, seq_start + (tile - first_tile) * BLOCK_M, packed_end + (tile - tiles_before) * BLOCK_M
+    )
+    row_end = tl.where(in_seq, seq_end, n_tokens)
+    lo = tl.where(in_seq, seq_start, 0)
+    hi = tl.where(in_seq, seq_end, 0)
     if row_start < row_end:  # spare programs (fewer tiles than the grid's bound) stop here
         offs_m = row_start + tl.arange(0, BLOCK_M)
         offs_n = tl.arange(0, BLOCK_N)
