@@ -5,11 +5,12 @@ equal lengths (32 x 512, the dense (32, 12, 512, 64) call), one long sequence (4
 - ``flash_varlen``: PyTorch's FlashAttention-2 varlen kernel on the same packed tokens and offsets
   (``aten._flash_attention_forward`` with ``cu_seqlens``; what SDPA's flash backend runs), when present;
 - ``sdpa_flash_same_tokens``: SDPA without a mask on an equal-length batch of the same total tokens
-  (``(rows, 12, T / rows, 64)``: fewer FLOPs than the packed rows whenever lengths differ);
+  (``(rows, 12, T // rows, 64)``: fewer FLOPs than the packed rows whenever lengths differ);
 - ``sdpa_padded_mask``: SDPA on the padded ``(rows, 12, longest, 64)`` layout with HF's bool mask
   ``[B, 1, Q, K]`` (and an additive ``[B, 1, 1, K]`` one), what HF runs without packing;
 - ``sdpa_padded_no_mask``: SDPA's flash kernel on the padded layout, padding computed.
-TFLOP/s count the packed work, ``4 * H * D * sum(L_i^2)``. ``sweep`` (argument) also times launch configs.
+TFLOP/s count the packed work, ``4 * H * D * sum(L_i^2)``. Cases of at most 2048 tokens are also timed as
+CUDA graph replays. ``sweep`` (argument) also times launch configs.
 Writes benchmarks/results/<gpu>/flash_attention_varlen.json.
 Run: python packages/flash_attention/benchmarks/bench_varlen.py [sweep]
 """
@@ -56,11 +57,10 @@ def packed_case(label: str, lengths: list[int], causal: bool = False) -> dict:
         check = (kernl_fn, peers["flash_varlen"])
     except (RuntimeError, TypeError) as error:  # no flash varlen kernel in this build
         print(f"flash_varlen unavailable: {type(error).__name__}: {str(error)[:120]}")
-    if total % rows == 0:
-        same = torch.randn(rows, HEADS, total // rows, HEAD_DIM, device="cuda", dtype=torch.float16)
-        peers["sdpa_flash_same_tokens"] = lambda: F.scaled_dot_product_attention(
-            same, same, same, is_causal=causal
-        )
+    same = torch.randn(rows, HEADS, total // rows, HEAD_DIM, device="cuda", dtype=torch.float16)
+    peers["sdpa_flash_same_tokens"] = lambda: F.scaled_dot_product_attention(
+        same, same, same, is_causal=causal
+    )
     padded = [
         torch.randn(rows, HEADS, longest, HEAD_DIM, device="cuda", dtype=torch.float16) for _ in range(3)
     ]
@@ -77,7 +77,10 @@ def packed_case(label: str, lengths: list[int], causal: bool = False) -> dict:
     peers["sdpa_padded_no_mask"] = lambda: F.scaled_dot_product_attention(*padded, is_causal=causal)
     pairs = sum(length * length for length in lengths)
     flops = 4.0 * HEADS * HEAD_DIM * pairs / (2 if causal else 1)
-    rec = record(label, (rows, HEADS, total, longest), kernl_fn, peers, flops, False, check)
+    graphs = (
+        total <= 2048
+    )  # launch-bound sizes: also timed as CUDA graph replays, as the integration runs them
+    rec = record(label, (rows, HEADS, total, longest), kernl_fn, peers, flops, graphs, check)
     return dict(rec, lengths=lengths, causal=causal, tokens=total)
 
 

@@ -10,7 +10,14 @@ from hypothesis import strategies as st
 from kernl.flash_attention import attention, attention_varlen, attention_varlen_reference
 from kernl.flash_attention.launch import LaunchConfig
 from kernl.flash_attention.launch_varlen import attention_varlen_forward, varlen_grid
-from kernl_testing import TEST_DEVICE, ValueSpec, assert_matches_reference, make_tensor, on_gpu
+from kernl_testing import (
+    TEST_DEVICE,
+    ValueSpec,
+    assert_matches_reference,
+    make_tensor,
+    needs_two_gpus,
+    on_gpu,
+)
 from kernl_testing.strategies import dtypes, value_specs
 
 MAX_LEN = 300 if on_gpu() else 40  # per sequence; the CPU tiles are 16 x 16
@@ -191,6 +198,17 @@ def test_cuda_graph_replay_with_new_offsets():
         cu_seqlens.copy_(offsets(lengths))
         graph.replay()
         check(out, q, k, v, cu_seqlens, 0.125, False)
+
+
+@needs_two_gpus
+def test_tensors_on_a_gpu_other_than_the_current_one():
+    """Triton launches on the current device: attention_varlen must make q's GPU current."""
+    q, k, v = (make_packed(90, 4, 64, torch.float16, ValueSpec(i, 1.0, 0.0)).to("cuda:1") for i in range(3))
+    cu_seqlens = offsets([40, 0, 45]).to("cuda:1")
+    with torch.cuda.device(0):
+        out = attention_varlen(q, k, v, cu_seqlens)
+    torch.cuda.synchronize(1)
+    check(out, q, k, v, cu_seqlens, 0.125, False)
 
 
 def test_no_tokens():
