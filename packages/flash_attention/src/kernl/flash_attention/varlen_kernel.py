@@ -30,9 +30,7 @@ def _varlen_fwd_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     SCAN_BLOCK: tl.constexpr, CAUSAL: tl.constexpr, ACC_DTYPE: tl.constexpr, USE_PDL: tl.constexpr,
 ):  # fmt: skip
-    if (
-        USE_PDL
-    ):  # programmatic dependent launch: the previous kernel's writes (cu too) are visible past this wait
+    if USE_PDL:  # programmatic dependent launch: wait for the previous kernel's writes (cu_seqlens too)
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()  # the next kernel may be scheduled while this one runs
     tile = tl.program_id(0)
