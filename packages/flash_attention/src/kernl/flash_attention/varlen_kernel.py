@@ -8,7 +8,7 @@ owns ``cdiv(len_s, BLOCK_M)`` tiles, numbered one after another in sequence orde
 tail owns ``cdiv(T - cu[S], BLOCK_M)`` tiles, written as zeros. Summed, that is at most
 ``cdiv(T, BLOCK_M) + S`` tiles whatever the split of ``T`` into sequences, so the grid is
 ``(cdiv(T, BLOCK_M) + S, H)`` from shapes alone (CUDA graphs replay it for any ``cu`` values);
-programs past the last tile return at once. Each program finds its tile by scanning ``cu`` on the
+programs past the last tile skip all work. Each program finds its tile by scanning ``cu`` on the
 device (a running sum of tile counts, ``SCAN_BLOCK`` sequences at a time), then runs the online
 softmax of :mod:`.kernel` over its own sequence's keys only: interior key blocks without any check,
 the last (and, when causal, the diagonal) blocks with the key-range and causal checks.
