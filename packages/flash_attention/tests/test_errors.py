@@ -3,12 +3,21 @@
 import pytest
 import torch
 
-from kernl.flash_attention import attention, attention_decode, attention_reference
+from kernl.flash_attention import (
+    attention,
+    attention_decode,
+    attention_reference,
+    attention_varlen,
+    attention_varlen_reference,
+)
 from kernl_testing import TEST_DEVICE, needs_two_devices, other_device
 
 q = torch.randn(2, 3, 5, 16, device=TEST_DEVICE)
 kv = torch.randn(2, 3, 7, 16, device=TEST_DEVICE)
 lengths = torch.tensor([3, 7], device=TEST_DEVICE)
+packed_q = torch.randn(9, 4, 16, device=TEST_DEVICE)
+packed_kv = torch.randn(9, 2, 16, device=TEST_DEVICE)
+cu = torch.tensor([0, 4, 9], dtype=torch.int32, device=TEST_DEVICE)
 
 
 @pytest.mark.parametrize(
@@ -93,6 +102,39 @@ def test_bad_arguments_raise_clear_errors(call, error, message):
         call()
 
 
+@pytest.mark.parametrize(
+    "call, error, message",
+    [
+        (lambda: attention_varlen([1.0], packed_kv, packed_kv, cu), TypeError, "q must be a torch.Tensor"),
+        (lambda: attention_varlen(packed_q.double(), packed_kv, packed_kv, cu), TypeError, "q must be float16"),
+        (lambda: attention_varlen(packed_q, packed_kv.half(), packed_kv, cu), ValueError, "k must have q's dtype"),
+        (lambda: attention_varlen(packed_q, packed_kv, packed_kv.int(), cu), TypeError, "v must be float16"),
+        (lambda: attention_varlen(packed_q[None], packed_kv, packed_kv, cu), ValueError, "q must be 3-D"),
+        (lambda: attention_varlen(packed_q, packed_kv[:8], packed_kv, cu), ValueError, r"k must have shape \(9, H_kv, 16\)"),
+        (lambda: attention_varlen(packed_q, packed_kv[..., :8], packed_kv, cu), ValueError, "k must have shape"),
+        (lambda: attention_varlen(packed_q, packed_kv, packed_kv[:, :1], cu), ValueError, "v must have k's shape"),
+        (lambda: attention_varlen(packed_q, packed_q[:, :3], packed_q[:, :3], cu), ValueError, "k's head count 3 must divide q's head count 4"),
+        (lambda: attention_varlen(packed_q, packed_q[:, :0], packed_q[:, :0], cu), ValueError, "k's head count 0"),
+        (lambda: attention_varlen(*[torch.randn(9, 1, 129, device=TEST_DEVICE)] * 3, cu), ValueError, "head_dim"),
+        (lambda: attention_varlen(*[torch.randn(1, 65536, 1, device=TEST_DEVICE)] * 3, cu), ValueError, "heads must be at most"),
+        (lambda: attention_varlen(packed_q, packed_kv, packed_kv.clone().requires_grad_(), cu), ValueError, "v requires grad"),
+        (lambda: attention_varlen(packed_q, packed_kv, packed_kv, [0, 4, 9]), TypeError, "cu_seqlens must be a torch.Tensor"),
+        (lambda: attention_varlen(packed_q, packed_kv, packed_kv, cu.long()), TypeError, "cu_seqlens must be int32, got torch.int64"),
+        (lambda: attention_varlen(packed_q, packed_kv, packed_kv, cu.float()), TypeError, "cu_seqlens must be int32"),
+        (lambda: attention_varlen(packed_q, packed_kv, packed_kv, cu[None]), ValueError, "cu_seqlens must be 1-D"),
+        (lambda: attention_varlen(packed_q, packed_kv, packed_kv, cu[:0]), ValueError, "cu_seqlens must be 1-D"),
+        (lambda: attention_varlen(packed_q, packed_kv, packed_kv, cu[0]), ValueError, "cu_seqlens must be 1-D"),
+        (lambda: attention_varlen(packed_q, packed_kv, packed_kv, cu, scale=-1.0), ValueError, "scale must be a positive"),
+        (lambda: attention_varlen(packed_q, packed_kv, packed_kv, cu, scale=float("inf")), ValueError, "scale must be a positive"),
+        (lambda: attention_varlen(packed_q, packed_kv, packed_kv, cu, scale="0.1"), ValueError, "scale must be a positive"),
+        (lambda: attention_varlen(packed_q, packed_kv, packed_kv, cu, causal=None), TypeError, "causal must be a bool"),
+    ],
+)  # fmt: skip
+def test_bad_varlen_arguments_raise_clear_errors(call, error, message):
+    with pytest.raises(error, match=message):
+        call()
+
+
 @needs_two_devices
 def test_device_mismatch_names_the_argument():
     other = other_device()
@@ -100,6 +142,10 @@ def test_device_mismatch_names_the_argument():
         attention(q, kv.to(other), kv)
     with pytest.raises(ValueError, match="key_padding_mask is on"):
         attention(q, kv, kv, key_padding_mask=lengths.to(other))
+    with pytest.raises(ValueError, match="cu_seqlens is on"):
+        attention_varlen(packed_q, packed_kv, packed_kv, cu.to(other))
+    with pytest.raises(ValueError, match="v is on"):
+        attention_varlen(packed_q, packed_kv, packed_kv.to(other), cu)
 
 
 def test_cpu_without_interpreter_falls_back_to_reference(monkeypatch):
@@ -109,3 +155,13 @@ def test_cpu_without_interpreter_falls_back_to_reference(monkeypatch):
     expected = attention_reference(cpu_q, cpu_kv, cpu_kv, scale=0.5, key_padding_mask=kpm)
     out = attention(cpu_q, cpu_kv, cpu_kv, scale=0.5, key_padding_mask=kpm)
     assert torch.equal(out, expected) and out.stride() == attention(cpu_q, cpu_kv, cpu_kv).stride()
+
+
+def test_varlen_cpu_without_interpreter_falls_back_to_reference(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    cpu_q, cpu_kv = torch.randn(11, 4, 16), torch.randn(11, 2, 16)
+    offsets = torch.tensor([0, 3, 3, 9], dtype=torch.int32)
+    expected = attention_varlen_reference(cpu_q, cpu_kv, cpu_kv, offsets, scale=0.5, causal=True)
+    out = attention_varlen(cpu_q, cpu_kv, cpu_kv, offsets, scale=0.5, causal=True)
+    assert torch.equal(out, expected) and out.is_contiguous()
+    assert torch.equal(out[9:], torch.zeros_like(out[9:]))

@@ -1,10 +1,19 @@
-"""kernl.flash_attention: fused attention (padding masks, T5 position bias, split-KV decoding).
+"""kernl.flash_attention: fused attention (padding masks, T5 position bias, split-KV decoding, packed
+sequences).
 
->>> from kernl.flash_attention import attention, attention_decode
+>>> from kernl.flash_attention import attention, attention_decode, attention_varlen
 """
 
-from kernl.flash_attention.functional import SUPPORTED_DTYPES, attention, attention_decode
+from kernl.flash_attention.functional import SUPPORTED_DTYPES, attention, attention_decode, attention_varlen
 from kernl.flash_attention.launch import MAX_HEAD_DIM
-from kernl.flash_attention.reference import attention_reference
+from kernl.flash_attention.reference import attention_reference, attention_varlen_reference
 
-__all__ = ["MAX_HEAD_DIM", "SUPPORTED_DTYPES", "attention", "attention_decode", "attention_reference"]
+__all__ = [
+    "MAX_HEAD_DIM",
+    "SUPPORTED_DTYPES",
+    "attention",
+    "attention_decode",
+    "attention_reference",
+    "attention_varlen",
+    "attention_varlen_reference",
+]

@@ -76,6 +76,20 @@ def _attention_op():
     return torch.ops.kernl.attention if torch.compiler.is_compiling() else ops.attention_impl
 
 
+def _check_scale(scale, head_dim: int) -> float:
+    """``scale`` as a float (default ``1/sqrt(head_dim)``); a positive finite real number."""
+    if scale is None:
+        return 1.0 / math.sqrt(head_dim)
+    if (
+        not isinstance(scale, numbers.Real)
+        or isinstance(scale, bool)
+        or not math.isfinite(scale)
+        or scale <= 0
+    ):
+        raise ValueError(f"scale must be a positive finite number, got {scale!r}")
+    return float(scale)
+
+
 def _check_common(q, k, v, scale, bias, mask, key_padding_mask) -> float:
     _check_qkv(q, k, v)
     full = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
@@ -85,16 +99,7 @@ def _check_common(q, k, v, scale, bias, mask, key_padding_mask) -> float:
         _check_broadcastable("mask", mask, full, q.device, allow_bool=True)
     if key_padding_mask is not None:
         _check_key_padding(key_padding_mask, q.shape[0], k.shape[2], q.device)
-    if scale is None:
-        return 1.0 / math.sqrt(q.shape[-1])
-    if (
-        not isinstance(scale, numbers.Real)
-        or isinstance(scale, bool)
-        or not math.isfinite(scale)
-        or scale <= 0
-    ):
-        raise ValueError(f"scale must be a positive finite number, got {scale!r}")
-    return float(scale)
+    return _check_scale(scale, q.shape[-1])
 
 
 def attention(
@@ -165,4 +170,74 @@ def attention_decode(
     return _attention_op()(q, k_cache, v_cache, scale, bias, mask, key_padding_mask, cache_len, False)
 
 
-__all__ = ["SUPPORTED_DTYPES", "attention", "attention_decode", "ops"]
+def _check_packed_qkv(q, k, v) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _check_tensor(name, t, SUPPORTED_DTYPES, "float16, bfloat16 or float32")
+        if t.dim() != 3:
+            raise ValueError(f"{name} must be 3-D (tokens, heads, head_dim), got shape {tuple(t.shape)}")
+    if q.device.type not in ("cuda", "cpu"):
+        raise ValueError(f"q must be on a CUDA device (or CPU), got {q.device}")
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            raise ValueError(f"{name} must have q's dtype {q.dtype}, got {t.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
+    n_tokens, heads, head_dim = q.shape
+    if k.shape[0] != n_tokens or k.shape[2] != head_dim:
+        raise ValueError(f"k must have shape ({n_tokens}, H_kv, {head_dim}) to match q, got {tuple(k.shape)}")
+    if v.shape != k.shape:
+        raise ValueError(f"v must have k's shape {tuple(k.shape)}, got {tuple(v.shape)}")
+    if k.shape[1] == 0 or heads % k.shape[1] != 0:
+        raise ValueError(f"k's head count {k.shape[1]} must divide q's head count {heads}")
+    if not 1 <= head_dim <= MAX_HEAD_DIM:
+        raise ValueError(f"head_dim must be between 1 and {MAX_HEAD_DIM}, got {head_dim}")
+    if heads > MAX_BATCH_HEADS:
+        raise ValueError(f"heads must be at most {MAX_BATCH_HEADS}, got {heads}")
+
+
+def _check_cu_seqlens(cu_seqlens, device) -> None:
+    """Type, shape and device only: the values are read by the kernel, never on the host."""
+    if not isinstance(cu_seqlens, torch.Tensor):
+        raise TypeError(f"cu_seqlens must be a torch.Tensor, got {type(cu_seqlens).__name__}")
+    if cu_seqlens.dtype != torch.int32:
+        raise TypeError(f"cu_seqlens must be int32, got {cu_seqlens.dtype}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.shape[0] == 0:
+        raise ValueError(f"cu_seqlens must be 1-D (S + 1,) with S >= 0, got shape {tuple(cu_seqlens.shape)}")
+    if cu_seqlens.device != device:
+        raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but q is on {device}")
+
+
+def _attention_varlen_op():
+    """The registered op when tracing (torch.compile), the plain implementation in eager mode."""
+    return torch.ops.kernl.attention_varlen if torch.compiler.is_compiling() else ops.attention_varlen_impl
+
+
+def attention_varlen(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    *,
+    scale: float | None = None,
+    causal: bool = False,
+) -> torch.Tensor:
+    """Attention over sequences packed end to end: each query sees only its own sequence's keys.
+
+    q ``(T, H, D)``, k/v ``(T, H_kv, D)`` with ``H % H_kv == 0`` (grouped-query attention: kv head
+    ``g`` serves q heads ``g * H / H_kv`` onwards, no copy); float16/bfloat16/float32, any strides,
+    ``1 <= D <= 128``. cu_seqlens: int32 ``(S + 1,)`` on q's device, ``0 = cu[0] <= ... <= cu[S] <= T``;
+    sequence ``s`` is tokens ``[cu[s], cu[s + 1])`` (equal values = empty sequences). Tokens from
+    ``cu[S]`` on are padding: their rows are zeros. causal: within each sequence. scale: default
+    ``1/sqrt(D)``. The values of cu_seqlens are read by the kernel only (no host synchronisation, the
+    launch depends on shapes only: CUDA-graph safe) and are not validated: offsets that break the rules
+    give unspecified rows but no access out of bounds. Returns a contiguous ``(T, H, D)`` in q's dtype.
+    """
+    _check_packed_qkv(q, k, v)
+    _check_cu_seqlens(cu_seqlens, q.device)
+    scale = _check_scale(scale, q.shape[-1])
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__module__}.{type(causal).__name__}")
+    return _attention_varlen_op()(q, k, v, cu_seqlens, scale, causal)
+
+
+__all__ = ["SUPPORTED_DTYPES", "attention", "attention_decode", "attention_varlen", "ops"]

@@ -1,6 +1,6 @@
 """``torch.library`` registration, so the kernel can sit inside ``torch.compile``d and FX graphs.
 
-One opaque custom op, ``kernl::attention``, with a fake (meta) implementation: this works under
+Opaque custom ops, ``kernl::attention`` and ``kernl::attention_varlen``, with a fake (meta) implementation: this works under
 Triton's interpreter too, where ``triton_op``/``wrap_triton`` cannot be traced. Inputs are trusted
 here; validation lives in :mod:`kernl.flash_attention.functional`, which calls :func:`attention_impl`
 directly in eager mode (the custom-op dispatcher costs tens of microseconds of CPU time a call) and
@@ -15,7 +15,8 @@ import os
 import torch
 
 from kernl.flash_attention.launch import attention_forward
-from kernl.flash_attention.reference import attention_reference
+from kernl.flash_attention.launch_varlen import attention_varlen_forward
+from kernl.flash_attention.reference import attention_reference, attention_varlen_reference
 
 
 def runs_triton_kernel(x: torch.Tensor) -> bool:
@@ -61,3 +62,30 @@ attention_op = torch.library.custom_op("kernl::attention", attention_impl, mutat
 def _(q, k, v, scale, bias, mask, key_padding_mask, cache_len, causal):
     batch, heads, n_q, head_dim = q.shape
     return q.new_empty((batch, n_q, heads, head_dim)).transpose(1, 2)
+
+
+def attention_varlen_impl(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    scale: float,
+    causal: bool,
+) -> torch.Tensor:
+    """``kernl::attention_varlen`` on validated inputs: q ``(T, H, D)``, k/v ``(T, H_kv, D)``, cu_seqlens
+    int32 ``(S + 1,)`` -> contiguous ``(T, H, D)`` in q's dtype; the Triton kernel, or the PyTorch
+    reference on CPU without the interpreter."""
+    if not runs_triton_kernel(q):
+        return attention_varlen_reference(q, k, v, cu_seqlens, scale=scale, causal=causal)
+    with torch.cuda.device(q.device.index if q.is_cuda else -1):  # Triton launches on the current device
+        return attention_varlen_forward(q, k, v, cu_seqlens, scale, causal)
+
+
+attention_varlen_op = torch.library.custom_op(
+    "kernl::attention_varlen", attention_varlen_impl, mutates_args=()
+)
+
+
+@attention_varlen_op.register_fake
+def _(q, k, v, cu_seqlens, scale, causal):
+    return q.new_empty(q.shape)

@@ -64,3 +64,32 @@ def attention_reference(
     values = v.to(compute).masked_fill(~readable.transpose(-1, -2), 0.0)
     out = (p @ values) / torch.where(denominator == 0, 1.0, denominator)
     return out.to(q.dtype)
+
+
+def attention_varlen_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    *,
+    scale: float | None = None,
+    causal: bool = False,
+) -> torch.Tensor:
+    """Packed attention, one sequence at a time: q ``(T, H, D)``, k/v ``(T, H_kv, D)`` (``H % H_kv == 0``,
+    kv head ``g`` serves q heads ``g * H / H_kv`` onwards), cu_seqlens ``(S + 1,)`` integer offsets.
+
+    Sequence ``s`` (tokens ``cu[s]:cu[s + 1]``) attends to itself only, causal within it if asked; rows
+    from ``cu[S]`` on are padding and hold zeros. Reads ``cu_seqlens`` on the host (a test oracle and
+    the CPU fallback, not for CUDA graphs). Returns ``(T, H, D)`` in q's dtype, contiguous.
+    """
+    out = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
+    group = q.shape[1] // k.shape[1]
+    as_batch = lambda t: t.transpose(0, 1)[None]  # (L, H, D) -> (1, H, L, D)
+    bounds = cu_seqlens.tolist()
+    for start, end in zip(bounds[:-1], bounds[1:], strict=True):
+        if end <= start:
+            continue
+        k_seq, v_seq = (as_batch(t[start:end]).repeat_interleave(group, dim=1) for t in (k, v))
+        seq_out = attention_reference(as_batch(q[start:end]), k_seq, v_seq, scale=scale, causal=causal)
+        out[start:end] = seq_out[0].transpose(0, 1)
+    return out

@@ -1,0 +1,135 @@
+"""Benchmark kernl's packed (varlen) attention against SDPA, side by side in one run (fp16, 12 heads, d 64).
+
+Cases (Bert-base attention): rows of random lengths (32 rows of 8..512 tokens, 128 rows of 8..128),
+equal lengths (32 x 512, the dense (32, 12, 512, 64) call), one long sequence (4096). Peers:
+- ``flash_varlen``: PyTorch's FlashAttention-2 varlen kernel on the same packed tokens and offsets
+  (``aten._flash_attention_forward`` with ``cu_seqlens``; what SDPA's flash backend runs), when present;
+- ``sdpa_flash_same_tokens``: SDPA without a mask on an equal-length batch of the same total tokens
+  (``(rows, 12, T // rows, 64)``: fewer FLOPs than the packed rows whenever lengths differ);
+- ``sdpa_padded_mask``: SDPA on the padded ``(rows, 12, longest, 64)`` layout with HF's bool mask
+  ``[B, 1, Q, K]`` (and an additive ``[B, 1, 1, K]`` one), what HF runs without packing;
+- ``sdpa_padded_no_mask``: SDPA's flash kernel on the padded layout, padding computed.
+TFLOP/s count the packed work, ``4 * H * D * sum(L_i^2)``. Cases of at most 2048 tokens are also timed as
+CUDA graph replays. ``sweep`` (argument) also times launch configs.
+Writes benchmarks/results/<gpu>/flash_attention_varlen.json.
+Run: python packages/flash_attention/benchmarks/bench_varlen.py [sweep]
+"""
+
+import sys
+
+import torch
+import torch.nn.functional as F
+from bench_flash_attention import record
+
+from kernl.flash_attention import attention_varlen
+from kernl.flash_attention.launch import LaunchConfig
+from kernl.flash_attention.launch_varlen import attention_varlen_forward, varlen_launch_config
+from kernl_testing.benchmarking import median_ms, write_results
+
+HEADS, HEAD_DIM = 12, 64
+SWEEP_CONFIGS = [LaunchConfig(*c) for c in (
+    (64, 64, 4, 3), (64, 64, 4, 2), (64, 64, 4, 4), (64, 128, 4, 3), (64, 32, 4, 3), (128, 64, 8, 3),
+    (128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 8, 3), (32, 64, 4, 3), (128, 32, 4, 3),
+)]  # fmt: skip
+
+
+def random_lengths(rows: int, low: int, high: int, seed: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(low, high + 1, (rows,), generator=g).tolist()
+
+
+def flash_varlen(q, k, v, cu_seqlens, longest: int, causal: bool):
+    """PyTorch's FlashAttention-2 varlen forward (the kernel behind SDPA's flash backend)."""
+    return torch.ops.aten._flash_attention_forward(
+        q, k, v, cu_seqlens, cu_seqlens, longest, longest, 0.0, causal, False, scale=HEAD_DIM**-0.5
+    )[0]
+
+
+def packed_case(label: str, lengths: list[int], causal: bool = False) -> dict:
+    rows, total, longest = len(lengths), sum(lengths), max(lengths)
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
+    q, k, v = (torch.randn(total, HEADS, HEAD_DIM, device="cuda", dtype=torch.float16) for _ in range(3))
+    kernl_fn = lambda: attention_varlen(q, k, v, cu, causal=causal)
+    peers, check = {}, None
+    try:
+        flash_varlen(q, k, v, cu, longest, causal)
+        peers["flash_varlen"] = lambda: flash_varlen(q, k, v, cu, longest, causal)
+        check = (kernl_fn, peers["flash_varlen"])
+    except (RuntimeError, TypeError) as error:  # no flash varlen kernel in this build
+        print(f"flash_varlen unavailable: {type(error).__name__}: {str(error)[:120]}")
+    same = torch.randn(rows, HEADS, total // rows, HEAD_DIM, device="cuda", dtype=torch.float16)
+    peers["sdpa_flash_same_tokens"] = lambda: F.scaled_dot_product_attention(
+        same, same, same, is_causal=causal
+    )
+    padded = [
+        torch.randn(rows, HEADS, longest, HEAD_DIM, device="cuda", dtype=torch.float16) for _ in range(3)
+    ]
+    kpm = torch.arange(longest, device="cuda")[None, :] < torch.tensor(lengths, device="cuda")[:, None]
+    if not causal:
+        bool_mask = kpm[:, None, None, :].expand(rows, 1, longest, longest)
+        additive = torch.zeros(rows, 1, 1, longest, device="cuda", dtype=torch.float16).masked_fill(
+            ~kpm[:, None, None, :], torch.finfo(torch.float16).min
+        )
+        peers["sdpa_padded_bool_mask"] = lambda: F.scaled_dot_product_attention(*padded, attn_mask=bool_mask)
+        peers["sdpa_padded_additive_mask"] = lambda: F.scaled_dot_product_attention(
+            *padded, attn_mask=additive
+        )
+    peers["sdpa_padded_no_mask"] = lambda: F.scaled_dot_product_attention(*padded, is_causal=causal)
+    pairs = sum(length * length for length in lengths)
+    flops = 4.0 * HEADS * HEAD_DIM * pairs / (2 if causal else 1)
+    graphs = (
+        total <= 2048
+    )  # launch-bound sizes: also timed as CUDA graph replays, as the integration runs them
+    rec = record(label, (rows, HEADS, total, longest), kernl_fn, peers, flops, graphs, check)
+    return dict(rec, lengths=lengths, causal=causal, tokens=total)
+
+
+def sweep(label: str, lengths: list[int]) -> dict:
+    """Median time of each launch config on one packing; prints the best beside the heuristic's."""
+    total = sum(lengths)
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
+    q, k, v = (torch.randn(total, HEADS, HEAD_DIM, device="cuda", dtype=torch.float16) for _ in range(3))
+    heuristic = varlen_launch_config(HEAD_DIM, q.dtype, q.device)
+    timings = {}
+    for cfg in {heuristic, *SWEEP_CONFIGS}:
+        try:
+            timings[cfg] = median_ms(lambda cfg=cfg: attention_varlen_forward(q, k, v, cu, 0.125, False, cfg))
+        except Exception as error:  # out of resources: shared memory or registers
+            print(f"    {tuple(cfg)} failed: {type(error).__name__}")
+    best = min(timings, key=timings.get)
+    print(f"sweep {label:<24} best {tuple(best)} {timings[best] * 1e3:8.1f} us   heuristic {tuple(heuristic)} "
+          f"{timings[heuristic] * 1e3:8.1f} us", flush=True)  # fmt: skip
+    return {
+        "case": label,
+        "heuristic": list(heuristic),
+        "timings_ms": {str(tuple(c)): t for c, t in timings.items()},
+    }
+
+
+def main() -> None:
+    torch.manual_seed(0)
+    cases = {
+        "random_32x8..512": random_lengths(32, 8, 512, seed=1),
+        "random_128x8..128": random_lengths(128, 8, 128, seed=2),
+        "equal_32x512": [512] * 32,
+        "single_4096": [4096],
+        "equal_8x128": [128] * 8,
+    }
+    records, sweeps = [], []
+    with torch.inference_mode():
+        for label, lengths in cases.items():
+            records.append(packed_case(label, lengths))
+        records.append(packed_case("random_32x8..512_causal", cases["random_32x8..512"], causal=True))
+        if "sweep" in sys.argv[1:]:
+            for label in ("random_32x8..512", "equal_32x512", "single_4096"):
+                sweeps.append(sweep(label, cases[label]))
+    write_results(
+        "flash_attention_varlen",
+        {"dtype": "float16", "heads": HEADS, "head_dim": HEAD_DIM,
+         "timing": "kernl_testing.benchmarking.median_ms (CUDA events, L2 flushed, after warm-up)",
+         "results": records, "sweep": sweeps},
+    )  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,129 @@
+"""Packed (varlen) attention forward: sequences laid end to end in one ``(T, H, D)`` tensor.
+
+Sequence ``s`` is tokens ``[cu[s], cu[s + 1])``; each query sees only the keys of its own sequence
+(block-diagonal attention), causal within it if asked. Tokens at or after ``cu[S]`` are padding.
+
+Work is cut into tiles of ``BLOCK_M`` query rows that never straddle two sequences: sequence ``s``
+owns ``cdiv(len_s, BLOCK_M)`` tiles, numbered one after another in sequence order, then the padding
+tail owns ``cdiv(T - cu[S], BLOCK_M)`` tiles, written as zeros. Summed, that is at most
+``cdiv(T, BLOCK_M) + S`` tiles whatever the split of ``T`` into sequences, so the grid is
+``(cdiv(T, BLOCK_M) + S, H)`` from shapes alone (CUDA graphs replay it for any ``cu`` values);
+programs past the last tile skip all work. Each program finds its tile by scanning ``cu`` on the
+device (a running sum of tile counts, ``SCAN_BLOCK`` sequences at a time), then runs the online
+softmax of :mod:`.kernel` over its own sequence's keys only: interior key blocks without any check,
+the last (and, when causal, the diagonal) blocks with the key-range and causal checks.
+
+``cu`` values are not validated anywhere; they are clamped to ``[0, T]`` here and negative lengths
+count as empty, so bad offsets give wrong rows (possibly left unwritten) but never an access out of
+bounds.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _varlen_fwd_kernel(
+    Q, K, V, OUT, CU,
+    qk_scale, n_tokens, n_seqs, kv_group,
+    sqt, sqh, sqd, skt, skh, skd, svt, svh, svd, sot, soh, sod, scu,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    SCAN_BLOCK: tl.constexpr, CAUSAL: tl.constexpr, ACC_DTYPE: tl.constexpr, USE_PDL: tl.constexpr,
+):  # fmt: skip
+    if USE_PDL:  # programmatic dependent launch: wait for the previous kernel's writes (cu_seqlens too)
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()  # the next kernel may be scheduled while this one runs
+    tile = tl.program_id(0)
+    h = tl.program_id(1).to(tl.int64)
+    h_kv = h // kv_group  # grouped-query attention: q heads [g * group, (g + 1) * group) share kv head g
+
+    # Which tile is this: the sequence whose running tile count passes ``tile``, or the padding tail.
+    tiles_before = tl.full([], 0, tl.int32)  # tiles of the sequences scanned so far
+    found = tl.full([], 0, tl.int32)
+    seq_start = tl.full([], 0, tl.int32)
+    seq_end = tl.full([], 0, tl.int32)
+    first_tile = tl.full([], 0, tl.int32)
+    for chunk in range(0, n_seqs, SCAN_BLOCK):
+        idx = chunk + tl.arange(0, SCAN_BLOCK)
+        in_range = idx < n_seqs
+        starts = tl.load(CU + idx * scu, mask=in_range, other=0)
+        ends = tl.load(CU + (idx + 1) * scu, mask=in_range, other=0)
+        starts = tl.minimum(tl.maximum(starts, 0), n_tokens)
+        ends = tl.minimum(tl.maximum(ends, starts), n_tokens)
+        counts = tl.where(in_range, tl.cdiv(ends - starts, BLOCK_M), 0)
+        through = tiles_before + tl.cumsum(counts, axis=0)  # tiles up to and including each sequence
+        hit = (through > tile) & (through - counts <= tile)  # at most one sequence in all chunks
+        found += tl.sum(hit.to(tl.int32), axis=0)
+        seq_start += tl.sum(tl.where(hit, starts, 0), axis=0)
+        seq_end += tl.sum(tl.where(hit, ends, 0), axis=0)
+        first_tile += tl.sum(tl.where(hit, through - counts, 0), axis=0)
+        tiles_before += tl.sum(counts, axis=0)
+    # Not found: a tile of the padding tail [cu[S], T), written as zeros with no key read.
+    in_seq = found > 0
+    packed_end = tl.minimum(tl.maximum(tl.load(CU + n_seqs * scu), 0), n_tokens)
+    row_start = tl.where(
+        in_seq, seq_start + (tile - first_tile) * BLOCK_M, packed_end + (tile - tiles_before) * BLOCK_M
+    )
+    row_end = tl.where(in_seq, seq_end, n_tokens)
+    lo = tl.where(in_seq, seq_start, 0)
+    hi = tl.where(in_seq, seq_end, 0)
+    if row_start < row_end:  # spare programs (fewer tiles than the grid's bound) stop here
+        offs_m = row_start + tl.arange(0, BLOCK_M)
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
+        row_ok = offs_m < row_end
+        d_ok = offs_d < HEAD_DIM
+        if CAUSAL:  # key j visible to query i when j <= i, both counted within the sequence
+            hi = tl.minimum(hi, row_start + BLOCK_M)
+            full_end = lo + (tl.maximum(tl.minimum(hi, row_start + 1) - lo, 0)) // BLOCK_N * BLOCK_N
+        else:
+            full_end = lo + (hi - lo) // BLOCK_N * BLOCK_N
+
+        rows = offs_m.to(tl.int64)  # token offsets in int64: T * stride can pass 2**31
+        q = tl.load(Q + rows[:, None] * sqt + h * sqh + offs_d[None, :] * sqd,
+                    mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # fmt: skip
+        if ACC_DTYPE == tl.float64:  # fp32 inputs: dots and softmax in fp64 (the scale arrives as fp32)
+            q = q.to(tl.float64)
+        k_base = K + h_kv * skh + offs_d[:, None] * skd
+        v_base = V + h_kv * svh + offs_d[None, :] * svd
+        factor = tl.full([], qk_scale, ACC_DTYPE)  # scale * log2(e): scores in base 2
+        m_i = tl.full([BLOCK_M], float("-inf"), ACC_DTYPE)
+        l_i = tl.zeros([BLOCK_M], ACC_DTYPE)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], ACC_DTYPE)
+        for stage in tl.static_range(2):  # 0: interior blocks, no checks; 1: edge blocks, every check
+            if stage == 0:
+                start_lo, start_hi = lo, full_end
+            else:
+                start_lo, start_hi = full_end, hi
+            for start_n in range(start_lo, start_hi, BLOCK_N):
+                cols = start_n + offs_n
+                col_ok = cols < hi
+                n0 = tl.cast(start_n, tl.int64)
+                k_ptrs = k_base + n0 * skt + offs_n[None, :] * skt
+                v_ptrs = v_base + n0 * svt + offs_n[:, None] * svt
+                if stage == 0 and HEAD_DIM == BLOCK_D:
+                    k = tl.load(k_ptrs)
+                    v = tl.load(v_ptrs)
+                else:
+                    k = tl.load(k_ptrs, mask=d_ok[:, None] & col_ok[None, :], other=0.0)
+                    v = tl.load(v_ptrs, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+                if ACC_DTYPE == tl.float64:
+                    k = k.to(tl.float64)
+                    v = v.to(tl.float64)
+                s = tl.dot(q, k, out_dtype=ACC_DTYPE)
+                if stage == 1:
+                    keep = col_ok[None, :]
+                    if CAUSAL:
+                        keep = keep & (cols[None, :] <= offs_m[:, None])
+                    s = tl.where(keep, s, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(s, axis=1) * factor)
+                m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no visible key so far
+                p = tl.math.exp2(tl.math.fma(s, factor, -m_use[:, None]))
+                alpha = tl.math.exp2(m_i - m_use)
+                l_i = l_i * alpha + tl.sum(p, axis=1)
+                acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], out_dtype=ACC_DTYPE)
+                m_i = m_new
+
+        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # padding rows: no key, acc = 0, out = 0
+        o_ptrs = OUT + rows[:, None] * sot + h * soh + offs_d[None, :] * sod
+        tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
