@@ -11,7 +11,7 @@ import nox
 nox.options.sessions = ["tests", "lint"]
 nox.options.default_venv_backend = "venv"
 
-PACKAGES = ["layernorm", "matmul", "flash_attention", "linear_act", "integration"]
+PACKAGES = ["common", "layernorm", "matmul", "flash_attention", "linear_act", "integration"]
 # The CPU sessions pin torch to the release this project's CPU machines carry as a local wheel;
 # KERNL_TORCH overrides it (e.g. KERNL_TORCH="torch>=2.11").
 TORCH = os.environ.get("KERNL_TORCH", "torch==2.13.0")

@@ -30,9 +30,19 @@ lengths = torch.tensor([3, 7], device=TEST_DEVICE)
             ValueError,
             "batch \\* heads",
         ),
-        (lambda: attention(q, kv, kv, scale=0.0), ValueError, "scale must be a positive"),
-        (lambda: attention(q, kv, kv, scale=float("nan")), ValueError, "scale must be a positive"),
-        (lambda: attention(q, kv, kv, scale=True), ValueError, "scale must be a positive"),
+        (lambda: attention(q, kv, kv, scale=float("nan")), ValueError, "scale must be finite"),
+        (lambda: attention(q, kv, kv, scale=True), TypeError, "scale must be a real number"),
+        (lambda: attention(q, kv, kv, scale="0.5"), TypeError, "scale must be a real number, got str"),
+        (
+            lambda: attention(q, kv, kv, key_padding_mask=torch.tensor([3, -1], device=TEST_DEVICE)),
+            ValueError,
+            r"key_padding_mask lengths must be >= 0, got \[3, -1\]",
+        ),
+        (
+            lambda: attention_decode(q, kv, kv, key_padding_mask=torch.tensor([-2, 7], device=TEST_DEVICE)),
+            ValueError,
+            "key_padding_mask lengths must be >= 0",
+        ),
         (
             lambda: attention(q, kv, kv, bias=torch.zeros(3, 5, 6, device=TEST_DEVICE)),
             ValueError,

@@ -10,17 +10,11 @@ CPU tensors run the Triton kernel only when Triton's interpreter is on (``TRITON
 otherwise they fall back to the PyTorch reference, so the op always returns the right answer.
 """
 
-import os
-
 import torch
 
+from kernl.common.launch import runs_triton_kernel
 from kernl.flash_attention.launch import attention_forward
 from kernl.flash_attention.reference import attention_reference
-
-
-def runs_triton_kernel(x: torch.Tensor) -> bool:
-    """True when ``x`` is processed by the Triton kernel, False when by the PyTorch reference."""
-    return x.device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _as_int32(t: torch.Tensor | None, n_k: int) -> torch.Tensor | None:

@@ -15,7 +15,6 @@ with one eager call before capturing).
 prints every tuning's timings.
 """
 
-import functools
 import os
 import re
 import sys
@@ -24,6 +23,7 @@ from dataclasses import dataclass, replace
 import torch
 import triton
 
+from kernl.common.launch import sm_count, switched_off
 from kernl.matmul.config_cache import Config, cache_path, cached_choice, lookup
 
 CACHE_VERSION = 7
@@ -70,17 +70,6 @@ class Problem:
             f"|res{int(self.residual)}"
             f"|B{bucket(self.batch)}|M{bucket(self.m)}|N{self.n}|K{self.k}"
         )
-
-
-def switched_off(variable: str) -> bool:
-    """Whether environment variable ``variable`` turns a feature off: ``0``, ``false``, ``off`` or ``no``."""
-    return os.environ.get(variable, "").strip().lower() in ("0", "false", "off", "no")
-
-
-@functools.cache
-def sm_count(device_index: int) -> int:
-    """Streaming multiprocessors of CUDA device ``device_index``."""
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 def gpu_name(device: torch.device) -> str:
