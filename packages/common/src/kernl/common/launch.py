@@ -44,16 +44,16 @@ def programmatic_launch(device: torch.device) -> bool:
     return device.type == "cuda" and not switched_off("KERNL_PDL") and capability(_index(device))[0] >= 9
 
 
-@contextlib.contextmanager
-def float_errors_ignored(device: torch.device):
-    """Inside the block, numpy does not warn about overflow and invalid operations, for a launch on a
+_NOTHING_TO_SILENCE = contextlib.nullcontext()
+
+
+def float_errors_ignored(device: torch.device) -> contextlib.AbstractContextManager:
+    """A context in which numpy does not warn about overflow and invalid operations, for a launch on a
     CPU tensor (Triton's interpreter computes with numpy). For kernels whose inf or NaN results are the
     intended ones, as a GPU gives them silently: a product past the fp16 range stored as inf, the NaN
-    of a row holding an inf. A no-op for CUDA tensors."""
+    of a row holding an inf. For CUDA tensors, a shared no-op context (launches stay cheap)."""
     if device.type == "cuda":
-        yield
-        return
+        return _NOTHING_TO_SILENCE
     import numpy  # only the interpreter's launches get here, and the interpreter needs numpy
 
-    with numpy.errstate(over="ignore", invalid="ignore"):
-        yield
+    return numpy.errstate(over="ignore", invalid="ignore")

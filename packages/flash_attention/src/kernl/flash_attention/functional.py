@@ -114,8 +114,8 @@ def attention(
     from ``K`` (cross-attention), ``1 <= D <= 128``. scale: any finite number, default ``1/sqrt(D)``.
     bias: additive float, broadcastable to ``(B, H, Q, K)`` (T5 position bias ``(1, H, Q, K)``).
     mask: broadcastable to ``(B, H, Q, K)``, bool (True = attend) or additive float (HF's forms).
-    key_padding_mask: bool ``(B, K)`` (True = real token) or integer lengths ``(B,)``, each >= 0; the kernel
-    stops at each sequence's last valid key instead of masking the padding.
+    key_padding_mask: bool ``(B, K)`` (True = real token) or integer lengths ``(B,)``, each >= 0; the
+    kernel stops at each sequence's last valid key instead of masking the padding.
     causal: key ``j`` visible to query ``i`` when ``j <= i`` (top-left, as SDPA's ``is_causal``).
     A row whose keys are all masked returns zeros, never NaN. Returns ``(B, H, Q, D)`` in q's dtype
     (a transposed view of a contiguous ``(B, Q, H, D)`` buffer).
