@@ -12,7 +12,7 @@ otherwise they fall back to the PyTorch reference, so the op always returns the 
 
 import torch
 
-from kernl.common.launch import runs_triton_kernel
+from kernl.common.launch import float_errors_ignored, runs_triton_kernel
 from kernl.flash_attention.launch import attention_forward
 from kernl.flash_attention.reference import attention_reference
 
@@ -44,7 +44,9 @@ def attention_impl(
         )  # fmt: skip
         return out.transpose(1, 2).contiguous().transpose(1, 2)  # the kernel's layout
     key_padding_mask, cache_len = _as_int32(key_padding_mask, k.shape[2]), _as_int32(cache_len, k.shape[2])
-    with torch.cuda.device(q.device.index if q.is_cuda else -1):  # Triton launches on the current device
+    # Triton launches on the current device. Under the interpreter numpy would warn where the kernel
+    # means its inf/NaN: a finfo.min mask times log2(e) is -inf, an inf or NaN addition makes its row NaN.
+    with torch.cuda.device(q.device.index if q.is_cuda else -1), float_errors_ignored(q.device):
         return attention_forward(q, k, v, scale, bias, mask, key_padding_mask, cache_len, causal)
 
 
