@@ -11,7 +11,7 @@ import nox
 nox.options.sessions = ["tests", "lint"]
 nox.options.default_venv_backend = "venv"
 
-PACKAGES = ["layernorm", "matmul", "flash_attention", "linear_act", "integration"]
+PACKAGES = ["common", "layernorm", "matmul", "flash_attention", "linear_act", "integration"]
 # The CPU sessions pin torch to the release this project's CPU machines carry as a local wheel;
 # KERNL_TORCH overrides it (e.g. KERNL_TORCH="torch>=2.11").
 TORCH = os.environ.get("KERNL_TORCH", "torch==2.13.0")
@@ -21,8 +21,9 @@ CPU_ENV = {"KERNL_TEST_DEVICE": "cpu", "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DE
 
 def _install(session: nox.Session, packages: list[str]) -> None:
     # Regular (not editable) installs: the packages refer to their siblings by file URL, which pip
-    # cannot reconcile with an editable install of the same sibling.
-    session.install(*[f"./packages/{pkg}[test]" for pkg in packages], *TEST_DEPS)
+    # cannot reconcile with an editable install of the same sibling. pip's output is shown (silent=False):
+    # a first run installs for a minute or more, which would otherwise look like a hang.
+    session.install(*[f"./packages/{pkg}[test]" for pkg in packages], *TEST_DEPS, silent=False)
 
 
 def _pytest(session: nox.Session, paths: list[str], env: dict[str, str]) -> None:
@@ -32,14 +33,14 @@ def _pytest(session: nox.Session, paths: list[str], env: dict[str, str]) -> None
 @nox.session
 def tests(session: nox.Session) -> None:
     """CPU test suite of every package, kernels through Triton's interpreter (what CI runs)."""
-    session.install(TORCH)
+    session.install(TORCH, silent=False)
     _install(session, PACKAGES)
     _pytest(session, ["-n", "2", "testing/tests", *[f"packages/{p}/tests" for p in PACKAGES]], CPU_ENV)
 
 
 def _package_session(package: str):
     def run(session: nox.Session) -> None:
-        session.install(TORCH)
+        session.install(TORCH, silent=False)
         _install(session, [package] if package != "integration" else PACKAGES)
         _pytest(session, [f"packages/{package}/tests"], CPU_ENV)
 

@@ -15,7 +15,7 @@ source testing/gpu_env.sh
 export KERNL_TEST_DEVICE=cuda HYPOTHESIS_PROFILE="${HYPOTHESIS_PROFILE:-gpu}"
 what="${1:-all}"; shift || true
 packages=("$@")
-[[ ${#packages[@]} -eq 0 ]] && packages=(testing layernorm matmul linear_act flash_attention integration)
+[[ ${#packages[@]} -eq 0 ]] && packages=(testing common layernorm matmul linear_act flash_attention integration)
 logs="${KERNL_GPU_LOGS:-/tmp/kernl-gpu}"
 mkdir -p "$logs"
 status=0

@@ -58,14 +58,35 @@ def test_a_bench_cut_short_by_sigterm_is_interrupted_like_ctrl_c():
 
 
 @pytest.mark.parametrize(
-    "option, value",
-    [("--engines", "kernl,HF sdpaa"), ("--shapes", "1x"), ("--shapes", "8x0"), ("--shapes", "ax16"),
-     ("--shapes", "1x16,1x1024"), ("--out", "/proc/kernl-results"), ("--out", __file__)],
+    "option, value, message",
+    [("--engines", "kernl,HF sdpaa", "unknown engine"), ("--shapes", "1x", "expected batch x sequence"),
+     ("--shapes", "ax16", "expected batch x sequence"), ("--shapes", "8x0", "must be positive"),
+     ("--shapes", "0x0", "must be positive"), ("--shapes", "1x16,1x1024", "at most 512"),
+     ("--out", "/proc/kernl-results", "cannot create"), ("--out", __file__, "cannot create"),
+     ("--out", f"{__file__}/results", "cannot create")],
 )  # fmt: skip
-def test_bad_bench_options_are_refused_naming_the_option(option, value, capsys):
+def test_bad_bench_options_are_refused_naming_the_option(option, value, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["bench", option, value])
-    assert exit_info.value.code == 2 and option in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and option in err and message in err and "usage: kernl bench" in err
+
+
+@pytest.mark.parametrize("argv", [["bench", "--bogus", "1"], ["bench", "stray"], ["demo", "--quick"]])
+def test_an_unknown_option_prints_the_commands_own_usage(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and f"usage: kernl {argv[0]}" in err and "unrecognized arguments" in err
+
+
+def test_bench_help_lists_the_engines(capsys):
+    from kernl.integration.bench.engines import ENGINES
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "--help"])
+    lines = capsys.readouterr().out.splitlines()
+    assert exit_info.value.code == 0 and all(f"  {name}" in lines for name in ENGINES)
 
 
 def test_the_cpu_path_turns_the_interpreter_on_whatever_it_was(monkeypatch):
@@ -75,21 +96,88 @@ def test_the_cpu_path_turns_the_interpreter_on_whatever_it_was(monkeypatch):
 
 
 def test_a_gpu_older_than_ampere_is_not_selected(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # restored after the test
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
     assert select_device() == "cpu" and os.environ["TRITON_INTERPRET"] == "1"
 
 
 def test_demo_on_a_gpu_older_than_ampere_says_why_it_runs_on_the_cpu(monkeypatch, capsys):
+    """On an H100 this process imported triton without the interpreter: the demo runs in a fresh Python."""
+    monkeypatch.setenv("TRITON_INTERPRET", os.environ.get("TRITON_INTERPRET", "0"))  # restored after
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
     assert main(["demo"]) == 0
-    first_line = capsys.readouterr().out.splitlines()[0]
-    assert "no CUDA GPU found" not in first_line and "compute capability" in first_line
+    lines = capsys.readouterr().out.splitlines()
+    assert "compute capability 7.5" in lines[0] and "8.0 (Ampere)" in lines[0] and "interpreter" in lines[0]
+    assert any("layer_norm(x + residual)" in line and line.endswith("OK") for line in lines)
 
 
-def test_bench_options_listing_an_engine_or_shape_twice_run_it_once():
-    from kernl.integration.bench.run import engine_list, shape_list
+def test_demo_runs_in_a_fresh_python_when_triton_was_imported_without_the_interpreter(monkeypatch, capsys):
+    import triton  # noqa: F401  (imported already by the kernels; the case is a process that has it)
 
-    assert shape_list("1x16,8x128,1x16") == [(1, 16), (8, 128)]
-    assert engine_list("kernl,HF sdpa, kernl") == ["kernl", "HF sdpa"]
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["demo"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("no CUDA GPU:") and "kernl demo on cpu" in lines[1]
+    assert sum(line.endswith("OK") for line in lines) == 3
+
+
+def test_bench_on_an_old_gpu_checks_on_the_cpu_in_a_fresh_python(monkeypatch, capsys):
+    from kernl.integration import cli
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 0))
+    ran = []
+    monkeypatch.setattr(cli, "run_in_fresh_python", lambda module: ran.append(module) or 0)
+    assert main(["bench", "--quick"]) == 0 and ran == ["kernl.integration.bench.cpu_check"]
+    out = capsys.readouterr().out
+    assert "compute capability 7.0" in out and "ignored here" in out
+
+
+def test_out_on_the_cpu_creates_no_folder(monkeypatch, tmp_path, capsys):
+    from kernl.integration.bench import cpu_check
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(cpu_check, "run_cpu_check", lambda say: True)
+    out = tmp_path / "results" / "h100"
+    assert main(["bench", "--out", str(out)]) == 0
+    assert not (tmp_path / "results").exists() and "ignored here" in capsys.readouterr().out
+
+
+def test_out_is_checked_but_not_made_when_parsed(tmp_path):
+    from kernl.integration.bench.run import results_folder
+
+    assert results_folder(str(tmp_path / "a" / "b")) == tmp_path / "a" / "b"
+    assert not (tmp_path / "a").exists()
+
+
+def test_bench_options_listing_an_engine_or_shape_twice_run_it_once_and_say_so():
+    from kernl.integration.bench.run import engine_list, once, shape_list
+
+    said = []
+    assert once("--shapes", shape_list("1x16,8x128,1x16"), said.append) == [(1, 16), (8, 128)]
+    assert once("--engines", engine_list("kernl,HF sdpa, kernl"), said.append) == ["kernl", "HF sdpa"]
+    assert said == ["--shapes lists 1x16 more than once: each runs once",
+                    "--engines lists kernl more than once: each runs once"]  # fmt: skip
+    assert once("--engines", ["kernl"], said.append) == ["kernl"] and len(said) == 2
+
+
+def test_redirected_output_is_not_wrapped_at_80_columns(capsys):
+    from rich.table import Table
+
+    from kernl.integration.bench.run import log_console
+
+    console = log_console()  # capsys: not a terminal, as a file or a pipe
+    line = "kernl: " + "x" * 200 + " [B,K]"
+    table = Table()
+    for name in ("batch x seq", "HF eager", "HF sdpa", "HF sdpa + CUDA graphs", "torch.compile reduce-overhead",
+                 "torch.compile max-autotune", "kernl"):  # fmt: skip
+        table.add_column(name)
+    console.print(line)
+    console.print(table)
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == line and any("torch.compile max-autotune" in row and "kernl" in row for row in out)

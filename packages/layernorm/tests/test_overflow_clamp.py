@@ -48,8 +48,10 @@ def test_matches_transformers_t5_guard(inject):
     "call, error, message",
     [
         (lambda: overflow_clamp(torch.ones(3, dtype=torch.int32, device=TEST_DEVICE), 1.0, 2.0), TypeError, "x must be float16"),
-        (lambda: overflow_clamp(torch.ones(3, device=TEST_DEVICE), -1.0, 2.0), ValueError, "limit_if_inf must be a positive"),
-        (lambda: overflow_clamp(torch.ones(3, device=TEST_DEVICE), 1.0, None), ValueError, "limit must be a positive"),
+        (lambda: overflow_clamp(torch.ones(3, device=TEST_DEVICE), -1.0, 2.0), ValueError, "limit_if_inf must be positive"),
+        (lambda: overflow_clamp(torch.ones(3, device=TEST_DEVICE), 1.0, None), TypeError, "limit must be a real number"),
+        (lambda: overflow_clamp(torch.ones(3, device=TEST_DEVICE), "64504", 2.0), TypeError, "limit_if_inf must be a real number, got str"),
+        (lambda: overflow_clamp(torch.ones(3, device=TEST_DEVICE), 1.0, 0.0), ValueError, "limit must be positive"),
     ],
 )  # fmt: skip
 def test_bad_arguments_raise_clear_errors(call, error, message):

@@ -5,27 +5,16 @@ import numbers
 
 import torch
 
+from kernl.common.checks import SUPPORTED_DTYPES, check_real, check_tensor
 from kernl.flash_attention import ops
 from kernl.flash_attention.launch import MAX_HEAD_DIM
 
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_BATCH_HEADS = 65535  # the grid's second axis
-
-
-def _check_tensor(name: str, t, dtypes: tuple[torch.dtype, ...], what: str) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dtype not in dtypes:
-        raise TypeError(f"{name} must be {what}, got {t.dtype}")
-    if t.requires_grad and torch.is_grad_enabled():  # no backward: inference only
-        raise ValueError(
-            f"{name} requires grad; kernl's kernels have no backward: call under torch.no_grad()"
-        )
 
 
 def _check_qkv(q, k, v) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
-        _check_tensor(name, t, SUPPORTED_DTYPES, "float16, bfloat16 or float32")
+        check_tensor(name, t, SUPPORTED_DTYPES, "float16, bfloat16 or float32")
         if t.dim() != 4:
             raise ValueError(f"{name} must be 4-D (batch, heads, seq, head_dim), got shape {tuple(t.shape)}")
     if q.device.type not in ("cuda", "cpu"):
@@ -51,7 +40,7 @@ def _check_qkv(q, k, v) -> None:
 def _check_broadcastable(name: str, t, full: tuple[int, ...], device, allow_bool: bool) -> None:
     dtypes = SUPPORTED_DTYPES + ((torch.bool,) if allow_bool else ())
     what = "float16, bfloat16 or float32"
-    _check_tensor(name, t, dtypes, f"bool or {what}" if allow_bool else what)
+    check_tensor(name, t, dtypes, f"bool or {what}" if allow_bool else what)
     if t.device != device:
         raise ValueError(f"{name} is on {t.device} but q is on {device}")
     shape, lead = tuple(t.shape), 4 - t.dim()  # aligned on the right, as broadcasting is
@@ -61,7 +50,7 @@ def _check_broadcastable(name: str, t, full: tuple[int, ...], device, allow_bool
 
 def _check_key_padding(t, batch: int, n_k: int, device) -> None:
     ints = (torch.int32, torch.int64)
-    _check_tensor("key_padding_mask", t, (torch.bool, *ints), "bool (B, K) or int32/int64 lengths (B,)")
+    check_tensor("key_padding_mask", t, (torch.bool, *ints), "bool (B, K) or int32/int64 lengths (B,)")
     expected = (batch, n_k) if t.dtype == torch.bool else (batch,)
     if tuple(t.shape) != expected:
         raise ValueError(
@@ -69,6 +58,16 @@ def _check_key_padding(t, batch: int, n_k: int, device) -> None:
         )
     if t.device != device:
         raise ValueError(f"key_padding_mask is on {t.device} but q is on {device}")
+    if t.dtype != torch.bool and _values_readable(t) and t.numel() and t.min().item() < 0:
+        raise ValueError(f"key_padding_mask lengths must be >= 0, got {t.tolist()}")
+
+
+def _values_readable(t: torch.Tensor) -> bool:
+    """Whether a check may read ``t``'s values: it waits for the device, which a CUDA-graph capture does
+    not allow and tracing cannot do (there the kernel clamps lengths to ``[0, K]``)."""
+    if torch.compiler.is_compiling():
+        return False
+    return not (t.is_cuda and torch.cuda.is_current_stream_capturing())
 
 
 def _attention_op():
@@ -76,18 +75,12 @@ def _attention_op():
     return torch.ops.kernl.attention if torch.compiler.is_compiling() else ops.attention_impl
 
 
-def _check_scale(scale, head_dim: int) -> float:
-    """``scale`` as a float (default ``1/sqrt(head_dim)``); a positive finite real number."""
+def _check_scale(scale, head_dim: int, *, positive: bool = False) -> float:
+    """``scale`` as a float (default ``1/sqrt(head_dim)``): a finite real number, above 0 when ``positive``
+    (the varlen kernel folds the scale into the exponent and has no additive path for the others)."""
     if scale is None:
         return 1.0 / math.sqrt(head_dim)
-    if (
-        not isinstance(scale, numbers.Real)
-        or isinstance(scale, bool)
-        or not math.isfinite(scale)
-        or scale <= 0
-    ):
-        raise ValueError(f"scale must be a positive finite number, got {scale!r}")
-    return float(scale)
+    return check_real("scale", scale, positive=positive)
 
 
 def _check_common(q, k, v, scale, bias, mask, key_padding_mask) -> float:
@@ -100,6 +93,16 @@ def _check_common(q, k, v, scale, bias, mask, key_padding_mask) -> float:
     if key_padding_mask is not None:
         _check_key_padding(key_padding_mask, q.shape[0], k.shape[2], q.device)
     return _check_scale(scale, q.shape[-1])
+
+
+def _bias_for_scale(scale: float, bias: torch.Tensor | None, q: torch.Tensor) -> torch.Tensor | None:
+    """A zero bias when ``scale <= 0`` and there is none. Without a bias the kernel folds the scale into
+    the exponent and scales the running maximum and the masked ``-inf`` scores with it: a zero scale
+    turns ``-inf * 0`` into NaN, a negative one makes the maximum the minimum. With a bias it computes
+    ``scale * q.k + bias`` first, then masks: right for every scale, as SDPA's."""
+    if scale > 0 or bias is not None:
+        return bias
+    return q.new_zeros((1, 1, 1, 1))
 
 
 def attention(
@@ -116,11 +119,11 @@ def attention(
     """``softmax(scale * q @ k^T + bias, masked) @ v`` fused, fp32 accumulation and softmax.
 
     q ``(B, H, Q, D)``, k/v ``(B, H, K, D)``: float16/bfloat16/float32, any strides, ``Q`` may differ
-    from ``K`` (cross-attention), ``1 <= D <= 128``. scale: default ``1/sqrt(D)``.
+    from ``K`` (cross-attention), ``1 <= D <= 128``. scale: any finite number, default ``1/sqrt(D)``.
     bias: additive float, broadcastable to ``(B, H, Q, K)`` (T5 position bias ``(1, H, Q, K)``).
     mask: broadcastable to ``(B, H, Q, K)``, bool (True = attend) or additive float (HF's forms).
-    key_padding_mask: bool ``(B, K)`` (True = real token) or integer lengths ``(B,)``; the kernel
-    stops at each sequence's last valid key instead of masking the padding.
+    key_padding_mask: bool ``(B, K)`` (True = real token) or integer lengths ``(B,)``, each >= 0; the
+    kernel stops at each sequence's last valid key instead of masking the padding.
     causal: key ``j`` visible to query ``i`` when ``j <= i`` (top-left, as SDPA's ``is_causal``).
     A row whose keys are all masked returns zeros, never NaN. Returns ``(B, H, Q, D)`` in q's dtype
     (a transposed view of a contiguous ``(B, Q, H, D)`` buffer).
@@ -128,6 +131,7 @@ def attention(
     scale = _check_common(q, k, v, scale, bias, mask, key_padding_mask)
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {type(causal).__module__}.{type(causal).__name__}")
+    bias = _bias_for_scale(scale, bias, q)
     return _attention_op()(q, k, v, scale, bias, mask, key_padding_mask, None, causal)
 
 
@@ -153,7 +157,7 @@ def attention_decode(
     scale = _check_common(q, k_cache, v_cache, scale, bias, mask, key_padding_mask)
     n_k = k_cache.shape[2]
     if isinstance(cache_len, torch.Tensor):
-        _check_tensor("cache_len", cache_len, (torch.int32, torch.int64), "int32 or int64")
+        check_tensor("cache_len", cache_len, (torch.int32, torch.int64), "int32 or int64")
         if cache_len.shape not in ((), (q.shape[0],)) or cache_len.device != q.device:
             raise ValueError(f"cache_len must be a () or ({q.shape[0]},) tensor on {q.device}")
     elif isinstance(cache_len, numbers.Integral) and not isinstance(cache_len, bool):
@@ -167,12 +171,13 @@ def attention_decode(
         cache_len = None
     elif cache_len is not None:
         raise TypeError(f"cache_len must be an int or an integer tensor, got {type(cache_len).__name__}")
+    bias = _bias_for_scale(scale, bias, q)
     return _attention_op()(q, k_cache, v_cache, scale, bias, mask, key_padding_mask, cache_len, False)
 
 
 def _check_packed_qkv(q, k, v) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
-        _check_tensor(name, t, SUPPORTED_DTYPES, "float16, bfloat16 or float32")
+        check_tensor(name, t, SUPPORTED_DTYPES, "float16, bfloat16 or float32")
         if t.dim() != 3:
             raise ValueError(f"{name} must be 3-D (tokens, heads, head_dim), got shape {tuple(t.shape)}")
     if q.device.type not in ("cuda", "cpu"):
@@ -234,7 +239,7 @@ def attention_varlen(
     """
     _check_packed_qkv(q, k, v)
     _check_cu_seqlens(cu_seqlens, q.device)
-    scale = _check_scale(scale, q.shape[-1])
+    scale = _check_scale(scale, q.shape[-1], positive=True)
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {type(causal).__module__}.{type(causal).__name__}")
     return _attention_varlen_op()(q, k, v, cu_seqlens, scale, causal)

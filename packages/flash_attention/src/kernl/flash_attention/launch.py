@@ -1,13 +1,13 @@
 """Block sizes, split-KV choice and the launch of :mod:`.kernel` (+ :mod:`.merge` when split)."""
 
-import functools
-import os
 from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
+from kernl.common.launch import programmatic_launch
+from kernl.common.launch import sm_count as multiprocessor_count
 from kernl.flash_attention.kernel import LOG2E, _attn_fwd_kernel
 from kernl.flash_attention.merge import _merge_kernel
 
@@ -23,27 +23,6 @@ class LaunchConfig(NamedTuple):
     num_warps: int
     num_stages: int
     num_splits: int = 1
-
-
-@functools.cache
-def _multiprocessor_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-@functools.cache
-def _capability(device_index: int) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(device_index)
-
-
-def programmatic_launch(device: torch.device) -> bool:
-    """Programmatic dependent launch on Hopper or newer (``KERNL_PDL=0``, ``false``, ``off`` or ``no`` turns
-    it off): the kernel waits
-    for the previous kernel's writes first thing, and the next kernel may be scheduled while it runs."""
-    return (
-        device.type == "cuda"
-        and os.environ.get("KERNL_PDL", "").strip().lower() not in ("0", "false", "off", "no")
-        and _capability(device.index or 0)[0] >= 9
-    )
 
 
 def _split_count(programs: int, n_k: int, block_n: int, sm_count: int) -> int:
@@ -72,7 +51,7 @@ def launch_config(
     if device.type != "cuda":
         block_m, block_n, warps, stages, sm_count = (16 if n_q <= 16 else 32), 16, 4, 1, 4
     else:
-        sm_count = _multiprocessor_count(device.index or 0)
+        sm_count = multiprocessor_count(device.index or 0)
         if dtype == torch.float32:
             block_m, block_n, warps, stages = (16 if n_q <= 16 else 64), 32, 4, 2
         elif n_q <= 16:

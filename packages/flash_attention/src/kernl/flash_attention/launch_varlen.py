@@ -4,8 +4,9 @@ import torch
 import triton
 import triton.language as tl
 
+from kernl.common.launch import programmatic_launch
 from kernl.flash_attention.kernel import LOG2E
-from kernl.flash_attention.launch import LaunchConfig, programmatic_launch
+from kernl.flash_attention.launch import LaunchConfig
 from kernl.flash_attention.varlen_kernel import _varlen_fwd_kernel
 
 MAX_SCAN_BLOCK = 1024  # sequences scanned per step when a program looks for its tile

@@ -10,18 +10,12 @@ CPU tensors run the Triton kernel only when Triton's interpreter is on (``TRITON
 otherwise they fall back to the PyTorch reference, so the op always returns the right answer.
 """
 
-import os
-
 import torch
 
+from kernl.common.launch import float_errors_ignored, runs_triton_kernel
 from kernl.flash_attention.launch import attention_forward
 from kernl.flash_attention.launch_varlen import attention_varlen_forward
 from kernl.flash_attention.reference import attention_reference, attention_varlen_reference
-
-
-def runs_triton_kernel(x: torch.Tensor) -> bool:
-    """True when ``x`` is processed by the Triton kernel, False when by the PyTorch reference."""
-    return x.device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _as_int32(t: torch.Tensor | None, n_k: int) -> torch.Tensor | None:
@@ -51,7 +45,9 @@ def attention_impl(
         )  # fmt: skip
         return out.transpose(1, 2).contiguous().transpose(1, 2)  # the kernel's layout
     key_padding_mask, cache_len = _as_int32(key_padding_mask, k.shape[2]), _as_int32(cache_len, k.shape[2])
-    with torch.cuda.device(q.device.index if q.is_cuda else -1):  # Triton launches on the current device
+    # Triton launches on the current device. Under the interpreter numpy would warn where the kernel
+    # means its inf/NaN: a finfo.min mask times log2(e) is -inf, an inf or NaN addition makes its row NaN.
+    with torch.cuda.device(q.device.index if q.is_cuda else -1), float_errors_ignored(q.device):
         return attention_forward(q, k, v, scale, bias, mask, key_padding_mask, cache_len, causal)
 
 

@@ -1,47 +1,21 @@
 """Public entry points: validate the arguments, then call the registered ``torch.library`` ops."""
 
-import math
-import numbers
-
 import torch
 
+from kernl.common.checks import SUPPORTED_DTYPES, check_float_tensor, check_real
 from kernl.layernorm import ops
 from kernl.layernorm.kernel import MAX_N
 
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-def _check_float_tensor(name: str, t: torch.Tensor) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"{name} must be float16, bfloat16 or float32, got {t.dtype}")
-    if t.requires_grad and torch.is_grad_enabled():  # no backward: inference only
-        raise ValueError(
-            f"{name} requires grad; kernl's kernels have no backward: call under torch.no_grad()"
-        )
-
-
-def _real(value) -> bool:
-    """A finite real number (Python or NumPy), not a bool."""
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _check_x(x) -> None:
-    _check_float_tensor("x", x)
-    if x.device.type not in ("cuda", "cpu"):
-        raise ValueError(f"x must be on a CUDA device (or CPU), got {x.device}")
-
 
 def _check_inputs(x, residual, weight, bias, eps) -> None:
-    _check_x(x)
+    check_float_tensor("x", x)
     if x.dim() == 0:
         raise ValueError("x must have at least one dimension (the normalised one)")
     n = x.shape[-1]
     if not 1 <= n <= MAX_N:
         raise ValueError(f"x's last dimension must be between 1 and {MAX_N}, got {n}")
     if residual is not None:
-        _check_float_tensor("residual", residual)
+        check_float_tensor("residual", residual)
         if residual.shape != x.shape or residual.dtype != x.dtype:
             raise ValueError(
                 f"residual must match x in shape and dtype: got {tuple(residual.shape)} {residual.dtype}, "
@@ -50,7 +24,7 @@ def _check_inputs(x, residual, weight, bias, eps) -> None:
     for name, t in (("weight", weight), ("bias", bias)):
         if t is None:
             continue
-        _check_float_tensor(name, t)
+        check_float_tensor(name, t)
         if t.shape != (n,):
             raise ValueError(
                 f"{name} must have shape ({n},) to match x's last dimension, got {tuple(t.shape)}"
@@ -58,8 +32,7 @@ def _check_inputs(x, residual, weight, bias, eps) -> None:
     for name, t in (("residual", residual), ("weight", weight), ("bias", bias)):
         if t is not None and t.device != x.device:
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
-    if not _real(eps) or not eps >= 0:
-        raise ValueError(f"eps must be a non-negative finite number, got {eps!r}")
+    check_real("eps", eps, minimum=0.0)
 
 
 def layer_norm(
@@ -113,10 +86,9 @@ def overflow_clamp(x: torch.Tensor, limit_if_inf: float, limit: float) -> torch.
     """T5's fp16 overflow guard in two light passes: ``clamp(x, -L, L)`` with ``L = limit_if_inf`` when
     any element of ``x`` is infinite, else ``limit`` (transformers: ``finfo.max - 1000`` and
     ``finfo.max``). x: any shape and strides, float16/bfloat16/float32; output contiguous, x's dtype."""
-    _check_x(x)
+    check_float_tensor("x", x)
     for name, value in (("limit_if_inf", limit_if_inf), ("limit", limit)):
-        if not _real(value) or not value > 0:
-            raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+        check_real(name, value, positive=True)
     op = torch.ops.kernl.overflow_clamp if torch.compiler.is_compiling() else ops.overflow_clamp_impl
     return op(x, float(limit_if_inf), float(limit))
 

@@ -6,12 +6,11 @@ with a two-pass (mean, then centred variance) reduction over registers, which st
 inputs with large offsets. Supported row lengths: 1 to ``MAX_N``.
 """
 
-import functools
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from kernl.common.launch import float_errors_ignored, programmatic_launch, sm_count
 
 MAX_N = 65536
 
@@ -64,34 +63,13 @@ def _norm_kernel(
     tl.store(Y + rows[:, None] * N + cols[None, :], h.to(Y.dtype.element_ty), mask=mask)
 
 
-@functools.cache
-def _multiprocessor_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-@functools.cache
-def _capability(device_index: int) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(device_index)
-
-
-def programmatic_launch(device: torch.device) -> bool:
-    """Programmatic dependent launch on Hopper or newer (``KERNL_PDL=0``, ``false``, ``off`` or ``no`` turns
-    it off): the kernel waits
-    for the previous kernel's writes first thing, and the next kernel may be scheduled while it runs."""
-    return (
-        device.type == "cuda"
-        and os.environ.get("KERNL_PDL", "").strip().lower() not in ("0", "false", "off", "no")
-        and _capability(device.index or 0)[0] >= 9
-    )
-
-
 def launch_config(m: int, n: int, device: torch.device) -> tuple[int, int, int]:
     """``(BLOCK_M, BLOCK_N, num_warps)``: about 8K elements a program (several 16-byte loads in flight
     per thread, 1K elements per warp), but at least two programs per SM (measured on H100)."""
     block_n = triton.next_power_of_2(n)
     block_m = max(1, 8192 // block_n)
     if device.type == "cuda":
-        min_programs = 2 * _multiprocessor_count(device.index or 0)
+        min_programs = 2 * sm_count(device.index or 0)
         while block_m > 1 and triton.cdiv(m, block_m) < min_programs:
             block_m //= 2
     num_warps = min(max(block_m * block_n // 1024, 1), 16)
@@ -128,14 +106,17 @@ def norm_forward(
     w = weight.contiguous() if weight is not None else None
     b = bias.contiguous() if bias is not None else None
     pdl = programmatic_launch(x.device)
-    _norm_kernel[(triton.cdiv(m, block_m),)](
-        x, r, w, b, y, summed,
-        m, n,
-        *x.stride(), *r.stride(),
-        eps,
-        IS_RMS=is_rms, HAS_RESIDUAL=residual is not None, HAS_WEIGHT=weight is not None,
-        HAS_BIAS=bias is not None,
-        ROUND_TO_WEIGHT_DTYPE=is_rms and weight.dtype in (torch.float16, torch.bfloat16),
-        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, USE_PDL=pdl, launch_pdl=pdl,
-    )  # fmt: skip
+    # A row holding an inf normalises to NaN, as F.layer_norm's does (inf - inf in the centring); a sum
+    # past the fp16 range is stored as inf, as `x + residual` gives it.
+    with float_errors_ignored(x.device):
+        _norm_kernel[(triton.cdiv(m, block_m),)](
+            x, r, w, b, y, summed,
+            m, n,
+            *x.stride(), *r.stride(),
+            eps,
+            IS_RMS=is_rms, HAS_RESIDUAL=residual is not None, HAS_WEIGHT=weight is not None,
+            HAS_BIAS=bias is not None,
+            ROUND_TO_WEIGHT_DTYPE=is_rms and weight.dtype in (torch.float16, torch.bfloat16),
+            BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, USE_PDL=pdl, launch_pdl=pdl,
+        )  # fmt: skip
     return y, summed

@@ -9,18 +9,12 @@ CPU tensors run the Triton kernel only when Triton's interpreter is on (``TRITON
 otherwise they fall back to the PyTorch reference, so the ops always return the right answer.
 """
 
-import os
-
 import torch
 
+from kernl.common.launch import runs_triton_kernel
 from kernl.layernorm.kernel import norm_forward
 from kernl.layernorm.overflow_clamp import overflow_clamp_forward
 from kernl.layernorm.reference import layer_norm_reference, overflow_clamp_reference, rms_norm_reference
-
-
-def runs_triton_kernel(x: torch.Tensor) -> bool:
-    """True when ``x`` is processed by the Triton kernel, False when by the PyTorch reference."""
-    return x.device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def rms_norm_output_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:

@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernl.layernorm.kernel import programmatic_launch
+from kernl.common.launch import programmatic_launch
 
 BLOCK = 4096
 

@@ -2,9 +2,9 @@
 
 import torch
 
+from kernl.common.checks import check_float_tensor, check_same
 from kernl.linear_act import ops
 from kernl.matmul import ACTIVATIONS
-from kernl.matmul.functional import check_float_tensor, check_same
 
 # Hugging Face spellings of the same functions.
 ALIASES = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "swish": "silu", "identity": "none"}

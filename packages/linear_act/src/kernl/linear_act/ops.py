@@ -10,10 +10,10 @@ import math
 
 import torch
 
+from kernl.common.launch import runs_triton_kernel
 from kernl.linear_act.reference import gated_linear_act_reference, linear_act_reference
 from kernl.matmul import gemm
 from kernl.matmul.functional import tf32_allowed
-from kernl.matmul.ops import runs_triton_kernel
 
 
 def _flat(t: torch.Tensor | None) -> torch.Tensor | None:

@@ -3,11 +3,12 @@
 Names (``ACTIVATIONS``): ``"none"``, ``"relu"``, ``"gelu"`` (exact, erf), ``"gelu_tanh"`` (Hugging
 Face ``gelu_new`` / ``gelu_pytorch_tanh``), ``"tanh"``, ``"silu"``. All follow the PyTorch formulas:
 
-- ``tanh`` is written with ``exp`` (``1 - 2 / (exp(2|x|) + 1)``, sign restored), exactly +-1 where it
-  saturates; below ``|x| = 0.625``, where that difference cancels (small arguments would lose their
-  relative precision, down to 0), the ``tanh`` activation takes Cephes' odd polynomial instead (within
-  1.5 fp32 ulps over the whole range, in numpy). ``gelu_tanh`` keeps the plain form: there
-  ``1 + tanh`` does not cancel.
+- ``tanh`` is written with ``exp`` (``(1 - e) / (1 + e)``, ``e = exp(-2|x|)``, sign restored), exactly
+  +-1 where it saturates; below ``|x| = 0.625``, where that difference cancels (small arguments would lose their relative precision, down to 0),
+  the ``tanh`` activation takes Cephes' odd polynomial instead (within 1.5 fp32 ulps over the whole
+  range, in numpy). ``gelu_tanh`` keeps the plain form: there ``1 + tanh`` does not cancel.
+- ``silu`` is ``x * sigmoid(x)`` with the sigmoid from ``e = exp(-|x|)`` as well. Neither exponent is
+  ever positive, so no intermediate overflows on the way to a finite result.
 - ``gelu`` is ``0.5 * x * (1 + erf(x / sqrt 2))`` with libdevice's ``erff`` (within 2 fp32 ulps); a
   cheaper erfc approximation was slower in the epilogue-bound Bert shape (two MUFU operations an
   element: see the matmul README).
@@ -21,8 +22,15 @@ ACTIVATIONS = ("none", "relu", "gelu", "gelu_tanh", "tanh", "silu")
 
 @triton.jit
 def _tanh(x):
-    t = 1.0 - 2.0 / (tl.exp(2.0 * tl.abs(x)) + 1.0)
+    e = tl.exp(-2.0 * tl.abs(x))
+    t = (1.0 - e) / (1.0 + e)
     return tl.where(x < 0, -t, t)
+
+
+@triton.jit
+def _silu(x):
+    e = tl.exp(-tl.abs(x))
+    return x * tl.where(x < 0, e, 1.0) / (1.0 + e)
 
 
 @triton.jit
@@ -47,5 +55,5 @@ def apply_activation(x, ACTIVATION: tl.constexpr):
     elif ACTIVATION == "tanh":
         x = _tanh_accurate(x)
     elif ACTIVATION == "silu":
-        x = x / (1.0 + tl.exp(-x))
+        x = _silu(x)
     return x

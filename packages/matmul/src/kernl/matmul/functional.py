@@ -2,32 +2,8 @@
 
 import torch
 
+from kernl.common.checks import SUPPORTED_DTYPES, check_float_tensor, check_same
 from kernl.matmul import ops
-
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-def check_float_tensor(name: str, t: object) -> None:
-    """TypeError unless ``t`` is a float16/bfloat16/float32 tensor on CUDA or CPU; ValueError when it
-    requires grad while autograd records (the kernels have no backward)."""
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"{name} must be float16, bfloat16 or float32, got {t.dtype}")
-    if t.requires_grad and torch.is_grad_enabled():  # no backward: inference only
-        raise ValueError(
-            f"{name} requires grad; kernl's kernels have no backward: call under torch.no_grad()"
-        )
-    if t.device.type not in ("cuda", "cpu"):
-        raise ValueError(f"{name} must be on a CUDA device (or CPU), got {t.device}")
-
-
-def check_same(name: str, t: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
-    """ValueError unless ``t`` has ``ref``'s dtype and device."""
-    if t.dtype != ref.dtype:
-        raise ValueError(f"{name} must have the dtype of {ref_name} ({ref.dtype}), got {t.dtype}")
-    if t.device != ref.device:
-        raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}")
 
 
 @torch.compiler.assume_constant_result  # read while tracing, a constant in the graph (as torch's own flag)

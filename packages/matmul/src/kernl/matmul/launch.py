@@ -3,11 +3,10 @@
 :func:`gemm` is the entry point shared by :mod:`kernl.matmul` and :mod:`kernl.linear_act`.
 """
 
-import functools
-
 import torch
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+from kernl.common.launch import capability, float_errors_ignored, programmatic_launch
 from kernl.matmul import tuning
 from kernl.matmul.activations import ACTIVATIONS
 from kernl.matmul.config_cache import launchable
@@ -44,22 +43,6 @@ def effective_split(k: int, block_k: int, split_k: int) -> int:
 def input_precision(dtype: torch.dtype, allow_tf32: bool) -> str:
     """``tl.dot``'s input precision: exact fp32 unless TF32 is allowed; irrelevant for half types."""
     return "ieee" if dtype == torch.float32 and not allow_tf32 else "tf32"
-
-
-@functools.cache
-def _capability(device_index: int) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(device_index)
-
-
-def programmatic_launch(device: torch.device) -> bool:
-    """Whether kernels on ``device`` use programmatic dependent launch (Hopper or newer; ``KERNL_PDL=0``
-    or ``false``/``off``/``no`` turns it off): each kernel waits for the previous one's writes first thing, then lets the next one
-    be scheduled, so a stream of small kernels overlaps its launch latencies."""
-    return (
-        device.type == "cuda"
-        and not tuning.switched_off("KERNL_PDL")
-        and _capability(device.index or 0)[0] >= 9
-    )
 
 
 def prefetch_weights(pdl: bool, b_like_weight: bool, tiles: int, device: torch.device) -> bool:
@@ -119,7 +102,7 @@ def tma_eligible(a: torch.Tensor, b: torch.Tensor, b2: torch.Tensor | None, batc
         return False
     if batch > 1 and (a.shape[0] != batch or b.shape[0] != batch):
         return False
-    if a.device.type == "cuda" and _capability(a.device.index or 0)[0] < 9:
+    if a.device.type == "cuda" and capability(a.device.index or 0)[0] < 9:
         return False
     return all(_tma_ready(t) for t in _tma_operands(a, b, batch))
 
@@ -246,5 +229,7 @@ def gemm(
             )  # fmt: skip
         return c
 
-    with torch.cuda.device(a.device.index if a.is_cuda else -1):  # Triton launches on the current device
+    # Triton launches on the current device. A result past the fp16 range is stored as inf, as torch's
+    # matmul gives it: no numpy warning about that cast under the interpreter.
+    with torch.cuda.device(a.device.index if a.is_cuda else -1), float_errors_ignored(a.device):
         return launch(config or tuning.choose(problem, a.device, launch))

@@ -6,17 +6,11 @@ CPU time a call) and the op when tracing. CPU tensors run the
 Triton kernel only under Triton's interpreter (``TRITON_INTERPRET=1``), else the PyTorch reference.
 """
 
-import os
-
 import torch
 
+from kernl.common.launch import runs_triton_kernel
 from kernl.matmul.launch import gemm
 from kernl.matmul.reference import matmul_reference
-
-
-def runs_triton_kernel(x: torch.Tensor) -> bool:
-    """True when ``x`` is processed by the Triton kernel, False when by the PyTorch reference."""
-    return x.device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def output_shape(a: torch.Tensor, b: torch.Tensor) -> tuple[int, ...]:

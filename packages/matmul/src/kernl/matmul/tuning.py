@@ -19,7 +19,6 @@ prints every tuning's timings.
 """
 
 import contextlib
-import functools
 import os
 import re
 import sys
@@ -28,6 +27,7 @@ from dataclasses import dataclass, replace
 import torch
 import triton
 
+from kernl.common.launch import sm_count, switched_off
 from kernl.matmul.config_cache import TORCH, Config, cache_path, cached_choice, lookup
 
 CACHE_VERSION = 8
@@ -78,17 +78,6 @@ class Problem:
             f"|res{int(self.residual)}|bias{int(self.bias)}"
             f"|B{bucket(self.batch)}|M{bucket(self.m)}|N{self.n}|K{self.k}"
         )
-
-
-def switched_off(variable: str) -> bool:
-    """Whether environment variable ``variable`` turns a feature off: ``0``, ``false``, ``off`` or ``no``."""
-    return os.environ.get(variable, "").strip().lower() in ("0", "false", "off", "no")
-
-
-@functools.cache
-def sm_count(device_index: int) -> int:
-    """Streaming multiprocessors of CUDA device ``device_index``."""
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 def gpu_name(device: torch.device) -> str:

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 MAX_SEQUENCE = 512  # Bert-base's position table
+LOG_WIDTH = 1000  # columns of redirected output: wide enough that no line of the report wraps
 TARGETS = {"ratio_to_best_peer": 1.25, "1x16_max_ms": 0.6, "1x16_min_speedup": 12.0, "32x512_max_ms": 6.5}
 
 
@@ -22,56 +23,87 @@ def gpu_slug() -> str:
 
 
 def shape_list(text: str) -> list[tuple[int, int]]:
-    """``"1x16,8x128"`` -> ``[(1, 16), (8, 128)]`` (a repeat counted once); argparse reports a malformed
-    list with the option name."""
+    """``"1x16,8x128"`` -> ``[(1, 16), (8, 128)]``, in the order given (:func:`once` drops repeats);
+    argparse reports a malformed list with the option name."""
     try:
         shapes = [tuple(int(v) for v in item.split("x")) for item in text.split(",")]
     except ValueError:
         shapes = []
-    if not shapes or any(len(s) != 2 or min(s) < 1 for s in shapes):
+    if not shapes or any(len(s) != 2 for s in shapes):
         raise argparse.ArgumentTypeError(f"expected batch x sequence pairs such as 1x16,8x128, got {text!r}")
+    if any(min(s) < 1 for s in shapes):
+        raise argparse.ArgumentTypeError(f"batch and sequence length must be positive, got {text!r}")
     if any(seq > MAX_SEQUENCE for _, seq in shapes):
         raise argparse.ArgumentTypeError(
             f"Bert-base takes at most {MAX_SEQUENCE} tokens a sequence, got {text!r}"
         )
-    return list(dict.fromkeys(shapes))
+    return shapes
 
 
 def results_folder(text: str) -> Path:
-    """``--out``: made now (parents too) and checked writable, so that a bad folder fails before the run."""
+    """``--out``: checked now, so that a bad folder fails before the run, and left as it was: the folder
+    is made when results are written (the CPU check writes none). Checking makes the missing folders
+    and takes them away again."""
     folder = Path(text).expanduser()
+    missing = []  # deepest first
+    probe = folder
+    while not probe.exists() and probe != probe.parent:
+        missing.append(probe)
+        probe = probe.parent
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise argparse.ArgumentTypeError(f"cannot create {text!r}: {error.strerror or error}") from None
-    if not os.access(folder, os.W_OK):
+    writable = os.access(folder, os.W_OK)
+    for made in missing:
+        made.rmdir()
+    if not writable:
         raise argparse.ArgumentTypeError(f"{text!r} is not writable")
     return folder
 
 
 def engine_list(text: str) -> list[str]:
-    """``"HF sdpa,kernl"`` -> ``["HF sdpa", "kernl"]``, each one of the benchmark's engines (once)."""
+    """``"HF sdpa,kernl"`` -> ``["HF sdpa", "kernl"]``, each one of the benchmark's engines, in the
+    order given (:func:`once` drops repeats)."""
     from kernl.integration.bench.engines import ENGINES
 
     names = [name.strip() for name in text.split(",")]
     unknown = [name for name in names if name not in ENGINES]
     if unknown:
         raise argparse.ArgumentTypeError(f"unknown engine(s) {unknown}; choose from {list(ENGINES)}")
-    return list(dict.fromkeys(names))
+    return names
+
+
+def once(option: str, items: list, say) -> list:
+    """``items`` with repeats dropped (first place kept); ``say`` tells which ``option`` listed twice."""
+    unique = list(dict.fromkeys(items))
+    if len(unique) < len(items):
+        repeated = [item for item in unique if items.count(item) > 1]
+        shown = ", ".join(f"{i[0]}x{i[1]}" if isinstance(i, tuple) else str(i) for i in repeated)
+        say(f"{option} lists {shown} more than once: each runs once")
+    return unique
 
 
 def add_arguments(parser) -> None:
-    """The options of ``kernl bench``."""
+    """The options of ``kernl bench``, and the engine names after them in its help (one a line: the
+    parser must be made with ``argparse.RawDescriptionHelpFormatter``)."""
+    from kernl.integration.bench.engines import ENGINES
+
+    parser.epilog = "engines (--engines):\n" + "\n".join(f"  {name}" for name in ENGINES)
+
     parser.add_argument(
         "--max-autotune", action="store_true", help="also time torch.compile max-autotune (slow)"
     )
     parser.add_argument(
         "--engines",
         type=engine_list,
-        help="comma-separated subset of engines (default: all but max-autotune)",
+        help="comma-separated subset of the engines below (default: all but max-autotune)",
     )
     parser.add_argument(
-        "--shapes", type=shape_list, help="comma-separated BxS list (default: {1,8,32} x {16,128,512})"
+        "--shapes",
+        type=shape_list,
+        help="comma-separated BxS list, batch and sequence >= 1, sequence <= 512 "
+        "(default: {1,8,32} x {16,128,512})",
     )
     parser.add_argument(
         "--out", type=results_folder, help="results folder (default: benchmarks/results/<gpu>/)"
@@ -162,10 +194,12 @@ def run_gpu_bench(args, console) -> int:
     from kernl.integration.bench import engines, gpu
     from kernl.integration.bench.chart import speedup_chart
 
-    names = list(args.engines) if args.engines else [n for n in engines.ENGINES if "max-autotune" not in n]
+    names = once("--engines", args.engines, console.print) if args.engines else None
+    names = names or [n for n in engines.ENGINES if "max-autotune" not in n]
     if args.max_autotune and "torch.compile max-autotune" not in names:
         names.insert(-1, "torch.compile max-autotune")
-    shapes = args.shapes or [(b, s) for b in gpu.BATCHES for s in gpu.SEQS]
+    shapes = once("--shapes", args.shapes, console.print) if args.shapes else None
+    shapes = shapes or [(b, s) for b in gpu.BATCHES for s in gpu.SEQS]
     torch.manual_seed(0)
     model = BertModel(BertConfig()).to("cuda", torch.float16).eval()
     model.set_attn_implementation("sdpa")
@@ -173,7 +207,7 @@ def run_gpu_bench(args, console) -> int:
         "gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "python": platform.python_version(),
         "transformers": __import__("transformers").__version__, "triton": __import__("triton").__version__,
     }}  # fmt: skip
-    out = args.out or Path("benchmarks") / "results" / gpu_slug()  # --out: made when parsed
+    out = args.out or Path("benchmarks") / "results" / gpu_slug()
     out.mkdir(parents=True, exist_ok=True)
     try:
         with termination_as_interrupt():
@@ -210,23 +244,31 @@ def run_gpu_bench(args, console) -> int:
     return 0
 
 
-def run_bench(args) -> int:
-    """The ``kernl bench`` command; returns the exit code."""
+def log_console():
+    """The command's rich console: a terminal's own width; output redirected to a file or a pipe is not
+    wrapped at 80 columns (log lines and tables stay whole). No markup: the rule report's brackets are
+    text."""
     from rich.console import Console
 
-    console = Console()
-    if torch.cuda.is_available():
-        major, minor = torch.cuda.get_device_capability()
-        if major >= 8:
-            return run_gpu_bench(args, console)
-        console.print(
-            f"GPU compute capability {major}.{minor} < 8.0: kernl needs Ampere or newer; CPU check:"
-        )
+    console = Console(markup=False)
+    if console.is_terminal:
+        return console
+    return Console(markup=False, width=LOG_WIDTH, soft_wrap=True)
+
+
+def ignored_options_note(args) -> str | None:
+    """On the CPU the options of ``kernl bench`` have nothing to choose: a line saying so when any is given."""
+    if args.engines or args.shapes or args.max_autotune or args.out or args.quick:
+        return "(the options of kernl bench choose the GPU benchmark's engines, shapes and results folder: ignored here)"
+    return None
+
+
+def run_bench(args, device: str) -> int:
+    """The ``kernl bench`` command on ``device``: the GPU benchmark on ``"cuda"``, the interpreted check
+    on ``"cpu"`` (announced by the caller); returns the exit code."""
+    console = log_console()
+    if device == "cuda":
+        return run_gpu_bench(args, console)
     from kernl.integration.bench.cpu_check import run_cpu_check
 
-    console.print("no usable CUDA GPU: running the embedded small-Bert check through Triton's interpreter")
-    if args.engines or args.shapes or args.max_autotune or args.out or args.quick:
-        console.print(
-            "(the options of kernl bench choose the GPU benchmark's engines and shapes: ignored here)"
-        )
     return 0 if run_cpu_check(console.print) else 1

@@ -1,0 +1,1 @@
+"""kernl.common: the launch helpers and argument checks shared by every kernl kernel package."""
