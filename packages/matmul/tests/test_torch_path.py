@@ -57,14 +57,16 @@ def test_every_epilogue_matches_the_reference(dtype, activation, with_bias, with
 
 @pytest.mark.parametrize("dtype", HALF, ids=str)
 @pytest.mark.parametrize("activation", ["gelu_tanh", "gelu", "relu", "silu"])
+@pytest.mark.parametrize("with_bias", [False, True])
 @pytest.mark.parametrize("with_residual", [False, True])
-def test_gated_epilogue_matches_the_reference(dtype, activation, with_residual, no_triton):
+def test_gated_epilogue_matches_the_reference(dtype, activation, with_bias, with_residual, no_triton):
     a = make_tensor((1, M, K), dtype, ValueSpec(5, 1.0, 0.0))
     b = make_tensor((N, K), dtype, ValueSpec(6, K**-0.5, 0.0)).t()[None]
     b2 = make_tensor((N, K), dtype, ValueSpec(7, K**-0.5, 0.0)).t()
+    bias = make_tensor((N,), dtype, ValueSpec(29, 1.0, 0.0)) if with_bias else None
     residual = make_tensor((M, N), dtype, ValueSpec(8, 1.0, 0.0)) if with_residual else None
-    out = gemm(a, b, b2=b2, residual=residual, activation=activation, config=TORCH)
-    reference, torch_same = _expected(a[0], b[0], b2, None, residual, activation)
+    out = gemm(a, b, b2=b2, bias=bias, residual=residual, activation=activation, config=TORCH)
+    reference, torch_same = _expected(a[0], b[0], b2, bias, residual, activation)
     assert_matches_reference(out[0], reference, torch_same)
 
 
@@ -76,6 +78,22 @@ def test_batched_and_broadcast_operands(batches, no_triton):
     assert out.shape == (3, M, N) and out.is_contiguous()
     expected = matmul_reference(a.double(), b.double()).relu()
     assert_matches_reference(out, expected, torch.matmul(a, b).relu())
+
+
+@pytest.mark.parametrize("batches", [(3, 1), (1, 3)])
+@pytest.mark.parametrize("gated", [False, True])
+def test_batched_epilogue_operands_are_shared_by_every_batch_entry(batches, gated, no_triton):
+    """bias, residual and the gate apply to each batch entry, as the Triton kernels apply them."""
+    dtype = torch.float16
+    a = make_tensor((batches[0], M, K), dtype, ValueSpec(30, 1.0, 0.0))
+    b = make_tensor((batches[1], K, N), dtype, ValueSpec(31, K**-0.5, 0.0))
+    b2 = make_tensor((K, N), dtype, ValueSpec(32, K**-0.5, 0.0)) if gated else None
+    bias = make_tensor((N,), dtype, ValueSpec(33, 1.0, 0.0))
+    residual = make_tensor((N, M), dtype, ValueSpec(34, 1.0, 0.0)).t()
+    out = gemm(a, b, b2=b2, bias=bias, residual=residual, activation="silu", config=TORCH)
+    assert out.shape == (3, M, N) and out.dtype == dtype and out.is_contiguous()
+    reference, torch_same = _expected(a, b, b2, bias, residual, "silu")
+    assert_matches_reference(out, reference, torch_same)
 
 
 def test_the_tuner_can_route_to_it(monkeypatch, no_triton):

@@ -82,7 +82,8 @@ def gemm_torch(
     """``act(a @ b + bias) [* (a @ b2)] [+ residual]`` in PyTorch ops, shapes as :func:`kernl.matmul.gemm`.
 
     a: ``(Ba, M, K)``, b: ``(Bb, K, N)`` (broadcast batch); b2 ``(K, N)``, bias ``(N,)`` and residual
-    ``(M, N)`` only with a batch of 1. float16/bfloat16. Returns a contiguous ``(B, M, N)`` tensor.
+    ``(M, N)``, shared by every batch entry as in the Triton kernels. float16/bfloat16. Returns a
+    contiguous ``(B, M, N)`` tensor.
     """
     if a.dtype not in HALF_DTYPES:
         raise ValueError(
@@ -90,15 +91,21 @@ def gemm_torch(
             "follow its own TF32 setting, not the call's allow_tf32)"
         )
     with fp32_reductions(), _no_autocast(a.device.type):
-        if a.shape[0] != 1 or b.shape[0] != 1:  # batched (no epilogue operands): one bmm
-            return TORCH_ACTIVATIONS[activation](torch.matmul(a, b)).contiguous()
-        a2, w = a[0], b[0]
-        if b2 is not None:
-            out = TORCH_ACTIVATIONS[activation](torch.mm(a2, w)).mul_(torch.mm(a2, b2))
-        elif residual is not None and bias is None and activation == "none":
-            return torch.addmm(residual, a2, w)[None]  # beta * residual in the fp32 epilogue
+        if a.shape[0] != 1 or b.shape[0] != 1:  # batched: one bmm, the epilogue broadcast over the batch
+            out = torch.matmul(a, b)
+            if bias is not None:
+                out = out.add_(bias)
+            out = TORCH_ACTIVATIONS[activation](out)
+            if b2 is not None:
+                out = out.mul_(torch.matmul(a, b2))
         else:
+            a2, w = a[0], b[0]
+            if b2 is None and residual is not None and bias is None and activation == "none":
+                return torch.addmm(residual, a2, w)[None]  # beta * residual in the fp32 epilogue
             out = _linear_with_activation(a2, w, bias, activation)
+            if b2 is not None:
+                out = out.mul_(torch.mm(a2, b2))
+            out = out[None]
         if residual is not None:
             out = out.add_(residual)
-        return out.contiguous()[None]
+        return out.contiguous()
