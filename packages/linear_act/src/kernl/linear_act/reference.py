@@ -7,14 +7,7 @@ CPU tensors when Triton's interpreter is off. ``x``: ``(..., K)``; weights in ``
 import torch
 import torch.nn.functional as F
 
-TORCH_ACTIVATIONS = {
-    "none": lambda h: h,
-    "relu": F.relu,
-    "gelu": F.gelu,
-    "gelu_tanh": lambda h: F.gelu(h, approximate="tanh"),
-    "tanh": torch.tanh,
-    "silu": F.silu,
-}
+from kernl.matmul.activations import TORCH_ACTIVATIONS
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:

@@ -14,10 +14,21 @@ Face ``gelu_new`` / ``gelu_pytorch_tanh``), ``"tanh"``, ``"silu"``. All follow t
   element: see the matmul README).
 """
 
+import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
 ACTIVATIONS = ("none", "relu", "gelu", "gelu_tanh", "tanh", "silu")
+# The PyTorch function of each name: the references, and PyTorch's GEMM candidate
+TORCH_ACTIVATIONS = {
+    "none": lambda h: h,
+    "relu": F.relu,
+    "gelu": F.gelu,
+    "gelu_tanh": lambda h: F.gelu(h, approximate="tanh"),
+    "tanh": torch.tanh,
+    "silu": F.silu,
+}
 
 
 @triton.jit

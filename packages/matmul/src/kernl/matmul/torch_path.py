@@ -16,17 +16,9 @@ one more rounding). Only ops that are safe to capture in a CUDA graph and need n
 import contextlib
 
 import torch
-import torch.nn.functional as F
 
-# The torch functions of kernl.matmul.activations.ACTIVATIONS
-TORCH_ACTIVATIONS = {
-    "none": lambda h: h,
-    "relu": F.relu,
-    "gelu": F.gelu,
-    "gelu_tanh": lambda h: F.gelu(h, approximate="tanh"),
-    "tanh": torch.tanh,
-    "silu": F.silu,
-}
+from kernl.matmul.activations import TORCH_ACTIVATIONS
+
 # The activation torch._addmm_activation(..., use_gelu=True) applies, per device type: cuBLASLt's GELU
 # epilogue and the CUDA fallback use the tanh form, the CPU kernel the exact erf.
 ADDMM_GELU = {"cuda": "gelu_tanh", "cpu": "gelu"}
