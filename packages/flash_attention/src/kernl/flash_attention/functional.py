@@ -12,11 +12,14 @@ from kernl.flash_attention.launch import MAX_HEAD_DIM
 MAX_BATCH_HEADS = 65535  # the grid's second axis
 
 
-def _check_qkv(q, k, v) -> None:
+def _check_qkv_tensors(q, k, v, layout: tuple[str, ...]) -> None:
+    """q, k, v: float tensors of rank ``len(layout)`` (``layout`` names the dims), one dtype, q's device."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_tensor(name, t, SUPPORTED_DTYPES, "float16, bfloat16 or float32")
-        if t.dim() != 4:
-            raise ValueError(f"{name} must be 4-D (batch, heads, seq, head_dim), got shape {tuple(t.shape)}")
+        if t.dim() != len(layout):
+            raise ValueError(
+                f"{name} must be {len(layout)}-D ({', '.join(layout)}), got shape {tuple(t.shape)}"
+            )
     if q.device.type not in ("cuda", "cpu"):
         raise ValueError(f"q must be on a CUDA device (or CPU), got {q.device}")
     for name, t in (("k", k), ("v", v)):
@@ -24,6 +27,10 @@ def _check_qkv(q, k, v) -> None:
             raise ValueError(f"{name} must have q's dtype {q.dtype}, got {t.dtype}")
         if t.device != q.device:
             raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
+
+
+def _check_qkv(q, k, v) -> None:
+    _check_qkv_tensors(q, k, v, ("batch", "heads", "seq", "head_dim"))
     batch, heads, _, head_dim = q.shape
     if k.shape[0] != batch or k.shape[1] != heads or k.shape[3] != head_dim:
         raise ValueError(
@@ -176,17 +183,7 @@ def attention_decode(
 
 
 def _check_packed_qkv(q, k, v) -> None:
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        check_tensor(name, t, SUPPORTED_DTYPES, "float16, bfloat16 or float32")
-        if t.dim() != 3:
-            raise ValueError(f"{name} must be 3-D (tokens, heads, head_dim), got shape {tuple(t.shape)}")
-    if q.device.type not in ("cuda", "cpu"):
-        raise ValueError(f"q must be on a CUDA device (or CPU), got {q.device}")
-    for name, t in (("k", k), ("v", v)):
-        if t.dtype != q.dtype:
-            raise ValueError(f"{name} must have q's dtype {q.dtype}, got {t.dtype}")
-        if t.device != q.device:
-            raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
+    _check_qkv_tensors(q, k, v, ("tokens", "heads", "head_dim"))
     n_tokens, heads, head_dim = q.shape
     if k.shape[0] != n_tokens or k.shape[2] != head_dim:
         raise ValueError(f"k must have shape ({n_tokens}, H_kv, {head_dim}) to match q, got {tuple(k.shape)}")
