@@ -9,7 +9,7 @@ from kernl_testing.device import (
     other_device,
 )
 from kernl_testing.strategies import LAYOUTS, ValueSpec, layouts, make_tensor, value_specs
-from kernl_testing.tolerance import assert_matches_reference, tolerance_for
+from kernl_testing.tolerance import assert_matches_reference, reduction_scale, tolerance_for
 
 __all__ = [
     "LAYOUTS",
@@ -23,6 +23,7 @@ __all__ = [
     "needs_two_gpus",
     "on_gpu",
     "other_device",
+    "reduction_scale",
     "tolerance_for",
     "value_specs",
 ]

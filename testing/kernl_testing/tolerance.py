@@ -22,6 +22,14 @@ def tolerance_for(dtype: torch.dtype) -> tuple[float, float]:
     return _TOLERANCES[dtype]
 
 
+def reduction_scale(x: torch.Tensor, k: int) -> float:
+    """``atol_scale`` for a K-long dot product over ``x``: its rounding error grows like sqrt(K) times the
+    size of the terms (the summation order differs from torch's), which matters where the sum cancels.
+    An absolute allowance: as a factor on rtol too it would grow with the data and let percent-level
+    errors through in fp16 when x is large."""
+    return max(1.0, k**0.5 / 4) * max(1.0, float(x.abs().float().mean()))
+
+
 def assert_matches_reference(
     actual: torch.Tensor,
     reference: torch.Tensor,

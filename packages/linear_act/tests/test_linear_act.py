@@ -15,20 +15,12 @@ from kernl.linear_act import (
     linear_act,
     linear_act_reference,
 )
-from kernl_testing import TEST_DEVICE, ValueSpec, assert_matches_reference, make_tensor
+from kernl_testing import TEST_DEVICE, ValueSpec, assert_matches_reference, make_tensor, reduction_scale
 from kernl_testing.strategies import dtypes, layouts, value_specs
 
 sizes = st.one_of(st.integers(1, 80), st.sampled_from([96, 128, 131, 192]))
 leading_shapes = st.one_of(st.tuples(st.integers(1, 70)), st.tuples(st.integers(1, 3), st.integers(1, 17)),
                            st.tuples(st.integers(1, 2), st.integers(1, 3), st.integers(1, 5)))  # fmt: skip
-
-
-def reduction_scale(x: torch.Tensor, k: int) -> float:
-    """atol widening for a K-long dot product: its rounding error grows like sqrt(K) times the size of
-    the terms (the summation order differs from torch's), which matters where the sum cancels. An
-    absolute allowance: as a factor on rtol too it would grow with the data and let percent-level errors
-    through in fp16 when x is large."""
-    return max(1.0, k**0.5 / 4) * max(1.0, float(x.abs().float().mean()))
 
 
 def _torch_unfused(x, weight, bias, activation, residual):

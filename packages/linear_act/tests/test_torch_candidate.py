@@ -17,7 +17,7 @@ from kernl.linear_act import (
 )
 from kernl.matmul import launch, tuning
 from kernl.matmul.config_cache import TORCH
-from kernl_testing import TEST_DEVICE, ValueSpec, assert_matches_reference, make_tensor
+from kernl_testing import TEST_DEVICE, ValueSpec, assert_matches_reference, make_tensor, reduction_scale
 from kernl_testing.strategies import layouts, value_specs
 
 sizes = st.one_of(st.integers(1, 80), st.sampled_from([96, 128, 131, 192]))
@@ -56,8 +56,7 @@ def test_linear_act(
     reference = linear_act_reference(_as64(x), _as64(weight), _as64(bias), activation, _as64(residual))
     unfused = TORCH_ACTIVATIONS[activation](F.linear(x, weight, bias))
     unfused = unfused + residual if with_residual else unfused
-    scale = max(1.0, k**0.5 / 4) * max(1.0, float(x.abs().float().mean()))
-    assert_matches_reference(out, reference, unfused, atol_scale=scale)
+    assert_matches_reference(out, reference, unfused, atol_scale=reduction_scale(x, k))
 
 
 @given(rows=st.integers(1, 70), n=sizes, k=sizes, dtype=half_dtypes, spec=value_specs(),
@@ -71,8 +70,7 @@ def test_gated_linear_act(torch_chosen, rows, n, k, dtype, spec, activation, wit
     reference = gated_linear_act_reference(x.double(), w0.double(), w1.double(), activation, _as64(residual))
     unfused = TORCH_ACTIVATIONS[activation](F.linear(x, w0)) * F.linear(x, w1)
     unfused = unfused + residual if with_residual else unfused
-    scale = max(1.0, k**0.5 / 4) * max(1.0, float(x.abs().float().mean()))
-    assert_matches_reference(out, reference, unfused, atol_scale=scale)
+    assert_matches_reference(out, reference, unfused, atol_scale=reduction_scale(x, k))
 
 
 @pytest.mark.parametrize("activation", ACTIVATIONS)

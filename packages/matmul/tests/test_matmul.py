@@ -10,7 +10,14 @@ from hypothesis import strategies as st
 from kernl.matmul import launch, matmul, matmul_reference
 from kernl.matmul.functional import tf32_allowed
 from kernl.matmul.launch import check_spans
-from kernl_testing import ValueSpec, assert_matches_reference, make_tensor, needs_two_gpus, on_gpu
+from kernl_testing import (
+    ValueSpec,
+    assert_matches_reference,
+    make_tensor,
+    needs_two_gpus,
+    on_gpu,
+    reduction_scale,
+)
 from kernl_testing.strategies import dtypes, layouts, value_specs
 
 sizes = st.one_of(st.integers(1, 80), st.sampled_from([96, 128, 129, 200]))
@@ -36,14 +43,6 @@ def test_matmul_matches_reference(mode, batch, m, n, k, dtype, layout_a, layout_
     assert_matches_reference(
         out, matmul_reference(a.double(), b.double()), expected, atol_scale=reduction_scale(a, k)
     )
-
-
-def reduction_scale(x: torch.Tensor, k: int) -> float:
-    """atol widening for a K-long dot product: its rounding error grows like sqrt(K) times the size of
-    the terms (the summation order differs from torch's), which matters where the sum cancels. An
-    absolute allowance: as a factor on rtol too it would grow with the data and let percent-level errors
-    through in fp16 when x is large."""
-    return max(1.0, k**0.5 / 4) * max(1.0, float(x.abs().float().mean()))
 
 
 def test_sliced_views_and_folded_batch():
