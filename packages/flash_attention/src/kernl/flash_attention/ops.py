@@ -73,7 +73,9 @@ def attention_varlen_impl(
     reference on CPU without the interpreter."""
     if not runs_triton_kernel(q):
         return attention_varlen_reference(q, k, v, cu_seqlens, scale=scale, causal=causal)
-    with torch.cuda.device(q.device.index if q.is_cuda else -1):  # Triton launches on the current device
+    # Triton launches on the current device. Under the interpreter numpy would warn where the kernel
+    # means its NaN: an inf or NaN score makes its row NaN, as SDPA's.
+    with torch.cuda.device(q.device.index if q.is_cuda else -1), float_errors_ignored(q.device):
         return attention_varlen_forward(q, k, v, cu_seqlens, scale, causal)
 
 
