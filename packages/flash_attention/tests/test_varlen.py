@@ -184,6 +184,41 @@ def test_one_launch_serves_any_split_of_the_tokens():
         check(attention_varlen(q, k, v, cu_seqlens), q, k, v, cu_seqlens, 0.25, False)
 
 
+def _spread_tokens(t, step, offset):
+    """``t`` ``(T, H, D)`` as a view whose tokens lie ``step`` elements apart, from element ``offset`` of a
+    (lazily allocated) buffer whose first elements hold 99 instead (where an offset wrapped past 2**31
+    lands). Skips the test where the buffer cannot be allocated."""
+    n_tokens, heads, head_dim = t.shape
+    try:
+        buffer = torch.empty(
+            offset + (n_tokens - 1) * step + heads * head_dim, dtype=t.dtype, device=t.device
+        )
+    except (RuntimeError, MemoryError):  # torch.OutOfMemoryError is a RuntimeError
+        pytest.skip("cannot allocate the (mostly untouched) buffer")
+    buffer[: heads * head_dim] = 99
+    view = buffer.as_strided(t.shape, (step, head_dim, 1), storage_offset=offset)
+    view.copy_(t)
+    return view
+
+
+def test_element_offsets_past_int32(monkeypatch):
+    """Token offsets (token x token stride) past 2**31 elements are computed in int64: query rows 2**30
+    apart, keys and values 2**24 apart (a block of keys times the stride still fits in int32), all from
+    element 2**31. Large strides and few tokens keep the test quick."""
+    # The buffers are mostly never touched (on CPU, never resident): no NaN poisoning of torch.empty.
+    monkeypatch.setattr(torch.utils.deterministic, "fill_uninitialized_memory", False)
+    q, k, v = (make_packed(7, 2, 16, torch.float16, ValueSpec(i, 1.0, 0.0)) for i in range(3))
+    cu_seqlens = offsets([3, 4])
+    expected = attention_varlen(q, k, v, cu_seqlens, causal=True)
+    q_far = _spread_tokens(q, 2**30, 2**31)
+    assert_close = torch.testing.assert_close
+    assert_close(attention_varlen(q_far, k, v, cu_seqlens, causal=True), expected, atol=0, rtol=0)
+    del q_far
+    kv = _spread_tokens(torch.cat([k, v], dim=-1), 2**24, 2**31)
+    k_far, v_far = kv[..., :16], kv[..., 16:]
+    assert_close(attention_varlen(q, k_far, v_far, cu_seqlens, causal=True), expected, atol=0, rtol=0)
+
+
 @pytest.mark.skipif(not on_gpu(), reason="CUDA graphs")
 def test_cuda_graph_replay_with_new_offsets():
     """Captured once, replayed after the offsets are overwritten in place: no host read of cu_seqlens."""
