@@ -174,9 +174,9 @@ def _small_m_candidates(p: Problem, sms: int, half: bool) -> list[Config]:
 
     def tile(spec: dict, waves: int = 1) -> Config:
         bk = spec["block_k"] if half else spec["block_k"] // 2
-        split = _split_for(
-            p, bm, spec["block_n"], spec["block_k"], sms, waves
-        )  # K steps counted at half width
+        # splits capped by the K steps of the half-precision block_k: each fp32 split keeps at least two
+        # of its own (half-width) K steps
+        split = _split_for(p, bm, spec["block_n"], spec["block_k"], sms, waves)
         return Config(
             block_m=bm, block_n=spec["block_n"], block_k=bk, split_k=split, num_stages=spec["num_stages"]
         )
