@@ -4,9 +4,10 @@ Names (``ACTIVATIONS``): ``"none"``, ``"relu"``, ``"gelu"`` (exact, erf), ``"gel
 Face ``gelu_new`` / ``gelu_pytorch_tanh``), ``"tanh"``, ``"silu"``. All follow the PyTorch formulas:
 
 - ``tanh`` is written with ``exp`` (``(1 - e) / (1 + e)``, ``e = exp(-2|x|)``, sign restored), exactly
-  +-1 where it saturates; below ``|x| = 0.625``, where that difference cancels (small arguments would lose their relative precision, down to 0),
-  the ``tanh`` activation takes Cephes' odd polynomial instead (within 1.5 fp32 ulps over the whole
-  range, in numpy). ``gelu_tanh`` keeps the plain form: there ``1 + tanh`` does not cancel.
+  +-1 where it saturates; below ``|x| = 0.625``, where that difference cancels (small arguments would
+  lose their relative precision, down to 0), the ``tanh`` activation takes Cephes' odd polynomial
+  instead (within 1.5 fp32 ulps over the whole range, in numpy). ``gelu_tanh`` keeps the plain form:
+  there ``1 + tanh`` does not cancel.
 - ``silu`` is ``x * sigmoid(x)`` with the sigmoid from ``e = exp(-|x|)`` as well. Neither exponent is
   ever positive, so no intermediate overflows on the way to a finite result.
 - ``gelu`` is ``0.5 * x * (1 + erf(x / sqrt 2))`` with libdevice's ``erff`` (within 2 fp32 ulps); a

@@ -8,9 +8,10 @@ reductions (cuBLAS's split-K summed in the output type) are turned off for the c
 fuses the epilogue it is applied to the fp32 accumulator as in kernl: ``addmm`` adds the bias, or the
 residual through its ``beta * C`` term; ``torch._addmm_activation`` applies the GELU that PyTorch's
 backend gives it (tanh-approximated on CUDA, exact erf on the CPU: used only for the activation of the
-same name; its ReLU is not used: a max in cuBLASLt's epilogue may turn NaN into 0). Otherwise the remaining epilogue runs in PyTorch on the rounded GEMM
-output, as ``F.linear`` followed by the activation would (within the shared tolerance rule: at most
-one more rounding). Only ops that are safe to capture in a CUDA graph and need no host sync.
+same name; its ReLU is not used: a max in cuBLASLt's epilogue may turn NaN into 0). Otherwise the
+remaining epilogue runs in PyTorch on the rounded GEMM output, as ``F.linear`` followed by the
+activation would (within the shared tolerance rule: at most one more rounding). Only ops that are
+safe to capture in a CUDA graph and need no host sync.
 """
 
 import contextlib
