@@ -6,8 +6,9 @@ equal lengths (32 x 512, the dense (32, 12, 512, 64) call), one long sequence (4
   (``aten._flash_attention_forward`` with ``cu_seqlens``; what SDPA's flash backend runs), when present;
 - ``sdpa_flash_same_tokens``: SDPA without a mask on an equal-length batch of the same total tokens
   (``(rows, 12, T // rows, 64)``: fewer FLOPs than the packed rows whenever lengths differ);
-- ``sdpa_padded_mask``: SDPA on the padded ``(rows, 12, longest, 64)`` layout with HF's bool mask
-  ``[B, 1, Q, K]`` (and an additive ``[B, 1, 1, K]`` one), what HF runs without packing;
+- ``sdpa_padded_bool_mask`` / ``sdpa_padded_additive_mask`` (not causal): SDPA on the padded
+  ``(rows, 12, longest, 64)`` layout with HF's bool mask ``[B, 1, Q, K]`` / additive ``[B, 1, 1, K]``
+  mask, what HF runs without packing;
 - ``sdpa_padded_no_mask``: SDPA's flash kernel on the padded layout, padding computed.
 TFLOP/s count the packed work, ``4 * H * D * sum(L_i^2)``. Cases of at most 2048 tokens are also timed as
 CUDA graph replays. ``sweep`` (argument) also times launch configs.
@@ -77,9 +78,8 @@ def packed_case(label: str, lengths: list[int], causal: bool = False) -> dict:
     peers["sdpa_padded_no_mask"] = lambda: F.scaled_dot_product_attention(*padded, is_causal=causal)
     pairs = sum(length * length for length in lengths)
     flops = 4.0 * HEADS * HEAD_DIM * pairs / (2 if causal else 1)
-    graphs = (
-        total <= 2048
-    )  # launch-bound sizes: also timed as CUDA graph replays, as the integration runs them
+    # launch-bound sizes: also timed as CUDA graph replays, as the integration runs them
+    graphs = total <= 2048
     rec = record(label, (rows, HEADS, total, longest), kernl_fn, peers, flops, graphs, check)
     return dict(rec, lengths=lengths, causal=causal, tokens=total)
 
