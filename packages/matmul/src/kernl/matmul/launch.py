@@ -151,7 +151,7 @@ def gemm(
     PyTorch's ops where the tuner found them faster (``Config(kernel="torch")``, float16/bfloat16).
 
     a: ``(Ba, M, K)``, b: ``(Bb, K, N)`` with ``Ba``/``Bb`` equal or 1 (broadcast), any strides.
-    b2 (gate, ``(K, N)``), bias (``(N,)``) and residual (``(M, N)``) are for unbatched problems.
+    b2 (gate, ``(K, N)``), bias (``(N,)``) and residual (``(M, N)``) apply to every batch entry.
     Returns a contiguous ``(B, M, N)`` tensor, ``B`` the broadcast batch. ``config`` bypasses the tuner.
     """
     if activation not in ACTIVATIONS:
