@@ -8,7 +8,6 @@ import torch
 from transformers import BertConfig, BertModel
 
 from kernl.integration import optimize_model
-from kernl.integration.kernels import find
 from kernl.integration.optimize import _argument_namer
 from kernl_testing import assert_matches_reference, on_gpu
 
@@ -21,9 +20,8 @@ LAYERS = 2
 
 
 def expected_replacements(layers: int) -> dict[str, int]:
-    """Per graph of a BertModel: what each rule must replace (when its kernel is available)."""
-    counts = {"attention": layers, "linear_act": 6 * layers + 1, "layer_norm": 2 * layers + 1}
-    return {name: count for name, count in counts.items() if find(name) is not None}
+    """Per graph of a BertModel: what each rule must replace."""
+    return {"attention": layers, "linear_act": 6 * layers + 1, "layer_norm": 2 * layers + 1}
 
 
 def fired(report, graph: int) -> dict[str, int]:
@@ -31,7 +29,7 @@ def fired(report, graph: int) -> dict[str, int]:
     attention = record.fired.get("attention_sdpa", 0) + record.fired.get("attention_eager", 0)
     counts = {"attention": attention, "linear_act": record.fired.get("linear_act", 0)}
     counts["layer_norm"] = record.fired.get("layer_norm", 0)
-    return {name: count for name, count in counts.items() if find(name) is not None}
+    return counts
 
 
 @pytest.mark.parametrize(("dtype", "attn_implementation", "masking"), CASES, ids=str)
@@ -48,13 +46,12 @@ def test_bert_matches_hugging_face(kit, dtype, attn_implementation, masking):
     assert len(report.graphs) == 2
     for graph in range(2):
         assert fired(report, graph) == expected_replacements(LAYERS)
-        if all(find(name) for name in ("attention", "linear_act", "layer_norm")):
-            assert report.graphs[graph].kept == {}, report.graphs[graph].kept
-            # padded to the bucket: the mask comes from attention_mask and reaches the kernel as [B, K]
-            assert report.graphs[graph].attention_masks == {"key padding [B, K]": LAYERS}
+        assert report.graphs[graph].kept == {}, report.graphs[graph].kept
+        # padded to the bucket: the mask comes from attention_mask and reaches the kernel as [B, K]
+        assert report.graphs[graph].attention_masks == {"key padding [B, K]": LAYERS}
     assert report.graphs[0].fired["dropout"] >= 2 * LAYERS + 1
-    if find("linear_act") is not None:  # each layer's Q, K, V: one launch on back-to-back weights
-        assert report.graphs[0].fired["fused_projections"] == LAYERS
+    # each layer's Q, K, V: one launch on back-to-back weights
+    assert report.graphs[0].fired["fused_projections"] == LAYERS
 
 
 def test_length_on_a_bucket_and_no_mask_needs_no_padding(kit):
@@ -62,9 +59,8 @@ def test_length_on_a_bucket_and_no_mask_needs_no_padding(kit):
     ids, _ = kit.padded_batch(2, 16, [16, 16], vocab=120)
     report = kit.compare_with_reference(model, DTYPES[0], [dict(input_ids=ids)], ["last_hidden_state"])
     assert report.graphs[0].inputs.startswith("[2x16 int64] on")  # no attention_mask was added
-    if find("attention") is not None:
-        # no mask reaches the kernel (transformers 5.17 builds an all-True one while tracing: dropped)
-        assert report.graphs[0].attention_masks == {"none": LAYERS}
+    # no mask reaches the kernel (transformers 5.17 builds an all-True one while tracing: dropped)
+    assert report.graphs[0].attention_masks == {"none": LAYERS}
 
 
 def test_positional_and_keyword_calls_agree(kit):

@@ -10,7 +10,6 @@ import torch
 from transformers import T5Config, T5EncoderModel, T5ForConditionalGeneration
 
 from kernl.integration import generation, optimize_model
-from kernl.integration.kernels import KERNELS, find
 from kernl_testing import on_gpu
 
 DTYPE = torch.float16 if on_gpu() else torch.float32
@@ -49,13 +48,12 @@ def test_t5_encoder_matches_hugging_face(kit, feed_forward_proj, attention, dtyp
         SCALE,
     )
     assert all(graph.error is None for graph in report.graphs)
-    if all(find(name) for name in KERNELS):
-        graph = report.graphs[0]
-        assert graph.kept == {}, graph.kept
-        assert graph.fired["rms_norm"] == 2 * LAYERS + 1 and graph.fired[f"attention_{attention}"] == LAYERS
-        assert graph.attention_masks == {"key padding [B, K] + bias": LAYERS}
-        assert graph.fired.get("overflow_guard", 0) == (2 * LAYERS if dtype == torch.float16 else 0)
-        assert graph.fired.get("gated_ffn", 0) == (LAYERS if feed_forward_proj.startswith("gated") else 0)
+    graph = report.graphs[0]
+    assert graph.kept == {}, graph.kept
+    assert graph.fired["rms_norm"] == 2 * LAYERS + 1 and graph.fired[f"attention_{attention}"] == LAYERS
+    assert graph.attention_masks == {"key padding [B, K] + bias": LAYERS}
+    assert graph.fired.get("overflow_guard", 0) == (2 * LAYERS if dtype == torch.float16 else 0)
+    assert graph.fired.get("gated_ffn", 0) == (LAYERS if feed_forward_proj.startswith("gated") else 0)
 
 
 def test_t5_generation_runs_on_kernl(kit):
@@ -107,11 +105,10 @@ def test_t5_generation_runs_on_kernl(kit):
         "CUDA graph (decoder)" if on_gpu() else "rewritten graph, no CUDA graph (Triton interpreter)"
     )
     assert step.runs_as == prefill.runs_as == expected_runs_as
-    if all(find(name) for name in KERNELS):
-        for graph in (step, prefill):
-            assert graph.fired["attention_sdpa"] == 2 * LAYERS and graph.fired["rms_norm"] == 3 * LAYERS + 1
-            assert graph.fired["gated_ffn"] == LAYERS
-            assert graph.attention_masks == {"dense + bias": LAYERS, "key padding [B, K] + bias": LAYERS}
+    for graph in (step, prefill):
+        assert graph.fired["attention_sdpa"] == 2 * LAYERS and graph.fired["rms_norm"] == 3 * LAYERS + 1
+        assert graph.fired["gated_ffn"] == LAYERS
+        assert graph.attention_masks == {"dense + bias": LAYERS, "key padding [B, K] + bias": LAYERS}
 
 
 def test_t5_beam_search_keeps_the_cache_in_place(kit):
@@ -293,8 +290,7 @@ def test_other_encoder_decoder_models(kit, family):
     assert split_encoder or len(parts) == 2, str(report)
     decoder = report.graphs[-1]
     assert decoder.error is None and decoder.runs_as.startswith("CUDA graph" if on_gpu() else "rewritten")
-    if all(find(name) for name in KERNELS):
-        assert all(graph.kept == {} for graph in report.graphs), str(report)
+    assert all(graph.kept == {} for graph in report.graphs), str(report)
 
 
 def test_encoder_decoder_model_without_generate(kit):

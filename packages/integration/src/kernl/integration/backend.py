@@ -11,7 +11,6 @@ from collections import Counter
 import torch
 from torch import fx
 
-from kernl.integration.kernels import find, qualified_name
 from kernl.integration.report import GraphRecord, OptimizationReport, kept_as_pytorch
 from kernl.integration.rules import RULES
 from kernl.integration.rules.attention_sdpa import attention_call
@@ -48,9 +47,6 @@ def rewrite_graph(gm: fx.GraphModule, record: GraphRecord) -> fx.GraphModule:
     work = fx.GraphModule(gm, graph)
     try:
         for rule in RULES:
-            if rule.kernel is not None and find(rule.kernel) is None:
-                record.skipped[rule.name] = f"{qualified_name(rule.kernel)} is not available: kept as PyTorch"
-                continue
             record.fired[rule.name] = rule.rewrite(work)
         work.graph.eliminate_dead_code(is_impure_node=_mutates)
         work.graph.lint()

@@ -58,7 +58,6 @@ class GraphRecord:
     fired: dict[str, int] = field(default_factory=dict)
     kept: dict[str, int] = field(default_factory=dict)
     attention_masks: dict[str, int] = field(default_factory=dict)  # key padding / dense / none
-    skipped: dict[str, str] = field(default_factory=dict)
     runs_as: str = ""
     warmup_s: float | None = None
     error: str | None = None
@@ -104,7 +103,6 @@ class OptimizationReport:
             if graph.attention_masks:
                 masks = ", ".join(f"{kind} x{count}" for kind, count in graph.attention_masks.items())
                 lines.append(f"    attention masks handed to the kernel: {masks}")
-            lines += [f"    rule {name} did not run: {why}" for name, why in graph.skipped.items()]
             if graph.warmup_s is not None:
                 lines.append(f"    warm-up (capture) {graph.warmup_s:.2f} s")
             if graph.error:

@@ -14,7 +14,6 @@ import operator
 import torch
 from torch import fx
 
-from kernl.integration.kernels import find
 from kernl.integration.rules import Rule
 from kernl.integration.rules._fx import (
     arg,
@@ -112,8 +111,6 @@ def _call_args(gm: fx.GraphModule, q, k, v, scale, addends):
 
 def rewrite(gm: fx.GraphModule) -> int:
     """Replace each matched eager attention; return how many were replaced."""
-    if find("attention") is None:
-        return 0
     replaced = 0
     for node in list(gm.graph.nodes):
         if not _is_matmul(node) or (match := _match(node)) is None:
@@ -128,7 +125,6 @@ def rewrite(gm: fx.GraphModule) -> int:
 
 RULE = Rule(
     name="attention_eager",
-    kernel="attention",
     matches="matmul(q, k.transpose(-1,-2)) [* s | / s] [+ bias] [+ mask] -> softmax(-1) [-> .to] -> matmul(., v)",
     replacement="kernl.flash_attention.attention(q, k, v, scale=s, bias=, key_padding_mask=[B,K] | mask=)",
     rewrite=rewrite,

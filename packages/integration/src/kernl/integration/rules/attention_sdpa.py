@@ -10,8 +10,8 @@ A bias folded into the mask (T5's position bias: ``where(keep, bias, -big)``) go
 import torch
 from torch import fx
 
+from kernl.flash_attention import attention
 from kernl.integration import fallback
-from kernl.integration.kernels import find
 from kernl.integration.rules import Rule
 from kernl.integration.rules._fx import (
     arg,
@@ -39,16 +39,13 @@ def attention_call(q, k, v, scale, mask, key_padding_mask, causal, bias=None):
         mask = mask.to(q.dtype)
     if bias is not None:
         bias = bias.to(q.dtype)
-    return fallback.call("attention", _kernel, _pytorch, q, k, v, scale, mask, key_padding_mask, causal, bias)
+    return fallback.call(
+        "attention", attention, _pytorch, q, k, v,
+        scale=scale, bias=bias, mask=mask, key_padding_mask=key_padding_mask, causal=causal,
+    )  # fmt: skip
 
 
-def _kernel(q, k, v, scale, mask, key_padding_mask, causal, bias):
-    return find("attention")(
-        q, k, v, scale=scale, bias=bias, mask=mask, key_padding_mask=key_padding_mask, causal=causal
-    )
-
-
-def _pytorch(q, k, v, scale, mask, key_padding_mask, causal, bias):
+def _pytorch(q, k, v, *, scale, bias, mask, key_padding_mask, causal):
     if key_padding_mask is not None:
         mask = key_padding_mask[:, None, None, :]
     if bias is not None:
@@ -108,8 +105,6 @@ def qkv_ok(*nodes) -> bool:
 
 def rewrite(gm: fx.GraphModule) -> int:
     """Replace each matched sdpa call; return how many were replaced."""
-    if find("attention") is None:
-        return 0
     replaced = 0
     for node in list(gm.graph.nodes):
         if not is_function(node, SDPA_TARGETS):
@@ -132,7 +127,6 @@ def rewrite(gm: fx.GraphModule) -> int:
 
 RULE = Rule(
     name="attention_sdpa",
-    kernel="attention",
     matches="F.scaled_dot_product_attention(q, k, v, attn_mask=None | bool | additive, dropout_p=0)",
     replacement="kernl.flash_attention.attention(q, k, v, scale=, bias=, key_padding_mask=[B,K] | mask=, causal=)",
     rewrite=rewrite,

@@ -185,7 +185,6 @@ def rewrite(gm: fx.GraphModule) -> int:
 
 RULE = Rule(
     name="fused_projections",
-    kernel="linear_act",
     matches="several kernl linear_act calls on one input without activation or residual (Q, K, V)",
     replacement="one linear_act call on the row-stacked weights, sliced back per projection",
     rewrite=rewrite,

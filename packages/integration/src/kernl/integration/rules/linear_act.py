@@ -10,7 +10,6 @@ import torch
 from torch import fx
 
 from kernl.integration import fallback
-from kernl.integration.kernels import find
 from kernl.integration.rules import Rule
 from kernl.integration.rules._fx import (
     arg,
@@ -24,6 +23,7 @@ from kernl.integration.rules._fx import (
     replace_with_call,
     same_layout,
 )
+from kernl.linear_act import linear_act
 
 F = torch.nn.functional
 LINEAR_TARGETS = (F.linear,)
@@ -53,10 +53,6 @@ def _pytorch(x, weight, bias, activation, residual):
     return out if residual is None else out + residual
 
 
-def _kernel(x, weight, bias, activation, residual):
-    return find("linear_act")(x, weight, bias, activation=activation, residual=residual)
-
-
 def linear_act_call(x, weight, bias, activation, residual):
     """What the graph calls in place of the matched nodes.
 
@@ -66,8 +62,8 @@ def linear_act_call(x, weight, bias, activation, residual):
     dtype = autocast_dtype(x.device.type)
     x, weight, bias = cast_all(dtype, x, weight, bias)
     if residual is not None and residual.dtype != x.dtype:
-        return fallback.call("linear_act", _kernel, _pytorch, x, weight, bias, activation, None) + residual
-    return fallback.call("linear_act", _kernel, _pytorch, x, weight, bias, activation, residual)
+        return fallback.call("linear_act", linear_act, _pytorch, x, weight, bias, activation, None) + residual
+    return fallback.call("linear_act", linear_act, _pytorch, x, weight, bias, activation, residual)
 
 
 def _activation(node: fx.Node, source: fx.Node) -> str | None:
@@ -109,8 +105,6 @@ def _match(node: fx.Node):
 
 def rewrite(gm: fx.GraphModule) -> int:
     """Replace each matched linear chain by one kernel call; return how many were replaced."""
-    if find("linear_act") is None:
-        return 0
     replaced = 0
     for node in list(gm.graph.nodes):
         if not is_function(node, LINEAR_TARGETS):  # absorbed nodes are never linears
@@ -126,7 +120,6 @@ def rewrite(gm: fx.GraphModule) -> int:
 
 RULE = Rule(
     name="linear_act",
-    kernel="linear_act",
     matches="F.linear [-> gelu | gelu_tanh | relu | tanh | silu] [-> + residual of the same shape]",
     replacement="kernl.linear_act.linear_act(x, W, b, activation=..., residual=...)",
     rewrite=rewrite,
