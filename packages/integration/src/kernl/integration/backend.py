@@ -14,7 +14,7 @@ from torch import fx
 from kernl.integration.report import GraphRecord, OptimizationReport, kept_as_pytorch
 from kernl.integration.rules import RULES
 from kernl.integration.rules.attention_sdpa import attention_call
-from kernl.integration.step_graphs import StepGraph, has_static_address, holds_state
+from kernl.integration.step_graphs import has_static_address, holds_state, step_graphs
 
 
 def _describe_inputs(example_inputs, static_ids: set[int]) -> str:
@@ -83,7 +83,7 @@ class KernlBackend:
 
     ``static_tensors``: the model's parameters and buffers (left out of the report's input lists).
     ``part`` names the model part in the report (``"decoder"``); with ``step_graphs`` each graph on
-    a GPU also runs under its own CUDA graphs (:class:`~kernl.integration.step_graphs.StepGraph`),
+    a GPU also runs under its own CUDA graphs (:func:`~kernl.integration.step_graphs.step_graphs`),
     for callers that are not wrapped whole, such as the decoder that ``generate()`` calls once a step.
     """
 
@@ -104,4 +104,4 @@ class KernlBackend:
             return work.forward
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
-        return StepGraph(work.forward, example_inputs, self.static_ids, self.pool, record)
+        return step_graphs(work.forward, example_inputs, self.static_ids, self.pool, record)

@@ -8,7 +8,7 @@ the first one included once a cache is reused) runs the ``torch.compile``d forwa
 updates the cache in place, :mod:`kernl.integration.step_graphs`); any other call runs as before.
 Once the prefill has filled the cross-attention cache, a step changes nothing but tensors, so from a
 signature's second step on the whole call (TorchDynamo's guards and the Python of ``forward``
-included) is captured and replayed as one CUDA graph (:class:`~kernl.integration.cuda_graphs.ForwardGraphs`,
+included) is captured and replayed as one CUDA graph (:class:`~kernl.integration.forward_graphs.ForwardGraphs`,
 keyed by the cache and where its tensors live). The static cache becomes the default and
 transformers' own compilation of the decoder step is turned off (kernl's takes its place). Three things
 keep the number of compiled graphs and captures bounded: the prompt is padded to the encoder's bucket
@@ -28,7 +28,8 @@ import torch
 
 from kernl.integration.backend import KernlBackend
 from kernl.integration.copies import copies_unoptimized
-from kernl.integration.cuda_graphs import ForwardGraphs
+from kernl.integration.cuda_graphs import FIRST_CALL
+from kernl.integration.forward_graphs import ForwardGraphs, signature
 from kernl.integration.report import OptimizationReport
 
 KEPT_CACHES = 4
@@ -52,9 +53,8 @@ def optimize_generation(model, report: OptimizationReport, bucket, cuda_graphs: 
     compiled = torch.compile(original, backend=backend, dynamic=False)
     steps = compiled
     if cuda_graphs and model.device.type == "cuda":
-        steps = ForwardGraphs(
-            compiled, model, report, _step_signature, stateful=True, max_captures=KEPT_CACHES
-        )
+        # a step updates the cache in place: it runs once a call, and its first call is its warm-up
+        steps = ForwardGraphs(compiled, model, report, _step_signature, FIRST_CALL, KEPT_CACHES)
         model.kernl_decoder_graphs = steps
 
     @functools.wraps(original)  # transformers validates generate()'s kwargs against this signature
@@ -120,10 +120,10 @@ def _cross_attention_filled(cache) -> bool:
 
 
 def _step_signature(args: tuple, kwargs: dict) -> tuple | None:
-    """The capture key of a whole decoder step: the other arguments as :meth:`ForwardGraphs.signature`
-    sees them, the cache object, and where its tensors live."""
+    """The capture key of a whole decoder step: the other arguments as :func:`signature` sees them,
+    the cache object, and where its tensors live."""
     cache_name, cache = _cache_argument(kwargs)
-    key = ForwardGraphs.signature(args, {name: v for name, v in kwargs.items() if name != cache_name})
+    key = signature(args, {name: v for name, v in kwargs.items() if name != cache_name})
     if key is None:
         return None
     parts = _cache_parts(cache)

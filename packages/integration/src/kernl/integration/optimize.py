@@ -4,7 +4,7 @@ encoder-decoder model such as T5).
 The model's ``forward`` becomes: pad the sequence to a bucket length (padding is masked out), replay
 the CUDA graph of the ``torch.compile``d forward for that input signature
 (TorchDynamo, ``dynamic=False``, :class:`~kernl.integration.backend.KernlBackend`;
-:class:`~kernl.integration.cuda_graphs.ForwardGraphs`), and cut the outputs back to the caller's
+:class:`~kernl.integration.forward_graphs.ForwardGraphs`), and cut the outputs back to the caller's
 length. One graph is compiled and captured per (batch, bucket), so a stream of many sequence lengths
 costs a bounded number of warm-ups.
 """
@@ -18,9 +18,10 @@ import torch
 
 from kernl.integration.backend import KernlBackend
 from kernl.integration.copies import copies_unoptimized
-from kernl.integration.cuda_graphs import ForwardGraphs, holds_objects, map_tensors
+from kernl.integration.forward_graphs import ForwardGraphs
 from kernl.integration.generation import optimize_generation
 from kernl.integration.report import OptimizationReport
+from kernl.integration.trees import holds_objects, map_tensors
 
 DEFAULT_BUCKETS = (16, 32, 64, 128, 256, 384, 512)
 # Per-token inputs the wrapper pads (input_ids with the pad token, the others with zeros).
