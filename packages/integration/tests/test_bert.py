@@ -8,7 +8,7 @@ import torch
 from transformers import BertConfig, BertModel
 
 from kernl.integration import optimize_model
-from kernl.integration.optimize import _argument_namer
+from kernl.integration.arguments import argument_namer
 from kernl_testing import assert_matches_reference, on_gpu
 
 # CPU: fp32 through the interpreter (bf16 is wrong there); GPU: fp16 everywhere, bf16 once.
@@ -83,14 +83,14 @@ def test_positional_and_keyword_calls_agree(kit):
 def test_arguments_are_named_as_the_signature_binds_them():
     def forward(input_ids=None, attention_mask=None, *, output_hidden_states=None, **kwargs): ...
 
-    name = _argument_namer(inspect.signature(forward))
+    name = argument_namer(inspect.signature(forward))
     assert name((1, 2), {"return_dict": False}) == dict(input_ids=1, attention_mask=2, return_dict=False)
     assert name((), {"attention_mask": 2}) == dict(attention_mask=2)
     with pytest.raises(TypeError, match="multiple values"):
         name((1,), {"input_ids": 1})
     with pytest.raises(TypeError):
         name((1, 2, 3), {})  # output_hidden_states is keyword-only
-    assert _argument_namer(inspect.signature(lambda x, /, y: None)) is None  # called as it was
+    assert argument_namer(inspect.signature(lambda x, /, y: None)) is None  # called as it was
 
 
 def test_report_lists_rules_and_kept_ops(kit):

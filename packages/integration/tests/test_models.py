@@ -77,14 +77,14 @@ def test_two_dimensional_fields_as_wide_as_the_bucket_are_cut_only_when_known_pe
     the bucket): a field not known to be either cannot be cut, and the call runs at its own length."""
     from transformers.modeling_outputs import BaseModelOutputWithPooling, SequenceClassifierOutput
 
-    from kernl.integration.optimize import _cut_outputs
+    from kernl.integration.padding import cut_outputs
 
-    assert _cut_outputs(SequenceClassifierOutput(logits=torch.zeros(2, 16)), 11, 16) is None
-    assert _cut_outputs(SequenceClassifierOutput(logits=torch.zeros(2, 3)), 11, 16).logits.shape == (2, 3)
+    assert cut_outputs(SequenceClassifierOutput(logits=torch.zeros(2, 16)), 11, 16) is None
+    assert cut_outputs(SequenceClassifierOutput(logits=torch.zeros(2, 3)), 11, 16).logits.shape == (2, 3)
     pooled = BaseModelOutputWithPooling(
         last_hidden_state=torch.zeros(2, 16, 16), pooler_output=torch.zeros(2, 16)
     )
-    cut = _cut_outputs(pooled, 11, 16)
+    cut = cut_outputs(pooled, 11, 16)
     assert cut.last_hidden_state.shape == (2, 11, 16) and cut.pooler_output.shape == (2, 16)
 
 
@@ -108,20 +108,20 @@ def test_buckets_stop_at_the_position_table(kit):
 def test_usable_buckets_follow_each_family_position_table(kit):
     from transformers import BartConfig, BartModel
 
-    from kernl.integration.optimize import _usable_buckets
+    from kernl.integration.buckets import usable_buckets
 
     buckets = (16, 32, 64, 128, 256)
     bert = kit.build(BertModel, kit.tiny_config(BertConfig, max_position_embeddings=64))
-    assert _usable_buckets(bert, buckets) == (16, 32, 64)
+    assert usable_buckets(bert, buckets) == (16, 32, 64)
     # word embeddings as large as the position table (padding_idx 0) are not taken for it (64 was dropped)
     bert = kit.build(BertModel, kit.tiny_config(BertConfig, max_position_embeddings=64, vocab_size=64))
-    assert _usable_buckets(bert, buckets) == (16, 32, 64)
+    assert usable_buckets(bert, buckets) == (16, 32, 64)
     roberta = kit.build(RobertaModel, kit.tiny_config(RobertaConfig, **ROBERTA))  # positions from pad + 1 = 2
-    assert _usable_buckets(roberta, buckets) == (16, 32, 64, 128)  # 130 positions: 128 tokens
+    assert usable_buckets(roberta, buckets) == (16, 32, 64, 128)  # 130 positions: 128 tokens
     bart = kit.build(BartModel, BartConfig(vocab_size=120, d_model=32, encoder_layers=1, decoder_layers=1,
                                            encoder_attention_heads=2, decoder_attention_heads=2,
                                            encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=100))  # fmt: skip
-    assert _usable_buckets(bart, buckets) == (16, 32, 64)
+    assert usable_buckets(bart, buckets) == (16, 32, 64)
 
 
 def test_bert_decoder_with_a_cache_runs_as_called(kit):

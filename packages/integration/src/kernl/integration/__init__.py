@@ -10,7 +10,7 @@ import importlib
 # Loaded on first use: the rules import the kernel packages, and with them triton, which reads
 # TRITON_INTERPRET once, at import; the ``kernl`` command (kernl.integration.cli) sets it first.
 _LAZY = {
-    "DEFAULT_BUCKETS": "kernl.integration.optimize",
+    "DEFAULT_BUCKETS": "kernl.integration.buckets",
     "OptimizationReport": "kernl.integration.report",
     "optimize_model": "kernl.integration.optimize",
 }
