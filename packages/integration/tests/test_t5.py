@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import T5Config, T5EncoderModel, T5ForConditionalGeneration
 
-from kernl.integration import generation, optimize_model
+from kernl.integration import generation, hf_compat, optimize_model
 from kernl_testing import on_gpu
 
 DTYPE = torch.float16 if on_gpu() else torch.float32
@@ -124,7 +124,7 @@ def test_t5_beam_search_keeps_the_cache_in_place(kit):
     forward = optimized.forward
 
     def recording_forward(*args, **kwargs):
-        if generation._ready_static_cache(generation._cache_argument(kwargs)[1]):
+        if hf_compat.ready_static_cache(hf_compat.cache_argument(kwargs)[1]):
             addresses.append(generation._step_signature(args, kwargs)[-1])
         return forward(*args, **kwargs)
 
