@@ -20,7 +20,7 @@ def rewritten(fn, *inputs):
     record, captured = GraphRecord(inputs="test"), []
 
     def backend(gm, example_inputs):
-        captured.append(rewrite_graph(gm, record))
+        captured.append(rewrite_graph(gm, record, example_inputs))
         return captured[0].forward
 
     torch._dynamo.reset()
@@ -242,14 +242,37 @@ def test_projections_of_one_input_become_one_call_on_back_to_back_weights():
     assert q.weight.untyped_storage().data_ptr() == out.weight.untyped_storage().data_ptr()
 
 
+def test_stacked_weights_are_laid_out_when_compiling_and_running_the_graph_moves_nothing():
+    torch.manual_seed(0)
+    q, k = torch.nn.Linear(16, 8), torch.nn.Linear(16, 8)
+
+    def projections(x):
+        return q(x), k(x)
+
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        record, gm, compiled = rewritten(projections, x)
+        assert record.fired["fused_projections"] == 1
+        laid_out = [t.data_ptr() for t in (q.weight, k.weight, q.bias, k.bias)]
+        assert laid_out[1] == laid_out[0] + q.weight.numel() * q.weight.element_size()
+        k.weight.data = k.weight.detach() * 2  # moved by the user: the graph concatenates, leaves it there
+        moved = k.weight.data_ptr()
+        for actual, expected in zip(compiled(x), projections(x), strict=True):
+            torch.testing.assert_close(actual, expected)
+        assert k.weight.data_ptr() == moved and q.weight.data_ptr() == laid_out[0]
+
+
 def test_stacked_rows_is_a_view_once_parameters_are_laid_out():
-    from kernl.integration.rules.fused_projections import stacked_rows
+    from kernl.integration.rules.fused_projections import lay_out, stacked_rows
 
     parts = [torch.nn.Parameter(torch.randn(rows, 6)) for rows in (3, 5, 2)]
     expected = torch.cat([p.detach().clone() for p in parts])
-    first = stacked_rows(*parts)
+    addresses = [p.data_ptr() for p in parts]
+    assert torch.equal(stacked_rows(*parts), expected)
+    assert [p.data_ptr() for p in parts] == addresses  # running the graph moves nothing
+    lay_out(*parts)  # what the backend does when it compiles
     second = stacked_rows(*parts)
-    assert torch.equal(first, expected) and torch.equal(second, expected)
+    assert torch.equal(second, expected)
     assert second.data_ptr() == parts[0].data_ptr()  # a view: no copy per call
     with torch.no_grad():
         parts[1].mul_(2)  # in-place updates of a parameter show through the stacked view
@@ -260,11 +283,12 @@ def test_stacked_rows_is_a_view_once_parameters_are_laid_out():
 
 
 def test_parameters_made_under_inference_mode_are_concatenated():
-    from kernl.integration.rules.fused_projections import stacked_rows
+    from kernl.integration.rules.fused_projections import lay_out, stacked_rows
 
     with torch.inference_mode():  # e.g. a model loaded and cast inside inference_mode: storage cannot move
         parts = [torch.nn.Parameter(torch.randn(rows, 6)) for rows in (3, 5)]
     with torch.inference_mode():
+        lay_out(*parts)
         assert torch.equal(stacked_rows(*parts), torch.cat(parts))
     assert parts[1].untyped_storage().data_ptr() != parts[0].untyped_storage().data_ptr()
 

@@ -14,6 +14,7 @@ from torch import fx
 from kernl.integration.report import GraphRecord, OptimizationReport, kept_as_pytorch
 from kernl.integration.rules import RULES
 from kernl.integration.rules.attention_sdpa import attention_call
+from kernl.integration.rules.fused_projections import lay_out_stacked_weights
 from kernl.integration.step_graphs import has_static_address, holds_state, step_graphs
 
 
@@ -40,8 +41,10 @@ def _mutates(node: fx.Node) -> bool:
     return node.is_impure() or (node.op in ("call_method", "call_function") and in_place)
 
 
-def rewrite_graph(gm: fx.GraphModule, record: GraphRecord) -> fx.GraphModule:
-    """A copy of ``gm`` with every rule applied; ``gm`` itself when rewriting fails."""
+def rewrite_graph(gm: fx.GraphModule, record: GraphRecord, example_inputs) -> fx.GraphModule:
+    """A copy of ``gm`` with every rule applied; ``gm`` itself when rewriting fails. ``example_inputs``:
+    the tensors TorchDynamo compiles ``gm`` for (the weights of stacked projections are laid out now,
+    so that running the graph moves nothing)."""
     graph = fx.Graph()
     graph.output(graph.graph_copy(gm.graph, {}))
     work = fx.GraphModule(gm, graph)
@@ -51,6 +54,7 @@ def rewrite_graph(gm: fx.GraphModule, record: GraphRecord) -> fx.GraphModule:
         work.graph.eliminate_dead_code(is_impure_node=_mutates)
         work.graph.lint()
         work.recompile()
+        lay_out_stacked_weights(work, example_inputs)
     except Exception as error:  # noqa: BLE001 - never break the model: run the original graph
         record.error = f"rewriting failed ({type(error).__name__}: {error}); graph runs as PyTorch"
         record.fired.clear()
@@ -97,7 +101,7 @@ class KernlBackend:
     def __call__(self, gm: fx.GraphModule, example_inputs):
         record = GraphRecord(inputs=_describe_inputs(example_inputs, self.static_ids), part=self.part)
         self.report.graphs.append(record)
-        work = rewrite_graph(gm, record)
+        work = rewrite_graph(gm, record, example_inputs)
         on_cuda = any(isinstance(t, torch.Tensor) and t.is_cuda for t in example_inputs)
         record.runs_as = "rewritten graph, no CUDA graph" + (" (Triton interpreter)" if not on_cuda else "")
         if not (on_cuda and self.step_graphs):

@@ -232,7 +232,8 @@ class CudaGraphs:
                     else map_tensors(lambda t: t.clone() if fresh(t) else t, (args, kwargs))
                 )
                 self.fn(*run_args, **run_kwargs)
-            self._drop_if_weights_moved()  # compiling in the warm-up may move weights (stacked Q/K/V)
+            # the backend compiles in the first warm-up run, and lays out stacked Q/K/V weights then
+            self._drop_if_weights_moved()
 
         try:
             capture.graph, capture.outputs = captured(lambda: self.fn(*args, **kwargs), warm_up, self.pool)

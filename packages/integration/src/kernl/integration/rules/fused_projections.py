@@ -12,10 +12,11 @@ a slice of the wide output. So is a group where a ``view`` of a result would not
 (``q(x).view(-1)`` merges the columns with the rows: a slice's rows are not back to back): the views
 and reshapes taken of each result are replayed on the slice's layout (meta tensors) to check.
 
-Stacking costs nothing per call: the first call lays the weights out back to back in one buffer (the
-parameters keep their values and identity; only their storage moves), after which :func:`stacked_rows`
-is a view. Tensors that are not parameters (or are parameters created under ``inference_mode``) are
-concatenated on each call instead.
+Stacking costs nothing per call: when the backend compiles the graph, :func:`lay_out_stacked_weights`
+puts each group's weights back to back in one buffer (the parameters keep their values and identity;
+only their storage moves), after which :func:`stacked_rows` is a view. Running the graph moves
+nothing, so a CUDA graph captured of it has no side effects. Tensors that are not parameters (or are
+parameters created under ``inference_mode``, or weights moved since) are concatenated on each call.
 """
 
 import torch
@@ -38,20 +39,26 @@ def _adjacent(tensors) -> bool:
     return True
 
 
-def stacked_rows(*tensors: torch.Tensor) -> torch.Tensor:
-    """``torch.cat(tensors)`` (weights ``(N_i, K)`` or biases ``(N_i,)``), as a view when possible.
+def lay_out(*tensors: torch.Tensor) -> None:
+    """Move parameters ``tensors`` (weights ``(N_i, K)`` or biases ``(N_i,)``) back to back into one new
+    storage, in order (same values, same objects); leaves them alone when they are already, or when one
+    is not a parameter or was created under inference_mode (its storage cannot be replaced)."""
+    if _adjacent(tensors) or not all(
+        isinstance(t, torch.nn.Parameter) and not t.is_inference() for t in tensors
+    ):
+        return
+    with torch.inference_mode(False), torch.no_grad():  # normal tensors, even under inference_mode
+        buffer, offset = torch.cat(tensors), 0
+        for t in tensors:
+            t.data = buffer[offset : offset + t.shape[0]]
+            offset += t.shape[0]
 
-    Parameters not yet back to back in one storage are moved there first (same values, same objects).
-    """
+
+def stacked_rows(*tensors: torch.Tensor) -> torch.Tensor:
+    """``torch.cat(tensors)`` (weights ``(N_i, K)`` or biases ``(N_i,)``): a view of their storage when they
+    lie back to back in it (see :func:`lay_out`), else a new tensor. Moves nothing."""
     if not _adjacent(tensors):
-        # Parameters created under inference_mode cannot take new storage: concatenated each call instead
-        if not all(isinstance(t, torch.nn.Parameter) and not t.is_inference() for t in tensors):
-            return torch.cat(tensors)
-        with torch.inference_mode(False), torch.no_grad():  # normal tensors, even under inference_mode
-            buffer, offset = torch.cat(tensors), 0
-            for t in tensors:
-                t.data = buffer[offset : offset + t.shape[0]]
-                offset += t.shape[0]
+        return torch.cat(tensors)
     first = tensors[0]
     rows = sum(t.shape[0] for t in tensors)
     return first.as_strided((rows, *first.shape[1:]), first.stride(), first.storage_offset())
@@ -181,6 +188,17 @@ def rewrite(gm: fx.GraphModule) -> int:
             node.replace_all_uses_with(part)
             gm.graph.erase_node(node)
     return len(groups)
+
+
+def lay_out_stacked_weights(gm: fx.GraphModule, example_inputs) -> None:
+    """Lay out (:func:`lay_out`) the weights and biases of every :func:`stacked_rows` call of ``gm``, whose
+    arguments are graph inputs; ``example_inputs``: the tensors the backend compiles ``gm`` for, one per
+    placeholder in order (the model's parameters among them)."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    values = dict(zip(placeholders, example_inputs, strict=False))
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target is stacked_rows:
+            lay_out(*(values[arg] for arg in node.args))
 
 
 RULE = Rule(
