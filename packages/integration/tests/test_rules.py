@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from kernl.integration import fallback, optimize_model
 from kernl.integration.backend import rewrite_graph
 from kernl.integration.report import GraphRecord
-from kernl.integration.rules.attention_sdpa import attention_call
+from kernl.integration.rules.attention_sdpa import AttentionArgs, attention_call
 from kernl.integration.rules.gated_ffn import gated_linear_act_call
 from kernl_testing import assert_matches_reference, on_gpu
 
@@ -132,8 +132,8 @@ def test_the_report_counts_every_spelling_a_rule_matches_that_stays_pytorch():
     }
 
 
-def _attention_calls(gm):
-    return [n for n in gm.graph.nodes if n.target is attention_call]
+def _attention_calls(gm) -> list[AttentionArgs]:
+    return [AttentionArgs(*n.args) for n in gm.graph.nodes if n.target is attention_call]
 
 
 def test_padding_mask_becomes_key_padding_mask_and_causal_mask_stays_dense():
@@ -151,8 +151,8 @@ def test_padding_mask_becomes_key_padding_mask_and_causal_mask_stays_dense():
     record, gm, compiled = rewritten(fn, q, k, v, mask)
     assert record.fired["attention_sdpa"] == 2
     first, second = _attention_calls(gm)
-    assert first.args[5] is not None and first.args[4] is None  # key padding mask, no dense mask
-    assert second.args[5] is None and second.args[4] is not None  # causal: the dense mask
+    assert first.key_padding_mask is not None and first.mask is None  # key padding mask, no dense mask
+    assert second.key_padding_mask is None and second.mask is not None  # causal: the dense mask
     check_same(fn, compiled, q, k, v, mask)
 
 
@@ -475,8 +475,8 @@ def test_a_bias_folded_into_the_padding_mask_is_taken_out():
     record, gm, compiled = rewritten(fn, q, k, v, mask, bias)
     assert record.attention_masks == {"key padding [B, K] + bias": 1, "dense": 1}
     first, second = _attention_calls(gm)
-    assert first.args[5] is not None and first.args[4] is None and first.args[7].target == "contiguous"
-    assert second.args[4] is not None and second.args[7] is None
+    assert first.key_padding_mask is not None and first.mask is None and first.bias.target == "contiguous"
+    assert second.mask is not None and second.bias is None
     check_same(fn, compiled, q, k, v, mask, bias)
 
 

@@ -6,8 +6,9 @@ import torch
 
 
 def argument_namer(signature: inspect.Signature):
-    """``name(args, kwargs) -> {name: value}``, as ``signature.bind`` would name them, in ~1 us instead of
-    ~15: positional arguments take the names of the leading parameters. ``None`` for a signature with
+    """``name(args, kwargs) -> {name: value}``, as ``signature.bind`` would name them but
+    several times faster (it runs on every call): positional arguments take the names of the leading
+    parameters. ``None`` for a signature with
     positional-only parameters or ``*args`` (no Hugging Face model has them): such a forward is called
     as it was, without bucketing."""
     kinds = [p.kind for p in signature.parameters.values()]

@@ -13,7 +13,7 @@ from torch import fx
 
 from kernl.integration.report import GraphRecord, OptimizationReport, kept_as_pytorch
 from kernl.integration.rules import RULES
-from kernl.integration.rules.attention_sdpa import attention_call
+from kernl.integration.rules.attention_sdpa import AttentionArgs, attention_call
 from kernl.integration.rules.fused_projections import lay_out_stacked_weights
 from kernl.integration.step_graphs import has_static_address, holds_state, step_graphs
 
@@ -70,15 +70,15 @@ def attention_masks(gm: fx.GraphModule) -> dict[str, int]:
     kinds = Counter()
     for node in gm.graph.nodes:
         if node.target is attention_call:
-            mask, key_padding_mask, bias = node.args[4], node.args[5], node.args[7]
+            call = AttentionArgs(*node.args)
             kind = (
                 "key padding [B, K]"
-                if key_padding_mask is not None
+                if call.key_padding_mask is not None
                 else "dense"
-                if mask is not None
+                if call.mask is not None
                 else "none"
             )
-            kinds[kind + (" + bias" if bias is not None else "")] += 1
+            kinds[kind + (" + bias" if call.bias is not None else "")] += 1
     return dict(kinds)
 
 

@@ -25,7 +25,13 @@ from kernl.integration.rules._fx import (
     only_user,
     replace_with_call,
 )
-from kernl.integration.rules.attention_sdpa import attention_args, attention_call, contiguous_once, qkv_ok
+from kernl.integration.rules.attention_sdpa import (
+    AttentionArgs,
+    attention_args,
+    attention_call,
+    contiguous_once,
+    qkv_ok,
+)
 
 MATMUL_TARGETS = (torch.matmul, operator.matmul)
 SOFTMAX_TARGETS = (torch.nn.functional.softmax, torch.softmax)
@@ -95,7 +101,7 @@ def _match(probs_matmul: fx.Node):
     return q, k, v, 1.0 if scale is None else scale, addends, chain
 
 
-def _call_args(gm: fx.GraphModule, q, k, v, scale, addends):
+def _call_args(gm: fx.GraphModule, q, k, v, scale, addends) -> AttentionArgs | None:
     """Arguments of :func:`attention_call` for the added terms: no term, a mask, or a bias beside a mask
     that must turn into a key padding mask (or go away); None when neither term is such a mask."""
     if len(addends) < 2:
@@ -104,8 +110,8 @@ def _call_args(gm: fx.GraphModule, q, k, v, scale, addends):
         call_args = attention_args(gm, q, k, v, scale, mask, False, True)
         # the mask became a key padding mask, or lets everything through; a bias folded into it
         # (where(keep, bias, -big)) would make two biases, which the kernel does not take
-        if call_args[4] is None and call_args[7] is None:
-            return call_args[:7] + (contiguous_once(gm, bias),)
+        if call_args.mask is None and call_args.bias is None:
+            return call_args._replace(bias=contiguous_once(gm, bias))
     return None
 
 
@@ -118,7 +124,7 @@ def rewrite(gm: fx.GraphModule) -> int:
         q, k, v, scale, addends, chain = match
         if (call_args := _call_args(gm, q, k, v, scale, addends)) is None:
             continue
-        replace_with_call(gm, node, attention_call, call_args, list(reversed(chain)))
+        replace_with_call(gm, node, attention_call, tuple(call_args), list(reversed(chain)))
         replaced += 1
     return replaced
 

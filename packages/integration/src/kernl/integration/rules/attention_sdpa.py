@@ -7,6 +7,8 @@ A bias folded into the mask (T5's position bias: ``where(keep, bias, -big)``) go
 ``bias=`` beside the mask it was folded with.
 """
 
+from typing import NamedTuple
+
 import torch
 from torch import fx
 
@@ -30,6 +32,24 @@ from kernl.integration.rules._padding_mask import (
 )
 
 SDPA_TARGETS = (torch.nn.functional.scaled_dot_product_attention,)
+
+
+class AttentionArgs(NamedTuple):
+    """The arguments of :func:`attention_call`, in its order: graph nodes (tensors) or constants.
+
+    ``mask``: a dense mask ``[B, 1|H, Q, K]`` (bool: True = attend, or additive), or None;
+    ``key_padding_mask``: bool ``[B, K]`` (True = real token) standing for the mask, or None;
+    ``bias``: an additive ``[1|B, H, Q, K]`` bias (T5's position bias), or None.
+    """
+
+    q: object
+    k: object
+    v: object
+    scale: float | None
+    mask: object
+    key_padding_mask: object
+    causal: bool
+    bias: object = None
 
 
 def attention_call(q, k, v, scale, mask, key_padding_mask, causal, bias=None):
@@ -79,22 +99,22 @@ def contiguous_once(gm: fx.GraphModule, node: fx.Node) -> fx.Node:
     return copy
 
 
-def attention_args(gm: fx.GraphModule, q, k, v, scale, mask, causal, additive: bool):
+def attention_args(gm: fx.GraphModule, q, k, v, scale, mask, causal, additive: bool) -> AttentionArgs:
     """Arguments of :func:`attention_call`: the mask turned into a key padding mask where possible, and
     an additive bias taken out of the mask where it was folded in (see :func:`_bias_and_keep`)."""
     eq = example(q)
     split = _bias_and_keep(mask) if additive else None
     if split is not None:
         bias, keep = split
-        return attention_args(gm, q, k, v, scale, keep, causal, additive=False)[:7] + (
-            contiguous_once(gm, bias),
-        )
+        unbiased = attention_args(gm, q, k, v, scale, keep, causal, additive=False)
+        return unbiased._replace(bias=contiguous_once(gm, bias))
+    plain = AttentionArgs(q, k, v, scale, mask=None, key_padding_mask=None, causal=causal)
     if mask is None or attends_everywhere(mask, additive):
-        return (q, k, v, scale, None, None, causal, None)
+        return plain
     source = key_padding_source(mask, heads=eq.shape[1], queries=eq.shape[2], additive=additive)
     if source is None:
-        return (q, k, v, scale, mask, None, causal, None)
-    return (q, k, v, scale, None, key_padding_node(gm, source), causal, None)
+        return plain._replace(mask=mask)
+    return plain._replace(key_padding_mask=key_padding_node(gm, source))
 
 
 def qkv_ok(*nodes) -> bool:
@@ -120,7 +140,7 @@ def rewrite(gm: fx.GraphModule) -> int:
             continue
         additive = mask is not None and example(mask).dtype != torch.bool
         call_args = attention_args(gm, q, k, v, scale, mask, causal, additive)
-        replace_with_call(gm, node, attention_call, call_args, [node])
+        replace_with_call(gm, node, attention_call, tuple(call_args), [node])
         replaced += 1
     return replaced
 

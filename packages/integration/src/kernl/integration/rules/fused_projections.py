@@ -24,7 +24,7 @@ from torch import fx
 
 from kernl.integration.rules import Rule
 from kernl.integration.rules._fx import example, is_function, is_method
-from kernl.integration.rules.linear_act import linear_act_call
+from kernl.integration.rules.linear_act import LinearActArgs, linear_act_call
 
 
 def _adjacent(tensors) -> bool:
@@ -139,20 +139,28 @@ def _views_fit(nodes: list[fx.Node], limit: int = 256) -> bool:
     return True
 
 
+def _weight(call: fx.Node) -> fx.Node:
+    return LinearActArgs(*call.args).weight
+
+
+def _bias(call: fx.Node) -> fx.Node | None:
+    return LinearActArgs(*call.args).bias
+
+
 def _groups(gm: fx.GraphModule) -> list[list[fx.Node]]:
     """Plain projection calls grouped by (input, weight dtype and width, bias present)."""
     groups: dict[tuple, list[fx.Node]] = {}
     for node in gm.graph.nodes:
         if node.op != "call_function" or node.target is not linear_act_call:
             continue
-        x, weight, bias, activation, residual = node.args
+        x, weight, bias, activation, residual = LinearActArgs(*node.args)
         w = example(weight)
         if activation is not None or residual is not None or w is None or weight.op != "placeholder":
             continue
         if bias is not None and getattr(bias, "op", None) != "placeholder":
             continue
         group = groups.setdefault((x, w.dtype, w.shape[1], bias is None), [])
-        if weight not in (n.args[1] for n in group):  # a weight twice in one stack: the repeat stays apart
+        if weight not in (_weight(n) for n in group):  # a weight twice in one stack: the repeat stays apart
             group.append(node)
     # A weight can live in one buffer only: groups that would stack it with different neighbours
     # (weights shared across inputs in another combination) are left alone.
@@ -160,7 +168,7 @@ def _groups(gm: fx.GraphModule) -> list[list[fx.Node]]:
     merged = []
     candidates = (nodes for nodes in groups.values() if len(nodes) > 1 and not _reaches_as_strided(nodes))
     for nodes in (nodes for nodes in candidates if _views_fit(nodes)):
-        stack = tuple(n.args[1] for n in nodes) + tuple(n.args[2] for n in nodes if n.args[2] is not None)
+        stack = tuple(map(_weight, nodes)) + tuple(_bias(n) for n in nodes if _bias(n) is not None)
         if all(stacks.get(t, stack) == stack for t in stack):
             stacks.update(dict.fromkeys(stack, stack))
             merged.append(nodes)
@@ -171,16 +179,17 @@ def rewrite(gm: fx.GraphModule) -> int:
     """Merge each group of projections into one call; return how many groups were merged."""
     groups = _groups(gm)
     for nodes in groups:
-        x, _, first_bias, _, _ = nodes[0].args
+        first = LinearActArgs(*nodes[0].args)
         with gm.graph.inserting_before(nodes[0]):
-            weight = gm.graph.call_function(stacked_rows, tuple(n.args[1] for n in nodes))
-            bias = None if first_bias is None else gm.graph.call_function(
-                stacked_rows, tuple(n.args[2] for n in nodes)
+            weight = gm.graph.call_function(stacked_rows, tuple(map(_weight, nodes)))
+            bias = None if first.bias is None else gm.graph.call_function(
+                stacked_rows, tuple(map(_bias, nodes))
             )  # fmt: skip
-            wide = gm.graph.call_function(linear_act_call, (x, weight, bias, None, None))
+            wide_args = LinearActArgs(first.x, weight, bias, activation=None, residual=None)
+            wide = gm.graph.call_function(linear_act_call, tuple(wide_args))
             parts, start = [], 0
             for node in nodes:
-                width = example(node.args[1]).shape[0]
+                width = example(_weight(node)).shape[0]
                 parts.append(gm.graph.call_function(torch.narrow, (wide, -1, start, width)))
                 start += width
         for node, part in zip(nodes, parts, strict=True):  # erased after the inserts: nodes[0] anchors them

@@ -6,6 +6,8 @@ and when the result's only user is ``+`` with a tensor of the same shape and dty
 is fused into the kernel's epilogue too.
 """
 
+from typing import NamedTuple
+
 import torch
 from torch import fx
 
@@ -46,6 +48,16 @@ TORCH_ACTIVATIONS = {
     "tanh": torch.tanh,
     "silu": F.silu,
 }
+
+
+class LinearActArgs(NamedTuple):
+    """The arguments of :func:`linear_act_call`, in its order: graph nodes (tensors) or constants."""
+
+    x: object
+    weight: object
+    bias: object
+    activation: str | None  # a kernel activation name (see TORCH_ACTIVATIONS), None: none
+    residual: object
 
 
 def _pytorch(x, weight, bias, activation, residual):
@@ -100,7 +112,7 @@ def _match(node: fx.Node):
         other = user.args[1] if user.args[0] is last else user.args[0]
         if other is not last and isinstance(other, fx.Node) and same_layout(other, last):
             absorbed, last, residual = absorbed + [user], user, other
-    return (x, weight, bias, activation, residual), absorbed
+    return LinearActArgs(x, weight, bias, activation, residual), absorbed
 
 
 def rewrite(gm: fx.GraphModule) -> int:
@@ -113,7 +125,7 @@ def rewrite(gm: fx.GraphModule) -> int:
         if match is None:
             continue
         call_args, absorbed = match
-        replace_with_call(gm, absorbed[-1], linear_act_call, call_args, absorbed)
+        replace_with_call(gm, absorbed[-1], linear_act_call, tuple(call_args), absorbed)
         replaced += 1
     return replaced
 
