@@ -258,3 +258,17 @@ def test_an_input_that_requires_grad_runs_the_original_forward(kit):
         m(inputs_embeds=embeds, attention_mask=mask).last_hidden_state.sum().backward()
         grads.append(embeds.grad)
     torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)
+
+
+def test_an_input_longer_than_the_position_table_says_so(kit):
+    model = kit.build(BertModel, kit.tiny_config(BertConfig))  # 128 positions
+    optimize_model(model.to(kit.device))
+    ids = torch.randint(5, 120, (1, 200), device=kit.device)
+    with pytest.raises(ValueError, match="input_ids has 200 positions, more than the 128"):
+        model(input_ids=ids)
+
+
+def test_buckets_the_model_cannot_take_are_left_out_with_a_warning(kit):
+    model = kit.build(BertModel, kit.tiny_config(BertConfig))  # 128 positions
+    with pytest.warns(UserWarning, match=r"buckets \[1000\] are longer than the inputs this model takes"):
+        optimize_model(model.to(kit.device), buckets=(16, 1000))

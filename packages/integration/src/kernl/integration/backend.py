@@ -11,7 +11,7 @@ from collections import Counter
 import torch
 from torch import fx
 
-from kernl.integration.report import GraphRecord, OptimizationReport, kept_as_pytorch
+from kernl.integration.report import GraphRecord, OptimizationReport, kept_as_pytorch, kept_reasons
 from kernl.integration.rules import RULES
 from kernl.integration.rules.attention_sdpa import AttentionArgs, attention_call
 from kernl.integration.rules.fused_projections import lay_out_stacked_weights
@@ -58,9 +58,9 @@ def rewrite_graph(gm: fx.GraphModule, record: GraphRecord, example_inputs) -> fx
     except Exception as error:  # noqa: BLE001 - never break the model: run the original graph
         record.error = f"rewriting failed ({type(error).__name__}: {error}); graph runs as PyTorch"
         record.fired.clear()
-        record.kept = kept_as_pytorch(gm)
+        record.kept, record.kept_why = kept_as_pytorch(gm), kept_reasons(gm)
         return gm
-    record.kept = kept_as_pytorch(work)
+    record.kept, record.kept_why = kept_as_pytorch(work), kept_reasons(work)
     record.attention_masks = attention_masks(work)
     return work
 

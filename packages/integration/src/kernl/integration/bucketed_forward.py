@@ -12,11 +12,13 @@ from kernl.integration.buckets import bucket
 from kernl.integration.padding import cut_outputs, one_sequence_a_row, pad_arguments
 
 
-def bucketed_forward(model, compiled, original, buckets, pad_id: int):
+def bucketed_forward(model, compiled, original, buckets, pad_id: int, longest: int | None = None):
     """The forward kernl installs: ``compiled`` called by keyword on the arguments padded to a bucket
     length (see the module docstring), ``original`` in training mode or for a call that wants gradients.
 
-    ``buckets``: sorted bucket lengths (empty: no padding); ``pad_id``: the token that pads ``input_ids``.
+    ``buckets``: sorted bucket lengths (empty: no padding); ``pad_id``: the token that pads ``input_ids``;
+    ``longest``: the positions of the model's position table (None: no table). A longer input without
+    ``position_ids`` raises ``ValueError`` naming it (compiling it would fail deep inside TorchDynamo).
     """
     name_arguments = argument_namer(inspect.signature(original))
     unpadded_only = set()  # kinds of call (see call_kind) whose outputs cannot be cut back
@@ -38,6 +40,12 @@ def bucketed_forward(model, compiled, original, buckets, pad_id: int):
         if token_input is None or not one_sequence_a_row(arguments):
             return call(arguments)  # multiple choice (B, choices, S), a 4-D mask, a cache: run as called
         length = token_input.shape[1]
+        if longest is not None and length > longest and arguments.get("position_ids") is None:
+            name = "input_ids" if ids is not None else "inputs_embeds"
+            raise ValueError(
+                f"{name} has {length} positions, more than the {longest} of this model's position table "
+                "(config.max_position_embeddings)"
+            )
         padded = bucket(length, buckets)
         if padded == length:
             return call(arguments)

@@ -23,18 +23,31 @@ def bucket(length: int, buckets) -> int:
     return next((b for b in buckets if b >= length), length)
 
 
-def usable_buckets(model: torch.nn.Module, buckets: tuple[int, ...]) -> tuple[int, ...]:
-    """The buckets no longer than the longest input the model's position table takes (a prompt padded
-    past it would index out of the table): ``config.max_position_embeddings``, less the offset of
-    tables indexed from ``padding_idx + 1`` (RoBERTa). All of them without such a table (T5)."""
+def _position_limit(model: torch.nn.Module) -> tuple[int | None, bool]:
+    """``(longest input, whether a position table was found)``: ``config.max_position_embeddings``, less
+    the offset of a position table indexed from ``padding_idx + 1`` (RoBERTa); ``(None, False)`` without
+    that setting (T5)."""
     longest = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     if not isinstance(longest, int):
-        return buckets
+        return None, False
     for name, module in model.named_modules():  # the position table (not word embeddings of that size)
         if "position" in name and isinstance(module, torch.nn.Embedding) and module.num_embeddings == longest:
-            longest -= 0 if module.padding_idx is None else module.padding_idx + 1
-            break
-    return tuple(b for b in buckets if b <= longest)
+            return longest - (0 if module.padding_idx is None else module.padding_idx + 1), True
+    return longest, False
+
+
+def position_table_length(model: torch.nn.Module) -> int | None:
+    """The most positions the model's learned position table holds (an input longer than that, without
+    ``position_ids`` of its own, indexes past it), or None without such a table."""
+    longest, found = _position_limit(model)
+    return longest if found else None
+
+
+def usable_buckets(model: torch.nn.Module, buckets: tuple[int, ...]) -> tuple[int, ...]:
+    """The buckets no longer than the longest input the model takes (a prompt padded past its position
+    table would index out of it; see :func:`_position_limit`). All of them without such a limit (T5)."""
+    longest = _position_limit(model)[0]
+    return buckets if longest is None else tuple(b for b in buckets if b <= longest)
 
 
 def safe_buckets(model: torch.nn.Module, buckets: tuple[int, ...]) -> tuple[int, ...]:

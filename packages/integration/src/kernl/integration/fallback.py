@@ -33,6 +33,14 @@ def call(name: str, kernel, pytorch, *args, **kwargs):
     return pytorch(*args, **kwargs)
 
 
+def _readable(part) -> str:
+    if isinstance(part, tuple):  # a tensor: (shape, dtype, device type)
+        shape, dtype, device = part
+        return f"{'x'.join(map(str, shape)) or 'scalar'} {str(dtype).removeprefix('torch.')} on {device}"
+    return part
+
+
 def summary() -> list[str]:
-    """One line per failed kernel signature."""
-    return [f"{key[0]} {key[1:]}: {why}" for key, why in FAILURES.items()]
+    """One line per failed kernel signature: the kernel, its arguments (tensors as shape, dtype and
+    device), and the error."""
+    return [f"{key[0]}({', '.join(map(_readable, key[1:]))}): {why}" for key, why in FAILURES.items()]

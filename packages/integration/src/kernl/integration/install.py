@@ -10,7 +10,7 @@ import torch
 
 from kernl.integration.backend import KernlBackend
 from kernl.integration.bucketed_forward import bucketed_forward
-from kernl.integration.buckets import safe_buckets
+from kernl.integration.buckets import position_table_length, safe_buckets
 from kernl.integration.copies import copies_unoptimized
 from kernl.integration.forward_graphs import ForwardGraphs
 from kernl.integration.report import OptimizationReport
@@ -55,7 +55,8 @@ def install_forward(model: torch.nn.Module, buckets, cuda_graphs: bool, part: st
             f"model type {model.config.model_type!r} is not known to keep padding out of its real tokens' "
             "outputs: no bucketing, each sequence length compiles and captures its own graph"
         )
-    model.forward = bucketed_forward(model, compiled, original, safe, pad_id)
+    longest = position_table_length(model)
+    model.forward = bucketed_forward(model, compiled, original, safe, pad_id, longest)
     model.kernl_original_forward = original
     copies_unoptimized(model)
     return report

@@ -69,7 +69,14 @@ def optimize_model(model: torch.nn.Module, *, buckets=DEFAULT_BUCKETS, cuda_grap
     if inner is not None:
         return optimize_model(inner, buckets=buckets, cuda_graphs=cuda_graphs)
     check_model(model)
-    buckets = usable_buckets(model, checked_buckets(buckets))
+    asked = checked_buckets(buckets)
+    buckets = usable_buckets(model, asked)
+    if len(buckets) < len(asked):
+        warnings.warn(
+            f"kernl: buckets {sorted(set(asked) - set(buckets))} are longer than the inputs this model "
+            f"takes (config.max_position_embeddings): left out, the buckets are {buckets}",
+            stacklevel=2,
+        )
     encoder_decoder = getattr(getattr(model, "config", None), "is_encoder_decoder", False)
     part = model.get_encoder() if encoder_decoder and hasattr(model, "get_encoder") else model
     if hasattr(part, "kernl_original_forward"):

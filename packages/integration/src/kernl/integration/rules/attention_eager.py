@@ -16,6 +16,7 @@ from torch import fx
 
 from kernl.integration.rules import Rule
 from kernl.integration.rules._fx import (
+    KEPT_REASON,
     arg,
     example,
     is_add,
@@ -31,6 +32,7 @@ from kernl.integration.rules.attention_sdpa import (
     attention_call,
     contiguous_once,
     qkv_ok,
+    unsupported_shape,
 )
 
 MATMUL_TARGETS = (torch.matmul, operator.matmul)
@@ -122,6 +124,10 @@ def rewrite(gm: fx.GraphModule) -> int:
         if not _is_matmul(node) or (match := _match(node)) is None:
             continue
         q, k, v, scale, addends, chain = match
+        if (reason := unsupported_shape(q)) is not None:
+            for kept in chain:
+                kept.meta[KEPT_REASON] = reason
+            continue
         if (call_args := _call_args(gm, q, k, v, scale, addends)) is None:
             continue
         replace_with_call(gm, node, attention_call, tuple(call_args), list(reversed(chain)))

@@ -12,10 +12,11 @@ from typing import NamedTuple
 import torch
 from torch import fx
 
-from kernl.flash_attention import attention
+from kernl.flash_attention import MAX_HEAD_DIM, attention
 from kernl.integration import fallback
 from kernl.integration.rules import Rule
 from kernl.integration.rules._fx import (
+    KEPT_REASON,
     arg,
     autocast_dtype,
     cast_all,
@@ -117,6 +118,12 @@ def attention_args(gm: fx.GraphModule, q, k, v, scale, mask, causal, additive: b
     return plain._replace(key_padding_mask=key_padding_node(gm, source))
 
 
+def unsupported_shape(q) -> str | None:
+    """Why the kernel cannot take attention over ``q`` (a node with a 4-D example value), or None."""
+    head_dim = example(q).shape[-1]
+    return f"head_dim {head_dim} > {MAX_HEAD_DIM}" if head_dim > MAX_HEAD_DIM else None
+
+
 def qkv_ok(*nodes) -> bool:
     """q, k, v have 4-D example values of one dtype."""
     values = [example(n) for n in nodes]
@@ -137,6 +144,9 @@ def rewrite(gm: fx.GraphModule) -> int:
         if not isinstance(causal, bool) or not (scale is None or isinstance(scale, float | int)):
             continue
         if mask is not None and (example(mask) is None or example(mask).dim() != 4):
+            continue
+        if (reason := unsupported_shape(q)) is not None:
+            node.meta[KEPT_REASON] = reason
             continue
         additive = mask is not None and example(mask).dtype != torch.bool
         call_args = attention_args(gm, q, k, v, scale, mask, causal, additive)
