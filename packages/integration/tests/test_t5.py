@@ -194,7 +194,7 @@ def test_t5_generate_arguments_behave_as_in_hugging_face(kit):
         encoded = reference.get_encoder()(input_ids=ids, attention_mask=mask)
     same(encoder_outputs=encoded, attention_mask=mask)
     cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
-    same(input_ids=ids, attention_mask=mask, past_key_values=cache)
+    same(input_ids=ids, attention_mask=mask, **{hf_compat.GENERATE_CACHE_NAME: cache})
     assert cache.cross_attention_cache.get_seq_length() == ids.shape[1]  # the caller's cache: not bucketed
     out, expected = same(
         input_ids=ids, attention_mask=mask, return_dict_in_generate=True, output_hidden_states=True
@@ -224,9 +224,8 @@ def test_t5_generate_settings_that_read_the_prompt_or_refuse_static_caches(kit):
             assert torch.equal(tokens, reference.generate(**base, **setting)) or on_gpu()
         first = optimized.generate(**base, return_dict_in_generate=True)
         with pytest.raises(ValueError, match="cache_implementation='dynamic'"):
-            optimized.generate(
-                **base, decoder_input_ids=first.sequences, past_key_values=first.past_key_values
-            )
+            given = {hf_compat.GENERATE_CACHE_NAME: first.past_key_values}
+            optimized.generate(**base, decoder_input_ids=first.sequences, **given)
 
 
 @pytest.mark.skipif(not on_gpu(), reason="CUDA graphs need a GPU")
@@ -324,3 +323,17 @@ def test_a_deep_copy_of_an_optimized_t5_is_a_plain_model(kit):
         tokens = copied.generate(input_ids=ids, max_new_tokens=4, do_sample=False)
         expected = plain.generate(input_ids=ids, max_new_tokens=4, do_sample=False)
     assert torch.equal(tokens, expected)
+
+
+def test_a_direct_call_after_generate_reuses_the_encoder_graph(kit):
+    """generate() calls the encoder with output_attentions=False, output_hidden_states=False and
+    return_dict=True, the model's own forward with inputs_embeds=None: values that change nothing,
+    dropped, so both calls share one encoder graph."""
+    model = kit.build(T5ForConditionalGeneration, t5_config("relu")).to(kit.device)
+    report = optimize_model(model)
+    ids, mask = (t.to(kit.device) for t in kit.padded_batch(2, 9, [9, 5], vocab=120))
+    with torch.inference_mode():
+        model.generate(ids, attention_mask=mask, max_new_tokens=2, do_sample=False)
+        encoder_graphs = [graph.inputs for graph in report.graphs if graph.part == "encoder"]
+        model(ids, attention_mask=mask, decoder_input_ids=ids[:, :2])
+    assert [graph.inputs for graph in report.graphs if graph.part == "encoder"] == encoder_graphs, str(report)

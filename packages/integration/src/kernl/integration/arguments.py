@@ -4,6 +4,8 @@ import inspect
 
 import torch
 
+from kernl.integration.hf_compat import CONFIG_FLAGS
+
 
 def argument_namer(signature: inspect.Signature):
     """``name(args, kwargs) -> {name: value}``, as ``signature.bind`` would name them but
@@ -44,3 +46,23 @@ def input_wants_gradients(args: tuple, kwargs: dict) -> bool:
     kernl's kernels have no backward, so such a call runs the original forward."""
     values = (*args, *kwargs.values())
     return torch.is_grad_enabled() and any(isinstance(v, torch.Tensor) and v.requires_grad for v in values)
+
+
+def default_dropper(signature: inspect.Signature, config):
+    """``drop(arguments) -> arguments`` without those that change nothing: ``None`` for a parameter whose
+    default is ``None``, and an output flag (:data:`~kernl.integration.hf_compat.CONFIG_FLAGS`) equal to
+    ``config``'s, which the forward would read anyway. Calls that differ only there (``generate()``
+    passes ``output_attentions=False``, a model's own forward ``inputs_embeds=None``) then share one
+    compiled graph and one capture."""
+    none_by_default = {p.name for p in signature.parameters.values() if p.default is None}
+    unset = object()
+
+    def drop(arguments: dict) -> dict:
+        return {
+            name: value
+            for name, value in arguments.items()
+            if not (value is None and name in none_by_default)
+            and not (name in CONFIG_FLAGS and value is getattr(config, name, unset))
+        }
+
+    return drop

@@ -7,7 +7,7 @@ import inspect
 
 import torch
 
-from kernl.integration.arguments import argument_namer, call_kind, input_wants_gradients
+from kernl.integration.arguments import argument_namer, call_kind, default_dropper, input_wants_gradients
 from kernl.integration.buckets import bucket
 from kernl.integration.padding import cut_outputs, one_sequence_a_row, pad_arguments
 
@@ -21,6 +21,7 @@ def bucketed_forward(model, compiled, original, buckets, pad_id: int, longest: i
     ``position_ids`` raises ``ValueError`` naming it (compiling it would fail deep inside TorchDynamo).
     """
     name_arguments = argument_namer(inspect.signature(original))
+    drop_defaults = default_dropper(inspect.signature(original), getattr(model, "config", None))
     unpadded_only = set()  # kinds of call (see call_kind) whose outputs cannot be cut back
 
     def call(named: dict):  # by keyword: positional and keyword calls share a capture
@@ -34,7 +35,7 @@ def bucketed_forward(model, compiled, original, buckets, pad_id: int, longest: i
         if name_arguments is None:
             with torch.no_grad():
                 return compiled(*args, **kwargs)
-        arguments = name_arguments(args, kwargs)
+        arguments = drop_defaults(name_arguments(args, kwargs))
         ids, embeds = arguments.get("input_ids"), arguments.get("inputs_embeds")
         token_input = ids if ids is not None else embeds
         if token_input is None or not one_sequence_a_row(arguments):

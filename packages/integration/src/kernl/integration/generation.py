@@ -22,6 +22,7 @@ on are in :mod:`kernl.integration.hf_compat`.
 """
 
 import functools
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -32,6 +33,8 @@ from kernl.integration.copies import copies_unoptimized
 from kernl.integration.cuda_graphs import FIRST_CALL
 from kernl.integration.forward_graphs import ForwardGraphs, signature
 from kernl.integration.hf_compat import (
+    CACHE_ARGUMENT_NAMES,
+    GENERATE_CACHE_NAME,
     allocate_layer,
     cache_argument,
     cache_layers,
@@ -314,6 +317,16 @@ def _bucketed_generate(model, generate, bucket, report: OptimizationReport):
 
     def padded_generate(*args, **kwargs):
         config = kwargs.get("generation_config") or model.generation_config
+        for old in set(CACHE_ARGUMENT_NAMES) - {GENERATE_CACHE_NAME}:
+            if old in kwargs and GENERATE_CACHE_NAME not in kwargs:
+                # transformers' own deprecation warning would point at this wrapper: renamed here, and
+                # the warning points at the caller
+                warnings.warn(
+                    f"{old} is deprecated by this transformers release: pass {GENERATE_CACHE_NAME}= instead",
+                    FutureWarning,
+                    stacklevel=2,
+                )
+                kwargs[GENERATE_CACHE_NAME] = kwargs.pop(old)
         if getattr(cache_argument(kwargs)[1], "kernl_kept", False):
             raise ValueError(
                 "past_key_values is a static cache kernl's generate() made for an earlier call: sized for "

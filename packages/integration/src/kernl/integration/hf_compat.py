@@ -8,6 +8,7 @@ should fail here, by name, rather than somewhere in the generation code.
 import inspect
 
 import torch
+import transformers
 
 # The key/value cache argument of a model's forward: ``past_key_values`` up to 5.23, ``cache`` from 5.24
 # (5.25 still accepts ``past_key_values``, with a FutureWarning).
@@ -21,6 +22,15 @@ STATIC_CACHE_FACTORY_PARAMETERS = [
     "prefill_chunk_size",
     "model_kwargs",
 ]
+
+
+# The name generate() takes the key/value cache under: ``cache`` from 5.24 on (``past_key_values`` is
+# deprecated there, with a FutureWarning), ``past_key_values`` before.
+_RELEASE = tuple(int(part) for part in transformers.__version__.split(".")[:2])
+GENERATE_CACHE_NAME = "cache" if _RELEASE >= (5, 24) else "past_key_values"
+
+# Output flags a model's forward reads from its config when a call does not give them (5.17, 5.25).
+CONFIG_FLAGS = ("output_attentions", "output_hidden_states", "return_dict")
 
 
 def cache_argument(kwargs: dict) -> tuple:
