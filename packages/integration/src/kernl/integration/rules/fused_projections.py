@@ -206,7 +206,7 @@ def lay_out_stacked_weights(gm: fx.GraphModule, example_inputs) -> None:
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     values = dict(zip(placeholders, example_inputs, strict=False))
     for node in gm.graph.nodes:
-        if node.op == "call_function" and node.target is stacked_rows:
+        if node.op == "call_function" and node.target is stacked_rows and all(a in values for a in node.args):
             lay_out(*(values[arg] for arg in node.args))
 
 
