@@ -157,12 +157,8 @@ class CudaGraphs:
         on_capture: Callable[[Capture], None] | None = None,
     ):
         self.fn, self.key, self.pool, self.copied = fn, key, pool, copied
-        self.warm_up, self.max_captures, self.weights, self.on_capture = (
-            warm_up,
-            max_captures,
-            weights,
-            on_capture,
-        )
+        self.warm_up, self.max_captures = warm_up, max_captures
+        self.weights, self.on_capture = weights, on_capture
         self.runs_twice = warm_up.direct_calls == 0  # a stale replay may be followed by a second run
         self.captures: dict[Hashable, Capture] = {}
         self.direct_calls: dict[Hashable, int] = {}
