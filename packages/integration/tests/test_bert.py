@@ -2,6 +2,7 @@
 
 import copy
 import inspect
+import warnings
 
 import pytest
 import torch
@@ -272,3 +273,7 @@ def test_buckets_the_model_cannot_take_are_left_out_with_a_warning(kit):
     model = kit.build(BertModel, kit.tiny_config(BertConfig))  # 128 positions
     with pytest.warns(UserWarning, match=r"buckets \[1000\] are longer than the inputs this model takes"):
         optimize_model(model.to(kit.device), buckets=(16, 1000))
+    other = kit.build(BertModel, kit.tiny_config(BertConfig))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the default buckets past 128 are left out without a word
+        optimize_model(other.to(kit.device))

@@ -60,7 +60,7 @@ def test_a_static_cache_is_the_default_of_calls_that_name_no_cache():
     ids = torch.randint(5, 50, (1, 8))
     generation._bucketed_generate(_model(), generate, lambda length: 8, OptimizationReport())(ids)
     assert calls[-1][1]["cache_implementation"] == "static"
-    for named in ({hf_compat.GENERATE_CACHE_NAME: object()}, {"cache_implementation": "dynamic"}):
+    for named in ({hf_compat.CACHE_NAME: object()}, {"cache_implementation": "dynamic"}):
         generation._bucketed_generate(_model(), generate, lambda length: 8, OptimizationReport())(
             ids, **named
         )
@@ -238,11 +238,11 @@ def test_the_cache_goes_to_generate_under_the_name_this_release_takes_and_a_warn
     generate, calls = _recording_generate()
     padded = generation._bucketed_generate(_model(), generate, lambda length: 8, OptimizationReport())
     cache, ids = object(), torch.randint(5, 50, (1, 8))
-    old = next(name for name in hf_compat.CACHE_ARGUMENT_NAMES if name != hf_compat.GENERATE_CACHE_NAME)
-    if hf_compat.GENERATE_CACHE_NAME == "past_key_values":  # before 5.24: nothing is deprecated
+    old = next(name for name in hf_compat.CACHE_ARGUMENT_NAMES if name != hf_compat.CACHE_NAME)
+    if hf_compat.CACHE_NAME == "past_key_values":  # before 5.24: nothing is deprecated
         padded(ids, past_key_values=cache)
     else:
         with pytest.warns(FutureWarning, match=f"{old} is deprecated") as warned:
             padded(ids, **{old: cache})
         assert warned[0].filename == __file__  # the caller's line, not kernl's
-    assert calls[-1][1][hf_compat.GENERATE_CACHE_NAME] is cache and old not in calls[-1][1]
+    assert calls[-1][1][hf_compat.CACHE_NAME] is cache and old not in calls[-1][1]

@@ -22,7 +22,7 @@ from transformers import (
     XLMRobertaForSequenceClassification,
 )
 
-from kernl.integration import optimize_model
+from kernl.integration import hf_compat, optimize_model
 from kernl_testing import assert_matches_reference, on_gpu
 
 DTYPE = torch.float16 if on_gpu() else torch.float32
@@ -143,7 +143,8 @@ def test_bert_decoder_with_a_cache_runs_as_called(kit):
         first = m(input_ids=ids.to(device), use_cache=True)
         length = first.past_key_values.get_seq_length()
         m(input_ids=other.to(device), use_cache=True)  # same signature: must not overwrite first's cache
-        second = m(input_ids=step.to(device), past_key_values=first.past_key_values, use_cache=True)
+        cache = {hf_compat.CACHE_NAME: first.past_key_values}
+        second = m(input_ids=step.to(device), **cache, use_cache=True)
         return length, second
 
     with torch.inference_mode():

@@ -194,7 +194,7 @@ def test_t5_generate_arguments_behave_as_in_hugging_face(kit):
         encoded = reference.get_encoder()(input_ids=ids, attention_mask=mask)
     same(encoder_outputs=encoded, attention_mask=mask)
     cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
-    same(input_ids=ids, attention_mask=mask, **{hf_compat.GENERATE_CACHE_NAME: cache})
+    same(input_ids=ids, attention_mask=mask, **{hf_compat.CACHE_NAME: cache})
     assert cache.cross_attention_cache.get_seq_length() == ids.shape[1]  # the caller's cache: not bucketed
     out, expected = same(
         input_ids=ids, attention_mask=mask, return_dict_in_generate=True, output_hidden_states=True
@@ -224,7 +224,7 @@ def test_t5_generate_settings_that_read_the_prompt_or_refuse_static_caches(kit):
             assert torch.equal(tokens, reference.generate(**base, **setting)) or on_gpu()
         first = optimized.generate(**base, return_dict_in_generate=True)
         with pytest.raises(ValueError, match="cache_implementation='dynamic'"):
-            given = {hf_compat.GENERATE_CACHE_NAME: first.past_key_values}
+            given = {hf_compat.CACHE_NAME: first.past_key_values}
             optimized.generate(**base, decoder_input_ids=first.sequences, **given)
 
 

@@ -34,7 +34,7 @@ from kernl.integration.cuda_graphs import FIRST_CALL
 from kernl.integration.forward_graphs import ForwardGraphs, signature
 from kernl.integration.hf_compat import (
     CACHE_ARGUMENT_NAMES,
-    GENERATE_CACHE_NAME,
+    CACHE_NAME,
     allocate_layer,
     cache_argument,
     cache_layers,
@@ -317,16 +317,16 @@ def _bucketed_generate(model, generate, bucket, report: OptimizationReport):
 
     def padded_generate(*args, **kwargs):
         config = kwargs.get("generation_config") or model.generation_config
-        for old in set(CACHE_ARGUMENT_NAMES) - {GENERATE_CACHE_NAME}:
-            if old in kwargs and GENERATE_CACHE_NAME not in kwargs:
+        for old in set(CACHE_ARGUMENT_NAMES) - {CACHE_NAME}:
+            if old in kwargs and CACHE_NAME not in kwargs:
                 # transformers' own deprecation warning would point at this wrapper: renamed here, and
                 # the warning points at the caller
                 warnings.warn(
-                    f"{old} is deprecated by this transformers release: pass {GENERATE_CACHE_NAME}= instead",
+                    f"{old} is deprecated by this transformers release: pass {CACHE_NAME}= instead",
                     FutureWarning,
                     stacklevel=2,
                 )
-                kwargs[GENERATE_CACHE_NAME] = kwargs.pop(old)
+                kwargs[CACHE_NAME] = kwargs.pop(old)
         if getattr(cache_argument(kwargs)[1], "kernl_kept", False):
             raise ValueError(
                 "past_key_values is a static cache kernl's generate() made for an earlier call: sized for "

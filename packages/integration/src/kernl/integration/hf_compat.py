@@ -24,10 +24,10 @@ STATIC_CACHE_FACTORY_PARAMETERS = [
 ]
 
 
-# The name generate() takes the key/value cache under: ``cache`` from 5.24 on (``past_key_values`` is
-# deprecated there, with a FutureWarning), ``past_key_values`` before.
+# The name generate() and a model's forward take the key/value cache under: ``cache`` from 5.24 on
+# (``past_key_values`` is deprecated there, with a FutureWarning), ``past_key_values`` before.
 _RELEASE = tuple(int(part) for part in transformers.__version__.split(".")[:2])
-GENERATE_CACHE_NAME = "cache" if _RELEASE >= (5, 24) else "past_key_values"
+CACHE_NAME = "cache" if _RELEASE >= (5, 24) else "past_key_values"
 
 # Output flags a model's forward reads from its config when a call does not give them (5.17, 5.25).
 CONFIG_FLAGS = ("output_attentions", "output_hidden_states", "return_dict")
