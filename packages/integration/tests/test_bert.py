@@ -2,14 +2,14 @@
 
 import copy
 import inspect
+import warnings
 
 import pytest
 import torch
 from transformers import BertConfig, BertModel
 
 from kernl.integration import optimize_model
-from kernl.integration.kernels import find
-from kernl.integration.optimize import _argument_namer
+from kernl.integration.arguments import argument_namer
 from kernl_testing import assert_matches_reference, on_gpu
 
 # CPU: fp32 through the interpreter (bf16 is wrong there); GPU: fp16 everywhere, bf16 once.
@@ -21,9 +21,8 @@ LAYERS = 2
 
 
 def expected_replacements(layers: int) -> dict[str, int]:
-    """Per graph of a BertModel: what each rule must replace (when its kernel is available)."""
-    counts = {"attention": layers, "linear_act": 6 * layers + 1, "layer_norm": 2 * layers + 1}
-    return {name: count for name, count in counts.items() if find(name) is not None}
+    """Per graph of a BertModel: what each rule must replace."""
+    return {"attention": layers, "linear_act": 6 * layers + 1, "layer_norm": 2 * layers + 1}
 
 
 def fired(report, graph: int) -> dict[str, int]:
@@ -31,7 +30,7 @@ def fired(report, graph: int) -> dict[str, int]:
     attention = record.fired.get("attention_sdpa", 0) + record.fired.get("attention_eager", 0)
     counts = {"attention": attention, "linear_act": record.fired.get("linear_act", 0)}
     counts["layer_norm"] = record.fired.get("layer_norm", 0)
-    return {name: count for name, count in counts.items() if find(name) is not None}
+    return counts
 
 
 @pytest.mark.parametrize(("dtype", "attn_implementation", "masking"), CASES, ids=str)
@@ -48,13 +47,12 @@ def test_bert_matches_hugging_face(kit, dtype, attn_implementation, masking):
     assert len(report.graphs) == 2
     for graph in range(2):
         assert fired(report, graph) == expected_replacements(LAYERS)
-        if all(find(name) for name in ("attention", "linear_act", "layer_norm")):
-            assert report.graphs[graph].kept == {}, report.graphs[graph].kept
-            # padded to the bucket: the mask comes from attention_mask and reaches the kernel as [B, K]
-            assert report.graphs[graph].attention_masks == {"key padding [B, K]": LAYERS}
+        assert report.graphs[graph].kept == {}, report.graphs[graph].kept
+        # padded to the bucket: the mask comes from attention_mask and reaches the kernel as [B, K]
+        assert report.graphs[graph].attention_masks == {"key padding [B, K]": LAYERS}
     assert report.graphs[0].fired["dropout"] >= 2 * LAYERS + 1
-    if find("linear_act") is not None:  # each layer's Q, K, V: one launch on back-to-back weights
-        assert report.graphs[0].fired["fused_projections"] == LAYERS
+    # each layer's Q, K, V: one launch on back-to-back weights
+    assert report.graphs[0].fired["fused_projections"] == LAYERS
 
 
 def test_length_on_a_bucket_and_no_mask_needs_no_padding(kit):
@@ -62,9 +60,8 @@ def test_length_on_a_bucket_and_no_mask_needs_no_padding(kit):
     ids, _ = kit.padded_batch(2, 16, [16, 16], vocab=120)
     report = kit.compare_with_reference(model, DTYPES[0], [dict(input_ids=ids)], ["last_hidden_state"])
     assert report.graphs[0].inputs.startswith("[2x16 int64] on")  # no attention_mask was added
-    if find("attention") is not None:
-        # no mask reaches the kernel (transformers 5.17 builds an all-True one while tracing: dropped)
-        assert report.graphs[0].attention_masks == {"none": LAYERS}
+    # no mask reaches the kernel (transformers 5.17 builds an all-True one while tracing: dropped)
+    assert report.graphs[0].attention_masks == {"none": LAYERS}
 
 
 def test_positional_and_keyword_calls_agree(kit):
@@ -87,14 +84,14 @@ def test_positional_and_keyword_calls_agree(kit):
 def test_arguments_are_named_as_the_signature_binds_them():
     def forward(input_ids=None, attention_mask=None, *, output_hidden_states=None, **kwargs): ...
 
-    name = _argument_namer(inspect.signature(forward))
+    name = argument_namer(inspect.signature(forward))
     assert name((1, 2), {"return_dict": False}) == dict(input_ids=1, attention_mask=2, return_dict=False)
     assert name((), {"attention_mask": 2}) == dict(attention_mask=2)
     with pytest.raises(TypeError, match="multiple values"):
         name((1,), {"input_ids": 1})
     with pytest.raises(TypeError):
         name((1, 2, 3), {})  # output_hidden_states is keyword-only
-    assert _argument_namer(inspect.signature(lambda x, /, y: None)) is None  # called as it was
+    assert argument_namer(inspect.signature(lambda x, /, y: None)) is None  # called as it was
 
 
 def test_report_lists_rules_and_kept_ops(kit):
@@ -262,3 +259,21 @@ def test_an_input_that_requires_grad_runs_the_original_forward(kit):
         m(inputs_embeds=embeds, attention_mask=mask).last_hidden_state.sum().backward()
         grads.append(embeds.grad)
     torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)
+
+
+def test_an_input_longer_than_the_position_table_says_so(kit):
+    model = kit.build(BertModel, kit.tiny_config(BertConfig))  # 128 positions
+    optimize_model(model.to(kit.device))
+    ids = torch.randint(5, 120, (1, 200), device=kit.device)
+    with pytest.raises(ValueError, match="input_ids has 200 positions, more than the 128"):
+        model(input_ids=ids)
+
+
+def test_buckets_the_model_cannot_take_are_left_out_with_a_warning(kit):
+    model = kit.build(BertModel, kit.tiny_config(BertConfig))  # 128 positions
+    with pytest.warns(UserWarning, match=r"buckets \[1000\] are longer than the inputs this model takes"):
+        optimize_model(model.to(kit.device), buckets=(16, 1000))
+    other = kit.build(BertModel, kit.tiny_config(BertConfig))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the default buckets past 128 are left out without a word
+        optimize_model(other.to(kit.device))

@@ -26,7 +26,7 @@ def test_rules_lists_every_rule_with_what_it_matches(capsys):
 
     assert main(["rules"]) == 0
     out = capsys.readouterr().out
-    assert all(f"{rule.name} (kernel:" in out and rule.matches in out for rule in RULES)
+    assert all(f"{rule.name}\n  matches: {rule.matches}" in out for rule in RULES)
     assert out.count("puts there:") == len(RULES)
 
 

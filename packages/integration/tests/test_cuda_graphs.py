@@ -9,30 +9,27 @@ from transformers import BertConfig, BertModel
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from kernl.integration import optimize_model
-from kernl.integration.cuda_graphs import ForwardGraphs, map_tensors
+from kernl.integration.forward_graphs import signature
+from kernl.integration.trees import map_tensors
 from kernl_testing import assert_matches_reference, needs_two_gpus, on_gpu
 
 
 def test_signature_covers_shapes_dtypes_and_plain_arguments():
     ids = torch.zeros(2, 16, dtype=torch.long)
-    key = ForwardGraphs.signature((ids,), {"attention_mask": ids, "output_hidden_states": False})
-    assert key == ForwardGraphs.signature(
-        (ids.clone(),), {"attention_mask": ids, "output_hidden_states": False}
-    )
-    assert key != ForwardGraphs.signature((ids[:1],), {"attention_mask": ids, "output_hidden_states": False})
-    assert key != ForwardGraphs.signature(
-        (ids,), {"attention_mask": ids.int(), "output_hidden_states": False}
-    )
-    assert key != ForwardGraphs.signature((ids,), {"attention_mask": ids, "output_hidden_states": True})
+    key = signature((ids,), {"attention_mask": ids, "output_hidden_states": False})
+    assert key == signature((ids.clone(),), {"attention_mask": ids, "output_hidden_states": False})
+    assert key != signature((ids[:1],), {"attention_mask": ids, "output_hidden_states": False})
+    assert key != signature((ids,), {"attention_mask": ids.int(), "output_hidden_states": False})
+    assert key != signature((ids,), {"attention_mask": ids, "output_hidden_states": True})
     nested = {"encoder_outputs": {"last_hidden_state": torch.zeros(2, 16, 8)}, "head_mask": [1, None]}
-    key = ForwardGraphs.signature((ids,), nested)
-    assert key == ForwardGraphs.signature((ids,), copy.deepcopy(nested))
-    assert key != ForwardGraphs.signature((ids,), {**nested, "head_mask": [1, 2]})
-    assert key != ForwardGraphs.signature((ids,), {**nested, "encoder_outputs": {"last_hidden_state": ids}})
-    assert ForwardGraphs.signature((ids,), {"cache": object()}) is None  # an object: runs without a graph
-    outside = ForwardGraphs.signature((ids,), {})
+    key = signature((ids,), nested)
+    assert key == signature((ids,), copy.deepcopy(nested))
+    assert key != signature((ids,), {**nested, "head_mask": [1, 2]})
+    assert key != signature((ids,), {**nested, "encoder_outputs": {"last_hidden_state": ids}})
+    assert signature((ids,), {"cache": object()}) is None  # an object: runs without a graph
+    outside = signature((ids,), {})
     with torch.inference_mode():  # a graph captured in inference mode holds inference tensors
-        assert ForwardGraphs.signature((ids,), {}) != outside
+        assert signature((ids,), {}) != outside
 
 
 def test_map_tensors_keeps_the_structure():

@@ -4,9 +4,11 @@ argument's names."""
 
 from types import SimpleNamespace
 
+import pytest
 import torch
 
-from kernl.integration import generation
+from kernl.integration import generation, hf_compat
+from kernl.integration.report import OptimizationReport
 
 
 def _recording_generate():
@@ -26,7 +28,7 @@ def _model(pad=0, eos=1, cache_implementation=None):
 
 def test_prompt_and_mask_are_padded_to_the_bucket_wherever_the_prompt_is_passed():
     generate, calls = _recording_generate()
-    padded = generation._bucketed_generate(_model(pad=3), generate, lambda length: 16)
+    padded = generation._bucketed_generate(_model(pad=3), generate, lambda length: 16, OptimizationReport())
     ids, mask = torch.randint(5, 50, (2, 9)), torch.ones(2, 9, dtype=torch.long)
     mask[1, 6:] = 0
     assert padded(ids, attention_mask=mask, max_new_tokens=4) == "tokens"
@@ -43,7 +45,9 @@ def test_prompt_and_mask_are_padded_to_the_bucket_wherever_the_prompt_is_passed(
 
 def test_without_a_mask_only_prompts_without_pad_tokens_are_bucketed():
     generate, calls = _recording_generate()
-    padded = generation._bucketed_generate(_model(pad=0, eos=1), generate, lambda length: 8)
+    padded = generation._bucketed_generate(
+        _model(pad=0, eos=1), generate, lambda length: 8, OptimizationReport()
+    )
     padded(torch.tensor([[7, 8, 9]]))  # no pad token: every prompt token is real, the padding is masked
     assert calls[-1][1]["attention_mask"].tolist() == [[1, 1, 1, 0, 0, 0, 0, 0]]
     ids = torch.tensor([[7, 8, 9, 0, 0], [7, 8, 9, 10, 11]])  # pad tokens: transformers releases differ
@@ -54,25 +58,34 @@ def test_without_a_mask_only_prompts_without_pad_tokens_are_bucketed():
 def test_a_static_cache_is_the_default_of_calls_that_name_no_cache():
     generate, calls = _recording_generate()
     ids = torch.randint(5, 50, (1, 8))
-    generation._bucketed_generate(_model(), generate, lambda length: 8)(ids)
+    generation._bucketed_generate(_model(), generate, lambda length: 8, OptimizationReport())(ids)
     assert calls[-1][1]["cache_implementation"] == "static"
-    for named in ({"past_key_values": object()}, {"cache_implementation": "dynamic"}):
-        generation._bucketed_generate(_model(), generate, lambda length: 8)(ids, **named)
+    for named in ({hf_compat.CACHE_NAME: object()}, {"cache_implementation": "dynamic"}):
+        generation._bucketed_generate(_model(), generate, lambda length: 8, OptimizationReport())(
+            ids, **named
+        )
         assert calls[-1][1].keys() == named.keys()  # the caller's cache choice stands
-    generation._bucketed_generate(_model(cache_implementation="offloaded"), generate, lambda length: 8)(ids)
+    generation._bucketed_generate(
+        _model(cache_implementation="offloaded"), generate, lambda length: 8, OptimizationReport()
+    )(ids)
     assert "cache_implementation" not in calls[-1][1]  # nor does the model's generation config
     # without a cache (use_cache=False) a cache_implementation only makes transformers warn that it is unused
-    generation._bucketed_generate(_model(), generate, lambda length: 8)(ids, use_cache=False)
+    generation._bucketed_generate(_model(), generate, lambda length: 8, OptimizationReport())(
+        ids, use_cache=False
+    )
     assert "cache_implementation" not in calls[-1][1]
     # over a static cache the decoder's attention maps span the whole cache, not the tokens so far:
     # a call that returns them keeps transformers' default cache, and with it their shapes
-    generation._bucketed_generate(_model(), generate, lambda length: 8)(ids, output_attentions=True)
+    generation._bucketed_generate(_model(), generate, lambda length: 8, OptimizationReport())(
+        ids, output_attentions=True
+    )
     assert "cache_implementation" not in calls[-1][1]
 
 
 def test_calls_the_bucketing_cannot_handle_pass_through_unchanged():
     generate, calls = _recording_generate()
-    padded = generation._bucketed_generate(_model(), generate, lambda length: 16)
+    report = OptimizationReport()
+    padded = generation._bucketed_generate(_model(), generate, lambda length: 16, report)
     ids = torch.randint(5, 50, (2, 9))
     unchanged = [
         ((ids,), {"encoder_outputs": object()}),
@@ -89,7 +102,18 @@ def test_calls_the_bucketing_cannot_handle_pass_through_unchanged():
         assert sent_kwargs.pop("cache_implementation") == "static"
         assert len(sent_args) == len(args) and all(a is b for a, b in zip(sent_args, args, strict=True))
         assert sent_kwargs.keys() == kwargs.keys() and all(sent_kwargs[k] is v for k, v in kwargs.items())
-    bucketed = generation._bucketed_generate(_model(), generate, lambda length: length)
+    # the report says why, once per reason
+    assert report.notes == [
+        f"generate(): a prompt ran at its own length: {reason}"
+        for reason in (
+            "the call passes encoder_outputs",
+            "the call passes inputs_embeds",
+            "attention_mask is not a tensor of the prompt's shape",
+            "the prompt is not a 2-D tensor of token ids",
+            "encoder hidden states or attentions are returned at the prompt's length",
+        )
+    ]
+    bucketed = generation._bucketed_generate(_model(), generate, lambda length: length, OptimizationReport())
     bucketed(ids)
     assert calls[-1][0][0] is ids and "attention_mask" not in calls[-1][1]  # already at a bucket length
 
@@ -132,10 +156,10 @@ def test_static_caches_of_one_size_are_reset_and_reused_and_at_most_a_few_are_ke
 
 def test_the_cache_argument_is_found_under_either_name():
     cache = object()
-    assert generation._cache_argument({"cache": cache, "use_cache": True}) == ("cache", cache)
-    assert generation._cache_argument({"past_key_values": cache}) == ("past_key_values", cache)
-    assert generation._cache_argument({"past_key_values": None}) == (None, None)
-    assert not generation._ready_static_cache(None)
+    assert hf_compat.cache_argument({"cache": cache, "use_cache": True}) == ("cache", cache)
+    assert hf_compat.cache_argument({"past_key_values": cache}) == ("past_key_values", cache)
+    assert hf_compat.cache_argument({"past_key_values": None}) == (None, None)
+    assert not hf_compat.ready_static_cache(None)
 
 
 class _Layer:
@@ -192,12 +216,12 @@ def _pair_cache(layers: int, lengths=(8, 5)):
 
 def test_a_new_size_cache_is_allocated_like_the_earlier_ones():
     template = _pair_cache(2, lengths=(4, 3))
-    for part in generation._cache_parts(template):
+    for part in hf_compat.cache_parts(template):
         for layer in part.layers:
             layer.lazy_initialization(torch.zeros(2, 4, 1, 16, dtype=torch.float16), torch.zeros(2, 4, 1, 8))
     cache = _pair_cache(2)
     generation._allocate_like(cache, template, batch_size=6)
-    for part, length in zip(generation._cache_parts(cache), (8, 5), strict=True):
+    for part, length in zip(hf_compat.cache_parts(cache), (8, 5), strict=True):
         for layer in part.layers:
             assert layer.keys.shape == (6, 4, length, 16) and layer.keys.dtype == torch.float16
             assert layer.values.shape == (6, 4, length, 8) and layer.values.dtype == torch.float32
@@ -206,5 +230,19 @@ def test_a_new_size_cache_is_allocated_like_the_earlier_ones():
     generation._allocate_like(without_template, None, batch_size=6)
     for left_lazy in (other, without_template):
         assert not any(
-            hasattr(layer, "keys") for part in generation._cache_parts(left_lazy) for layer in part.layers
+            hasattr(layer, "keys") for part in hf_compat.cache_parts(left_lazy) for layer in part.layers
         )
+
+
+def test_the_cache_goes_to_generate_under_the_name_this_release_takes_and_a_warning_points_at_the_caller():
+    generate, calls = _recording_generate()
+    padded = generation._bucketed_generate(_model(), generate, lambda length: 8, OptimizationReport())
+    cache, ids = object(), torch.randint(5, 50, (1, 8))
+    old = next(name for name in hf_compat.CACHE_ARGUMENT_NAMES if name != hf_compat.CACHE_NAME)
+    if hf_compat.CACHE_NAME == "past_key_values":  # before 5.24: nothing is deprecated
+        padded(ids, past_key_values=cache)
+    else:
+        with pytest.warns(FutureWarning, match=f"{old} is deprecated") as warned:
+            padded(ids, **{old: cache})
+        assert warned[0].filename == __file__  # the caller's line, not kernl's
+    assert calls[-1][1][hf_compat.CACHE_NAME] is cache and old not in calls[-1][1]

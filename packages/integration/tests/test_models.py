@@ -22,8 +22,7 @@ from transformers import (
     XLMRobertaForSequenceClassification,
 )
 
-from kernl.integration import optimize_model
-from kernl.integration.kernels import KERNELS, find
+from kernl.integration import hf_compat, optimize_model
 from kernl_testing import assert_matches_reference, on_gpu
 
 DTYPE = torch.float16 if on_gpu() else torch.float32
@@ -60,9 +59,8 @@ def test_head_matches_hugging_face(kit, case):
     report = kit.compare_with_reference(model, DTYPE, [dict(input_ids=ids, attention_mask=mask)], [field])
     (graph,) = report.graphs
     assert graph.error is None
-    if all(find(name) for name in KERNELS):
-        assert graph.kept == {}, graph.kept
-        assert graph.fired["linear_act"] >= 13 and graph.fired["layer_norm"] >= 5
+    assert graph.kept == {}, graph.kept
+    assert graph.fired["linear_act"] >= 13 and graph.fired["layer_norm"] >= 5
 
 
 def test_tuple_outputs_as_wide_as_the_bucket_run_unpadded(kit):
@@ -79,14 +77,14 @@ def test_two_dimensional_fields_as_wide_as_the_bucket_are_cut_only_when_known_pe
     the bucket): a field not known to be either cannot be cut, and the call runs at its own length."""
     from transformers.modeling_outputs import BaseModelOutputWithPooling, SequenceClassifierOutput
 
-    from kernl.integration.optimize import _cut_outputs
+    from kernl.integration.padding import cut_outputs
 
-    assert _cut_outputs(SequenceClassifierOutput(logits=torch.zeros(2, 16)), 11, 16) is None
-    assert _cut_outputs(SequenceClassifierOutput(logits=torch.zeros(2, 3)), 11, 16).logits.shape == (2, 3)
+    assert cut_outputs(SequenceClassifierOutput(logits=torch.zeros(2, 16)), 11, 16) is None
+    assert cut_outputs(SequenceClassifierOutput(logits=torch.zeros(2, 3)), 11, 16).logits.shape == (2, 3)
     pooled = BaseModelOutputWithPooling(
         last_hidden_state=torch.zeros(2, 16, 16), pooler_output=torch.zeros(2, 16)
     )
-    cut = _cut_outputs(pooled, 11, 16)
+    cut = cut_outputs(pooled, 11, 16)
     assert cut.last_hidden_state.shape == (2, 11, 16) and cut.pooler_output.shape == (2, 16)
 
 
@@ -110,20 +108,20 @@ def test_buckets_stop_at_the_position_table(kit):
 def test_usable_buckets_follow_each_family_position_table(kit):
     from transformers import BartConfig, BartModel
 
-    from kernl.integration.optimize import _usable_buckets
+    from kernl.integration.buckets import usable_buckets
 
     buckets = (16, 32, 64, 128, 256)
     bert = kit.build(BertModel, kit.tiny_config(BertConfig, max_position_embeddings=64))
-    assert _usable_buckets(bert, buckets) == (16, 32, 64)
+    assert usable_buckets(bert, buckets) == (16, 32, 64)
     # word embeddings as large as the position table (padding_idx 0) are not taken for it (64 was dropped)
     bert = kit.build(BertModel, kit.tiny_config(BertConfig, max_position_embeddings=64, vocab_size=64))
-    assert _usable_buckets(bert, buckets) == (16, 32, 64)
+    assert usable_buckets(bert, buckets) == (16, 32, 64)
     roberta = kit.build(RobertaModel, kit.tiny_config(RobertaConfig, **ROBERTA))  # positions from pad + 1 = 2
-    assert _usable_buckets(roberta, buckets) == (16, 32, 64, 128)  # 130 positions: 128 tokens
+    assert usable_buckets(roberta, buckets) == (16, 32, 64, 128)  # 130 positions: 128 tokens
     bart = kit.build(BartModel, BartConfig(vocab_size=120, d_model=32, encoder_layers=1, decoder_layers=1,
                                            encoder_attention_heads=2, decoder_attention_heads=2,
                                            encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=100))  # fmt: skip
-    assert _usable_buckets(bart, buckets) == (16, 32, 64)
+    assert usable_buckets(bart, buckets) == (16, 32, 64)
 
 
 def test_bert_decoder_with_a_cache_runs_as_called(kit):
@@ -145,7 +143,8 @@ def test_bert_decoder_with_a_cache_runs_as_called(kit):
         first = m(input_ids=ids.to(device), use_cache=True)
         length = first.past_key_values.get_seq_length()
         m(input_ids=other.to(device), use_cache=True)  # same signature: must not overwrite first's cache
-        second = m(input_ids=step.to(device), past_key_values=first.past_key_values, use_cache=True)
+        cache = {hf_compat.CACHE_NAME: first.past_key_values}
+        second = m(input_ids=step.to(device), **cache, use_cache=True)
         return length, second
 
     with torch.inference_mode():

@@ -9,8 +9,7 @@ import pytest
 import torch
 from transformers import T5Config, T5EncoderModel, T5ForConditionalGeneration
 
-from kernl.integration import generation, optimize_model
-from kernl.integration.kernels import KERNELS, find
+from kernl.integration import generation, hf_compat, optimize_model
 from kernl_testing import on_gpu
 
 DTYPE = torch.float16 if on_gpu() else torch.float32
@@ -49,13 +48,12 @@ def test_t5_encoder_matches_hugging_face(kit, feed_forward_proj, attention, dtyp
         SCALE,
     )
     assert all(graph.error is None for graph in report.graphs)
-    if all(find(name) for name in KERNELS):
-        graph = report.graphs[0]
-        assert graph.kept == {}, graph.kept
-        assert graph.fired["rms_norm"] == 2 * LAYERS + 1 and graph.fired[f"attention_{attention}"] == LAYERS
-        assert graph.attention_masks == {"key padding [B, K] + bias": LAYERS}
-        assert graph.fired.get("overflow_guard", 0) == (2 * LAYERS if dtype == torch.float16 else 0)
-        assert graph.fired.get("gated_ffn", 0) == (LAYERS if feed_forward_proj.startswith("gated") else 0)
+    graph = report.graphs[0]
+    assert graph.kept == {}, graph.kept
+    assert graph.fired["rms_norm"] == 2 * LAYERS + 1 and graph.fired[f"attention_{attention}"] == LAYERS
+    assert graph.attention_masks == {"key padding [B, K] + bias": LAYERS}
+    assert graph.fired.get("overflow_guard", 0) == (2 * LAYERS if dtype == torch.float16 else 0)
+    assert graph.fired.get("gated_ffn", 0) == (LAYERS if feed_forward_proj.startswith("gated") else 0)
 
 
 def test_t5_generation_runs_on_kernl(kit):
@@ -107,11 +105,10 @@ def test_t5_generation_runs_on_kernl(kit):
         "CUDA graph (decoder)" if on_gpu() else "rewritten graph, no CUDA graph (Triton interpreter)"
     )
     assert step.runs_as == prefill.runs_as == expected_runs_as
-    if all(find(name) for name in KERNELS):
-        for graph in (step, prefill):
-            assert graph.fired["attention_sdpa"] == 2 * LAYERS and graph.fired["rms_norm"] == 3 * LAYERS + 1
-            assert graph.fired["gated_ffn"] == LAYERS
-            assert graph.attention_masks == {"dense + bias": LAYERS, "key padding [B, K] + bias": LAYERS}
+    for graph in (step, prefill):
+        assert graph.fired["attention_sdpa"] == 2 * LAYERS and graph.fired["rms_norm"] == 3 * LAYERS + 1
+        assert graph.fired["gated_ffn"] == LAYERS
+        assert graph.attention_masks == {"dense + bias": LAYERS, "key padding [B, K] + bias": LAYERS}
 
 
 def test_t5_beam_search_keeps_the_cache_in_place(kit):
@@ -127,7 +124,7 @@ def test_t5_beam_search_keeps_the_cache_in_place(kit):
     forward = optimized.forward
 
     def recording_forward(*args, **kwargs):
-        if generation._ready_static_cache(generation._cache_argument(kwargs)[1]):
+        if hf_compat.ready_static_cache(hf_compat.cache_argument(kwargs)[1]):
             addresses.append(generation._step_signature(args, kwargs)[-1])
         return forward(*args, **kwargs)
 
@@ -197,7 +194,7 @@ def test_t5_generate_arguments_behave_as_in_hugging_face(kit):
         encoded = reference.get_encoder()(input_ids=ids, attention_mask=mask)
     same(encoder_outputs=encoded, attention_mask=mask)
     cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
-    same(input_ids=ids, attention_mask=mask, past_key_values=cache)
+    same(input_ids=ids, attention_mask=mask, **{hf_compat.CACHE_NAME: cache})
     assert cache.cross_attention_cache.get_seq_length() == ids.shape[1]  # the caller's cache: not bucketed
     out, expected = same(
         input_ids=ids, attention_mask=mask, return_dict_in_generate=True, output_hidden_states=True
@@ -227,9 +224,8 @@ def test_t5_generate_settings_that_read_the_prompt_or_refuse_static_caches(kit):
             assert torch.equal(tokens, reference.generate(**base, **setting)) or on_gpu()
         first = optimized.generate(**base, return_dict_in_generate=True)
         with pytest.raises(ValueError, match="cache_implementation='dynamic'"):
-            optimized.generate(
-                **base, decoder_input_ids=first.sequences, past_key_values=first.past_key_values
-            )
+            given = {hf_compat.CACHE_NAME: first.past_key_values}
+            optimized.generate(**base, decoder_input_ids=first.sequences, **given)
 
 
 @pytest.mark.skipif(not on_gpu(), reason="CUDA graphs need a GPU")
@@ -293,8 +289,7 @@ def test_other_encoder_decoder_models(kit, family):
     assert split_encoder or len(parts) == 2, str(report)
     decoder = report.graphs[-1]
     assert decoder.error is None and decoder.runs_as.startswith("CUDA graph" if on_gpu() else "rewritten")
-    if all(find(name) for name in KERNELS):
-        assert all(graph.kept == {} for graph in report.graphs), str(report)
+    assert all(graph.kept == {} for graph in report.graphs), str(report)
 
 
 def test_encoder_decoder_model_without_generate(kit):
@@ -328,3 +323,17 @@ def test_a_deep_copy_of_an_optimized_t5_is_a_plain_model(kit):
         tokens = copied.generate(input_ids=ids, max_new_tokens=4, do_sample=False)
         expected = plain.generate(input_ids=ids, max_new_tokens=4, do_sample=False)
     assert torch.equal(tokens, expected)
+
+
+def test_a_direct_call_after_generate_reuses_the_encoder_graph(kit):
+    """generate() calls the encoder with output_attentions=False, output_hidden_states=False and
+    return_dict=True, the model's own forward with inputs_embeds=None: values that change nothing,
+    dropped, so both calls share one encoder graph."""
+    model = kit.build(T5ForConditionalGeneration, t5_config("relu")).to(kit.device)
+    report = optimize_model(model)
+    ids, mask = (t.to(kit.device) for t in kit.padded_batch(2, 9, [9, 5], vocab=120))
+    with torch.inference_mode():
+        model.generate(ids, attention_mask=mask, max_new_tokens=2, do_sample=False)
+        encoder_graphs = [graph.inputs for graph in report.graphs if graph.part == "encoder"]
+        model(ids, attention_mask=mask, decoder_input_ids=ids[:, :2])
+    assert [graph.inputs for graph in report.graphs if graph.part == "encoder"] == encoder_graphs, str(report)

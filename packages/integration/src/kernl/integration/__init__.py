@@ -5,7 +5,21 @@
 >>> print(report)                   # which rules fired, per compiled graph
 """
 
-from kernl.integration.optimize import DEFAULT_BUCKETS, optimize_model
-from kernl.integration.report import OptimizationReport
+import importlib
+
+# Loaded on first use: the rules import the kernel packages, and with them triton, which reads
+# TRITON_INTERPRET once, at import; the ``kernl`` command (kernl.integration.cli) sets it first.
+_LAZY = {
+    "DEFAULT_BUCKETS": "kernl.integration.buckets",
+    "OptimizationReport": "kernl.integration.report",
+    "optimize_model": "kernl.integration.optimize",
+}
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'kernl.integration' has no attribute {name!r}")
+    return getattr(importlib.import_module(_LAZY[name]), name)
+
 
 __all__ = ["DEFAULT_BUCKETS", "OptimizationReport", "optimize_model"]

@@ -11,11 +11,11 @@ from collections import Counter
 import torch
 from torch import fx
 
-from kernl.integration.kernels import find, qualified_name
-from kernl.integration.report import GraphRecord, OptimizationReport, kept_as_pytorch
+from kernl.integration.report import GraphRecord, OptimizationReport, kept_as_pytorch, kept_reasons
 from kernl.integration.rules import RULES
-from kernl.integration.rules.attention_sdpa import attention_call
-from kernl.integration.step_graphs import StepGraph, has_static_address, holds_state
+from kernl.integration.rules.attention_sdpa import AttentionArgs, attention_call
+from kernl.integration.rules.fused_projections import lay_out_stacked_weights
+from kernl.integration.step_graphs import has_static_address, holds_state, step_graphs
 
 
 def _describe_inputs(example_inputs, static_ids: set[int]) -> str:
@@ -41,26 +41,26 @@ def _mutates(node: fx.Node) -> bool:
     return node.is_impure() or (node.op in ("call_method", "call_function") and in_place)
 
 
-def rewrite_graph(gm: fx.GraphModule, record: GraphRecord) -> fx.GraphModule:
-    """A copy of ``gm`` with every rule applied; ``gm`` itself when rewriting fails."""
+def rewrite_graph(gm: fx.GraphModule, record: GraphRecord, example_inputs) -> fx.GraphModule:
+    """A copy of ``gm`` with every rule applied; ``gm`` itself when rewriting fails. ``example_inputs``:
+    the tensors TorchDynamo compiles ``gm`` for (the weights of stacked projections are laid out now,
+    so that running the graph moves nothing)."""
     graph = fx.Graph()
     graph.output(graph.graph_copy(gm.graph, {}))
     work = fx.GraphModule(gm, graph)
     try:
         for rule in RULES:
-            if rule.kernel is not None and find(rule.kernel) is None:
-                record.skipped[rule.name] = f"{qualified_name(rule.kernel)} is not available: kept as PyTorch"
-                continue
             record.fired[rule.name] = rule.rewrite(work)
         work.graph.eliminate_dead_code(is_impure_node=_mutates)
         work.graph.lint()
         work.recompile()
+        lay_out_stacked_weights(work, example_inputs)
     except Exception as error:  # noqa: BLE001 - never break the model: run the original graph
         record.error = f"rewriting failed ({type(error).__name__}: {error}); graph runs as PyTorch"
         record.fired.clear()
-        record.kept = kept_as_pytorch(gm)
+        record.kept, record.kept_why = kept_as_pytorch(gm), kept_reasons(gm)
         return gm
-    record.kept = kept_as_pytorch(work)
+    record.kept, record.kept_why = kept_as_pytorch(work), kept_reasons(work)
     record.attention_masks = attention_masks(work)
     return work
 
@@ -70,15 +70,15 @@ def attention_masks(gm: fx.GraphModule) -> dict[str, int]:
     kinds = Counter()
     for node in gm.graph.nodes:
         if node.target is attention_call:
-            mask, key_padding_mask, bias = node.args[4], node.args[5], node.args[7]
+            call = AttentionArgs(*node.args)
             kind = (
                 "key padding [B, K]"
-                if key_padding_mask is not None
+                if call.key_padding_mask is not None
                 else "dense"
-                if mask is not None
+                if call.mask is not None
                 else "none"
             )
-            kinds[kind + (" + bias" if bias is not None else "")] += 1
+            kinds[kind + (" + bias" if call.bias is not None else "")] += 1
     return dict(kinds)
 
 
@@ -87,7 +87,7 @@ class KernlBackend:
 
     ``static_tensors``: the model's parameters and buffers (left out of the report's input lists).
     ``part`` names the model part in the report (``"decoder"``); with ``step_graphs`` each graph on
-    a GPU also runs under its own CUDA graphs (:class:`~kernl.integration.step_graphs.StepGraph`),
+    a GPU also runs under its own CUDA graphs (:func:`~kernl.integration.step_graphs.step_graphs`),
     for callers that are not wrapped whole, such as the decoder that ``generate()`` calls once a step.
     """
 
@@ -101,11 +101,11 @@ class KernlBackend:
     def __call__(self, gm: fx.GraphModule, example_inputs):
         record = GraphRecord(inputs=_describe_inputs(example_inputs, self.static_ids), part=self.part)
         self.report.graphs.append(record)
-        work = rewrite_graph(gm, record)
+        work = rewrite_graph(gm, record, example_inputs)
         on_cuda = any(isinstance(t, torch.Tensor) and t.is_cuda for t in example_inputs)
         record.runs_as = "rewritten graph, no CUDA graph" + (" (Triton interpreter)" if not on_cuda else "")
         if not (on_cuda and self.step_graphs):
             return work.forward
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
-        return StepGraph(work.forward, example_inputs, self.static_ids, self.pool, record)
+        return step_graphs(work.forward, example_inputs, self.static_ids, self.pool, record)

@@ -1,69 +1,30 @@
-"""Run the whole optimized forward under CUDA graphs: one capture per input signature, one pool per model.
+"""The capture primitive: a function's calls replayed from CUDA graphs, one capture per key.
 
-The captured region is the full ``forward`` (TorchDynamo's compiled graphs with kernl's kernels, and the
-PyTorch code between them), so a replay costs one graph launch plus the input copies: TorchDynamo's
-guards and the Python of ``forward`` run only while capturing. That is safe because the capture is
-keyed by everything the guards would look at that can change between calls: each tensor argument's
-shape, dtype and device, every other argument's value, the autocast state and whether inference mode
-is on (a graph captured in inference mode reads inference tensors, which no call outside it may
-write); and because the model's parameters and buffers are checked to still live where the graphs
-read them (a replaced parameter, or ``model.half()`` after ``optimize_model``, drops every graph and
-the call runs again on a new capture). That check (~60 us of Python for Bert-base's 201 tensors on
-the H100 machine) runs while the GPU replays, not before: the graphs hold references to the tensors
-they read, so memory a stale graph reads is never freed under it, and a stale replay's result is
-thrown away.
+:class:`CudaGraphs` is the one CUDA-graph mechanism of kernl.integration. Its users differ only in
+their key, warm-up and inputs:
 
-Memory: every capture of one model allocates from one pool (``torch.cuda.graph_pool_handle()``).
-Graphs never replay concurrently and outputs are copied out after each replay, so a capture's
-intermediates reuse the blocks earlier captures freed: the pool grows to about the largest graph's
-working set plus each graph's small static inputs and outputs, not the sum of all working sets.
+- the whole forward of a model (:class:`~kernl.integration.forward_graphs.ForwardGraphs`), keyed by
+  the arguments' shapes and values, warmed up by two runs on the capture's own inputs;
+- a whole decoder step of ``generate()`` (the same class), keyed by the cache and where its tensors
+  live, warmed up by its first call (it updates the cache in place: it cannot run twice);
+- each compiled graph of that decoder (:func:`~kernl.integration.step_graphs.step_graphs`), keyed by
+  the addresses of its inputs that live at fixed addresses (weights, the static cache).
+
+A replay copies the call's *copied* inputs into the graph's own buffers (one launch), replays, and
+hands out the outputs (cloned: the next replay overwrites the graph's memory). Every other tensor the
+call reaches (weights, a static cache) is read, and written, where it lives: the capture recorded its
+address. Captures of one user allocate from one memory pool; graphs never replay concurrently and
+outputs are copied out after each replay, so a capture's intermediates reuse the blocks earlier
+captures freed: the pool grows to about the largest graph's working set, not the sum of all.
 """
 
 import time
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 
 import torch
 
-from kernl.integration.report import OptimizationReport
-
-
-def map_tensors(fn, value):
-    """``value`` with ``fn`` applied to every tensor inside (tuples, lists, dicts, ModelOutputs)."""
-    if isinstance(value, torch.Tensor):
-        return fn(value)
-    if isinstance(value, dict):
-        # Filled item by item: a transformers ModelOutput (an OrderedDict subclass) keeps its attributes
-        # in step through __setitem__, without its dataclass __init__ (~10 us a call).
-        mapped = type(value).__new__(type(value))
-        for key, item in value.items():
-            mapped[key] = map_tensors(fn, item)
-        return mapped
-    if isinstance(value, (tuple, list)):
-        return type(value)(map_tensors(fn, v) for v in value)
-    return value
-
-
-def holds_objects(value) -> bool:
-    """True when ``value`` holds anything beyond tensors, plain values and containers of them (a Cache)."""
-    if isinstance(value, dict):
-        return any(holds_objects(item) for item in value.values())
-    if isinstance(value, (tuple, list)):
-        return any(holds_objects(item) for item in value)
-    return not isinstance(value, (torch.Tensor, bool, int, float, str, type(None)))
-
-
-def _tensors(args: tuple, kwargs: dict) -> list:
-    """Every tensor in the arguments, nested ones (a ModelOutput, a tuple) included, in a fixed order."""
-    found = []
-    map_tensors(found.append, (args, kwargs))
-    return found
-
-
-def on_inputs_gpu(values) -> torch.cuda.device:
-    """A context in which the GPU of the first CUDA tensor among ``values`` is the current device (streams,
-    captures and synchronisation act on the current device, not on a model's); a no-op without one."""
-    tensors = (v for v in values if isinstance(v, torch.Tensor) and v.is_cuda)
-    return torch.cuda.device(next((t.device.index for t in tensors), -1))
+from kernl.integration.trees import map_tensors, objects_in, tensors_in
 
 
 def captured(run, warm_up, pool) -> tuple:
@@ -82,152 +43,205 @@ def captured(run, warm_up, pool) -> tuple:
     return graph, outputs
 
 
-class _Unkeyable(Exception):
-    """An argument a capture key cannot stand for (an arbitrary object)."""
+def on_inputs_gpu(*groups) -> torch.cuda.device:
+    """A context in which the GPU of the first CUDA tensor among ``groups`` (iterables of values) is the
+    current device (streams, captures and synchronisation act on the current device, not on a model's);
+    a no-op without one."""
+    tensors = (v for group in groups for v in group if isinstance(v, torch.Tensor) and v.is_cuda)
+    return torch.cuda.device(next((t.device.index for t in tensors), -1))
 
 
-def _describe(value):
-    """A hashable description of an argument: tensors by shape, dtype and device, containers item by
-    item, plain values as they are; raises :class:`_Unkeyable` for anything else."""
-    if isinstance(value, torch.Tensor):
-        return (value.shape, value.dtype, value.device)
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    if isinstance(value, dict):
-        return (type(value), tuple((key, _describe(item)) for key, item in value.items()))
-    if isinstance(value, (tuple, list)):
-        return (type(value), tuple(_describe(item) for item in value))
-    raise _Unkeyable(type(value).__name__)
+@dataclass(frozen=True)
+class WarmUp:
+    """How a new key gets ready for its capture (compilation and autotuning cannot run inside one).
+
+    ``direct_calls``: the key's first calls run the function as they are, uncaptured. A call that
+    updates state in place (a decoder step writing its cache) must run once per call, so its first
+    call is its warm-up; such calls are never run twice (see ``weights`` of :class:`CudaGraphs`).
+    ``runs``: then, just before capturing, runs of the function on the capture's own inputs, on a side
+    stream. ``fresh(tensor) -> bool``: inputs read in place that each of those runs gets a fresh copy
+    of (a static cache the function writes: the warm-up then changes nothing).
+    """
+
+    direct_calls: int = 0
+    runs: int = 2
+    fresh: Callable[[torch.Tensor], bool] | None = None
+
+
+# A call without side effects: two runs on the capture's own inputs (compilation, then autotuning).
+TWICE_ON_COPIES = WarmUp(direct_calls=0, runs=2)
+# A call that updates state in place (a decoder step writing its cache): its first call is the warm-up.
+FIRST_CALL = WarmUp(direct_calls=1, runs=0)
+
+
+class WeightAddresses:
+    """Where a model's parameters and buffers live, as its CUDA graphs read them.
+
+    A capture reads each weight at its address; ``model.half()``, a replaced parameter or
+    ``param.data = ...`` moves it, and every graph must then be captured again. A reference to each
+    weight's memory is kept, so memory a stale graph reads is never freed under it.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        self.slots = [(m._parameters, n) for m in model.modules() for n in m._parameters] + [
+            (m._buffers, n) for m in model.modules() for n in m._buffers
+        ]
+        self.remember()
+
+    def _addresses(self) -> list[int]:
+        return [0 if owner[name] is None else owner[name].data_ptr() for owner, name in self.slots]
+
+    def remember(self) -> None:
+        """Note where every weight lives now."""
+        tensors = [owner[name] for owner, name in self.slots]
+        self.kept = [None if t is None else t.detach() for t in tensors]  # same memory, outlives a move
+        self.addresses = self._addresses()
+
+    def moved(self) -> bool:
+        """Whether a weight lives elsewhere than where :meth:`remember` saw it."""
+        return self._addresses() != self.addresses
 
 
 @dataclass
-class _Capture:
-    graph: torch.cuda.CUDAGraph | None  # None: capturing failed, this signature runs without a graph
-    tensors: list  # the static input tensors the graph reads, in argument order
-    outputs: object = None
+class Capture:
+    """One key's CUDA graph."""
+
+    graph: torch.cuda.CUDAGraph | None  # None: capturing failed or was refused; the key runs uncaptured
+    inputs: list  # the graph's own copies of the copied inputs, filled before each replay
+    outputs: object = None  # what the captured call returned, in the graph's memory
+    in_place: frozenset = frozenset()  # storages of the inputs read in place: outputs there are not cloned
+    error: str | None = None
+    seconds: float = 0.0  # warm-up and capture
 
 
-class ForwardGraphs:
-    """``runner(*args, **kwargs)``: ``forward(*args, **kwargs)`` replayed from a CUDA graph captured per signature.
+def _clone_owned(in_place: frozenset):
+    """The hand-out of a replay's output tensors: cloned, except those in the storages ``in_place``."""
+    if not in_place:
+        return torch.Tensor.clone
+    return lambda t: t if t.untyped_storage().data_ptr() in in_place else t.clone()
 
-    ``model`` owns the parameters and buffers the graphs read in place. The first call of a signature
-    warms up (two plain calls on a side stream: compilation and autotuning), then captures; a capture
-    that fails leaves that signature running ``forward`` directly, with the reason in the report.
-    ``signature(args, kwargs)`` replaces :meth:`signature` as the capture key. A ``stateful`` forward
-    (one that updates a cache in place) is never called twice for one call: the first call of a
-    signature runs directly and is the warm-up, the second captures. Beyond ``max_captures`` graphs,
-    new signatures run directly.
+
+class CudaGraphs:
+    """``graphs(*args, **kwargs)``: ``fn(*args, **kwargs)``, replayed from a CUDA graph captured per key.
+
+    ``key(args, kwargs)``: what a capture depends on beyond its copied inputs' values (shapes, flags,
+    addresses read in place), hashable; ``None`` runs the call uncaptured. ``copied(args, kwargs)``:
+    the tensors copied into the graph's buffers before each replay, in an order fixed by the key; every
+    other tensor of the call is read where it lives. Default: every tensor in the arguments (nested in
+    tuples, lists and dicts; an object such as a cache is not looked into). ``pool``: the captures'
+    memory pool (``torch.cuda.graph_pool_handle()``). ``warm_up``: :class:`WarmUp`. ``max_captures``:
+    beyond this many keys, new keys run uncaptured. ``weights``: :class:`WeightAddresses` the graphs read
+    in place; when they move, every capture is dropped: checked after a replay, while the GPU runs it
+    (the stale replay is waited for and the call runs again), or, for calls that must run once
+    (``warm_up.direct_calls``), before it. ``on_capture(capture)``: called after each capture attempt
+    (reports).
+
+    Outputs are cloned after each replay, except tensors in the storage of an input read in place (a
+    cache's tensors, handed out as they are). An object among the outputs must be one of the call's
+    arguments (a cache passed in, whose identity the key holds): any other object (a cache the call
+    made) would be handed out by every replay, its tensors overwritten, so such a key runs uncaptured.
+    A call made while its stream is being captured runs ``fn``, so that an outer capture records it.
+    A capture that raises leaves its key uncaptured, with the reason in ``capture.error``.
     """
 
     def __init__(
         self,
-        forward,
-        model: torch.nn.Module,
-        report: OptimizationReport,
-        signature=None,
-        stateful=False,
-        max_captures=None,
+        fn,
+        key: Callable[[tuple, dict], Hashable | None],
+        pool,
+        *,
+        copied: Callable[[tuple, dict], list] = lambda args, kwargs: tensors_in((args, kwargs)),
+        warm_up: WarmUp = TWICE_ON_COPIES,
+        max_captures: int | None = None,
+        weights: WeightAddresses | None = None,
+        on_capture: Callable[[Capture], None] | None = None,
     ):
-        self.forward, self.report = forward, report
-        self.key = signature or self.signature
-        self.stateful, self.max_captures, self.warm = stateful, max_captures, set()
-        self.slots = [(m._parameters, n) for m in model.modules() for n in m._parameters] + [
-            (m._buffers, n) for m in model.modules() for n in m._buffers
-        ]
-        self.captures: dict[tuple, _Capture] = {}
-        self.pool = torch.cuda.graph_pool_handle()
-        self._remember_weights()
+        self.fn, self.key, self.pool, self.copied = fn, key, pool, copied
+        self.warm_up, self.max_captures = warm_up, max_captures
+        self.weights, self.on_capture = weights, on_capture
+        self.runs_twice = warm_up.direct_calls == 0  # a stale replay may be followed by a second run
+        self.captures: dict[Hashable, Capture] = {}
+        self.direct_calls: dict[Hashable, int] = {}
 
-    def _remember_weights(self) -> None:
-        """Note where every parameter and buffer lives, holding a reference to its memory (see above)."""
-        tensors = [owner[name] for owner, name in self.slots]
-        self.kept = [None if t is None else t.detach() for t in tensors]  # same memory, outlives a .data swap
-        self.addresses = [0 if t is None else t.data_ptr() for t in tensors]
-
-    def _weights_moved(self) -> bool:
-        return [
-            0 if owner[name] is None else owner[name].data_ptr() for owner, name in self.slots
-        ] != self.addresses
-
-    def _forget_captures(self) -> None:
+    def clear(self) -> None:
+        """Drop every capture (the next call of each key captures again)."""
         self.captures.clear()
-        self._remember_weights()
 
-    def _drop_stale_captures(self) -> None:
-        """Forget every graph when a parameter or buffer no longer lives where the graphs read it."""
-        if self._weights_moved():
-            self._forget_captures()
-
-    @staticmethod
-    def signature(args: tuple, kwargs: dict) -> tuple | None:
-        """What a capture depends on; ``None`` when an argument cannot be part of a key (an object)."""
-        parts = [
-            torch.is_autocast_enabled("cuda"),
-            torch.get_autocast_dtype("cuda"),
-            torch.is_inference_mode_enabled(),
-        ]
-        try:
-            parts += [(name, _describe(value)) for name, value in [*enumerate(args), *kwargs.items()]]
-        except _Unkeyable:
-            return None
-        return tuple(parts)
+    def _drop_if_weights_moved(self) -> bool:
+        if self.weights is None or not self.weights.moved():
+            return False
+        self.clear()
+        self.weights.remember()
+        return True
 
     def __call__(self, *args, **kwargs):
-        tensors = _tensors(args, kwargs)
-        with on_inputs_gpu(tensors):
-            return self._run(tensors, args, kwargs)
+        if torch.cuda.is_current_stream_capturing():
+            return self.fn(*args, **kwargs)
+        copied = self.copied(args, kwargs)
+        with on_inputs_gpu(copied, args):
+            return self._run(copied, args, kwargs)
 
-    def _run(self, tensors: list, args: tuple, kwargs: dict):
+    def _run(self, copied: list, args: tuple, kwargs: dict):
         key = self.key(args, kwargs)
         if key is None:
-            return self.forward(*args, **kwargs)
-        if self.stateful:  # checked before the replay: a call that updates a cache cannot run twice
-            self._drop_stale_captures()
+            return self.fn(*args, **kwargs)
+        if not self.runs_twice:
+            self._drop_if_weights_moved()
         capture = self.captures.get(key)
         if capture is None:
             if self.max_captures is not None and len(self.captures) >= self.max_captures:
-                return self.forward(*args, **kwargs)
-            if self.stateful and key not in self.warm:  # this call compiles and warms up the kernels
-                self.warm.add(key)
-                return self.forward(*args, **kwargs)
-            self._drop_stale_captures()
-            capture = self.captures[key] = self._capture(args, kwargs)
+                return self.fn(*args, **kwargs)
+            if self.direct_calls.get(key, 0) < self.warm_up.direct_calls:
+                self.direct_calls[key] = self.direct_calls.get(key, 0) + 1
+                return self.fn(*args, **kwargs)
+            capture = self._capture(copied, args, kwargs)
+            self.captures[key] = capture
         if capture.graph is None:
-            return self.forward(*args, **kwargs)
-        if capture.tensors:
-            torch._foreach_copy_(capture.tensors, tensors)  # one launch for all inputs
+            return self.fn(*args, **kwargs)
+        if capture.inputs:
+            torch._foreach_copy_(capture.inputs, copied)  # one launch for all inputs
         capture.graph.replay()
-        outputs = map_tensors(torch.Tensor.clone, capture.outputs)
-        if not self.stateful and self._weights_moved():  # checked while the GPU replays: outputs dropped
-            torch.cuda.current_stream().synchronize()  # it finishes before its graph is destroyed
-            self._forget_captures()
-            return self(*args, **kwargs)
+        outputs = map_tensors(_clone_owned(capture.in_place), capture.outputs)
+        if self.runs_twice and self.weights is not None and self.weights.moved():
+            torch.cuda.current_stream().synchronize()  # the stale replay ends before its memory may go
+            self._drop_if_weights_moved()
+            return self._run(copied, args, kwargs)
         return outputs
 
-    def _capture(self, args: tuple, kwargs: dict) -> _Capture:
-        start, first_record = time.perf_counter(), len(self.report.graphs)
-        args, kwargs = map_tensors(torch.Tensor.clone, (args, kwargs))
-        capture = _Capture(graph=None, tensors=_tensors(args, kwargs))
-        error = None
+    def _capture(self, copied: list, args: tuple, kwargs: dict) -> Capture:
+        start = time.perf_counter()
+        inputs = [t.clone() for t in copied]
+        own = {id(t): c for t, c in zip(copied, inputs, strict=True)}
+        args, kwargs = map_tensors(lambda t: own.get(id(t), t), (args, kwargs))
+        copies = {id(c) for c in inputs}
+        in_place = frozenset(
+            t.untyped_storage().data_ptr() for t in tensors_in((args, kwargs)) if id(t) not in copies
+        )
+        capture = Capture(graph=None, inputs=inputs, in_place=in_place)
+        fresh = self.warm_up.fresh
 
-        def warm_up():  # compiles and autotunes outside the capture
-            for _ in range(0 if self.stateful else 2):
-                self.forward(*args, **kwargs)
-            self._drop_stale_captures()  # the warm-up may move weights (fused projections)
+        def warm_up():
+            for _ in range(self.warm_up.runs):
+                run_args, run_kwargs = (
+                    (args, kwargs)
+                    if fresh is None
+                    else map_tensors(lambda t: t.clone() if fresh(t) else t, (args, kwargs))
+                )
+                self.fn(*run_args, **run_kwargs)
+            # the backend compiles in the first warm-up run, and lays out stacked Q/K/V weights then
+            self._drop_if_weights_moved()
 
         try:
-            capture.graph, capture.outputs = captured(
-                lambda: self.forward(*args, **kwargs), warm_up, self.pool
-            )
+            capture.graph, capture.outputs = captured(lambda: self.fn(*args, **kwargs), warm_up, self.pool)
         except Exception as failure:  # noqa: BLE001 - anything a capture cannot handle runs without one
-            error = f"CUDA graph capture failed ({type(failure).__name__}: {failure}); runs without"
-        if error is None and not self.stateful and holds_objects(capture.outputs):
+            capture.error = f"CUDA graph capture failed ({type(failure).__name__}: {failure}); runs without"
+        arguments = {id(o) for o in objects_in((args, kwargs))}
+        if capture.error is None and any(id(o) not in arguments for o in objects_in(capture.outputs)):
             capture.graph = None  # every replay would hand out the same object, its tensors overwritten
-            error = "outputs hold an object (a key/value cache) each replay would overwrite; runs without"
-        for record in self.report.graphs[first_record:]:
-            record.runs_as = (
-                "CUDA graph (whole forward)" if error is None else "rewritten graph, no CUDA graph"
+            capture.error = (
+                "outputs hold an object (a key/value cache) each replay would overwrite; runs without"
             )
-            record.warmup_s = time.perf_counter() - start
-            record.error = record.error or error
+        capture.seconds = time.perf_counter() - start
+        if self.on_capture is not None:
+            self.on_capture(capture)
         return capture

@@ -18,20 +18,29 @@ def _signature(name: str, args) -> tuple:
     )
 
 
-def call(name: str, kernel, pytorch, *args):
-    """``kernel(*args)``, or ``pytorch(*args)`` when the kernel is missing or raised for this signature."""
-    key = _signature(name, args)
-    if kernel is not None and key not in FAILURES:
+def call(name: str, kernel, pytorch, *args, **kwargs):
+    """``kernel(*args, **kwargs)``, or ``pytorch(*args, **kwargs)`` when the kernel raised for this signature
+    (the arguments' shapes, dtypes and devices, and every other argument's value)."""
+    key = _signature(name, (*args, *kwargs.values()))
+    if key not in FAILURES:
         try:
-            return kernel(*args)
+            return kernel(*args, **kwargs)
         except Exception as error:  # noqa: BLE001 - any kernel failure: fall back, say so
             if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
                 raise
             FAILURES[key] = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
             warnings.warn(f"kernl: {name} failed ({FAILURES[key]}); this call runs as PyTorch", stacklevel=2)
-    return pytorch(*args)
+    return pytorch(*args, **kwargs)
+
+
+def _readable(part) -> str:
+    if isinstance(part, tuple):  # a tensor: (shape, dtype, device type)
+        shape, dtype, device = part
+        return f"{'x'.join(map(str, shape)) or 'scalar'} {str(dtype).removeprefix('torch.')} on {device}"
+    return part
 
 
 def summary() -> list[str]:
-    """One line per failed kernel signature."""
-    return [f"{key[0]} {key[1:]}: {why}" for key, why in FAILURES.items()]
+    """One line per failed kernel signature: the kernel, its arguments (tensors as shape, dtype and
+    device), and the error."""
+    return [f"{key[0]}({', '.join(map(_readable, key[1:]))}): {why}" for key, why in FAILURES.items()]

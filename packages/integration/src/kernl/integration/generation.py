@@ -1,14 +1,13 @@
 """``generate()`` on kernl for encoder-decoder models (T5, BART): the decoder compiled by kernl's
 backend over a static key/value cache and replayed from CUDA graphs.
 
-The model's ``forward`` is routed: a call whose cache argument (``cache``, or ``past_key_values``
-before transformers 5.24) is a static cache with its buffers allocated (every step of ``generate()``,
+The model's ``forward`` is routed: a call whose cache argument is a static cache with its buffers allocated (every step of ``generate()``,
 the first one included once a cache is reused) runs the ``torch.compile``d forward (TorchDynamo,
 :class:`~kernl.integration.backend.KernlBackend`: the FX rules, then a CUDA graph per graph that
 updates the cache in place, :mod:`kernl.integration.step_graphs`); any other call runs as before.
 Once the prefill has filled the cross-attention cache, a step changes nothing but tensors, so from a
 signature's second step on the whole call (TorchDynamo's guards and the Python of ``forward``
-included) is captured and replayed as one CUDA graph (:class:`~kernl.integration.cuda_graphs.ForwardGraphs`,
+included) is captured and replayed as one CUDA graph (:class:`~kernl.integration.forward_graphs.ForwardGraphs`,
 keyed by the cache and where its tensors live). The static cache becomes the default and
 transformers' own compilation of the decoder step is turned off (kernl's takes its place). Three things
 keep the number of compiled graphs and captures bounded: the prompt is padded to the encoder's bucket
@@ -18,27 +17,39 @@ allocates a new one each call, and new addresses would mean a new capture; at mo
 are kept, and a new size's cache has its buffers allocated up front, like those of the caches before it,
 so that its prefill runs compiled in its first call); and beam search's reordering of a static cache the
 decoder runs on writes the reordered rows back where they were (transformers replaces the tensors), so
-that every step of a beam search replays the same capture.
+that every step of a beam search replays the same capture. The transformers internals this relies
+on are in :mod:`kernl.integration.hf_compat`.
 """
 
 import functools
-import inspect
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
 from kernl.integration.backend import KernlBackend
 from kernl.integration.copies import copies_unoptimized
-from kernl.integration.cuda_graphs import ForwardGraphs
+from kernl.integration.cuda_graphs import FIRST_CALL
+from kernl.integration.forward_graphs import ForwardGraphs, signature
+from kernl.integration.hf_compat import (
+    CACHE_ARGUMENT_NAMES,
+    CACHE_NAME,
+    allocate_layer,
+    cache_argument,
+    cache_layers,
+    cache_parts,
+    cross_attention_filled,
+    layer_tensors,
+    previous_max_cache_length,
+    ready_static_cache,
+    set_previous_max_cache_length,
+    static_cache_factory,
+    turn_off_generate_compilation,
+)
 from kernl.integration.report import OptimizationReport
 
 KEPT_CACHES = 4
-_CACHE_FACTORY_PARAMETERS = [
-    "cache_implementation",
-    "batch_size",
-    "max_cache_len",
-    "prefill_chunk_size",
-    "model_kwargs",
-]
 
 
 def optimize_generation(model, report: OptimizationReport, bucket, cuda_graphs: bool = True) -> None:
@@ -52,88 +63,45 @@ def optimize_generation(model, report: OptimizationReport, bucket, cuda_graphs: 
     compiled = torch.compile(original, backend=backend, dynamic=False)
     steps = compiled
     if cuda_graphs and model.device.type == "cuda":
-        steps = ForwardGraphs(
-            compiled, model, report, _step_signature, stateful=True, max_captures=KEPT_CACHES
-        )
+        # a step updates the cache in place: it runs once a call, and its first call is its warm-up
+        steps = ForwardGraphs(compiled, model, report, _step_signature, FIRST_CALL, KEPT_CACHES)
         model.kernl_decoder_graphs = steps
 
     @functools.wraps(original)  # transformers validates generate()'s kwargs against this signature
     def forward(*args, **kwargs):
-        cache = _cache_argument(kwargs)[1]
-        if not _ready_static_cache(cache):
+        cache = cache_argument(kwargs)[1]
+        if not ready_static_cache(cache):
             return original(*args, **kwargs)
         if not isinstance(cache.reorder_cache, _InPlaceReorder):  # once per cache, before any beam step
             _reorder_in_place(cache)
-        return steps(*args, **kwargs) if _cross_attention_filled(cache) else compiled(*args, **kwargs)
+        return steps(*args, **kwargs) if cross_attention_filled(cache) else compiled(*args, **kwargs)
 
     model.forward = forward
     config = model.generation_config
-    config.disable_compile = True
+    turn_off_generate_compilation(config)
     report.notes.append(
         f"generate(): decoder on kernl with the '{config.cache_implementation or 'static'}' cache "
         "(by default, in calls that name no cache; with a dynamic cache it runs as PyTorch); "
         "prompts padded to the encoder's buckets"
     )
-    factory = getattr(model, "_prepare_static_cache", None)
-    if factory is not None and [*inspect.signature(factory).parameters] == _CACHE_FACTORY_PARAMETERS:
-        model._prepare_static_cache = _reusing_static_cache(model, model._prepare_static_cache)
+    factory = static_cache_factory(model)
+    if factory is not None:
+        model._prepare_static_cache = _reusing_static_cache(model, factory)
     else:
         report.notes.append("static caches are not reused across generate() calls (unknown transformers API)")
     model.kernl_original_generate = model.generate
-    model.generate = _bucketed_generate(model, model.generate, bucket)
+    model.generate = _bucketed_generate(model, model.generate, bucket, report)
     copies_unoptimized(model)
 
 
-def _cache_argument(kwargs: dict) -> tuple:
-    """``(name, cache)`` of the key/value cache argument (``cache`` from transformers 5.24 on, before it
-    ``past_key_values``), ``(None, None)`` without one."""
-    for name in ("cache", "past_key_values"):
-        if kwargs.get(name) is not None:
-            return name, kwargs[name]
-    return None, None
-
-
-def _cache_parts(cache) -> list:
-    """The caches inside ``cache``: its self- and cross-attention caches, or itself."""
-    if hasattr(cache, "cross_attention_cache"):
-        return [cache.self_attention_cache, cache.cross_attention_cache]
-    return [cache]
-
-
-def _ready_static_cache(cache) -> bool:
-    """A static cache (or an encoder-decoder pair of them) whose buffers exist: the decoder can be compiled
-    over it (a fresh cache allocates its buffers in its first update, which must not be traced)."""
-    if cache is None:
-        return False
-    parts = _cache_parts(cache)
-    return all(
-        getattr(part, "is_compileable", False)
-        and all(getattr(layer, "is_initialized", False) for layer in part.layers)
-        for part in parts
-    )
-
-
-def _cross_attention_filled(cache) -> bool:
-    """After the prefill: every layer's cross-attention cache is filled, so a step changes only tensors."""
-    filled = getattr(cache, "is_updated", None)
-    return isinstance(filled, dict) and bool(filled) and all(filled.values())
-
-
 def _step_signature(args: tuple, kwargs: dict) -> tuple | None:
-    """The capture key of a whole decoder step: the other arguments as :meth:`ForwardGraphs.signature`
-    sees them, the cache object, and where its tensors live."""
-    cache_name, cache = _cache_argument(kwargs)
-    key = ForwardGraphs.signature(args, {name: v for name, v in kwargs.items() if name != cache_name})
+    """The capture key of a whole decoder step: the other arguments as :func:`signature` sees them,
+    the cache object, and where its tensors live."""
+    cache_name, cache = cache_argument(kwargs)
+    key = signature(args, {name: v for name, v in kwargs.items() if name != cache_name})
     if key is None:
         return None
-    parts = _cache_parts(cache)
-    tensors = [
-        t
-        for part in parts
-        for layer in part.layers
-        for t in vars(layer).values()
-        if isinstance(t, torch.Tensor)
-    ]
+    tensors = [t for layer in cache_layers(cache) for t in layer_tensors(layer)]
     return (*key, id(cache), tuple(t.data_ptr() for t in tensors))
 
 
@@ -142,7 +110,7 @@ def _reusing_static_cache(model, create):
     kept = {}
 
     def prepare(cache_implementation, batch_size, max_cache_len, prefill_chunk_size, model_kwargs):
-        length = max(max_cache_len, getattr(model, "_previous_max_cache_length", -1))
+        length = max(max_cache_len, previous_max_cache_length(model))
         encoder_outputs = model_kwargs.get("encoder_outputs")
         encoder_length = None if encoder_outputs is None else encoder_outputs[0].shape[1]
         # a kept cache is only reused, or copied in shape, by calls whose tensors it matches
@@ -151,12 +119,12 @@ def _reusing_static_cache(model, create):
         cache = kept.pop(key, None)
         if cache is None:
             cache = create(cache_implementation, batch_size, max_cache_len, prefill_chunk_size, model_kwargs)
-            like = (c for k, c in kept.items() if k[-1] == state and _ready_static_cache(c))
+            like = (c for k, c in kept.items() if k[-1] == state and ready_static_cache(c))
             _allocate_like(cache, next(like, None), batch_size)
             cache.kernl_kept = True  # reset and reused by a later call: see _bucketed_generate
         else:
             cache.reset()
-            model._previous_max_cache_length = length
+            set_previous_max_cache_length(model, length)
         kept[key] = cache
         while len(kept) > KEPT_CACHES:
             kept.pop(next(iter(kept)))
@@ -172,7 +140,7 @@ def _allocate_like(cache, template, batch_size: int) -> None:
     first update, which cannot be traced). Nothing is done when the two caches differ in structure."""
     if template is None:
         return
-    parts, template_parts = _cache_parts(cache), _cache_parts(template)
+    parts, template_parts = cache_parts(cache), cache_parts(template)
     pairs = [
         (layer, like)
         for part, template_part in zip(parts, template_parts, strict=False)
@@ -189,13 +157,13 @@ def _allocate_like(cache, template, batch_size: int) -> None:
         keys, values = (
             t.new_empty((batch_size, t.shape[1], 0, t.shape[-1])) for t in (like.keys, like.values)
         )
-        layer.lazy_initialization(keys, values)
+        allocate_layer(layer, keys, values)
 
 
 def _reorder_in_place(cache) -> None:
     """Make beam search's ``cache.reorder_cache(beam_idx)`` keep the cache's tensors where they are:
     transformers' layers replace them by reordered copies, and the captured step reads the old ones."""
-    cache.reorder_cache = _InPlaceReorder([layer for part in _cache_parts(cache) for layer in part.layers])
+    cache.reorder_cache = _InPlaceReorder(cache_layers(cache))
 
 
 class _InPlaceReorder:
@@ -254,49 +222,134 @@ def _copy_back(layer, reorder, beam_idx: torch.Tensor) -> list[str] | None:
     return names if selected_rows else None
 
 
-def _bucketed_generate(model, generate, bucket):
-    """``generate`` with ``input_ids`` and ``attention_mask`` right-padded to ``bucket(length)``."""
+@dataclass(frozen=True)
+class _GenerateCall:
+    """A ``generate()`` call as the prompt bucketing sees it."""
+
+    ids: object  # the prompt (positional, ``inputs`` or ``input_ids``)
+    mask: object  # ``attention_mask``
+    kwargs: dict
+    setting: Callable  # name -> the call's value, else the generation config's
+
+
+def _assisted(call: _GenerateCall) -> str | None:
+    names = ("assistant_model", "prompt_lookup_num_tokens", "assistant_early_exit")
+    if any(call.setting(name) for name in names):
+        return "assisted generation (transformers refuses static caches there)"
+    return None
+
+
+def _not_token_ids(call: _GenerateCall) -> str | None:
+    ids = call.ids
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.is_floating_point():
+        return "the prompt is not a 2-D tensor of token ids"
+    return None
+
+
+def _callers_encoder_state(call: _GenerateCall) -> str | None:
+    given = sorted({"inputs_embeds", "encoder_outputs", "past_key_values", "cache"} & call.kwargs.keys())
+    return f"the call passes {', '.join(given)}" if given else None
+
+
+def _mask_of_another_shape(call: _GenerateCall) -> str | None:
+    mask = call.mask
+    if mask is None or (isinstance(mask, torch.Tensor) and mask.shape == call.ids.shape):
+        return None
+    return "attention_mask is not a tensor of the prompt's shape"
+
+
+def _pad_tokens_without_mask(call: _GenerateCall) -> str | None:
+    # whether pad tokens in a prompt without a mask are attended depends on the transformers release:
+    # left to generate() itself
+    pad = call.setting("pad_token_id")
+    if call.mask is None and pad is not None and bool((call.ids == pad).any()):
+        return "pad tokens in a prompt without attention_mask"
+    return None
+
+
+def _returns_encoder_outputs(call: _GenerateCall) -> str | None:
+    if any(call.setting(name) for name in ("output_hidden_states", "output_attentions")):
+        return "encoder hidden states or attentions are returned at the prompt's length"
+    return None
+
+
+def _reads_the_prompt(call: _GenerateCall) -> str | None:
+    # processors built from the prompt itself would count the padding as prompt tokens
+    if (call.setting("encoder_no_repeat_ngram_size") or 0) > 0 or call.setting(
+        "encoder_repetition_penalty"
+    ) not in (None, 1.0):
+        return "encoder_no_repeat_ngram_size or encoder_repetition_penalty reads the prompt"
+    return None
+
+
+# Why a prompt is left at its own length, checked in this order (token ids first: the later checks read them).
+_UNBUCKETED = (
+    _not_token_ids,
+    _callers_encoder_state,
+    _mask_of_another_shape,
+    _pad_tokens_without_mask,
+    _returns_encoder_outputs,
+    _reads_the_prompt,
+)
+
+
+def _names_no_cache(call: _GenerateCall, config) -> bool:
+    """Whether the call leaves the cache to kernl: it names none, and neither does the model's config;
+    not without a cache at all (transformers would warn the setting is unused), nor when the decoder's
+    attention maps are returned (over a static cache they would span the whole cache)."""
+    named = {"past_key_values", "cache", "cache_implementation"} & call.kwargs.keys()
+    return not (
+        named
+        or config.cache_implementation
+        or call.setting("use_cache") is False
+        or call.setting("output_attentions")
+    )
+
+
+def _bucketed_generate(model, generate, bucket, report: OptimizationReport):
+    """``generate`` with ``input_ids`` and ``attention_mask`` right-padded to ``bucket(length)``; a call
+    left at its own length adds the reason to ``report``'s notes (once per reason)."""
+
+    def unbucketed(reason: str):
+        note = f"generate(): a prompt ran at its own length: {reason}"
+        if note not in report.notes:
+            report.notes.append(note)
 
     def padded_generate(*args, **kwargs):
         config = kwargs.get("generation_config") or model.generation_config
-        setting = lambda name: kwargs.get(name, getattr(config, name, None))  # noqa: E731
-        if getattr(_cache_argument(kwargs)[1], "kernl_kept", False):
+        for old in set(CACHE_ARGUMENT_NAMES) - {CACHE_NAME}:
+            if old in kwargs and CACHE_NAME not in kwargs:
+                # transformers' own deprecation warning would point at this wrapper: renamed here, and
+                # the warning points at the caller
+                warnings.warn(
+                    f"{old} is deprecated by this transformers release: pass {CACHE_NAME}= instead",
+                    FutureWarning,
+                    stacklevel=2,
+                )
+                kwargs[CACHE_NAME] = kwargs.pop(old)
+        if getattr(cache_argument(kwargs)[1], "kernl_kept", False):
             raise ValueError(
                 "past_key_values is a static cache kernl's generate() made for an earlier call: sized for "
                 "that call and reset by the next call of its size, it cannot be continued. To continue a "
                 "generation from its cache, make the first call with cache_implementation='dynamic'"
             )
-        if any(setting(n) for n in ("assistant_model", "prompt_lookup_num_tokens", "assistant_early_exit")):
-            return generate(*args, **kwargs)  # assisted generation: transformers refuses static caches
-        if not (
-            {"past_key_values", "cache", "cache_implementation"} & kwargs.keys()
-            or config.cache_implementation
-            or setting("use_cache") is False  # no cache at all: transformers would warn the setting is unused
-            # over a static cache the decoder's attention maps would span the whole cache (other shapes)
-            or setting("output_attentions")
-        ):
-            kwargs["cache_implementation"] = "static"  # kernl's decoder steps run over a static cache
         place = 0 if args else "inputs" if "inputs" in kwargs else "input_ids"
-        ids = args[0] if args else kwargs.get(place)
-        mask = kwargs.get("attention_mask")
-        pad = setting("pad_token_id")
-        if (
-            not isinstance(ids, torch.Tensor)
-            or ids.dim() != 2
-            or ids.is_floating_point()
-            or {"inputs_embeds", "encoder_outputs", "past_key_values", "cache"}
-            & kwargs.keys()  # the caller's
-            or not (mask is None or (isinstance(mask, torch.Tensor) and mask.shape == ids.shape))
-            # without a mask, whether pad tokens in the prompt are attended depends on the transformers
-            # release: left to generate() itself
-            or (mask is None and pad is not None and bool((ids == pad).any()))
-            # encoder hidden states and attentions are returned at the prompt's length
-            or any(setting(f) for f in ("output_hidden_states", "output_attentions"))
-            # processors built from the prompt itself would count the padding as prompt tokens
-            or (setting("encoder_no_repeat_ngram_size") or 0) > 0
-            or setting("encoder_repetition_penalty") not in (None, 1.0)
-        ):
+        call = _GenerateCall(
+            ids=args[0] if args else kwargs.get(place),
+            mask=kwargs.get("attention_mask"),
+            kwargs=kwargs,
+            setting=lambda name: kwargs.get(name, getattr(config, name, None)),
+        )
+        if (reason := _assisted(call)) is not None:
+            unbucketed(reason)
             return generate(*args, **kwargs)
+        if _names_no_cache(call, config):
+            kwargs["cache_implementation"] = "static"  # kernl's decoder steps run over a static cache
+        reason = next((r for check in _UNBUCKETED if (r := check(call)) is not None), None)
+        if reason is not None:
+            unbucketed(reason)
+            return generate(*args, **kwargs)
+        ids, mask, pad = call.ids, call.mask, call.setting("pad_token_id")
         extra = bucket(ids.shape[1]) - ids.shape[1]
         if extra == 0:
             return generate(*args, **kwargs)

@@ -8,7 +8,7 @@ import torch
 from torch import fx
 
 from kernl.integration import fallback
-from kernl.integration.rules._fx import is_function, is_method
+from kernl.integration.rules._fx import KEPT_REASON, is_function, is_method
 from kernl.integration.rules.attention_eager import MATMUL_TARGETS, SOFTMAX_TARGETS
 from kernl.integration.rules.attention_sdpa import SDPA_TARGETS
 from kernl.integration.rules.dropout import DROPOUT_TARGETS
@@ -38,15 +38,45 @@ _KEPT_METHODS = {
 }
 
 
+# Why a rule leaves such an op alone, unless the rule noted a reason of its own on the node.
+KEPT_WHY = {
+    "linear": "its weight or input is not a floating-point matrix",
+    "activation": "not applied to a linear's output alone",
+    "layer_norm": "not over the last dimension alone, or its eps is not a constant",
+    "rms_norm": "not T5's norm chain, or its steps are used elsewhere",
+    "overflow guard": "not T5's clamp(h, -c, c) guard",
+    "attention (sdpa)": "dropout, grouped-query attention, a scale that is not a constant, or a mask not 4-D",
+    "attention (softmax)": "not in matmul -> softmax -> matmul, or its probabilities are used elsewhere",
+    "matmul": "not in matmul -> softmax -> matmul, or its probabilities are used elsewhere",
+    "dropout": "training mode with p > 0",
+}
+
+
+def _kept_kind(node: fx.Node) -> str | None:
+    if is_function(node, tuple(_KEPT_FUNCTIONS)):
+        return _KEPT_FUNCTIONS[node.target]
+    if is_method(node, tuple(_KEPT_METHODS)):
+        return _KEPT_METHODS[node.target]
+    return None
+
+
 def kept_as_pytorch(gm: fx.GraphModule) -> dict[str, int]:
     """Count the ops of ``gm`` that a rule targets but that are still plain PyTorch calls."""
-    kept = Counter()
+    return dict(Counter(kind for node in gm.graph.nodes if (kind := _kept_kind(node)) is not None))
+
+
+def kept_reasons(gm: fx.GraphModule) -> dict[str, str]:
+    """Why each kind of op of :func:`kept_as_pytorch` stayed PyTorch: the reasons the rules noted on its
+    nodes, else the usual one (:data:`KEPT_WHY`)."""
+    noted: dict[str, list[str]] = {}
     for node in gm.graph.nodes:
-        if is_function(node, tuple(_KEPT_FUNCTIONS)):
-            kept[_KEPT_FUNCTIONS[node.target]] += 1
-        elif is_method(node, tuple(_KEPT_METHODS)):
-            kept[_KEPT_METHODS[node.target]] += 1
-    return dict(kept)
+        kind = _kept_kind(node)
+        if kind is not None and node.meta.get(KEPT_REASON) not in noted.setdefault(kind, []):
+            noted[kind].append(node.meta.get(KEPT_REASON))
+    return {
+        kind: "; ".join(KEPT_WHY[kind] if reason is None else reason for reason in reasons)
+        for kind, reasons in noted.items()
+    }
 
 
 @dataclass
@@ -57,8 +87,8 @@ class GraphRecord:
     part: str = ""  # the model part, for models compiled in parts ("encoder", "decoder")
     fired: dict[str, int] = field(default_factory=dict)
     kept: dict[str, int] = field(default_factory=dict)
+    kept_why: dict[str, str] = field(default_factory=dict)  # by kind of op kept: why
     attention_masks: dict[str, int] = field(default_factory=dict)  # key padding / dense / none
-    skipped: dict[str, str] = field(default_factory=dict)
     runs_as: str = ""
     warmup_s: float | None = None
     error: str | None = None
@@ -99,12 +129,17 @@ class OptimizationReport:
             lines.append(f"  graph {index}{part}: {graph.inputs} -> runs as {graph.runs_as or 'not run yet'}")
             fired = ", ".join(f"{name} x{count}" for name, count in graph.fired.items() if count) or "none"
             lines.append(f"    rules fired: {fired}")
-            kept = ", ".join(f"{name} x{count}" for name, count in sorted(graph.kept.items())) or "nothing"
+            kept = (
+                ", ".join(
+                    f"{name} x{count} ({graph.kept_why.get(name, KEPT_WHY[name])})"
+                    for name, count in sorted(graph.kept.items())
+                )
+                or "nothing"
+            )
             lines.append(f"    kept as PyTorch: {kept}")
             if graph.attention_masks:
                 masks = ", ".join(f"{kind} x{count}" for kind, count in graph.attention_masks.items())
                 lines.append(f"    attention masks handed to the kernel: {masks}")
-            lines += [f"    rule {name} did not run: {why}" for name, why in graph.skipped.items()]
             if graph.warmup_s is not None:
                 lines.append(f"    warm-up (capture) {graph.warmup_s:.2f} s")
             if graph.error:

@@ -12,12 +12,9 @@ set. At most :data:`MAX_CAPTURES` are kept per graph; an address set beyond them
 at every step) runs the graph without a CUDA graph.
 """
 
-import time
-from dataclasses import dataclass
-
 import torch
 
-from kernl.integration.cuda_graphs import captured, on_inputs_gpu
+from kernl.integration.cuda_graphs import Capture, CudaGraphs, WarmUp
 from kernl.integration.report import GraphRecord
 
 MAX_CAPTURES = 4
@@ -42,80 +39,32 @@ def holds_state(tensor: torch.Tensor, static_ids: set[int]) -> bool:
     )
 
 
-@dataclass
-class _Capture:
-    graph: torch.cuda.CUDAGraph | None  # None: capturing failed, this address set runs without a graph
-    inputs: list  # the graph's own buffers for the copied inputs
-    outputs: list
-    owned: list  # per output: True when it lives in the graph's memory (copied out after a replay)
-
-
-class StepGraph:
-    """``runner(*inputs)``: ``fn(*inputs)`` replayed from a CUDA graph (see the module docstring).
+def step_graphs(fn, example_inputs, static_ids: set[int], pool, record: GraphRecord) -> CudaGraphs:
+    """``runner(*inputs)``: ``fn(*inputs)`` replayed from CUDA graphs (see the module docstring).
 
     ``example_inputs``: the inputs TorchDynamo compiled ``fn`` for; ``static_ids``: ids of the model's
-    parameters and buffers; ``pool``: the memory pool shared by the captures of one model part.
+    parameters and buffers; ``pool``: the memory pool shared by the captures of one model part; ``record``:
+    the graph's line in the report. The warm-up runs twice on fresh copies of the cache, so it changes
+    nothing (a second update of one copy could write past the end of the cache: a prefill fills the
+    cross-attention cache whole).
     """
+    tensors = [i for i, t in enumerate(example_inputs) if isinstance(t, torch.Tensor)]
+    static = [i for i in tensors if has_static_address(example_inputs[i], static_ids)]
+    copied = [i for i in tensors if i not in static]
 
-    def __init__(self, fn, example_inputs, static_ids: set[int], pool, record: GraphRecord):
-        self.fn, self.pool, self.record = fn, pool, record
-        tensors = [i for i, t in enumerate(example_inputs) if isinstance(t, torch.Tensor)]
-        self.static = [i for i in tensors if has_static_address(example_inputs[i], static_ids)]
-        self.copied = [i for i in tensors if i not in self.static]
-        # The cache: the warm-up runs on copies of it, so it changes nothing.
-        self.state = [i for i in self.static if holds_state(example_inputs[i], static_ids)]
-        self.captures: dict[tuple, _Capture] = {}
+    def note(capture: Capture) -> None:
+        if capture.error is None:
+            record.runs_as = f"CUDA graph ({record.part or 'graph'})"
+        else:
+            record.error, record.runs_as = capture.error, "rewritten graph, no CUDA graph"
+        record.warmup_s = capture.seconds
 
-    def __call__(self, *args):
-        with on_inputs_gpu(args):
-            return self._run(*args)
-
-    def _run(self, *args):
-        if torch.cuda.is_current_stream_capturing():  # inside a capture of the whole call: record the kernels
-            return self.fn(*args)
-        key = tuple(args[i].data_ptr() for i in self.static)
-        capture = self.captures.get(key)
-        if capture is None:
-            if len(self.captures) >= MAX_CAPTURES:
-                return self.fn(*args)
-            capture = self.captures[key] = self._capture(args)
-        if capture.graph is None:
-            return self.fn(*args)
-        if capture.inputs:
-            torch._foreach_copy_(capture.inputs, [args[i] for i in self.copied])
-        capture.graph.replay()
-        return [t.clone() if owned else t for t, owned in zip(capture.outputs, capture.owned, strict=True)]
-
-    def _with(self, args, positions, tensors) -> list:
-        args = list(args)
-        for i, tensor in zip(positions, tensors, strict=True):
-            args[i] = tensor
-        return args
-
-    def _capture(self, args) -> _Capture:
-        start = time.perf_counter()
-        inputs = [args[i].clone() for i in self.copied]
-        graph_args = self._with(args, self.copied, inputs)
-        capture = _Capture(graph=None, inputs=inputs, outputs=[], owned=[])
-
-        def warm_up():  # twice, on fresh copies of the state each time: a second update of the same copy
-            # could write past the end of the cache (a prefill fills the cross-attention cache whole)
-            for _ in range(2):
-                self.fn(*self._with(graph_args, self.state, [args[i].clone() for i in self.state]))
-
-        try:
-            graph, outputs = captured(lambda: list(self.fn(*graph_args)), warm_up, self.pool)
-            read_in_place = {args[i].untyped_storage().data_ptr() for i in self.static}
-            capture.owned = [
-                isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in read_in_place
-                for t in outputs
-            ]
-            capture.graph, capture.outputs = graph, outputs
-            self.record.runs_as = f"CUDA graph ({self.record.part or 'graph'})"
-        except Exception as failure:  # noqa: BLE001 - anything a capture cannot handle runs without one
-            self.record.error = (
-                f"CUDA graph capture failed ({type(failure).__name__}: {failure}); runs without"
-            )
-            self.record.runs_as = "rewritten graph, no CUDA graph"
-        self.record.warmup_s = time.perf_counter() - start
-        return capture
+    return CudaGraphs(
+        fn,
+        lambda args, kwargs: tuple(args[i].data_ptr() for i in static),
+        pool,
+        copied=lambda args, kwargs: [args[i] for i in copied],
+        warm_up=WarmUp(runs=2, fresh=lambda t: holds_state(t, static_ids)),
+        max_captures=MAX_CAPTURES,
+        on_capture=note,
+    )

@@ -2,7 +2,8 @@
 
 Each rule walks the nodes of a TorchDynamo graph, matches calls by their target function (never by a
 transformers-specific spelling), reads arguments by position or name, and puts a kernl kernel call in
-place of what it matched. A rule whose kernel package does not expose its function yet changes nothing.
+place of what it matched: a function that calls the kernel package directly (through
+:func:`kernl.integration.fallback.call`, which runs PyTorch instead for a signature the kernel raised on).
 """
 
 from collections.abc import Callable
@@ -16,7 +17,6 @@ class Rule:
     """A named graph rewrite. ``rewrite(graph_module)`` returns how many places it replaced."""
 
     name: str
-    kernel: str | None  # key of kernl.integration.kernels.KERNELS, None when no kernel is needed
     matches: str
     replacement: str
     rewrite: Callable[[fx.GraphModule], int]
@@ -52,10 +52,10 @@ RULES: list[Rule] = _rules()
 
 
 def describe_rules() -> str:
-    """The rules in the order they run: name, kernel, what each matches and what it puts there."""
+    """The rules in the order they run: name, what each matches and what it puts there."""
     lines = []
     for rule in RULES:
-        lines += [f"{rule.name} (kernel: {rule.kernel or 'none'})", f"  matches: {rule.matches}"]
+        lines += [rule.name, f"  matches: {rule.matches}"]
         lines.append(f"  puts there: {rule.replacement}")
     return "\n".join(lines)
 

@@ -54,6 +54,9 @@ def replace_with_norm_call(
         gm.graph.erase_node(summed_source)
 
 
+KEPT_REASON = "kernl_kept"  # node.meta key: why a rule left the node as PyTorch (shown in the report)
+
+
 def example(node) -> torch.Tensor | None:
     """The fake tensor dynamo recorded for ``node`` (shape, dtype, device), or None."""
     if not isinstance(node, fx.Node):

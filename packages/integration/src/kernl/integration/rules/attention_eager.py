@@ -14,9 +14,9 @@ import operator
 import torch
 from torch import fx
 
-from kernl.integration.kernels import find
 from kernl.integration.rules import Rule
 from kernl.integration.rules._fx import (
+    KEPT_REASON,
     arg,
     example,
     is_add,
@@ -26,7 +26,14 @@ from kernl.integration.rules._fx import (
     only_user,
     replace_with_call,
 )
-from kernl.integration.rules.attention_sdpa import attention_args, attention_call, contiguous_once, qkv_ok
+from kernl.integration.rules.attention_sdpa import (
+    AttentionArgs,
+    attention_args,
+    attention_call,
+    contiguous_once,
+    qkv_ok,
+    unsupported_shape,
+)
 
 MATMUL_TARGETS = (torch.matmul, operator.matmul)
 SOFTMAX_TARGETS = (torch.nn.functional.softmax, torch.softmax)
@@ -96,7 +103,7 @@ def _match(probs_matmul: fx.Node):
     return q, k, v, 1.0 if scale is None else scale, addends, chain
 
 
-def _call_args(gm: fx.GraphModule, q, k, v, scale, addends):
+def _call_args(gm: fx.GraphModule, q, k, v, scale, addends) -> AttentionArgs | None:
     """Arguments of :func:`attention_call` for the added terms: no term, a mask, or a bias beside a mask
     that must turn into a key padding mask (or go away); None when neither term is such a mask."""
     if len(addends) < 2:
@@ -105,30 +112,31 @@ def _call_args(gm: fx.GraphModule, q, k, v, scale, addends):
         call_args = attention_args(gm, q, k, v, scale, mask, False, True)
         # the mask became a key padding mask, or lets everything through; a bias folded into it
         # (where(keep, bias, -big)) would make two biases, which the kernel does not take
-        if call_args[4] is None and call_args[7] is None:
-            return call_args[:7] + (contiguous_once(gm, bias),)
+        if call_args.mask is None and call_args.bias is None:
+            return call_args._replace(bias=contiguous_once(gm, bias))
     return None
 
 
 def rewrite(gm: fx.GraphModule) -> int:
     """Replace each matched eager attention; return how many were replaced."""
-    if find("attention") is None:
-        return 0
     replaced = 0
     for node in list(gm.graph.nodes):
         if not _is_matmul(node) or (match := _match(node)) is None:
             continue
         q, k, v, scale, addends, chain = match
+        if (reason := unsupported_shape(q)) is not None:
+            for kept in chain:
+                kept.meta[KEPT_REASON] = reason
+            continue
         if (call_args := _call_args(gm, q, k, v, scale, addends)) is None:
             continue
-        replace_with_call(gm, node, attention_call, call_args, list(reversed(chain)))
+        replace_with_call(gm, node, attention_call, tuple(call_args), list(reversed(chain)))
         replaced += 1
     return replaced
 
 
 RULE = Rule(
     name="attention_eager",
-    kernel="attention",
     matches="matmul(q, k.transpose(-1,-2)) [* s | / s] [+ bias] [+ mask] -> softmax(-1) [-> .to] -> matmul(., v)",
     replacement="kernl.flash_attention.attention(q, k, v, scale=s, bias=, key_padding_mask=[B,K] | mask=)",
     rewrite=rewrite,

@@ -7,13 +7,16 @@ A bias folded into the mask (T5's position bias: ``where(keep, bias, -big)``) go
 ``bias=`` beside the mask it was folded with.
 """
 
+from typing import NamedTuple
+
 import torch
 from torch import fx
 
+from kernl.flash_attention import MAX_HEAD_DIM, attention
 from kernl.integration import fallback
-from kernl.integration.kernels import find
 from kernl.integration.rules import Rule
 from kernl.integration.rules._fx import (
+    KEPT_REASON,
     arg,
     autocast_dtype,
     cast_all,
@@ -32,6 +35,24 @@ from kernl.integration.rules._padding_mask import (
 SDPA_TARGETS = (torch.nn.functional.scaled_dot_product_attention,)
 
 
+class AttentionArgs(NamedTuple):
+    """The arguments of :func:`attention_call`, in its order: graph nodes (tensors) or constants.
+
+    ``mask``: a dense mask ``[B, 1|H, Q, K]`` (bool: True = attend, or additive), or None;
+    ``key_padding_mask``: bool ``[B, K]`` (True = real token) standing for the mask, or None;
+    ``bias``: an additive ``[1|B, H, Q, K]`` bias (T5's position bias), or None.
+    """
+
+    q: object
+    k: object
+    v: object
+    scale: float | None
+    mask: object
+    key_padding_mask: object
+    causal: bool
+    bias: object = None
+
+
 def attention_call(q, k, v, scale, mask, key_padding_mask, causal, bias=None):
     """What the graph calls in place of the matched attention (autocast dtype when it is on)."""
     q, k, v = cast_all(autocast_dtype(q.device.type), q, k, v)
@@ -39,16 +60,13 @@ def attention_call(q, k, v, scale, mask, key_padding_mask, causal, bias=None):
         mask = mask.to(q.dtype)
     if bias is not None:
         bias = bias.to(q.dtype)
-    return fallback.call("attention", _kernel, _pytorch, q, k, v, scale, mask, key_padding_mask, causal, bias)
+    return fallback.call(
+        "attention", attention, _pytorch, q, k, v,
+        scale=scale, bias=bias, mask=mask, key_padding_mask=key_padding_mask, causal=causal,
+    )  # fmt: skip
 
 
-def _kernel(q, k, v, scale, mask, key_padding_mask, causal, bias):
-    return find("attention")(
-        q, k, v, scale=scale, bias=bias, mask=mask, key_padding_mask=key_padding_mask, causal=causal
-    )
-
-
-def _pytorch(q, k, v, scale, mask, key_padding_mask, causal, bias):
+def _pytorch(q, k, v, *, scale, bias, mask, key_padding_mask, causal):
     if key_padding_mask is not None:
         mask = key_padding_mask[:, None, None, :]
     if bias is not None:
@@ -82,22 +100,28 @@ def contiguous_once(gm: fx.GraphModule, node: fx.Node) -> fx.Node:
     return copy
 
 
-def attention_args(gm: fx.GraphModule, q, k, v, scale, mask, causal, additive: bool):
+def attention_args(gm: fx.GraphModule, q, k, v, scale, mask, causal, additive: bool) -> AttentionArgs:
     """Arguments of :func:`attention_call`: the mask turned into a key padding mask where possible, and
     an additive bias taken out of the mask where it was folded in (see :func:`_bias_and_keep`)."""
     eq = example(q)
     split = _bias_and_keep(mask) if additive else None
     if split is not None:
         bias, keep = split
-        return attention_args(gm, q, k, v, scale, keep, causal, additive=False)[:7] + (
-            contiguous_once(gm, bias),
-        )
+        unbiased = attention_args(gm, q, k, v, scale, keep, causal, additive=False)
+        return unbiased._replace(bias=contiguous_once(gm, bias))
+    plain = AttentionArgs(q, k, v, scale, mask=None, key_padding_mask=None, causal=causal)
     if mask is None or attends_everywhere(mask, additive):
-        return (q, k, v, scale, None, None, causal, None)
+        return plain
     source = key_padding_source(mask, heads=eq.shape[1], queries=eq.shape[2], additive=additive)
     if source is None:
-        return (q, k, v, scale, mask, None, causal, None)
-    return (q, k, v, scale, None, key_padding_node(gm, source), causal, None)
+        return plain._replace(mask=mask)
+    return plain._replace(key_padding_mask=key_padding_node(gm, source))
+
+
+def unsupported_shape(q) -> str | None:
+    """Why the kernel cannot take attention over ``q`` (a node with a 4-D example value), or None."""
+    head_dim = example(q).shape[-1]
+    return f"head_dim {head_dim} > {MAX_HEAD_DIM}" if head_dim > MAX_HEAD_DIM else None
 
 
 def qkv_ok(*nodes) -> bool:
@@ -108,8 +132,6 @@ def qkv_ok(*nodes) -> bool:
 
 def rewrite(gm: fx.GraphModule) -> int:
     """Replace each matched sdpa call; return how many were replaced."""
-    if find("attention") is None:
-        return 0
     replaced = 0
     for node in list(gm.graph.nodes):
         if not is_function(node, SDPA_TARGETS):
@@ -123,16 +145,18 @@ def rewrite(gm: fx.GraphModule) -> int:
             continue
         if mask is not None and (example(mask) is None or example(mask).dim() != 4):
             continue
+        if (reason := unsupported_shape(q)) is not None:
+            node.meta[KEPT_REASON] = reason
+            continue
         additive = mask is not None and example(mask).dtype != torch.bool
         call_args = attention_args(gm, q, k, v, scale, mask, causal, additive)
-        replace_with_call(gm, node, attention_call, call_args, [node])
+        replace_with_call(gm, node, attention_call, tuple(call_args), [node])
         replaced += 1
     return replaced
 
 
 RULE = Rule(
     name="attention_sdpa",
-    kernel="attention",
     matches="F.scaled_dot_product_attention(q, k, v, attn_mask=None | bool | additive, dropout_p=0)",
     replacement="kernl.flash_attention.attention(q, k, v, scale=, bias=, key_padding_mask=[B,K] | mask=, causal=)",
     rewrite=rewrite,

@@ -30,7 +30,6 @@ def rewrite(gm: fx.GraphModule) -> int:
 
 RULE = Rule(
     name="dropout",
-    kernel=None,
     matches="F.dropout / torch.dropout with training=False or p=0 (eval mode)",
     replacement="its input (the node is removed)",
     rewrite=rewrite,

@@ -12,10 +12,11 @@ a slice of the wide output. So is a group where a ``view`` of a result would not
 (``q(x).view(-1)`` merges the columns with the rows: a slice's rows are not back to back): the views
 and reshapes taken of each result are replayed on the slice's layout (meta tensors) to check.
 
-Stacking costs nothing per call: the first call lays the weights out back to back in one buffer (the
-parameters keep their values and identity; only their storage moves), after which :func:`stacked_rows`
-is a view. Tensors that are not parameters (or are parameters created under ``inference_mode``) are
-concatenated on each call instead.
+Stacking costs nothing per call: when the backend compiles the graph, :func:`lay_out_stacked_weights`
+puts each group's weights back to back in one buffer (the parameters keep their values and identity;
+only their storage moves), after which :func:`stacked_rows` is a view. Running the graph moves
+nothing, so a CUDA graph captured of it has no side effects. Tensors that are not parameters (or are
+parameters created under ``inference_mode``, or weights moved since) are concatenated on each call.
 """
 
 import torch
@@ -23,7 +24,7 @@ from torch import fx
 
 from kernl.integration.rules import Rule
 from kernl.integration.rules._fx import example, is_function, is_method
-from kernl.integration.rules.linear_act import linear_act_call
+from kernl.integration.rules.linear_act import LinearActArgs, linear_act_call
 
 
 def _adjacent(tensors) -> bool:
@@ -38,20 +39,26 @@ def _adjacent(tensors) -> bool:
     return True
 
 
-def stacked_rows(*tensors: torch.Tensor) -> torch.Tensor:
-    """``torch.cat(tensors)`` (weights ``(N_i, K)`` or biases ``(N_i,)``), as a view when possible.
+def lay_out(*tensors: torch.Tensor) -> None:
+    """Move parameters ``tensors`` (weights ``(N_i, K)`` or biases ``(N_i,)``) back to back into one new
+    storage, in order (same values, same objects); leaves them alone when they are already, or when one
+    is not a parameter or was created under inference_mode (its storage cannot be replaced)."""
+    if _adjacent(tensors) or not all(
+        isinstance(t, torch.nn.Parameter) and not t.is_inference() for t in tensors
+    ):
+        return
+    with torch.inference_mode(False), torch.no_grad():  # normal tensors, even under inference_mode
+        buffer, offset = torch.cat(tensors), 0
+        for t in tensors:
+            t.data = buffer[offset : offset + t.shape[0]]
+            offset += t.shape[0]
 
-    Parameters not yet back to back in one storage are moved there first (same values, same objects).
-    """
+
+def stacked_rows(*tensors: torch.Tensor) -> torch.Tensor:
+    """``torch.cat(tensors)`` (weights ``(N_i, K)`` or biases ``(N_i,)``): a view of their storage when they
+    lie back to back in it (see :func:`lay_out`), else a new tensor. Moves nothing."""
     if not _adjacent(tensors):
-        # Parameters created under inference_mode cannot take new storage: concatenated each call instead
-        if not all(isinstance(t, torch.nn.Parameter) and not t.is_inference() for t in tensors):
-            return torch.cat(tensors)
-        with torch.inference_mode(False), torch.no_grad():  # normal tensors, even under inference_mode
-            buffer, offset = torch.cat(tensors), 0
-            for t in tensors:
-                t.data = buffer[offset : offset + t.shape[0]]
-                offset += t.shape[0]
+        return torch.cat(tensors)
     first = tensors[0]
     rows = sum(t.shape[0] for t in tensors)
     return first.as_strided((rows, *first.shape[1:]), first.stride(), first.storage_offset())
@@ -132,20 +139,28 @@ def _views_fit(nodes: list[fx.Node], limit: int = 256) -> bool:
     return True
 
 
+def _weight(call: fx.Node) -> fx.Node:
+    return LinearActArgs(*call.args).weight
+
+
+def _bias(call: fx.Node) -> fx.Node | None:
+    return LinearActArgs(*call.args).bias
+
+
 def _groups(gm: fx.GraphModule) -> list[list[fx.Node]]:
     """Plain projection calls grouped by (input, weight dtype and width, bias present)."""
     groups: dict[tuple, list[fx.Node]] = {}
     for node in gm.graph.nodes:
         if node.op != "call_function" or node.target is not linear_act_call:
             continue
-        x, weight, bias, activation, residual = node.args
+        x, weight, bias, activation, residual = LinearActArgs(*node.args)
         w = example(weight)
         if activation is not None or residual is not None or w is None or weight.op != "placeholder":
             continue
         if bias is not None and getattr(bias, "op", None) != "placeholder":
             continue
         group = groups.setdefault((x, w.dtype, w.shape[1], bias is None), [])
-        if weight not in (n.args[1] for n in group):  # a weight twice in one stack: the repeat stays apart
+        if weight not in (_weight(n) for n in group):  # a weight twice in one stack: the repeat stays apart
             group.append(node)
     # A weight can live in one buffer only: groups that would stack it with different neighbours
     # (weights shared across inputs in another combination) are left alone.
@@ -153,7 +168,7 @@ def _groups(gm: fx.GraphModule) -> list[list[fx.Node]]:
     merged = []
     candidates = (nodes for nodes in groups.values() if len(nodes) > 1 and not _reaches_as_strided(nodes))
     for nodes in (nodes for nodes in candidates if _views_fit(nodes)):
-        stack = tuple(n.args[1] for n in nodes) + tuple(n.args[2] for n in nodes if n.args[2] is not None)
+        stack = tuple(map(_weight, nodes)) + tuple(_bias(n) for n in nodes if _bias(n) is not None)
         if all(stacks.get(t, stack) == stack for t in stack):
             stacks.update(dict.fromkeys(stack, stack))
             merged.append(nodes)
@@ -164,16 +179,17 @@ def rewrite(gm: fx.GraphModule) -> int:
     """Merge each group of projections into one call; return how many groups were merged."""
     groups = _groups(gm)
     for nodes in groups:
-        x, _, first_bias, _, _ = nodes[0].args
+        first = LinearActArgs(*nodes[0].args)
         with gm.graph.inserting_before(nodes[0]):
-            weight = gm.graph.call_function(stacked_rows, tuple(n.args[1] for n in nodes))
-            bias = None if first_bias is None else gm.graph.call_function(
-                stacked_rows, tuple(n.args[2] for n in nodes)
+            weight = gm.graph.call_function(stacked_rows, tuple(map(_weight, nodes)))
+            bias = None if first.bias is None else gm.graph.call_function(
+                stacked_rows, tuple(map(_bias, nodes))
             )  # fmt: skip
-            wide = gm.graph.call_function(linear_act_call, (x, weight, bias, None, None))
+            wide_args = LinearActArgs(first.x, weight, bias, activation=None, residual=None)
+            wide = gm.graph.call_function(linear_act_call, tuple(wide_args))
             parts, start = [], 0
             for node in nodes:
-                width = example(node.args[1]).shape[0]
+                width = example(_weight(node)).shape[0]
                 parts.append(gm.graph.call_function(torch.narrow, (wide, -1, start, width)))
                 start += width
         for node, part in zip(nodes, parts, strict=True):  # erased after the inserts: nodes[0] anchors them
@@ -183,9 +199,19 @@ def rewrite(gm: fx.GraphModule) -> int:
     return len(groups)
 
 
+def lay_out_stacked_weights(gm: fx.GraphModule, example_inputs) -> None:
+    """Lay out (:func:`lay_out`) the weights and biases of every :func:`stacked_rows` call of ``gm``, whose
+    arguments are graph inputs; ``example_inputs``: the tensors the backend compiles ``gm`` for, one per
+    placeholder in order (the model's parameters among them)."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    values = dict(zip(placeholders, example_inputs, strict=False))
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target is stacked_rows and all(a in values for a in node.args):
+            lay_out(*(values[arg] for arg in node.args))
+
+
 RULE = Rule(
     name="fused_projections",
-    kernel="linear_act",
     matches="several kernl linear_act calls on one input without activation or residual (Q, K, V)",
     replacement="one linear_act call on the row-stacked weights, sliced back per projection",
     rewrite=rewrite,

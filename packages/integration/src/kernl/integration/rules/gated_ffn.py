@@ -13,7 +13,6 @@ import torch
 from torch import fx
 
 from kernl.integration import fallback
-from kernl.integration.kernels import find
 from kernl.integration.rules import Rule
 from kernl.integration.rules._fx import (
     arg,
@@ -25,6 +24,7 @@ from kernl.integration.rules._fx import (
     replace_with_call,
 )
 from kernl.integration.rules.linear_act import LINEAR_TARGETS, TORCH_ACTIVATIONS
+from kernl.linear_act import gated_linear_act
 
 F = torch.nn.functional
 ACTIVATIONS = {name: TORCH_ACTIVATIONS[name] for name in ("gelu", "gelu_tanh", "relu", "silu")}
@@ -37,11 +37,7 @@ _PROBE = torch.cat([torch.linspace(-8.0, 8.0, 401, dtype=torch.float64), _TAILS,
 def gated_linear_act_call(x, w0, w1, activation):
     """What the graph calls in place of the matched nodes (in the autocast dtype under autocast)."""
     x, w0, w1 = cast_all(autocast_dtype(x.device.type), x, w0, w1)
-    return fallback.call("gated_linear_act", _kernel, _pytorch, x, w0, w1, activation)
-
-
-def _kernel(x, w0, w1, activation):
-    return find("gated_linear_act")(x, w0, w1, activation=activation)
+    return fallback.call("gated_linear_act", gated_linear_act, _pytorch, x, w0, w1, activation)
 
 
 def _pytorch(x, w0, w1, activation):
@@ -141,8 +137,6 @@ def _match(product: fx.Node, position: dict):
 
 def rewrite(gm: fx.GraphModule) -> int:
     """Replace each gated product with one kernel call; return how many were replaced."""
-    if find("gated_linear_act") is None:
-        return 0
     position = {node: i for i, node in enumerate(gm.graph.nodes)}
     replaced = 0
     for node in list(gm.graph.nodes):
@@ -159,7 +153,6 @@ def rewrite(gm: fx.GraphModule) -> int:
 
 RULE = Rule(
     name="gated_ffn",
-    kernel="gated_linear_act",
     matches="act(F.linear(x, W0)) * F.linear(x, W1), act gelu | gelu_tanh (also written out) | relu | silu",
     replacement="kernl.linear_act.gated_linear_act(x, W0, W1, activation=...)",
     rewrite=rewrite,

@@ -8,7 +8,6 @@ import torch
 from torch import fx
 
 from kernl.integration import fallback
-from kernl.integration.kernels import find
 from kernl.integration.rules import Rule
 from kernl.integration.rules._fx import (
     arg,
@@ -20,6 +19,7 @@ from kernl.integration.rules._fx import (
     replace_with_norm_call,
     same_layout,
 )
+from kernl.layernorm import layer_norm
 
 LAYER_NORM_TARGETS = (torch.nn.functional.layer_norm, torch.layer_norm)
 
@@ -32,11 +32,7 @@ def layer_norm_call(x, weight, bias, eps, residual):
             summed = x + residual
             return layer_norm_call(summed, weight, bias, eps, None), summed
         x, weight, bias = cast_all(torch.float32, x, weight, bias)
-    return fallback.call("layer_norm", _kernel, _pytorch, x, weight, bias, eps, residual)
-
-
-def _kernel(x, weight, bias, eps, residual):
-    return find("layer_norm")(x, weight, bias, eps, residual=residual)
+    return fallback.call("layer_norm", layer_norm, _pytorch, x, weight, bias, eps, residual)
 
 
 def _pytorch(x, weight, bias, eps, residual):
@@ -62,8 +58,6 @@ def _match(node: fx.Node):
 
 def rewrite(gm: fx.GraphModule) -> int:
     """Replace each layer norm (with its residual add where there is one); return how many."""
-    if find("layer_norm") is None:
-        return 0
     replaced = 0
     for node in list(gm.graph.nodes):
         if not is_function(node, LAYER_NORM_TARGETS) or (match := _match(node)) is None:
@@ -76,7 +70,6 @@ def rewrite(gm: fx.GraphModule) -> int:
 
 RULE = Rule(
     name="layer_norm",
-    kernel="layer_norm",
     matches="F.layer_norm over the last dimension, optionally fed by a + b of one shape and dtype",
     replacement="kernl.layernorm.layer_norm(x, w, b, eps[, residual=]) (fused add + norm)",
     rewrite=rewrite,

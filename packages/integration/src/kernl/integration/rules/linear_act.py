@@ -6,11 +6,12 @@ and when the result's only user is ``+`` with a tensor of the same shape and dty
 is fused into the kernel's epilogue too.
 """
 
+from typing import NamedTuple
+
 import torch
 from torch import fx
 
 from kernl.integration import fallback
-from kernl.integration.kernels import find
 from kernl.integration.rules import Rule
 from kernl.integration.rules._fx import (
     arg,
@@ -24,6 +25,7 @@ from kernl.integration.rules._fx import (
     replace_with_call,
     same_layout,
 )
+from kernl.linear_act import linear_act
 
 F = torch.nn.functional
 LINEAR_TARGETS = (F.linear,)
@@ -48,13 +50,19 @@ TORCH_ACTIVATIONS = {
 }
 
 
+class LinearActArgs(NamedTuple):
+    """The arguments of :func:`linear_act_call`, in its order: graph nodes (tensors) or constants."""
+
+    x: object
+    weight: object
+    bias: object
+    activation: str | None  # a kernel activation name (see TORCH_ACTIVATIONS), None: none
+    residual: object
+
+
 def _pytorch(x, weight, bias, activation, residual):
     out = TORCH_ACTIVATIONS[activation](F.linear(x, weight, bias))
     return out if residual is None else out + residual
-
-
-def _kernel(x, weight, bias, activation, residual):
-    return find("linear_act")(x, weight, bias, activation=activation, residual=residual)
 
 
 def linear_act_call(x, weight, bias, activation, residual):
@@ -66,8 +74,8 @@ def linear_act_call(x, weight, bias, activation, residual):
     dtype = autocast_dtype(x.device.type)
     x, weight, bias = cast_all(dtype, x, weight, bias)
     if residual is not None and residual.dtype != x.dtype:
-        return fallback.call("linear_act", _kernel, _pytorch, x, weight, bias, activation, None) + residual
-    return fallback.call("linear_act", _kernel, _pytorch, x, weight, bias, activation, residual)
+        return fallback.call("linear_act", linear_act, _pytorch, x, weight, bias, activation, None) + residual
+    return fallback.call("linear_act", linear_act, _pytorch, x, weight, bias, activation, residual)
 
 
 def _activation(node: fx.Node, source: fx.Node) -> str | None:
@@ -104,13 +112,11 @@ def _match(node: fx.Node):
         other = user.args[1] if user.args[0] is last else user.args[0]
         if other is not last and isinstance(other, fx.Node) and same_layout(other, last):
             absorbed, last, residual = absorbed + [user], user, other
-    return (x, weight, bias, activation, residual), absorbed
+    return LinearActArgs(x, weight, bias, activation, residual), absorbed
 
 
 def rewrite(gm: fx.GraphModule) -> int:
     """Replace each matched linear chain by one kernel call; return how many were replaced."""
-    if find("linear_act") is None:
-        return 0
     replaced = 0
     for node in list(gm.graph.nodes):
         if not is_function(node, LINEAR_TARGETS):  # absorbed nodes are never linears
@@ -119,14 +125,13 @@ def rewrite(gm: fx.GraphModule) -> int:
         if match is None:
             continue
         call_args, absorbed = match
-        replace_with_call(gm, absorbed[-1], linear_act_call, call_args, absorbed)
+        replace_with_call(gm, absorbed[-1], linear_act_call, tuple(call_args), absorbed)
         replaced += 1
     return replaced
 
 
 RULE = Rule(
     name="linear_act",
-    kernel="linear_act",
     matches="F.linear [-> gelu | gelu_tanh | relu | tanh | silu] [-> + residual of the same shape]",
     replacement="kernl.linear_act.linear_act(x, W, b, activation=..., residual=...)",
     rewrite=rewrite,

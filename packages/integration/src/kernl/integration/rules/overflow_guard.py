@@ -10,18 +10,14 @@ import torch
 from torch import fx
 
 from kernl.integration import fallback
-from kernl.integration.kernels import find
 from kernl.integration.rules import Rule
 from kernl.integration.rules._fx import arg, is_function, is_op, only_user, replace_with_call
+from kernl.layernorm import overflow_clamp
 
 
 def overflow_clamp_call(h, limit_if_inf, limit):
     """What the graph calls in place of the guard."""
-    return fallback.call("overflow_clamp", _kernel, _pytorch, h, limit_if_inf, limit)
-
-
-def _kernel(h, limit_if_inf, limit):
-    return find("overflow_clamp")(h, limit_if_inf, limit)
+    return fallback.call("overflow_clamp", overflow_clamp, _pytorch, h, limit_if_inf, limit)
 
 
 def _pytorch(h, limit_if_inf, limit):
@@ -52,8 +48,6 @@ def _match(clamp: fx.Node):
 
 def rewrite(gm: fx.GraphModule) -> int:
     """Replace each guard by one kernel call; return how many were replaced."""
-    if find("overflow_clamp") is None:
-        return 0
     replaced = 0
     for node in list(gm.graph.nodes):
         if not is_op(node, (torch.clamp,), "clamp"):
@@ -66,7 +60,6 @@ def rewrite(gm: fx.GraphModule) -> int:
 
 RULE = Rule(
     name="overflow_guard",
-    kernel="overflow_clamp",
     matches="clamp(h, -c, c) with c = where(isinf(h).any(), A, B) (T5's fp16 guard)",
     replacement="kernl.layernorm.overflow_clamp(h, A, B)",
     rewrite=rewrite,

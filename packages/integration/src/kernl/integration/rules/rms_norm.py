@@ -12,7 +12,6 @@ import torch
 from torch import fx
 
 from kernl.integration import fallback
-from kernl.integration.kernels import find
 from kernl.integration.rules import Rule
 from kernl.integration.rules._fx import (
     arg,
@@ -25,17 +24,14 @@ from kernl.integration.rules._fx import (
     replace_with_norm_call,
     same_layout,
 )
+from kernl.layernorm import rms_norm
 
 _MUL = (operator.mul, torch.mul)
 
 
 def rms_norm_call(x, weight, eps, residual):
     """What the graph calls in place of the matched nodes: ``normed`` or ``(normed, x + residual)``."""
-    return fallback.call("rms_norm", _kernel, _pytorch, x, weight, eps, residual)
-
-
-def _kernel(x, weight, eps, residual):
-    return find("rms_norm")(x, weight, eps, residual=residual)
+    return fallback.call("rms_norm", rms_norm, _pytorch, x, weight, eps, residual)
 
 
 def _pytorch(x, weight, eps, residual):
@@ -105,8 +101,6 @@ def _match(rsqrt: fx.Node):
 
 def rewrite(gm: fx.GraphModule) -> int:
     """Replace each matched norm chain (with the ``a + b`` feeding it, where there is one)."""
-    if find("rms_norm") is None:
-        return 0
     replaced = 0
     for node in list(gm.graph.nodes):
         if not is_op(node, (torch.rsqrt,), "rsqrt") or (match := _match(node)) is None:
@@ -123,7 +117,6 @@ def rewrite(gm: fx.GraphModule) -> int:
 
 RULE = Rule(
     name="rms_norm",
-    kernel="rms_norm",
     matches="weight * (x * rsqrt(mean(x.float() ** 2, -1, keepdim=True) + eps))[.to(half)] (T5LayerNorm), "
     "optionally fed by a + b of one shape and dtype",
     replacement="kernl.layernorm.rms_norm(x, w, eps[, residual=]) (fused add + norm)",

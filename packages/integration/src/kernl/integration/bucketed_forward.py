@@ -1,0 +1,63 @@
+"""The forward ``optimize_model`` installs: pad the sequence to a bucket length (padding is masked out),
+call the compiled forward by keyword, and cut the outputs back to the caller's length. A kind of call
+whose outputs cannot be cut back runs at the caller's length from then on."""
+
+import functools
+import inspect
+
+import torch
+
+from kernl.integration.arguments import argument_namer, call_kind, default_dropper, input_wants_gradients
+from kernl.integration.buckets import bucket
+from kernl.integration.padding import cut_outputs, one_sequence_a_row, pad_arguments
+
+
+def bucketed_forward(model, compiled, original, buckets, pad_id: int, longest: int | None = None):
+    """The forward kernl installs: ``compiled`` called by keyword on the arguments padded to a bucket
+    length (see the module docstring), ``original`` in training mode or for a call that wants gradients.
+
+    ``buckets``: sorted bucket lengths (empty: no padding); ``pad_id``: the token that pads ``input_ids``;
+    ``longest``: the positions of the model's position table (None: no table). A longer input without
+    ``position_ids`` raises ``ValueError`` naming it (compiling it would fail deep inside TorchDynamo).
+    """
+    name_arguments = argument_namer(inspect.signature(original))
+    drop_defaults = default_dropper(inspect.signature(original), getattr(model, "config", None))
+    unpadded_only = set()  # kinds of call (see call_kind) whose outputs cannot be cut back
+
+    def call(named: dict):  # by keyword: positional and keyword calls share a capture
+        with torch.no_grad():
+            return compiled(**named)
+
+    @functools.wraps(original)  # inspect.signature(model.forward) still tells the model's arguments
+    def forward(*args, **kwargs):
+        if model.training or input_wants_gradients(args, kwargs):  # dropout or gradients: plain PyTorch
+            return original(*args, **kwargs)
+        if name_arguments is None:
+            with torch.no_grad():
+                return compiled(*args, **kwargs)
+        arguments = drop_defaults(name_arguments(args, kwargs))
+        ids, embeds = arguments.get("input_ids"), arguments.get("inputs_embeds")
+        token_input = ids if ids is not None else embeds
+        if token_input is None or not one_sequence_a_row(arguments):
+            return call(arguments)  # multiple choice (B, choices, S), a 4-D mask, a cache: run as called
+        length = token_input.shape[1]
+        if longest is not None and length > longest and arguments.get("position_ids") is None:
+            name = "input_ids" if ids is not None else "inputs_embeds"
+            raise ValueError(
+                f"{name} has {length} positions, more than the {longest} of this model's position table "
+                "(config.max_position_embeddings)"
+            )
+        padded = bucket(length, buckets)
+        if padded == length:
+            return call(arguments)
+        kind = (padded, call_kind(arguments))
+        if kind not in unpadded_only:
+            cut = cut_outputs(
+                call(pad_arguments(arguments, token_input, padded - length, pad_id)), length, padded
+            )
+            if cut is not None:
+                return cut
+            unpadded_only.add(kind)  # outputs such a call cannot cut: run it as called from now on
+        return call(arguments)
+
+    return forward

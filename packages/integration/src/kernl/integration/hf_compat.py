@@ -1,0 +1,112 @@
+"""Every transformers internal kernl's ``generate()`` relies on, in one place.
+
+Each one is tested on transformers 5.17 (the GPU image) and 5.25 (the CPU image); the tests of
+``test_generation.py`` and ``test_t5.py`` exercise all of them. A release that changes one of them
+should fail here, by name, rather than somewhere in the generation code.
+"""
+
+import inspect
+
+import torch
+import transformers
+
+# The key/value cache argument of a model's forward: ``past_key_values`` up to 5.23, ``cache`` from 5.24
+# (5.25 still accepts ``past_key_values``, with a FutureWarning).
+CACHE_ARGUMENT_NAMES = ("cache", "past_key_values")
+
+# ``GenerationMixin._prepare_static_cache``'s parameters (5.17, 5.25): kernl wraps it to reuse caches.
+STATIC_CACHE_FACTORY_PARAMETERS = [
+    "cache_implementation",
+    "batch_size",
+    "max_cache_len",
+    "prefill_chunk_size",
+    "model_kwargs",
+]
+
+
+# The name generate() and a model's forward take the key/value cache under: ``cache`` from 5.24 on
+# (``past_key_values`` is deprecated there, with a FutureWarning), ``past_key_values`` before.
+_RELEASE = tuple(int(part) for part in transformers.__version__.split(".")[:2])
+CACHE_NAME = "cache" if _RELEASE >= (5, 24) else "past_key_values"
+
+# Output flags a model's forward reads from its config when a call does not give them (5.17, 5.25).
+CONFIG_FLAGS = ("output_attentions", "output_hidden_states", "return_dict")
+
+
+def cache_argument(kwargs: dict) -> tuple:
+    """``(name, cache)`` of the key/value cache argument of a forward call (either of
+    :data:`CACHE_ARGUMENT_NAMES`), ``(None, None)`` without one."""
+    for name in CACHE_ARGUMENT_NAMES:
+        if kwargs.get(name) is not None:
+            return name, kwargs[name]
+    return None, None
+
+
+def cache_parts(cache) -> list:
+    """The caches inside ``cache``: an ``EncoderDecoderCache``'s ``self_attention_cache`` and
+    ``cross_attention_cache`` (5.17, 5.25), or ``cache`` itself."""
+    if hasattr(cache, "cross_attention_cache"):
+        return [cache.self_attention_cache, cache.cross_attention_cache]
+    return [cache]
+
+
+def cache_layers(cache) -> list:
+    """Every layer of ``cache`` (``Cache.layers``, 5.17, 5.25), self-attention parts first."""
+    return [layer for part in cache_parts(cache) for layer in part.layers]
+
+
+def ready_static_cache(cache) -> bool:
+    """A static cache (or an encoder-decoder pair of them) whose buffers exist: the decoder can be compiled
+    over it (a fresh cache allocates its buffers in its first update, which must not be traced).
+    Reads ``Cache.is_compileable`` and ``layer.is_initialized`` (5.17, 5.25)."""
+    if cache is None:
+        return False
+    return all(
+        getattr(part, "is_compileable", False)
+        and all(getattr(layer, "is_initialized", False) for layer in part.layers)
+        for part in cache_parts(cache)
+    )
+
+
+def cross_attention_filled(cache) -> bool:
+    """After the prefill: every layer's cross-attention cache is filled, so a step changes only tensors.
+    Reads ``EncoderDecoderCache.is_updated``, a dict by layer (5.17, 5.25)."""
+    filled = getattr(cache, "is_updated", None)
+    return isinstance(filled, dict) and bool(filled) and all(filled.values())
+
+
+def layer_tensors(layer) -> list[torch.Tensor]:
+    """The tensors a cache layer holds as attributes (a static layer's ``keys``, ``values``, ...)."""
+    return [t for t in vars(layer).values() if isinstance(t, torch.Tensor)]
+
+
+def allocate_layer(layer, keys: torch.Tensor, values: torch.Tensor) -> None:
+    """Allocate a cache layer's buffers as its first update of ``keys``/``values`` would:
+    ``layer.lazy_initialization(keys, values)`` (5.17, 5.25)."""
+    layer.lazy_initialization(keys, values)
+
+
+def static_cache_factory(model):
+    """``model._prepare_static_cache`` when its parameters are :data:`STATIC_CACHE_FACTORY_PARAMETERS`,
+    else None (an unknown release: caches are then not reused)."""
+    factory = getattr(model, "_prepare_static_cache", None)
+    if factory is None or [*inspect.signature(factory).parameters] != STATIC_CACHE_FACTORY_PARAMETERS:
+        return None
+    return factory
+
+
+def previous_max_cache_length(model) -> int:
+    """The longest cache ``generate()`` made for ``model`` so far (``model._previous_max_cache_length``,
+    5.17, 5.25; -1 before any); a static cache is made at least that long."""
+    return getattr(model, "_previous_max_cache_length", -1)
+
+
+def set_previous_max_cache_length(model, length: int) -> None:
+    """Record ``length`` as :func:`previous_max_cache_length`, as ``_prepare_static_cache`` does."""
+    model._previous_max_cache_length = length
+
+
+def turn_off_generate_compilation(generation_config) -> None:
+    """Stop ``generate()`` compiling the decoder step itself (``GenerationConfig.disable_compile``,
+    5.17, 5.25): kernl's compilation takes its place."""
+    generation_config.disable_compile = True

@@ -1,0 +1,62 @@
+"""Install kernl on one module's forward, in place: ``torch.compile`` with kernl's backend
+(TorchDynamo, ``dynamic=False``, :class:`~kernl.integration.backend.KernlBackend`), CUDA graphs per
+input signature (:class:`~kernl.integration.forward_graphs.ForwardGraphs`), and the bucketed forward
+around them (:mod:`kernl.integration.bucketed_forward`).
+"""
+
+import warnings
+
+import torch
+
+from kernl.integration.backend import KernlBackend
+from kernl.integration.bucketed_forward import bucketed_forward
+from kernl.integration.buckets import position_table_length, safe_buckets
+from kernl.integration.copies import copies_unoptimized
+from kernl.integration.forward_graphs import ForwardGraphs
+from kernl.integration.report import OptimizationReport
+from kernl.integration.validation import unknown_model_reason, unsupported_reason
+
+
+def _raise_recompile_limit(graphs: int) -> None:
+    """Let TorchDynamo compile at least ``graphs`` graphs of one function (one per bucket and batch size;
+    the setting is process-wide and was renamed in torch 2.6)."""
+    config = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(config, name):
+            setattr(config, name, max(getattr(config, name), graphs))
+            return
+
+
+def install_forward(model: torch.nn.Module, buckets, cuda_graphs: bool, part: str = "") -> OptimizationReport:
+    """Replace ``model.forward`` by the bucketed, compiled, CUDA-graphed call (see the module docstring);
+    ``part`` names the model part in the report. Returns the report, also kept as ``model.kernl_report``."""
+    report = OptimizationReport(model=type(model).__name__)
+    model.kernl_report = report
+    device = next(model.parameters()).device
+    reason = unsupported_reason(device) or unknown_model_reason(model)
+    if reason is not None:
+        report.status = "not optimized"
+        report.notes.append(reason + "; the model runs unchanged")
+        warnings.warn(f"kernl: {reason}; the model runs unchanged", stacklevel=2)
+        return report
+    if device.type == "cpu":
+        report.notes.append("Triton interpreter on CPU: kernels run for debugging, not for speed")
+    _raise_recompile_limit(64)
+    static = [*model.parameters(), *model.buffers()]
+    backend = KernlBackend(report, static, part)
+    original = model.forward
+    compiled = torch.compile(original, backend=backend, dynamic=False)
+    if device.type == "cuda" and cuda_graphs:
+        compiled = model.kernl_cuda_graphs = ForwardGraphs(compiled, model, report)
+    pad_id = getattr(model.config, "pad_token_id", None) or 0
+    safe = safe_buckets(model, buckets)
+    if buckets and not safe:
+        report.notes.append(
+            f"model type {model.config.model_type!r} is not known to keep padding out of its real tokens' "
+            "outputs: no bucketing, each sequence length compiles and captures its own graph"
+        )
+    longest = position_table_length(model)
+    model.forward = bucketed_forward(model, compiled, original, safe, pad_id, longest)
+    model.kernl_original_forward = original
+    copies_unoptimized(model)
+    return report
