@@ -167,6 +167,23 @@ def test_eager_attention_is_packed_too(kit):
     assert graph.attention_masks == {"packed rows (varlen)": 2} and graph.kept == {}, str(report)
 
 
+def test_packed_graphs_keep_no_token_by_token_mask(kit, monkeypatch):
+    """transformers' (1, 1, T, T) mask is dead once attention is packed: no T x T tensor stays (T = 16k)."""
+    from kernl.integration import backend
+
+    rewritten, rewrite_graph = [], backend.rewrite_graph
+    monkeypatch.setattr(
+        backend, "rewrite_graph", lambda *a: rewritten.append(rewrite_graph(*a)) or rewritten[-1]
+    )
+    model = kit.build(BertModel, kit.tiny_config(BertConfig, num_hidden_layers=1))
+    ids, mask = _uneven(120, 0, seed=9)
+    _run(model, [dict(input_ids=ids, attention_mask=mask)])
+    (graph,) = rewritten
+    shapes = [tuple(n.meta["example_value"].shape) for n in graph.graph.nodes if "example_value" in n.meta]
+    shapes = [s for s in shapes if all(isinstance(d, int) for d in s)]
+    assert not [s for s in shapes if s.count(32) >= 2], shapes
+
+
 def test_token_types_and_position_ids_are_each_tokens_own(kit):
     model = kit.build(BertModel, kit.tiny_config(BertConfig))
     ids, mask = _uneven(120, 0, seed=2)

@@ -37,7 +37,9 @@ def _mutates(node: fx.Node) -> bool:
     """Whether dead code elimination must keep ``node``: FX's own rule, plus in-place tensor methods and
     functions (``index_copy_``, ``add_``: a static key/value cache updated in place), which FX deems pure."""
     name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
-    in_place = isinstance(name, str) and name.endswith("_") and not name.endswith("__")
+    # operator.and_ / or_ / not_ end in "_" only to dodge keywords: pure (a mask's dead T x T `&`)
+    keyword_dodge = getattr(node.target, "__module__", None) == "_operator"
+    in_place = isinstance(name, str) and name.endswith("_") and not name.endswith("__") and not keyword_dodge
     return node.is_impure() or (node.op in ("call_method", "call_function") and in_place)
 
 
