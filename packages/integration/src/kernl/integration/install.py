@@ -13,6 +13,7 @@ from kernl.integration import token_buckets
 from kernl.integration.backend import KernlBackend
 from kernl.integration.bucketed_forward import bucketed_forward
 from kernl.integration.buckets import position_table_length, safe_buckets
+from kernl.integration.compile_state import limit_guarded, own_code
 from kernl.integration.copies import copies_unoptimized
 from kernl.integration.forward_graphs import ForwardGraphs
 from kernl.integration.packing import packed_forward
@@ -52,7 +53,8 @@ def install_forward(
     static = [*model.parameters(), *model.buffers()]
     backend = KernlBackend(report, static, part)
     original = model.forward
-    compiled = torch.compile(original, backend=backend, dynamic=False)
+    compiled = torch.compile(own_code(original), backend=backend, dynamic=False)
+    compiled = limit_guarded(compiled, original, report, part or "model")
     if device.type == "cuda" and cuda_graphs:
         compiled = model.kernl_cuda_graphs = ForwardGraphs(compiled, model, report)
     pad_id = getattr(model.config, "pad_token_id", None) or 0

@@ -25,6 +25,7 @@ import torch
 
 from kernl.integration.arguments import argument_namer, input_wants_gradients
 from kernl.integration.backend import KernlBackend
+from kernl.integration.compile_state import RecompileLimitReached, limit_guarded, own_code
 from kernl.integration.forward_graphs import ForwardGraphs
 from kernl.integration.report import OptimizationReport
 from kernl.integration.rules.packed_attention import PackingUnsupported
@@ -256,6 +257,8 @@ class PackedForward:
             self.report.notes.append(f"packed execution off: {reason}; calls run unpacked")
             warnings.warn(f"kernl: packed execution off ({reason}); calls run unpacked", stacklevel=2)
             output = None
+        except RecompileLimitReached:
+            output = None  # said once by limit_guarded; this call runs unpacked
         except _Unscatterable as reason:
             self.unscatterable.add(kind)
             self.report.notes.append(
@@ -316,6 +319,11 @@ class PackedForward:
         return 0
 
 
+def _unpacked_instead(*args, **kwargs):
+    """A packed call TorchDynamo will not compile must not run uncompiled: its rows would mix."""
+    raise RecompileLimitReached("the packed graph of this token bucket is not compiled")
+
+
 def packed_forward(model, unpacked, report: OptimizationReport, static, part: str, graphs, buckets):
     """``model``'s forward running packed (a :class:`PackedForward`) around ``unpacked``, or None with the
     reason in ``report`` when the model cannot run packed. ``static``: the model's parameters and
@@ -327,7 +335,8 @@ def packed_forward(model, unpacked, report: OptimizationReport, static, part: st
         return None
     offsets = RowOffsets()
     backend = KernlBackend(report, static, part or "packed", packing=offsets)
-    compiled = torch.compile(model.kernl_original_forward, backend=backend, dynamic=False)
+    compiled = torch.compile(own_code(model.kernl_original_forward), backend=backend, dynamic=False)
+    compiled = limit_guarded(compiled, _unpacked_instead, report, "packed")
     if graphs is not None:
         compiled = ForwardGraphs(compiled, model, report)
         compiled.pool = graphs.pool  # every capture of the model shares one memory pool
