@@ -320,7 +320,8 @@ def test_plan_groups_and_row_offsets():
     assert [(g.rows, g.cu_seqlens) for g in split] == [([0], [0, 3]), ([2], [0, 3])]
     assert plan_groups(real, (2,)) is None and plan_groups(real & False, (16,)) is None
     offsets = RowOffsets()
-    offsets.use(torch.device("cpu"), 4, [0, 1, 3])
+    index = offsets.use(torch.device("cpu"), 4, [0, 1, 3], torch.tensor([5, 6, 9]))
+    assert index.tolist() == [5, 6, 9]
     assert offsets.cu_seqlens().tolist() == [0, 1, 3, 3, 3] and offsets.cu_seqlens().dtype == torch.int32
     assert offsets.row_starts().tolist() == [0, 1, 0, 0]
 

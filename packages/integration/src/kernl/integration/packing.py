@@ -77,8 +77,12 @@ class RowOffsets:
         self.bucket: int | None = None
         self.reads_first_token = False  # set when a packed graph reads per-row first tokens
 
-    def use(self, device: torch.device, bucket: int, cu_seqlens: list[int]) -> None:
-        """Fill the buffers of ``bucket`` with ``cu_seqlens`` (``R + 1`` offsets, ``R <= bucket``)."""
+    def use(
+        self, device: torch.device, bucket: int, cu_seqlens: list[int], index: torch.Tensor
+    ) -> torch.Tensor:
+        """Fill the buffers of ``bucket`` with ``cu_seqlens`` (``R + 1`` offsets, ``R <= bucket``) and
+        return ``index`` (int64 CPU) on ``device``: one host-to-device copy for all three, without a
+        host synchronisation on a GPU (a pinned staging tensor)."""
         key = (device, bucket)
         if key not in self.buffers:
             self.buffers[key] = (
@@ -88,10 +92,13 @@ class RowOffsets:
         cu, starts = self.buffers[key]
         rows = len(cu_seqlens) - 1
         padded_cu = cu_seqlens + [cu_seqlens[-1]] * (bucket - rows)  # empty sequences after the last row
-        host = torch.tensor([*padded_cu, *cu_seqlens[:-1], *[0] * (bucket - rows)], dtype=torch.int64)
-        cu.copy_(host[: bucket + 1])
-        starts.copy_(host[bucket + 1 :])
+        host = torch.cat([torch.tensor([*padded_cu, *cu_seqlens[:-1], *[0] * (bucket - rows)]), index])
+        staged = host.pin_memory() if device.type == "cuda" else host
+        on_device = staged.to(device, non_blocking=True)
+        cu.copy_(on_device[: bucket + 1])
+        starts.copy_(on_device[bucket + 1 : 2 * bucket + 1])
         self.current, self.bucket = self.buffers[key], bucket
+        return on_device[2 * bucket + 1 :]
 
     def cu_seqlens(self) -> torch.Tensor:
         """int32 ``(bucket + 1,)``: the current call's row offsets, padded with empty rows."""
@@ -106,8 +113,6 @@ class RowOffsets:
 class PackedGroup:
     """The rows of the caller's batch that one packed call runs."""
 
-    first_row: int
-    end_row: int  # exclusive
     rows: list[int]  # the rows with at least one real token, in order
     cu_seqlens: list[int]  # R + 1 offsets of those rows in the packed sequence
     index: torch.Tensor  # int64 (tokens,): flat position (row * S + column) of each packed token
@@ -132,11 +137,12 @@ def plan_groups(real: torch.Tensor, buckets: tuple[int, ...]) -> list[PackedGrou
             tokens += lengths[end]
             end += 1
         rows = [r for r in range(start, end) if lengths[r]]
-        cu = [0]
-        for r in rows:
-            cu.append(cu[-1] + lengths[r])
-        index = real[start:end].reshape(-1).nonzero().squeeze(1) + start * columns
-        groups.append(PackedGroup(start, end, rows, cu, index, token_bucket(max(tokens, 1), buckets)))
+        if rows:  # rows after the last real token form no group
+            cu = [0]
+            for r in rows:
+                cu.append(cu[-1] + lengths[r])
+            index = real[start:end].reshape(-1).nonzero().squeeze(1) + start * columns
+            groups.append(PackedGroup(rows, cu, index, token_bucket(tokens, buckets)))
         start = end
     return groups
 
@@ -234,8 +240,7 @@ class PackedForward:
         self.offsets, self.buckets, self.report = offsets, buckets, report
         config = model.config
         self.style = "column" if config.model_type in COLUMN_POSITIONS else "padding_idx"
-        self.padding_idx = getattr(config, "pad_token_id", None) or 0
-        self.pad_id = self.padding_idx
+        self.padding_idx = getattr(config, "pad_token_id", None) or 0  # also the pad token
         self.token_types = "token_type_ids" in inspect.signature(unpacked).parameters
         self.unscatterable: set[tuple] = set()  # call kinds whose outputs cannot be scattered back
         self.disabled: str | None = None
@@ -284,10 +289,7 @@ class PackedForward:
         }
         into = output = None
         for group in groups:
-            if group.tokens == 0:
-                continue
-            group.index = group.index.to(token_input.device)
-            self.offsets.use(token_input.device, group.bucket, group.cu_seqlens)
+            group.index = self.offsets.use(token_input.device, group.bucket, group.cu_seqlens, group.index)
             packed = {name: _gather(value, group, self._fill(name)) for name, value in flat.items()}
             packed["attention_mask"] = (torch.arange(group.bucket, device=token_input.device) < group.tokens)[
                 None
@@ -313,7 +315,7 @@ class PackedForward:
     def _fill(self, name: str):
         """What a packed call's padding slots hold: the pad token, the first position id, else zeros."""
         if name == "input_ids":
-            return self.pad_id
+            return self.padding_idx
         if name == "position_ids":
             return 0 if self.style == "column" else self.padding_idx + 1
         return 0
