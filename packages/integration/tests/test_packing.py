@@ -285,6 +285,7 @@ def test_bad_input_errors_are_unchanged(kit):
         dict(input_ids=ids, token_type_ids=wrong),
         dict(input_ids=ids, position_ids=wrong),
         dict(input_ids=ids[0]),
+        dict(input_ids=torch.randint(5, 120, (1, 129)).to(on_device_name())),  # past the position table
     ]
     for bad in calls:
         with pytest.raises(Exception) as before:

@@ -231,11 +231,12 @@ class PackedForward:
 
     ``compiled``: the model's forward compiled with a packing :class:`KernlBackend` (and under CUDA
     graphs on a GPU), called by keyword with ``(1, T)`` inputs; ``offsets``: the row offsets its
-    graphs read; ``buckets``: the token buckets, sorted.
+    graphs read; ``buckets``: the token buckets, sorted; ``longest``: the most positions the model's
+    position table holds (None: no limit), beyond which a call runs unpacked, to get its error there.
     """
 
-    def __init__(self, model, compiled, unpacked, offsets: RowOffsets, buckets, report):
-        self.model, self.compiled, self.unpacked = model, compiled, unpacked
+    def __init__(self, model, compiled, unpacked, offsets: RowOffsets, buckets, report, longest):
+        self.model, self.compiled, self.unpacked, self.longest = model, compiled, unpacked, longest
         self.name_arguments = argument_namer(inspect.signature(model.kernl_original_forward))
         self.offsets, self.buckets, self.report = offsets, buckets, report
         config = model.config
@@ -277,6 +278,8 @@ class PackedForward:
         ids = arguments.get("input_ids")
         token_input = ids if ids is not None else arguments["inputs_embeds"]
         batch, columns = token_input.shape[:2]
+        if self.longest is not None and columns > self.longest and arguments.get("position_ids") is None:
+            return None
         mask = arguments.get("attention_mask")
         real = torch.ones(batch, columns, dtype=torch.bool) if mask is None else mask.ne(0).cpu()
         groups = plan_groups(real, self.buckets)
@@ -326,11 +329,13 @@ def _unpacked_instead(*args, **kwargs):
     raise RecompileLimitReached("the packed graph of this token bucket is not compiled")
 
 
-def packed_forward(model, unpacked, report: OptimizationReport, static, part: str, graphs, buckets):
+def packed_forward(
+    model, unpacked, report: OptimizationReport, static, part: str, graphs, buckets, longest: int | None
+):
     """``model``'s forward running packed (a :class:`PackedForward`) around ``unpacked``, or None with the
     reason in ``report`` when the model cannot run packed. ``static``: the model's parameters and
     buffers; ``graphs``: the unpacked path's :class:`ForwardGraphs` (None: no CUDA graphs), whose memory
-    pool the packed captures share (one graph per token bucket)."""
+    pool the packed captures share (one graph per token bucket); ``longest``: see :class:`PackedForward`."""
     reason = unsupported_reason(model)
     if reason is not None:
         report.notes.append(reason + "; calls run unpacked")
@@ -345,4 +350,4 @@ def packed_forward(model, unpacked, report: OptimizationReport, static, part: st
     report.notes.append(
         f"packed execution: {len(buckets)} token buckets, {buckets[0]} to {buckets[-1]} tokens"
     )
-    return PackedForward(model, compiled, unpacked, offsets, buckets, report)
+    return PackedForward(model, compiled, unpacked, offsets, buckets, report, longest)

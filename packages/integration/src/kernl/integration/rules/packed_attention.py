@@ -29,7 +29,7 @@ from kernl.integration.rules._fx import (
     replace_with_call,
 )
 from kernl.integration.rules.attention_eager import SOFTMAX_TARGETS
-from kernl.integration.rules.attention_sdpa import SDPA_TARGETS, attention_call
+from kernl.integration.rules.attention_sdpa import SDPA_TARGETS, AttentionArgs, attention_call
 from kernl.integration.varlen import attention_varlen
 
 _FULL = slice(None, None, None)
@@ -82,10 +82,11 @@ def rewrite(gm: fx.GraphModule, offsets) -> int:
     packed = 0
     for node in list(gm.graph.nodes):
         if node.target is attention_call:
-            q, k, v, scale, _mask, _key_padding, causal, bias = node.args
-            if causal or bias is not None:
+            call = AttentionArgs(*node.args)  # its mask only marks the bucket's padding: dropped
+            if call.causal or call.bias is not None:
                 raise PackingUnsupported("attention with a position bias or a causal mask: not packed")
-            replace_with_call(gm, node, packed_attention_call, (q, k, v, scale, cu_seqlens), [node])
+            packed_args = (call.q, call.k, call.v, call.scale, cu_seqlens)
+            replace_with_call(gm, node, packed_attention_call, packed_args, [node])
             packed += 1
         elif _reads_first_token(node, tokens):
             replace_with_call(gm, node, first_tokens_call, (node.args[0], starts), [node])
