@@ -76,7 +76,7 @@ def test_positional_and_keyword_calls_agree(kit):
         by_name = model(input_ids=ids, attention_mask=mask)
         by_position = model(ids, mask)
         if on_gpu():  # both calls name their arguments: one capture serves them
-            assert len(model.kernl_cuda_graphs.captures) == 1
+            assert len(model.kernl_packed_graphs.captures) == 1
         mixed = model(ids, attention_mask=mask, return_dict=False)
     assert by_name.last_hidden_state.shape == (2, 9, 64)
     for output in (by_position.last_hidden_state, mixed[0]):

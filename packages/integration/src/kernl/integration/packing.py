@@ -345,7 +345,7 @@ def packed_forward(
     compiled = torch.compile(own_code(model.kernl_original_forward), backend=backend, dynamic=False)
     compiled = limit_guarded(compiled, _unpacked_instead, report, "packed")
     if graphs is not None:
-        compiled = ForwardGraphs(compiled, model, report)
+        compiled = model.kernl_packed_graphs = ForwardGraphs(compiled, model, report)
         compiled.pool = graphs.pool  # every capture of the model shares one memory pool
     report.notes.append(
         f"packed execution: {len(buckets)} token buckets, {buckets[0]} to {buckets[-1]} tokens"
