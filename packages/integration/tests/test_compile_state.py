@@ -42,11 +42,11 @@ def test_packed_calls_past_the_limit_run_unpacked(kit):
     reference = copy.deepcopy(model).double()
     optimized, peer = (copy.deepcopy(model).to(kit.device, DTYPE) for _ in range(2))
     report = optimize_model(optimized)
-    ids = torch.randint(5, 120, (2, 20), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(5, 120, (3, 40), generator=torch.Generator().manual_seed(1))
     with torch.inference_mode(), torch._dynamo.config.patch(**{LIMIT: 1}):
-        optimized(input_ids=ids[:1, :9].to(kit.device))  # bucket 16: the one packed graph
+        optimized(input_ids=ids[:1].to(kit.device))  # 40 tokens: bucket 48 (not 64), the one packed graph
         with pytest.warns(UserWarning, match="packed forward"):
-            actual = optimized(input_ids=ids.to(kit.device))  # bucket 48: past the limit, unpacked
+            actual = optimized(input_ids=ids.to(kit.device))  # 120 tokens: bucket 128, past the limit
         expected, same = reference(input_ids=ids), peer(input_ids=ids.to(kit.device))
     assert_matches_reference(actual.last_hidden_state, expected.last_hidden_state, same.last_hidden_state)
     assert_matches_reference(actual.pooler_output, expected.pooler_output, same.pooler_output)

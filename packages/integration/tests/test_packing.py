@@ -134,13 +134,14 @@ def test_packed_family_matches_hugging_face_at_real_tokens(kit, family):
     model = kit.build(model_class, kit.tiny_config(config_class, **overrides))
     pad_id = model.config.pad_token_id or 0
     ids, mask = _uneven(120, pad_id)
-    calls = [dict(input_ids=ids, attention_mask=mask), dict(input_ids=ids[:1, :9])]  # many rows; one, no mask
+    one_row = torch.randint(5, 120, (1, 40), generator=torch.Generator().manual_seed(11))
+    calls = [dict(input_ids=ids, attention_mask=mask), dict(input_ids=one_row)]  # many rows; one, no mask
     report, results = _run(model, calls)
     for call, expected, peer, actual in results:
         _check_per_token("last_hidden_state", call, expected[0], peer[0], actual[0])
         if "pooler_output" in expected:
             assert_matches_reference(actual.pooler_output, expected.pooler_output, peer.pooler_output)
-    assert len(_packed_graphs(report)) == 2, str(report)  # 23 tokens -> bucket 32, 9 -> 16
+    assert len(_packed_graphs(report)) == 2, str(report)  # 23 tokens -> bucket 32 (not 4 x 16), 40 -> 48
     assert all(g.error is None for g in report.graphs), str(report)
 
 
@@ -244,14 +245,25 @@ def test_graphs_are_one_per_token_bucket_for_a_stream_of_shapes(kit):
     report = optimize_model(optimized)
     generator = torch.Generator().manual_seed(6)
     used = set()
-    for batch, columns in [(1, 8), (2, 5), (3, 4), (1, 30), (5, 6), (2, 13), (4, 7), (6, 3), (1, 16)]:
-        lengths = torch.randint(1, columns + 1, (batch,), generator=generator)
+    for batch, columns in [(2, 8), (2, 5), (3, 4), (2, 30), (5, 6), (2, 13), (4, 7), (6, 3), (3, 16)]:
+        lengths = torch.randint(1, columns // 2 + 2, (batch,), generator=generator)  # padding to remove
         mask = (torch.arange(columns)[None] < lengths[:, None]).long()
         ids = torch.randint(5, 120, (batch, columns), generator=generator)
         used.add(token_bucket(int(mask.sum()), token_buckets_module.DEFAULT_TOKEN_BUCKETS))
         with torch.inference_mode():
             optimized(input_ids=ids.to(on_device_name()), attention_mask=mask.to(on_device_name()))
-    assert len(report.graphs) == len(used) <= 3, str(report)
+    assert len(report.graphs) == len(_packed_graphs(report)) == len(used) <= 3, str(report)
+
+
+def test_calls_without_padding_to_remove_run_unpacked(kit):
+    """A full batch whose length is a bucket (2 x 16 either way) and a one-row call gain nothing packed."""
+    model = kit.build(BertModel, kit.tiny_config(BertConfig, num_hidden_layers=1))
+    ids = torch.randint(5, 120, (2, 16), generator=torch.Generator().manual_seed(12))
+    calls = [dict(input_ids=ids, attention_mask=torch.ones_like(ids)), dict(input_ids=ids[:1, :11])]
+    report, results = _run(model, calls)
+    for call, expected, peer, actual in results:
+        _check_per_token("last_hidden_state", call, expected[0], peer[0], actual[0])
+    assert report.graphs and not _packed_graphs(report), str(report)
 
 
 def test_calls_beyond_the_largest_bucket_are_split(kit, monkeypatch):

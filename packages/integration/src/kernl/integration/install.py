@@ -70,7 +70,9 @@ def install_forward(
     if packed:  # packed execution hook: see kernl.integration.packing
         graphs = compiled if isinstance(compiled, ForwardGraphs) else None
         buckets = token_buckets.DEFAULT_TOKEN_BUCKETS
-        packed_call = packed_forward(model, model.forward, report, static, part, graphs, buckets, longest)
+        packed_call = packed_forward(
+            model, model.forward, report, static, part, graphs, buckets, longest, safe
+        )
         if packed_call is not None:
             model.forward = functools.wraps(original)(packed_call)
     copies_unoptimized(model)

@@ -25,6 +25,7 @@ import torch
 
 from kernl.integration.arguments import argument_namer, input_wants_gradients
 from kernl.integration.backend import KernlBackend
+from kernl.integration.buckets import bucket
 from kernl.integration.compile_state import RecompileLimitReached, limit_guarded, own_code
 from kernl.integration.forward_graphs import ForwardGraphs
 from kernl.integration.report import OptimizationReport
@@ -232,11 +233,18 @@ class PackedForward:
     ``compiled``: the model's forward compiled with a packing :class:`KernlBackend` (and under CUDA
     graphs on a GPU), called by keyword with ``(1, T)`` inputs; ``offsets``: the row offsets its
     graphs read; ``buckets``: the token buckets, sorted; ``longest``: the most positions the model's
-    position table holds (None: no limit), beyond which a call runs unpacked, to get its error there.
+    position table holds (None: no limit), beyond which a call runs unpacked, to get its error there;
+    ``unpacked_buckets``: the unpacked path's length buckets. A call runs packed when its packed
+    calls hold fewer tokens than the unpacked path would run (``B x`` its length bucket); otherwise
+    (no padding to remove: a full batch whose length is a bucket, most single rows) it runs unpacked,
+    without the gather and scatter.
     """
 
-    def __init__(self, model, compiled, unpacked, offsets: RowOffsets, buckets, report, longest):
+    def __init__(
+        self, model, compiled, unpacked, offsets: RowOffsets, buckets, report, longest, unpacked_buckets
+    ):
         self.model, self.compiled, self.unpacked, self.longest = model, compiled, unpacked, longest
+        self.unpacked_buckets = unpacked_buckets
         self.name_arguments = argument_namer(inspect.signature(model.kernl_original_forward))
         self.offsets, self.buckets, self.report = offsets, buckets, report
         config = model.config
@@ -286,6 +294,8 @@ class PackedForward:
         first_column_real = bool(real[:, 0].all())
         if groups is None or (self.offsets.reads_first_token and not first_column_real):
             return None
+        if sum(group.bucket for group in groups) >= batch * bucket(columns, self.unpacked_buckets):
+            return None  # no padding work saved: the unpacked path, without the gather and scatter
         flat = {
             name: value.reshape(batch * columns, *value.shape[2:])
             for name, value in self._caller_inputs(arguments).items()
@@ -330,12 +340,12 @@ def _unpacked_instead(*args, **kwargs):
 
 
 def packed_forward(
-    model, unpacked, report: OptimizationReport, static, part: str, graphs, buckets, longest: int | None
+    model, unpacked, report: OptimizationReport, static, part: str, graphs, buckets, longest, unpacked_buckets
 ):
     """``model``'s forward running packed (a :class:`PackedForward`) around ``unpacked``, or None with the
     reason in ``report`` when the model cannot run packed. ``static``: the model's parameters and
     buffers; ``graphs``: the unpacked path's :class:`ForwardGraphs` (None: no CUDA graphs), whose memory
-    pool the packed captures share (one graph per token bucket); ``longest``: see :class:`PackedForward`."""
+    pool the packed captures share (one graph per token bucket); ``longest``, ``unpacked_buckets``: see :class:`PackedForward`."""
     reason = unsupported_reason(model)
     if reason is not None:
         report.notes.append(reason + "; calls run unpacked")
@@ -350,4 +360,4 @@ def packed_forward(
     report.notes.append(
         f"packed execution: {len(buckets)} token buckets, {buckets[0]} to {buckets[-1]} tokens"
     )
-    return PackedForward(model, compiled, unpacked, offsets, buckets, report, longest)
+    return PackedForward(model, compiled, unpacked, offsets, buckets, report, longest, unpacked_buckets)
