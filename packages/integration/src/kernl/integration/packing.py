@@ -46,6 +46,7 @@ _NOT_PACKED = {
     "deberta-v2": "its disentangled relative positions are computed over the whole (packed) sequence",
     "roformer": "its rotary table is sized by max_position_embeddings, shorter than a packed sequence",
     "xmod": "its language adapters take per-row lang_ids",
+    "modernbert": "its local attention windows and unpadding are its own (it strips padding itself)",
 }
 _PER_TOKEN_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "inputs_embeds")
 _FLAGS = ("return_dict", "output_hidden_states")  # plain arguments a packed call passes through
@@ -65,7 +66,8 @@ def unsupported_reason(model: torch.nn.Module) -> str | None:
 
 
 class RowOffsets:
-    """The row offsets packed graphs read, as static buffers per (device, bucket).
+    """The row offsets packed graphs read, as static buffers per (device, bucket) (and the packed calls'
+    constant ``attention_mask``).
 
     :meth:`use` fills the buffers of one bucket and makes them current; the graph nodes the packed pass
     inserts call :meth:`cu_seqlens` and :meth:`row_starts`, which return the current buffers, so a CUDA
@@ -74,6 +76,7 @@ class RowOffsets:
 
     def __init__(self):
         self.buffers: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.masks: dict[tuple, torch.Tensor] = {}
         self.current: tuple[torch.Tensor, torch.Tensor] | None = None
         self.bucket: int | None = None
         self.reads_first_token = False  # set when a packed graph reads per-row first tokens
@@ -100,6 +103,13 @@ class RowOffsets:
         starts.copy_(on_device[bucket + 1 : 2 * bucket + 1])
         self.current, self.bucket = self.buffers[key], bucket
         return on_device[2 * bucket + 1 :]
+
+    def ones(self, device: torch.device, bucket: int) -> torch.Tensor:
+        """int64 ``(1, bucket)`` ones: the packed calls' ``attention_mask`` (made once per bucket)."""
+        key = (device, bucket)
+        if key not in self.masks:
+            self.masks[key] = torch.ones(1, bucket, dtype=torch.long, device=device)
+        return self.masks[key]
 
     def cu_seqlens(self) -> torch.Tensor:
         """int32 ``(bucket + 1,)``: the current call's row offsets, padded with empty rows."""
@@ -168,13 +178,6 @@ def caller_position_ids(arguments: dict, style: str, padding_idx: int) -> torch.
 
 class _Unscatterable(Exception):
     """An output that is neither per token ``(1, T, ...)`` nor per row ``(T, ...)``."""
-
-
-def _gather(flat: torch.Tensor, group: PackedGroup, fill) -> torch.Tensor:
-    """``flat`` ``(B * S, ...)`` at the group's tokens, padded with ``fill`` to ``(1, bucket, ...)``."""
-    packed = flat.new_full((group.bucket, *flat.shape[1:]), fill)
-    packed[: group.tokens] = flat.index_select(0, group.index)
-    return packed[None]
 
 
 def _scatter(output, group: PackedGroup, into: list | None, batch: int, columns: int) -> list:
@@ -296,42 +299,39 @@ class PackedForward:
             return None
         if sum(group.bucket for group in groups) >= batch * bucket(columns, self.unpacked_buckets):
             return None  # no padding work saved: the unpacked path, without the gather and scatter
-        flat = {
-            name: value.reshape(batch * columns, *value.shape[2:])
-            for name, value in self._caller_inputs(arguments).items()
-        }
+        names, table = self._token_table(arguments)
+        embeds = arguments.get("inputs_embeds")
+        embeds = None if embeds is None else embeds.reshape(batch * columns, -1)
+        flags = {k: v for k, v in arguments.items() if k in _FLAGS}
         into = output = None
         for group in groups:
-            group.index = self.offsets.use(token_input.device, group.bucket, group.cu_seqlens, group.index)
-            packed = {name: _gather(value, group, self._fill(name)) for name, value in flat.items()}
-            packed["attention_mask"] = (torch.arange(group.bucket, device=token_input.device) < group.tokens)[
-                None
-            ].long()
+            # the bucket's padding slots read token 0: their outputs are never read, attention skips them
+            padded = torch.cat([group.index, group.index.new_zeros(group.bucket - group.tokens)])
+            index = self.offsets.use(token_input.device, group.bucket, group.cu_seqlens, padded)
+            group.index = index[: group.tokens]
+            packed = dict(zip(names, table.index_select(1, index)[:, None].unbind(0), strict=True))
+            if embeds is not None:
+                packed["inputs_embeds"] = embeds.index_select(0, index)[None]
+            packed["attention_mask"] = self.offsets.ones(token_input.device, group.bucket)
             with torch.no_grad():
-                output = self.compiled(**packed, **{k: v for k, v in arguments.items() if k in _FLAGS})
+                output = self.compiled(**packed, **flags)
             if self.offsets.reads_first_token and not first_column_real:  # learnt by this first compile
                 return None
             into = _scatter(output, group, into, batch, columns)
         return _rebuilt(output, into, batch, columns)
 
-    def _caller_inputs(self, arguments: dict) -> dict:
-        """The per-token inputs of the packed calls, in the caller's layout."""
-        inputs = {"position_ids": caller_position_ids(arguments, self.style, self.padding_idx)}
-        for name in ("input_ids", "inputs_embeds"):
-            if arguments.get(name) is not None:
-                inputs[name] = arguments[name]
+    def _token_table(self, arguments: dict) -> tuple[list[str], torch.Tensor]:
+        """The integer per-token inputs of the packed calls, in the caller's layout: their names and
+        one int64 ``(inputs, B * S)`` table (gathered for a packed call in one launch)."""
+        positions = caller_position_ids(arguments, self.style, self.padding_idx)
+        inputs = {"position_ids": positions}
+        if arguments.get("input_ids") is not None:
+            inputs["input_ids"] = arguments["input_ids"]
         if self.token_types:
             types = arguments.get("token_type_ids")
-            inputs["token_type_ids"] = torch.zeros_like(inputs["position_ids"]) if types is None else types
-        return inputs
-
-    def _fill(self, name: str):
-        """What a packed call's padding slots hold: the pad token, the first position id, else zeros."""
-        if name == "input_ids":
-            return self.padding_idx
-        if name == "position_ids":
-            return 0 if self.style == "column" else self.padding_idx + 1
-        return 0
+            inputs["token_type_ids"] = torch.zeros_like(positions) if types is None else types
+        table = torch.stack([value.reshape(-1).long() for value in inputs.values()])
+        return list(inputs), table
 
 
 def _unpacked_instead(*args, **kwargs):
