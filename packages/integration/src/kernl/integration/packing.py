@@ -46,7 +46,7 @@ _NOT_PACKED = {
     "deberta-v2": "its disentangled relative positions are computed over the whole (packed) sequence",
     "roformer": "its rotary table is sized by max_position_embeddings, shorter than a packed sequence",
     "xmod": "its language adapters take per-row lang_ids",
-    "modernbert": "its local attention windows and unpadding are its own (it strips padding itself)",
+    "modernbert": "its local attention layers need a sliding-window mask, which varlen attention does not take",
 }
 _PER_TOKEN_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "inputs_embeds")
 _FLAGS = ("return_dict", "output_hidden_states")  # plain arguments a packed call passes through
