@@ -41,7 +41,21 @@ def build(model_class, config, attn_implementation="sdpa"):
     return model_class._from_config(config, attn_implementation=attn_implementation).eval()
 
 
-def compare_with_reference(model, dtype, calls, fields, scale=1.0, aggregate_fields=()):
+def real_tokens(inputs: dict) -> torch.Tensor | None:
+    """bool ``(B, S)``: the tokens the call's ``attention_mask`` keeps (None without a 2-D mask)."""
+    mask = inputs.get("attention_mask")
+    return None if mask is None or mask.dim() != 2 else mask.cpu() != 0
+
+
+def _real_positions(output: torch.Tensor, real: torch.Tensor | None) -> torch.Tensor:
+    """A per-token output ``(B, S, ...)`` at the real tokens only (masked positions hold no defined value:
+    Hugging Face computes something there, packed execution zeros); any other output as it is."""
+    if real is None or output.dim() < 2 or tuple(output.shape[:2]) != tuple(real.shape):
+        return output
+    return output[real.to(output.device)]
+
+
+def compare_with_reference(model, dtype, calls, fields, scale=1.0, aggregate_fields=(), packed=True):
     """Optimize a copy of ``model`` in ``dtype`` on the test device and check every call's ``fields``.
 
     Reference: the same model in fp64 on CPU; peer: plain HF in ``dtype`` on the device. Each call is a
@@ -49,25 +63,32 @@ def compare_with_reference(model, dtype, calls, fields, scale=1.0, aggregate_fie
     tolerance for outputs that compound many layers' rounding; then the mean error must also be no
     worse than 1.25x the peer's, so the looser bound cannot hide a systematic error.
     ``aggregate_fields`` (e.g. logits, whose near-zero entries carry the absolute error of a long sum)
-    are held to the peer in mean (1.25x) and maximum (2x) error only.
+    are held to the peer in mean (1.25x) and maximum (2x) error only. Per-token outputs are compared at
+    the real tokens of the call's ``attention_mask``.
     """
     reference = copy.deepcopy(model).double()
     peer = copy.deepcopy(model).to(DEVICE, dtype)
     optimized = copy.deepcopy(model).to(DEVICE, dtype)
-    report = optimize_model(optimized)
+    report = optimize_model(optimized, packed=packed)
     for inputs in calls:
         on_device = {k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
         with torch.inference_mode():
             expected = reference(**inputs)
             same_dtype = peer(**on_device)
             actual = optimized(**on_device)
+        real = real_tokens(inputs)
+
+        def pick(output, field, real=real):
+            return _real_positions(output[field], real)
+
         for field in fields:
             assert_matches_reference(
-                actual[field], expected[field], same_dtype[field], name=field, scale=scale
+                pick(actual, field), pick(expected, field), pick(same_dtype, field), name=field, scale=scale
             )
         for field in (list(fields) if scale > 1 else []) + list(aggregate_fields):
             ours, hf = (
-                (t[field].detach().cpu().double() - expected[field]).abs() for t in (actual, same_dtype)
+                (pick(t, field).detach().cpu().double() - pick(expected, field)).abs()
+                for t in (actual, same_dtype)
             )
             assert ours.mean() <= 1.25 * hf.mean() + 1e-7, (
                 f"{field}: mean error {ours.mean():.3g}, HF's {hf.mean():.3g}"
@@ -88,4 +109,5 @@ def kit():
         padded_batch=padded_batch,
         build=build,
         compare_with_reference=compare_with_reference,
+        real_tokens=real_tokens,
     )

@@ -42,7 +42,10 @@ def test_bert_matches_hugging_face(kit, dtype, attn_implementation, masking):
     if masking == "no_mask":
         mask = mask_7 = None
     calls = [dict(input_ids=ids, attention_mask=mask), dict(input_ids=ids_7[:2], attention_mask=mask_7)]
-    report = kit.compare_with_reference(model, dtype, calls, ["last_hidden_state", "pooler_output"])
+    # the bucketed path (calls packing does not cover; packed calls: test_packing.py)
+    report = kit.compare_with_reference(
+        model, dtype, calls, ["last_hidden_state", "pooler_output"], packed=False
+    )
     # lengths 13 and 7 share the bucket 16: one graph per batch size, not per length
     assert len(report.graphs) == 2
     for graph in range(2):
@@ -58,7 +61,8 @@ def test_bert_matches_hugging_face(kit, dtype, attn_implementation, masking):
 def test_length_on_a_bucket_and_no_mask_needs_no_padding(kit):
     model = kit.build(BertModel, kit.tiny_config(BertConfig))
     ids, _ = kit.padded_batch(2, 16, [16, 16], vocab=120)
-    report = kit.compare_with_reference(model, DTYPES[0], [dict(input_ids=ids)], ["last_hidden_state"])
+    call = dict(input_ids=ids)
+    report = kit.compare_with_reference(model, DTYPES[0], [call], ["last_hidden_state"], packed=False)
     assert report.graphs[0].inputs.startswith("[2x16 int64] on")  # no attention_mask was added
     # no mask reaches the kernel (transformers 5.17 builds an all-True one while tracing: dropped)
     assert report.graphs[0].attention_masks == {"none": LAYERS}
@@ -72,7 +76,7 @@ def test_positional_and_keyword_calls_agree(kit):
         by_name = model(input_ids=ids, attention_mask=mask)
         by_position = model(ids, mask)
         if on_gpu():  # both calls name their arguments: one capture serves them
-            assert len(model.kernl_cuda_graphs.captures) == 1
+            assert len(model.kernl_packed_graphs.captures) == 1
         mixed = model(ids, attention_mask=mask, return_dict=False)
     assert by_name.last_hidden_state.shape == (2, 9, 64)
     for output in (by_position.last_hidden_state, mixed[0]):

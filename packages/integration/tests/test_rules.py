@@ -331,7 +331,8 @@ def test_model_made_under_inference_mode(kit):
         optimized = copy.deepcopy(model)
         optimize_model(optimized)
         actual = optimized(input_ids=ids, attention_mask=mask).last_hidden_state
-    assert_matches_reference(actual, expected.double(), expected)
+    real = mask != 0  # masked positions hold zeros under packed execution
+    assert_matches_reference(actual[real], expected[real].double(), expected[real])
 
 
 def test_shared_projection_weights_are_stacked_once():

@@ -12,7 +12,7 @@ import torch
 from torch import fx
 
 from kernl.integration.report import GraphRecord, OptimizationReport, kept_as_pytorch, kept_reasons
-from kernl.integration.rules import RULES
+from kernl.integration.rules import RULES, packed_attention
 from kernl.integration.rules.attention_sdpa import AttentionArgs, attention_call
 from kernl.integration.rules.fused_projections import lay_out_stacked_weights
 from kernl.integration.step_graphs import has_static_address, holds_state, step_graphs
@@ -37,20 +37,25 @@ def _mutates(node: fx.Node) -> bool:
     """Whether dead code elimination must keep ``node``: FX's own rule, plus in-place tensor methods and
     functions (``index_copy_``, ``add_``: a static key/value cache updated in place), which FX deems pure."""
     name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
-    in_place = isinstance(name, str) and name.endswith("_") and not name.endswith("__")
+    # operator.and_ / or_ / not_ end in "_" only to dodge keywords: pure (a mask's dead T x T `&`)
+    keyword_dodge = getattr(node.target, "__module__", None) == "_operator"
+    in_place = isinstance(name, str) and name.endswith("_") and not name.endswith("__") and not keyword_dodge
     return node.is_impure() or (node.op in ("call_method", "call_function") and in_place)
 
 
-def rewrite_graph(gm: fx.GraphModule, record: GraphRecord, example_inputs) -> fx.GraphModule:
+def rewrite_graph(gm: fx.GraphModule, record: GraphRecord, example_inputs, packing=None) -> fx.GraphModule:
     """A copy of ``gm`` with every rule applied; ``gm`` itself when rewriting fails. ``example_inputs``:
     the tensors TorchDynamo compiles ``gm`` for (the weights of stacked projections are laid out now,
-    so that running the graph moves nothing)."""
+    so that running the graph moves nothing). ``packing``: the row offsets of a packed graph
+    (:mod:`kernl.integration.packing`), which then gets the packed pass."""
     graph = fx.Graph()
     graph.output(graph.graph_copy(gm.graph, {}))
     work = fx.GraphModule(gm, graph)
     try:
         for rule in RULES:
             record.fired[rule.name] = rule.rewrite(work)
+        if packing is not None:  # packed execution hook (kernl.integration.packing)
+            record.fired["packed_attention"] = packed_attention.rewrite(work, packing)
         work.graph.eliminate_dead_code(is_impure_node=_mutates)
         work.graph.lint()
         work.recompile()
@@ -69,6 +74,8 @@ def attention_masks(gm: fx.GraphModule) -> dict[str, int]:
     """How the rewritten attention calls of ``gm`` receive their mask."""
     kinds = Counter()
     for node in gm.graph.nodes:
+        if node.target is packed_attention.packed_attention_call:
+            kinds["packed rows (varlen)"] += 1
         if node.target is attention_call:
             call = AttentionArgs(*node.args)
             kind = (
@@ -82,26 +89,45 @@ def attention_masks(gm: fx.GraphModule) -> dict[str, int]:
     return dict(kinds)
 
 
+def _refuse_packed(reason: str):
+    """A compiled graph that raises :class:`PackingUnsupported`: packed rows must never run unpacked."""
+
+    def refuse(*args):
+        raise packed_attention.PackingUnsupported(reason)
+
+    return refuse
+
+
 class KernlBackend:
     """``torch.compile(fn, backend=KernlBackend(report, weights))``: each graph rewritten by the rules.
 
     ``static_tensors``: the model's parameters and buffers (left out of the report's input lists).
-    ``part`` names the model part in the report (``"decoder"``); with ``step_graphs`` each graph on
+    ``part`` names the model part in the report (``"decoder"``); ``packing``: the row offsets of a
+    packed forward (its graphs get the packed pass; one that fails raises
+    :class:`~kernl.integration.rules.packed_attention.PackingUnsupported` when run, never running
+    unpacked attention over packed rows); with ``step_graphs`` each graph on
     a GPU also runs under its own CUDA graphs (:func:`~kernl.integration.step_graphs.step_graphs`),
     for callers that are not wrapped whole, such as the decoder that ``generate()`` calls once a step.
     """
 
     def __init__(
-        self, report: OptimizationReport, static_tensors=(), part: str = "", step_graphs: bool = False
+        self,
+        report: OptimizationReport,
+        static_tensors=(),
+        part: str = "",
+        step_graphs: bool = False,
+        packing=None,
     ):
-        self.report, self.part, self.step_graphs = report, part, step_graphs
+        self.report, self.part, self.step_graphs, self.packing = report, part, step_graphs, packing
         self.static_ids = {id(t) for t in static_tensors}
         self.pool = None
 
     def __call__(self, gm: fx.GraphModule, example_inputs):
         record = GraphRecord(inputs=_describe_inputs(example_inputs, self.static_ids), part=self.part)
         self.report.graphs.append(record)
-        work = rewrite_graph(gm, record, example_inputs)
+        work = rewrite_graph(gm, record, example_inputs, self.packing)
+        if self.packing is not None and record.error is not None:
+            return _refuse_packed(record.error)
         on_cuda = any(isinstance(t, torch.Tensor) and t.is_cuda for t in example_inputs)
         record.runs_as = "rewritten graph, no CUDA graph" + (" (Triton interpreter)" if not on_cuda else "")
         if not (on_cuda and self.step_graphs):

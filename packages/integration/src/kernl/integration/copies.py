@@ -18,6 +18,7 @@ INSTALLED = (
     "_prepare_static_cache",
     "kernl_report",
     "kernl_cuda_graphs",
+    "kernl_packed_graphs",
     "kernl_decoder_graphs",
     "kernl_original_forward",
     "kernl_original_generate",

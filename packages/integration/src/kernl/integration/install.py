@@ -4,15 +4,19 @@ input signature (:class:`~kernl.integration.forward_graphs.ForwardGraphs`), and 
 around them (:mod:`kernl.integration.bucketed_forward`).
 """
 
+import functools
 import warnings
 
 import torch
 
+from kernl.integration import token_buckets
 from kernl.integration.backend import KernlBackend
 from kernl.integration.bucketed_forward import bucketed_forward
 from kernl.integration.buckets import position_table_length, safe_buckets
+from kernl.integration.compile_state import limit_guarded, own_code
 from kernl.integration.copies import copies_unoptimized
 from kernl.integration.forward_graphs import ForwardGraphs
+from kernl.integration.packing import packed_forward
 from kernl.integration.report import OptimizationReport
 from kernl.integration.validation import unknown_model_reason, unsupported_reason
 
@@ -27,9 +31,13 @@ def _raise_recompile_limit(graphs: int) -> None:
             return
 
 
-def install_forward(model: torch.nn.Module, buckets, cuda_graphs: bool, part: str = "") -> OptimizationReport:
+def install_forward(
+    model: torch.nn.Module, buckets, cuda_graphs: bool, part: str = "", packed: bool = False
+) -> OptimizationReport:
     """Replace ``model.forward`` by the bucketed, compiled, CUDA-graphed call (see the module docstring);
-    ``part`` names the model part in the report. Returns the report, also kept as ``model.kernl_report``."""
+    ``part`` names the model part in the report; ``packed``: calls run packed where they can, around
+    the bucketed call (:mod:`kernl.integration.packing`). Returns the report, also kept as
+    ``model.kernl_report``."""
     report = OptimizationReport(model=type(model).__name__)
     model.kernl_report = report
     device = next(model.parameters()).device
@@ -45,7 +53,8 @@ def install_forward(model: torch.nn.Module, buckets, cuda_graphs: bool, part: st
     static = [*model.parameters(), *model.buffers()]
     backend = KernlBackend(report, static, part)
     original = model.forward
-    compiled = torch.compile(original, backend=backend, dynamic=False)
+    compiled = torch.compile(own_code(original), backend=backend, dynamic=False)
+    compiled = limit_guarded(compiled, original, report, part or "model")
     if device.type == "cuda" and cuda_graphs:
         compiled = model.kernl_cuda_graphs = ForwardGraphs(compiled, model, report)
     pad_id = getattr(model.config, "pad_token_id", None) or 0
@@ -58,5 +67,13 @@ def install_forward(model: torch.nn.Module, buckets, cuda_graphs: bool, part: st
     longest = position_table_length(model)
     model.forward = bucketed_forward(model, compiled, original, safe, pad_id, longest)
     model.kernl_original_forward = original
+    if packed:  # packed execution hook: see kernl.integration.packing
+        graphs = compiled if isinstance(compiled, ForwardGraphs) else None
+        buckets = token_buckets.DEFAULT_TOKEN_BUCKETS
+        packed_call = packed_forward(
+            model, model.forward, report, static, part, graphs, buckets, longest, safe
+        )
+        if packed_call is not None:
+            model.forward = functools.wraps(original)(packed_call)
     copies_unoptimized(model)
     return report

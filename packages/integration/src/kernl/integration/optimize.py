@@ -38,7 +38,9 @@ def _optimize_encoder_decoder(model: torch.nn.Module, buckets, cuda_graphs: bool
     return report
 
 
-def optimize_model(model: torch.nn.Module, *, buckets=DEFAULT_BUCKETS, cuda_graphs: bool = True):
+def optimize_model(
+    model: torch.nn.Module, *, buckets=DEFAULT_BUCKETS, cuda_graphs: bool = True, packed: bool = True
+):
     """Make ``model`` (a transformers Bert/RoBERTa model or head, T5, eval mode) run on kernl, in place.
 
     Sequence lengths are padded up to the next of ``buckets`` (with ``attention_mask`` zeros, so the
@@ -67,7 +69,7 @@ def optimize_model(model: torch.nn.Module, *, buckets=DEFAULT_BUCKETS, cuda_grap
     check_module(model)
     inner = _sentence_transformer_model(model)
     if inner is not None:
-        return optimize_model(inner, buckets=buckets, cuda_graphs=cuda_graphs)
+        return optimize_model(inner, buckets=buckets, cuda_graphs=cuda_graphs, packed=packed)
     check_model(model)
     asked = checked_buckets(buckets)
     buckets = usable_buckets(model, asked)
@@ -86,4 +88,4 @@ def optimize_model(model: torch.nn.Module, *, buckets=DEFAULT_BUCKETS, cuda_grap
         return model.kernl_report
     if part is not model:
         return _optimize_encoder_decoder(model, buckets, cuda_graphs)
-    return install_forward(model, buckets, cuda_graphs)
+    return install_forward(model, buckets, cuda_graphs, packed=packed)

@@ -1,0 +1,363 @@
+"""Packed execution for Bert-family encoders: the real tokens of all rows run as one sequence.
+
+A call ``(B, S)`` with an ``attention_mask`` becomes one or more packed calls ``(1, T)``: the real
+tokens (mask != 0) of consecutive rows, end to end, padded to a token bucket ``T``
+(:mod:`kernl.integration.token_buckets`). Each token keeps the position id and token type it has in
+the caller's layout, attention stays within each row (varlen attention over row offsets,
+:mod:`kernl.integration.rules.packed_attention`), and the outputs are scattered back to ``(B, S, ...)``.
+Compiled and captured graphs are keyed by ``T`` alone, so their number grows with the log of the
+largest token count, not with the mix of batch sizes and lengths.
+
+Row offsets reach the graphs as static buffers (:class:`RowOffsets`), one pair per (device, bucket),
+filled before each run: a CUDA graph captured once reads whatever split of rows the next call has.
+
+Outputs: per-token outputs hold zeros at the caller's masked (padded) positions; per-row outputs (a
+pooler, a sequence classification head) come from each row's first token, which is column 0 of the
+caller's layout. A call whose graph reads first tokens while a row's column 0 is masked (left padding,
+an all-masked row) runs unpacked, as does any call packing does not cover (see :func:`packable_call`).
+"""
+
+import inspect
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+from kernl.integration.arguments import argument_namer, input_wants_gradients
+from kernl.integration.backend import KernlBackend
+from kernl.integration.buckets import bucket
+from kernl.integration.compile_state import RecompileLimitReached, limit_guarded, own_code
+from kernl.integration.forward_graphs import ForwardGraphs
+from kernl.integration.report import OptimizationReport
+from kernl.integration.rules.packed_attention import PackingUnsupported
+from kernl.integration.token_buckets import token_bucket
+from kernl.integration.trees import holds_objects, map_tensors, tensors_in
+
+# Model types whose positions mix only through attention and whose position ids are absolute: the
+# column index (``arange(S)``) unless ``position_ids`` are given.
+COLUMN_POSITIONS = frozenset({"bert", "electra", "albert", "ernie", "megatron-bert", "rembert", "distilbert"})
+# RoBERTa-style: ``padding_idx + 1 + (number of non-pad tokens before)``, pad tokens at ``padding_idx``.
+PADDING_IDX_POSITIONS = frozenset({"roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "data2vec-text"})
+PACKED_MODEL_TYPES = COLUMN_POSITIONS | PADDING_IDX_POSITIONS
+# Why the other bucketed families keep the unpacked path.
+_NOT_PACKED = {
+    "mpnet": "its relative position bias is computed over the whole (packed) sequence as one T x T tensor",
+    "deberta": "its disentangled relative positions are computed over the whole (packed) sequence",
+    "deberta-v2": "its disentangled relative positions are computed over the whole (packed) sequence",
+    "roformer": "its rotary table is sized by max_position_embeddings, shorter than a packed sequence",
+    "xmod": "its language adapters take per-row lang_ids",
+    "modernbert": "its local attention layers need a sliding-window mask, which varlen attention does not take",
+}
+_PER_TOKEN_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "inputs_embeds")
+_FLAGS = ("return_dict", "output_hidden_states")  # plain arguments a packed call passes through
+
+
+def unsupported_reason(model: torch.nn.Module) -> str | None:
+    """Why ``model`` cannot run packed (None when it can)."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in PACKED_MODEL_TYPES:
+        why = _NOT_PACKED.get(model_type, "its family is not known to mix positions only through attention")
+        return f"model type {model_type!r} is not packed: {why}"
+    if "position_ids" not in inspect.signature(model.forward).parameters:
+        return f"{type(model).__name__}.forward takes no position_ids: rows cannot keep their positions"
+    if getattr(model.config, "is_decoder", False):
+        return "a decoder configuration (causal attention, a cache) is not packed"
+    return None
+
+
+class RowOffsets:
+    """The row offsets packed graphs read, as static buffers per (device, bucket) (and the packed calls'
+    constant ``attention_mask``).
+
+    :meth:`use` fills the buffers of one bucket and makes them current; the graph nodes the packed pass
+    inserts call :meth:`cu_seqlens` and :meth:`row_starts`, which return the current buffers, so a CUDA
+    graph captured with them reads the offsets filled before each replay.
+    """
+
+    def __init__(self):
+        self.buffers: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.masks: dict[tuple, torch.Tensor] = {}
+        self.current: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.bucket: int | None = None
+        self.reads_first_token = False  # set when a packed graph reads per-row first tokens
+
+    def use(
+        self, device: torch.device, bucket: int, cu_seqlens: list[int], index: torch.Tensor
+    ) -> torch.Tensor:
+        """Fill the buffers of ``bucket`` with ``cu_seqlens`` (``R + 1`` offsets, ``R <= bucket``) and
+        return ``index`` (int64 CPU) on ``device``: one host-to-device copy for all three, without a
+        host synchronisation on a GPU (a pinned staging tensor)."""
+        key = (device, bucket)
+        if key not in self.buffers:
+            self.buffers[key] = (
+                torch.zeros(bucket + 1, dtype=torch.int32, device=device),
+                torch.zeros(bucket, dtype=torch.int64, device=device),
+            )
+        cu, starts = self.buffers[key]
+        rows = len(cu_seqlens) - 1
+        padded_cu = cu_seqlens + [cu_seqlens[-1]] * (bucket - rows)  # empty sequences after the last row
+        host = torch.cat([torch.tensor([*padded_cu, *cu_seqlens[:-1], *[0] * (bucket - rows)]), index])
+        staged = host.pin_memory() if device.type == "cuda" else host
+        on_device = staged.to(device, non_blocking=True)
+        cu.copy_(on_device[: bucket + 1])
+        starts.copy_(on_device[bucket + 1 : 2 * bucket + 1])
+        self.current, self.bucket = self.buffers[key], bucket
+        return on_device[2 * bucket + 1 :]
+
+    def ones(self, device: torch.device, bucket: int) -> torch.Tensor:
+        """int64 ``(1, bucket)`` ones: the packed calls' ``attention_mask`` (made once per bucket)."""
+        key = (device, bucket)
+        if key not in self.masks:
+            self.masks[key] = torch.ones(1, bucket, dtype=torch.long, device=device)
+        return self.masks[key]
+
+    def cu_seqlens(self) -> torch.Tensor:
+        """int32 ``(bucket + 1,)``: the current call's row offsets, padded with empty rows."""
+        return self.current[0]
+
+    def row_starts(self) -> torch.Tensor:
+        """int64 ``(bucket,)``: the packed index of each row's first token (0 past the last row)."""
+        return self.current[1]
+
+
+@dataclass
+class PackedGroup:
+    """The rows of the caller's batch that one packed call runs."""
+
+    rows: list[int]  # the rows with at least one real token, in order
+    cu_seqlens: list[int]  # R + 1 offsets of those rows in the packed sequence
+    index: torch.Tensor  # int64 (tokens,): flat position (row * S + column) of each packed token
+    bucket: int
+
+    @property
+    def tokens(self) -> int:
+        return self.cu_seqlens[-1]
+
+
+def plan_groups(real: torch.Tensor, buckets: tuple[int, ...]) -> list[PackedGroup] | None:
+    """Split the rows of ``real`` (bool ``(B, S)`` on the CPU, True = real token) into consecutive groups
+    that each fit the largest bucket; None when one row alone does not, or no row has a real token."""
+    lengths = real.sum(1).tolist()
+    if max(lengths, default=0) > buckets[-1] or sum(lengths) == 0:
+        return None
+    columns = real.shape[1]
+    groups, start = [], 0
+    while start < len(lengths):
+        end, tokens = start, 0
+        while end < len(lengths) and tokens + lengths[end] <= buckets[-1]:
+            tokens += lengths[end]
+            end += 1
+        rows = [r for r in range(start, end) if lengths[r]]
+        if rows:  # rows after the last real token form no group
+            cu = [0]
+            for r in rows:
+                cu.append(cu[-1] + lengths[r])
+            index = real[start:end].reshape(-1).nonzero().squeeze(1) + start * columns
+            groups.append(PackedGroup(rows, cu, index, token_bucket(tokens, buckets)))
+        start = end
+    return groups
+
+
+def caller_position_ids(arguments: dict, style: str, padding_idx: int) -> torch.Tensor:
+    """The position ids Hugging Face gives each token of the caller's ``(B, S)`` layout: ``position_ids``
+    when given; else the column index (``style == "column"``) or RoBERTa's count of non-pad tokens from
+    ``padding_idx + 1`` (pad tokens at ``padding_idx``; ``inputs_embeds`` count every token)."""
+    if arguments.get("position_ids") is not None:
+        return arguments["position_ids"]
+    ids = arguments.get("input_ids")
+    token_input = ids if ids is not None else arguments["inputs_embeds"]
+    batch, columns = token_input.shape[:2]
+    device = token_input.device
+    if style == "column":
+        return torch.arange(columns, device=device).expand(batch, columns)
+    if ids is None:
+        return torch.arange(padding_idx + 1, columns + padding_idx + 1, device=device).expand(batch, columns)
+    not_pad = ids.ne(padding_idx).long()
+    return not_pad.cumsum(1) * not_pad + padding_idx
+
+
+class _Unscatterable(Exception):
+    """An output that is neither per token ``(1, T, ...)`` nor per row ``(T, ...)``."""
+
+
+def _scatter(output, group: PackedGroup, into: list | None, batch: int, columns: int) -> list:
+    """Write the packed call's outputs into the caller-layout tensors ``into`` (made on the first call):
+    per-token outputs into ``(B * S, ...)`` zeros, per-row outputs into ``(B, ...)`` zeros."""
+    leaves = tensors_in(output)
+    if into is None:
+        into = []
+        for leaf in leaves:
+            per_token = leaf.dim() >= 2 and leaf.shape[0] == 1 and leaf.shape[1] == group.bucket
+            per_row = leaf.dim() >= 1 and leaf.shape[0] == group.bucket
+            if not (per_token or per_row):
+                raise _Unscatterable(f"output of shape {tuple(leaf.shape)}")
+            shape = (batch * columns, *leaf.shape[2:]) if per_token else (batch, *leaf.shape[1:])
+            into.append((per_token, leaf.new_zeros(shape)))
+    if len(into) != len(leaves):
+        raise _Unscatterable("outputs differ between packed calls")
+    for (per_token, target), leaf in zip(into, leaves, strict=True):
+        if per_token:
+            target.index_copy_(0, group.index, leaf[0, : group.tokens])
+        else:
+            target[group.rows] = leaf[: len(group.rows)]
+    return into
+
+
+def _rebuilt(output, into: list, batch: int, columns: int):
+    """``output``'s structure with its tensors replaced by the caller-layout ones."""
+    targets = iter(
+        target.view(batch, columns, *target.shape[1:]) if per_token else target for per_token, target in into
+    )
+    return map_tensors(lambda _: next(targets), output)
+
+
+def packable_call(arguments: dict) -> bool:
+    """Whether a call can run packed: per-token inputs of one ``(B, S)`` layout (``inputs_embeds``
+    ``(B, S, H)``), ``return_dict`` / ``output_hidden_states`` flags, no other argument set."""
+    for name, value in arguments.items():
+        if value is None:
+            continue
+        if name in _FLAGS and isinstance(value, bool):
+            continue
+        if name not in _PER_TOKEN_INPUTS or not isinstance(value, torch.Tensor):
+            return False
+    tensors = {k: v for k, v in arguments.items() if isinstance(v, torch.Tensor)}
+    if "input_ids" not in tensors and "inputs_embeds" not in tensors:
+        return False
+    if "input_ids" in tensors and "inputs_embeds" in tensors:
+        return False  # the model raises its own error for this: let the unpacked path call it
+    layouts = {tuple(t.shape[:2]) if k == "inputs_embeds" else tuple(t.shape) for k, t in tensors.items()}
+    return not holds_objects(arguments) and len(layouts) == 1 and len(next(iter(layouts))) == 2
+
+
+class PackedForward:
+    """``forward(*args, **kwargs)`` running packed when it can, else ``unpacked(*args, **kwargs)``.
+
+    ``compiled``: the model's forward compiled with a packing :class:`KernlBackend` (and under CUDA
+    graphs on a GPU), called by keyword with ``(1, T)`` inputs; ``offsets``: the row offsets its
+    graphs read; ``buckets``: the token buckets, sorted; ``longest``: the most positions the model's
+    position table holds (None: no limit), beyond which a call runs unpacked, to get its error there;
+    ``unpacked_buckets``: the unpacked path's length buckets. A call runs packed when its packed
+    calls hold fewer tokens than the unpacked path would run (``B x`` its length bucket); otherwise
+    (no padding to remove: a full batch whose length is a bucket, most single rows) it runs unpacked,
+    without the gather and scatter.
+    """
+
+    def __init__(
+        self, model, compiled, unpacked, offsets: RowOffsets, buckets, report, longest, unpacked_buckets
+    ):
+        self.model, self.compiled, self.unpacked, self.longest = model, compiled, unpacked, longest
+        self.unpacked_buckets = unpacked_buckets
+        self.name_arguments = argument_namer(inspect.signature(model.kernl_original_forward))
+        self.offsets, self.buckets, self.report = offsets, buckets, report
+        config = model.config
+        self.style = "column" if config.model_type in COLUMN_POSITIONS else "padding_idx"
+        self.padding_idx = getattr(config, "pad_token_id", None) or 0  # also the pad token
+        self.token_types = "token_type_ids" in inspect.signature(unpacked).parameters
+        self.unscatterable: set[tuple] = set()  # call kinds whose outputs cannot be scattered back
+        self.disabled: str | None = None
+
+    def __call__(self, *args, **kwargs):
+        if self.disabled or self.model.training or self.name_arguments is None:
+            return self.unpacked(*args, **kwargs)
+        if input_wants_gradients(args, kwargs):
+            return self.unpacked(*args, **kwargs)
+        arguments = self.name_arguments(args, kwargs)
+        kind = tuple(sorted((k, v) for k, v in arguments.items() if not isinstance(v, torch.Tensor)))
+        dropped_types = not self.token_types and arguments.get("token_type_ids") is not None
+        if kind in self.unscatterable or dropped_types or not packable_call(arguments):
+            return self.unpacked(*args, **kwargs)
+        try:
+            output = self._packed(arguments)
+        except PackingUnsupported as reason:
+            self.disabled = str(reason)
+            self.report.notes.append(f"packed execution off: {reason}; calls run unpacked")
+            warnings.warn(f"kernl: packed execution off ({reason}); calls run unpacked", stacklevel=2)
+            output = None
+        except RecompileLimitReached:
+            output = None  # said once by limit_guarded; this call runs unpacked
+        except _Unscatterable as reason:
+            self.unscatterable.add(kind)
+            self.report.notes.append(
+                f"calls with {dict(kind)} run unpacked: {reason} is not per token or per row"
+            )
+            output = None
+        return self.unpacked(*args, **kwargs) if output is None else output
+
+    def _packed(self, arguments: dict):
+        """The call run packed, or None when this call must run unpacked (see the module docstring)."""
+        ids = arguments.get("input_ids")
+        token_input = ids if ids is not None else arguments["inputs_embeds"]
+        batch, columns = token_input.shape[:2]
+        if self.longest is not None and columns > self.longest and arguments.get("position_ids") is None:
+            return None
+        mask = arguments.get("attention_mask")
+        real = torch.ones(batch, columns, dtype=torch.bool) if mask is None else mask.ne(0).cpu()
+        groups = plan_groups(real, self.buckets)
+        first_column_real = bool(real[:, 0].all())
+        if groups is None or (self.offsets.reads_first_token and not first_column_real):
+            return None
+        if sum(group.bucket for group in groups) >= batch * bucket(columns, self.unpacked_buckets):
+            return None  # no padding work saved: the unpacked path, without the gather and scatter
+        names, table = self._token_table(arguments)
+        embeds = arguments.get("inputs_embeds")
+        embeds = None if embeds is None else embeds.reshape(batch * columns, -1)
+        flags = {k: v for k, v in arguments.items() if k in _FLAGS}
+        into = output = None
+        for group in groups:
+            # the bucket's padding slots read token 0: their outputs are never read, attention skips them
+            padded = torch.cat([group.index, group.index.new_zeros(group.bucket - group.tokens)])
+            index = self.offsets.use(token_input.device, group.bucket, group.cu_seqlens, padded)
+            group.index = index[: group.tokens]
+            packed = dict(zip(names, table.index_select(1, index)[:, None].unbind(0), strict=True))
+            if embeds is not None:
+                packed["inputs_embeds"] = embeds.index_select(0, index)[None]
+            packed["attention_mask"] = self.offsets.ones(token_input.device, group.bucket)
+            with torch.no_grad():
+                output = self.compiled(**packed, **flags)
+            if self.offsets.reads_first_token and not first_column_real:  # learnt by this first compile
+                return None
+            into = _scatter(output, group, into, batch, columns)
+        return _rebuilt(output, into, batch, columns)
+
+    def _token_table(self, arguments: dict) -> tuple[list[str], torch.Tensor]:
+        """The integer per-token inputs of the packed calls, in the caller's layout: their names and
+        one int64 ``(inputs, B * S)`` table (gathered for a packed call in one launch)."""
+        positions = caller_position_ids(arguments, self.style, self.padding_idx)
+        inputs = {"position_ids": positions}
+        if arguments.get("input_ids") is not None:
+            inputs["input_ids"] = arguments["input_ids"]
+        if self.token_types:
+            types = arguments.get("token_type_ids")
+            inputs["token_type_ids"] = torch.zeros_like(positions) if types is None else types
+        table = torch.stack([value.reshape(-1).long() for value in inputs.values()])
+        return list(inputs), table
+
+
+def _unpacked_instead(*args, **kwargs):
+    """A packed call TorchDynamo will not compile must not run uncompiled: its rows would mix."""
+    raise RecompileLimitReached("the packed graph of this token bucket is not compiled")
+
+
+def packed_forward(
+    model, unpacked, report: OptimizationReport, static, part: str, graphs, buckets, longest, unpacked_buckets
+):
+    """``model``'s forward running packed (a :class:`PackedForward`) around ``unpacked``, or None with the
+    reason in ``report`` when the model cannot run packed. ``static``: the model's parameters and
+    buffers; ``graphs``: the unpacked path's :class:`ForwardGraphs` (None: no CUDA graphs), whose memory
+    pool the packed captures share (one graph per token bucket); ``longest``, ``unpacked_buckets``: see :class:`PackedForward`."""
+    reason = unsupported_reason(model)
+    if reason is not None:
+        report.notes.append(reason + "; calls run unpacked")
+        return None
+    offsets = RowOffsets()
+    backend = KernlBackend(report, static, part or "packed", packing=offsets)
+    compiled = torch.compile(own_code(model.kernl_original_forward), backend=backend, dynamic=False)
+    compiled = limit_guarded(compiled, _unpacked_instead, report, "packed")
+    if graphs is not None:
+        compiled = model.kernl_packed_graphs = ForwardGraphs(compiled, model, report)
+        compiled.pool = graphs.pool  # every capture of the model shares one memory pool
+    report.notes.append(
+        f"packed execution: {len(buckets)} token buckets, {buckets[0]} to {buckets[-1]} tokens"
+    )
+    return PackedForward(model, compiled, unpacked, offsets, buckets, report, longest, unpacked_buckets)
