@@ -372,23 +372,3 @@ def test_sentence_transformers_encode_runs_packed(kit, monkeypatch, tmp_path, po
     cosine = torch.nn.functional.cosine_similarity(actual, expected, dim=-1)
     assert cosine.min() >= 0.9999, cosine
     assert len(_packed_graphs(report)) == 1, str(report)
-
-
-def test_varlen_attention_attends_within_each_sequence():
-    """The varlen attention the packed graphs call (kernel or stand-in), against sdpa per sequence in fp64:
-    empty sequences allowed, tokens after the last sequence are zeros, q/k/v as strided views."""
-    from kernl.integration.varlen import attention_varlen
-
-    generator = torch.Generator().manual_seed(10)
-    qkv = torch.randn(24, 3, 2, 16, generator=generator).to(on_device_name(), DTYPE)  # T=24, H=2, D=16
-    q, k, v = qkv.unbind(1)
-    cu = torch.tensor([0, 5, 5, 6, 19, 19], dtype=torch.int32, device=on_device_name())
-    out = attention_varlen(q, k, v, cu, scale=0.3)
-    expected = torch.zeros(24, 2, 16, dtype=torch.float64)
-    for start, end in ((0, 5), (5, 6), (6, 19)):
-        heads = [t[start:end].transpose(0, 1).double().cpu() for t in (q, k, v)]
-        attended = torch.nn.functional.scaled_dot_product_attention(*heads, scale=0.3)
-        expected[start:end] = attended.transpose(0, 1)
-    assert out.shape == (24, 2, 16) and out.dtype == DTYPE
-    assert_matches_reference(out, expected, None, name="varlen")
-    assert not out[19:].any()

@@ -20,6 +20,7 @@ import operator
 import torch
 from torch import fx
 
+from kernl.flash_attention import attention_varlen
 from kernl.integration.rules._fx import (
     autocast_dtype,
     cast_all,
@@ -30,7 +31,6 @@ from kernl.integration.rules._fx import (
 )
 from kernl.integration.rules.attention_eager import SOFTMAX_TARGETS
 from kernl.integration.rules.attention_sdpa import SDPA_TARGETS, AttentionArgs, attention_call
-from kernl.integration.varlen import attention_varlen
 
 _FULL = slice(None, None, None)
 
