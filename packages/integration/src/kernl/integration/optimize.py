@@ -12,6 +12,7 @@ import warnings
 import torch
 
 from kernl.integration.buckets import DEFAULT_BUCKETS, bucket, safe_buckets, usable_buckets
+from kernl.integration.decoder_only import is_decoder_only, optimize_decoder_only
 from kernl.integration.generation import optimize_generation
 from kernl.integration.install import install_forward
 from kernl.integration.report import OptimizationReport
@@ -86,4 +87,6 @@ def optimize_model(model: torch.nn.Module, *, buckets=DEFAULT_BUCKETS, cuda_grap
         return model.kernl_report
     if part is not model:
         return _optimize_encoder_decoder(model, buckets, cuda_graphs)
+    if is_decoder_only(model):
+        return optimize_decoder_only(model, cuda_graphs)
     return install_forward(model, buckets, cuda_graphs)
