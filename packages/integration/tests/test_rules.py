@@ -474,6 +474,37 @@ def test_t5_norm_chain_with_and_without_its_residual(weight_dtype):
     check_same(fn, compiled, a, b, w)
 
 
+def llama_norm(h, w):  # transformers' LlamaRMSNorm.forward (Mistral's, Qwen2's), as written there
+    input_dtype = h.dtype
+    h = h.to(torch.float32)
+    variance = h.pow(2).mean(-1, keepdim=True)
+    h = h * torch.rsqrt(variance + 1e-6)
+    return w * h.to(input_dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_llama_norm_chain_with_and_without_its_residual(dtype):
+    def fn(a, b, w):
+        s = a + b
+        return llama_norm(s, w) + s, llama_norm(a, w)
+
+    g = torch.Generator().manual_seed(6)
+    a, b = (torch.randn(2, 5, 24, generator=g).to(dtype) for _ in range(2))
+    w = (1 + 0.1 * torch.randn(24, generator=g)).to(dtype)
+    record, _, compiled = rewritten(fn, a, b, w)
+    assert record.fired["rms_norm"] == 2 and record.kept == {}
+    check_same(fn, compiled, a, b, w)
+
+
+def test_llama_norm_chain_with_a_weight_of_another_dtype_is_kept():
+    """An fp32 weight times the norm cast to fp16 is not what rms_norm computes (it casts only to a
+    half-precision weight's dtype)."""
+    g = torch.Generator().manual_seed(7)
+    h, w = torch.randn(2, 5, 24, generator=g).half(), torch.rand(24, generator=g)
+    record, _, compiled = rewritten(lambda h, w: (llama_norm(h, w),), h, w)
+    assert record.fired.get("rms_norm", 0) == 0 and record.kept == {"rms_norm": 1}
+
+
 def test_a_mean_taken_in_another_dtype_is_not_an_rms_norm():
     def fn(h, w):  # the fp64 mean makes the whole chain fp64: the kernel's output would be fp32
         variance = h.to(torch.float32).pow(2).mean(-1, keepdim=True, dtype=torch.float64)
