@@ -97,6 +97,8 @@ def test_prefill_matches_hugging_face(kit, family):
     norms = "layer_norm" if family == "gpt2" else "rms_norm"
     assert all(graph.fired[norms] == 2 * LAYERS + 1 for graph in report.graphs), str(report)
     assert family == "gpt2" or report.graphs[0].fired["gated_ffn"] == LAYERS
+    if family == "gpt2":  # Conv1D projections, gelu_new written out and the residual adds: all fused
+        assert all(graph.fired["conv1d"] == 4 * LAYERS and graph.kept == {} for graph in report.graphs)
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])

@@ -1,6 +1,7 @@
 """Each rule on small TorchDynamo graphs: the spellings it must match, and what it must leave alone."""
 
 import copy
+import math
 import operator
 import warnings
 
@@ -13,6 +14,7 @@ from kernl.integration.backend import rewrite_graph
 from kernl.integration.report import GraphRecord, OptimizationReport
 from kernl.integration.rules.attention_sdpa import AttentionArgs, attention_call
 from kernl.integration.rules.gated_ffn import gated_linear_act_call
+from kernl.integration.rules.linear_act import linear_act_call
 from kernl_testing import assert_matches_reference, on_gpu
 
 
@@ -472,6 +474,30 @@ def test_t5_norm_chain_with_and_without_its_residual(weight_dtype):
     assert record.fired["rms_norm"] == 2  # the sum of squares (not a mean) is not an RMS norm
     assert record.kept == {"rms_norm": 1}
     check_same(fn, compiled, a, b, w)
+
+
+def test_gpt2_conv1d_with_its_written_out_activation_or_its_residual():
+    def conv1d(x, w, b):  # transformers' Conv1D.forward, as written there
+        size_out = x.size()[:-1] + (w.size(-1),)
+        return torch.addmm(b, x.view(-1, x.size(-1)), w).view(size_out)
+
+    def gelu_new(h):  # transformers' NewGELUActivation, as written there
+        return 0.5 * h * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (h + 0.044715 * torch.pow(h, 3.0))))
+
+    def fn(x, w1, b1, w2, b2):
+        h = gelu_new(conv1d(x, w1, b1))
+        return conv1d(h, w2, b2) + x, conv1d(x, w1, b1), gelu_new(conv1d(x, w1, b1)) * 2.0
+
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(2, 5, 24, generator=g)
+    w1, w2 = torch.randn(24, 40, generator=g) / 5, torch.randn(40, 24, generator=g) / 6
+    b1, b2 = torch.randn(40, generator=g), torch.randn(24, generator=g)
+    record, gm, compiled = rewritten(fn, x, w1, b1, w2, b2)
+    assert record.fired["conv1d"] == 4 and record.kept == {}
+    calls = [n.args for n in gm.graph.nodes if n.target is linear_act_call]
+    assert sorted(str(args[3]) for args in calls) == ["None", "None", "gelu_tanh", "gelu_tanh"]
+    assert sum(args[4] is not None for args in calls) == 1  # the residual add, fused
+    check_same(fn, compiled, x, w1, b1, w2, b2)
 
 
 def llama_norm(h, w):  # transformers' LlamaRMSNorm.forward (Mistral's, Qwen2's), as written there

@@ -11,6 +11,7 @@ from kernl.integration import fallback
 from kernl.integration.rules._fx import KEPT_REASON, is_function, is_method
 from kernl.integration.rules.attention_eager import MATMUL_TARGETS, SOFTMAX_TARGETS
 from kernl.integration.rules.attention_sdpa import SDPA_TARGETS
+from kernl.integration.rules.conv1d import ADDMM_TARGETS
 from kernl.integration.rules.dropout import DROPOUT_TARGETS
 from kernl.integration.rules.layer_norm import LAYER_NORM_TARGETS
 from kernl.integration.rules.linear_act import LINEAR_TARGETS
@@ -19,7 +20,7 @@ F = torch.nn.functional
 # Ops a rule exists for, in every spelling a rule matches: when they are still in a graph after
 # rewriting, they ran as plain PyTorch.
 _KEPT_FUNCTIONS = {
-    **dict.fromkeys(LINEAR_TARGETS, "linear"),
+    **dict.fromkeys(LINEAR_TARGETS + ADDMM_TARGETS, "linear"),
     **dict.fromkeys((F.gelu, F.relu, torch.relu, torch.tanh, F.tanh, F.silu), "activation"),
     **dict.fromkeys(LAYER_NORM_TARGETS, "layer_norm"),
     torch.rsqrt: "rms_norm",

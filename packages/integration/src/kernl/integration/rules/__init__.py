@@ -26,6 +26,7 @@ def _rules() -> list[Rule]:
     from kernl.integration.rules import (
         attention_eager,
         attention_sdpa,
+        conv1d,
         dropout,
         fused_projections,
         gated_ffn,
@@ -40,6 +41,7 @@ def _rules() -> list[Rule]:
         attention_sdpa.RULE,
         attention_eager.RULE,
         gated_ffn.RULE,
+        conv1d.RULE,
         linear_act.RULE,
         fused_projections.RULE,
         layer_norm.RULE,
