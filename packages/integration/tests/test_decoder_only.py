@@ -120,6 +120,8 @@ def test_greedy_generation_matches_hugging_face(kit, family):
     assert all(graph.error is None for graph in report.graphs), str(report)
     norms = "layer_norm" if family == "gpt2" else "rms_norm"
     assert all(graph.fired[norms] == 2 * LAYERS + 1 for graph in report.graphs), str(report)
+    if family == "llama":  # the step reads the 2 key/value heads, not repeat_kv's copies of the cache
+        assert report.graphs[0].fired["attention_gqa_decode"] == LAYERS, str(report)
     if on_gpu():
         captures = optimized.kernl_decoder_graphs.captures
         assert len(captures) == 2 and all(capture.graph is not None for capture in captures.values())

@@ -500,6 +500,55 @@ def test_gpt2_conv1d_with_its_written_out_activation_or_its_residual():
     check_same(fn, compiled, x, w1, b1, w2, b2)
 
 
+def repeat_kv(h, groups):  # transformers' repeat_kv, as written there
+    batch, kv_heads, length, head_dim = h.shape
+    h = h[:, :, None, :, :].expand(batch, kv_heads, groups, length, head_dim)
+    return h.reshape(batch, kv_heads * groups, length, head_dim)
+
+
+@pytest.mark.parametrize("kv_heads", [1, 2, 4, 8])
+def test_one_token_grouped_attention_reads_the_key_value_heads_without_repeating_them(kv_heads):
+    def fn(q, k, v, mask):
+        groups = q.shape[1] // k.shape[1]
+        repeated = F.scaled_dot_product_attention(
+            q, repeat_kv(k, groups), repeat_kv(v, groups), mask, scale=0.3
+        )
+        given = F.scaled_dot_product_attention(q, k, v, mask, enable_gqa=True)
+        return repeated, given
+
+    g = torch.Generator().manual_seed(kv_heads)
+    q = torch.randn(3, 1, 8, 16, generator=g).transpose(1, 2)  # HF's (B, S, H, D) projection, viewed
+    k, v = (torch.randn(3, kv_heads, 37, 16, generator=g) for _ in range(2))
+    mask = torch.rand(3, 1, 1, 37, generator=g) < 0.7
+    mask[:, :, :, 0] = True
+    record, gm, compiled = rewritten(fn, q, k, v, mask)
+    if kv_heads < 8:
+        assert record.fired["attention_gqa_decode"] == 2 and record.kept == {}
+        assert not any(is_method_call(n, "expand") for n in gm.graph.nodes)  # no repeat_kv left
+    else:  # as many key/value heads as query heads: plain attention; sdpa's enable_gqa stays PyTorch
+        assert record.fired["attention_gqa_decode"] == 0 and record.fired["attention_sdpa"] == 1
+        assert record.kept == {"attention (sdpa)": 1}
+    check_same(fn, compiled, q, k, v, mask)
+
+
+def test_grouped_attention_of_several_query_tokens_is_left_to_the_other_rules():
+    def fn(q, k, v):
+        return (F.scaled_dot_product_attention(q, repeat_kv(k, 2), repeat_kv(v, 2), is_causal=True),)
+
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (
+        torch.randn(2, 4, 5, 16, generator=g),
+        *(torch.randn(2, 2, 5, 16, generator=g) for _ in range(2)),
+    )
+    record, _, compiled = rewritten(fn, q, k, v)
+    assert record.fired["attention_gqa_decode"] == 0 and record.fired["attention_sdpa"] == 1
+    check_same(fn, compiled, q, k, v)
+
+
+def is_method_call(node, name: str) -> bool:
+    return node.op == "call_method" and node.target == name
+
+
 def llama_norm(h, w):  # transformers' LlamaRMSNorm.forward (Mistral's, Qwen2's), as written there
     input_dtype = h.dtype
     h = h.to(torch.float32)

@@ -25,6 +25,7 @@ class Rule:
 def _rules() -> list[Rule]:
     from kernl.integration.rules import (
         attention_eager,
+        attention_gqa,
         attention_sdpa,
         conv1d,
         dropout,
@@ -38,6 +39,7 @@ def _rules() -> list[Rule]:
 
     return [
         dropout.RULE,
+        attention_gqa.RULE,
         attention_sdpa.RULE,
         attention_eager.RULE,
         gated_ffn.RULE,
