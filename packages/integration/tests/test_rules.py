@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from kernl.integration import fallback, optimize_model
 from kernl.integration.backend import rewrite_graph
 from kernl.integration.report import GraphRecord, OptimizationReport
+from kernl.integration.rules import attention_gqa
 from kernl.integration.rules.attention_sdpa import AttentionArgs, attention_call
 from kernl.integration.rules.gated_ffn import gated_linear_act_call
 from kernl.integration.rules.linear_act import linear_act_call
@@ -533,7 +534,8 @@ def test_one_token_grouped_attention_reads_the_key_value_heads_without_repeating
 
 def test_grouped_attention_of_several_query_tokens_is_left_to_the_other_rules():
     def fn(q, k, v):
-        return (F.scaled_dot_product_attention(q, repeat_kv(k, 2), repeat_kv(v, 2), is_causal=True),)
+        repeated = F.scaled_dot_product_attention(q, repeat_kv(k, 2), repeat_kv(v, 2), is_causal=True)
+        return repeated, F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
 
     g = torch.Generator().manual_seed(3)
     q, k, v = (
@@ -542,6 +544,8 @@ def test_grouped_attention_of_several_query_tokens_is_left_to_the_other_rules():
     )
     record, _, compiled = rewritten(fn, q, k, v)
     assert record.fired["attention_gqa_decode"] == 0 and record.fired["attention_sdpa"] == 1
+    assert record.kept == {"attention (sdpa)": 1}
+    assert record.kept_why["attention (sdpa)"] == attention_gqa.PREFILL_REASON
     check_same(fn, compiled, q, k, v)
 
 

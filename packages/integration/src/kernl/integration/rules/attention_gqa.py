@@ -19,6 +19,7 @@ from kernl.flash_attention import attention
 from kernl.integration import fallback
 from kernl.integration.rules import Rule
 from kernl.integration.rules._fx import (
+    KEPT_REASON,
     arg,
     autocast_dtype,
     cast_all,
@@ -27,7 +28,12 @@ from kernl.integration.rules._fx import (
     is_method,
     replace_with_call,
 )
-from kernl.integration.rules.attention_sdpa import SDPA_TARGETS
+from kernl.integration.rules.attention_sdpa import SDPA_TARGETS, unsupported_shape
+
+PREFILL_REASON = (
+    "grouped-query attention over several query tokens (sdpa's enable_gqa): the dense kernel has no "
+    "grouped heads, and repeating the key/value heads would cost more than PyTorch's own kernel saves"
+)
 
 
 def grouped_decode_call(q, k, v, scale, mask):
@@ -82,7 +88,12 @@ def rewrite(gm: fx.GraphModule) -> int:
             arg(node, 7, "enable_gqa"),
         )
         eq = example(q)
-        if eq is None or eq.dim() != 4 or eq.shape[2] != 1 or dropout_p != 0 or causal is not False:
+        if eq is None or eq.dim() != 4 or dropout_p != 0 or causal not in (False, True):
+            continue
+        if gqa is True and eq.shape[2] != 1:
+            node.meta[KEPT_REASON] = PREFILL_REASON
+            continue
+        if eq.shape[2] != 1 or causal or unsupported_shape(q) is not None:
             continue
         if not (scale is None or isinstance(scale, float | int)) or not _mask_over_keys(mask):
             continue
