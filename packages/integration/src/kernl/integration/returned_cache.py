@@ -29,6 +29,18 @@ def _layer_state(layer) -> tuple:
     )
 
 
+def _without_tensors(cache):
+    """A shallow copy of ``cache`` whose layers hold None for each tensor (a template keeps no memory)."""
+    template = copy.copy(cache)
+    template.layers = []
+    for layer in cache.layers:
+        bare = copy.copy(layer)
+        for name in _layer_tensors(layer):
+            setattr(bare, name, None)
+        template.layers.append(bare)
+    return template
+
+
 class ReturnedCache:
     """``split(**kwargs)``: ``forward(**kwargs)`` with its returned cache replaced by
     ``{"layers": [{name: tensor}], "template": int}`` (plain values a CUDA graph can hand out);
@@ -48,7 +60,7 @@ class ReturnedCache:
         state = (type(cache), tuple(_layer_state(layer) for layer in cache.layers))
         if state not in self.numbers:  # one template per kind of cache: bounded by the captures' keys
             self.numbers[state] = len(self.templates)
-            self.templates.append(cache)
+            self.templates.append(_without_tensors(cache))
         split = type(output).__new__(type(output))
         for key, item in output.items():
             split[key] = item
