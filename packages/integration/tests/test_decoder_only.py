@@ -104,6 +104,8 @@ def test_prefill_matches_hugging_face(kit, family, dtype):
     norms = "layer_norm" if family == "gpt2" else "rms_norm"
     assert all(graph.fired[norms] == 2 * LAYERS + 1 for graph in report.graphs), str(report)
     assert family == "gpt2" or report.graphs[0].fired["gated_ffn"] == LAYERS
+    if not on_gpu():  # the left-padded causal mask, proven by replay (transformers 5.25's spelling)
+        assert report.graphs[0].attention_masks == {"key padding [B, K] + causal": LAYERS}, str(report)
     if family == "gpt2":  # Conv1D projections, gelu_new written out and the residual adds: all fused
         assert all(graph.fired["conv1d"] == 4 * LAYERS and graph.kept == {} for graph in report.graphs)
 

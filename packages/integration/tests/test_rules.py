@@ -164,7 +164,7 @@ def _attention_calls(gm) -> list[AttentionArgs]:
     return [AttentionArgs(*n.args) for n in gm.graph.nodes if n.target is attention_call]
 
 
-def test_padding_mask_becomes_key_padding_mask_and_causal_mask_stays_dense():
+def test_padding_mask_becomes_key_padding_mask_and_with_a_causal_mask_the_causal_flag_too():
     def fn(q, k, v, attention_mask):
         b, _, s, _ = q.shape
         padding = attention_mask.bool()[:, None, None, :].expand(b, 1, s, s)
@@ -180,7 +180,7 @@ def test_padding_mask_becomes_key_padding_mask_and_causal_mask_stays_dense():
     assert record.fired["attention_sdpa"] == 2
     first, second = _attention_calls(gm)
     assert first.key_padding_mask is not None and first.mask is None  # key padding mask, no dense mask
-    assert second.key_padding_mask is None and second.mask is not None  # causal: the dense mask
+    assert second.key_padding_mask is not None and second.mask is None and second.causal  # see _causal_mask
     check_same(fn, compiled, q, k, v, mask)
 
 
@@ -198,7 +198,7 @@ def test_a_mask_built_from_nothing_that_lets_everything_through_is_dropped():
     g = torch.Generator().manual_seed(3)
     q, k, v = (torch.randn(2, 3, 7, 16, generator=g) for _ in range(3))
     record, gm, compiled = rewritten(fn, q, k, v)
-    assert record.attention_masks == {"none": 2, "dense": 1}
+    assert record.attention_masks == {"none": 2, "causal": 1}  # the causal flag: see _causal_mask
     check_same(fn, compiled, q, k, v)
 
 
@@ -499,6 +499,33 @@ def test_gpt2_conv1d_with_its_written_out_activation_or_its_residual():
     assert sorted(str(args[3]) for args in calls) == ["None", "None", "gelu_tanh", "gelu_tanh"]
     assert sum(args[4] is not None for args in calls) == 1  # the residual add, fused
     check_same(fn, compiled, x, w1, b1, w2, b2)
+
+
+def test_a_decoder_s_causal_mask_becomes_the_causal_flag_and_its_padding_a_key_padding_mask():
+    def fn(q, k, v, attention_mask):
+        position = torch.arange(q.shape[2])
+        causal = position[None, :] <= position[:, None]
+        window = causal & (position[None, :] > position[:, None] - 3)  # sliding window: not causal alone
+        padded = causal[None, None] & attention_mask.bool()[:, None, None, :]
+        additive = torch.zeros(causal.shape).masked_fill(~causal, torch.finfo(torch.float32).min)
+        return (
+            F.scaled_dot_product_attention(q, k, v, padded),
+            F.scaled_dot_product_attention(q, k, v, additive[None, None]),
+            F.scaled_dot_product_attention(q, k, v, window[None, None]),
+        )
+
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(2, 4, 9, 16, generator=g) for _ in range(3))
+    attention_mask = torch.ones(2, 9, dtype=torch.long)
+    attention_mask[1, :4] = 0  # left padding
+    record, gm, compiled = rewritten(fn, q, k, v, attention_mask)
+    calls = [AttentionArgs(*n.args) for n in gm.graph.nodes if n.target is attention_call]
+    assert [(a.causal, a.key_padding_mask is not None, a.mask is not None) for a in calls] == [
+        (True, True, False),
+        (True, False, False),
+        (False, False, True),
+    ]
+    check_same(fn, compiled, q, k, v, attention_mask)
 
 
 def repeat_kv(h, groups):  # transformers' repeat_kv, as written there

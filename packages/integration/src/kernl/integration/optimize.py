@@ -72,7 +72,8 @@ def optimize_model(model: torch.nn.Module, *, buckets=DEFAULT_BUCKETS, cuda_grap
     check_model(model)
     asked = checked_buckets(buckets)
     buckets = usable_buckets(model, asked)
-    if len(buckets) < len(asked) and asked != DEFAULT_BUCKETS:  # the caller's own choice: say so
+    # the caller's own choice, for a model that is bucketed (a decoder-only model is not): say so
+    if len(buckets) < len(asked) and asked != DEFAULT_BUCKETS and not is_decoder_only(model):
         warnings.warn(
             f"kernl: buckets {sorted(set(asked) - set(buckets))} are longer than the inputs this model "
             f"takes (config.max_position_embeddings): left out, the buckets are {buckets}",
