@@ -11,7 +11,8 @@ between 64 new tokens and 1 (the prefill and the first token), and the fraction 
 is: the parameter bytes one step reads, over the device-to-device copy bandwidth measured here.
 Same greedy tokens: kernl's against HF's static cache.
 Writes benchmarks/results/<gpu>/decoder_<model>.{json,png}.
-Run: python packages/integration/benchmarks/bench_decoder.py [--model llama|gpt2] [--compile-prefill]
+Run: python packages/integration/benchmarks/bench_decoder.py [--model llama|gpt2] [--part prefill|decode]
+[--compile-prefill]; with one part, the files are decoder_<model>_<part>.{json,png}.
 """
 
 import argparse
@@ -156,7 +157,7 @@ def chart(results: dict, title: str):
 
     figure, (prefill, decode) = plt.subplots(1, 2, figsize=(11, 4.5))
     rows = results["prefill"]
-    engines = [n.removesuffix(" ms") for n in rows[0] if n.endswith(" ms") and n != "HF sdpa ms"]
+    engines = [n.removesuffix(" ms") for n in (rows or [{}])[0] if n.endswith(" ms") and n != "HF sdpa ms"]
     for index, engine in enumerate(engines):
         ratios = [row["HF sdpa ms"] / row[f"{engine} ms"] for row in rows]
         width = 0.8 / len(engines)
@@ -182,7 +183,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=list(MODELS), default="llama")
     parser.add_argument("--compile-prefill", action="store_true", help="also torch.compile the prefill")
+    parser.add_argument("--part", choices=["prefill", "decode", "both"], default="both")
     options = parser.parse_args()
+    parts = ["prefill", "decode"] if options.part == "both" else [options.part]
     title, build = MODELS[options.model]
     model = build()
     bandwidth = copy_bandwidth_gb_s()
@@ -194,15 +197,13 @@ def main() -> None:
     prefill_engines = {"HF sdpa": model, "kernl": kernl}
     if options.compile_prefill:
         prefill_engines["torch.compile"] = torch.compile(copy.deepcopy(model).forward, dynamic=False)
+    generate_models = {"HF dynamic cache": model, "HF static cache + torch.compile": model, "kernl": kernl}
+    results = {"prefill": [], "decode": []}
     with torch.inference_mode():
-        results = {"prefill": prefill_rows(prefill_engines, model.config.vocab_size)}
-        prefill_engines.pop("torch.compile", None)
-        generate_models = {
-            "HF dynamic cache": model,
-            "HF static cache + torch.compile": model,
-            "kernl": kernl,
-        }
-        results["decode"] = decode_rows(generate_models, model.config.vocab_size, floor_step_ms)
+        if "prefill" in parts:
+            results["prefill"] = prefill_rows(prefill_engines, model.config.vocab_size)
+        if "decode" in parts:
+            results["decode"] = decode_rows(generate_models, model.config.vocab_size, floor_step_ms)
     print(report)
     payload = {
         "model": f"{title}, random weights, fp16",
@@ -212,8 +213,9 @@ def main() -> None:
         **results,
         "kernl report": report.to_dict(),
     }
-    write_results(f"decoder_{options.model}", payload)
-    save_figure(chart(results, title), f"decoder_{options.model}")
+    name = f"decoder_{options.model}" + ("" if options.part == "both" else f"_{options.part}")
+    write_results(name, payload)
+    save_figure(chart(results, title), name)
 
 
 if __name__ == "__main__":
