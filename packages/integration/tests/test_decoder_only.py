@@ -22,6 +22,7 @@ from transformers import (
 
 from kernl.integration import optimize_model
 from kernl.integration.decoder_only import DYNAMIC_CACHE_NOTE
+from kernl.integration.hf_compat import CACHE_NAME
 from kernl_testing import assert_matches_reference, on_gpu
 
 DTYPE = torch.float16 if on_gpu() else torch.float32
@@ -197,8 +198,8 @@ def test_a_dynamic_cache_runs_as_pytorch_and_the_report_says_why(kit):
         warnings.simplefilter("always")
         tokens = optimized.generate(ids, cache_implementation="dynamic", **arguments)
         cache = DynamicCache()
-        step = optimized(input_ids=ids, past_key_values=cache)
-        expected_step = reference(input_ids=ids, past_key_values=DynamicCache())
+        step = optimized(input_ids=ids, **{CACHE_NAME: cache})
+        expected_step = reference(input_ids=ids, **{CACHE_NAME: DynamicCache()})
         expected = reference.generate(ids, cache_implementation="dynamic", **arguments)
     assert torch.equal(tokens, expected) and torch.equal(step.logits, expected_step.logits)
     assert step.past_key_values is cache
