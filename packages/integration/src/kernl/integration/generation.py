@@ -1,5 +1,6 @@
-"""``generate()`` on kernl for encoder-decoder models (T5, BART): the decoder compiled by kernl's
-backend over a static key/value cache and replayed from CUDA graphs.
+"""``generate()`` on kernl for encoder-decoder models (T5, BART), and for decoder-only models through
+:mod:`kernl.integration.decoder_only` (no prompt padding; every step captured whole): the decoder
+compiled by kernl's backend over a static key/value cache and replayed from CUDA graphs.
 
 The model's ``forward`` is routed: a call whose cache argument is a static cache with its buffers allocated (every step of ``generate()``,
 the first one included once a cache is reused) runs the ``torch.compile``d forward (TorchDynamo,
