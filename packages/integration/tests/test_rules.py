@@ -1,6 +1,7 @@
 """Each rule on small TorchDynamo graphs: the spellings it must match, and what it must leave alone."""
 
 import copy
+import math
 import operator
 import warnings
 
@@ -11,8 +12,10 @@ import torch.nn.functional as F
 from kernl.integration import fallback, optimize_model
 from kernl.integration.backend import rewrite_graph
 from kernl.integration.report import GraphRecord, OptimizationReport
+from kernl.integration.rules import attention_gqa
 from kernl.integration.rules.attention_sdpa import AttentionArgs, attention_call
 from kernl.integration.rules.gated_ffn import gated_linear_act_call
+from kernl.integration.rules.linear_act import linear_act_call
 from kernl_testing import assert_matches_reference, on_gpu
 
 
@@ -161,7 +164,7 @@ def _attention_calls(gm) -> list[AttentionArgs]:
     return [AttentionArgs(*n.args) for n in gm.graph.nodes if n.target is attention_call]
 
 
-def test_padding_mask_becomes_key_padding_mask_and_causal_mask_stays_dense():
+def test_padding_mask_becomes_key_padding_mask_and_with_a_causal_mask_the_causal_flag_too():
     def fn(q, k, v, attention_mask):
         b, _, s, _ = q.shape
         padding = attention_mask.bool()[:, None, None, :].expand(b, 1, s, s)
@@ -177,7 +180,7 @@ def test_padding_mask_becomes_key_padding_mask_and_causal_mask_stays_dense():
     assert record.fired["attention_sdpa"] == 2
     first, second = _attention_calls(gm)
     assert first.key_padding_mask is not None and first.mask is None  # key padding mask, no dense mask
-    assert second.key_padding_mask is None and second.mask is not None  # causal: the dense mask
+    assert second.key_padding_mask is not None and second.mask is None and second.causal  # see _causal_mask
     check_same(fn, compiled, q, k, v, mask)
 
 
@@ -195,7 +198,7 @@ def test_a_mask_built_from_nothing_that_lets_everything_through_is_dropped():
     g = torch.Generator().manual_seed(3)
     q, k, v = (torch.randn(2, 3, 7, 16, generator=g) for _ in range(3))
     record, gm, compiled = rewritten(fn, q, k, v)
-    assert record.attention_masks == {"none": 2, "dense": 1}
+    assert record.attention_masks == {"none": 2, "causal": 1}  # the causal flag: see _causal_mask
     check_same(fn, compiled, q, k, v)
 
 
@@ -473,6 +476,140 @@ def test_t5_norm_chain_with_and_without_its_residual(weight_dtype):
     assert record.fired["rms_norm"] == 2  # the sum of squares (not a mean) is not an RMS norm
     assert record.kept == {"rms_norm": 1}
     check_same(fn, compiled, a, b, w)
+
+
+def test_gpt2_conv1d_with_its_written_out_activation_or_its_residual():
+    def conv1d(x, w, b):  # transformers' Conv1D.forward, as written there
+        size_out = x.size()[:-1] + (w.size(-1),)
+        return torch.addmm(b, x.view(-1, x.size(-1)), w).view(size_out)
+
+    def gelu_new(h):  # transformers' NewGELUActivation, as written there
+        return 0.5 * h * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (h + 0.044715 * torch.pow(h, 3.0))))
+
+    def fn(x, w1, b1, w2, b2):
+        h = gelu_new(conv1d(x, w1, b1))
+        return conv1d(h, w2, b2) + x, conv1d(x, w1, b1), gelu_new(conv1d(x, w1, b1)) * 2.0
+
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(2, 5, 24, generator=g)
+    w1, w2 = torch.randn(24, 40, generator=g) / 5, torch.randn(40, 24, generator=g) / 6
+    b1, b2 = torch.randn(40, generator=g), torch.randn(24, generator=g)
+    record, gm, compiled = rewritten(fn, x, w1, b1, w2, b2)
+    assert record.fired["conv1d"] == 4 and record.kept == {}
+    calls = [n.args for n in gm.graph.nodes if n.target is linear_act_call]
+    assert sorted(str(args[3]) for args in calls) == ["None", "None", "gelu_tanh", "gelu_tanh"]
+    assert sum(args[4] is not None for args in calls) == 1  # the residual add, fused
+    check_same(fn, compiled, x, w1, b1, w2, b2)
+
+
+def test_a_decoder_s_causal_mask_becomes_the_causal_flag_and_its_padding_a_key_padding_mask():
+    def fn(q, k, v, attention_mask):
+        position = torch.arange(q.shape[2])
+        causal = position[None, :] <= position[:, None]
+        window = causal & (position[None, :] > position[:, None] - 3)  # sliding window: not causal alone
+        padded = causal[None, None] & attention_mask.bool()[:, None, None, :]
+        additive = torch.zeros(causal.shape).masked_fill(~causal, torch.finfo(torch.float32).min)
+        return (
+            F.scaled_dot_product_attention(q, k, v, padded),
+            F.scaled_dot_product_attention(q, k, v, additive[None, None]),
+            F.scaled_dot_product_attention(q, k, v, window[None, None]),
+        )
+
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(2, 4, 9, 16, generator=g) for _ in range(3))
+    attention_mask = torch.ones(2, 9, dtype=torch.long)
+    attention_mask[1, :4] = 0  # left padding
+    record, gm, compiled = rewritten(fn, q, k, v, attention_mask)
+    calls = [AttentionArgs(*n.args) for n in gm.graph.nodes if n.target is attention_call]
+    assert [(a.causal, a.key_padding_mask is not None, a.mask is not None) for a in calls] == [
+        (True, True, False),
+        (True, False, False),
+        (False, False, True),
+    ]
+    check_same(fn, compiled, q, k, v, attention_mask)
+
+
+def repeat_kv(h, groups):  # transformers' repeat_kv, as written there
+    batch, kv_heads, length, head_dim = h.shape
+    h = h[:, :, None, :, :].expand(batch, kv_heads, groups, length, head_dim)
+    return h.reshape(batch, kv_heads * groups, length, head_dim)
+
+
+@pytest.mark.parametrize("kv_heads", [1, 2, 4, 8])
+def test_one_token_grouped_attention_reads_the_key_value_heads_without_repeating_them(kv_heads):
+    def fn(q, k, v, mask):
+        groups = q.shape[1] // k.shape[1]
+        repeated = F.scaled_dot_product_attention(
+            q, repeat_kv(k, groups), repeat_kv(v, groups), mask, scale=0.3
+        )
+        given = F.scaled_dot_product_attention(q, k, v, mask, enable_gqa=True)
+        return repeated, given
+
+    g = torch.Generator().manual_seed(kv_heads)
+    q = torch.randn(3, 1, 8, 16, generator=g).transpose(1, 2)  # HF's (B, S, H, D) projection, viewed
+    k, v = (torch.randn(3, kv_heads, 37, 16, generator=g) for _ in range(2))
+    mask = torch.rand(3, 1, 1, 37, generator=g) < 0.7
+    mask[:, :, :, 0] = True
+    record, gm, compiled = rewritten(fn, q, k, v, mask)
+    if kv_heads < 8:
+        assert record.fired["attention_gqa_decode"] == 2 and record.kept == {}
+        assert not any(is_method_call(n, "expand") for n in gm.graph.nodes)  # no repeat_kv left
+    else:  # as many key/value heads as query heads: plain attention; sdpa's enable_gqa stays PyTorch
+        assert record.fired["attention_gqa_decode"] == 0 and record.fired["attention_sdpa"] == 1
+        assert record.kept == {"attention (sdpa)": 1}
+    check_same(fn, compiled, q, k, v, mask)
+
+
+def test_grouped_attention_of_several_query_tokens_is_left_to_the_other_rules():
+    def fn(q, k, v):
+        repeated = F.scaled_dot_product_attention(q, repeat_kv(k, 2), repeat_kv(v, 2), is_causal=True)
+        return repeated, F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (
+        torch.randn(2, 4, 5, 16, generator=g),
+        *(torch.randn(2, 2, 5, 16, generator=g) for _ in range(2)),
+    )
+    record, _, compiled = rewritten(fn, q, k, v)
+    assert record.fired["attention_gqa_decode"] == 0 and record.fired["attention_sdpa"] == 1
+    assert record.kept == {"attention (sdpa)": 1}
+    assert record.kept_why["attention (sdpa)"] == attention_gqa.PREFILL_REASON
+    check_same(fn, compiled, q, k, v)
+
+
+def is_method_call(node, name: str) -> bool:
+    return node.op == "call_method" and node.target == name
+
+
+def llama_norm(h, w):  # transformers' LlamaRMSNorm.forward (Mistral's, Qwen2's), as written there
+    input_dtype = h.dtype
+    h = h.to(torch.float32)
+    variance = h.pow(2).mean(-1, keepdim=True)
+    h = h * torch.rsqrt(variance + 1e-6)
+    return w * h.to(input_dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_llama_norm_chain_with_and_without_its_residual(dtype):
+    def fn(a, b, w):
+        s = a + b
+        return llama_norm(s, w) + s, llama_norm(a, w)
+
+    g = torch.Generator().manual_seed(6)
+    a, b = (torch.randn(2, 5, 24, generator=g).to(dtype) for _ in range(2))
+    w = (1 + 0.1 * torch.randn(24, generator=g)).to(dtype)
+    record, _, compiled = rewritten(fn, a, b, w)
+    assert record.fired["rms_norm"] == 2 and record.kept == {}
+    check_same(fn, compiled, a, b, w)
+
+
+def test_llama_norm_chain_with_a_weight_of_another_dtype_is_kept():
+    """An fp32 weight times the norm cast to fp16 is not what rms_norm computes (it casts only to a
+    half-precision weight's dtype)."""
+    g = torch.Generator().manual_seed(7)
+    h, w = torch.randn(2, 5, 24, generator=g).half(), torch.rand(24, generator=g)
+    record, _, compiled = rewritten(lambda h, w: (llama_norm(h, w),), h, w)
+    assert record.fired.get("rms_norm", 0) == 0 and record.kept == {"rms_norm": 1}
 
 
 def test_a_mean_taken_in_another_dtype_is_not_an_rms_norm():

@@ -78,14 +78,15 @@ def attention_masks(gm: fx.GraphModule) -> dict[str, int]:
             kinds["packed rows (varlen)"] += 1
         if node.target is attention_call:
             call = AttentionArgs(*node.args)
-            kind = (
+            mask = (
                 "key padding [B, K]"
                 if call.key_padding_mask is not None
                 else "dense"
                 if call.mask is not None
-                else "none"
+                else None
             )
-            kinds[kind + (" + bias" if call.bias is not None else "")] += 1
+            parts = [mask, "causal" if call.causal else None, "bias" if call.bias is not None else None]
+            kinds[" + ".join(part for part in parts if part) or "none"] += 1
     return dict(kinds)
 
 

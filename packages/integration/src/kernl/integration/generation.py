@@ -1,5 +1,6 @@
-"""``generate()`` on kernl for encoder-decoder models (T5, BART): the decoder compiled by kernl's
-backend over a static key/value cache and replayed from CUDA graphs.
+"""``generate()`` on kernl for encoder-decoder models (T5, BART), and for decoder-only models through
+:mod:`kernl.integration.decoder_only` (no prompt padding; every step captured whole): the decoder
+compiled by kernl's backend over a static key/value cache and replayed from CUDA graphs.
 
 The model's ``forward`` is routed: a call whose cache argument is a static cache with its buffers allocated (every step of ``generate()``,
 the first one included once a cache is reused) runs the ``torch.compile``d forward (TorchDynamo,
@@ -55,8 +56,9 @@ KEPT_CACHES = 4
 def optimize_generation(model, report: OptimizationReport, bucket, cuda_graphs: bool = True) -> None:
     """Run ``model.generate()``'s decoder steps on kernl (see the module docstring), in place.
 
-    ``bucket(length) -> padded length``: the encoder's bucketing, applied to the prompt; ``cuda_graphs``:
-    replay the steps from CUDA graphs (on a GPU).
+    ``bucket(length) -> padded length``: the encoder's bucketing, applied to the prompt (None: prompts run at
+    their own length, as a decoder-only model's must); ``cuda_graphs``: replay the steps from CUDA graphs
+    (on a GPU).
     """
     backend = KernlBackend(report, [*model.parameters(), *model.buffers()], "decoder", cuda_graphs)
     original = model.forward
@@ -74,15 +76,15 @@ def optimize_generation(model, report: OptimizationReport, bucket, cuda_graphs: 
             return original(*args, **kwargs)
         if not isinstance(cache.reorder_cache, _InPlaceReorder):  # once per cache, before any beam step
             _reorder_in_place(cache)
-        return steps(*args, **kwargs) if cross_attention_filled(cache) else compiled(*args, **kwargs)
+        return steps(*args, **kwargs) if _changes_only_tensors(cache) else compiled(*args, **kwargs)
 
     model.forward = forward
     config = model.generation_config
     turn_off_generate_compilation(config)
     report.notes.append(
         f"generate(): decoder on kernl with the '{config.cache_implementation or 'static'}' cache "
-        "(by default, in calls that name no cache; with a dynamic cache it runs as PyTorch); "
-        "prompts padded to the encoder's buckets"
+        "(by default, in calls that name no cache; with a dynamic cache it runs as PyTorch)"
+        + ("; prompts padded to the encoder's buckets" if bucket is not None else "")
     )
     factory = static_cache_factory(model)
     if factory is not None:
@@ -92,6 +94,13 @@ def optimize_generation(model, report: OptimizationReport, bucket, cuda_graphs: 
     model.kernl_original_generate = model.generate
     model.generate = _bucketed_generate(model, model.generate, bucket, report)
     copies_unoptimized(model)
+
+
+def _changes_only_tensors(cache) -> bool:
+    """Whether a step over ``cache`` changes nothing but tensors, so that it can be captured whole: a
+    decoder-only model's static cache always, an encoder-decoder's once the prefill filled its
+    cross-attention cache."""
+    return len(cache_parts(cache)) == 1 or cross_attention_filled(cache)
 
 
 def _step_signature(args: tuple, kwargs: dict) -> tuple | None:
@@ -345,6 +354,8 @@ def _bucketed_generate(model, generate, bucket, report: OptimizationReport):
             return generate(*args, **kwargs)
         if _names_no_cache(call, config):
             kwargs["cache_implementation"] = "static"  # kernl's decoder steps run over a static cache
+        if bucket is None:
+            return generate(*args, **kwargs)
         reason = next((r for check in _UNBUCKETED if (r := check(call)) is not None), None)
         if reason is not None:
             unbucketed(reason)

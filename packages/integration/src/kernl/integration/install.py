@@ -21,7 +21,7 @@ from kernl.integration.report import OptimizationReport
 from kernl.integration.validation import unknown_model_reason, unsupported_reason
 
 
-def _raise_recompile_limit(graphs: int) -> None:
+def raise_recompile_limit(graphs: int) -> None:
     """Let TorchDynamo compile at least ``graphs`` graphs of one function (one per bucket and batch size;
     the setting is process-wide and was renamed in torch 2.6)."""
     config = torch._dynamo.config
@@ -49,7 +49,7 @@ def install_forward(
         return report
     if device.type == "cpu":
         report.notes.append("Triton interpreter on CPU: kernels run for debugging, not for speed")
-    _raise_recompile_limit(64)
+    raise_recompile_limit(64)
     static = [*model.parameters(), *model.buffers()]
     backend = KernlBackend(report, static, part)
     original = model.forward

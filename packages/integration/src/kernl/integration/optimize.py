@@ -12,6 +12,7 @@ import warnings
 import torch
 
 from kernl.integration.buckets import DEFAULT_BUCKETS, bucket, safe_buckets, usable_buckets
+from kernl.integration.decoder_only import is_decoder_only, optimize_decoder_only
 from kernl.integration.generation import optimize_generation
 from kernl.integration.install import install_forward
 from kernl.integration.report import OptimizationReport
@@ -73,7 +74,8 @@ def optimize_model(
     check_model(model)
     asked = checked_buckets(buckets)
     buckets = usable_buckets(model, asked)
-    if len(buckets) < len(asked) and asked != DEFAULT_BUCKETS:  # the caller's own choice: say so
+    # the caller's own choice, for a model that is bucketed (a decoder-only model is not): say so
+    if len(buckets) < len(asked) and asked != DEFAULT_BUCKETS and not is_decoder_only(model):
         warnings.warn(
             f"kernl: buckets {sorted(set(asked) - set(buckets))} are longer than the inputs this model "
             f"takes (config.max_position_embeddings): left out, the buckets are {buckets}",
@@ -88,4 +90,6 @@ def optimize_model(
         return model.kernl_report
     if part is not model:
         return _optimize_encoder_decoder(model, buckets, cuda_graphs)
+    if is_decoder_only(model):
+        return optimize_decoder_only(model, cuda_graphs)
     return install_forward(model, buckets, cuda_graphs, packed=packed)

@@ -11,6 +11,7 @@ from kernl.integration import fallback
 from kernl.integration.rules._fx import KEPT_REASON, is_function, is_method
 from kernl.integration.rules.attention_eager import MATMUL_TARGETS, SOFTMAX_TARGETS
 from kernl.integration.rules.attention_sdpa import SDPA_TARGETS
+from kernl.integration.rules.conv1d import ADDMM_TARGETS
 from kernl.integration.rules.dropout import DROPOUT_TARGETS
 from kernl.integration.rules.layer_norm import LAYER_NORM_TARGETS
 from kernl.integration.rules.linear_act import LINEAR_TARGETS
@@ -19,7 +20,7 @@ F = torch.nn.functional
 # Ops a rule exists for, in every spelling a rule matches: when they are still in a graph after
 # rewriting, they ran as plain PyTorch.
 _KEPT_FUNCTIONS = {
-    **dict.fromkeys(LINEAR_TARGETS, "linear"),
+    **dict.fromkeys(LINEAR_TARGETS + ADDMM_TARGETS, "linear"),
     **dict.fromkeys((F.gelu, F.relu, torch.relu, torch.tanh, F.tanh, F.silu), "activation"),
     **dict.fromkeys(LAYER_NORM_TARGETS, "layer_norm"),
     torch.rsqrt: "rms_norm",
@@ -43,7 +44,7 @@ KEPT_WHY = {
     "linear": "its weight or input is not a floating-point matrix",
     "activation": "not applied to a linear's output alone",
     "layer_norm": "not over the last dimension alone, or its eps is not a constant",
-    "rms_norm": "not T5's norm chain, or its steps are used elsewhere",
+    "rms_norm": "not T5's or Llama's norm chain, or its steps are used elsewhere",
     "overflow guard": "not T5's clamp(h, -c, c) guard",
     "attention (sdpa)": "dropout, grouped-query attention, a scale that is not a constant, or a mask not 4-D",
     "attention (softmax)": "not in matmul -> softmax -> matmul, or its probabilities are used elsewhere",

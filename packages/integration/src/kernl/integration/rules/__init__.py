@@ -25,7 +25,9 @@ class Rule:
 def _rules() -> list[Rule]:
     from kernl.integration.rules import (
         attention_eager,
+        attention_gqa,
         attention_sdpa,
+        conv1d,
         dropout,
         fused_projections,
         gated_ffn,
@@ -37,9 +39,11 @@ def _rules() -> list[Rule]:
 
     return [
         dropout.RULE,
+        attention_gqa.RULE,
         attention_sdpa.RULE,
         attention_eager.RULE,
         gated_ffn.RULE,
+        conv1d.RULE,
         linear_act.RULE,
         fused_projections.RULE,
         layer_norm.RULE,

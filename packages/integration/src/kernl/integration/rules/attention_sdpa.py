@@ -15,6 +15,7 @@ from torch import fx
 from kernl.flash_attention import MAX_HEAD_DIM, attention
 from kernl.integration import fallback
 from kernl.integration.rules import Rule
+from kernl.integration.rules._causal_mask import causal_source
 from kernl.integration.rules._fx import (
     KEPT_REASON,
     arg,
@@ -112,6 +113,11 @@ def attention_args(gm: fx.GraphModule, q, k, v, scale, mask, causal, additive: b
     plain = AttentionArgs(q, k, v, scale, mask=None, key_padding_mask=None, causal=causal)
     if mask is None or attends_everywhere(mask, additive):
         return plain
+    keys = example(k).shape[2]
+    if not causal and (found := causal_source(mask, eq.shape[1], eq.shape[2], keys, additive)) is not None:
+        (source,) = found  # a decoder's causal mask, and its padding: the kernel's causal flag
+        padding = None if source is None else key_padding_node(gm, source)
+        return plain._replace(causal=True, key_padding_mask=padding)
     source = key_padding_source(mask, heads=eq.shape[1], queries=eq.shape[2], additive=additive)
     if source is None:
         return plain._replace(mask=mask)

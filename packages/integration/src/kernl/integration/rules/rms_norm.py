@@ -1,5 +1,7 @@
-"""Rule: the T5 norm chain ``weight * (x * rsqrt(mean(x.float() ** 2, -1) + eps))[.to(dtype)]`` becomes
-``kernl.layernorm.rms_norm``; ``a + b`` feeding it is fused as the kernel's residual.
+"""Rule: the T5 norm chain ``weight * (x * rsqrt(mean(x.float() ** 2, -1) + eps))[.to(dtype)]``, and
+Llama's (Mistral's, Qwen2's) ``weight * (h * rsqrt(mean(h ** 2, -1) + eps)).to(x.dtype)`` with
+``h = x.float()``, become ``kernl.layernorm.rms_norm``; ``a + b`` feeding it is fused as the kernel's
+residual.
 
 Anchored on ``rsqrt``: its argument must be ``mean(pow(x', 2), -1, keepdim=True) + eps`` where ``x'`` is
 ``x`` or ``x`` cast to float32, and its only user ``x * rsqrt``, optionally cast, then times a 1-D weight.
@@ -72,21 +74,17 @@ def _match(rsqrt: fx.Node):
     square = mean.args[0]
     if not is_op(square, (torch.pow,), "pow") or square.args[1:] not in ((2,), (2.0,)) or square.kwargs:
         return None
-    x = _source(square.args[0])
+    x, cast = _source(square.args[0]), square.args[0]
     scaled = only_user(rsqrt)
-    if (
-        x is None
-        or only_user(square) is not mean
-        or not is_function(scaled, _MUL)
-        or _other(scaled, rsqrt) is not x
-    ):
+    if x is None or only_user(square) is not mean or not is_function(scaled, _MUL):
         return None
-    cast = square.args[0]
+    # T5 multiplies x itself; Llama multiplies the float32 copy it squared (which then has two users)
+    llama = cast is not x and _other(scaled, rsqrt) is cast and set(cast.users) == {square, scaled}
+    if not llama and (_other(scaled, rsqrt) is not x or (cast is not x and only_user(cast) is not square)):
+        return None
     chain = (
         [square, mean, shifted, rsqrt, scaled] if cast is x else [cast, square, mean, shifted, rsqrt, scaled]
     )
-    if cast is not x and only_user(cast) is not square:
-        return None
     last, cast_to = only_user(scaled), None
     if is_method(last, ("to",)) and len(last.args) == 2 and not last.kwargs:
         chain, last, cast_to = chain + [last], only_user(last), last.args[1]
@@ -94,8 +92,14 @@ def _match(rsqrt: fx.Node):
     w, ex = example(weight), example(x)
     if w is None or ex is None or w.dim() != 1 or w.shape[0] != ex.shape[-1]:
         return None
-    if cast_to != (w.dtype if w.dtype in (torch.float16, torch.bfloat16) else None):
-        return None  # the only cast rms_norm applies: to a half-precision weight's dtype
+    half = w.dtype in (torch.float16, torch.bfloat16)
+    # rms_norm casts the normalised x to a half-precision weight's dtype, and only then: Llama's cast back
+    # to x's dtype is that cast when the weight has x's dtype (or a no-op in float32)
+    expected_cast = w.dtype if half else None
+    if llama and w.dtype == ex.dtype and cast_to == ex.dtype:
+        cast_to = expected_cast
+    if cast_to != expected_cast:
+        return None
     return chain + [last], x, weight, eps
 
 
@@ -118,6 +122,7 @@ def rewrite(gm: fx.GraphModule) -> int:
 RULE = Rule(
     name="rms_norm",
     matches="weight * (x * rsqrt(mean(x.float() ** 2, -1, keepdim=True) + eps))[.to(half)] (T5LayerNorm), "
+    "weight * (h * rsqrt(mean(h ** 2, -1, keepdim=True) + eps)).to(x.dtype), h = x.float() (LlamaRMSNorm), "
     "optionally fed by a + b of one shape and dtype",
     replacement="kernl.layernorm.rms_norm(x, w, eps[, residual=]) (fused add + norm)",
     rewrite=rewrite,

@@ -1,0 +1,92 @@
+"""``optimize_model`` on decoder-only language models (GPT-2, Llama, Mistral, Qwen2): every call either
+runs on kernl under CUDA graphs or runs as PyTorch, never the rewritten graph kernel by kernel.
+
+The model's ``forward`` is routed by its cache argument:
+
+- no cache (a prefill, or a plain forward with ``use_cache=False``): the ``torch.compile``d forward
+  (kernl's backend) replayed from a CUDA graph per input signature
+  (:class:`~kernl.integration.forward_graphs.ForwardGraphs`); a cache the forward makes and returns
+  is handed out as a fresh object each call (:class:`~kernl.integration.returned_cache.ReturnedCache`).
+  Sequence lengths are not bucketed: each length compiles and captures its own graph;
+- a static cache with its buffers allocated (``generate()``'s steps): the decoder step on kernl,
+  captured whole and replayed (:mod:`kernl.integration.generation`, shared with encoder-decoder models);
+  ``generate()`` uses a static cache by default;
+- any other cache (a ``DynamicCache`` growing by one position a step: a new shape every call, which
+  neither a CUDA graph nor a compiled graph can keep up with): the original forward, as PyTorch, and
+  the report says so.
+"""
+
+import functools
+import inspect
+import warnings
+
+import torch
+
+from kernl.integration.arguments import argument_namer, input_wants_gradients
+from kernl.integration.backend import KernlBackend
+from kernl.integration.forward_graphs import ForwardGraphs
+from kernl.integration.generation import optimize_generation
+from kernl.integration.hf_compat import cache_argument
+from kernl.integration.install import raise_recompile_limit
+from kernl.integration.report import OptimizationReport
+from kernl.integration.returned_cache import ReturnedCache
+from kernl.integration.validation import model_type, unsupported_reason
+
+# The model types this path is tested on; other decoder-only types take the general path.
+DECODER_ONLY_MODEL_TYPES = frozenset({"gpt2", "llama", "mistral", "qwen2"})
+DYNAMIC_CACHE_NOTE = (
+    "forward calls passing a dynamic key/value cache run as PyTorch: its length changes every call, "
+    "so no CUDA graph can replay it (generate() runs on kernl over a static cache)"
+)
+
+
+def is_decoder_only(model: torch.nn.Module) -> bool:
+    """Whether ``model`` is one of :data:`DECODER_ONLY_MODEL_TYPES` (a base model or a ``*ForCausalLM``)."""
+    return model_type(model) in DECODER_ONLY_MODEL_TYPES
+
+
+def optimize_decoder_only(model: torch.nn.Module, cuda_graphs: bool) -> OptimizationReport:
+    """Install kernl on a decoder-only ``model`` in place (see the module docstring); returns the report,
+    also kept as ``model.kernl_report``."""
+    report = OptimizationReport(model=type(model).__name__)
+    model.kernl_report = report
+    device = next(model.parameters()).device
+    reason = unsupported_reason(device)
+    if reason is not None:
+        report.status = "not optimized"
+        report.notes.append(reason + "; the model runs unchanged")
+        warnings.warn(f"kernl: {reason}; the model runs unchanged", stacklevel=3)
+        return report
+    if device.type == "cpu":
+        report.notes.append("Triton interpreter on CPU: kernels run for debugging, not for speed")
+    raise_recompile_limit(64)
+    original = model.forward
+    backend = KernlBackend(report, [*model.parameters(), *model.buffers()], "forward")
+    compiled = torch.compile(original, backend=backend, dynamic=False)
+    returned = ReturnedCache(compiled)
+    prefill = returned.split
+    if device.type == "cuda" and cuda_graphs:
+        prefill = model.kernl_cuda_graphs = ForwardGraphs(returned.split, model, report)
+    report.notes.append("sequence lengths are not bucketed: each length compiles and captures its own graph")
+    if getattr(model, "generation_config", None) is not None:
+        optimize_generation(model, report, None, cuda_graphs)
+    with_cache = model.forward  # generate()'s steps on kernl over a static cache, other caches as PyTorch
+    name_arguments = argument_namer(inspect.signature(original))
+
+    @functools.wraps(original)  # transformers validates generate()'s kwargs against this signature
+    def forward(*args, **kwargs):
+        if model.training or input_wants_gradients(args, kwargs) or name_arguments is None:
+            return original(*args, **kwargs)
+        arguments = name_arguments(args, kwargs)
+        cache = cache_argument(arguments)[1]
+        if cache is not None:
+            if not getattr(cache, "is_compileable", False) and DYNAMIC_CACHE_NOTE not in report.notes:
+                report.notes.append(DYNAMIC_CACHE_NOTE)
+                warnings.warn(f"kernl: {DYNAMIC_CACHE_NOTE}", stacklevel=2)
+            return with_cache(**arguments)
+        with torch.no_grad():
+            return returned.rebuild(prefill(**arguments))
+
+    model.forward = forward
+    model.kernl_original_forward = original
+    return report
