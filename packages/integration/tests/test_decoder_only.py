@@ -21,7 +21,7 @@ from transformers import (
 )
 
 from kernl.integration import optimize_model
-from kernl.integration.decoder_only import DYNAMIC_CACHE_NOTE
+from kernl.integration.decoder_only import DYNAMIC_CACHE_NOTE, SLIDING_CACHE_NOTE
 from kernl.integration.hf_compat import CACHE_NAME
 from kernl_testing import assert_matches_reference, on_gpu
 
@@ -206,3 +206,20 @@ def test_a_dynamic_cache_runs_as_pytorch_and_the_report_says_why(kit):
     assert DYNAMIC_CACHE_NOTE in report.notes and report.notes.count(DYNAMIC_CACHE_NOTE) == 1
     assert any(DYNAMIC_CACHE_NOTE in str(w.message) for w in caught)
     assert report.graphs == []  # nothing compiled: the rewritten graph never runs kernel by kernel
+
+
+def test_a_sliding_window_cache_runs_as_pytorch_and_the_report_says_why(kit):
+    """Mistral with a window shorter than the generation: the static cache's sliding layers keep their
+    length in a Python int, so no step is compiled or captured; HF's tokens."""
+    model = kit.build(MistralForCausalLM, llama_like(MistralConfig, sliding_window=4))
+    optimized = copy.deepcopy(model).to(kit.device, DTYPE)
+    report = optimize_model(optimized)
+    reference = model.to(kit.device, DTYPE)
+    ids, mask = (t.to(kit.device) for t in left_padded(2, 7, [7, 5], seed=4))
+    with torch.inference_mode(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for _ in range(2):
+            tokens = optimized.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
+            expected = reference.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
+            assert torch.equal(tokens, expected)
+    assert SLIDING_CACHE_NOTE in report.notes and report.graphs == []

@@ -12,8 +12,9 @@ The model's ``forward`` is routed by its cache argument:
   captured whole and replayed (:mod:`kernl.integration.generation`, shared with encoder-decoder models);
   ``generate()`` uses a static cache by default;
 - any other cache (a ``DynamicCache`` growing by one position a step: a new shape every call, which
-  neither a CUDA graph nor a compiled graph can keep up with): the original forward, as PyTorch, and
-  the report says so.
+  neither a CUDA graph nor a compiled graph can keep up with), or a static cache with sliding-window
+  layers (Mistral with ``sliding_window`` set: their length is a Python int that changes every step):
+  the original forward, as PyTorch, and the report says so.
 """
 
 import functools
@@ -26,7 +27,7 @@ from kernl.integration.arguments import argument_namer, input_wants_gradients
 from kernl.integration.backend import KernlBackend
 from kernl.integration.forward_graphs import ForwardGraphs
 from kernl.integration.generation import optimize_generation
-from kernl.integration.hf_compat import cache_argument
+from kernl.integration.hf_compat import cache_argument, cache_layers
 from kernl.integration.install import raise_recompile_limit
 from kernl.integration.report import OptimizationReport
 from kernl.integration.returned_cache import ReturnedCache
@@ -37,6 +38,11 @@ DECODER_ONLY_MODEL_TYPES = frozenset({"gpt2", "llama", "mistral", "qwen2"})
 DYNAMIC_CACHE_NOTE = (
     "forward calls passing a dynamic key/value cache run as PyTorch: its length changes every call, "
     "so no CUDA graph can replay it (generate() runs on kernl over a static cache)"
+)
+
+SLIDING_CACHE_NOTE = (
+    "calls over a static cache with sliding-window layers run as PyTorch: such a layer keeps its length "
+    "in a Python int that changes every step, which a captured step would replay stale"
 )
 
 
@@ -80,10 +86,17 @@ def optimize_decoder_only(model: torch.nn.Module, cuda_graphs: bool) -> Optimiza
         arguments = name_arguments(args, kwargs)
         cache = cache_argument(arguments)[1]
         if cache is not None:
-            if not getattr(cache, "is_compileable", False) and DYNAMIC_CACHE_NOTE not in report.notes:
-                report.notes.append(DYNAMIC_CACHE_NOTE)
-                warnings.warn(f"kernl: {DYNAMIC_CACHE_NOTE}", stacklevel=2)
-            return with_cache(**arguments)
+            note = (
+                DYNAMIC_CACHE_NOTE
+                if not getattr(cache, "is_compileable", False)
+                else SLIDING_CACHE_NOTE
+                if any(getattr(layer, "is_sliding", False) for layer in cache_layers(cache))
+                else None
+            )
+            if note is not None and note not in report.notes:
+                report.notes.append(note)
+                warnings.warn(f"kernl: {note}", stacklevel=2)
+            return original(**arguments) if note == SLIDING_CACHE_NOTE else with_cache(**arguments)
         with torch.no_grad():
             return returned.rebuild(prefill(**arguments))
 
