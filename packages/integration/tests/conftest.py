@@ -94,7 +94,10 @@ def compare_with_reference(model, dtype, calls, fields, scale=1.0, aggregate_fie
                 f"{field}: mean error {ours.mean():.3g}, HF's {hf.mean():.3g}"
             )
             if field in aggregate_fields:
-                assert ours.max() <= 2 * hf.max() + 1e-6, (
+                # a few fp32 ulps at the output's scale: every kernel accumulates in fp32, and in an fp32
+                # model HF's own maximum error over the real tokens can be that small
+                slack = 8 * torch.finfo(torch.float32).eps * pick(expected, field).abs().max().item()
+                assert ours.max() <= 2 * hf.max() + slack, (
                     f"{field}: max error {ours.max():.3g}, HF's {hf.max():.3g}"
                 )
     return report
