@@ -20,7 +20,6 @@ from kernl.integration import fallback
 from kernl.integration.rules import Rule
 from kernl.integration.rules._fx import (
     KEPT_REASON,
-    arg,
     autocast_dtype,
     cast_all,
     example,
@@ -28,7 +27,7 @@ from kernl.integration.rules._fx import (
     is_method,
     replace_with_call,
 )
-from kernl.integration.rules.attention_sdpa import SDPA_TARGETS, unsupported_shape
+from kernl.integration.rules.attention_sdpa import SDPA_TARGETS, sdpa_call, unsupported_shape
 
 PREFILL_REASON = (
     "grouped-query attention over several query tokens (sdpa's enable_gqa): the dense kernel has no "
@@ -80,13 +79,7 @@ def rewrite(gm: fx.GraphModule) -> int:
     for node in list(gm.graph.nodes):
         if not is_function(node, SDPA_TARGETS):
             continue
-        q, k, v = (arg(node, i, name) for i, name in enumerate(("query", "key", "value")))
-        mask, dropout_p = arg(node, 3, "attn_mask"), arg(node, 4, "dropout_p", 0.0)
-        causal, scale, gqa = (
-            arg(node, 5, "is_causal", False),
-            arg(node, 6, "scale"),
-            arg(node, 7, "enable_gqa"),
-        )
+        q, k, v, mask, dropout_p, causal, scale, gqa = sdpa_call(node)
         eq = example(q)
         if eq is None or eq.dim() != 4 or dropout_p != 0 or causal not in (False, True):
             continue

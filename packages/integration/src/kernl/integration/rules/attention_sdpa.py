@@ -36,6 +36,34 @@ from kernl.integration.rules._padding_mask import (
 SDPA_TARGETS = (torch.nn.functional.scaled_dot_product_attention,)
 
 
+class SdpaCall(NamedTuple):
+    """The arguments of a ``F.scaled_dot_product_attention`` node, given by position or by name: graph
+    nodes (tensors) or constants, with sdpa's defaults where the call leaves one out."""
+
+    q: object
+    k: object
+    v: object
+    mask: object
+    dropout_p: object
+    causal: object
+    scale: object
+    enable_gqa: object
+
+
+def sdpa_call(node: fx.Node) -> SdpaCall:
+    """The arguments of the sdpa call ``node`` (one of :data:`SDPA_TARGETS`)."""
+    return SdpaCall(
+        q=arg(node, 0, "query"),
+        k=arg(node, 1, "key"),
+        v=arg(node, 2, "value"),
+        mask=arg(node, 3, "attn_mask"),
+        dropout_p=arg(node, 4, "dropout_p", 0.0),
+        causal=arg(node, 5, "is_causal", False),
+        scale=arg(node, 6, "scale"),
+        enable_gqa=arg(node, 7, "enable_gqa", False),
+    )
+
+
 class AttentionArgs(NamedTuple):
     """The arguments of :func:`attention_call`, in its order: graph nodes (tensors) or constants.
 
@@ -142,10 +170,8 @@ def rewrite(gm: fx.GraphModule) -> int:
     for node in list(gm.graph.nodes):
         if not is_function(node, SDPA_TARGETS):
             continue
-        q, k, v = (arg(node, i, name) for i, name in enumerate(("query", "key", "value")))
-        mask, dropout_p = arg(node, 3, "attn_mask"), arg(node, 4, "dropout_p", 0.0)
-        causal, scale = arg(node, 5, "is_causal", False), arg(node, 6, "scale")
-        if dropout_p != 0 or not qkv_ok(q, k, v) or arg(node, 7, "enable_gqa", False):
+        q, k, v, mask, dropout_p, causal, scale, enable_gqa = sdpa_call(node)
+        if dropout_p != 0 or not qkv_ok(q, k, v) or enable_gqa:
             continue
         if not isinstance(causal, bool) or not (scale is None or isinstance(scale, float | int)):
             continue
