@@ -28,7 +28,7 @@ from kernl.integration.backend import KernlBackend
 from kernl.integration.forward_graphs import ForwardGraphs
 from kernl.integration.generation import optimize_generation
 from kernl.integration.hf_compat import cache_argument, cache_layers
-from kernl.integration.install import raise_recompile_limit
+from kernl.integration.install import raise_recompile_limit, start_report
 from kernl.integration.report import OptimizationReport
 from kernl.integration.returned_cache import ReturnedCache
 from kernl.integration.validation import model_type, unsupported_reason
@@ -54,17 +54,11 @@ def is_decoder_only(model: torch.nn.Module) -> bool:
 def optimize_decoder_only(model: torch.nn.Module, cuda_graphs: bool) -> OptimizationReport:
     """Install kernl on a decoder-only ``model`` in place (see the module docstring); returns the report,
     also kept as ``model.kernl_report``."""
-    report = OptimizationReport(model=type(model).__name__)
-    model.kernl_report = report
     device = next(model.parameters()).device
     reason = unsupported_reason(device)
+    report = start_report(model, device, reason, stacklevel=3)
     if reason is not None:
-        report.status = "not optimized"
-        report.notes.append(reason + "; the model runs unchanged")
-        warnings.warn(f"kernl: {reason}; the model runs unchanged", stacklevel=3)
         return report
-    if device.type == "cpu":
-        report.notes.append("Triton interpreter on CPU: kernels run for debugging, not for speed")
     raise_recompile_limit(64)
     original = model.forward
     backend = KernlBackend(report, [*model.parameters(), *model.buffers()], "forward")

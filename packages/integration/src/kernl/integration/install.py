@@ -31,6 +31,23 @@ def raise_recompile_limit(graphs: int) -> None:
             return
 
 
+def start_report(
+    model: torch.nn.Module, device: torch.device, reason: str | None, stacklevel: int
+) -> OptimizationReport:
+    """A new report for ``model`` on ``device``, kept as ``model.kernl_report``. With a ``reason`` (why
+    kernl cannot run on it) the report says the model runs unchanged and kernl warns; ``stacklevel``
+    is the caller's own, as it would pass to ``warnings.warn``."""
+    report = OptimizationReport(model=type(model).__name__)
+    model.kernl_report = report
+    if reason is not None:
+        report.status = "not optimized"
+        report.notes.append(reason + "; the model runs unchanged")
+        warnings.warn(f"kernl: {reason}; the model runs unchanged", stacklevel=stacklevel + 1)
+    elif device.type == "cpu":
+        report.notes.append("Triton interpreter on CPU: kernels run for debugging, not for speed")
+    return report
+
+
 def install_forward(
     model: torch.nn.Module, buckets, cuda_graphs: bool, part: str = "", packed: bool = False
 ) -> OptimizationReport:
@@ -38,17 +55,11 @@ def install_forward(
     ``part`` names the model part in the report; ``packed``: calls run packed where they can, around
     the bucketed call (:mod:`kernl.integration.packing`). Returns the report, also kept as
     ``model.kernl_report``."""
-    report = OptimizationReport(model=type(model).__name__)
-    model.kernl_report = report
     device = next(model.parameters()).device
     reason = unsupported_reason(device) or unknown_model_reason(model)
+    report = start_report(model, device, reason, stacklevel=2)
     if reason is not None:
-        report.status = "not optimized"
-        report.notes.append(reason + "; the model runs unchanged")
-        warnings.warn(f"kernl: {reason}; the model runs unchanged", stacklevel=2)
         return report
-    if device.type == "cpu":
-        report.notes.append("Triton interpreter on CPU: kernels run for debugging, not for speed")
     raise_recompile_limit(64)
     static = [*model.parameters(), *model.buffers()]
     backend = KernlBackend(report, static, part)
