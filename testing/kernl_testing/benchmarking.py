@@ -5,16 +5,35 @@ data, and records GPU times (median over CUDA events, see :func:`median_ms`), th
 peer_time / kernl_time, and where it matters the host-side cost per call (:func:`host_us_per_call`).
 """
 
+import argparse
 import json
 import os
 import platform
 import re
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def parse_projection_arguments(
+    parser: argparse.ArgumentParser, models: Sequence[str], m_values: Sequence[int]
+) -> argparse.Namespace:
+    """Add ``--models`` (comma-separated, of ``models``) and ``--m`` (comma-separated row counts, by
+    default ``m_values``) to ``parser`` and parse the command line: ``models`` as a list of names,
+    ``m`` as a list of ints. An unknown model name exits with a message naming ``--models``."""
+    known = ", ".join(models)
+    parser.add_argument("--models", default=",".join(models), help="comma-separated, of " + known)
+    parser.add_argument("--m", default=",".join(map(str, m_values)), help="comma-separated row counts")
+    args = parser.parse_args()
+    args.models = args.models.split(",")
+    if unknown := set(args.models) - set(models):
+        raise SystemExit(f"--models: unknown {sorted(unknown)}; known: {known}")
+    args.m = [int(m) for m in args.m.split(",")]
+    return args
 
 
 def gpu_slug() -> str:

@@ -25,7 +25,13 @@ import torch.nn.functional as F
 
 from kernl.linear_act import gated_linear_act, linear_act
 from kernl.matmul import tuning
-from kernl_testing.benchmarking import median_ms, save_figure, target_chart, write_results
+from kernl_testing.benchmarking import (
+    median_ms,
+    parse_projection_arguments,
+    save_figure,
+    target_chart,
+    write_results,
+)
 
 # (projection, K, N, epilogue) per model; epilogues are the keys of EPILOGUES
 PROJECTIONS = {
@@ -138,21 +144,14 @@ def warmup_costs() -> dict:
 def _parse() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
-        "--models", default=",".join(PROJECTIONS), help="comma-separated, of " + ", ".join(PROJECTIONS)
-    )
-    parser.add_argument("--m", default=",".join(map(str, M_VALUES)), help="comma-separated row counts")
-    parser.add_argument(
         "--warmup", action="store_true", help="also time one Bert layer's first call (~1 minute)"
     )
-    return parser.parse_args()
+    return parse_projection_arguments(parser, list(PROJECTIONS), M_VALUES)
 
 
 def main() -> None:
     args = _parse()
-    models = args.models.split(",")
-    if unknown := set(models) - set(PROJECTIONS):
-        raise SystemExit(f"--models: unknown {sorted(unknown)}; known: {', '.join(PROJECTIONS)}")
-    m_values = [int(m) for m in args.m.split(",")]
+    models, m_values = args.models, args.m
     if tuning.switched_off("KERNL_AUTOTUNE"):
         raise SystemExit("KERNL_AUTOTUNE is off: this benchmark compares the tuned kernels")
     started = time.perf_counter()

@@ -16,7 +16,13 @@ import torch
 import torch.nn.functional as F
 
 from kernl.matmul import matmul, tuning
-from kernl_testing.benchmarking import median_ms, save_figure, target_chart, write_results
+from kernl_testing.benchmarking import (
+    median_ms,
+    parse_projection_arguments,
+    save_figure,
+    target_chart,
+    write_results,
+)
 
 # (K, N) of every distinct projection: Q/K/V stacked, attention output, FFN up, FFN down
 PROJECTIONS = {
@@ -62,20 +68,13 @@ def _bmm(bh, m, k, n, transposed_b):
 
 def _parse() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument(
-        "--models", default=",".join(PROJECTIONS), help="comma-separated, of " + ", ".join(PROJECTIONS)
-    )
-    parser.add_argument("--m", default=",".join(map(str, M_VALUES)), help="comma-separated row counts")
     parser.add_argument("--no-others", action="store_true", help="projections only (no ragged, bmm, bf16)")
-    return parser.parse_args()
+    return parse_projection_arguments(parser, list(PROJECTIONS), M_VALUES)
 
 
 def main() -> None:
     args = _parse()
-    models = args.models.split(",")
-    if unknown := set(models) - set(PROJECTIONS):
-        raise SystemExit(f"--models: unknown {sorted(unknown)}; known: {', '.join(PROJECTIONS)}")
-    m_values = [int(m) for m in args.m.split(",")]
+    models, m_values = args.models, args.m
     if tuning.switched_off("KERNL_AUTOTUNE"):
         raise SystemExit("KERNL_AUTOTUNE is off: this benchmark compares the tuned kernels")
     cases = list(_projection_cases(models, m_values)) + ([] if args.no_others else list(_other_cases()))
