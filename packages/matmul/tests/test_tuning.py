@@ -35,6 +35,15 @@ def _restart(monkeypatch):
     monkeypatch.setattr(config_cache, "_unwritable", set())
 
 
+@pytest.fixture
+def fresh_autotuner(tmp_path, monkeypatch):
+    """Autotuning on, nothing chosen or cached in memory, the cache file under ``tmp_path``."""
+    _restart(monkeypatch)
+    monkeypatch.setattr(tuning, "_chosen", {})
+    monkeypatch.setenv("KERNL_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("KERNL_AUTOTUNE", raising=False)
+
+
 def test_key_buckets_m_and_batch_but_keeps_n_and_k():
     assert PROBLEM.key("h100") == replace(PROBLEM, m=9).key("h100")
     assert PROBLEM.key("h100") != replace(PROBLEM, m=17).key("h100")
@@ -206,11 +215,7 @@ def test_cpu_and_interpreter_pick_by_heuristic_without_timing():
 
 
 @pytest.mark.skipif(not on_gpu(), reason="timing needs the GPU")
-def test_autotuning_on_the_gpu_times_candidates_and_stores_the_winner(tmp_path, monkeypatch):
-    _restart(monkeypatch)
-    monkeypatch.setattr(tuning, "_chosen", {})
-    monkeypatch.setenv("KERNL_CACHE_DIR", str(tmp_path))
-    monkeypatch.delenv("KERNL_AUTOTUNE", raising=False)
+def test_autotuning_on_the_gpu_times_candidates_and_stores_the_winner(tmp_path, fresh_autotuner):
     a = make_tensor((24, 768), torch.float16, ValueSpec(1, 1.0, 0.0))
     b = make_tensor((384, 768), torch.float16, ValueSpec(2, 0.05, 0.0)).t()
     out = matmul(a, b)
@@ -222,11 +227,9 @@ def test_autotuning_on_the_gpu_times_candidates_and_stores_the_winner(tmp_path, 
 
 
 @pytest.mark.skipif(not on_gpu(), reason="timing needs the GPU")
-def test_pytorchs_candidate_is_timed_in_a_cuda_graph_and_the_fastest_wins(tmp_path, monkeypatch):
-    _restart(monkeypatch)
-    monkeypatch.setattr(tuning, "_chosen", {})
-    monkeypatch.setenv("KERNL_CACHE_DIR", str(tmp_path))
-    monkeypatch.delenv("KERNL_AUTOTUNE", raising=False)
+def test_pytorchs_candidate_is_timed_in_a_cuda_graph_and_the_fastest_wins(
+    tmp_path, monkeypatch, fresh_autotuner
+):
     monkeypatch.delenv("KERNL_TORCH_CANDIDATE", raising=False)
     timings = {}
     real_time_ms = tuning._time_ms
