@@ -27,7 +27,7 @@ from kernl.integration.rules._fx import (
     is_method,
     replace_with_call,
 )
-from kernl.integration.rules.attention_sdpa import SDPA_TARGETS, sdpa_call, unsupported_shape
+from kernl.integration.rules.attention_sdpa import sdpa_calls, unsupported_shape
 
 PREFILL_REASON = (
     "grouped-query attention over several query tokens (sdpa's enable_gqa): the dense kernel has no "
@@ -76,10 +76,8 @@ def _mask_over_keys(mask) -> bool:
 def rewrite(gm: fx.GraphModule) -> int:
     """Replace each matched one-token grouped attention; return how many were replaced."""
     replaced = 0
-    for node in list(gm.graph.nodes):
-        if not is_function(node, SDPA_TARGETS):
-            continue
-        q, k, v, mask, dropout_p, causal, scale, gqa = sdpa_call(node)
+    for node, call in sdpa_calls(gm):
+        q, k, v, mask, dropout_p, causal, scale, gqa = call
         eq = example(q)
         if eq is None or eq.dim() != 4 or dropout_p != 0 or causal not in (False, True):
             continue

@@ -7,6 +7,7 @@ A bias folded into the mask (T5's position bias: ``where(keep, bias, -big)``) go
 ``bias=`` beside the mask it was folded with.
 """
 
+from collections.abc import Iterator
 from typing import NamedTuple
 
 import torch
@@ -50,18 +51,24 @@ class SdpaCall(NamedTuple):
     enable_gqa: object
 
 
-def sdpa_call(node: fx.Node) -> SdpaCall:
-    """The arguments of the sdpa call ``node`` (one of :data:`SDPA_TARGETS`)."""
-    return SdpaCall(
-        q=arg(node, 0, "query"),
-        k=arg(node, 1, "key"),
-        v=arg(node, 2, "value"),
-        mask=arg(node, 3, "attn_mask"),
-        dropout_p=arg(node, 4, "dropout_p", 0.0),
-        causal=arg(node, 5, "is_causal", False),
-        scale=arg(node, 6, "scale"),
-        enable_gqa=arg(node, 7, "enable_gqa", False),
-    )
+def sdpa_calls(gm: fx.GraphModule) -> Iterator[tuple[fx.Node, SdpaCall]]:
+    """Each sdpa node of ``gm`` (one of :data:`SDPA_TARGETS`) with its arguments, in graph order; the
+    nodes are listed first, so the caller may replace them as it goes."""
+    for node in list(gm.graph.nodes):
+        if is_function(node, SDPA_TARGETS):
+            yield (
+                node,
+                SdpaCall(
+                    q=arg(node, 0, "query"),
+                    k=arg(node, 1, "key"),
+                    v=arg(node, 2, "value"),
+                    mask=arg(node, 3, "attn_mask"),
+                    dropout_p=arg(node, 4, "dropout_p", 0.0),
+                    causal=arg(node, 5, "is_causal", False),
+                    scale=arg(node, 6, "scale"),
+                    enable_gqa=arg(node, 7, "enable_gqa", False),
+                ),
+            )
 
 
 class AttentionArgs(NamedTuple):
@@ -167,10 +174,8 @@ def qkv_ok(*nodes) -> bool:
 def rewrite(gm: fx.GraphModule) -> int:
     """Replace each matched sdpa call; return how many were replaced."""
     replaced = 0
-    for node in list(gm.graph.nodes):
-        if not is_function(node, SDPA_TARGETS):
-            continue
-        q, k, v, mask, dropout_p, causal, scale, enable_gqa = sdpa_call(node)
+    for node, call in sdpa_calls(gm):
+        q, k, v, mask, dropout_p, causal, scale, enable_gqa = call
         if dropout_p != 0 or not qkv_ok(q, k, v) or enable_gqa:
             continue
         if not isinstance(causal, bool) or not (scale is None or isinstance(scale, float | int)):
