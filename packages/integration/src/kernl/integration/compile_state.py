@@ -9,11 +9,11 @@ silently. :func:`limit_guarded` turns that silence into a warning, a report line
 
 import contextlib
 import types
-import warnings
 
 import torch
 
 from kernl.integration.report import OptimizationReport
+from kernl.integration.user_warnings import warn
 
 
 class RecompileLimitReached(Exception):
@@ -81,7 +81,7 @@ def limit_guarded(compiled, on_limit, report: OptimizationReport, part: str):
                     "signatures run unoptimized (PyTorch); signatures compiled before stay on kernl"
                 )
                 report.notes.append(message)
-                warnings.warn(f"kernl: {message}", stacklevel=2)
+                warn(f"kernl: {message}")
         return on_limit(*args, **kwargs)
 
     return call

@@ -7,9 +7,10 @@ the copy is made without anything kernl installed, and a warning says to optimiz
 """
 
 import copy
-import warnings
 
 import torch
+
+from kernl.integration.user_warnings import warn
 
 # What kernl puts in a module's __dict__ (the hook below included).
 INSTALLED = (
@@ -43,10 +44,9 @@ def copies_unoptimized(model: torch.nn.Module) -> None:
         for module in copied.modules():
             for name in INSTALLED:
                 module.__dict__.pop(name, None)
-        warnings.warn(
+        warn(
             "kernl: a copy of an optimized model is a plain PyTorch model; call optimize_model on it "
             "to run it on kernl",
-            stacklevel=2,
         )
         return copied
 

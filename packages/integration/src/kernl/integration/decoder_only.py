@@ -19,7 +19,6 @@ The model's ``forward`` is routed by its cache argument:
 
 import functools
 import inspect
-import warnings
 
 import torch
 
@@ -31,6 +30,7 @@ from kernl.integration.hf_compat import cache_argument, cache_layers
 from kernl.integration.install import raise_recompile_limit, start_report
 from kernl.integration.report import OptimizationReport
 from kernl.integration.returned_cache import ReturnedCache
+from kernl.integration.user_warnings import warn
 from kernl.integration.validation import model_type, unsupported_reason
 
 # The model types this path is tested on; other decoder-only types take the general path.
@@ -56,7 +56,7 @@ def optimize_decoder_only(model: torch.nn.Module, cuda_graphs: bool) -> Optimiza
     also kept as ``model.kernl_report``."""
     device = next(model.parameters()).device
     reason = unsupported_reason(device)
-    report = start_report(model, device, reason, stacklevel=3)
+    report = start_report(model, device, reason)
     if reason is not None:
         return report
     raise_recompile_limit(64)
@@ -89,7 +89,7 @@ def optimize_decoder_only(model: torch.nn.Module, cuda_graphs: bool) -> Optimiza
             )
             if note is not None and note not in report.notes:
                 report.notes.append(note)
-                warnings.warn(f"kernl: {note}", stacklevel=2)
+                warn(f"kernl: {note}")
             return original(**arguments) if note == SLIDING_CACHE_NOTE else with_cache(**arguments)
         with torch.no_grad():
             return returned.rebuild(prefill(**arguments))

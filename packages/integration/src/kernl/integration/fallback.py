@@ -5,9 +5,9 @@ failed once goes straight to PyTorch afterwards (also during a CUDA-graph captur
 kernel would break the capture). :data:`FAILURES` feeds the report.
 """
 
-import warnings
-
 import torch
+
+from kernl.integration.user_warnings import warn
 
 FAILURES: dict[tuple, str] = {}
 
@@ -29,7 +29,7 @@ def call(name: str, kernel, pytorch, *args, **kwargs):
             if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
                 raise
             FAILURES[key] = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
-            warnings.warn(f"kernl: {name} failed ({FAILURES[key]}); this call runs as PyTorch", stacklevel=2)
+            warn(f"kernl: {name} failed ({FAILURES[key]}); this call runs as PyTorch")
     return pytorch(*args, **kwargs)
 
 

@@ -23,7 +23,6 @@ on are in :mod:`kernl.integration.hf_compat`.
 """
 
 import functools
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -49,6 +48,7 @@ from kernl.integration.hf_compat import (
     turn_off_generate_compilation,
 )
 from kernl.integration.report import OptimizationReport
+from kernl.integration.user_warnings import warn
 
 KEPT_CACHES = 4
 
@@ -330,10 +330,9 @@ def _bucketed_generate(model, generate, bucket, report: OptimizationReport):
             if old in kwargs and CACHE_NAME not in kwargs:
                 # transformers' own deprecation warning would point at this wrapper: renamed here, and
                 # the warning points at the caller
-                warnings.warn(
+                warn(
                     f"{old} is deprecated by this transformers release: pass {CACHE_NAME}= instead",
                     FutureWarning,
-                    stacklevel=2,
                 )
                 kwargs[CACHE_NAME] = kwargs.pop(old)
         if getattr(cache_argument(kwargs)[1], "kernl_kept", False):

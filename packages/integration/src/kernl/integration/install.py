@@ -5,7 +5,6 @@ around them (:mod:`kernl.integration.bucketed_forward`).
 """
 
 import functools
-import warnings
 
 import torch
 
@@ -18,6 +17,7 @@ from kernl.integration.copies import copies_unoptimized
 from kernl.integration.forward_graphs import ForwardGraphs
 from kernl.integration.packing import packed_forward
 from kernl.integration.report import OptimizationReport
+from kernl.integration.user_warnings import warn
 from kernl.integration.validation import unknown_model_reason, unsupported_reason
 
 
@@ -31,18 +31,15 @@ def raise_recompile_limit(graphs: int) -> None:
             return
 
 
-def start_report(
-    model: torch.nn.Module, device: torch.device, reason: str | None, stacklevel: int
-) -> OptimizationReport:
+def start_report(model: torch.nn.Module, device: torch.device, reason: str | None) -> OptimizationReport:
     """A new report for ``model`` on ``device``, kept as ``model.kernl_report``. With a ``reason`` (why
-    kernl cannot run on it) the report says the model runs unchanged and kernl warns; ``stacklevel``
-    is the caller's own, as it would pass to ``warnings.warn``."""
+    kernl cannot run on it) the report says the model runs unchanged and kernl warns."""
     report = OptimizationReport(model=type(model).__name__)
     model.kernl_report = report
     if reason is not None:
         report.status = "not optimized"
         report.notes.append(reason + "; the model runs unchanged")
-        warnings.warn(f"kernl: {reason}; the model runs unchanged", stacklevel=stacklevel + 1)
+        warn(f"kernl: {reason}; the model runs unchanged")
     elif device.type == "cpu":
         report.notes.append("Triton interpreter on CPU: kernels run for debugging, not for speed")
     return report
@@ -57,7 +54,7 @@ def install_forward(
     ``model.kernl_report``."""
     device = next(model.parameters()).device
     reason = unsupported_reason(device) or unknown_model_reason(model)
-    report = start_report(model, device, reason, stacklevel=2)
+    report = start_report(model, device, reason)
     if reason is not None:
         return report
     raise_recompile_limit(64)

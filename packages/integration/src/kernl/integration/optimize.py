@@ -7,8 +7,6 @@ to the caller's length (:mod:`kernl.integration.install`). One graph is compiled
 (batch, bucket), so a stream of many sequence lengths costs a bounded number of warm-ups.
 """
 
-import warnings
-
 import torch
 
 from kernl.integration.buckets import DEFAULT_BUCKETS, bucket, safe_buckets, usable_buckets
@@ -16,6 +14,7 @@ from kernl.integration.decoder_only import is_decoder_only, optimize_decoder_onl
 from kernl.integration.generation import optimize_generation
 from kernl.integration.install import install_forward
 from kernl.integration.report import OptimizationReport
+from kernl.integration.user_warnings import warn
 from kernl.integration.validation import check_model, check_module, checked_buckets
 
 
@@ -76,16 +75,15 @@ def optimize_model(
     buckets = usable_buckets(model, asked)
     # the caller's own choice, for a model that is bucketed (a decoder-only model is not): say so
     if len(buckets) < len(asked) and asked != DEFAULT_BUCKETS and not is_decoder_only(model):
-        warnings.warn(
+        warn(
             f"kernl: buckets {sorted(set(asked) - set(buckets))} are longer than the inputs this model "
             f"takes (config.max_position_embeddings): left out, the buckets are {buckets}",
-            stacklevel=2,
         )
     encoder_decoder = getattr(getattr(model, "config", None), "is_encoder_decoder", False)
     part = model.get_encoder() if encoder_decoder and hasattr(model, "get_encoder") else model
     if hasattr(part, "kernl_original_forward"):
-        warnings.warn(
-            "kernl: optimize_model was already applied to this model; it stays as it is", stacklevel=2
+        warn(
+            "kernl: optimize_model was already applied to this model; it stays as it is",
         )
         return model.kernl_report
     if part is not model:

@@ -18,7 +18,6 @@ an all-masked row) runs unpacked, as does any call packing does not cover (see :
 """
 
 import inspect
-import warnings
 from dataclasses import dataclass
 
 import torch
@@ -32,6 +31,7 @@ from kernl.integration.report import OptimizationReport
 from kernl.integration.rules.packed_attention import PackingUnsupported
 from kernl.integration.token_buckets import token_bucket
 from kernl.integration.trees import holds_objects, map_tensors, tensors_in
+from kernl.integration.user_warnings import warn
 
 # Model types whose positions mix only through attention and whose position ids are absolute: the
 # column index (``arange(S)``) unless ``position_ids`` are given.
@@ -272,7 +272,7 @@ class PackedForward:
         except PackingUnsupported as reason:
             self.disabled = str(reason)
             self.report.notes.append(f"packed execution off: {reason}; calls run unpacked")
-            warnings.warn(f"kernl: packed execution off ({reason}); calls run unpacked", stacklevel=2)
+            warn(f"kernl: packed execution off ({reason}); calls run unpacked")
             output = None
         except RecompileLimitReached:
             output = None  # said once by limit_guarded; this call runs unpacked
