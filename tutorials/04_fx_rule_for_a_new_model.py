@@ -74,12 +74,17 @@ for node in gm.graph.nodes:
 # %% [markdown]
 # Bert calls `F.linear(x, W, b)`: kernl's `linear_act` rule matches that. GPT-2's projections are
 # `Conv1D` modules, which compute `torch.addmm(b, x.view(-1, K), W)` with `W` stored as `(K, N)`.
-# Same meaning, another spelling: no rule recognises it, so every projection of GPT-2 runs as
-# PyTorch. Here is what `optimize_model` does with GPT-2 today: layer norms and attention are
-# replaced, the projections are not (and the report's "kept as PyTorch: activation" is the `tanh` of
-# GPT-2's spelled-out `gelu_new`).
+# Same meaning, another spelling. kernl now ships a rule for it (`rules/conv1d.py`, which also fuses
+# the spelled-out `gelu_new` and the residual add); this tutorial takes it out of the list first, to
+# write a simpler one of its own from scratch and compare. Without a rule, every projection of GPT-2
+# runs as PyTorch: layer norms and attention are replaced, the projections are not (and the report's
+# "kept as PyTorch: activation" is the `tanh` of GPT-2's spelled-out `gelu_new`).
 
 # %%
+from kernl.integration.rules import RULES  # noqa: E402
+
+SHIPPED_INDEX = next(i for i, rule in enumerate(RULES) if rule.name == "conv1d")
+SHIPPED_CONV1D = RULES.pop(SHIPPED_INDEX)
 baseline = copy.deepcopy(model)
 with torch.no_grad():
     reference = model(input_ids, use_cache=False).last_hidden_state
@@ -187,7 +192,6 @@ from kernl.integration.rules import RULES, Rule  # noqa: E402
 
 ADDMM_RULE = Rule(
     name="addmm_linear",
-    kernel="linear_act",
     matches="torch.addmm(bias, x, W) with a 2-D x and a (N,) bias (GPT-2's Conv1D)",
     replacement="kernl.linear_act.linear_act(x, W.T, bias)",
     rewrite=rewrite_addmm,
@@ -249,3 +253,4 @@ else:
     print("plot saved to tutorial_04_fx_rule.png")
 
 RULES.remove(ADDMM_RULE)  # leave kernl's rule list as it was
+RULES.insert(SHIPPED_INDEX, SHIPPED_CONV1D)

@@ -3,11 +3,14 @@
 import json
 import os
 import signal
+import sys
 import threading
 import time
+import types
 
 import pytest
 import torch
+from triton.runtime.jit import JITFunction
 
 from kernl.integration.bench.run import termination_as_interrupt
 from kernl.integration.cli import main
@@ -122,6 +125,27 @@ def test_demo_runs_in_a_fresh_python_when_triton_was_imported_without_the_interp
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("no CUDA GPU:") and "kernl demo on cpu" in lines[1]
     assert sum(line.endswith("OK") for line in lines) == 3
+
+
+def _compiled_kernel(x):
+    return x
+
+
+def test_cpu_commands_run_in_a_fresh_python_when_kernels_were_compiled_whatever_the_variable_says(
+    monkeypatch,
+):
+    """An earlier CPU command of the process set TRITON_INTERPRET=1 after kernl's kernels were compiled
+    (the GPU suite's case): the variable says interpreter, the kernels are not."""
+    from kernl.integration import cli
+
+    compiled = types.ModuleType("kernl.compiled_for_this_test")
+    compiled.kernel = JITFunction(_compiled_kernel)
+    monkeypatch.setitem(sys.modules, compiled.__name__, compiled)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    ran = []
+    monkeypatch.setattr(cli, "run_in_fresh_python", lambda module: ran.append(module) or 0)
+    assert main(["demo"]) == 0 and ran == ["kernl.integration.demo"]
 
 
 def test_bench_on_an_old_gpu_checks_on_the_cpu_in_a_fresh_python(monkeypatch, capsys):

@@ -89,6 +89,13 @@ def _packed_graphs(report) -> list:
     return [g for g in report.graphs if g.fired.get("packed_attention")]
 
 
+def _on_device(value):
+    """A call's argument on the test device; float tensors (inputs_embeds) in the models' dtype."""
+    if not isinstance(value, torch.Tensor):
+        return value
+    return value.to(on_device_name(), DTYPE if value.is_floating_point() else value.dtype)
+
+
 def _run(model, calls):
     """``model``'s fp64 reference, same-dtype peer and packed copy on ``calls``; returns the packed copy's
     report and the list of (call, expected, peer, actual) outputs."""
@@ -98,7 +105,7 @@ def _run(model, calls):
     report = optimize_model(optimized)
     results = []
     for call in calls:
-        moved = {k: v.to(on_device_name()) if isinstance(v, torch.Tensor) else v for k, v in call.items()}
+        moved = {k: _on_device(v) for k, v in call.items()}
         with torch.inference_mode():
             results.append((call, reference(**call), peer(**moved), optimized(**moved)))
     return report, results

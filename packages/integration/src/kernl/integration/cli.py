@@ -49,6 +49,16 @@ def cpu_reason() -> str:
     return f"the GPU has compute capability {major}.{minor}; kernl's kernels need 8.0 (Ampere) or newer"
 
 
+def _compiled_kernels_imported() -> bool:
+    """Whether a kernl kernel module already holds compiled (not interpreted) Triton kernels: the
+    environment variable alone cannot tell, since an earlier CPU command of this process set it after
+    the kernels were defined."""
+    from triton.runtime.jit import JITFunction
+
+    modules = [m for name, m in list(sys.modules.items()) if name.startswith("kernl.") and m is not None]
+    return any(isinstance(value, JITFunction) for m in modules for value in vars(m).values())
+
+
 def run_in_fresh_python(module: str) -> int:
     """``python -m <module>`` with Triton's interpreter on and no GPU visible, its output passed through
     line by line; returns its exit code."""
@@ -85,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(note, flush=True)
         # Triton makes a kernel compiled or interpreted when it is defined, as kernl's kernel modules are
         # imported: a process that imported triton without the interpreter cannot run them on the CPU.
-        if "triton" in sys.modules and not interpreting:
+        if "triton" in sys.modules and (not interpreting or _compiled_kernels_imported()):
             return run_in_fresh_python(CPU_MODULES[args.command])
     if args.command == "bench":
         from kernl.integration.bench.run import run_bench
