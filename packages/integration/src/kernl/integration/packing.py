@@ -94,9 +94,17 @@ class RowOffsets:
                 torch.zeros(bucket, dtype=torch.int64, device=device),
             )
         cu, starts = self.buffers[key]
-        rows = len(cu_seqlens) - 1
-        padded_cu = cu_seqlens + [cu_seqlens[-1]] * (bucket - rows)  # empty sequences after the last row
-        host = torch.cat([torch.tensor([*padded_cu, *cu_seqlens[:-1], *[0] * (bucket - rows)]), index])
+        offsets = torch.tensor(cu_seqlens, dtype=torch.int64)
+        spare = bucket - (len(cu_seqlens) - 1)
+        host = torch.cat(
+            [
+                offsets,
+                offsets[-1:].expand(spare),  # empty sequences after the last row
+                offsets[:-1],  # each row's first packed token
+                offsets.new_zeros(spare),
+                index,
+            ]
+        )
         staged = host.pin_memory() if device.type == "cuda" else host
         on_device = staged.to(device, non_blocking=True)
         cu.copy_(on_device[: bucket + 1])
