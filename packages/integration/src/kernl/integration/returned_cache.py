@@ -11,8 +11,6 @@ import copy
 
 import torch
 
-from kernl.integration.hf_compat import CACHE_ARGUMENT_NAMES
-
 # Where a ModelOutput keeps the cache it returns (5.17, 5.25).
 _RETURNED_CACHE_FIELD = "past_key_values"
 
@@ -85,8 +83,3 @@ class ReturnedCache:
             cache.layers.append(fresh)
         output[_RETURNED_CACHE_FIELD] = cache
         return output
-
-
-def passes_cache(arguments: dict) -> bool:
-    """Whether a forward call passes a key/value cache (under either of its names)."""
-    return any(arguments.get(name) is not None for name in CACHE_ARGUMENT_NAMES)
