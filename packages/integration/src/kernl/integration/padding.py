@@ -2,7 +2,7 @@
 
 import torch
 
-from kernl.integration.trees import holds_objects, map_tensors
+from kernl.integration.trees import holds_objects, map_tensors, tensors_in
 
 # Per-token inputs the wrapper pads (input_ids with the pad token, the others with zeros).
 PADDED_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "inputs_embeds")
@@ -77,8 +77,6 @@ def cut_outputs(output, length: int, padded: int):
             else:
                 cut[key] = map_tensors(lambda t: _cut(t, length, padded), item)
         return cut
-    widths = []
-    map_tensors(lambda t: widths.append(t.shape[-1] if t.dim() == 2 else None), output)
-    if padded in widths:
+    if any(t.dim() == 2 and t.shape[-1] == padded for t in tensors_in(output)):
         return None
     return map_tensors(lambda t: _cut(t, length, padded), output)
