@@ -182,9 +182,9 @@ print("rewritten graph matches the model")
 # ## 4. Register the rule and read the report
 #
 # kernl's rules are the `Rule` records in the list `kernl.integration.rules.RULES`, applied in order
-# to every graph (see `rules/__init__.py`). `kernel` names the kernel the rule needs (the rule is
-# skipped, and the report says so, when that kernel package is missing); `matches` and
-# `replacement` are what `kernl rules` prints. Putting the rule first lets it run before the others.
+# to every graph (see `rules/__init__.py`). `matches` and `replacement` are what `kernl rules` prints;
+# `rewrite` does the work and returns how many places it replaced. Putting the rule first lets it run
+# before the others.
 # (`Rule` and `RULES` are the only parts of kernl's integration internals this tutorial touches.)
 
 # %%
