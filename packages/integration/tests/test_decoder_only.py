@@ -227,3 +227,13 @@ def test_a_sliding_window_cache_runs_as_pytorch_and_the_report_says_why(kit):
             expected = reference.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
             assert torch.equal(tokens, expected)
     assert SLIDING_CACHE_NOTE in report.notes and report.graphs == []
+
+
+def test_a_deep_copy_of_an_optimized_base_model_is_a_plain_model(kit):
+    """A base model (no generate(), so no generation hooks) copied after optimize_model: the copy
+    carried kernl's forward, a closure over the original model and its weights."""
+    model = kit.build(LlamaModel, llama_like(LlamaConfig)).to(kit.device)
+    optimize_model(model)
+    with pytest.warns(UserWarning, match="copy of an optimized model is a plain PyTorch model"):
+        copied = copy.deepcopy(model)
+    assert "forward" not in copied.__dict__ and not hasattr(copied, "kernl_original_forward")

@@ -24,6 +24,7 @@ import torch
 
 from kernl.integration.arguments import argument_namer, input_wants_gradients
 from kernl.integration.backend import KernlBackend
+from kernl.integration.copies import copies_unoptimized
 from kernl.integration.forward_graphs import ForwardGraphs
 from kernl.integration.generation import optimize_generation
 from kernl.integration.hf_compat import cache_argument, cache_layers
@@ -96,4 +97,5 @@ def optimize_decoder_only(model: torch.nn.Module, cuda_graphs: bool) -> Optimiza
 
     model.forward = forward
     model.kernl_original_forward = original
+    copies_unoptimized(model)  # also for a base model, which has no generate() to install it
     return report
