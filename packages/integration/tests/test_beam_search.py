@@ -68,7 +68,15 @@ def tiny_gpt2():
     """A tiny decoder-only model: only its vocabulary matters, the replayed log-probs replace its logits."""
     if "model" not in _TINY_GPT2:
         torch.manual_seed(0)
-        config = GPT2Config(vocab_size=VOCAB, n_embd=16, n_layer=1, n_head=2, n_positions=64)
+        config = GPT2Config(
+            vocab_size=VOCAB,
+            n_embd=16,
+            n_layer=1,
+            n_head=2,
+            n_positions=64,
+            bos_token_id=None,
+            eos_token_id=None,
+        )
         _TINY_GPT2["model"] = GPT2LMHeadModel(config).eval().to(DEVICE)
     return _TINY_GPT2["model"]
 
@@ -162,6 +170,7 @@ def test_steps_follow_transformers_beam_search(case, special):
     result = search.finish(prompt)
     assert torch.equal(result.sequences, expected.sequences)
     assert torch.equal(result.sequences_scores, expected.sequences_scores)
+    assert torch.equal(search.beam_indices(), expected.beam_indices)
 
 
 def test_reset_starts_a_new_search_on_the_same_tensors():
@@ -203,6 +212,7 @@ def test_steps_after_the_search_is_done_change_nothing():
     result = search.finish(prompt)
     assert torch.equal(result.sequences, expected.sequences)
     assert torch.equal(result.sequences_scores, expected.sequences_scores)
+    assert torch.equal(search.beam_indices(), expected.beam_indices)
     assert len(set(result.sequences_scores.tolist())) < result.sequences_scores.numel(), (
         "no tie: tests nothing"
     )
@@ -245,6 +255,7 @@ def test_step_captured_in_a_cuda_graph_replays_transformers_beam_search():
     result = search.finish(prompt)
     assert torch.equal(result.sequences, expected.sequences)
     assert torch.equal(result.sequences_scores, expected.sequences_scores)
+    assert torch.equal(search.beam_indices(), expected.beam_indices)
 
 
 def tiny_t5() -> T5ForConditionalGeneration:
@@ -277,7 +288,7 @@ def with_likely_eos(model, scale: float):
 @torch.no_grad()
 def eager_beam_generate(model, input_ids, attention_mask, settings: BeamSettings):
     """The simplest loop around :class:`BeamSearch`: encoder once, then one decoder step per token over a
-    dynamic cache reordered by the chosen beams."""
+    dynamic cache reordered by the chosen beams. Returns the search and its result."""
     beams = settings.num_beams
     encoder_outputs = model.get_encoder()(input_ids=input_ids, attention_mask=attention_mask)
     hidden = encoder_outputs.last_hidden_state.repeat_interleave(beams, dim=0)
@@ -300,7 +311,7 @@ def eager_beam_generate(model, input_ids, attention_mask, settings: BeamSettings
             break
         cache.reorder_cache(choice.beam_rows)
         tokens = choice.next_tokens[:, None]
-    return search.finish(prompt)
+    return search, search.finish(prompt)
 
 
 E2E_CASES = [
@@ -332,8 +343,7 @@ def test_eager_loop_generates_what_generate_does(
         pad_token_id=config.pad_token_id,
         max_new_tokens=12,
     )
-    expected = model.generate(
-        input_ids,
+    arguments = dict(
         attention_mask=attention_mask,
         num_beams=num_beams,
         num_return_sequences=num_return_sequences,
@@ -341,11 +351,17 @@ def test_eager_loop_generates_what_generate_does(
         early_stopping=early_stopping,
         max_new_tokens=settings.max_new_tokens,
         return_dict_in_generate=True,
-        output_scores=True,
     )
-    result = eager_beam_generate(model, input_ids, attention_mask, settings)
+    expected = model.generate(input_ids, **arguments, output_scores=True)
+    # transformers (5.17, 5.25) returns sequences_scores only with output_scores=True
+    without_scores = model.generate(input_ids, **arguments, output_scores=False)
+    assert without_scores.sequences_scores is None and torch.equal(
+        without_scores.sequences, expected.sequences
+    )
+    search, result = eager_beam_generate(model, input_ids, attention_mask, settings)
     assert torch.equal(result.sequences, expected.sequences)
     torch.testing.assert_close(result.sequences_scores, expected.sequences_scores, rtol=1e-5, atol=1e-5)
+    assert torch.equal(search.beam_indices(), expected.beam_indices)
     # the case exercises hypotheses that end on EOS before the longest one
     ends_on_eos = (result.sequences[:, 1:] == config.eos_token_id).any(dim=1)
     assert bool(ends_on_eos.any()), "no hypothesis ended on EOS: the case tests nothing about it"

@@ -139,6 +139,8 @@ class BeamSearch:
         self._finished_tokens = new((batch_size, beams, length), torch.int64)
         self._finished_scores = new((batch_size, beams), torch.float32)
         self._finished_lengths = new((batch_size, beams), torch.int64)
+        self._finished_parents = new((batch_size, beams), torch.int64)
+        self._row_history = new((length, batch_size * beams), torch.int64)
         self._is_finished = new((batch_size, beams), torch.bool)
         self._may_improve = new((batch_size, 1), torch.bool)
         self._done = new((), torch.bool)
@@ -162,6 +164,8 @@ class BeamSearch:
         self._running_scores[:, 0].fill_(0.0)
         self._finished_scores.fill_(_EXCLUDED)
         self._finished_lengths.zero_()
+        self._finished_parents.fill_(-1)
+        self._row_history.zero_()
         self._is_finished.zero_()
         self._may_improve.fill_(True)
         self._done.fill_(False)
@@ -186,6 +190,7 @@ class BeamSearch:
         accumulated = log_probs.reshape(batch, beams, vocab) + self._running_scores[:, :, None]
         top_scores, top_indices = torch.topk(accumulated.reshape(batch, -1), k=settings.candidates_per_row)
         top_beams = top_indices // vocab
+        top_rows = top_beams + self._row_offsets
         top_ids = top_indices % vocab
         top_tokens = _gather_beams(self._running_tokens, top_beams)
         top_tokens = torch.where(self._positions == step, top_ids[:, :, None], top_tokens)
@@ -196,10 +201,12 @@ class BeamSearch:
         kept = torch.topk(running_candidates, k=beams)[1]
         running_scores = _gather_beams(running_candidates, kept)
         next_tokens = _gather_beams(top_ids, kept)
-        beam_rows = _gather_beams(top_beams, kept) + self._row_offsets
+        beam_rows = _gather_beams(top_rows, kept)
 
         # transformers' _update_finished_beams
-        length_scale = self._length_scale(step)
+        step_index = self._step_index(step)
+        # 0-d: the length penalty of this step's hypotheses (step + 1 tokens)
+        length_scale = self._length_scales.index_select(0, step_index).reshape(())
         just_finished = hits_stop & self._in_first_beams
         finished_candidates = self._length_penalised(top_scores, length_scale)
         if settings.early_stopping is True:
@@ -214,6 +221,7 @@ class BeamSearch:
             (self._finished_scores, merged_scores),
             (self._finished_tokens, torch.cat((self._finished_tokens, top_tokens), dim=1)),
             (self._finished_lengths, torch.cat((self._finished_lengths, candidate_lengths), dim=1)),
+            (self._finished_parents, torch.cat((self._finished_parents, top_rows), dim=1)),
             (self._is_finished, torch.cat((self._is_finished, just_finished), dim=1)),
         )
         # Once done, the finished hypotheses stay as they are: another top-k could reorder equal scores.
@@ -239,6 +247,10 @@ class BeamSearch:
         self._running_scores.copy_(running_scores)
         self._next_tokens.copy_(next_tokens.reshape(-1))
         self._beam_rows.copy_(beam_rows.reshape(-1))
+        # A step past max_new_tokens (after done) writes the last row, which no backtracking reads. A masked
+        # write rather than index_copy_: under torch's deterministic mode that sorts its indices.
+        this_step = (self._positions == step_index)[:, None]
+        torch.where(this_step, self._beam_rows[None], self._row_history, out=self._row_history)
         return BeamChoice(next_tokens=self._next_tokens, beam_rows=self._beam_rows)
 
     def done(self) -> torch.Tensor:
@@ -261,6 +273,25 @@ class BeamSearch:
         scores = self._finished_scores[:, :returned].reshape(-1).clone()
         return BeamResult(sequences=sequences, sequences_scores=scores)
 
+    def beam_indices(self) -> torch.Tensor:
+        """(batch * num_return_sequences, generated) int32: for each returned hypothesis, the row of the
+        step's batch (``beam_rows``' numbering) its token at each position continued, -1 after its last
+        token; ``generate()``'s ``beam_indices``. Traced back from the rows each step recorded (host loop
+        over the positions: call it only when the caller returns it)."""
+        returned = self.settings.num_return_sequences
+        lengths = self._finished_lengths[:, :returned].reshape(-1)
+        generated = int(lengths.max())
+        rows = self._finished_parents[:, :returned].reshape(-1)
+        columns = []
+        for position in reversed(range(generated)):
+            earlier = position < lengths - 1
+            parents = self._row_history[position].gather(0, rows.clamp(min=0))
+            rows = torch.where(earlier, parents, rows)
+            columns.append(torch.where(position < lengths, rows, -1))
+        if not columns:
+            return torch.empty((lengths.numel(), 0), dtype=torch.int32, device=self.device)
+        return torch.stack(columns[::-1], dim=1).to(torch.int32)
+
     def _length_penalty_scales(self) -> torch.Tensor:
         """The length penalty of a hypothesis of 1 .. max_new_tokens tokens, as the factor that
         :meth:`_length_penalised` applies.
@@ -276,13 +307,12 @@ class BeamSearch:
         scales = 1.0 / divisors if self.device.type == "cuda" else divisors
         return scales.to(self.device)
 
-    def _length_scale(self, step: int | torch.Tensor) -> torch.Tensor:
-        """0-d float32: the length penalty of hypotheses of ``step + 1`` tokens, as :meth:`_length_penalised`
-        applies it (a step past ``max_new_tokens``, after the search is done, reads the last one)."""
+    def _step_index(self, step: int | torch.Tensor) -> torch.Tensor:
+        """(1,) int64 on the device: ``step`` as an index into per-step tables, the last one for a step past
+        ``max_new_tokens`` (after the search is done)."""
         if isinstance(step, int):
-            return self._length_scales[step]
-        last = self.settings.max_new_tokens - 1
-        return self._length_scales.index_select(0, step.clamp(max=last).reshape(1)).reshape(())
+            return self._positions[step : step + 1]
+        return step.clamp(max=self.settings.max_new_tokens - 1).reshape(1).to(torch.int64)
 
     def _length_penalised(self, scores: torch.Tensor, length_scale: torch.Tensor) -> torch.Tensor:
         """``scores`` divided by the length penalty, with transformers' rounding on this device."""
