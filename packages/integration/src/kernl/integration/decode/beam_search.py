@@ -117,10 +117,14 @@ class BeamSearch:
 
     The caller runs the model, turns its last logits into float32 log-probabilities (``log_softmax``
     then the logits processors, as transformers does), and hands them to :meth:`step`, which picks the
-    next token of every beam. :meth:`reset` starts a new search on the same tensors.
+    next token of every beam, until :meth:`done`; :meth:`finish` then returns the sequences and scores,
+    :meth:`beam_indices` the beam indices. :meth:`reset` starts a new search on the same tensors.
+    ``prompt_length`` is the length of the decoder's prompt (1 for an encoder-decoder's start token).
     """
 
-    def __init__(self, settings: BeamSettings, *, batch_size: int, prompt_length: int, device):
+    def __init__(
+        self, settings: BeamSettings, *, batch_size: int, prompt_length: int, device: torch.device | str
+    ):
         if not isinstance(settings, BeamSettings):
             raise TypeError(f"settings must be a BeamSettings, got {type(settings).__name__}")
         _check_int("batch_size", batch_size, minimum=1)
