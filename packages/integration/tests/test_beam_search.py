@@ -102,44 +102,46 @@ def transformers_beam_search(settings: BeamSettings, prompt: torch.Tensor, log_p
     return output, replay
 
 
-# batch, settings, rows whose beams all finish early (row -> first step where EOS dominates)
+def unit_case(batch, num_beams, length_penalty, early_stopping, num_return_sequences, eos_rows_from):
+    """``(batch, BeamSettings arguments, eos_rows_from)``: ``eos_rows_from`` maps a row to the first step
+    where its EOS tokens are favoured (see :func:`random_log_probs`)."""
+    arguments = dict(
+        num_beams=num_beams,
+        length_penalty=length_penalty,
+        early_stopping=early_stopping,
+        num_return_sequences=num_return_sequences,
+    )
+    return batch, arguments, eos_rows_from
+
+
 UNIT_CASES = [
-    (1, dict(num_beams=2, length_penalty=1.0, early_stopping=False, num_return_sequences=1), {}),
-    (3, dict(num_beams=3, length_penalty=0.0, early_stopping=True, num_return_sequences=2), {1: 2}),
-    (5, dict(num_beams=4, length_penalty=-0.7, early_stopping="never", num_return_sequences=4), {0: 1, 3: 4}),
-    (3, dict(num_beams=5, length_penalty=2.0, early_stopping="never", num_return_sequences=3), {2: 3}),
-    (
-        3,
-        dict(num_beams=2, length_penalty=1.0, early_stopping=True, num_return_sequences=2),
-        {0: 1, 1: 1, 2: 2},
-    ),
-    (5, dict(num_beams=3, length_penalty=0.5, early_stopping=False, num_return_sequences=1), {4: 0}),
-    (1, dict(num_beams=5, length_penalty=1.5, early_stopping=False, num_return_sequences=5), {}),
-    (3, dict(num_beams=4, length_penalty=1, early_stopping=True, num_return_sequences=3), {}),
+    unit_case(1, 2, 1.0, False, 1, {}),
+    unit_case(3, 3, 0.0, True, 2, {1: 2}),
+    unit_case(5, 4, -0.7, "never", 4, {0: 1, 3: 4}),
+    unit_case(3, 5, 2.0, "never", 3, {2: 3}),
+    unit_case(3, 2, 1.0, True, 2, {0: 1, 1: 1, 2: 2}),
+    unit_case(5, 3, 0.5, False, 1, {4: 0}),
+    unit_case(1, 5, 1.5, False, 5, {}),
+    unit_case(3, 4, 1, True, 3, {}),
     # every row ends early: the stopping heuristic ends the search before max_new_tokens
-    (
-        3,
-        dict(num_beams=3, length_penalty=1.0, early_stopping=False, num_return_sequences=2),
-        {0: 1, 1: 2, 2: 2},
-    ),
-    (
-        5,
-        dict(num_beams=2, length_penalty=0.0, early_stopping="never", num_return_sequences=1),
-        dict.fromkeys(range(5), 1),
-    ),
-    (
-        3,
-        dict(num_beams=4, length_penalty=2.0, early_stopping="never", num_return_sequences=4),
-        {0: 1, 1: 1, 2: 3},
-    ),
+    unit_case(3, 3, 1.0, False, 2, {0: 1, 1: 2, 2: 2}),
+    unit_case(5, 2, 0.0, "never", 1, dict.fromkeys(range(5), 1)),
+    unit_case(3, 4, 2.0, "never", 4, {0: 1, 1: 1, 2: 3}),
+    # row 0 stops improving (the heuristic) while the others run on: it must take no more hypotheses
+    unit_case(3, 2, 2.0, False, 2, {0: 1}),
 ]
 # eos_token_ids, pad_token_id: one EOS or several, pad 0 (transformers then pads with the first EOS),
 # another pad, no pad; no EOS at all
 SPECIAL_TOKENS = [((1,), 0), ((1, 4), 7), ((2,), None), ((1, 3, 5), 0), ((0, 1), 0), ((), 0)]
 
 
-@pytest.mark.parametrize("case", range(len(UNIT_CASES)))
-@pytest.mark.parametrize("special", range(len(SPECIAL_TOKENS)))
+# each case with two of the special token sets, every set with several cases
+CASE_PAIRS = [
+    (case, (case + shift) % len(SPECIAL_TOKENS)) for case in range(len(UNIT_CASES)) for shift in (0, 3)
+]
+
+
+@pytest.mark.parametrize("case, special", CASE_PAIRS)
 def test_steps_follow_transformers_beam_search(case, special):
     batch, arguments, eos_rows_from = UNIT_CASES[case]
     eos_token_ids, pad_token_id = SPECIAL_TOKENS[special]
