@@ -251,8 +251,8 @@ class BeamSearch:
         self._running_scores.copy_(running_scores)
         self._next_tokens.copy_(next_tokens.reshape(-1))
         self._beam_rows.copy_(beam_rows.reshape(-1))
-        # A step past max_new_tokens (after done) writes the last row, which no backtracking reads. A masked
-        # write rather than index_copy_: under torch's deterministic mode that sorts its indices.
+        # Steps after done write rows no finished hypothesis traces back through (past max_new_tokens: the
+        # last row). A masked write rather than index_copy_, which torch's deterministic mode makes sort.
         this_step = (self._positions == step_index)[:, None]
         torch.where(this_step, self._beam_rows[None], self._row_history, out=self._row_history)
         return BeamChoice(next_tokens=self._next_tokens, beam_rows=self._beam_rows)
