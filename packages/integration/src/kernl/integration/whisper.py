@@ -31,6 +31,7 @@ from kernl.integration.install import install_forward
 from kernl.integration.report import OptimizationReport
 from kernl.integration.user_warnings import warn
 
+FRAMES_PER_SECOND = 100  # the feature extractor's 10 ms hop
 LANGUAGE_DETECTION_NOTE = (
     "generate(): language detection (a multilingual model called without language=) runs one decoder step "
     "without a cache as PyTorch; the encoder and the generation run on kernl"
@@ -61,8 +62,9 @@ def optimize_whisper(model: torch.nn.Module, cuda_graphs: bool) -> OptimizationR
         return report
     frames = segment_frames(model)
     report.notes.append(
-        f"encoder: input features of fixed length ({model.config.num_mel_bins} x {frames} frames, 30 s): "
-        "not bucketed, one graph per batch size; its two Conv1d + GELU run as PyTorch"
+        f"encoder: input features of fixed length ({model.config.num_mel_bins} x {frames} frames, "
+        f"{frames / FRAMES_PER_SECOND:g} s of audio): not bucketed, one graph per batch size; its two "
+        "Conv1d + GELU run as PyTorch"
     )
     if getattr(model, "generation_config", None) is None or not hasattr(model, "detect_language"):
         return report
