@@ -213,3 +213,25 @@ def test_a_direct_encoder_call_after_generate_reuses_the_encoder_graph(kit):
         optimized.get_encoder()(audio)
         optimized.get_encoder()(input_features=audio, output_attentions=False, output_hidden_states=None)
     assert [graph.inputs for graph in report.graphs if graph.part == "encoder"] == encoder_graphs, str(report)
+
+
+@pytest.mark.skipif(not on_gpu(), reason="CUDA graphs need a GPU")
+def test_whisper_replays_match_the_compiled_model(kit):
+    """The encoder's capture (one per batch size) and the decoder's give bit for bit the encoder states
+    and scores of the same kernels run without CUDA graphs, call after call, on new audio each time."""
+    model = whisper_model(kit).to("cuda", torch.float16)
+    with_graphs, without = copy.deepcopy(model), copy.deepcopy(model)
+    optimize_model(with_graphs)
+    optimize_model(without, cuda_graphs=False)
+    arguments = dict(max_new_tokens=8, output_scores=True, return_dict_in_generate=True)
+    for seed in range(3):
+        audio = features(2, seed=seed).to("cuda", torch.float16)
+        with torch.inference_mode():
+            states = [m.get_encoder()(audio).last_hidden_state for m in (with_graphs, without)]
+            replayed, direct = (m.generate(audio, **arguments) for m in (with_graphs, without))
+        assert torch.equal(*states), f"call {seed}"
+        assert torch.equal(replayed.sequences, direct.sequences)
+        for step, (ours, theirs) in enumerate(zip(replayed.scores, direct.scores, strict=True)):
+            assert torch.equal(ours, theirs), f"call {seed}, step {step}"
+    assert len(with_graphs.get_encoder().kernl_cuda_graphs.captures) == 1
+    assert all(graph.runs_as.startswith("CUDA graph") for graph in with_graphs.kernl_report.graphs)
