@@ -9,7 +9,7 @@ latency of ``model.get_encoder()(input_features)`` for HF (sdpa), HF with
 its default dynamic cache, HF with ``cache_implementation="static"`` (transformers compiles the decoder
 step with ``torch.compile(mode="reduce-overhead")``) and kernl (encoder and decoder on kernl, static
 cache by default). Each warm-up call is timed on its own (``... warm-up calls s``).
-Writes benchmarks/results/<gpu>/whisper.json and whisper.png.
+Writes benchmarks/results/<gpu>/whisper.json and whisper.png (whisper_batch<sizes>.* for other batch sizes).
 Run: python packages/integration/benchmarks/bench_whisper.py [--batches 1,8]
 """
 
@@ -151,6 +151,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batches", default="1,8", help="comma-separated batch sizes (default: 1,8)")
     batches = [int(b) for b in parser.parse_args().batches.split(",")]
+    start = time.perf_counter()
     model = whisper_base()
     engines = encoder_engines(model)
     frames = 2 * model.config.max_source_positions
@@ -163,11 +164,13 @@ def main() -> None:
             results["encoder"].append(encoder_row(engines, features))
             print(results["encoder"][-1], flush=True)
             results["generate"].append(generate_row(engines, features))
-            print(results["generate"][-1], flush=True)
+            print(results["generate"][-1], f"({time.perf_counter() - start:.0f} s so far)", flush=True)
     print(engines["kernl"].kernl_report)
     model_name = "whisper-base shapes, random weights, fp16, 30 s of random log-mel features"
-    write_results("whisper", {"model": model_name, **results})
-    save_figure(chart(results), "whisper")
+    # a run of other batch sizes than the default's keeps its own files
+    name = "whisper" if batches == [1, 8] else "whisper_batch" + "_".join(map(str, batches))
+    write_results(name, {"model": model_name, **results})
+    save_figure(chart(results), name)
 
 
 if __name__ == "__main__":
