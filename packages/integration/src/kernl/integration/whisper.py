@@ -94,12 +94,15 @@ def transformers_only_reason(args: tuple, kwargs: dict, frames: int) -> str | No
 
 def _detects_language(model, kwargs: dict) -> bool:
     """Whether Whisper's ``generate()`` will run language detection: a multilingual generation config
-    (``lang_to_id``) and no language given (in the call, the config or ``forced_decoder_ids``)."""
+    (``lang_to_id``) and no language given (in the call, the config, or ``forced_decoder_ids``, which
+    Whisper reads only when neither a language nor a task is given)."""
     config = kwargs.get("generation_config") or model.generation_config
     if not hasattr(config, "lang_to_id"):
         return False
     if kwargs.get("language") is not None or getattr(config, "language", None) is not None:
         return False
+    if kwargs.get("task") is not None or getattr(config, "task", None) is not None:
+        return True
     forced = getattr(config, "forced_decoder_ids", None) or getattr(model.config, "forced_decoder_ids", None)
     return not (forced and forced[0][0] == 1 and forced[0][1] is not None)
 
