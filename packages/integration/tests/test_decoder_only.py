@@ -29,6 +29,7 @@ DTYPE = torch.float16 if on_gpu() else torch.float32
 LAYERS = 2
 SCALE = 4.0  # whole-model outputs compound each layer's rounding (see test_t5.py)
 VOCAB = 100
+LIMIT = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
 
 
 def llama_like(config_class, kv_heads: int = 2, **extra):
@@ -119,9 +120,11 @@ def test_greedy_generation_matches_hugging_face(kit, family):
     report = optimize_model(optimized)
     reference = model.to(kit.device, DTYPE)
     arguments = dict(max_new_tokens=4, do_sample=False)
-    # the first call's prefill allocates the static cache (PyTorch), its steps run on kernl; the second
-    # call reuses the cache: its prefill runs on kernl too
-    for _ in range(2):
+    # The first call's prefill allocates the static cache (PyTorch); its first step compiles the step
+    # graph, its second captures the whole step. The second call reuses the cache: its prefill compiles
+    # (a new key of the whole-step graphs, whose first call is its warm-up: it updates the cache in
+    # place), the third call's prefill is captured, and every later call replays both.
+    for _ in range(3):
         with torch.inference_mode():
             tokens = optimized.generate(ids.to(kit.device), attention_mask=mask.to(kit.device), **arguments)
             expected = reference.generate(ids.to(kit.device), attention_mask=mask.to(kit.device), **arguments)
@@ -132,13 +135,32 @@ def test_greedy_generation_matches_hugging_face(kit, family):
     assert all(graph.fired[norms] == 2 * LAYERS + 1 for graph in report.graphs), str(report)
     if family == "llama":  # the step reads the 2 key/value heads, not repeat_kv's copies of the cache
         assert report.graphs[0].fired["attention_gqa_decode"] == LAYERS, str(report)
-    if on_gpu():
+    if on_gpu():  # the decode step and the prefill, each captured whole
         captures = optimized.kernl_decoder_graphs.captures
-        assert captures and all(capture.graph is not None for capture in captures.values())
-        if len(captures) != 2:  # the step and the second call's prefill
-            pytest.xfail(
-                f"H100, 2026-12-07: {len(captures)} capture(s); the second call's prefill is not captured"
-            )
+        assert len(captures) == 2 and all(c.graph is not None for c in captures.values()), captures
+
+
+def test_past_the_recompile_limit_a_decoder_warns_and_runs_as_pytorch(kit):
+    """The forward without a cache and generate()'s decoder step compile code of their own: a limit
+    reached is said (warning, report) and the call runs as PyTorch, never silently unoptimized."""
+    model = build(kit, "llama")
+    optimized, peer = (copy.deepcopy(model).to(kit.device, DTYPE) for _ in range(2))
+    report = optimize_model(optimized)
+    ids, mask = left_padded(2, 9, [9, 5], seed=5)
+    arguments = dict(attention_mask=mask.to(kit.device), max_new_tokens=3, do_sample=False)
+    with torch.inference_mode(), torch._dynamo.config.patch(**{LIMIT: 1}):
+        optimized(input_ids=ids[:1, :6].to(kit.device), use_cache=False)  # the forward's one graph
+        with pytest.warns(UserWarning, match=r"recompile limit \(1\) reached for the decoder-only forward"):
+            beyond = optimized(input_ids=ids.to(kit.device), use_cache=False)
+        same = peer(input_ids=ids.to(kit.device), use_cache=False)
+        torch.testing.assert_close(beyond.logits, same.logits)  # HF's own forward, in the same dtype
+        first = optimized.generate(ids.to(kit.device), **arguments)  # the step's one graph
+        with pytest.warns(UserWarning, match=r"recompile limit \(1\) reached for the decoder step forward"):
+            second = optimized.generate(ids.to(kit.device), **arguments)  # its prefill: past the limit
+        expected_tokens = peer.generate(ids.to(kit.device), **arguments)
+    assert same_tokens(first, expected_tokens) and same_tokens(second, expected_tokens)
+    assert [graph.part for graph in report.graphs] == ["forward", "decoder"], str(report)
+    assert sum("recompile limit (1) reached" in note for note in report.notes) == 2, str(report)
 
 
 @pytest.mark.parametrize("kv_heads", [4, 2, 1])
