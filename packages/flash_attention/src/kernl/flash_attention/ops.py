@@ -36,7 +36,7 @@ def attention_impl(
     cache_len: torch.Tensor | None,
     causal: bool,
 ) -> torch.Tensor:
-    """``kernl::attention`` on validated inputs: q ``(B, H, Q, D)``, k/v ``(B, H, K, D)`` -> ``(B, H, Q, D)``
+    """``kernl::attention`` on validated inputs: q ``(B, H, Q, D)``, k/v ``(B, H_kv, K, D)`` -> ``(B, H, Q, D)``
     in q's dtype; the Triton kernel, or the PyTorch reference on CPU without the interpreter."""
     if not runs_triton_kernel(q):
         out = attention_reference(
