@@ -106,6 +106,9 @@ def test_prefill_matches_hugging_face(kit, family, dtype):
     norms = "layer_norm" if family == "gpt2" else "rms_norm"
     assert all(graph.fired[norms] == 2 * LAYERS + 1 for graph in report.graphs), str(report)
     assert family == "gpt2" or report.graphs[0].fired["gated_ffn"] == LAYERS
+    # 4 query heads over 2 key/value heads: the kernel reads them in place, masked or not
+    grouped = [graph.fired.get("attention_gqa", 0) for graph in report.graphs]
+    assert grouped == [0 if family == "gpt2" else LAYERS] * 2, str(report)
     if not on_gpu():  # the left-padded causal mask, proven by replay (transformers 5.25's spelling)
         assert report.graphs[0].attention_masks == {"key padding [B, K] + causal": LAYERS}, str(report)
     if family == "gpt2":  # Conv1D projections, gelu_new written out and the residual adds: all fused
@@ -135,6 +138,7 @@ def test_greedy_generation_matches_hugging_face(kit, family):
     assert all(graph.fired[norms] == 2 * LAYERS + 1 for graph in report.graphs), str(report)
     if family == "llama":  # the step reads the 2 key/value heads, not repeat_kv's copies of the cache
         assert report.graphs[0].fired["attention_gqa_decode"] == LAYERS, str(report)
+        assert report.graphs[1].fired["attention_gqa"] == LAYERS, str(report)  # the prefill: no repeat_kv
     if on_gpu():  # the decode step and the prefill, each captured whole
         captures = optimized.kernl_decoder_graphs.captures
         assert len(captures) == 2 and all(c.graph is not None for c in captures.values()), captures
@@ -170,6 +174,8 @@ def test_grouped_query_attention_ratios(kit, kv_heads):
     calls = [dict(input_ids=ids, attention_mask=mask, use_cache=False), dict(input_ids=ids)]
     report = kit.compare_with_reference(model, DTYPE, calls, ["last_hidden_state"], SCALE)
     assert all(graph.error is None for graph in report.graphs), str(report)
+    rule = "attention_gqa" if kv_heads < 4 else "attention_sdpa"  # one key/value head each: no grouping
+    assert all(graph.fired[rule] == LAYERS and graph.kept == {} for graph in report.graphs), str(report)
 
 
 def test_returned_cache_is_hugging_face_s_and_a_fresh_object_each_call(kit):

@@ -12,7 +12,6 @@ import torch.nn.functional as F
 from kernl.integration import fallback, optimize_model
 from kernl.integration.backend import rewrite_graph
 from kernl.integration.report import GraphRecord, OptimizationReport
-from kernl.integration.rules import attention_gqa
 from kernl.integration.rules.attention_sdpa import AttentionArgs, attention_call
 from kernl.integration.rules.gated_ffn import gated_linear_act_call
 from kernl.integration.rules.linear_act import linear_act_call
@@ -554,27 +553,47 @@ def test_one_token_grouped_attention_reads_the_key_value_heads_without_repeating
     if kv_heads < 8:
         assert record.fired["attention_gqa_decode"] == 2 and record.kept == {}
         assert not any(is_method_call(n, "expand") for n in gm.graph.nodes)  # no repeat_kv left
-    else:  # as many key/value heads as query heads: plain attention; sdpa's enable_gqa stays PyTorch
-        assert record.fired["attention_gqa_decode"] == 0 and record.fired["attention_sdpa"] == 1
-        assert record.kept == {"attention (sdpa)": 1}
+    else:  # as many key/value heads as query heads: the kernel's heads, one each (no repeat either)
+        assert record.fired["attention_gqa_decode"] == 0 and record.fired["attention_gqa"] == 2
+    assert record.kept == {}
+    assert not any(is_method_call(n, "expand") for n in gm.graph.nodes)
     check_same(fn, compiled, q, k, v, mask)
 
 
-def test_grouped_attention_of_several_query_tokens_is_left_to_the_other_rules():
-    def fn(q, k, v):
-        repeated = F.scaled_dot_product_attention(q, repeat_kv(k, 2), repeat_kv(v, 2), is_causal=True)
-        return repeated, F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+@pytest.mark.parametrize("kv_heads", [1, 2, 4])
+def test_grouped_attention_of_several_query_tokens_reads_the_key_value_heads_in_the_kernel(kv_heads):
+    """A prefill's grouped attention, as transformers calls it without a mask (enable_gqa=True, causal)
+    and with a decoder's left-padded causal mask (repeat_kv): the kernel's grouped heads, the causal
+    flag and a key padding mask; no repeat_kv copy left in the graph."""
 
-    g = torch.Generator().manual_seed(3)
-    q, k, v = (
-        torch.randn(2, 4, 5, 16, generator=g),
-        *(torch.randn(2, 2, 5, 16, generator=g) for _ in range(2)),
-    )
-    record, _, compiled = rewritten(fn, q, k, v)
-    assert record.fired["attention_gqa_decode"] == 0 and record.fired["attention_sdpa"] == 1
-    assert record.kept == {"attention (sdpa)": 1}
-    assert record.kept_why["attention (sdpa)"] == attention_gqa.PREFILL_REASON
-    check_same(fn, compiled, q, k, v)
+    def fn(q, k, v, attention_mask):
+        groups = q.shape[1] // k.shape[1]
+        given = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        n = q.shape[2]
+        causal = torch.ones(n, n, dtype=torch.bool).tril()[None, None]
+        mask = causal & attention_mask.bool()[:, None, None, :]
+        repeated = F.scaled_dot_product_attention(q, repeat_kv(k, groups), repeat_kv(v, groups), mask)
+        return given, repeated
+
+    g = torch.Generator().manual_seed(3 + kv_heads)
+    q = torch.randn(2, 9, 4, 16, generator=g).transpose(1, 2)  # HF's (B, S, H, D) projection, viewed
+    k, v = (torch.randn(2, 9, kv_heads, 16, generator=g).transpose(1, 2) for _ in range(2))
+    attention_mask = torch.ones(2, 9, dtype=torch.long)
+    attention_mask[1, :4] = 0  # left padding
+    record, gm, compiled = rewritten(fn, q, k, v, attention_mask)
+    assert record.fired["attention_gqa"] == 2 and record.fired["attention_sdpa"] == 0, record
+    assert record.kept == {} and not any(is_method_call(n, "expand") for n in gm.graph.nodes)
+    calls = [AttentionArgs(*n.args) for n in gm.graph.nodes if n.target is attention_call]
+    assert [(a.causal, a.key_padding_mask is not None, a.mask is None) for a in calls] == [
+        (True, False, True),
+        (True, True, True),
+    ]
+    assert all(example_heads(a.k) == kv_heads for a in calls)
+    check_same(fn, compiled, q, k, v, attention_mask)
+
+
+def example_heads(node) -> int:
+    return node.meta["example_value"].shape[1]
 
 
 def is_method_call(node, name: str) -> bool:

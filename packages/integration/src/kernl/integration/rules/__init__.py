@@ -39,6 +39,7 @@ def _rules() -> list[Rule]:
 
     return [
         dropout.RULE,
+        attention_gqa.DECODE_RULE,
         attention_gqa.RULE,
         attention_sdpa.RULE,
         attention_eager.RULE,
