@@ -10,6 +10,7 @@ from kernl.flash_attention import ops
 from kernl.flash_attention.launch import MAX_HEAD_DIM
 
 MAX_BATCH_HEADS = 65535  # the grid's second axis
+MAX_ROTARY_DIM = 256
 
 
 def _check_qkv_tensors(q, k, v, layout: tuple[str, ...]) -> None:
@@ -243,4 +244,41 @@ def attention_varlen(
     return _attention_varlen_op()(q, k, v, cu_seqlens, scale, causal)
 
 
-__all__ = ["SUPPORTED_DTYPES", "attention", "attention_decode", "attention_varlen", "ops"]
+def _check_rotary(q, k, cos, sin) -> None:
+    _check_qkv_tensors(q, k, k, ("batch", "heads", "seq", "head_dim"))
+    batch, _, n_seq, head_dim = q.shape
+    if k.shape[0] != batch or k.shape[2:] != q.shape[2:]:
+        raise ValueError(
+            f"k must have shape ({batch}, H_k, {n_seq}, {head_dim}) to match q, got {tuple(k.shape)}"
+        )
+    if head_dim % 2 or not 2 <= head_dim <= MAX_ROTARY_DIM:
+        raise ValueError(f"head_dim must be even, between 2 and {MAX_ROTARY_DIM}, got {head_dim}")
+    for name, t in (("cos", cos), ("sin", sin)):
+        _check_broadcastable(name, t, (batch, 1, n_seq, head_dim), q.device, allow_bool=False)
+    if sin.shape != cos.shape:
+        raise ValueError(f"sin must have cos's shape {tuple(cos.shape)}, got {tuple(sin.shape)}")
+
+
+def _rotary_op():
+    """The registered op when tracing (torch.compile), the plain implementation in eager mode."""
+    return torch.ops.kernl.rotary if torch.compiler.is_compiling() else ops.rotary_impl
+
+
+def rotary(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary position embedding of queries and keys in one launch: ``x * cos + rotate_half(x) * sin``
+    for ``x`` in q and k, with ``rotate_half(x) = cat(-x[..., D/2:], x[..., :D/2])`` (Llama, Mistral,
+    Qwen2).
+
+    q ``(B, Hq, S, D)``, k ``(B, Hk, S, D)`` (any head counts): float16/bfloat16/float32, one dtype, any
+    strides; ``D`` even, at most 256. cos, sin: float16/bfloat16/float32 of one shape, broadcastable to
+    ``(B, 1, S, D)`` (transformers' ``cos.unsqueeze(1)``). Computed in fp32, rounded once. Returns the
+    rotated ``(q, k)``, each in its input's dtype, laid out as ``torch.empty_like`` of it (HF's
+    ``(B, S, H, D)`` projection viewed as ``(B, H, S, D)`` keeps its strides).
+    """
+    _check_rotary(q, k, cos, sin)
+    return _rotary_op()(q, k, cos, sin)
+
+
+__all__ = ["SUPPORTED_DTYPES", "attention", "attention_decode", "attention_varlen", "ops", "rotary"]

@@ -96,3 +96,21 @@ def attention_varlen_reference(
         seq_out = attention_reference(as_batch(q[start:end]), k_seq, v_seq, scale=scale, causal=causal)
         out[start:end] = seq_out[0].transpose(0, 1)
     return out
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """``cat(-x[..., D/2:], x[..., :D/2])`` (Llama's ``rotate_half``)."""
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def rotary_reference(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary position embedding ``x * cos + rotate_half(x) * sin`` of q ``(B, Hq, S, D)`` and k
+    ``(B, Hk, S, D)``, cos/sin broadcastable to ``(B, 1, S, D)``; computed in fp32 (fp64 for fp64
+    inputs), returned in q's and k's dtypes."""
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    c, s = cos.to(compute), sin.to(compute)
+    rotated = [(x.to(compute) * c + rotate_half(x.to(compute)) * s).to(x.dtype) for x in (q, k)]
+    return rotated[0], rotated[1]
