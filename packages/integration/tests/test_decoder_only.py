@@ -109,6 +109,8 @@ def test_prefill_matches_hugging_face(kit, family, dtype):
     # 4 query heads over 2 key/value heads: the kernel reads them in place, masked or not
     grouped = [graph.fired.get("attention_gqa", 0) for graph in report.graphs]
     assert grouped == [0 if family == "gpt2" else LAYERS] * 2, str(report)
+    rotary = [graph.fired.get("rotary", 0) for graph in report.graphs]  # q's and k's in one launch
+    assert rotary == [0 if family == "gpt2" else LAYERS] * 2, str(report)
     if not on_gpu():  # the left-padded causal mask, proven by replay (transformers 5.25's spelling)
         assert report.graphs[0].attention_masks == {"key padding [B, K] + causal": LAYERS}, str(report)
     if family == "gpt2":  # Conv1D projections, gelu_new written out and the residual adds: all fused
@@ -139,6 +141,7 @@ def test_greedy_generation_matches_hugging_face(kit, family):
     if family == "llama":  # the step reads the 2 key/value heads, not repeat_kv's copies of the cache
         assert report.graphs[0].fired["attention_gqa_decode"] == LAYERS, str(report)
         assert report.graphs[1].fired["attention_gqa"] == LAYERS, str(report)  # the prefill: no repeat_kv
+        assert all(graph.fired["rotary"] == LAYERS for graph in report.graphs), str(report)
     if on_gpu():  # the decode step and the prefill, each captured whole
         captures = optimized.kernl_decoder_graphs.captures
         assert len(captures) == 2 and all(c.graph is not None for c in captures.values()), captures

@@ -703,3 +703,55 @@ def test_t5_overflow_guard(inject):
     assert record.fired["overflow_guard"] == 2 and record.kept == {}
     for actual, expected in zip(compiled(a, b), fn(a, b), strict=True):
         torch.testing.assert_close(actual, expected, rtol=0, atol=0)
+
+
+def rotate_half(x):  # transformers' rotate_half, as written there
+    x1 = x[..., : x.shape[-1] // 2]
+    x2 = x[..., x.shape[-1] // 2 :]
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def rotate_half_by_chunks(x):  # the same function, spelled otherwise
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([x2 * -1, x1], -1)
+
+
+def rotate_pairs(x):  # GPT-J's interleaved rotation: not rotate_half
+    return torch.stack((-x[..., 1::2], x[..., ::2]), dim=-1).flatten(-2)
+
+
+def test_rotary_embeddings_of_q_and_k_become_one_call():
+    def fn(q, k, cos, sin, k2):
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        q_embed = (q * cos) + (rotate_half(q) * sin)  # transformers' apply_rotary_pos_emb
+        k_embed = (k * cos) + (rotate_half(k) * sin)
+        q_swapped = sin * rotate_half_by_chunks(q) + cos * q  # operands in the other order
+        k_swapped = k * cos + rotate_half_by_chunks(k) * sin
+        not_rotary = k2 * cos + rotate_pairs(k2) * sin  # left as it is
+        return q_embed, k_embed, q_swapped, k_swapped, not_rotary
+
+    g = torch.Generator().manual_seed(8)
+    q = torch.randn(2, 7, 4, 16, generator=g).transpose(1, 2)  # HF's (B, S, H, D) projection, viewed
+    k, k2 = (torch.randn(2, 7, 2, 16, generator=g).transpose(1, 2) for _ in range(2))
+    angles = torch.randn(2, 7, 8, generator=g).repeat(1, 1, 2)
+    cos, sin = angles.cos(), angles.sin()
+    record, gm, compiled = rewritten(fn, q, k, cos, sin, k2)
+    assert record.fired["rotary"] == 2, record
+    assert sum(n.op == "call_function" and n.target is torch.cat for n in gm.graph.nodes) == 0
+    assert sum(is_method_call(n, "flatten") for n in gm.graph.nodes) == 1  # the interleaved one stays
+    check_same(fn, compiled, q, k, cos, sin, k2)
+
+
+def test_a_rotary_sum_without_a_partner_or_with_other_angles_stays_pytorch():
+    def fn(q, k, cos, sin):
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        alone = q * cos + rotate_half(q) * sin
+        other_angles = k * sin + rotate_half(k) * cos  # q's and k's angles differ: no pair
+        return alone, other_angles
+
+    g = torch.Generator().manual_seed(9)
+    q, k = (torch.randn(1, 3, 5, 8, generator=g) for _ in range(2))
+    cos, sin = torch.randn(1, 5, 8, generator=g), torch.randn(1, 5, 8, generator=g)
+    record, _, compiled = rewritten(fn, q, k, cos, sin)
+    assert record.fired["rotary"] == 0
+    check_same(fn, compiled, q, k, cos, sin)

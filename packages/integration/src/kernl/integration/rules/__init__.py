@@ -35,6 +35,7 @@ def _rules() -> list[Rule]:
         linear_act,
         overflow_guard,
         rms_norm,
+        rotary,
     )
 
     return [
@@ -43,6 +44,7 @@ def _rules() -> list[Rule]:
         attention_gqa.RULE,
         attention_sdpa.RULE,
         attention_eager.RULE,
+        rotary.RULE,
         gated_ffn.RULE,
         conv1d.RULE,
         linear_act.RULE,
