@@ -17,7 +17,8 @@ from typing import NamedTuple
 import torch
 from torch import fx
 
-from kernl.flash_attention import rotary
+from kernl.flash_attention import SUPPORTED_DTYPES, rotary
+from kernl.flash_attention.functional import MAX_ROTARY_DIM
 from kernl.flash_attention.reference import rotate_half
 from kernl.integration import fallback
 from kernl.integration.rules import Rule
@@ -25,7 +26,6 @@ from kernl.integration.rules._fx import example, is_add, is_op
 
 MUL_TARGETS = (operator.mul, torch.mul)
 MAX_ROTATE_NODES = 8  # rotate_half is 4 nodes as transformers writes it; a bound on the walk back to x
-MAX_ROTARY_DIM = 256
 
 
 class RotaryTerms(NamedTuple):
@@ -97,16 +97,7 @@ def _angles_fit(node: fx.Node, x: fx.Node, cos, sin) -> bool:
     full = (ex.shape[0], 1, ex.shape[2], ex.shape[3])
     lead = 4 - ec.dim()
     fits = lead >= 0 and all(size in (1, full[lead + i]) for i, size in enumerate(ec.shape))
-    return (
-        fits
-        and len({ex.dtype, ec.dtype, es.dtype, eo.dtype}) == 1
-        and ex.dtype
-        in (
-            torch.float16,
-            torch.bfloat16,
-            torch.float32,
-        )
-    )
+    return fits and len({ex.dtype, ec.dtype, es.dtype, eo.dtype}) == 1 and ex.dtype in SUPPORTED_DTYPES
 
 
 def rotary_terms(node: fx.Node) -> RotaryTerms | None:
