@@ -26,15 +26,25 @@ QKV_LAYOUTS = ["contiguous", "padded_rows", "transposed", "hf_heads"]
 more_on_cpu = settings(max_examples=60) if not on_gpu() else settings()
 
 
-def make_qkv(b, h, n_q, n_k, d, dtype, specs, layouts):
-    """q, k, v; layout "hf_heads" is a ``(B, S, H, D)`` projection viewed as ``(B, H, S, D)``, as HF does."""
+def make_qkv(b, h, n_q, n_k, d, dtype, specs, layouts, kv_heads=None):
+    """q, k, v (k/v with ``kv_heads`` heads, default ``h``); layout "hf_heads" is a ``(B, S, H, D)``
+    projection viewed as ``(B, H, S, D)``, as HF does."""
+    kv_heads = h if kv_heads is None else kv_heads
     tensors = []
-    for length, spec, layout in zip((n_q, n_k, n_k), specs, layouts, strict=True):
+    for length, heads, spec, layout in zip(
+        (n_q, n_k, n_k), (h, kv_heads, kv_heads), specs, layouts, strict=True
+    ):
         if layout == "hf_heads":
-            tensors.append(make_tensor((b, length, h, d), dtype, spec).transpose(1, 2))
+            tensors.append(make_tensor((b, length, heads, d), dtype, spec).transpose(1, 2))
         else:
-            tensors.append(make_tensor((b, h, length, d), dtype, spec, layout))
+            tensors.append(make_tensor((b, heads, length, d), dtype, spec, layout))
     return tensors
+
+
+def per_query_head(t, heads):
+    """k or v ``(B, H_kv, K, D)`` as ``(B, heads, K, D)``: query head ``h`` gets key/value head
+    ``h // (heads / H_kv)`` (grouped-query attention spelled out by indexing)."""
+    return t[:, torch.arange(heads, device=t.device) // (heads // t.shape[1])]
 
 
 def visible_keys(q, k, mask, key_padding_mask, causal, cache_len):
@@ -57,6 +67,7 @@ def eager_attention(
     q, k, v, scale, bias=None, mask=None, key_padding_mask=None, causal=False, cache_len=None
 ):
     """What plain PyTorch gives in q's dtype, as HF's eager attention: scores and probabilities rounded."""
+    k, v = per_query_head(k, q.shape[1]), per_query_head(v, q.shape[1])
     scores = (q @ k.transpose(-1, -2)) * scale
     if bias is not None:
         scores = scores + bias.to(q.dtype)
@@ -96,6 +107,53 @@ def test_attention_matches_reference(shape, dtype, layouts, specs, causal, scale
     q, k, v = make_qkv(b, h, n_q, n_k, d, dtype, specs, layouts)
     out = attention(q, k, v, scale=scale, causal=causal)
     check(out, q, k, v, 1.0 / math.sqrt(d) if scale is None else scale, causal=causal)
+
+
+@st.composite
+def grouped_shapes(draw, max_len=MAX_LEN):
+    """(B, H, H_kv, Q, K, D) with ``H = group * H_kv``, ``group >= 2``."""
+    b, _, n_q, n_k, d = draw(shapes(max_len))
+    kv_heads, group = draw(st.integers(1, 3 if on_gpu() else 2)), draw(st.sampled_from([2, 3, 4]))
+    return b, kv_heads * group, kv_heads, n_q, n_k, d
+
+
+@given(shape=grouped_shapes(), dtype=dtypes(), layouts=qkv_layouts, specs=qkv_specs, causal=st.booleans(),
+       mask_kind=st.sampled_from(["none", "bool_b1qk", "float_b1qk"]),
+       kpm_kind=st.sampled_from(["none", "lengths", "prefix", "scattered"]))  # fmt: skip
+def test_grouped_query_attention_matches_reference(shape, dtype, layouts, specs, causal, mask_kind, kpm_kind):
+    """k/v with fewer heads than q: each query head reads its group's key/value head in place."""
+    b, h, kv_heads, n_q, n_k, d = shape
+    q, k, v = make_qkv(b, h, n_q, n_k, d, dtype, specs, layouts, kv_heads)
+    mask = make_mask(mask_kind, b, h, n_q, n_k, dtype, specs[1].seed)
+    kpm = make_key_padding(kpm_kind, b, n_k, specs[2].seed)
+    out = attention(q, k, v, scale=0.3, mask=mask, key_padding_mask=kpm, causal=causal)
+    check(out, q, k, v, 0.3, mask=mask, key_padding_mask=kpm, causal=causal)
+
+
+@settings(max_examples=10)
+@given(shape=grouped_shapes(), n_q=st.integers(1, 4), dtype=dtypes(), spec=value_specs(), data=st.data())
+def test_grouped_query_decode_matches_reference(shape, n_q, dtype, spec, data):
+    """attention_decode over a grouped cache: split-KV with a per-row cache length tensor."""
+    b, h, kv_heads, _, n_k, d = shape
+    q, k, v = make_qkv(
+        b, h, n_q, 4 * n_k, d, dtype, [spec] * 3, ["contiguous", "transposed", "hf_heads"], kv_heads
+    )
+    lengths = data.draw(st.lists(st.integers(0, 4 * n_k), min_size=b, max_size=b))
+    cache_len = torch.tensor(lengths, device=TEST_DEVICE, dtype=torch.int32)
+    out = attention_decode(q, k, v, cache_len, scale=0.2)
+    check(out, q, k, v, 0.2, cache_len=cache_len)
+
+
+def test_grouped_reference_reads_key_value_head_h_over_group():
+    """The definition, head by head: with 6 query heads over 2 key/value heads, heads 0-2 read key/value
+    head 0 and heads 3-5 head 1 (not ``h % H_kv``)."""
+    q, k, v = make_qkv(
+        2, 6, 5, 9, 16, torch.float64, [ValueSpec(i, 1.0, 0.0) for i in range(3)], ["contiguous"] * 3, 2
+    )
+    grouped = attention_reference(q, k, v, causal=True)
+    for head in range(6):
+        alone = attention_reference(q[:, [head]], k[:, [head // 3]], v[:, [head // 3]], causal=True)
+        torch.testing.assert_close(grouped[:, [head]], alone)
 
 
 def make_mask(kind, b, h, n_q, n_k, dtype, seed):

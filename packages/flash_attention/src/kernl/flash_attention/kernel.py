@@ -17,6 +17,9 @@ third grid axis cuts the valid key range into equal chunks of whole blocks (spli
 one token against a long cache; the valid length may be known only here, from a cache-length
 tensor): each program writes its unnormalised ``acc``, ``m`` and ``l``, merged by :mod:`.merge`.
 
+Grouped-query attention: ``group`` query heads share each key/value head (``group = 1``: one each);
+query head ``h`` reads key/value head ``h // group`` in place, so no ``repeat_kv`` copy is made.
+
 Key padding: ``KPM_KIND`` 1 = per-batch lengths (the loop stops there); 2 = a bool ``[B, K]`` mask,
 scanned first for its last valid key (the loop stops there too) and applied block by block only
 when it is not a prefix. ``MASK_KIND`` 1 = bool mask (True = attend), 2 = additive float mask.
@@ -31,7 +34,7 @@ LOG2E = tl.constexpr(1.4426950408889634)
 @triton.jit
 def _attn_fwd_kernel(
     Q, K, V, OUT, BIAS, MASK, KPM, CACHE_LEN, PART_ML,
-    scale, qk_scale, n_q, n_k, n_heads,
+    scale, qk_scale, n_q, n_k, n_heads, group,
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod,
     sbb, sbh, sbm, sbn, smb, smh, smm, smn, skpb, skpn, scl,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -47,6 +50,7 @@ def _attn_fwd_kernel(
     split = tl.program_id(2)
     b = (off_bh // n_heads).to(tl.int64)
     h = (off_bh % n_heads).to(tl.int64)
+    h_kv = h // group  # grouped-query attention: query heads h_kv * group onwards share one key/value head
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -86,8 +90,8 @@ def _attn_fwd_kernel(
     q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
     if ACC_DTYPE == tl.float64:  # fp32 inputs: dots and softmax in fp64 (the scale arrives as fp32)
         q = q.to(tl.float64)
-    k_base = K + b * skb + h * skh + offs_d[:, None] * skd
-    v_base = V + b * svb + h * svh + offs_d[None, :] * svd
+    k_base = K + b * skb + h_kv * skh + offs_d[:, None] * skd
+    v_base = V + b * svb + h_kv * svh + offs_d[None, :] * svd
     bias_base = BIAS + b * sbb + h * sbh + rows[:, None] * sbm
     mask_base = MASK + b * smb + h * smh + rows[:, None] * smm
 

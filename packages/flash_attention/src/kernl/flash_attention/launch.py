@@ -82,7 +82,8 @@ def attention_forward(
     causal: bool,
     config: LaunchConfig | None = None,
 ) -> torch.Tensor:
-    """Launch on validated inputs: q ``(B, H, Q, D)``, k/v ``(B, H, K, D)``, any strides.
+    """Launch on validated inputs: q ``(B, H, Q, D)``, k/v ``(B, H_kv, K, D)`` (``H % H_kv == 0``: query
+    head ``h`` reads key/value head ``h // (H / H_kv)``), any strides.
 
     bias/mask broadcastable to ``(B, H, Q, K)``; key_padding_mask bool ``(B, K)`` (True = attend) or
     int32 lengths ``(B,)``; cache_len int32 ``()`` or ``(B,)``. Returns ``(B, H, Q, D)`` in q's dtype,
@@ -119,7 +120,7 @@ def attention_forward(
     _attn_fwd_kernel[grid](
         q, k, v, target, bias if bias is not None else q, mask_arg if mask is not None else q,
         kpm_arg if kpm_arg is not None else q, cache_len if cache_len is not None else q, part_ml,
-        scale, scale * LOG2E.value, n_q, n_k, heads,
+        scale, scale * LOG2E.value, n_q, n_k, heads, heads // k.shape[1],
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         *_strides4(bias, full), *_strides4(mask, full), *kpm_strides,
         cache_len.stride(0) if cache_len is not None and cache_len.dim() == 1 else 0,
