@@ -28,9 +28,10 @@ def varlen_launch_config(head_dim: int, dtype: torch.dtype, device: torch.device
 
 
 def varlen_grid(n_tokens: int, n_seqs: int, heads: int, block_m: int) -> tuple[int, int]:
-    """``(cdiv(T, BLOCK_M) + S, H)``: enough tiles for any split of ``T`` tokens into ``S`` sequences
-    plus a padding tail (each cut adds at most one partial tile), from shapes only."""
-    return triton.cdiv(n_tokens, block_m) + n_seqs, heads
+    """``(min(T, cdiv(T, BLOCK_M) + S), H)``: enough tiles for any split of ``T`` tokens into ``S`` sequences
+    plus a padding tail (each cut adds at most one partial tile, and every tile holds a token), from
+    shapes only."""
+    return min(n_tokens, triton.cdiv(n_tokens, block_m) + n_seqs), heads
 
 
 def attention_varlen_forward(

@@ -6,9 +6,11 @@ Sequence ``s`` is tokens ``[cu[s], cu[s + 1])``; each query sees only the keys o
 Work is cut into tiles of ``BLOCK_M`` query rows that never straddle two sequences: sequence ``s``
 owns ``cdiv(len_s, BLOCK_M)`` tiles, numbered one after another in sequence order, then the padding
 tail owns ``cdiv(T - cu[S], BLOCK_M)`` tiles, written as zeros. Summed, that is at most
-``cdiv(T, BLOCK_M) + S`` tiles whatever the split of ``T`` into sequences, so the grid is
-``(cdiv(T, BLOCK_M) + S, H)`` from shapes alone (CUDA graphs replay it for any ``cu`` values);
-programs past the last tile skip all work. Each program finds its tile by scanning ``cu`` on the
+``cdiv(T, BLOCK_M) + S`` tiles whatever the split of ``T`` into sequences, and at most ``T`` (each tile
+holds a token), so the grid is ``(min(T, cdiv(T, BLOCK_M) + S), H)`` from shapes alone (CUDA graphs
+replay it for any ``cu`` values); programs past the last tile skip all work after the scan. Callers
+that pad ``cu`` to a fixed length keep ``S`` to the rows they can have, not the tokens: every spare
+program still scans the ``S + 1`` offsets. Each program finds its tile by scanning ``cu`` on the
 device (a running sum of tile counts, ``SCAN_BLOCK`` sequences at a time), then runs the online
 softmax of :mod:`.kernel` over its own sequence's keys only: interior key blocks without any check,
 the last (and, when causal, the diagonal) blocks with the key-range and causal checks.
