@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from kernl.flash_attention import attention, attention_varlen, attention_varlen_reference
 from kernl.flash_attention.launch import LaunchConfig
-from kernl.flash_attention.launch_varlen import attention_varlen_forward, varlen_grid
+from kernl.flash_attention.launch_varlen import attention_varlen_forward, varlen_grid, varlen_launch_config
 from kernl_testing import (
     TEST_DEVICE,
     ValueSpec,
@@ -151,8 +151,10 @@ def test_tokens_outside_a_sequence_never_reach_it():
 
 
 @pytest.mark.parametrize(
-    "config", [LaunchConfig(16, 32, 4, 1), LaunchConfig(32, 16, 4, 1), LaunchConfig(64, 64, 4, 1)]
-)
+    "config",
+    [LaunchConfig(16, 32, 4, 1), LaunchConfig(32, 16, 4, 1), LaunchConfig(64, 64, 4, 1),
+     LaunchConfig(16, 32, 4, 1, tma=True), LaunchConfig(32, 16, 4, 1, tma=True)],
+)  # fmt: skip
 @pytest.mark.parametrize("causal", [False, True])
 def test_tile_sizes(config, causal):
     """Other tiles than the heuristic's: query tiles wider than some sequences, key blocks narrower."""
@@ -203,18 +205,25 @@ ROW_CAPACITY_LAYOUTS = {
 }
 
 
+@pytest.mark.parametrize("tma", [False, True])
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("layout", ROW_CAPACITY_LAYOUTS.values(), ids=ROW_CAPACITY_LAYOUTS.keys())
-def test_offsets_padded_to_a_row_capacity(layout, causal):
+def test_offsets_padded_to_a_row_capacity(layout, causal, tma):
     """The packed encoders' layout: ``T`` tokens (a token bucket), the real rows' offsets padded with empty
-    rows to a fixed row capacity, a tail of padding tokens; grids bounded by tokens and by rows."""
+    rows to a fixed row capacity, a tail of padding tokens holding NaN; grids bounded by tokens and by
+    rows; pointer and descriptor loads (which read the tail)."""
     lengths, tail, rows = layout
     n_tokens = sum(lengths) + tail
-    q, k, v = (make_packed(n_tokens, 3, 16, torch.float16, ValueSpec(i, 1.0, 0.0)) for i in range(3))
+    q, k, v = (
+        make_packed(n_tokens, 3, 16, torch.float16, ValueSpec(i, 1.0, 0.0), "from_4d") for i in range(3)
+    )
     for t in (q, k, v):
-        t[sum(lengths) :] = float("nan")  # the tail is never read
+        t[sum(lengths) :] = float("nan")  # the tail is never used
     cu_seqlens = padded_offsets(lengths, rows)
-    check(attention_varlen(q, k, v, cu_seqlens, causal=causal), q, k, v, cu_seqlens, 0.25, causal)
+    config = varlen_launch_config(16, q.dtype, q.device)._replace(tma=tma)
+    check(
+        attention_varlen_forward(q, k, v, cu_seqlens, 0.25, causal, config), q, k, v, cu_seqlens, 0.25, causal
+    )
 
 
 def _spread_tokens(t, step, offset):
