@@ -19,7 +19,8 @@ random tokens (1 to 32 rows) in a call padded to its token bucket ``T``; kernl's
 ``(T, 12, 64)`` with the offsets padded to the packing's row capacity (``row_capacity(T) + 1``, today's
 layout) against the layout packing used before, one empty row per bucket token (``T + 1`` offsets,
 built here only), the exact offsets on the real tokens alone (no bucket), and FlashAttention-2 varlen on
-the real tokens. Writes flash_attention_varlen_buckets.json.
+the real tokens; ``row_capacity_tma`` is the row-capacity layout with the tensor-descriptor load
+candidate. Writes flash_attention_varlen_buckets.json.
 Run: python packages/flash_attention/benchmarks/bench_varlen.py [sweep | buckets]
 """
 
@@ -38,6 +39,8 @@ HEADS, HEAD_DIM = 12, 64
 SWEEP_CONFIGS = [LaunchConfig(*c) for c in (
     (64, 64, 4, 3), (64, 64, 4, 2), (64, 64, 4, 4), (64, 128, 4, 3), (64, 32, 4, 3), (128, 64, 8, 3),
     (128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 8, 3), (32, 64, 4, 3), (128, 32, 4, 3),
+    (64, 64, 4, 3, 1, True), (128, 64, 8, 3, 1, True), (128, 128, 8, 3, 1, True), (64, 128, 4, 3, 1, True),
+    (128, 64, 4, 3, 1, True),
 )]  # fmt: skip
 
 
@@ -140,6 +143,12 @@ def bucket_case(rows: int, seed: int) -> dict:
         out = fn()
         torch.testing.assert_close(out[:tokens], reference, atol=0, rtol=0, msg=name)
         assert not out[tokens:].any(), name
+    tma = varlen_launch_config(HEAD_DIM, q.dtype, q.device)._replace(tma=True)
+    cu = layouts["row_capacity"]
+    torch.testing.assert_close(
+        attention_varlen_forward(q, k, v, cu, HEAD_DIM**-0.5, False, tma)[:tokens], reference
+    )
+    fns["row_capacity_tma"] = lambda: attention_varlen_forward(q, k, v, cu, HEAD_DIM**-0.5, False, tma)
     fns["exact_tokens"] = lambda: attention_varlen(q[:tokens], k[:tokens], v[:tokens], exact)
     fns["flash_varlen_exact"] = lambda: flash_varlen(
         q[:tokens], k[:tokens], v[:tokens], exact, max(lengths), False
