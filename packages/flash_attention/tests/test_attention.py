@@ -389,10 +389,9 @@ def test_tensors_on_a_gpu_other_than_the_current_one():
 # holding NaN (descriptors read them), head dimensions below the tile, query and key tails, split-KV,
 # and layouts a descriptor cannot describe.
 CANDIDATE_DTYPES = [torch.float16, torch.bfloat16] if on_gpu() else [torch.float16]
-if on_gpu():
-    CANDIDATES = [LaunchConfig(128, 64, 8, 3, tma=True), LaunchConfig(64, 64, 4, 3, tma=True),
-                  LaunchConfig(128, 128, 8, 3, tma=True), LaunchConfig(128, 64, 8, 3, tma=True, warp_specialize=True),
-                  LaunchConfig(64, 128, 4, 2, tma=True, warp_specialize=True), LaunchConfig(16, 64, 4, 3, 4, tma=True)]  # fmt: skip
+if on_gpu():  # one tile each way (compiles dominate: masks x causal x dtypes per candidate)
+    CANDIDATES = [LaunchConfig(128, 64, 8, 3, tma=True), LaunchConfig(128, 64, 8, 3, tma=True, warp_specialize=True),
+                  LaunchConfig(16, 64, 4, 3, 4, tma=True)]  # fmt: skip
 else:
     CANDIDATES = [LaunchConfig(16, 16, 4, 1, tma=True), LaunchConfig(32, 16, 4, 1, tma=True, warp_specialize=True),
                   LaunchConfig(16, 32, 4, 1, 3, tma=True)]  # fmt: skip
