@@ -20,7 +20,8 @@ class LaunchConfig(NamedTuple):
     """Block of queries and keys per step, warps, pipeline depth, how many KV splits, and how the dense
     kernel loads q, k and v: ``tma`` through tensor descriptors (fp16/bf16 inputs whose layout a
     descriptor can describe, see :func:`descriptor_layout_ok`; pointer loads otherwise),
-    ``warp_specialize`` its interior key loop split into producer and consumer warps by Triton."""
+    ``warp_specialize`` its interior key loop split into producer and consumer warps by Triton (with
+    descriptor loads only: ignored where the loads fall back to pointers)."""
 
     block_m: int
     block_n: int
@@ -157,7 +158,7 @@ def attention_forward(
         SCAN_BLOCK=min(max(16, triton.next_power_of_2(n_k)), 4096 if q.is_cuda else 32), SPLIT=splits > 1,
         ACC_DTYPE=tl.float64 if wide else tl.float32,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, USE_PDL=pdl, launch_pdl=pdl,
-        TMA=tma, WARP_SPECIALIZE=cfg.warp_specialize,
+        TMA=tma, WARP_SPECIALIZE=cfg.warp_specialize and tma,  # pointer loads: the pass does not compile
     )  # fmt: skip
     if splits > 1:
         _merge_kernel[(n_q, batch * heads)](
