@@ -444,7 +444,7 @@ def test_candidate_matches_reference(config, mask, causal):
 @pytest.mark.parametrize("config", CANDIDATES[:2], ids=CANDIDATE_IDS[:2])
 def test_layouts_a_descriptor_cannot_describe_fall_back_to_pointer_loads(config):
     """A last-dimension stride above 1, a row stride of 8 bytes (head_dim 4), fp32 inputs (computed in
-    fp64): pointer loads, same results."""
+    fp64), no key at all: pointer loads, same results."""
     strided = make_tensor((1, 2, 33, 48), torch.float16, ValueSpec(1, 1.0, 0.0))[..., ::2]
     narrow = make_tensor((1, 2, 33, 4), torch.float16, ValueSpec(2, 1.0, 0.0))
     wide = make_tensor((1, 2, 33, 16), torch.float32, ValueSpec(3, 1.0, 0.0))
@@ -453,3 +453,13 @@ def test_layouts_a_descriptor_cannot_describe_fall_back_to_pointer_loads(config)
             assert not descriptor_layout_ok(t)
         out = attention_forward(t, t, t, 0.3, None, None, None, None, True, config)
         check(out, t, t, t, 0.3, causal=True)
+    q = make_tensor((1, 2, 5, 16), torch.float16, ValueSpec(4, 1.0, 0.0))
+    no_keys = q[:, :, :0]
+    assert not descriptor_layout_ok(no_keys)
+    check(
+        attention_forward(q, no_keys, no_keys, 0.3, None, None, None, None, False, config),
+        q,
+        no_keys,
+        no_keys,
+        0.3,
+    )

@@ -33,10 +33,10 @@ class LaunchConfig(NamedTuple):
 
 
 def descriptor_layout_ok(t: torch.Tensor) -> bool:
-    """Whether a tensor descriptor can describe ``t`` in place: unit last stride, the other strides
-    positive multiples of 16 bytes, a 16-byte aligned start (the bulk-copy unit's rules)."""
+    """Whether a tensor descriptor can describe ``t`` in place: no empty dimension, unit last stride, the
+    other strides positive multiples of 16 bytes, a 16-byte aligned start (the bulk-copy unit's rules)."""
     size = t.element_size()
-    if t.stride(-1) != 1 or t.data_ptr() % 16:
+    if t.numel() == 0 or t.stride(-1) != 1 or t.data_ptr() % 16:
         return False
     return all(stride > 0 and stride * size % 16 == 0 for stride in t.stride()[:-1])
 
