@@ -27,9 +27,8 @@ for step in $steps; do
     varlen_tests)
       run_tests packages/flash_attention/tests/test_errors.py 40
       run_tests packages/flash_attention/tests/test_varlen.py 150 ;;
-    candidate_tests)  # the dense kernel's suite with each load candidate in place of the heuristic's loads
-      KERNL_TEST_ATTENTION_LOADS=tma run_tests packages/flash_attention/tests/test_attention.py 150
-      KERNL_TEST_ATTENTION_LOADS=tma+ws run_tests packages/flash_attention/tests/test_attention.py 150 ;;
+    candidate_tests)  # the attention suite with a load candidate ($KERNL_TEST_ATTENTION_LOADS, default tma)
+      KERNL_TEST_ATTENTION_LOADS="${KERNL_TEST_ATTENTION_LOADS:-tma}" run_tests packages/flash_attention/tests/test_attention.py 150 ;;
     candidates) timeout 280 python3 packages/flash_attention/benchmarks/sweep_flash_attention_config.py candidates 2>&1 | tee "$OUT/candidates.log" ;;
     buckets) timeout 170 python3 packages/flash_attention/benchmarks/bench_varlen.py buckets 2>&1 | tee "$OUT/bench_varlen_buckets.log" ;;
     bench) timeout 120 python3 packages/flash_attention/benchmarks/bench_flash_attention.py 2>&1 | tee "$OUT/bench.log" ;;
