@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kernl.flash_attention import attention, attention_decode, attention_reference
-from kernl.flash_attention.launch import LaunchConfig, attention_forward
+from kernl.flash_attention.launch import LaunchConfig, attention_forward, descriptor_layout_ok
 from kernl_testing import (
     TEST_DEVICE,
     ValueSpec,
@@ -439,3 +439,85 @@ def test_tensors_on_a_gpu_other_than_the_current_one():
     torch.cuda.synchronize(1)
     check(outs[0], q, k, v, 0.125, key_padding_mask=lengths)
     check(outs[1], q[:, :, :1], k, v, 0.125, key_padding_mask=lengths)
+
+
+# The dense kernel's load candidates (tensor descriptors, warp specialisation). The whole suite also runs
+# with a candidate in place of the heuristic's loads through KERNL_TEST_ATTENTION_LOADS (conftest.py);
+# here each candidate meets the cases where its loads differ from pointer loads: keys past a valid length
+# holding NaN (descriptors read them), head dimensions below the tile, query and key tails, split-KV,
+# and layouts a descriptor cannot describe.
+CANDIDATE_DTYPES = [torch.float16, torch.bfloat16] if on_gpu() else [torch.float16]
+if on_gpu():  # one tile each way (compiles dominate: masks x causal x dtypes per candidate)
+    CANDIDATES = [LaunchConfig(128, 64, 8, 3, tma=True), LaunchConfig(128, 64, 8, 3, tma=True, warp_specialize=True),
+                  LaunchConfig(16, 64, 4, 3, 4, tma=True)]  # fmt: skip
+else:
+    CANDIDATES = [LaunchConfig(16, 16, 4, 1, tma=True), LaunchConfig(32, 16, 4, 1, tma=True, warp_specialize=True),
+                  LaunchConfig(16, 32, 4, 1, 3, tma=True)]  # fmt: skip
+CANDIDATE_IDS = [
+    f"{c.block_m}x{c.block_n}w{c.num_warps}s{c.num_stages}k{c.num_splits}{'-ws' if c.warp_specialize else ''}"
+    for c in CANDIDATES
+]
+CANDIDATE_MASKS = ["none", "lengths_nan_past", "bool_kpm", "bool_mask", "additive_mask", "bias"]
+
+
+def _masks(kind, q, k, v):
+    """Keyword masks for ``kind``; "lengths_nan_past" also fills k and v past each length with NaN."""
+    b, h, n_q, _ = q.shape
+    n_k = k.shape[2]
+    g = torch.Generator().manual_seed(n_q * 31 + n_k)
+    if kind == "none":
+        return {}
+    if kind == "lengths_nan_past":
+        lengths = torch.randint(0, n_k + 1, (b,), generator=g)
+        lengths[0] = max(1, n_k - 5)
+        for i, length in enumerate(lengths.tolist()):
+            k[i, :, length:] = float("nan")
+            v[i, :, length:] = float("nan")
+        return {"key_padding_mask": lengths.to(torch.int32).to(TEST_DEVICE)}
+    if kind == "bool_kpm":  # not a prefix: applied block by block
+        return {"key_padding_mask": (torch.rand(b, n_k, generator=g) > 0.3).to(TEST_DEVICE)}
+    if kind == "bool_mask":
+        return {"mask": (torch.rand(b, 1, n_q, n_k, generator=g) > 0.25).to(TEST_DEVICE)}
+    if kind == "additive_mask":
+        mask = torch.where(torch.rand(b, 1, n_q, n_k, generator=g) > 0.25, 0.0, float("-inf"))
+        return {"mask": mask.to(q.dtype).to(TEST_DEVICE)}
+    return {"bias": make_tensor((1, h, n_q, n_k), q.dtype, ValueSpec(9, 1.0, 0.0))}
+
+
+@pytest.mark.parametrize("config", CANDIDATES, ids=CANDIDATE_IDS)
+@pytest.mark.parametrize("mask", CANDIDATE_MASKS)
+@pytest.mark.parametrize("causal", [False, True])
+def test_candidate_matches_reference(config, mask, causal):
+    b, h, n_q, n_k, d = (2, 3, 45, 37, 24) if not on_gpu() else (2, 3, 300, 257, 80)
+    for dtype in CANDIDATE_DTYPES:
+        layouts = ["hf_heads", "contiguous", "hf_heads"]
+        q, k, v = make_qkv(b, h, n_q, n_k, d, dtype, [ValueSpec(i, 1.0, 0.0) for i in range(3)], layouts)
+        masks = _masks(mask, q, k, v)
+        assert all(descriptor_layout_ok(t) for t in (q, k, v))  # the descriptor path is the one tested
+        out = attention_forward(q, k, v, 0.3, masks.get("bias"), masks.get("mask"),
+                                masks.get("key_padding_mask"), None, causal, config)  # fmt: skip
+        check(out, q, k, v, 0.3, causal=causal, **masks)
+
+
+@pytest.mark.parametrize("config", CANDIDATES[:2], ids=CANDIDATE_IDS[:2])
+def test_layouts_a_descriptor_cannot_describe_fall_back_to_pointer_loads(config):
+    """A last-dimension stride above 1, a row stride of 8 bytes (head_dim 4), fp32 inputs (computed in
+    fp64), no key at all: pointer loads, same results."""
+    strided = make_tensor((1, 2, 33, 48), torch.float16, ValueSpec(1, 1.0, 0.0))[..., ::2]
+    narrow = make_tensor((1, 2, 33, 4), torch.float16, ValueSpec(2, 1.0, 0.0))
+    wide = make_tensor((1, 2, 33, 16), torch.float32, ValueSpec(3, 1.0, 0.0))
+    for t in (strided, narrow, wide):
+        if t.dtype != torch.float32:
+            assert not descriptor_layout_ok(t)
+        out = attention_forward(t, t, t, 0.3, None, None, None, None, True, config)
+        check(out, t, t, t, 0.3, causal=True)
+    q = make_tensor((1, 2, 5, 16), torch.float16, ValueSpec(4, 1.0, 0.0))
+    no_keys = q[:, :, :0]
+    assert not descriptor_layout_ok(no_keys)
+    check(
+        attention_forward(q, no_keys, no_keys, 0.3, None, None, None, None, False, config),
+        q,
+        no_keys,
+        no_keys,
+        0.3,
+    )
