@@ -19,6 +19,12 @@ from kernl.integration.report import OptimizationReport
 SIZE = 96
 
 
+@pytest.fixture(autouse=True)
+def speed_check_on(monkeypatch):
+    """conftest.py turns the check off for the other tests."""
+    monkeypatch.delenv("KERNL_CHECK_SPEED", raising=False)
+
+
 def _light():
     a = torch.ones(SIZE, SIZE)
     return a @ a
@@ -116,9 +122,13 @@ def test_an_interpreted_path_slower_than_pytorch_falls_back_and_the_report_says_
     assert "speed check: kept PyTorch for" in str(report)
 
 
-def test_check_speed_off_or_on_the_cpu_is_said_and_a_non_bool_is_refused(kit):
+def test_check_speed_off_or_on_the_cpu_is_said_and_a_non_bool_is_refused(kit, monkeypatch):
     report = optimize_model(_tiny_bert(kit), check_speed=False)
     assert any("speed check off (check_speed=False)" in note for note in report.notes)
+    monkeypatch.setenv("KERNL_CHECK_SPEED", "off")
+    report = optimize_model(_tiny_bert(kit))
+    assert any("speed check off (KERNL_CHECK_SPEED=0)" in note for note in report.notes)
+    monkeypatch.delenv("KERNL_CHECK_SPEED")
     if kit.device == "cpu":
         report = optimize_model(_tiny_bert(kit))
         assert any("nothing to time on the CPU" in note for note in report.notes)

@@ -16,6 +16,7 @@ from kernl.integration.compile_state import limit_guarded, own_code
 from kernl.integration.copies import copies_unoptimized
 from kernl.integration.forward_graphs import ForwardGraphs
 from kernl.integration.packing import packed_forward
+from kernl.integration.position_tables import precompute_position_tables
 from kernl.integration.report import OptimizationReport
 from kernl.integration.speed_check import speed_check_for
 from kernl.integration.user_warnings import warn
@@ -65,6 +66,7 @@ def install_forward(
     if reason is not None:
         return report
     raise_recompile_limit(64)
+    report.notes += precompute_position_tables(model)  # before the weights' addresses are taken
     static = [*model.parameters(), *model.buffers()]
     backend = KernlBackend(report, static, part)
     original = model.forward

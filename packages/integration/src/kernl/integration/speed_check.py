@@ -8,7 +8,8 @@ timed between CUDA events with the GPU idle before each (so the host's launch wo
 for the caller), after one untimed run of the original forward (its own first-call work). The median
 decides; a tie keeps kernl. The check costs about ``2 x REPLAYS + 1`` forwards per signature, once.
 
-Only calls on a GPU are timed. On the CPU kernl's kernels run through Triton's interpreter, for
+``optimize_model(model, check_speed=False)``, or ``KERNL_CHECK_SPEED=0`` in the environment (tests that
+check kernl's own outputs), turns the check off. Only calls on a GPU are timed. On the CPU kernl's kernels run through Triton's interpreter, for
 checking, not for speed: there is nothing to time, and every call runs kernl's path.
 """
 
@@ -18,6 +19,7 @@ from collections.abc import Callable, Hashable
 
 import torch
 
+from kernl.common.launch import switched_off
 from kernl.integration.report import OptimizationReport, SpeedRecord
 from kernl.integration.user_warnings import warn
 
@@ -117,9 +119,11 @@ class SpeedCheck:
 
 def speed_check_for(report: OptimizationReport, device: torch.device, enabled: bool) -> SpeedCheck | None:
     """The never-slower check of a model on ``device``, or None (with a note in ``report``) when it is
-    turned off or nothing can be timed there."""
-    if not enabled:
-        report.notes.append("speed check off (check_speed=False): every signature runs kernl's path")
+    turned off (``enabled`` False, or the environment variable ``KERNL_CHECK_SPEED=0``) or nothing can be
+    timed there."""
+    if not enabled or switched_off("KERNL_CHECK_SPEED"):
+        why = "check_speed=False" if not enabled else "KERNL_CHECK_SPEED=0"
+        report.notes.append(f"speed check off ({why}): every signature runs kernl's path")
         return None
     if device.type not in TIMED_DEVICE_TYPES:
         report.notes.append(
