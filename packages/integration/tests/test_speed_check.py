@@ -157,7 +157,7 @@ def test_on_a_gpu_a_replay_made_slower_falls_back_to_pytorch(kit, monkeypatch, p
     monkeypatch.setattr(torch.cuda.CUDAGraph, "replay", slow_replay)
     with torch.inference_mode(), pytest.warns(UserWarning, match="kept PyTorch for"):
         model(input_ids=ids, attention_mask=mask)
-    assert [r.kept for r in report.speed] == ["PyTorch"] and report.speed[0].kernl_ms > 20
+    assert [r.kept for r in report.speed] == ["PyTorch"] and report.speed[0].kernl_ms > 10
     assert any(g.runs_as == "CUDA graph (whole forward)" for g in report.graphs)
     with torch.inference_mode():
         again = model(input_ids=ids, attention_mask=mask).last_hidden_state

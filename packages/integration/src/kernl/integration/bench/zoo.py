@@ -293,22 +293,31 @@ def print_table(records: list[dict], title: str, console) -> None:
 def run_zoo(families: list[str], device: str, console, out: Path | None = None) -> list[dict]:
     """Every family of ``families`` on ``device``; prints a table; on a GPU writes ``zoo.json`` and
     ``zoo.png`` into ``out``. A family that raises is recorded with its error, and the others run."""
-    from kernl.integration.bench.run import environment
+    from kernl.integration.bench.run import environment, termination_as_interrupt
 
     records = []
-    for name in families:
-        console.print(f"{name}: building, optimizing, {'timing' if device == 'cuda' else 'checking'}")
-        try:
-            records.append(run_family(name, device))
-        except Exception as error:  # noqa: BLE001 - one family's failure is a result, not the end of the run
-            records.append({"family": name, "error": f"{type(error).__name__}: {error}"})
+    payload = {"environment": environment(), "shape": [BATCH, LENGTH], "records": records}
+    start = time.perf_counter()
+    try:
+        with termination_as_interrupt():
+            for name in families:
+                console.print(f"{name}: building, optimizing, {'timing' if device == 'cuda' else 'checking'}")
+                try:
+                    records.append(run_family(name, device))
+                except Exception as error:  # noqa: BLE001 - a family's failure is a result, not the run's end
+                    records.append({"family": name, "error": f"{type(error).__name__}: {error}"})
+                payload["total_s"] = round(time.perf_counter() - start, 1)
+                if out is not None:  # partial results, kept if the run is cut short
+                    (out / "zoo.json").write_text(json.dumps(payload, indent=2) + "\n")
+    except KeyboardInterrupt:  # Ctrl-C, SIGTERM: report the families measured so far
+        payload["interrupted"] = True
+        console.print("interrupted: reporting the families measured so far")
     if device == "cuda":
         title = f"kernl model zoo, {BATCH} x {LENGTH} half padded, fp16, on {torch.cuda.get_device_name()}"
     else:
         title = "kernl model zoo, tiny configs, 4 x 21 half padded, fp32, on the CPU (Triton interpreter)"
     print_table(records, title, console)
     if out is not None:
-        payload = {"environment": environment(), "shape": [BATCH, LENGTH], "records": records}
         (out / "zoo.json").write_text(json.dumps(payload, indent=2) + "\n")
         chart(records, title).savefig(out / "zoo.png", dpi=120, bbox_inches="tight")
         console.print(f"results written to {out}/zoo.json and .png")
