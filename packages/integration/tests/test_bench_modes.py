@@ -114,7 +114,8 @@ def test_the_zoo_on_a_gpu(tmp_path):
         tmp_path / "zoo.png"
     ).exists()
     for record in records:
-        assert record["speedup_vs_hf"] > 0 and record["max_abs_error_vs_hf_fp32"] < 0.05
+        bound = max(0.05, 4 * record["hf_same_dtype_max_abs_error_vs_hf_fp32"])
+        assert record["speedup_vs_hf"] > 0 and record["max_abs_error_vs_hf_fp32"] <= bound
         assert all(g["runs_as"] == "CUDA graph (whole forward)" for g in record["graphs"]), record["graphs"]
 
 
