@@ -12,6 +12,13 @@ from kernl_testing import assert_matches_reference, on_gpu
 DEVICE = "cuda" if on_gpu() else "cpu"
 
 
+@pytest.fixture(autouse=True)
+def kernl_path_always(monkeypatch):
+    """Tests check kernl's own outputs: the never-slower check (which may hand a signature to PyTorch on a
+    GPU) is off, except in test_speed_check.py, which tests it."""
+    monkeypatch.setenv("KERNL_CHECK_SPEED", "0")
+
+
 def tiny_config(config_class, **overrides):
     """2 layers, hidden 64, 4 heads (head_dim 16): the CPU interpreter runs a forward in seconds."""
     settings = dict(

@@ -9,16 +9,37 @@ import torch
 
 from kernl.integration.arguments import argument_namer, call_kind, default_dropper, input_wants_gradients
 from kernl.integration.buckets import bucket
+from kernl.integration.forward_graphs import signature
 from kernl.integration.padding import cut_outputs, one_sequence_a_row, pad_arguments
+from kernl.integration.speed_check import SpeedCheck
 
 
-def bucketed_forward(model, compiled, original, buckets, pad_id: int, longest: int | None = None):
+def _describe_signature(named: dict) -> str:
+    """E.g. ``batch 8 x length bucket 128``: what the call's graph serves, for the speed check's record."""
+    token_input = named.get("input_ids")
+    token_input = named.get("inputs_embeds") if token_input is None else token_input
+    if token_input is None or token_input.dim() < 2:
+        return "inputs " + ", ".join(f"{k} {tuple(v.shape)}" for k, v in named.items() if hasattr(v, "shape"))
+    return f"batch {token_input.shape[0]} x length bucket {token_input.shape[1]}"
+
+
+def bucketed_forward(
+    model,
+    compiled,
+    original,
+    buckets,
+    pad_id: int,
+    longest: int | None = None,
+    speed: SpeedCheck | None = None,
+):
     """The forward kernl installs: ``compiled`` called by keyword on the arguments padded to a bucket
     length (see the module docstring), ``original`` in training mode or for a call that wants gradients.
 
     ``buckets``: sorted bucket lengths (empty: no padding); ``pad_id``: the token that pads ``input_ids``;
     ``longest``: the positions of the model's position table (None: no table). A longer input without
     ``position_ids`` raises ``ValueError`` naming it (compiling it would fail deep inside TorchDynamo).
+    ``speed``: the never-slower check (:mod:`kernl.integration.speed_check`; None: none), judging each
+    input signature of ``compiled`` against ``original`` on the same (padded) arguments.
     """
     name_arguments = argument_namer(inspect.signature(original))
     drop_defaults = default_dropper(inspect.signature(original), getattr(model, "config", None))
@@ -26,7 +47,14 @@ def bucketed_forward(model, compiled, original, buckets, pad_id: int, longest: i
 
     def call(named: dict):  # by keyword: positional and keyword calls share a capture
         with torch.no_grad():
-            return compiled(**named)
+            if speed is None:
+                return compiled(**named)
+            return speed.run(
+                signature((), named),
+                _describe_signature(named),
+                lambda: compiled(**named),
+                lambda: original(**named),
+            )
 
     @functools.wraps(original)  # inspect.signature(model.forward) still tells the model's arguments
     def forward(*args, **kwargs):

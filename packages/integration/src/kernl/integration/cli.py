@@ -7,7 +7,8 @@ import sys
 
 from kernl.integration.runtime import select_device
 
-# What each command runs on the CPU, as a module a fresh Python can run (see main).
+# What each command runs on the CPU, as a module a fresh Python can run (see main; ``kernl bench``'s
+# depends on its options: bench.run.cpu_plan).
 CPU_MODULES = {"bench": "kernl.integration.bench.cpu_check", "demo": "kernl.integration.demo"}
 CPU_PLANS = {
     "bench": "no speed figures; checking a small embedded Bert through Triton's interpreter on the CPU",
@@ -59,11 +60,11 @@ def _compiled_kernels_imported() -> bool:
     return any(isinstance(value, JITFunction) for m in modules for value in vars(m).values())
 
 
-def run_in_fresh_python(module: str) -> int:
-    """``python -m <module>`` with Triton's interpreter on and no GPU visible, its output passed through
-    line by line; returns its exit code."""
+def run_in_fresh_python(module: str, *arguments: str) -> int:
+    """``python -m <module> <arguments>`` with Triton's interpreter on and no GPU visible, its output
+    passed through line by line; returns its exit code."""
     env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
-    command = [sys.executable, "-m", module]
+    command = [sys.executable, "-m", module, *arguments]
     with subprocess.Popen(
         command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     ) as child:
@@ -78,6 +79,10 @@ def main(argv: list[str] | None = None) -> int:
     args, unknown = parser.parse_known_args(argv)
     if unknown:  # the command's own usage, not the top level's
         command_parsers[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
+    if args.command == "bench":
+        from kernl.integration.bench.run import check_mode_options
+
+        check_mode_options(command_parsers["bench"], args)
     if args.command == "rules":
         from kernl.integration.rules import describe_rules
 
@@ -86,17 +91,22 @@ def main(argv: list[str] | None = None) -> int:
     interpreting = os.environ.get("TRITON_INTERPRET") == "1"
     device = select_device()
     if device == "cpu":
-        print(f"{cpu_reason()}: {CPU_PLANS[args.command]}", flush=True)
+        plan, command = CPU_PLANS[args.command], [CPU_MODULES[args.command]]
         if args.command == "bench":
-            from kernl.integration.bench.run import ignored_options_note
+            from kernl.integration.bench.run import cpu_plan, ignored_options_note
 
+            plan, command = cpu_plan(args)
+        print(f"{cpu_reason()}: {plan}", flush=True)
+        if args.command == "bench":
             note = ignored_options_note(args)
             if note:
                 print(note, flush=True)
+        if command is None:
+            return 1
         # Triton makes a kernel compiled or interpreted when it is defined, as kernl's kernel modules are
         # imported: a process that imported triton without the interpreter cannot run them on the CPU.
         if "triton" in sys.modules and (not interpreting or _compiled_kernels_imported()):
-            return run_in_fresh_python(CPU_MODULES[args.command])
+            return run_in_fresh_python(*command)
     if args.command == "bench":
         from kernl.integration.bench.run import run_bench
 

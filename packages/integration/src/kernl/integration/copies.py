@@ -10,6 +10,7 @@ import copy
 
 import torch
 
+from kernl.integration import position_tables
 from kernl.integration.user_warnings import warn
 
 # What kernl puts in a module's __dict__ (the hook below included).
@@ -24,12 +25,13 @@ INSTALLED = (
     "kernl_original_forward",
     "kernl_original_generate",
     "__deepcopy__",
+    *position_tables.INSTALLED_METHODS,
 )
 
 
 def copies_unoptimized(model: torch.nn.Module) -> None:
     """Make ``copy.deepcopy(model)`` return the model as it was before kernl (its weights and state
-    copied, none of kernl's closures, graphs or reports), with a warning."""
+    copied, none of kernl's closures, graphs, reports or position tables), with a warning."""
 
     def deepcopy(memo: dict) -> torch.nn.Module:
         for module in model.modules():  # not copied: each stands for None in the copy, then is removed
@@ -44,6 +46,7 @@ def copies_unoptimized(model: torch.nn.Module) -> None:
         for module in copied.modules():
             for name in INSTALLED:
                 module.__dict__.pop(name, None)
+            module._buffers.pop(position_tables.TABLE, None)
         warn(
             "kernl: a copy of an optimized model is a plain PyTorch model; call optimize_model on it "
             "to run it on kernl",

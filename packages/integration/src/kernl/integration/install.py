@@ -16,7 +16,9 @@ from kernl.integration.compile_state import limit_guarded, own_code
 from kernl.integration.copies import copies_unoptimized
 from kernl.integration.forward_graphs import ForwardGraphs
 from kernl.integration.packing import packed_forward
+from kernl.integration.position_tables import precompute_position_tables
 from kernl.integration.report import OptimizationReport
+from kernl.integration.speed_check import speed_check_for
 from kernl.integration.user_warnings import warn
 from kernl.integration.validation import unknown_model_reason, unsupported_reason
 
@@ -46,18 +48,25 @@ def start_report(model: torch.nn.Module, device: torch.device, reason: str | Non
 
 
 def install_forward(
-    model: torch.nn.Module, buckets, cuda_graphs: bool, part: str = "", packed: bool = False
+    model: torch.nn.Module,
+    buckets,
+    cuda_graphs: bool,
+    part: str = "",
+    packed: bool = False,
+    check_speed: bool = True,
 ) -> OptimizationReport:
     """Replace ``model.forward`` by the bucketed, compiled, CUDA-graphed call (see the module docstring);
     ``part`` names the model part in the report; ``packed``: calls run packed where they can, around
-    the bucketed call (:mod:`kernl.integration.packing`). Returns the report, also kept as
-    ``model.kernl_report``."""
+    the bucketed call (:mod:`kernl.integration.packing`); ``check_speed``: each new signature's first
+    call is timed against the original forward and the faster kept (:mod:`kernl.integration.speed_check`).
+    Returns the report, also kept as ``model.kernl_report``."""
     device = next(model.parameters()).device
     reason = unsupported_reason(device) or unknown_model_reason(model)
     report = start_report(model, device, reason)
     if reason is not None:
         return report
     raise_recompile_limit(64)
+    report.notes += precompute_position_tables(model)  # before the weights' addresses are taken
     static = [*model.parameters(), *model.buffers()]
     backend = KernlBackend(report, static, part)
     original = model.forward
@@ -73,13 +82,14 @@ def install_forward(
             "outputs: no bucketing, each sequence length compiles and captures its own graph"
         )
     longest = position_table_length(model)
-    model.forward = bucketed_forward(model, compiled, original, safe, pad_id, longest)
+    speed = speed_check_for(report, device, check_speed)
+    model.forward = bucketed_forward(model, compiled, original, safe, pad_id, longest, speed)
     model.kernl_original_forward = original
     if packed:  # packed execution hook: see kernl.integration.packing
         graphs = compiled if isinstance(compiled, ForwardGraphs) else None
         buckets = token_buckets.DEFAULT_TOKEN_BUCKETS
         packed_call = packed_forward(
-            model, model.forward, report, static, part, graphs, buckets, longest, safe
+            model, model.forward, report, static, part, graphs, buckets, longest, safe, speed
         )
         if packed_call is not None:
             model.forward = functools.wraps(original)(packed_call)

@@ -15,7 +15,7 @@ from kernl.integration.generation import optimize_generation
 from kernl.integration.install import install_forward
 from kernl.integration.report import OptimizationReport
 from kernl.integration.user_warnings import warn
-from kernl.integration.validation import check_model, check_module, checked_buckets
+from kernl.integration.validation import check_flag, check_model, check_module, checked_buckets
 from kernl.integration.whisper import is_whisper, optimize_whisper
 
 
@@ -24,13 +24,15 @@ def _sentence_transformer_model(model: torch.nn.Module) -> torch.nn.Module | Non
     return model._first_module().auto_model if hasattr(model, "_first_module") else None
 
 
-def _optimize_encoder_decoder(model: torch.nn.Module, buckets, cuda_graphs: bool) -> OptimizationReport:
+def _optimize_encoder_decoder(
+    model: torch.nn.Module, buckets, cuda_graphs: bool, check_speed: bool
+) -> OptimizationReport:
     """Encoder-decoder models (T5, BART): the encoder stack is optimized in place, so ``forward`` and
     ``generate()`` (which calls the encoder directly) run it on kernl; ``generate()``'s decoder steps run on
     kernl too, over a static cache (:mod:`kernl.integration.generation`). A direct ``forward`` call's
     decoder stays PyTorch."""
     encoder = model.get_encoder()
-    report = install_forward(encoder, buckets, cuda_graphs, part="encoder")
+    report = install_forward(encoder, buckets, cuda_graphs, part="encoder", check_speed=check_speed)
     report.model = f"{type(model).__name__} (encoder: {report.model})"
     model.kernl_report = report
     if report.status == "optimized" and getattr(model, "generation_config", None) is not None:
@@ -40,7 +42,12 @@ def _optimize_encoder_decoder(model: torch.nn.Module, buckets, cuda_graphs: bool
 
 
 def optimize_model(
-    model: torch.nn.Module, *, buckets=DEFAULT_BUCKETS, cuda_graphs: bool = True, packed: bool = True
+    model: torch.nn.Module,
+    *,
+    buckets=DEFAULT_BUCKETS,
+    cuda_graphs: bool = True,
+    packed: bool = True,
+    check_speed: bool = True,
 ):
     """Make ``model`` (a transformers Bert/RoBERTa model or head, T5, eval mode) run on kernl, in place.
 
@@ -64,14 +71,22 @@ def optimize_model(
     ``buckets``: the padded sequence lengths, positive integers; longer inputs run at their own length
     (one graph each; TorchDynamo's recompile limit, a process-wide setting, is raised to 64 for them,
     beyond which it runs the model as PyTorch). ``cuda_graphs=False`` runs the compiled forward
-    without capturing it.
+    without capturing it. ``packed=False`` turns packed execution off (Bert-family encoders).
+    ``check_speed`` (never slower): on a GPU, the first call of each new signature (a token bucket of the
+    packed path, a batch and length bucket otherwise) is timed against the model's original forward on
+    the same call, and the faster runs that signature's calls from then on; the report's ``speed`` records
+    say which, and a warning says when PyTorch was kept. Nothing is timed on the CPU. Not applied to
+    decoder-only models or to ``generate()``'s decoder steps.
     Raises ``TypeError``/``ValueError`` naming the argument for a model that is not a ``torch.nn.Module``
-    with parameters, a model in training mode, or bad ``buckets``.
+    with parameters, a model in training mode, bad ``buckets``, or a ``check_speed`` that is not a bool.
     """
     check_module(model)
+    check_flag("check_speed", check_speed)
     inner = _sentence_transformer_model(model)
     if inner is not None:
-        return optimize_model(inner, buckets=buckets, cuda_graphs=cuda_graphs, packed=packed)
+        return optimize_model(
+            inner, buckets=buckets, cuda_graphs=cuda_graphs, packed=packed, check_speed=check_speed
+        )
     check_model(model)
     asked = checked_buckets(buckets)
     buckets = usable_buckets(model, asked)
@@ -91,7 +106,7 @@ def optimize_model(
     if part is not model and is_whisper(model):
         return optimize_whisper(model, cuda_graphs)
     if part is not model:
-        return _optimize_encoder_decoder(model, buckets, cuda_graphs)
+        return _optimize_encoder_decoder(model, buckets, cuda_graphs, check_speed)
     if is_decoder_only(model):
         return optimize_decoder_only(model, cuda_graphs)
-    return install_forward(model, buckets, cuda_graphs, packed=packed)
+    return install_forward(model, buckets, cuda_graphs, packed=packed, check_speed=check_speed)

@@ -274,6 +274,16 @@ def packable_call(arguments: dict) -> bool:
     return not holds_objects(arguments) and len(layouts) == 1 and len(next(iter(layouts))) == 2
 
 
+_KEEP_PYTORCH = object()  # what _packed returns for a signature the speed check gave to PyTorch
+
+
+def _speed_key(arguments: dict, groups: list[PackedGroup]) -> tuple:
+    """The signature a packed call's speed check is kept under: its inputs, flags and token buckets."""
+    inputs = tuple(sorted(k for k, v in arguments.items() if isinstance(v, torch.Tensor)))
+    settings = tuple(sorted((k, v) for k, v in arguments.items() if not isinstance(v, torch.Tensor)))
+    return ("packed", inputs, settings, tuple(group.bucket for group in groups))
+
+
 class PackedForward:
     """``forward(*args, **kwargs)`` running packed when it can, else ``unpacked(*args, **kwargs)``.
 
@@ -288,9 +298,19 @@ class PackedForward:
     """
 
     def __init__(
-        self, model, compiled, unpacked, offsets: RowOffsets, buckets, report, longest, unpacked_buckets
+        self,
+        model,
+        compiled,
+        unpacked,
+        offsets: RowOffsets,
+        buckets,
+        report,
+        longest,
+        unpacked_buckets,
+        speed=None,
     ):
         self.model, self.compiled, self.unpacked, self.longest = model, compiled, unpacked, longest
+        self.speed, self.speed_key = speed, None  # never-slower check; the last packed call's signature
         self.unpacked_buckets = unpacked_buckets
         self.name_arguments = argument_namer(inspect.signature(model.kernl_original_forward))
         self.offsets, self.buckets, self.report = offsets, buckets, report
@@ -313,6 +333,16 @@ class PackedForward:
             return self.unpacked(*args, **kwargs)
         try:
             output = self._packed(arguments)
+            if output is _KEEP_PYTORCH:  # a speed check found the original forward faster for this signature
+                return self._original(args, kwargs)
+            if output is not None and self.speed is not None and not self.speed.judged(self.speed_key):
+                label = f"token bucket {'+'.join(map(str, self.speed_key[-1]))}"
+                self.speed.judge(
+                    self.speed_key,
+                    label,
+                    lambda: self._packed(arguments),
+                    lambda: self._original(args, kwargs),
+                )
         except PackingUnsupported as reason:
             self.disabled = str(reason)
             self.report.notes.append(f"packed execution off: {reason}; calls run unpacked")
@@ -327,6 +357,11 @@ class PackedForward:
             )
             output = None
         return self.unpacked(*args, **kwargs) if output is None else output
+
+    def _original(self, args: tuple, kwargs: dict):
+        """The model's original forward on the caller's call (no gradients, as kernl's path)."""
+        with torch.no_grad():
+            return self.model.kernl_original_forward(*args, **kwargs)
 
     def _packed(self, arguments: dict):
         """The call run packed, or None when this call must run unpacked (see the module docstring)."""
@@ -348,6 +383,9 @@ class PackedForward:
             return None
         if sum(group.bucket for group in groups) >= batch * bucket(columns, self.unpacked_buckets):
             return None  # no padding work saved: the unpacked path, without the gather and scatter
+        self.speed_key = _speed_key(arguments, groups)
+        if self.speed is not None and self.speed.keeps_pytorch(self.speed_key):
+            return _KEEP_PYTORCH
         names, table = self._token_table(arguments)
         embeds = arguments.get("inputs_embeds")
         embeds = None if embeds is None else embeds.reshape(batch * columns, -1)
@@ -387,12 +425,23 @@ def _unpacked_instead(*args, **kwargs):
 
 
 def packed_forward(
-    model, unpacked, report: OptimizationReport, static, part: str, graphs, buckets, longest, unpacked_buckets
+    model,
+    unpacked,
+    report: OptimizationReport,
+    static,
+    part: str,
+    graphs,
+    buckets,
+    longest,
+    unpacked_buckets,
+    speed=None,
 ):
     """``model``'s forward running packed (a :class:`PackedForward`) around ``unpacked``, or None with the
     reason in ``report`` when the model cannot run packed. ``static``: the model's parameters and
     buffers; ``graphs``: the unpacked path's :class:`ForwardGraphs` (None: no CUDA graphs), whose memory
-    pool the packed captures share (one graph per token bucket); ``longest``, ``unpacked_buckets``: see :class:`PackedForward`."""
+    pool the packed captures share (one graph per token bucket); ``longest``, ``unpacked_buckets``: see
+    :class:`PackedForward`; ``speed``: the never-slower check (:mod:`kernl.integration.speed_check`), which
+    judges each token bucket's first packed call against the original forward on the caller's call."""
     reason = unsupported_reason(model)
     if reason is not None:
         report.notes.append(reason + "; calls run unpacked")
@@ -407,4 +456,6 @@ def packed_forward(
     report.notes.append(
         f"packed execution: {len(buckets)} token buckets, {buckets[0]} to {buckets[-1]} tokens"
     )
-    return PackedForward(model, compiled, unpacked, offsets, buckets, report, longest, unpacked_buckets)
+    return PackedForward(
+        model, compiled, unpacked, offsets, buckets, report, longest, unpacked_buckets, speed
+    )

@@ -96,6 +96,24 @@ class GraphRecord:
 
 
 @dataclass
+class SpeedRecord:
+    """One never-slower check (:mod:`kernl.integration.speed_check`): a signature's first call, timed."""
+
+    signature: str  # what one graph serves, e.g. "token bucket 2048" or "batch 8 x length bucket 128"
+    kernl_ms: float
+    pytorch_ms: float  # the model's original forward, same call
+    kept: str  # "kernl" or "PyTorch": what runs this signature's calls from then on
+
+    def describe(self) -> str:
+        """E.g. ``kept PyTorch for token bucket 2048: kernl was 0.41x (kernl 1.220 ms, PyTorch 0.500 ms)``."""
+        ratio = self.pytorch_ms / self.kernl_ms if self.kernl_ms > 0 else float("inf")
+        return (
+            f"kept {self.kept} for {self.signature}: kernl was {ratio:.2f}x "
+            f"(kernl {self.kernl_ms:.3f} ms, PyTorch {self.pytorch_ms:.3f} ms)"
+        )
+
+
+@dataclass
 class OptimizationReport:
     """The record of one ``optimize_model`` call; ``print(report)`` shows it as a table."""
 
@@ -103,6 +121,7 @@ class OptimizationReport:
     status: str = "optimized"
     notes: list[str] = field(default_factory=list)
     graphs: list[GraphRecord] = field(default_factory=list)
+    speed: list[SpeedRecord] = field(default_factory=list)  # never-slower checks, in call order
 
     def totals(self) -> dict[str, int]:
         """Replacements per rule, summed over every graph."""
@@ -145,6 +164,7 @@ class OptimizationReport:
                 lines.append(f"    warm-up (capture) {graph.warmup_s:.2f} s")
             if graph.error:
                 lines.append(f"    fell back to PyTorch: {graph.error}")
+        lines += [f"  speed check: {record.describe()}" for record in self.speed]
         lines += [
             f"  in this process, a kernel call ran as PyTorch after an error: {line}"
             for line in fallback.summary()

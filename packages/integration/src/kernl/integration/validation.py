@@ -25,6 +25,12 @@ def check_model(model: torch.nn.Module) -> None:
         raise ValueError(f"model ({type(model).__name__}) has no parameters: nothing for kernl to run")
 
 
+def check_flag(name: str, value) -> None:
+    """Raise ``TypeError`` naming ``name`` when ``value`` is not a bool (a switch of ``optimize_model``)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+
+
 def checked_buckets(buckets) -> tuple[int, ...]:
     """``buckets`` sorted, after checking they are positive integers."""
     try:

