@@ -31,6 +31,8 @@ import torch
 from kernl.integration.backend import KernlBackend
 from kernl.integration.copies import copies_unoptimized
 from kernl.integration.cuda_graphs import FIRST_CALL
+from kernl.integration.decode.loop import EXTRA_CACHE_POSITIONS, DecodeLoop
+from kernl.integration.decode.route import routed_generate
 from kernl.integration.forward_graphs import ForwardGraphs, signature
 from kernl.integration.hf_compat import (
     CACHE_ARGUMENT_NAMES,
@@ -92,7 +94,10 @@ def optimize_generation(model, report: OptimizationReport, bucket, cuda_graphs: 
     else:
         report.notes.append("static caches are not reused across generate() calls (unknown transformers API)")
     model.kernl_original_generate = model.generate
-    model.generate = _bucketed_generate(model, model.generate, bucket, report)
+    loop = DecodeLoop(model, compiled, report, cuda_graphs)  # greedy and sampling: kernl's own loop
+    model.kernl_decode_loop = loop
+    routed = routed_generate(model, model.generate, loop, report)
+    model.generate = _bucketed_generate(model, routed, bucket, report)
     copies_unoptimized(model)
 
 
@@ -119,6 +124,7 @@ def _reusing_static_cache(model, create):
     kept = {}
 
     def prepare(cache_implementation, batch_size, max_cache_len, prefill_chunk_size, model_kwargs):
+        max_cache_len += EXTRA_CACHE_POSITIONS  # the steps kernl's loop runs past max_length
         length = max(max_cache_len, previous_max_cache_length(model))
         encoder_outputs = model_kwargs.get("encoder_outputs")
         encoder_length = None if encoder_outputs is None else encoder_outputs[0].shape[1]
