@@ -75,6 +75,7 @@ class DecodeLoop:
         self.pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None
         # run only the steps a call needs in its last launch (only where no capture fixes a launch's length)
         self.exact_launches = not self.cuda_graphs
+        self.enabled = True  # False: every call runs transformers' loop (comparisons, benchmarks)
         self.states: dict[tuple, DecodeState] = {}
 
     def decode(

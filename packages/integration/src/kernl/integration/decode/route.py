@@ -26,7 +26,7 @@ def routed_generate(model, generate, loop: DecodeLoop, report: OptimizationRepor
         check_generator(generator, model.device)
         config = kwargs.get("generation_config") or model.generation_config
         setting = lambda name: kwargs.get(name, getattr(config, name, None))  # noqa: E731
-        reason = call_refusal(model, kwargs, setting)
+        reason = call_refusal(model, kwargs, setting) if loop.enabled else "kernl's loop turned off"
         if reason is None:
             return generate(*args, custom_generate=loop.decode, generator=generator, **kwargs)
         report.note_loop(call_kind(setting), f"transformers' loop: {reason}")
