@@ -1,0 +1,345 @@
+"""Beam search whose every step runs on the device, with no host synchronisation: capturable in a CUDA graph.
+
+It follows transformers' ``GenerationMixin._beam_search`` (the vectorised version of transformers 5)
+operation for operation, so that the same processed log-probabilities give the same tokens and the same
+``sequences_scores``:
+
+* each step keeps the top ``(1 + number of EOS tokens) * num_beams`` continuations (at least
+  ``2 * num_beams``) over all beams of a row;
+* the best ``num_beams`` of them that hit no stopping criterion (an EOS token, or the last allowed token)
+  run on;
+* those among the first ``num_beams`` that hit one compete, with their length-penalised score, for the
+  row's ``num_beams`` finished slots;
+* a row takes no more finished hypotheses once it is full (``early_stopping=True``) or once transformers'
+  heuristic says its running beams cannot beat its worst finished one; the search is done when no row can
+  improve, or every candidate hit a stopping criterion.
+
+Every state tensor is allocated once, in :class:`BeamSearch`'s constructor, and updated in place by
+:meth:`BeamSearch.step`, so a CUDA graph that captured ``step`` replays it on the same state. Once the
+search is done, further steps leave the state as it is: a loop that checks :meth:`BeamSearch.done` only
+every few steps returns what transformers returns.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+_EXCLUDED = -1.0e9  # the score transformers gives a candidate or a slot that must not be chosen
+
+
+@dataclass(frozen=True, kw_only=True)
+class BeamSettings:
+    """The beam search arguments of ``generate()``, as transformers reads them from its ``GenerationConfig``.
+
+    ``early_stopping`` is ``True`` (stop a row once it holds ``num_beams`` finished hypotheses), ``False``
+    (stop when the best running beam at the current length cannot beat the worst finished one) or
+    ``"never"`` (the same heuristic at the longest possible length when ``length_penalty > 0``).
+    ``eos_token_ids`` may be empty (no EOS: beams end only at ``max_new_tokens``).
+    ``pad_token_id`` is ``None`` or the model's pad token (see :attr:`fill_value`).
+    """
+
+    num_beams: int
+    length_penalty: float
+    early_stopping: bool | str
+    num_return_sequences: int
+    eos_token_ids: tuple[int, ...]
+    pad_token_id: int | None
+    max_new_tokens: int
+
+    def __post_init__(self):
+        _check_int("num_beams", self.num_beams, minimum=2)
+        _check_int("num_return_sequences", self.num_return_sequences, minimum=1)
+        if self.num_return_sequences > self.num_beams:
+            raise ValueError(
+                f"num_return_sequences ({self.num_return_sequences}) must be at most num_beams ({self.num_beams})"
+            )
+        _check_int("max_new_tokens", self.max_new_tokens, minimum=1)
+        if isinstance(self.length_penalty, bool) or not isinstance(self.length_penalty, int | float):
+            raise TypeError(f"length_penalty must be a number, got {self.length_penalty!r}")
+        if not math.isfinite(self.length_penalty):
+            raise ValueError(f"length_penalty must be finite, got {self.length_penalty!r}")
+        if not (
+            self.early_stopping is True or self.early_stopping is False or self.early_stopping == "never"
+        ):
+            raise ValueError(f"early_stopping must be True, False or 'never', got {self.early_stopping!r}")
+        if not isinstance(self.eos_token_ids, tuple):
+            raise TypeError(f"eos_token_ids must be a tuple of ints, got {self.eos_token_ids!r}")
+        for token in self.eos_token_ids:
+            _check_int("eos_token_ids", token, minimum=0)
+        if self.pad_token_id is not None:
+            _check_int("pad_token_id", self.pad_token_id, minimum=0)
+
+    @property
+    def candidates_per_row(self) -> int:
+        """How many continuations each step keeps per row: enough that ``num_beams`` of them can run on
+        even if every finished one ended with a different EOS token."""
+        return max(2, 1 + len(self.eos_token_ids)) * self.num_beams
+
+    @property
+    def fill_value(self) -> int:
+        """The token after a finished hypothesis's last one, as transformers fills it: ``pad_token_id``
+        unless that is ``None`` or 0 (transformers tests the pad token's truth), then the first EOS token,
+        and -1 without EOS tokens."""
+        if not self.eos_token_ids:
+            return -1
+        return self.pad_token_id or self.eos_token_ids[0]
+
+
+@dataclass(frozen=True)
+class BeamChoice:
+    """What one step chose, as tensors of :class:`BeamSearch`'s state (overwritten by the next step).
+
+    ``next_tokens``: (batch * num_beams,) int64, the token each beam feeds to the model next.
+    ``beam_rows``: (batch * num_beams,) int64, the row of the previous step's batch that each beam
+    continues: the caller reorders its key/value cache by it (``cache.reorder_cache(beam_rows)``).
+    """
+
+    next_tokens: torch.Tensor
+    beam_rows: torch.Tensor
+
+
+@dataclass(frozen=True)
+class BeamResult:
+    """The outcome of a search, as ``generate()`` returns it.
+
+    ``sequences``: (batch * num_return_sequences, prompt_length + generated) int64, the prompt then the
+    best hypotheses of each row, best first, padded with :attr:`BeamSettings.fill_value`.
+    ``sequences_scores``: (batch * num_return_sequences,) float32, their length-penalised scores.
+    """
+
+    sequences: torch.Tensor
+    sequences_scores: torch.Tensor
+
+
+class BeamSearch:
+    """The state of one beam search over ``batch_size`` rows of ``num_beams`` beams each.
+
+    The caller runs the model, turns its last logits into float32 log-probabilities (``log_softmax``
+    then the logits processors, as transformers does), and hands them to :meth:`step`, which picks the
+    next token of every beam. :meth:`reset` starts a new search on the same tensors.
+    """
+
+    def __init__(self, settings: BeamSettings, *, batch_size: int, prompt_length: int, device):
+        if not isinstance(settings, BeamSettings):
+            raise TypeError(f"settings must be a BeamSettings, got {type(settings).__name__}")
+        _check_int("batch_size", batch_size, minimum=1)
+        _check_int("prompt_length", prompt_length, minimum=1)
+        self.settings = settings
+        self.batch_size = batch_size
+        self.prompt_length = prompt_length
+        self.device = torch.device(device)
+        beams, candidates, length = settings.num_beams, settings.candidates_per_row, settings.max_new_tokens
+
+        def new(shape, dtype):
+            return torch.empty(shape, dtype=dtype, device=self.device)
+
+        self._running_tokens = new((batch_size, beams, length), torch.int64)
+        self._running_scores = new((batch_size, beams), torch.float32)
+        self._finished_tokens = new((batch_size, beams, length), torch.int64)
+        self._finished_scores = new((batch_size, beams), torch.float32)
+        self._finished_lengths = new((batch_size, beams), torch.int64)
+        self._is_finished = new((batch_size, beams), torch.bool)
+        self._may_improve = new((batch_size, 1), torch.bool)
+        self._done = new((), torch.bool)
+        self._next_tokens = new((batch_size * beams,), torch.int64)
+        self._beam_rows = new((batch_size * beams,), torch.int64)
+
+        self._positions = torch.arange(length, device=self.device)
+        self._row_offsets = torch.arange(batch_size, device=self.device)[:, None] * beams
+        self._eos = torch.tensor(settings.eos_token_ids, dtype=torch.int64, device=self.device)
+        self._in_first_beams = torch.arange(candidates, device=self.device) < beams
+        self._length_scales = self._length_penalty_scales()
+        self.reset()
+
+    def reset(self) -> None:
+        """Start a new search: every state tensor is rewritten in place (capturable)."""
+        fill = self.settings.fill_value
+        self._running_tokens.fill_(fill)
+        self._finished_tokens.fill_(fill)
+        # Only the first beam of a row starts live, so the first step does not pick one token once per beam.
+        self._running_scores.fill_(_EXCLUDED)
+        self._running_scores[:, 0].fill_(0.0)
+        self._finished_scores.fill_(_EXCLUDED)
+        self._finished_lengths.zero_()
+        self._is_finished.zero_()
+        self._may_improve.fill_(True)
+        self._done.fill_(False)
+        self._next_tokens.fill_(fill)
+        self._beam_rows.copy_(torch.arange(self._beam_rows.numel(), device=self.device))
+
+    def step(self, log_probs: torch.Tensor, step: int | torch.Tensor) -> BeamChoice:
+        """Choose every beam's next token from ``log_probs`` and update the search's state in place.
+
+        ``log_probs``: (batch * num_beams, vocab) float32, the processed log-probabilities of the next token
+        for the beams in the order of the previous step's :class:`BeamChoice`.
+        ``step``: how many tokens were generated before this one, a Python int or a 0-d integer tensor on
+        the search's device (what a captured loop passes).
+        Returns the chosen tokens and the cache rows they continue, as state tensors.
+        """
+        self._check_step_arguments(log_probs, step)
+        settings = self.settings
+        batch, beams = self.batch_size, settings.num_beams
+        vocab = log_probs.shape[-1]
+
+        # transformers' _get_top_k_continuations
+        accumulated = (log_probs.reshape(batch, beams, vocab) + self._running_scores[:, :, None]).reshape(
+            batch, -1
+        )
+        top_scores, top_indices = torch.topk(accumulated, k=settings.candidates_per_row)
+        top_beams = top_indices // vocab
+        top_ids = top_indices % vocab
+        top_tokens = torch.take_along_dim(self._running_tokens, top_beams[:, :, None], dim=1)
+        top_tokens = torch.where(self._positions == step, top_ids[:, :, None], top_tokens)
+        hits_stop = (top_ids[:, :, None] == self._eos).any(dim=-1) | (step + 1 >= settings.max_new_tokens)
+
+        # transformers' _get_running_beams_for_next_iteration
+        running_candidates = top_scores + hits_stop.to(torch.float32) * _EXCLUDED
+        kept = torch.topk(running_candidates, k=beams)[1]
+        running_tokens = torch.take_along_dim(top_tokens, kept[:, :, None], dim=1)
+        running_scores = torch.take_along_dim(running_candidates, kept, dim=1)
+        next_tokens = torch.take_along_dim(top_ids, kept, dim=1)
+        beam_rows = torch.take_along_dim(top_beams, kept, dim=1) + self._row_offsets
+
+        # transformers' _update_finished_beams
+        just_finished = hits_stop & self._in_first_beams
+        finished_candidates = self._length_penalised(top_scores, step)
+        if settings.early_stopping is True:
+            row_is_full = self._is_finished.all(dim=-1, keepdim=True)
+            finished_candidates = finished_candidates + row_is_full.to(torch.float32) * _EXCLUDED
+        finished_candidates = finished_candidates + (~self._may_improve).to(torch.float32) * _EXCLUDED
+        finished_candidates = finished_candidates + (~just_finished) * _EXCLUDED
+        merged_scores = torch.cat((self._finished_scores, finished_candidates), dim=1)
+        chosen = torch.topk(merged_scores, k=beams)[1]
+        finished_scores = torch.take_along_dim(merged_scores, chosen, dim=1)
+        finished_tokens = torch.take_along_dim(
+            torch.cat((self._finished_tokens, top_tokens), dim=1), chosen[:, :, None], dim=1
+        )
+        finished_lengths = torch.take_along_dim(
+            torch.cat((self._finished_lengths, torch.zeros_like(top_ids) + (step + 1)), dim=1), chosen, dim=1
+        )
+        is_finished = torch.take_along_dim(
+            torch.cat((self._is_finished, just_finished), dim=1), chosen, dim=1
+        )
+
+        # transformers' _check_early_stop_heuristic and _beam_search_has_unfinished_sequences
+        if settings.early_stopping == "never" and settings.length_penalty > 0.0:
+            best_possible = running_scores[:, :1] / (settings.max_new_tokens**settings.length_penalty)
+        else:
+            best_possible = self._length_penalised(running_scores[:, :1], step)
+        worst_finished = torch.where(is_finished, finished_scores.min(dim=1, keepdim=True)[0], _EXCLUDED)
+        may_improve = self._may_improve & (best_possible > worst_finished).any(dim=-1, keepdim=True)
+        can_go_on = may_improve.any() & ~hits_stop.all()
+        if settings.early_stopping is True:
+            can_go_on = can_go_on & ~is_finished.all()
+
+        was_done = self._done
+        updates = (
+            (self._running_tokens, running_tokens),
+            (self._running_scores, running_scores),
+            (self._finished_tokens, finished_tokens),
+            (self._finished_scores, finished_scores),
+            (self._finished_lengths, finished_lengths),
+            (self._is_finished, is_finished),
+            (self._may_improve, may_improve),
+        )
+        for state, new_value in updates:
+            state.copy_(torch.where(was_done, state, new_value))
+        self._done.copy_(was_done | ~can_go_on)
+        self._next_tokens.copy_(next_tokens.reshape(-1))
+        self._beam_rows.copy_(beam_rows.reshape(-1))
+        return BeamChoice(next_tokens=self._next_tokens, beam_rows=self._beam_rows)
+
+    def done(self) -> torch.Tensor:
+        """0-d bool tensor on the device: True once transformers would stop generating. It is state,
+        rewritten by each step: copy it to keep a past value."""
+        return self._done
+
+    def finish(self, prompt_ids: torch.Tensor) -> BeamResult:
+        """The best ``num_return_sequences`` hypotheses of every row, after the prompt (one host sync).
+
+        ``prompt_ids``: (batch, prompt_length) or (batch * num_beams, prompt_length) int64, the prompt
+        (decoder input ids) the search started from.
+        """
+        self._check_prompt(prompt_ids)
+        batch, returned = self.batch_size, self.settings.num_return_sequences
+        generated = int(self._finished_lengths[:, :returned].max())
+        tokens = self._finished_tokens[:, :returned, :generated].reshape(batch * returned, generated)
+        prompts = prompt_ids.reshape(batch, -1, self.prompt_length)[:, :1].expand(batch, returned, -1)
+        sequences = torch.cat((prompts.reshape(batch * returned, -1).to(torch.int64), tokens), dim=1)
+        scores = self._finished_scores[:, :returned].reshape(-1).clone()
+        return BeamResult(sequences=sequences, sequences_scores=scores)
+
+    def _length_penalty_scales(self) -> torch.Tensor:
+        """The length penalty of a hypothesis of 1 .. max_new_tokens tokens, as the factor that
+        :meth:`_length_penalised` applies.
+
+        transformers divides by the Python float ``length ** length_penalty``: torch rounds it to float32,
+        and on CUDA multiplies by its float32 reciprocal instead of dividing. The table holds the same
+        float32 values, so the scores match transformers' to the bit on either device.
+        """
+        penalty = self.settings.length_penalty
+        divisors = torch.tensor(
+            [length**penalty for length in range(1, self.settings.max_new_tokens + 1)], dtype=torch.float32
+        )
+        scales = 1.0 / divisors if self.device.type == "cuda" else divisors
+        return scales.to(self.device)
+
+    def _length_penalised(self, scores: torch.Tensor, step: int | torch.Tensor) -> torch.Tensor:
+        """``scores`` of hypotheses of ``step + 1`` tokens divided by the length penalty, as transformers."""
+        if isinstance(step, int):
+            scale = self._length_scales[step]
+        else:
+            last = self.settings.max_new_tokens - 1
+            scale = self._length_scales.index_select(0, step.clamp(max=last).reshape(1)).reshape(())
+        return scores * scale if self.device.type == "cuda" else scores / scale
+
+    def _check_step_arguments(self, log_probs, step) -> None:
+        rows = self.batch_size * self.settings.num_beams
+        if not isinstance(log_probs, torch.Tensor):
+            raise TypeError(f"log_probs must be a tensor, got {type(log_probs).__name__}")
+        if log_probs.dtype != torch.float32:
+            raise TypeError(f"log_probs must be float32, got {log_probs.dtype}")
+        if log_probs.dim() != 2 or log_probs.shape[0] != rows:
+            raise ValueError(f"log_probs must have shape ({rows}, vocab), got {tuple(log_probs.shape)}")
+        minimum_vocab = self.settings.candidates_per_row // self.settings.num_beams
+        if log_probs.shape[1] < minimum_vocab:
+            raise ValueError(
+                f"log_probs must have at least {minimum_vocab} columns, got {log_probs.shape[1]}"
+            )
+        if log_probs.device.type != self.device.type:
+            raise ValueError(f"log_probs must be on {self.device}, got {log_probs.device}")
+        if isinstance(step, torch.Tensor):
+            if step.dim() != 0 or step.dtype not in (torch.int32, torch.int64):
+                raise TypeError(
+                    f"step must be a 0-d int32 or int64 tensor, got {step.dtype} {tuple(step.shape)}"
+                )
+            if step.device.type != self.device.type:
+                raise ValueError(f"step must be on {self.device}, got {step.device}")
+        elif isinstance(step, bool) or not isinstance(step, int):
+            raise TypeError(f"step must be an int or a 0-d tensor, got {type(step).__name__}")
+        elif not 0 <= step < self.settings.max_new_tokens:
+            raise ValueError(f"step must be in [0, {self.settings.max_new_tokens}), got {step}")
+
+    def _check_prompt(self, prompt_ids) -> None:
+        if not isinstance(prompt_ids, torch.Tensor) or prompt_ids.dtype not in (torch.int32, torch.int64):
+            raise TypeError("prompt_ids must be an int32 or int64 tensor")
+        rows = (self.batch_size, self.batch_size * self.settings.num_beams)
+        if (
+            prompt_ids.dim() != 2
+            or prompt_ids.shape[0] not in rows
+            or prompt_ids.shape[1] != self.prompt_length
+        ):
+            raise ValueError(
+                f"prompt_ids must have shape ({rows[0]} or {rows[1]}, {self.prompt_length}), "
+                f"got {tuple(prompt_ids.shape)}"
+            )
+        if prompt_ids.device.type != self.device.type:
+            raise ValueError(f"prompt_ids must be on {self.device}, got {prompt_ids.device}")
+
+
+def _check_int(name: str, value, *, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be at least {minimum}, got {value}")
