@@ -101,12 +101,10 @@ def test_greedy_and_seeded_sampling_give_hugging_face_tokens(family):
     ids, mask = _prompt()
     base = dict(input_ids=ids, attention_mask=mask, max_new_tokens=5)
     _same(optimized, reference, **base, do_sample=False)
-    sampling = dict(do_sample=True, temperature=0.8, top_k=30, top_p=0.9)
-    first = _same(optimized, reference, seed=3, **base, **sampling)
-    other = _same(optimized, reference, seed=4, **base, **sampling)
-    assert on_gpu() or not torch.equal(first, other)  # the seed reaches the draws
+    _same(optimized, reference, seed=3, **base, do_sample=True, temperature=0.8, top_k=30, top_p=0.9)
+    _same(optimized, reference, **base, do_sample=False, num_beams=3, num_return_sequences=2)
     loops = optimized.kernl_report.generate_loops
-    assert [kind for kind in loops] == ["greedy", "sampling"], loops
+    assert [kind for kind in loops] == ["greedy", "sampling", "beam search"], loops
     assert all(outcomes[0].startswith(KERNL_LOOP) and len(outcomes) == 1 for outcomes in loops.values()), (
         loops
     )
@@ -168,6 +166,27 @@ def test_processors_run_on_the_loop_with_hugging_face_tokens(t5_pair):
     assert all(outcome.startswith(KERNL_LOOP) for outcomes in loops.values() for outcome in outcomes), loops
 
 
+def test_beam_search_gives_hugging_face_tokens(t5_pair):
+    """num_beams, num_return_sequences, length_penalty, early_stopping, rows whose beams end on EOS, and a
+    processor reading the beams' reordered sequences."""
+    optimized, reference = t5_pair
+    ids, mask = _prompt(seed=5)
+    base = dict(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=6)
+    with torch.inference_mode():
+        free = reference.generate(**base, eos_token_id=None)
+    eos = [free[0, 2].item(), free[1, 3].item()]  # tokens the rows' greedy paths meet early
+    settings = [
+        dict(num_beams=3, num_return_sequences=3, length_penalty=0.6),
+        dict(num_beams=2, eos_token_id=eos, early_stopping=True),
+        dict(
+            num_beams=3, eos_token_id=eos, early_stopping="never", length_penalty=1.5, repetition_penalty=1.4
+        ),
+    ]
+    for setting in settings:
+        _same(optimized, reference, **base, **setting)
+    assert optimized.kernl_report.generate_loops["beam search"][0].startswith(KERNL_LOOP)
+
+
 def test_return_dict_in_generate_and_launches_that_run_past_max_length(t5_pair):
     """``return_dict_in_generate``: the sequences and the cache; and launches of the full number of steps
     (as on the GPU, where a capture fixes them), the last one running past max_length, give the same
@@ -208,12 +227,16 @@ def test_calls_outside_the_loop_run_transformers_loop_and_the_report_says_why(t5
     custom = LogitsProcessorList([TemperatureLogitsWarper(0.5)])
     _same(optimized, reference, seed=5, **base, do_sample=True, logits_processor=custom)
     _same(optimized, reference, **base, do_sample=False, suppress_tokens=[4, 5])  # known only once prepared
+    _same(optimized, reference, **base, do_sample=False, num_beams=2, return_dict_in_generate=True)
     loops = optimized.kernl_report.generate_loops
     assert "transformers' loop: streamer given" in loops["greedy"], loops
     assert "transformers' loop: SuppressTokensLogitsProcessor is not on kernl's loop" in loops["greedy"], (
         loops
     )
     assert "transformers' loop: custom logits_processor given" in loops["sampling"], loops
+    assert loops["beam search"] == [
+        "transformers' loop: return_dict_in_generate with beam search (kernl's loop keeps no beam_indices)"
+    ]
     assert "generate() greedy: " in str(optimized.kernl_report)
     with torch.inference_mode(), pytest.raises(TypeError, match="generator"):
         optimized.generate(**base, do_sample=True, generator=5)

@@ -12,6 +12,7 @@ from transformers.generation import logits_process as hf
 from transformers.generation import stopping_criteria as hf_stopping
 
 from kernl.integration.decode import draws, processors, settings
+from kernl.integration.decode.beam_search import BeamSettings
 from kernl.integration.report import OptimizationReport
 
 VOCAB = 37  # odd, and smaller than some ids in the buffers' unused columns
@@ -160,7 +161,15 @@ def test_calls_outside_the_loop_are_refused_with_their_reason():
         "assisted generation": {"prompt_lookup_num_tokens": 3},
         "output_scores requested": {"output_scores": True},
         "output_attentions requested": {"output_attentions": True},
-        "beam search is not on kernl's loop yet": {"num_beams": 3},
+        "beam sampling is not on kernl's loop": {"num_beams": 3, "do_sample": True},
+        "return_dict_in_generate with beam search (kernl's loop keeps no beam_indices)": {
+            "num_beams": 3,
+            "return_dict_in_generate": True,
+        },
+        "a generation mode transformers moved to the Hub (group beams, contrastive, DoLa, constraints)": {
+            "num_beams": 4,
+            "num_beam_groups": 2,
+        },
         "use_cache=False": {"use_cache": False},
         "the call names its own cache": {"cache_implementation": "dynamic"},
         "decoder_attention_mask given (it grows every step)": {"decoder_attention_mask": torch.ones(1, 1)},
@@ -168,7 +177,7 @@ def test_calls_outside_the_loop_are_refused_with_their_reason():
     for reason, kwargs in refusals.items():
         setting = lambda name, kwargs=kwargs: kwargs.get(name, getattr(config, name, None))  # noqa: E731
         assert settings.call_refusal(_encoder_decoder(), kwargs, setting) == reason
-    empty = {"logits_processor": [], "stopping_criteria": []}  # empty lists change nothing
+    empty = {"logits_processor": [], "stopping_criteria": [], "num_beams": 3}  # empty lists change nothing
     assert settings.call_refusal(_encoder_decoder(), empty, lambda name: getattr(config, name, None)) is None
     decoder_only = SimpleNamespace(config=SimpleNamespace(is_encoder_decoder=False))
     assert "decoder-only" in settings.call_refusal(decoder_only, {}, lambda name: getattr(config, name, None))
@@ -182,21 +191,33 @@ def test_prepared_calls_outside_the_loop_are_refused_with_their_reason():
     steady = {"encoder_outputs": None, "attention_mask": None, "use_cache": True}
     eos = hf_stopping.EosTokenCriteria(eos_token_id=[1, 4])
     stopping = [hf_stopping.MaxLengthCriteria(9), eos]
-    loop = settings.loop_settings(config, [hf.TopKLogitsWarper(3)], stopping, steady)
-    assert loop == settings.LoopSettings((processors.TopK(3),), True, (1, 4), 0)
-    without_eos = settings.loop_settings(config, [], stopping[:1], steady)
+    loop = settings.loop_settings(config, [hf.TopKLogitsWarper(3)], stopping, steady, 1)
+    assert loop == settings.LoopSettings((processors.TopK(3),), True, (1, 4), 0, 1, None)
+    without_eos = settings.loop_settings(config, [], stopping[:1], steady, 1)
     assert without_eos.eos_token_ids == ()  # no end-of-sequence criterion: rows are never padded
-    assert settings.loop_settings(config, [hf.SuppressTokensLogitsProcessor([3])], stopping, steady) == (
+    assert settings.loop_settings(config, [hf.SuppressTokensLogitsProcessor([3])], stopping, steady, 1) == (
         "SuppressTokensLogitsProcessor is not on kernl's loop"
     )
     timed = [*stopping, hf_stopping.MaxTimeCriteria(10.0)]
-    assert settings.loop_settings(config, [], timed, steady) == "stopping criterion MaxTimeCriteria"
+    assert settings.loop_settings(config, [], timed, steady, 1) == "stopping criterion MaxTimeCriteria"
     growing = {**steady, "decoder_position_ids": None}
-    assert settings.loop_settings(config, [], stopping, growing) == "model arguments decoder_position_ids"
-    beams = GenerationConfig(max_length=9, num_beams=2)
-    assert (
-        settings.loop_settings(beams, [], stopping, steady)
-        == "generation mode beam_search is not on kernl's loop"
+    assert settings.loop_settings(config, [], stopping, growing, 1) == "model arguments decoder_position_ids"
+    beams = GenerationConfig(
+        max_length=9,
+        num_beams=3,
+        num_return_sequences=2,
+        length_penalty=0.5,
+        pad_token_id=0,
+        eos_token_id=[1, 4],
+    )
+    searched = settings.loop_settings(beams, [], stopping, steady, 2)
+    assert searched.beams == BeamSettings(
+        num_beams=3, length_penalty=0.5, early_stopping=False, num_return_sequences=2, eos_token_ids=(1, 4),
+        pad_token_id=0, max_new_tokens=7,
+    )  # fmt: skip
+    sampled_beams = GenerationConfig(max_length=9, num_beams=2, do_sample=True)
+    assert settings.loop_settings(sampled_beams, [], stopping, steady, 1) == (
+        "generation mode beam_sample is not on kernl's loop"
     )
 
 

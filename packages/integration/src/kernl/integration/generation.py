@@ -76,8 +76,7 @@ def optimize_generation(model, report: OptimizationReport, bucket, cuda_graphs: 
         cache = cache_argument(kwargs)[1]
         if not ready_static_cache(cache):
             return original(*args, **kwargs)
-        if not isinstance(cache.reorder_cache, _InPlaceReorder):  # once per cache, before any beam step
-            _reorder_in_place(cache)
+        _ensure_reorder_in_place(cache)  # once per cache, before any beam step
         return steps(*args, **kwargs) if _changes_only_tensors(cache) else compiled(*args, **kwargs)
 
     model.forward = forward
@@ -94,7 +93,7 @@ def optimize_generation(model, report: OptimizationReport, bucket, cuda_graphs: 
     else:
         report.notes.append("static caches are not reused across generate() calls (unknown transformers API)")
     model.kernl_original_generate = model.generate
-    loop = DecodeLoop(model, compiled, report, cuda_graphs)  # greedy and sampling: kernl's own loop
+    loop = DecodeLoop(model, compiled, report, cuda_graphs, _ensure_reorder_in_place)  # kernl's own loop
     model.kernl_decode_loop = loop
     routed = routed_generate(model, model.generate, loop, report)
     model.generate = _bucketed_generate(model, routed, bucket, report)
@@ -173,6 +172,12 @@ def _allocate_like(cache, template, batch_size: int) -> None:
             t.new_empty((batch_size, t.shape[1], 0, t.shape[-1])) for t in (like.keys, like.values)
         )
         allocate_layer(layer, keys, values)
+
+
+def _ensure_reorder_in_place(cache) -> None:
+    """:func:`_reorder_in_place` unless ``cache`` reorders in place already."""
+    if not isinstance(cache.reorder_cache, _InPlaceReorder):
+        _reorder_in_place(cache)
 
 
 def _reorder_in_place(cache) -> None:

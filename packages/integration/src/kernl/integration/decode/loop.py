@@ -40,25 +40,50 @@ MAX_CAPTURES_PER_STATE = 4
 
 
 def advance(state: DecodeState, settings: LoopSettings, logits: torch.Tensor, slot: int) -> None:
-    """One step's token choice, on the device: process the last position's ``logits`` (``(batch, seq,
-    vocab)``), pick each row's token (greedy, or sampled with ``state.noise[slot]``), pad finished rows,
-    append, and update which rows are unfinished, as transformers' ``_sample`` does."""
-    tokens, unfinished = state.tokens, state.unfinished
+    """One step's token choice, on the device: process the last position's ``logits`` (``(rows, seq,
+    vocab)``), pick each row's token (greedy, sampled with ``state.noise[slot]``, or beam search), append
+    it, and update which rows are unfinished, as transformers' ``_sample`` and ``_beam_search`` do."""
     scores = logits[:, -1].to(dtype=torch.float32, copy=True)
+    if settings.beams is not None:
+        scores = torch.nn.functional.log_softmax(scores, dim=-1)
     for processor in settings.processors:
-        scores = processor(tokens, scores)
+        scores = processor(state.tokens, scores)
+    if settings.beams is not None:
+        _advance_beams(state, settings, scores)
+    else:
+        _advance_rows(state, settings, scores, slot)
+
+
+def _append(state: DecodeState, chosen: torch.Tensor) -> None:
+    tokens = state.tokens
+    tokens.ids.scatter_(1, tokens.length.view(1, 1).expand(chosen.shape[0], 1), chosen[:, None])
+    tokens.length.add_(1)
+    state.token.copy_(chosen[:, None])
+
+
+def _advance_rows(state: DecodeState, settings: LoopSettings, scores: torch.Tensor, slot: int) -> None:
+    """Greedy or sampled: finished rows emit the pad token."""
+    unfinished = state.unfinished
     chosen = sampled(scores, state.noise[slot]) if settings.do_sample else torch.argmax(scores, dim=-1)
     if settings.eos_token_ids:
         chosen = chosen * unfinished + settings.pad_token_id * (1 - unfinished)
     state.out_length.add_(unfinished.amax())  # transformers' loop takes this step if a row is unfinished
-    batch = chosen.shape[0]
-    tokens.ids.scatter_(1, tokens.length.view(1, 1).expand(batch, 1), chosen[:, None])
-    tokens.length.add_(1)
+    _append(state, chosen)
     ended = torch.zeros_like(chosen, dtype=torch.bool)
     for eos in settings.eos_token_ids:
         ended = ended | (chosen == eos)
-    unfinished.mul_((~ended & (tokens.length < tokens.max_length)).long())
-    state.token.copy_(chosen[:, None])
+    unfinished.mul_((~ended & (state.tokens.length < state.tokens.max_length)).long())
+
+
+def _advance_beams(state: DecodeState, settings: LoopSettings, log_probs: torch.Tensor) -> None:
+    """Beam search (:class:`~kernl.integration.decode.beam_search.BeamSearch`): the rows' sequences and
+    the cache are reordered by the beams each continues, in place."""
+    search = state.searches[(settings.beams, settings.prompt_length)]
+    generated = (state.tokens.length - settings.prompt_length).reshape(())
+    choice = search.step(log_probs, generated)
+    state.tokens.ids.copy_(state.tokens.ids.index_select(0, choice.beam_rows))
+    _append(state, choice.next_tokens)
+    state.cache.reorder_cache(choice.beam_rows)
 
 
 class DecodeLoop:
@@ -66,11 +91,12 @@ class DecodeLoop:
 
     ``step(**inputs)``: the model's decoder step (its forward, compiled by kernl's backend), run over a
     static cache; ``cuda_graphs``: capture chunks of steps on a GPU; ``report``: where each call's loop is
-    noted (``report.generate_loops``).
+    noted (``report.generate_loops``); ``reorder_in_place(cache)``: make ``cache.reorder_cache`` keep
+    its tensors where they are (beam search reorders the cache a captured step reads).
     """
 
-    def __init__(self, model, step, report: OptimizationReport, cuda_graphs: bool):
-        self.model, self.step, self.report = model, step, report
+    def __init__(self, model, step, report: OptimizationReport, cuda_graphs: bool, reorder_in_place):
+        self.model, self.step, self.report, self.reorder_in_place = model, step, report, reorder_in_place
         self.cuda_graphs = cuda_graphs and model.device.type == "cuda"
         self.pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None
         # run only the steps a call needs in its last launch (only where no capture fixes a launch's length)
@@ -93,7 +119,9 @@ class DecodeLoop:
         sampling (kernl's extension; default: the global generator). A call outside the loop's set runs
         transformers' decoding method, with the reason in the report."""
         kind = call_kind(lambda name: getattr(generation_config, name, None))
-        settings = loop_settings(generation_config, logits_processor, stopping_criteria, model_kwargs)
+        settings = loop_settings(
+            generation_config, logits_processor, stopping_criteria, model_kwargs, input_ids.shape[1]
+        )
         max_length = generation_config.max_length
         if isinstance(settings, LoopSettings):
             cache = hf_compat.cache_argument(model_kwargs)[1]
@@ -127,6 +155,9 @@ class DecodeLoop:
         max_length, prompt = generation_config.max_length, input_ids.shape[1]
         state = self._state(model_kwargs, input_ids.shape[0], max_length + EXTRA_CACHE_POSITIONS)
         state.start(input_ids, max_length, model_kwargs)
+        search = None
+        if settings.beams is not None:
+            search = state.search(settings.beams, prompt)
         if settings.do_sample:
             draw_noise(state.noise_slots(STEPS_PER_LAUNCH, logits.shape[-1]), 1, generator)
         advance(state, settings, logits, slot=0)
@@ -138,11 +169,17 @@ class DecodeLoop:
             steps = min(STEPS_PER_LAUNCH, total - done) if self.exact_launches else STEPS_PER_LAUNCH
             state.graphs(settings, steps)
             done += steps
-            # the loop's one host read per launch: a length short of the steps run means all rows ended
-            if int(state.out_length.item()) < prompt + min(done, total):
+            # the loop's one host read per launch: whether every row has ended (for rows, a length short
+            # of the steps run)
+            if search is not None:
+                if bool(search.done()):
+                    break
+            elif int(state.out_length.item()) < prompt + min(done, total):
                 break
-        stopped_at = int(state.out_length.item())
         cache = hf_compat.cache_argument(model_kwargs)[1]
+        if search is not None:
+            return search.finish(input_ids).sequences, cache
+        stopped_at = int(state.out_length.item())
         return state.tokens.ids[:, :stopped_at].clone(), cache
 
     def _state(self, model_kwargs: dict, batch: int, width: int) -> DecodeState:
@@ -153,6 +190,7 @@ class DecodeLoop:
         key = (signature((), others), id(cache), tuple(t.data_ptr() for t in tensors), batch, width)
         state = self.states.pop(key, None)
         if state is None:
+            self.reorder_in_place(cache)  # before beam search's first reorder: the state's cache stays put
             state = DecodeState(model_kwargs, batch, width, self.model.device)
             state.graphs = self._graphs(state)
         self.states[key] = state

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from transformers.generation import stopping_criteria as hf_stopping
 
+from kernl.integration.decode.beam_search import BeamSettings
 from kernl.integration.decode.processors import Processor, from_transformers
 from kernl.integration.hf_compat import CACHE_ARGUMENT_NAMES
 
@@ -64,8 +65,16 @@ def call_refusal(model, kwargs: dict, setting: Callable[[str], object]) -> str |
     for name, reason in _SETTING_REASONS.items():
         if setting(name):
             return reason
+    if (setting("num_beam_groups") or 1) > 1 or any(
+        setting(name) is not None
+        for name in ("penalty_alpha", "dola_layers", "constraints", "force_words_ids")
+    ):
+        return "a generation mode transformers moved to the Hub (group beams, contrastive, DoLa, constraints)"
     if (setting("num_beams") or 1) > 1:
-        return "beam search is not on kernl's loop yet"
+        if setting("do_sample"):
+            return "beam sampling is not on kernl's loop"
+        if setting("return_dict_in_generate"):
+            return "return_dict_in_generate with beam search (kernl's loop keeps no beam_indices)"
     if setting("use_cache") is False:
         return "use_cache=False"
     given_cache = any(kwargs.get(name) is not None for name in CACHE_ARGUMENT_NAMES)
@@ -80,13 +89,16 @@ class LoopSettings:
 
     ``processors``: in transformers' order; ``do_sample``: sampled, else greedy; ``eos_token_ids``: empty
     when the call stops only at ``max_length`` (rows are then never padded); ``pad_token_id``: what a
-    finished row emits.
+    finished row emits; ``prompt_length``: the decoder prompt's length (the decoder start token: 1);
+    ``beams``: beam search's settings, None for greedy and sampling.
     """
 
     processors: tuple[Processor, ...]
     do_sample: bool
     eos_token_ids: tuple[int, ...]
     pad_token_id: int | None
+    prompt_length: int = 1
+    beams: BeamSettings | None = None
 
 
 def _token_ids(value) -> tuple[int, ...]:
@@ -96,12 +108,12 @@ def _token_ids(value) -> tuple[int, ...]:
 
 
 def loop_settings(
-    generation_config, logits_processor, stopping_criteria, model_kwargs: dict
+    generation_config, logits_processor, stopping_criteria, model_kwargs: dict, prompt_length: int
 ) -> LoopSettings | str:
     """The loop's settings for what ``generate()`` prepared (its generation config, logits processors,
-    stopping criteria and model arguments), or why the loop cannot run it."""
+    stopping criteria, model arguments and the decoder prompt's length), or why the loop cannot run it."""
     mode = getattr(generation_config.get_generation_mode(), "value", None)
-    if mode not in ("greedy_search", "sample"):
+    if mode not in ("greedy_search", "sample", "beam_search"):
         return f"generation mode {mode} is not on kernl's loop"
     unsteady = sorted(name for name in model_kwargs if name not in STEADY_MODEL_ARGUMENTS)
     if unsteady:
@@ -119,6 +131,20 @@ def loop_settings(
             return translated
         processors.append(translated)
     pad = generation_config.pad_token_id
+    beams = None
+    if mode == "beam_search":
+        try:
+            beams = BeamSettings(
+                num_beams=generation_config.num_beams,
+                length_penalty=generation_config.length_penalty,
+                early_stopping=generation_config.early_stopping or False,  # None behaves as False
+                num_return_sequences=generation_config.num_return_sequences,
+                eos_token_ids=eos,
+                pad_token_id=pad,
+                max_new_tokens=generation_config.max_length - prompt_length,
+            )
+        except (TypeError, ValueError) as refused:
+            return f"beam search settings: {refused}"
     if pad is None and eos:  # transformers pads finished rows with the first end-of-sequence token
         pad = eos[0]
-    return LoopSettings(tuple(processors), bool(generation_config.do_sample), eos, pad)
+    return LoopSettings(tuple(processors), bool(generation_config.do_sample), eos, pad, prompt_length, beams)

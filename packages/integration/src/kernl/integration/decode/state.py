@@ -7,6 +7,8 @@ capture made in an earlier call replays on the new call's tokens.
 
 import torch
 
+from kernl.integration import hf_compat
+from kernl.integration.decode.beam_search import BeamSearch, BeamSettings
 from kernl.integration.decode.processors import Tokens
 from kernl.integration.trees import map_tensors, tensors_in
 
@@ -20,7 +22,8 @@ class DecodeState:
     ``out_length``: int64 ``(1,)``, the sequence length transformers' loop stops at: one more for each
     step taken while a row was unfinished; ``noise``: fp32 ``(slots, batch, vocab)``, the draws of the
     next sampled steps (made on first use); ``model_kwargs``: the steps' model arguments, their tensors
-    copies owned by the state.
+    copies owned by the state; ``cache``: the static cache among them; ``searches``: the beam searches
+    run over the state, by settings and prompt length.
     """
 
     def __init__(self, model_kwargs: dict, batch: int, width: int, device: torch.device):
@@ -31,6 +34,8 @@ class DecodeState:
         self.token, self.unfinished, self.out_length = new(batch, 1), new(batch), new(1)
         self.noise: torch.Tensor | None = None
         self.model_kwargs = map_tensors(torch.clone, model_kwargs)
+        self.cache = hf_compat.cache_argument(self.model_kwargs)[1]
+        self.searches: dict[tuple[BeamSettings, int], BeamSearch] = {}
         self.graphs = None  # the captures of this state's chunks (kernl.integration.decode.loop)
 
     def start(self, input_ids: torch.Tensor, max_length: int, model_kwargs: dict) -> None:
@@ -45,6 +50,20 @@ class DecodeState:
         self.unfinished.fill_(1)
         self.out_length.fill_(length)
         torch._foreach_copy_(tensors_in(self.model_kwargs), tensors_in(model_kwargs))
+
+    def search(self, settings: BeamSettings, prompt_length: int) -> BeamSearch:
+        """The beam search of ``settings`` over this state's rows, reset for a new call (made on first use)."""
+        key = (settings, prompt_length)
+        search = self.searches.get(key)
+        if search is None:
+            batch = self.token.shape[0] // settings.num_beams
+            search = BeamSearch(
+                settings, batch_size=batch, prompt_length=prompt_length, device=self.token.device
+            )
+            self.searches[key] = search
+        else:
+            search.reset()
+        return search
 
     def noise_slots(self, slots: int, vocab: int) -> torch.Tensor:
         """The noise buffer, made on first use."""
