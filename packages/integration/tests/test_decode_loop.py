@@ -115,28 +115,34 @@ def t5_pair():
     return _pair("t5-gated")
 
 
+def _ending_token(free: torch.Tensor) -> tuple[int, int, int]:
+    """``(token, row, step)``: a token one row of ``free`` (greedy tokens of two rows, no end of sequence)
+    emits first at ``step`` >= 1 and the other row not by ``step + 1``: as the end-of-sequence token, it
+    ends that row alone at that step."""
+    rows = [free[row, 1:].tolist() for row in range(2)]
+    for step in range(1, len(rows[0]) - 2):
+        for row in range(2):
+            token = rows[row][step]
+            if token not in rows[row][:step] and token not in rows[1 - row][: step + 2]:
+                return token, row, step
+    raise AssertionError(f"no token ends one row alone: {rows}")
+
+
 def test_rows_end_on_eos_at_different_steps_then_emit_pad(t5_pair):
-    """The end-of-sequence token is set to a token row 0 emits at an early step and row 1 later or never:
-    row 0 ends first and pads; once every row has ended the call stops short of max_new_tokens."""
+    """The end-of-sequence token is set to a token one row emits at an early step and the other later or
+    never: that row ends first and pads; once every row has ended the call stops short of max_new_tokens."""
     optimized, reference = t5_pair
     ids, mask = _prompt(seed=1)
     base = dict(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=7)
     with torch.inference_mode():
         free = reference.generate(**base, eos_token_id=None)  # nothing ends: every token
-    row0, row1 = free[0, 1:].tolist(), free[1, 1:].tolist()
-    # a token row 0 emits first at step k >= 1 that row 1 does not emit by step k + 2
-    step = next(
-        k for k in range(1, 4) if row0[k] not in row0[:k] and row0[k] not in row1[: k + 3]
-    )  # raises StopIteration (a failure) if the model's tokens allow no such choice
-    eos = row0[step]
+    eos, row, step = _ending_token(free)
     out = _same(optimized, reference, **base, eos_token_id=eos)
+    pad = optimized.generation_config.pad_token_id
     if not on_gpu():
-        assert (
-            out[0, step + 2 :].eq(optimized.generation_config.pad_token_id).all()
-        )  # row 0 pads after its end
-        assert not out[1, step + 2 :].eq(optimized.generation_config.pad_token_id).all()
-    # both rows end: the second row's token at its fourth step ends it too
-    out = _same(optimized, reference, **base, eos_token_id=[eos, row1[3]])
+        assert out[row, step + 2 :].eq(pad).all() and not out[1 - row, step + 2 :].eq(pad).all(), out
+    # both rows end: the other row's next token ends it too
+    out = _same(optimized, reference, **base, eos_token_id=[eos, free[1 - row, step + 2].item()])
     assert on_gpu() or out.shape[1] < 1 + 7
     # min_new_tokens holds the end back
     _same(optimized, reference, **base, eos_token_id=eos, min_new_tokens=5)

@@ -14,6 +14,9 @@ from transformers.generation import stopping_criteria as hf_stopping
 from kernl.integration.decode import draws, processors, settings
 from kernl.integration.decode.beam_search import BeamSettings
 from kernl.integration.report import OptimizationReport
+from kernl_testing import on_gpu
+
+DEVICE = "cuda" if on_gpu() else "cpu"
 
 VOCAB = 37  # odd, and smaller than some ids in the buffers' unused columns
 
@@ -26,15 +29,17 @@ def _tokens(batch: int, length: int, width: int, seed: int, max_length: int = 8,
     buffer = torch.randint(0, vocab + 5, (batch, width), generator=generator)  # past the vocab too
     buffer[:, :length] = ids
     tokens = processors.Tokens(
-        ids=buffer, length=torch.tensor([length]), max_length=torch.tensor([max_length])
+        ids=buffer.to(DEVICE),
+        length=torch.tensor([length], device=DEVICE),
+        max_length=torch.tensor([max_length], device=DEVICE),
     )
-    return ids, tokens
+    return ids.to(DEVICE), tokens
 
 
 def _scores(batch: int, seed: int, vocab: int = VOCAB) -> torch.Tensor:
     scores = torch.randn(batch, vocab, generator=torch.Generator().manual_seed(seed + 100)) * 3
     scores[0, 0] = 0.0  # the sign boundary of the repetition penalty
-    return scores
+    return scores.to(DEVICE)
 
 
 # (transformers' processor, kernl's) built from the same parameters
@@ -47,13 +52,19 @@ PAIRS = {
         hf.RepetitionPenaltyLogitsProcessor(0.6, prompt_ignore_length=3),
         processors.RepetitionPenalty(0.6, 3),
     ),
-    "min_length": lambda: (hf.MinLengthLogitsProcessor(6, [2, 5]), processors.MinLength(6, (2, 5))),
+    "min_length": lambda: (
+        hf.MinLengthLogitsProcessor(6, [2, 5], device=DEVICE),
+        processors.MinLength(6, (2, 5)),
+    ),
     "min_new_tokens": lambda: (
-        hf.MinNewTokensLengthLogitsProcessor(2, 4, 3),
+        hf.MinNewTokensLengthLogitsProcessor(2, 4, 3, device=DEVICE),
         processors.MinNewTokensLength(2, 4, (3,)),
     ),
     "forced_bos": lambda: (hf.ForcedBOSTokenLogitsProcessor(4), processors.ForcedBOSToken(4)),
-    "forced_eos": lambda: (hf.ForcedEOSTokenLogitsProcessor(8, [1, 7]), processors.ForcedEOSToken((1, 7))),
+    "forced_eos": lambda: (
+        hf.ForcedEOSTokenLogitsProcessor(8, [1, 7], device=DEVICE),
+        processors.ForcedEOSToken((1, 7)),
+    ),
     "temperature": lambda: (hf.TemperatureLogitsWarper(0.7), processors.Temperature(0.7)),
     "top_k": lambda: (hf.TopKLogitsWarper(5), processors.TopK(5)),
     "top_k_past_the_vocab": lambda: (hf.TopKLogitsWarper(500), processors.TopK(500)),
@@ -87,7 +98,9 @@ def test_each_processor_gives_transformers_scores(name, length):
 def test_the_processors_bite_on_the_cases_they_exist_for():
     """Guards against processors that compare equal only because neither did anything."""
     ids, tokens = _tokens(batch=2, length=6, width=10, seed=0, max_length=7)
-    ids[:] = torch.tensor([2, 3, 2, 4, 1, 2])  # 2 follows 3 once: a repeat of "2 3" bans 3 after 2
+    ids[:] = torch.tensor(
+        [2, 3, 2, 4, 1, 2], device=DEVICE
+    )  # 2 follows 3 once: a repeat of "2 3" bans 3 after 2
     tokens.ids[:, :6] = ids
     scores = _scores(2, 0)
     assert torch.isinf(processors.NoRepeatNGram(2)(tokens, scores)[:, 3]).all()
@@ -121,8 +134,9 @@ def test_processors_are_translated_from_transformers_with_their_parameters():
 def test_sampling_draws_transformers_tokens_and_leaves_the_generator_where_multinomial_does():
     for seed in range(5):
         probs_scores = _scores(4, seed)
-        theirs, ours = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
-        noise = torch.empty(3, 4, VOCAB)
+        theirs = torch.Generator(DEVICE).manual_seed(seed)
+        ours = torch.Generator(DEVICE).manual_seed(seed)
+        noise = torch.empty(3, 4, VOCAB, device=DEVICE)
         draws.draw_noise(noise, 3, ours)
         for step in range(3):
             expected = torch.multinomial(torch.softmax(probs_scores + step, -1), 1, generator=theirs)

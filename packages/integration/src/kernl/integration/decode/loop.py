@@ -1,4 +1,5 @@
-"""kernl's decode loop: ``generate()``'s greedy and sampled decoding with every step on the device.
+"""kernl's decode loop: ``generate()``'s greedy, sampled and beam-search decoding with every step on the
+device.
 
 :class:`DecodeLoop.decode` is handed to ``generate()`` as its ``custom_generate`` decoding method
 (:mod:`kernl.integration.decode.route`): transformers prepares the call (encoder, static cache, logits
@@ -9,11 +10,14 @@ processors, stopping criteria) and the loop runs it:
    (:class:`~kernl.integration.decode.state.DecodeState`: the last tokens, the cache, whose device-side
    length gives the positions), runs the decoder step compiled by kernl's backend, processes the scores
    (:mod:`~kernl.integration.decode.processors`), picks the tokens and appends them; a finished row emits
-   the pad token. No step reads anything back to the host: on a GPU a chunk is captured in one CUDA graph
+   the pad token (beam search: :mod:`~kernl.integration.decode.beam_search` picks, and the rows'
+   sequences and the cache are reordered in place by the beams they continue). No step reads anything
+   back to the host: on a GPU a chunk is captured in one CUDA graph
    (:class:`~kernl.integration.cuda_graphs.CudaGraphs`, keyed by the loop's settings; its first call runs
    directly, as its warm-up) and replayed;
 3. after each launch the host reads one number, the length transformers' loop would have stopped at:
-   shorter than the steps run means every row has finished, and the loop stops.
+   shorter than the steps run means every row has finished, and the loop stops (beam search: its done
+   flag).
 
 The last launch may run up to ``STEPS_PER_LAUNCH - 1`` steps past ``max_length``: their tokens are cut off,
 and the static cache has room for them (:data:`EXTRA_CACHE_POSITIONS`, added by kernl's cache
