@@ -99,7 +99,7 @@ def _same(optimized, reference, seed=None, **arguments):
 def test_greedy_and_seeded_sampling_give_hugging_face_tokens(family):
     optimized, reference = _pair(family)
     ids, mask = _prompt()
-    base = dict(input_ids=ids, attention_mask=mask, max_new_tokens=5)
+    base = dict(input_ids=ids, attention_mask=mask, max_new_tokens=4)
     _same(optimized, reference, **base, do_sample=False)
     _same(optimized, reference, seed=3, **base, do_sample=True, temperature=0.8, top_k=30, top_p=0.9)
     _same(optimized, reference, **base, do_sample=False, num_beams=3, num_return_sequences=2)
@@ -146,6 +146,8 @@ def test_rows_end_on_eos_at_different_steps_then_emit_pad(t5_pair):
     assert on_gpu() or out.shape[1] < 1 + 7
     # min_new_tokens holds the end back
     _same(optimized, reference, **base, eos_token_id=eos, min_new_tokens=5)
+    loops = optimized.kernl_report.generate_loops["greedy"]
+    assert all(outcome.startswith(KERNL_LOOP) for outcome in loops), loops
 
 
 def test_processors_run_on_the_loop_with_hugging_face_tokens(t5_pair):
@@ -177,7 +179,7 @@ def test_beam_search_gives_hugging_face_tokens(t5_pair):
     processor reading the beams' reordered sequences."""
     optimized, reference = t5_pair
     ids, mask = _prompt(seed=5)
-    base = dict(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=6)
+    base = dict(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=5)
     with torch.inference_mode():
         free = reference.generate(**base, eos_token_id=None)
     eos = [free[0, 2].item(), free[1, 3].item()]  # tokens the rows' greedy paths meet early
@@ -240,9 +242,10 @@ def test_calls_outside_the_loop_run_transformers_loop_and_the_report_says_why(t5
         loops
     )
     assert "transformers' loop: custom logits_processor given" in loops["sampling"], loops
-    assert loops["beam search"] == [
+    beams_refused = (
         "transformers' loop: return_dict_in_generate with beam search (kernl's loop keeps no beam_indices)"
-    ]
+    )
+    assert beams_refused in loops["beam search"], loops
     assert "generate() greedy: " in str(optimized.kernl_report)
     with torch.inference_mode(), pytest.raises(TypeError, match="generator"):
         optimized.generate(**base, do_sample=True, generator=5)
