@@ -35,7 +35,9 @@ def tests(session: nox.Session) -> None:
     """CPU test suite of every package, kernels through Triton's interpreter (what CI runs)."""
     session.install(TORCH, silent=False)
     _install(session, PACKAGES)
-    _pytest(session, ["-n", "2", "testing/tests", *[f"packages/{p}/tests" for p in PACKAGES]], CPU_ENV)
+    # two workers on two cores: one torch thread each (torch's default of one per core would oversubscribe)
+    env = {**CPU_ENV, "OMP_NUM_THREADS": "1"}
+    _pytest(session, ["-n", "2", "testing/tests", *[f"packages/{p}/tests" for p in PACKAGES]], env)
 
 
 def _package_session(package: str):

@@ -114,17 +114,18 @@ def run_engine(name: str, model, batches: list[dict], reference: list | None) ->
     gc.collect()
     torch.cuda.empty_cache()
     before = torch.cuda.memory_reserved()  # the engine's copy of the weights included
-    error = 0.0
     torch.cuda.synchronize()
     start = time.perf_counter()
     with torch.inference_mode():
-        for i, batch in enumerate(batches):
-            out = call(batch)
-            if reference is not None:
-                real = batch["attention_mask"].bool()
-                error = max(error, (out.float().cpu()[real] - reference[i][real]).abs().max().item())
+        for batch in batches:
+            call(batch)
     torch.cuda.synchronize()
     first = time.perf_counter() - start
+    error = 0.0
+    with torch.inference_mode():  # checked after the timed pass: the copies to the host are not the engine's
+        for i, batch in enumerate(batches if reference is not None else []):
+            real = batch["attention_mask"].bool().cpu()
+            error = max(error, (call(batch).float().cpu()[real] - reference[i][real]).abs().max().item())
     passes = []
     with torch.inference_mode():
         for _ in range(3):

@@ -6,7 +6,14 @@ import torch
 
 from kernl.linear_act import gated_linear_act, linear_act
 from kernl.linear_act.reference import gated_linear_act_reference, linear_act_reference
-from kernl_testing import TEST_DEVICE, ValueSpec, assert_matches_reference, float_dtypes, make_tensor
+from kernl_testing import (
+    TEST_DEVICE,
+    ValueSpec,
+    assert_matches_reference,
+    float_dtypes,
+    make_tensor,
+    reduction_scale,
+)
 
 
 def _large_inputs(dtype):
@@ -38,7 +45,11 @@ def test_gated_linear_act_on_large_values_is_right_and_quiet(activation, dtype):
     x, w0, w1 = _large_inputs(dtype)
     out = gated_linear_act(x, w0, w1, activation)
     reference = gated_linear_act_reference(*_as64(x, w0, w1), activation)
-    assert_matches_reference(out, reference, gated_linear_act_reference(x, w0, w1, activation))
+    # terms of about 30 summed over K = 16: the summation order's rounding is absolute, not relative
+    scale = reduction_scale(x, x.shape[1])
+    assert_matches_reference(
+        out, reference, gated_linear_act_reference(x, w0, w1, activation), atol_scale=scale
+    )
 
 
 @pytest.mark.parametrize("activation, expected", [("tanh", [-1.0, 1.0]), ("silu", [0.0, 1e4])])

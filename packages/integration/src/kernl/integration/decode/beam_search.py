@@ -16,8 +16,8 @@ operation for operation, so that the same processed log-probabilities give the s
 
 Every state tensor is allocated once, in :class:`BeamSearch`'s constructor, and updated in place by
 :meth:`BeamSearch.step`, so a CUDA graph that captured ``step`` replays it on the same state. Once the
-search is done, further steps leave the state as it is: a loop that checks :meth:`BeamSearch.done` only
-every few steps returns what transformers returns.
+search is done, further steps leave the finished hypotheses as they are: a loop that checks
+:meth:`BeamSearch.done` only every few steps returns what transformers returns.
 """
 
 import math
@@ -117,10 +117,14 @@ class BeamSearch:
 
     The caller runs the model, turns its last logits into float32 log-probabilities (``log_softmax``
     then the logits processors, as transformers does), and hands them to :meth:`step`, which picks the
-    next token of every beam. :meth:`reset` starts a new search on the same tensors.
+    next token of every beam, until :meth:`done`; :meth:`finish` then returns the sequences and scores,
+    :meth:`beam_indices` the beam indices. :meth:`reset` starts a new search on the same tensors.
+    ``prompt_length`` is the length of the decoder's prompt (1 for an encoder-decoder's start token).
     """
 
-    def __init__(self, settings: BeamSettings, *, batch_size: int, prompt_length: int, device):
+    def __init__(
+        self, settings: BeamSettings, *, batch_size: int, prompt_length: int, device: torch.device | str
+    ):
         if not isinstance(settings, BeamSettings):
             raise TypeError(f"settings must be a BeamSettings, got {type(settings).__name__}")
         _check_int("batch_size", batch_size, minimum=1)
@@ -139,6 +143,8 @@ class BeamSearch:
         self._finished_tokens = new((batch_size, beams, length), torch.int64)
         self._finished_scores = new((batch_size, beams), torch.float32)
         self._finished_lengths = new((batch_size, beams), torch.int64)
+        self._finished_parents = new((batch_size, beams), torch.int64)
+        self._row_history = new((length, batch_size * beams), torch.int64)
         self._is_finished = new((batch_size, beams), torch.bool)
         self._may_improve = new((batch_size, 1), torch.bool)
         self._done = new((), torch.bool)
@@ -162,6 +168,8 @@ class BeamSearch:
         self._running_scores[:, 0].fill_(0.0)
         self._finished_scores.fill_(_EXCLUDED)
         self._finished_lengths.zero_()
+        self._finished_parents.fill_(-1)
+        self._row_history.zero_()
         self._is_finished.zero_()
         self._may_improve.fill_(True)
         self._done.fill_(False)
@@ -183,27 +191,28 @@ class BeamSearch:
         vocab = log_probs.shape[-1]
 
         # transformers' _get_top_k_continuations
-        accumulated = (log_probs.reshape(batch, beams, vocab) + self._running_scores[:, :, None]).reshape(
-            batch, -1
-        )
-        top_scores, top_indices = torch.topk(accumulated, k=settings.candidates_per_row)
+        accumulated = log_probs.reshape(batch, beams, vocab) + self._running_scores[:, :, None]
+        top_scores, top_indices = torch.topk(accumulated.reshape(batch, -1), k=settings.candidates_per_row)
         top_beams = top_indices // vocab
+        top_rows = top_beams + self._row_offsets
         top_ids = top_indices % vocab
-        top_tokens = torch.take_along_dim(self._running_tokens, top_beams[:, :, None], dim=1)
+        top_tokens = _gather_beams(self._running_tokens, top_beams)
         top_tokens = torch.where(self._positions == step, top_ids[:, :, None], top_tokens)
         hits_stop = (top_ids[:, :, None] == self._eos).any(dim=-1) | (step + 1 >= settings.max_new_tokens)
 
         # transformers' _get_running_beams_for_next_iteration
         running_candidates = top_scores + hits_stop.to(torch.float32) * _EXCLUDED
         kept = torch.topk(running_candidates, k=beams)[1]
-        running_tokens = torch.take_along_dim(top_tokens, kept[:, :, None], dim=1)
-        running_scores = torch.take_along_dim(running_candidates, kept, dim=1)
-        next_tokens = torch.take_along_dim(top_ids, kept, dim=1)
-        beam_rows = torch.take_along_dim(top_beams, kept, dim=1) + self._row_offsets
+        running_scores = _gather_beams(running_candidates, kept)
+        next_tokens = _gather_beams(top_ids, kept)
+        beam_rows = _gather_beams(top_rows, kept)
 
         # transformers' _update_finished_beams
+        step_index = self._step_index(step)
+        # 0-d: the length penalty of this step's hypotheses (step + 1 tokens)
+        length_scale = self._length_scales.index_select(0, step_index).reshape(())
         just_finished = hits_stop & self._in_first_beams
-        finished_candidates = self._length_penalised(top_scores, step)
+        finished_candidates = self._length_penalised(top_scores, length_scale)
         if settings.early_stopping is True:
             row_is_full = self._is_finished.all(dim=-1, keepdim=True)
             finished_candidates = finished_candidates + row_is_full.to(torch.float32) * _EXCLUDED
@@ -211,43 +220,41 @@ class BeamSearch:
         finished_candidates = finished_candidates + (~just_finished) * _EXCLUDED
         merged_scores = torch.cat((self._finished_scores, finished_candidates), dim=1)
         chosen = torch.topk(merged_scores, k=beams)[1]
-        finished_scores = torch.take_along_dim(merged_scores, chosen, dim=1)
-        finished_tokens = torch.take_along_dim(
-            torch.cat((self._finished_tokens, top_tokens), dim=1), chosen[:, :, None], dim=1
+        candidate_lengths = torch.zeros_like(top_ids) + (step + 1)
+        finished = (
+            (self._finished_scores, merged_scores),
+            (self._finished_tokens, torch.cat((self._finished_tokens, top_tokens), dim=1)),
+            (self._finished_lengths, torch.cat((self._finished_lengths, candidate_lengths), dim=1)),
+            (self._finished_parents, torch.cat((self._finished_parents, top_rows), dim=1)),
+            (self._is_finished, torch.cat((self._is_finished, just_finished), dim=1)),
         )
-        finished_lengths = torch.take_along_dim(
-            torch.cat((self._finished_lengths, torch.zeros_like(top_ids) + (step + 1)), dim=1), chosen, dim=1
-        )
-        is_finished = torch.take_along_dim(
-            torch.cat((self._is_finished, just_finished), dim=1), chosen, dim=1
-        )
+        # Once done, the finished hypotheses stay as they are: another top-k could reorder equal scores.
+        was_done = self._done  # read before this step updates it, below
+        for state, merged in finished:
+            torch.where(was_done, state, _gather_beams(merged, chosen), out=state)
 
         # transformers' _check_early_stop_heuristic and _beam_search_has_unfinished_sequences
         if settings.early_stopping == "never" and settings.length_penalty > 0.0:
             best_possible = running_scores[:, :1] / (settings.max_new_tokens**settings.length_penalty)
         else:
-            best_possible = self._length_penalised(running_scores[:, :1], step)
-        worst_finished = torch.where(is_finished, finished_scores.min(dim=1, keepdim=True)[0], _EXCLUDED)
-        may_improve = self._may_improve & (best_possible > worst_finished).any(dim=-1, keepdim=True)
-        can_go_on = may_improve.any() & ~hits_stop.all()
-        if settings.early_stopping is True:
-            can_go_on = can_go_on & ~is_finished.all()
-
-        was_done = self._done
-        updates = (
-            (self._running_tokens, running_tokens),
-            (self._running_scores, running_scores),
-            (self._finished_tokens, finished_tokens),
-            (self._finished_scores, finished_scores),
-            (self._finished_lengths, finished_lengths),
-            (self._is_finished, is_finished),
-            (self._may_improve, may_improve),
+            best_possible = self._length_penalised(running_scores[:, :1], length_scale)
+        worst_finished = torch.where(
+            self._is_finished, self._finished_scores.min(dim=1, keepdim=True)[0], _EXCLUDED
         )
-        for state, new_value in updates:
-            state.copy_(torch.where(was_done, state, new_value))
-        self._done.copy_(was_done | ~can_go_on)
+        self._may_improve &= (best_possible > worst_finished).any(dim=-1, keepdim=True)
+        can_go_on = self._may_improve.any() & ~hits_stop.all()
+        if settings.early_stopping is True:
+            can_go_on = can_go_on & ~self._is_finished.all()
+        self._done |= ~can_go_on
+
+        self._running_tokens.copy_(_gather_beams(top_tokens, kept))
+        self._running_scores.copy_(running_scores)
         self._next_tokens.copy_(next_tokens.reshape(-1))
         self._beam_rows.copy_(beam_rows.reshape(-1))
+        # Steps after done write rows no finished hypothesis traces back through (past max_new_tokens: the
+        # last row). A masked write rather than index_copy_, which torch's deterministic mode makes sort.
+        this_step = (self._positions == step_index)[:, None]
+        torch.where(this_step, self._beam_rows[None], self._row_history, out=self._row_history)
         return BeamChoice(next_tokens=self._next_tokens, beam_rows=self._beam_rows)
 
     def done(self) -> torch.Tensor:
@@ -270,6 +277,25 @@ class BeamSearch:
         scores = self._finished_scores[:, :returned].reshape(-1).clone()
         return BeamResult(sequences=sequences, sequences_scores=scores)
 
+    def beam_indices(self) -> torch.Tensor:
+        """(batch * num_return_sequences, generated) int32: for each returned hypothesis, the row of the
+        step's batch (``beam_rows``' numbering) its token at each position continued, -1 after its last
+        token; ``generate()``'s ``beam_indices``. Traced back from the rows each step recorded (host loop
+        over the positions: call it only when the caller returns it)."""
+        returned = self.settings.num_return_sequences
+        lengths = self._finished_lengths[:, :returned].reshape(-1)
+        generated = int(lengths.max())
+        rows = self._finished_parents[:, :returned].reshape(-1)
+        columns = []
+        for position in reversed(range(generated)):
+            earlier = position < lengths - 1
+            parents = self._row_history[position].gather(0, rows.clamp(min=0))
+            rows = torch.where(earlier, parents, rows)
+            columns.append(torch.where(position < lengths, rows, -1))
+        if not columns:
+            return torch.empty((lengths.numel(), 0), dtype=torch.int32, device=self.device)
+        return torch.stack(columns[::-1], dim=1).to(torch.int32)
+
     def _length_penalty_scales(self) -> torch.Tensor:
         """The length penalty of a hypothesis of 1 .. max_new_tokens tokens, as the factor that
         :meth:`_length_penalised` applies.
@@ -285,14 +311,16 @@ class BeamSearch:
         scales = 1.0 / divisors if self.device.type == "cuda" else divisors
         return scales.to(self.device)
 
-    def _length_penalised(self, scores: torch.Tensor, step: int | torch.Tensor) -> torch.Tensor:
-        """``scores`` of hypotheses of ``step + 1`` tokens divided by the length penalty, as transformers."""
+    def _step_index(self, step: int | torch.Tensor) -> torch.Tensor:
+        """(1,) int64 on the device: ``step`` as an index into per-step tables, the last one for a step past
+        ``max_new_tokens`` (after the search is done)."""
         if isinstance(step, int):
-            scale = self._length_scales[step]
-        else:
-            last = self.settings.max_new_tokens - 1
-            scale = self._length_scales.index_select(0, step.clamp(max=last).reshape(1)).reshape(())
-        return scores * scale if self.device.type == "cuda" else scores / scale
+            return self._positions[step : step + 1]
+        return step.clamp(max=self.settings.max_new_tokens - 1).reshape(1).to(torch.int64)
+
+    def _length_penalised(self, scores: torch.Tensor, length_scale: torch.Tensor) -> torch.Tensor:
+        """``scores`` divided by the length penalty, with transformers' rounding on this device."""
+        return scores * length_scale if self.device.type == "cuda" else scores / length_scale
 
     def _check_step_arguments(self, log_probs, step) -> None:
         rows = self.batch_size * self.settings.num_beams
@@ -336,6 +364,13 @@ class BeamSearch:
             )
         if prompt_ids.device.type != self.device.type:
             raise ValueError(f"prompt_ids must be on {self.device}, got {prompt_ids.device}")
+
+
+def _gather_beams(tensor: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """``tensor`` (batch, beams, ...) at the beams ``indices`` (batch, chosen): (batch, chosen, ...)."""
+    if tensor.dim() == 3:
+        indices = indices[:, :, None].expand(-1, -1, tensor.shape[2])
+    return tensor.gather(1, indices)
 
 
 def _check_int(name: str, value, *, minimum: int) -> None:
