@@ -192,7 +192,14 @@ def test_beam_search_gives_hugging_face_tokens(t5_pair):
     ]
     for setting in settings:
         _same(optimized, reference, **base, **setting)
-    assert optimized.kernl_report.generate_loops["beam search"][0].startswith(KERNL_LOOP)
+    # return_dict_in_generate: the sequences, beam_indices (traced back by the search) and the cache
+    out = _same(optimized, reference, **base, **settings[1], return_dict_in_generate=True)
+    with torch.inference_mode():
+        expected = reference.generate(**base, **settings[1], return_dict_in_generate=True)
+    assert on_gpu() or torch.equal(out.beam_indices, expected.beam_indices)
+    assert out.sequences_scores is None and out.past_key_values is not None
+    loops = optimized.kernl_report.generate_loops["beam search"]
+    assert all(outcome.startswith(KERNL_LOOP) for outcome in loops), loops
 
 
 def test_return_dict_in_generate_and_launches_that_run_past_max_length(t5_pair):
@@ -235,17 +242,14 @@ def test_calls_outside_the_loop_run_transformers_loop_and_the_report_says_why(t5
     custom = LogitsProcessorList([TemperatureLogitsWarper(0.5)])
     _same(optimized, reference, seed=5, **base, do_sample=True, logits_processor=custom)
     _same(optimized, reference, **base, do_sample=False, suppress_tokens=[4, 5])  # known only once prepared
-    _same(optimized, reference, **base, do_sample=False, num_beams=2, return_dict_in_generate=True)
     loops = optimized.kernl_report.generate_loops
     assert "transformers' loop: streamer given" in loops["greedy"], loops
     assert "transformers' loop: SuppressTokensLogitsProcessor is not on kernl's loop" in loops["greedy"], (
         loops
     )
     assert "transformers' loop: custom logits_processor given" in loops["sampling"], loops
-    beams_refused = (
-        "transformers' loop: return_dict_in_generate with beam search (kernl's loop keeps no beam_indices)"
-    )
-    assert beams_refused in loops["beam search"], loops
+    _same(optimized, reference, seed=6, **base, do_sample=True, num_beams=2)  # beam sampling, seeded
+    assert "transformers' loop: beam sampling is not on kernl's loop" in loops["beam sampling"], loops
     assert "generate() greedy: " in str(optimized.kernl_report)
     with torch.inference_mode(), pytest.raises(TypeError, match="generator"):
         optimized.generate(**base, do_sample=True, generator=5)

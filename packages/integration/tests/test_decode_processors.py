@@ -176,10 +176,6 @@ def test_calls_outside_the_loop_are_refused_with_their_reason():
         "output_scores requested": {"output_scores": True},
         "output_attentions requested": {"output_attentions": True},
         "beam sampling is not on kernl's loop": {"num_beams": 3, "do_sample": True},
-        "return_dict_in_generate with beam search (kernl's loop keeps no beam_indices)": {
-            "num_beams": 3,
-            "return_dict_in_generate": True,
-        },
         "a generation mode transformers moved to the Hub (group beams, contrastive, DoLa, constraints)": {
             "num_beams": 4,
             "num_beam_groups": 2,

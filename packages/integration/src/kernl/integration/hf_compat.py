@@ -147,11 +147,19 @@ def self_attention_room(cache) -> int:
     return min((getattr(layer, "max_cache_len", 0) or 0 for layer in layers), default=0)
 
 
-def generate_output(model, sequences: torch.Tensor, cache):
+def generate_output(model, sequences: torch.Tensor, cache, beam_indices: torch.Tensor | None = None):
     """What ``generate(..., return_dict_in_generate=True)`` returns for ``sequences`` and ``cache`` without
     scores, attentions or hidden states (``GenerateEncoderDecoderOutput``/``GenerateDecoderOnlyOutput``;
-    the cache field is ``past_key_values`` up to 5.23, ``cache`` from 5.24)."""
-    from transformers.generation.utils import GenerateDecoderOnlyOutput, GenerateEncoderDecoderOutput
+    with ``beam_indices``, a beam search's: ``GenerateBeamEncoderDecoderOutput``/
+    ``GenerateBeamDecoderOnlyOutput``; the cache field is ``past_key_values`` up to 5.23, ``cache`` from
+    5.24)."""
+    from transformers.generation import utils
 
-    kind = GenerateEncoderDecoderOutput if model.config.is_encoder_decoder else GenerateDecoderOnlyOutput
+    encoder_decoder = model.config.is_encoder_decoder
+    if beam_indices is not None:
+        kind = (
+            utils.GenerateBeamEncoderDecoderOutput if encoder_decoder else utils.GenerateBeamDecoderOnlyOutput
+        )
+        return kind(sequences=sequences, beam_indices=beam_indices, **{CACHE_NAME: cache})
+    kind = utils.GenerateEncoderDecoderOutput if encoder_decoder else utils.GenerateDecoderOnlyOutput
     return kind(sequences=sequences, **{CACHE_NAME: cache})

@@ -140,9 +140,10 @@ class DecodeLoop:
                     model, input_ids, logits_processor, stopping_criteria, generation_config, **model_kwargs
                 )
         self.report.note_loop(kind, self._describe())
-        sequences, cache = self._run(input_ids, settings, generation_config, generator, model_kwargs)
+        sequences, cache, search = self._run(input_ids, settings, generation_config, generator, model_kwargs)
         if generation_config.return_dict_in_generate:
-            return hf_compat.generate_output(model, sequences, cache)
+            beam_indices = None if search is None else search.beam_indices()
+            return hf_compat.generate_output(model, sequences, cache, beam_indices)
         return sequences
 
     def _describe(self) -> str:
@@ -151,7 +152,8 @@ class DecodeLoop:
         return f"kernl's loop ({STEPS_PER_LAUNCH} steps between host reads, no CUDA graphs off the GPU)"
 
     def _run(self, input_ids, settings: LoopSettings, generation_config, generator, model_kwargs) -> tuple:
-        """Prefill, then chunks of steps until ``max_length`` or every row finished: ``(sequences, cache)``."""
+        """Prefill, then chunks of steps until ``max_length`` or every row finished: ``(sequences, cache,
+        beam search or None)``."""
         model = self.model
         outputs, model_kwargs = hf_compat.prefill(model, input_ids, generation_config, model_kwargs)
         logits = outputs.logits
@@ -182,9 +184,9 @@ class DecodeLoop:
                 break
         cache = hf_compat.cache_argument(model_kwargs)[1]
         if search is not None:
-            return search.finish(input_ids).sequences, cache
+            return search.finish(input_ids).sequences, cache, search
         stopped_at = int(state.out_length.item())
-        return state.tokens.ids[:, :stopped_at].clone(), cache
+        return state.tokens.ids[:, :stopped_at].clone(), cache, None
 
     def _state(self, model_kwargs: dict, batch: int, width: int) -> DecodeState:
         """The kept state for these step arguments (their cache, shapes and values), else a new one."""

@@ -73,8 +73,6 @@ def call_refusal(model, kwargs: dict, setting: Callable[[str], object]) -> str |
     if (setting("num_beams") or 1) > 1:
         if setting("do_sample"):
             return "beam sampling is not on kernl's loop"
-        if setting("return_dict_in_generate"):
-            return "return_dict_in_generate with beam search (kernl's loop keeps no beam_indices)"
     if setting("use_cache") is False:
         return "use_cache=False"
     given_cache = any(kwargs.get(name) is not None for name in CACHE_ARGUMENT_NAMES)
