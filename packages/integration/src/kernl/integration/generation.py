@@ -20,6 +20,10 @@ so that its prefill runs compiled in its first call); and beam search's reorderi
 decoder runs on writes the reordered rows back where they were (transformers replaces the tensors), so
 that every step of a beam search replays the same capture. The transformers internals this relies
 on are in :mod:`kernl.integration.hf_compat`.
+
+Greedy, sampled and beam-search calls then run kernl's own decode loop over the same compiled decoder step
+(:mod:`kernl.integration.decode`: several steps per CUDA graph launch, no host read per token); the
+other calls run transformers' loop over the steps above.
 """
 
 import functools
