@@ -6,8 +6,12 @@ bias plus padding (SDPA gets the bias folded into a float mask, as HF does); one
 against a preallocated KV cache (SDPA on the cache slice). Launch-bound cases are also timed as CUDA
 graph replays. TFLOP/s are nominal: ``4 * B * H * Q * K * D`` whatever the padding.
 Writes benchmarks/results/<gpu>/flash_attention.json and flash_attention.png.
-Run: python packages/flash_attention/benchmarks/bench_flash_attention.py
+Run: python packages/flash_attention/benchmarks/bench_flash_attention.py; with ``gqa``, only the
+grouped-query cases (Llama-3.2-1B's attention: causal prefill, one-token decoding), written to
+flash_attention_gqa.json.
 """
+
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -115,6 +119,35 @@ def decode(batch: int, heads: int, cache: int, capacity: int = 4096) -> list[dic
     ]  # fmt: skip
 
 
+def grouped(batch: int, seq: int, heads: int = 32, kv_heads: int = 8, cache: int = 1024) -> list[dict]:
+    """Llama-3.2-1B's attention (32 query heads over 8 key/value heads, d 64): a causal prefill on the
+    kernel's grouped heads against SDPA with ``enable_gqa`` and SDPA on ``repeat_kv``'s copies (what
+    transformers runs with a mask); one-token decoding, the group's query heads viewed as queries of
+    one head (kernl.integration's choice) against the kernel's grouped heads and SDPA."""
+    q, k, v = qkv(batch, heads, seq, seq)
+    k, v = k[:, :kv_heads].contiguous(), v[:, :kv_heads].contiguous()
+    groups = heads // kv_heads
+    repeat = lambda t: t[:, :, None].expand(batch, kv_heads, groups, seq, 64).reshape(batch, heads, seq, 64)
+    kernl_fn = lambda: attention(q, k, v, causal=True)
+    peers = {
+        "sdpa_enable_gqa": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True),
+        "sdpa_repeat_kv": lambda: F.scaled_dot_product_attention(q, repeat(k), repeat(v), is_causal=True),
+    }
+    flops = 2.0 * batch * heads * seq * seq * 64  # causal: half the scores
+    records = [record("gqa_prefill_causal", (batch, heads, seq), kernl_fn, peers, flops, False,
+                      (kernl_fn, peers["sdpa_enable_gqa"]))]  # fmt: skip
+    step, k_cache, v_cache = qkv(batch, heads, 1, cache)
+    k_cache, v_cache = k_cache[:, :kv_heads].contiguous(), v_cache[:, :kv_heads].contiguous()
+    viewed = lambda: attention(step.reshape(batch, kv_heads, groups, 64), k_cache, v_cache)
+    indexed = lambda: attention_decode(step, k_cache, v_cache)
+    sdpa = lambda: F.scaled_dot_product_attention(step, k_cache, v_cache, enable_gqa=True)
+    flops = 4.0 * batch * heads * cache * 64
+    records.append(record("gqa_decode_grouped_view", (batch, heads, cache), viewed,
+                          {"kernl_grouped_heads": indexed, "sdpa_enable_gqa": sdpa}, flops, True,
+                          (lambda: viewed().reshape(batch, heads, 1, 64), sdpa)))  # fmt: skip
+    return records
+
+
 def chart(records: list[dict]):
     """TFLOP/s against sequence length (SDPA with padding: its faster mask form); decode speedups."""
     import matplotlib
@@ -166,6 +199,12 @@ def chart(records: list[dict]):
 def main() -> None:
     torch.manual_seed(0)
     records = []
+    if sys.argv[1:] == ["gqa"]:  # grouped-query cases only
+        with torch.inference_mode():
+            for batch in (1, 8):
+                records += grouped(batch, 512)
+        write_results("flash_attention_gqa", {"dtype": "float16", "head_dim": 64, "results": records})
+        return
     with torch.inference_mode():
         for seq in SWEEP_SEQS:
             for rec in encoder(max(1, TOKENS // seq), 12, seq):

@@ -13,7 +13,15 @@ equal lengths (32 x 512, the dense (32, 12, 512, 64) call), one long sequence (4
 TFLOP/s count the packed work, ``4 * H * D * sum(L_i^2)``. Cases of at most 2048 tokens are also timed as
 CUDA graph replays. ``sweep`` (argument) also times launch configs.
 Writes benchmarks/results/<gpu>/flash_attention_varlen.json.
-Run: python packages/flash_attention/benchmarks/bench_varlen.py [sweep]
+
+``buckets`` (argument, alone): the packed encoders' layout at the stream's token buckets. Rows of 8..512
+random tokens (1 to 32 rows) in a call padded to its token bucket ``T``; kernl's varlen attention on
+``(T, 12, 64)`` with the offsets padded to the packing's row capacity (``row_capacity(T) + 1``, today's
+layout) against the layout packing used before, one empty row per bucket token (``T + 1`` offsets,
+built here only), the exact offsets on the real tokens alone (no bucket), and FlashAttention-2 varlen on
+the real tokens; ``row_capacity_tma`` is the row-capacity layout with the tensor-descriptor load
+candidate. Writes flash_attention_varlen_buckets.json.
+Run: python packages/flash_attention/benchmarks/bench_varlen.py [sweep | buckets]
 """
 
 import sys
@@ -31,6 +39,8 @@ HEADS, HEAD_DIM = 12, 64
 SWEEP_CONFIGS = [LaunchConfig(*c) for c in (
     (64, 64, 4, 3), (64, 64, 4, 2), (64, 64, 4, 4), (64, 128, 4, 3), (64, 32, 4, 3), (128, 64, 8, 3),
     (128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 8, 3), (32, 64, 4, 3), (128, 32, 4, 3),
+    (64, 64, 4, 3, 1, True), (128, 64, 8, 3, 1, True), (128, 128, 8, 3, 1, True), (64, 128, 4, 3, 1, True),
+    (128, 64, 4, 3, 1, True),
 )]  # fmt: skip
 
 
@@ -106,6 +116,71 @@ def sweep(label: str, lengths: list[int]) -> dict:
     }
 
 
+def padded_offsets(lengths: list[int], rows: int) -> torch.Tensor:
+    """int32 cu_seqlens of ``lengths`` padded with empty rows to ``rows + 1`` offsets, on the GPU."""
+    cu = [0, *torch.tensor(lengths).cumsum(0).tolist()]
+    return torch.tensor(cu + cu[-1:] * (rows + 1 - len(cu)), dtype=torch.int32, device="cuda")
+
+
+def bucket_case(rows: int, seed: int) -> dict:
+    """One packed call of ``rows`` rows of 8..512 tokens at its token bucket: the row-capacity layout
+    against the one-row-per-token layout, the exact offsets and FlashAttention-2 varlen (see the module)."""
+    from kernl.integration.packing import row_capacity
+    from kernl.integration.token_buckets import DEFAULT_TOKEN_BUCKETS, token_bucket
+
+    lengths = random_lengths(rows, 8, 512, seed)
+    tokens = sum(lengths)
+    bucket = token_bucket(tokens, DEFAULT_TOKEN_BUCKETS)
+    q, k, v = (torch.randn(bucket, HEADS, HEAD_DIM, device="cuda", dtype=torch.float16) for _ in range(3))
+    layouts = {
+        "row_capacity": padded_offsets(lengths, row_capacity(bucket)),
+        "row_per_token": padded_offsets(lengths, bucket),
+    }
+    exact = padded_offsets(lengths, rows)
+    reference = attention_varlen(q[:tokens], k[:tokens], v[:tokens], exact)
+    fns = {name: (lambda cu=cu: attention_varlen(q, k, v, cu)) for name, cu in layouts.items()}
+    for name, fn in fns.items():  # same rows, and zeros in the bucket's tail
+        out = fn()
+        torch.testing.assert_close(out[:tokens], reference, atol=0, rtol=0, msg=name)
+        assert not out[tokens:].any(), name
+    tma = varlen_launch_config(HEAD_DIM, q.dtype, q.device)._replace(tma=True)
+    cu = layouts["row_capacity"]
+    torch.testing.assert_close(
+        attention_varlen_forward(q, k, v, cu, HEAD_DIM**-0.5, False, tma)[:tokens], reference
+    )
+    fns["row_capacity_tma"] = lambda: attention_varlen_forward(q, k, v, cu, HEAD_DIM**-0.5, False, tma)
+    fns["exact_tokens"] = lambda: attention_varlen(q[:tokens], k[:tokens], v[:tokens], exact)
+    fns["flash_varlen_exact"] = lambda: flash_varlen(
+        q[:tokens], k[:tokens], v[:tokens], exact, max(lengths), False
+    )
+    rec = {"rows": rows, "tokens": tokens, "bucket": bucket, "lengths": lengths}
+    for name, fn in fns.items():
+        try:
+            rec[f"{name}_us"] = median_ms(fn) * 1e3
+        except (RuntimeError, TypeError) as error:  # no flash varlen kernel in this build
+            print(f"{name} unavailable: {type(error).__name__}: {str(error)[:120]}")
+    rec["row_per_token_over_row_capacity"] = rec["row_per_token_us"] / rec["row_capacity_us"]
+    print(f"rows {rows:>3} tokens {tokens:>6} bucket {bucket:>6}  "
+          + "  ".join(f"{n} {rec[f'{n}_us']:9.1f} us" for n in fns if f"{n}_us" in rec)
+          + f"  old/new x{rec['row_per_token_over_row_capacity']:.2f}", flush=True)  # fmt: skip
+    return rec
+
+
+def main_buckets() -> None:
+    """The ``buckets`` comparison (see the module docstring), written to flash_attention_varlen_buckets.json."""
+    records = []
+    with torch.inference_mode():
+        for rows in (1, 2, 4, 8, 16, 32):
+            for seed in range(3):
+                records.append(bucket_case(rows, 100 * rows + seed))
+    write_results(
+        "flash_attention_varlen_buckets",
+        {"dtype": "float16", "heads": HEADS, "head_dim": HEAD_DIM,
+         "timing": "kernl_testing.benchmarking.median_ms (CUDA events, L2 flushed, after warm-up)",
+         "results": records},
+    )  # fmt: skip
+
+
 def main() -> None:
     torch.manual_seed(0)
     cases = {
@@ -132,4 +207,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main_buckets() if "buckets" in sys.argv[1:] else main()

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU session: tests (bf16 too; hypothesis without shrinking, $1 examples a test), benchmark, sweep.
 # Each test file runs on its own, with its own time limit, so a slow one cannot hide the others' reports.
-# Usage from the repo root: bash packages/flash_attention/benchmarks/gpu_run.sh [examples] [tests|varlen_tests|bench|sweep|varlen ...]
+# Usage from the repo root: bash packages/flash_attention/benchmarks/gpu_run.sh [examples] [tests|varlen_tests|candidate_tests|bench|sweep|candidates|varlen|buckets ...]
 cd "$(dirname "$0")/../../.."
 source testing/gpu_env.sh
 export KERNL_TEST_DEVICE=cuda HYPOTHESIS_PROFILE=gpufast OUT="${OUT:-/tmp/out}"
@@ -27,6 +27,10 @@ for step in $steps; do
     varlen_tests)
       run_tests packages/flash_attention/tests/test_errors.py 40
       run_tests packages/flash_attention/tests/test_varlen.py 150 ;;
+    candidate_tests)  # the attention suite with a load candidate ($KERNL_TEST_ATTENTION_LOADS, default tma)
+      KERNL_TEST_ATTENTION_LOADS="${KERNL_TEST_ATTENTION_LOADS:-tma}" run_tests packages/flash_attention/tests/test_attention.py 150 ;;
+    candidates) timeout 280 python3 packages/flash_attention/benchmarks/sweep_flash_attention_config.py candidates 2>&1 | tee "$OUT/candidates.log" ;;
+    buckets) timeout 170 python3 packages/flash_attention/benchmarks/bench_varlen.py buckets 2>&1 | tee "$OUT/bench_varlen_buckets.log" ;;
     bench) timeout 120 python3 packages/flash_attention/benchmarks/bench_flash_attention.py 2>&1 | tee "$OUT/bench.log" ;;
     varlen) timeout 150 python3 packages/flash_attention/benchmarks/bench_varlen.py sweep 2>&1 | tee "$OUT/bench_varlen.log" ;;
     sweep) timeout 70 python3 packages/flash_attention/benchmarks/sweep_flash_attention_config.py 2>&1 | tee "$OUT/sweep.log" ;;

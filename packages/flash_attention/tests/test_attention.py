@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kernl.flash_attention import attention, attention_decode, attention_reference
-from kernl.flash_attention.launch import LaunchConfig, attention_forward
+from kernl.flash_attention.launch import LaunchConfig, attention_forward, descriptor_layout_ok
 from kernl_testing import (
     TEST_DEVICE,
     ValueSpec,
@@ -26,15 +26,25 @@ QKV_LAYOUTS = ["contiguous", "padded_rows", "transposed", "hf_heads"]
 more_on_cpu = settings(max_examples=60) if not on_gpu() else settings()
 
 
-def make_qkv(b, h, n_q, n_k, d, dtype, specs, layouts):
-    """q, k, v; layout "hf_heads" is a ``(B, S, H, D)`` projection viewed as ``(B, H, S, D)``, as HF does."""
+def make_qkv(b, h, n_q, n_k, d, dtype, specs, layouts, kv_heads=None):
+    """q, k, v (k/v with ``kv_heads`` heads, default ``h``); layout "hf_heads" is a ``(B, S, H, D)``
+    projection viewed as ``(B, H, S, D)``, as HF does."""
+    kv_heads = h if kv_heads is None else kv_heads
     tensors = []
-    for length, spec, layout in zip((n_q, n_k, n_k), specs, layouts, strict=True):
+    for length, heads, spec, layout in zip(
+        (n_q, n_k, n_k), (h, kv_heads, kv_heads), specs, layouts, strict=True
+    ):
         if layout == "hf_heads":
-            tensors.append(make_tensor((b, length, h, d), dtype, spec).transpose(1, 2))
+            tensors.append(make_tensor((b, length, heads, d), dtype, spec).transpose(1, 2))
         else:
-            tensors.append(make_tensor((b, h, length, d), dtype, spec, layout))
+            tensors.append(make_tensor((b, heads, length, d), dtype, spec, layout))
     return tensors
+
+
+def per_query_head(t, heads):
+    """k or v ``(B, H_kv, K, D)`` as ``(B, heads, K, D)``: query head ``h`` gets key/value head
+    ``h // (heads / H_kv)`` (grouped-query attention spelled out by indexing)."""
+    return t[:, torch.arange(heads, device=t.device) // (heads // t.shape[1])]
 
 
 def visible_keys(q, k, mask, key_padding_mask, causal, cache_len):
@@ -57,6 +67,7 @@ def eager_attention(
     q, k, v, scale, bias=None, mask=None, key_padding_mask=None, causal=False, cache_len=None
 ):
     """What plain PyTorch gives in q's dtype, as HF's eager attention: scores and probabilities rounded."""
+    k, v = per_query_head(k, q.shape[1]), per_query_head(v, q.shape[1])
     scores = (q @ k.transpose(-1, -2)) * scale
     if bias is not None:
         scores = scores + bias.to(q.dtype)
@@ -96,6 +107,53 @@ def test_attention_matches_reference(shape, dtype, layouts, specs, causal, scale
     q, k, v = make_qkv(b, h, n_q, n_k, d, dtype, specs, layouts)
     out = attention(q, k, v, scale=scale, causal=causal)
     check(out, q, k, v, 1.0 / math.sqrt(d) if scale is None else scale, causal=causal)
+
+
+@st.composite
+def grouped_shapes(draw, max_len=MAX_LEN):
+    """(B, H, H_kv, Q, K, D) with ``H = group * H_kv``, ``group >= 2``."""
+    b, _, n_q, n_k, d = draw(shapes(max_len))
+    kv_heads, group = draw(st.integers(1, 3 if on_gpu() else 2)), draw(st.sampled_from([2, 3, 4]))
+    return b, kv_heads * group, kv_heads, n_q, n_k, d
+
+
+@given(shape=grouped_shapes(), dtype=dtypes(), layouts=qkv_layouts, specs=qkv_specs, causal=st.booleans(),
+       mask_kind=st.sampled_from(["none", "bool_b1qk", "float_b1qk"]),
+       kpm_kind=st.sampled_from(["none", "lengths", "prefix", "scattered"]))  # fmt: skip
+def test_grouped_query_attention_matches_reference(shape, dtype, layouts, specs, causal, mask_kind, kpm_kind):
+    """k/v with fewer heads than q: each query head reads its group's key/value head in place."""
+    b, h, kv_heads, n_q, n_k, d = shape
+    q, k, v = make_qkv(b, h, n_q, n_k, d, dtype, specs, layouts, kv_heads)
+    mask = make_mask(mask_kind, b, h, n_q, n_k, dtype, specs[1].seed)
+    kpm = make_key_padding(kpm_kind, b, n_k, specs[2].seed)
+    out = attention(q, k, v, scale=0.3, mask=mask, key_padding_mask=kpm, causal=causal)
+    check(out, q, k, v, 0.3, mask=mask, key_padding_mask=kpm, causal=causal)
+
+
+@settings(max_examples=10)
+@given(shape=grouped_shapes(), n_q=st.integers(1, 4), dtype=dtypes(), spec=value_specs(), data=st.data())
+def test_grouped_query_decode_matches_reference(shape, n_q, dtype, spec, data):
+    """attention_decode over a grouped cache: split-KV with a per-row cache length tensor."""
+    b, h, kv_heads, _, n_k, d = shape
+    q, k, v = make_qkv(
+        b, h, n_q, 4 * n_k, d, dtype, [spec] * 3, ["contiguous", "transposed", "hf_heads"], kv_heads
+    )
+    lengths = data.draw(st.lists(st.integers(0, 4 * n_k), min_size=b, max_size=b))
+    cache_len = torch.tensor(lengths, device=TEST_DEVICE, dtype=torch.int32)
+    out = attention_decode(q, k, v, cache_len, scale=0.2)
+    check(out, q, k, v, 0.2, cache_len=cache_len)
+
+
+def test_grouped_reference_reads_key_value_head_h_over_group():
+    """The definition, head by head: with 6 query heads over 2 key/value heads, heads 0-2 read key/value
+    head 0 and heads 3-5 head 1 (not ``h % H_kv``)."""
+    q, k, v = make_qkv(
+        2, 6, 5, 9, 16, torch.float64, [ValueSpec(i, 1.0, 0.0) for i in range(3)], ["contiguous"] * 3, 2
+    )
+    grouped = attention_reference(q, k, v, causal=True)
+    for head in range(6):
+        alone = attention_reference(q[:, [head]], k[:, [head // 3]], v[:, [head // 3]], causal=True)
+        torch.testing.assert_close(grouped[:, [head]], alone)
 
 
 def make_mask(kind, b, h, n_q, n_k, dtype, seed):
@@ -381,3 +439,85 @@ def test_tensors_on_a_gpu_other_than_the_current_one():
     torch.cuda.synchronize(1)
     check(outs[0], q, k, v, 0.125, key_padding_mask=lengths)
     check(outs[1], q[:, :, :1], k, v, 0.125, key_padding_mask=lengths)
+
+
+# The dense kernel's load candidates (tensor descriptors, warp specialisation). The whole suite also runs
+# with a candidate in place of the heuristic's loads through KERNL_TEST_ATTENTION_LOADS (conftest.py);
+# here each candidate meets the cases where its loads differ from pointer loads: keys past a valid length
+# holding NaN (descriptors read them), head dimensions below the tile, query and key tails, split-KV,
+# and layouts a descriptor cannot describe.
+CANDIDATE_DTYPES = [torch.float16, torch.bfloat16] if on_gpu() else [torch.float16]
+if on_gpu():  # one tile each way (compiles dominate: masks x causal x dtypes per candidate)
+    CANDIDATES = [LaunchConfig(128, 64, 8, 3, tma=True), LaunchConfig(128, 64, 8, 3, tma=True, warp_specialize=True),
+                  LaunchConfig(16, 64, 4, 3, 4, tma=True)]  # fmt: skip
+else:
+    CANDIDATES = [LaunchConfig(16, 16, 4, 1, tma=True), LaunchConfig(32, 16, 4, 1, tma=True, warp_specialize=True),
+                  LaunchConfig(16, 32, 4, 1, 3, tma=True)]  # fmt: skip
+CANDIDATE_IDS = [
+    f"{c.block_m}x{c.block_n}w{c.num_warps}s{c.num_stages}k{c.num_splits}{'-ws' if c.warp_specialize else ''}"
+    for c in CANDIDATES
+]
+CANDIDATE_MASKS = ["none", "lengths_nan_past", "bool_kpm", "bool_mask", "additive_mask", "bias"]
+
+
+def _masks(kind, q, k, v):
+    """Keyword masks for ``kind``; "lengths_nan_past" also fills k and v past each length with NaN."""
+    b, h, n_q, _ = q.shape
+    n_k = k.shape[2]
+    g = torch.Generator().manual_seed(n_q * 31 + n_k)
+    if kind == "none":
+        return {}
+    if kind == "lengths_nan_past":
+        lengths = torch.randint(0, n_k + 1, (b,), generator=g)
+        lengths[0] = max(1, n_k - 5)
+        for i, length in enumerate(lengths.tolist()):
+            k[i, :, length:] = float("nan")
+            v[i, :, length:] = float("nan")
+        return {"key_padding_mask": lengths.to(torch.int32).to(TEST_DEVICE)}
+    if kind == "bool_kpm":  # not a prefix: applied block by block
+        return {"key_padding_mask": (torch.rand(b, n_k, generator=g) > 0.3).to(TEST_DEVICE)}
+    if kind == "bool_mask":
+        return {"mask": (torch.rand(b, 1, n_q, n_k, generator=g) > 0.25).to(TEST_DEVICE)}
+    if kind == "additive_mask":
+        mask = torch.where(torch.rand(b, 1, n_q, n_k, generator=g) > 0.25, 0.0, float("-inf"))
+        return {"mask": mask.to(q.dtype).to(TEST_DEVICE)}
+    return {"bias": make_tensor((1, h, n_q, n_k), q.dtype, ValueSpec(9, 1.0, 0.0))}
+
+
+@pytest.mark.parametrize("config", CANDIDATES, ids=CANDIDATE_IDS)
+@pytest.mark.parametrize("mask", CANDIDATE_MASKS)
+@pytest.mark.parametrize("causal", [False, True])
+def test_candidate_matches_reference(config, mask, causal):
+    b, h, n_q, n_k, d = (2, 3, 45, 37, 24) if not on_gpu() else (2, 3, 300, 257, 80)
+    for dtype in CANDIDATE_DTYPES:
+        layouts = ["hf_heads", "contiguous", "hf_heads"]
+        q, k, v = make_qkv(b, h, n_q, n_k, d, dtype, [ValueSpec(i, 1.0, 0.0) for i in range(3)], layouts)
+        masks = _masks(mask, q, k, v)
+        assert all(descriptor_layout_ok(t) for t in (q, k, v))  # the descriptor path is the one tested
+        out = attention_forward(q, k, v, 0.3, masks.get("bias"), masks.get("mask"),
+                                masks.get("key_padding_mask"), None, causal, config)  # fmt: skip
+        check(out, q, k, v, 0.3, causal=causal, **masks)
+
+
+@pytest.mark.parametrize("config", CANDIDATES[:2], ids=CANDIDATE_IDS[:2])
+def test_layouts_a_descriptor_cannot_describe_fall_back_to_pointer_loads(config):
+    """A last-dimension stride above 1, a row stride of 8 bytes (head_dim 4), fp32 inputs (computed in
+    fp64), no key at all: pointer loads, same results."""
+    strided = make_tensor((1, 2, 33, 48), torch.float16, ValueSpec(1, 1.0, 0.0))[..., ::2]
+    narrow = make_tensor((1, 2, 33, 4), torch.float16, ValueSpec(2, 1.0, 0.0))
+    wide = make_tensor((1, 2, 33, 16), torch.float32, ValueSpec(3, 1.0, 0.0))
+    for t in (strided, narrow, wide):
+        if t.dtype != torch.float32:
+            assert not descriptor_layout_ok(t)
+        out = attention_forward(t, t, t, 0.3, None, None, None, None, True, config)
+        check(out, t, t, t, 0.3, causal=True)
+    q = make_tensor((1, 2, 5, 16), torch.float16, ValueSpec(4, 1.0, 0.0))
+    no_keys = q[:, :, :0]
+    assert not descriptor_layout_ok(no_keys)
+    check(
+        attention_forward(q, no_keys, no_keys, 0.3, None, None, None, None, False, config),
+        q,
+        no_keys,
+        no_keys,
+        0.3,
+    )

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from kernl.flash_attention import attention, attention_varlen, attention_varlen_reference
 from kernl.flash_attention.launch import LaunchConfig
-from kernl.flash_attention.launch_varlen import attention_varlen_forward, varlen_grid
+from kernl.flash_attention.launch_varlen import attention_varlen_forward, varlen_grid, varlen_launch_config
 from kernl_testing import (
     TEST_DEVICE,
     ValueSpec,
@@ -151,8 +151,10 @@ def test_tokens_outside_a_sequence_never_reach_it():
 
 
 @pytest.mark.parametrize(
-    "config", [LaunchConfig(16, 32, 4, 1), LaunchConfig(32, 16, 4, 1), LaunchConfig(64, 64, 4, 1)]
-)
+    "config",
+    [LaunchConfig(16, 32, 4, 1), LaunchConfig(32, 16, 4, 1), LaunchConfig(64, 64, 4, 1),
+     LaunchConfig(16, 32, 4, 1, tma=True), LaunchConfig(32, 16, 4, 1, tma=True)],
+)  # fmt: skip
 @pytest.mark.parametrize("causal", [False, True])
 def test_tile_sizes(config, causal):
     """Other tiles than the heuristic's: query tiles wider than some sequences, key blocks narrower."""
@@ -178,10 +180,50 @@ def test_one_launch_serves_any_split_of_the_tokens():
     """The grid comes from shapes only, and the same tensors give the right answer for other offsets."""
     n_tokens = 50
     assert varlen_grid(n_tokens, 4, 3, 16) == (math.ceil(n_tokens / 16) + 4, 3)
+    assert varlen_grid(n_tokens, 64, 3, 16) == (n_tokens, 3)  # never more tiles than tokens
     q, k, v = (make_packed(n_tokens, 3, 16, torch.float32, ValueSpec(i, 1.0, 0.0)) for i in range(3))
     for lengths in ([50, 0, 0, 0], [1, 1, 1, 47], [20, 10, 5, 2], [0, 0, 0, 0], [17, 16, 16, 1]):
         cu_seqlens = offsets(lengths)
         check(attention_varlen(q, k, v, cu_seqlens), q, k, v, cu_seqlens, 0.25, False)
+
+
+def padded_offsets(lengths, rows) -> torch.Tensor:
+    """cu_seqlens of ``lengths`` padded with empty rows to ``rows + 1`` offsets, as a packed call's fixed
+    row capacity has them."""
+    cu = offsets(lengths)
+    return torch.cat([cu, cu[-1:].expand(rows + 1 - cu.shape[0])])
+
+
+ROW_CAPACITY_LAYOUTS = {
+    "odd row count and a bucket tail": ([7, 13, 2, 21, 5], 17, 9),
+    "a row of length 1 first and last": ([1, 30, 4, 1], 11, 8),
+    "empty rows between": ([6, 0, 0, 19, 0, 3], 4, 16),
+    "one row, mostly tail": ([3], 44, 5),
+    "every token its own row": ([1] * 20, 0, 31),
+    "more rows than tokens allow, tail too": ([1] * 9, 3, 40),
+    "full capacity, no spare row": ([4, 9, 16, 2], 0, 4),
+}
+
+
+@pytest.mark.parametrize("tma", [False, True])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("layout", ROW_CAPACITY_LAYOUTS.values(), ids=ROW_CAPACITY_LAYOUTS.keys())
+def test_offsets_padded_to_a_row_capacity(layout, causal, tma):
+    """The packed encoders' layout: ``T`` tokens (a token bucket), the real rows' offsets padded with empty
+    rows to a fixed row capacity, a tail of padding tokens holding NaN; grids bounded by tokens and by
+    rows; pointer and descriptor loads (which read the tail)."""
+    lengths, tail, rows = layout
+    n_tokens = sum(lengths) + tail
+    q, k, v = (
+        make_packed(n_tokens, 3, 16, torch.float16, ValueSpec(i, 1.0, 0.0), "from_4d") for i in range(3)
+    )
+    for t in (q, k, v):
+        t[sum(lengths) :] = float("nan")  # the tail is never used
+    cu_seqlens = padded_offsets(lengths, rows)
+    config = varlen_launch_config(16, q.dtype, q.device)._replace(tma=tma)
+    check(
+        attention_varlen_forward(q, k, v, cu_seqlens, 0.25, causal, config), q, k, v, cu_seqlens, 0.25, causal
+    )
 
 
 def _spread_tokens(t, step, offset):

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from transformers import GenerationConfig
+from transformers import GenerationConfig, GenerationMixin
 from transformers.generation import logits_process as hf
 from transformers.generation import stopping_criteria as hf_stopping
 
@@ -162,8 +162,12 @@ def test_a_generator_stands_for_the_global_one_and_takes_its_state_back():
         draws.check_generator(torch.Generator(), torch.device("meta"))
 
 
+class _EncoderDecoder(GenerationMixin):
+    config = SimpleNamespace(is_encoder_decoder=True)
+
+
 def _encoder_decoder():
-    return SimpleNamespace(config=SimpleNamespace(is_encoder_decoder=True))
+    return _EncoderDecoder()
 
 
 def test_calls_outside_the_loop_are_refused_with_their_reason():
@@ -191,6 +195,13 @@ def test_calls_outside_the_loop_are_refused_with_their_reason():
     assert settings.call_refusal(_encoder_decoder(), empty, lambda name: getattr(config, name, None)) is None
     decoder_only = SimpleNamespace(config=SimpleNamespace(is_encoder_decoder=False))
     assert "decoder-only" in settings.call_refusal(decoder_only, {}, lambda name: getattr(config, name, None))
+
+    class OwnGenerate(_EncoderDecoder):  # Whisper's generate() wraps transformers'
+        def generate(self, *args, **kwargs):
+            return super().generate(*args, **kwargs)
+
+    reason = settings.call_refusal(OwnGenerate(), {}, lambda name: getattr(config, name, None))
+    assert reason == "OwnGenerate has a generate() of its own (kernl's loop runs transformers' generate())"
     kinds = [({}, "greedy"), ({"do_sample": True}, "sampling"), ({"num_beams": 2}, "beam search")]
     for kwargs, kind in kinds:
         assert settings.call_kind(lambda name, kwargs=kwargs: kwargs.get(name)) == kind

@@ -29,6 +29,7 @@ DTYPE = torch.float16 if on_gpu() else torch.float32
 LAYERS = 2
 SCALE = 4.0  # whole-model outputs compound each layer's rounding (see test_t5.py)
 VOCAB = 100
+LIMIT = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
 
 
 def llama_like(config_class, kv_heads: int = 2, **extra):
@@ -105,6 +106,11 @@ def test_prefill_matches_hugging_face(kit, family, dtype):
     norms = "layer_norm" if family == "gpt2" else "rms_norm"
     assert all(graph.fired[norms] == 2 * LAYERS + 1 for graph in report.graphs), str(report)
     assert family == "gpt2" or report.graphs[0].fired["gated_ffn"] == LAYERS
+    # 4 query heads over 2 key/value heads: the kernel reads them in place, masked or not
+    grouped = [graph.fired.get("attention_gqa", 0) for graph in report.graphs]
+    assert grouped == [0 if family == "gpt2" else LAYERS] * 2, str(report)
+    rotary = [graph.fired.get("rotary", 0) for graph in report.graphs]  # q's and k's in one launch
+    assert rotary == [0 if family == "gpt2" else LAYERS] * 2, str(report)
     if not on_gpu():  # the left-padded causal mask, proven by replay (transformers 5.25's spelling)
         assert report.graphs[0].attention_masks == {"key padding [B, K] + causal": LAYERS}, str(report)
     if family == "gpt2":  # Conv1D projections, gelu_new written out and the residual adds: all fused
@@ -119,9 +125,11 @@ def test_greedy_generation_matches_hugging_face(kit, family):
     report = optimize_model(optimized)
     reference = model.to(kit.device, DTYPE)
     arguments = dict(max_new_tokens=4, do_sample=False)
-    # the first call's prefill allocates the static cache (PyTorch), its steps run on kernl; the second
-    # call reuses the cache: its prefill runs on kernl too
-    for _ in range(2):
+    # The first call's prefill allocates the static cache (PyTorch); its first step compiles the step
+    # graph, its second captures the whole step. The second call reuses the cache: its prefill compiles
+    # (a new key of the whole-step graphs, whose first call is its warm-up: it updates the cache in
+    # place), the third call's prefill is captured, and every later call replays both.
+    for _ in range(3):
         with torch.inference_mode():
             tokens = optimized.generate(ids.to(kit.device), attention_mask=mask.to(kit.device), **arguments)
             expected = reference.generate(ids.to(kit.device), attention_mask=mask.to(kit.device), **arguments)
@@ -132,13 +140,34 @@ def test_greedy_generation_matches_hugging_face(kit, family):
     assert all(graph.fired[norms] == 2 * LAYERS + 1 for graph in report.graphs), str(report)
     if family == "llama":  # the step reads the 2 key/value heads, not repeat_kv's copies of the cache
         assert report.graphs[0].fired["attention_gqa_decode"] == LAYERS, str(report)
-    if on_gpu():
+        assert report.graphs[1].fired["attention_gqa"] == LAYERS, str(report)  # the prefill: no repeat_kv
+        assert all(graph.fired["rotary"] == LAYERS for graph in report.graphs), str(report)
+    if on_gpu():  # the decode step and the prefill, each captured whole
         captures = optimized.kernl_decoder_graphs.captures
-        assert captures and all(capture.graph is not None for capture in captures.values())
-        if len(captures) != 2:  # the step and the second call's prefill
-            pytest.xfail(
-                f"H100, 2026-12-07: {len(captures)} capture(s); the second call's prefill is not captured"
-            )
+        assert len(captures) == 2 and all(c.graph is not None for c in captures.values()), captures
+
+
+def test_past_the_recompile_limit_a_decoder_warns_and_runs_as_pytorch(kit):
+    """The forward without a cache and generate()'s decoder step compile code of their own: a limit
+    reached is said (warning, report) and the call runs as PyTorch, never silently unoptimized."""
+    model = build(kit, "llama")
+    optimized, peer = (copy.deepcopy(model).to(kit.device, DTYPE) for _ in range(2))
+    report = optimize_model(optimized)
+    ids, mask = left_padded(2, 9, [9, 5], seed=5)
+    arguments = dict(attention_mask=mask.to(kit.device), max_new_tokens=3, do_sample=False)
+    with torch.inference_mode(), torch._dynamo.config.patch(**{LIMIT: 1}):
+        optimized(input_ids=ids[:1, :6].to(kit.device), use_cache=False)  # the forward's one graph
+        with pytest.warns(UserWarning, match=r"recompile limit \(1\) reached for the decoder-only forward"):
+            beyond = optimized(input_ids=ids.to(kit.device), use_cache=False)
+        same = peer(input_ids=ids.to(kit.device), use_cache=False)
+        torch.testing.assert_close(beyond.logits, same.logits)  # HF's own forward, in the same dtype
+        first = optimized.generate(ids.to(kit.device), **arguments)  # the step's one graph
+        with pytest.warns(UserWarning, match=r"recompile limit \(1\) reached for the decoder step forward"):
+            second = optimized.generate(ids.to(kit.device), **arguments)  # its prefill: past the limit
+        expected_tokens = peer.generate(ids.to(kit.device), **arguments)
+    assert same_tokens(first, expected_tokens) and same_tokens(second, expected_tokens)
+    assert [graph.part for graph in report.graphs] == ["forward", "decoder"], str(report)
+    assert sum("recompile limit (1) reached" in note for note in report.notes) == 2, str(report)
 
 
 @pytest.mark.parametrize("kv_heads", [4, 2, 1])
@@ -148,6 +177,8 @@ def test_grouped_query_attention_ratios(kit, kv_heads):
     calls = [dict(input_ids=ids, attention_mask=mask, use_cache=False), dict(input_ids=ids)]
     report = kit.compare_with_reference(model, DTYPE, calls, ["last_hidden_state"], SCALE)
     assert all(graph.error is None for graph in report.graphs), str(report)
+    rule = "attention_gqa" if kv_heads < 4 else "attention_sdpa"  # one key/value head each: no grouping
+    assert all(graph.fired[rule] == LAYERS and graph.kept == {} for graph in report.graphs), str(report)
 
 
 def test_returned_cache_is_hugging_face_s_and_a_fresh_object_each_call(kit):

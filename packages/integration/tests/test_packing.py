@@ -35,9 +35,9 @@ from transformers import (
     XLMRobertaModel,
 )
 
-from kernl.integration import optimize_model
+from kernl.integration import optimize_model, packing
 from kernl.integration import token_buckets as token_buckets_module
-from kernl.integration.packing import RowOffsets, plan_groups
+from kernl.integration.packing import RowOffsets, packed_index, plan_groups
 from kernl.integration.token_buckets import token_bucket, token_buckets
 from kernl_testing import assert_matches_reference, on_gpu
 
@@ -333,17 +333,52 @@ def test_token_buckets_grow_geometrically_and_refuse_bad_arguments():
 
 def test_plan_groups_and_row_offsets():
     real = torch.tensor([[1, 1, 1, 0], [0, 0, 0, 0], [1, 0, 1, 1]], dtype=torch.bool)  # a hole in row 2
-    (group,) = plan_groups(real, (16,))
+    lengths = real.sum(1).tolist()
+    (group,) = plan_groups(lengths, (16,))
     assert group.rows == [0, 2] and group.cu_seqlens == [0, 3, 6] and group.bucket == 16
-    assert group.index.tolist() == [0, 1, 2, 8, 10, 11]
-    split = plan_groups(real, (4,))
-    assert [(g.rows, g.cu_seqlens) for g in split] == [([0], [0, 3]), ([2], [0, 3])]
-    assert plan_groups(real, (2,)) is None and plan_groups(real & False, (16,)) is None
+    assert (group.first, group.end, group.capacity) == (0, 3, 16)
+    assert packed_index(real, group).tolist() == [0, 1, 2, 8, 10, 11] + [0] * 10  # padding slots: row 0
+    split = plan_groups(lengths, (4,))
+    assert [(g.rows, g.cu_seqlens, g.first, g.end) for g in split] == [
+        ([0], [0, 3], 0, 2),
+        ([2], [0, 3], 2, 3),
+    ]
+    assert packed_index(real, split[1]).tolist() == [8, 10, 11, 8]  # padding slot: the group's first row
+    assert plan_groups(lengths, (2,)) is None and plan_groups([0, 0, 0], (16,)) is None
     offsets = RowOffsets()
-    index = offsets.use(torch.device("cpu"), 4, [0, 1, 3], torch.tensor([5, 6, 9]))
-    assert index.tolist() == [5, 6, 9]
+    offsets.use(torch.device("cpu"), 4, [0, 1, 3])
     assert offsets.cu_seqlens().tolist() == [0, 1, 3, 3, 3] and offsets.cu_seqlens().dtype == torch.int32
     assert offsets.row_starts().tolist() == [0, 1, 0, 0]
+
+
+def test_row_offsets_hold_a_bounded_number_of_rows(monkeypatch):
+    """A large bucket's offsets hold ROWS_PER_PACKED_CALL rows, not one per token: the varlen grid and the
+    per-row outputs do not grow with the bucket; batches with more rows are split into several calls."""
+    offsets = RowOffsets()
+    offsets.use(torch.device("cpu"), 16384, [0, 5, 5, 9])  # an empty row
+    assert offsets.cu_seqlens().tolist() == [0, 5, 5, 9] + [9] * (packing.ROWS_PER_PACKED_CALL - 3)
+    assert offsets.row_starts().tolist() == [0, 5, 5] + [0] * (packing.ROWS_PER_PACKED_CALL - 3)
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        offsets.use(torch.device("cpu"), 16384, list(range(packing.ROWS_PER_PACKED_CALL + 2)))
+    monkeypatch.setattr(packing, "ROWS_PER_PACKED_CALL", 2)
+    groups = plan_groups([1, 0, 4, 1, 0, 0, 7], (16,))
+    assert [(g.rows, g.first, g.end, g.capacity) for g in groups] == [([0, 2], 0, 3, 2), ([3, 6], 3, 7, 2)]
+
+
+@pytest.mark.parametrize("head", ["bert-sequence-classification", "bert-token-classification"])
+def test_batches_with_more_rows_than_one_call_holds_are_split(kit, monkeypatch, head):
+    """Rows of lengths 12, 3, 1, 7 in calls of two rows (buckets of 16 tokens): per-row and per-token heads
+    match Hugging Face."""
+    monkeypatch.setattr(packing, "ROWS_PER_PACKED_CALL", 2)
+    model_class, config_class, overrides, field = HEADS[head]
+    model = kit.build(model_class, kit.tiny_config(config_class, **overrides))
+    ids, mask = _uneven(120, 0, seed=13)
+    report, [(call, expected, peer, actual)] = _run(model, [dict(input_ids=ids, attention_mask=mask)])
+    if expected[field].dim() == 3:
+        _check_per_token(field, call, expected[field], peer[field], actual[field])
+    else:
+        assert_matches_reference(actual[field], expected[field], peer[field], name=field)
+    assert len(_packed_graphs(report)) == 1, str(report)
 
 
 SENTENCES = [

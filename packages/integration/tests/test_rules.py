@@ -12,7 +12,6 @@ import torch.nn.functional as F
 from kernl.integration import fallback, optimize_model
 from kernl.integration.backend import rewrite_graph
 from kernl.integration.report import GraphRecord, OptimizationReport
-from kernl.integration.rules import attention_gqa
 from kernl.integration.rules.attention_sdpa import AttentionArgs, attention_call
 from kernl.integration.rules.gated_ffn import gated_linear_act_call
 from kernl.integration.rules.linear_act import linear_act_call
@@ -554,27 +553,47 @@ def test_one_token_grouped_attention_reads_the_key_value_heads_without_repeating
     if kv_heads < 8:
         assert record.fired["attention_gqa_decode"] == 2 and record.kept == {}
         assert not any(is_method_call(n, "expand") for n in gm.graph.nodes)  # no repeat_kv left
-    else:  # as many key/value heads as query heads: plain attention; sdpa's enable_gqa stays PyTorch
-        assert record.fired["attention_gqa_decode"] == 0 and record.fired["attention_sdpa"] == 1
-        assert record.kept == {"attention (sdpa)": 1}
+    else:  # as many key/value heads as query heads: the kernel's heads, one each (no repeat either)
+        assert record.fired["attention_gqa_decode"] == 0 and record.fired["attention_gqa"] == 2
+    assert record.kept == {}
+    assert not any(is_method_call(n, "expand") for n in gm.graph.nodes)
     check_same(fn, compiled, q, k, v, mask)
 
 
-def test_grouped_attention_of_several_query_tokens_is_left_to_the_other_rules():
-    def fn(q, k, v):
-        repeated = F.scaled_dot_product_attention(q, repeat_kv(k, 2), repeat_kv(v, 2), is_causal=True)
-        return repeated, F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+@pytest.mark.parametrize("kv_heads", [1, 2, 4])
+def test_grouped_attention_of_several_query_tokens_reads_the_key_value_heads_in_the_kernel(kv_heads):
+    """A prefill's grouped attention, as transformers calls it without a mask (enable_gqa=True, causal)
+    and with a decoder's left-padded causal mask (repeat_kv): the kernel's grouped heads, the causal
+    flag and a key padding mask; no repeat_kv copy left in the graph."""
 
-    g = torch.Generator().manual_seed(3)
-    q, k, v = (
-        torch.randn(2, 4, 5, 16, generator=g),
-        *(torch.randn(2, 2, 5, 16, generator=g) for _ in range(2)),
-    )
-    record, _, compiled = rewritten(fn, q, k, v)
-    assert record.fired["attention_gqa_decode"] == 0 and record.fired["attention_sdpa"] == 1
-    assert record.kept == {"attention (sdpa)": 1}
-    assert record.kept_why["attention (sdpa)"] == attention_gqa.PREFILL_REASON
-    check_same(fn, compiled, q, k, v)
+    def fn(q, k, v, attention_mask):
+        groups = q.shape[1] // k.shape[1]
+        given = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        n = q.shape[2]
+        causal = torch.ones(n, n, dtype=torch.bool).tril()[None, None]
+        mask = causal & attention_mask.bool()[:, None, None, :]
+        repeated = F.scaled_dot_product_attention(q, repeat_kv(k, groups), repeat_kv(v, groups), mask)
+        return given, repeated
+
+    g = torch.Generator().manual_seed(3 + kv_heads)
+    q = torch.randn(2, 9, 4, 16, generator=g).transpose(1, 2)  # HF's (B, S, H, D) projection, viewed
+    k, v = (torch.randn(2, 9, kv_heads, 16, generator=g).transpose(1, 2) for _ in range(2))
+    attention_mask = torch.ones(2, 9, dtype=torch.long)
+    attention_mask[1, :4] = 0  # left padding
+    record, gm, compiled = rewritten(fn, q, k, v, attention_mask)
+    assert record.fired["attention_gqa"] == 2 and record.fired["attention_sdpa"] == 0, record
+    assert record.kept == {} and not any(is_method_call(n, "expand") for n in gm.graph.nodes)
+    calls = [AttentionArgs(*n.args) for n in gm.graph.nodes if n.target is attention_call]
+    assert [(a.causal, a.key_padding_mask is not None, a.mask is None) for a in calls] == [
+        (True, False, True),
+        (True, True, True),
+    ]
+    assert all(example_heads(a.k) == kv_heads for a in calls)
+    check_same(fn, compiled, q, k, v, attention_mask)
+
+
+def example_heads(node) -> int:
+    return node.meta["example_value"].shape[1]
 
 
 def is_method_call(node, name: str) -> bool:
@@ -684,3 +703,55 @@ def test_t5_overflow_guard(inject):
     assert record.fired["overflow_guard"] == 2 and record.kept == {}
     for actual, expected in zip(compiled(a, b), fn(a, b), strict=True):
         torch.testing.assert_close(actual, expected, rtol=0, atol=0)
+
+
+def rotate_half(x):  # transformers' rotate_half, as written there
+    x1 = x[..., : x.shape[-1] // 2]
+    x2 = x[..., x.shape[-1] // 2 :]
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def rotate_half_by_chunks(x):  # the same function, spelled otherwise
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([x2 * -1, x1], -1)
+
+
+def rotate_pairs(x):  # GPT-J's interleaved rotation: not rotate_half
+    return torch.stack((-x[..., 1::2], x[..., ::2]), dim=-1).flatten(-2)
+
+
+def test_rotary_embeddings_of_q_and_k_become_one_call():
+    def fn(q, k, cos, sin, k2):
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        q_embed = (q * cos) + (rotate_half(q) * sin)  # transformers' apply_rotary_pos_emb
+        k_embed = (k * cos) + (rotate_half(k) * sin)
+        q_swapped = sin * rotate_half_by_chunks(q) + cos * q  # operands in the other order
+        k_swapped = k * cos + rotate_half_by_chunks(k) * sin
+        not_rotary = k2 * cos + rotate_pairs(k2) * sin  # left as it is
+        return q_embed, k_embed, q_swapped, k_swapped, not_rotary
+
+    g = torch.Generator().manual_seed(8)
+    q = torch.randn(2, 7, 4, 16, generator=g).transpose(1, 2)  # HF's (B, S, H, D) projection, viewed
+    k, k2 = (torch.randn(2, 7, 2, 16, generator=g).transpose(1, 2) for _ in range(2))
+    angles = torch.randn(2, 7, 8, generator=g).repeat(1, 1, 2)
+    cos, sin = angles.cos(), angles.sin()
+    record, gm, compiled = rewritten(fn, q, k, cos, sin, k2)
+    assert record.fired["rotary"] == 2, record
+    assert sum(n.op == "call_function" and n.target is torch.cat for n in gm.graph.nodes) == 0
+    assert sum(is_method_call(n, "flatten") for n in gm.graph.nodes) == 1  # the interleaved one stays
+    check_same(fn, compiled, q, k, cos, sin, k2)
+
+
+def test_a_rotary_sum_without_a_partner_or_with_other_angles_stays_pytorch():
+    def fn(q, k, cos, sin):
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        alone = q * cos + rotate_half(q) * sin
+        other_angles = k * sin + rotate_half(k) * cos  # q's and k's angles differ: no pair
+        return alone, other_angles
+
+    g = torch.Generator().manual_seed(9)
+    q, k = (torch.randn(1, 3, 5, 8, generator=g) for _ in range(2))
+    cos, sin = torch.randn(1, 5, 8, generator=g), torch.randn(1, 5, 8, generator=g)
+    record, _, compiled = rewritten(fn, q, k, cos, sin)
+    assert record.fired["rotary"] == 0
+    check_same(fn, compiled, q, k, cos, sin)

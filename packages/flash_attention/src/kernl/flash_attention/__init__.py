@@ -1,12 +1,18 @@
 """kernl.flash_attention: fused attention (padding masks, T5 position bias, split-KV decoding, packed
-sequences).
+sequences, grouped-query heads) and the rotary position embedding of queries and keys.
 
->>> from kernl.flash_attention import attention, attention_decode, attention_varlen
+>>> from kernl.flash_attention import attention, attention_decode, attention_varlen, rotary
 """
 
-from kernl.flash_attention.functional import SUPPORTED_DTYPES, attention, attention_decode, attention_varlen
+from kernl.flash_attention.functional import (
+    SUPPORTED_DTYPES,
+    attention,
+    attention_decode,
+    attention_varlen,
+    rotary,
+)
 from kernl.flash_attention.launch import MAX_HEAD_DIM
-from kernl.flash_attention.reference import attention_reference, attention_varlen_reference
+from kernl.flash_attention.reference import attention_reference, attention_varlen_reference, rotary_reference
 
 __all__ = [
     "MAX_HEAD_DIM",
@@ -16,4 +22,6 @@ __all__ = [
     "attention_reference",
     "attention_varlen",
     "attention_varlen_reference",
+    "rotary",
+    "rotary_reference",
 ]

@@ -10,6 +10,7 @@ from kernl.flash_attention import ops
 from kernl.flash_attention.launch import MAX_HEAD_DIM
 
 MAX_BATCH_HEADS = 65535  # the grid's second axis
+MAX_ROTARY_DIM = 256
 
 
 def _check_qkv_tensors(q, k, v, layout: tuple[str, ...]) -> None:
@@ -32,12 +33,12 @@ def _check_qkv_tensors(q, k, v, layout: tuple[str, ...]) -> None:
 def _check_qkv(q, k, v) -> None:
     _check_qkv_tensors(q, k, v, ("batch", "heads", "seq", "head_dim"))
     batch, heads, _, head_dim = q.shape
-    if k.shape[0] != batch or k.shape[1] != heads or k.shape[3] != head_dim:
-        raise ValueError(
-            f"k must have shape ({batch}, {heads}, K, {head_dim}) to match q, got {tuple(k.shape)}"
-        )
+    if k.shape[0] != batch or k.shape[3] != head_dim:
+        raise ValueError(f"k must have shape ({batch}, H_kv, K, {head_dim}) to match q, got {tuple(k.shape)}")
     if v.shape != k.shape:
         raise ValueError(f"v must have k's shape {tuple(k.shape)}, got {tuple(v.shape)}")
+    if k.shape[1] == 0 or heads % k.shape[1] != 0:
+        raise ValueError(f"k's head count {k.shape[1]} must divide q's head count {heads}")
     if not 1 <= head_dim <= MAX_HEAD_DIM:
         raise ValueError(f"head_dim must be between 1 and {MAX_HEAD_DIM}, got {head_dim}")
     if batch * heads > MAX_BATCH_HEADS:
@@ -125,8 +126,9 @@ def attention(
 ) -> torch.Tensor:
     """``softmax(scale * q @ k^T + bias, masked) @ v`` fused, fp32 accumulation and softmax.
 
-    q ``(B, H, Q, D)``, k/v ``(B, H, K, D)``: float16/bfloat16/float32, any strides, ``Q`` may differ
-    from ``K`` (cross-attention), ``1 <= D <= 128``. scale: any finite number, default ``1/sqrt(D)``.
+    q ``(B, H, Q, D)``, k/v ``(B, H_kv, K, D)``: float16/bfloat16/float32, any strides, ``Q`` may differ
+    from ``K`` (cross-attention), ``1 <= D <= 128``. ``H_kv`` divides ``H`` (grouped-query attention:
+    query head ``h`` reads key/value head ``h // (H / H_kv)`` in place, no ``repeat_kv`` copy). scale: any finite number, default ``1/sqrt(D)``.
     bias: additive float, broadcastable to ``(B, H, Q, K)`` (T5 position bias ``(1, H, Q, K)``).
     mask: broadcastable to ``(B, H, Q, K)``, bool (True = attend) or additive float (HF's forms).
     key_padding_mask: bool ``(B, K)`` (True = real token) or integer lengths ``(B,)``, each >= 0; the
@@ -155,8 +157,8 @@ def attention_decode(
 ) -> torch.Tensor:
     """Attention of a few query tokens against a KV cache, the key length split across programs.
 
-    q ``(B, H, Q, D)`` with small ``Q`` (1 for a greedy step); k_cache/v_cache ``(B, H, K, D)``,
-    preallocated. cache_len: valid prefix of the cache, an int (the cache is sliced) or an integer
+    q ``(B, H, Q, D)`` with small ``Q`` (1 for a greedy step); k_cache/v_cache ``(B, H_kv, K, D)``
+    (``H_kv`` divides ``H``, as in :func:`attention`), preallocated. cache_len: valid prefix of the cache, an int (the cache is sliced) or an integer
     tensor ``()``/``(B,)`` on q's device (read by the kernel: fixed buffers, CUDA-graph friendly);
     None = all ``K``. bias, mask, key_padding_mask, scale: as :func:`attention`, over the full ``K``.
     Every valid cache key is visible (no causal mask). Rows with no visible key return zeros.
@@ -242,4 +244,41 @@ def attention_varlen(
     return _attention_varlen_op()(q, k, v, cu_seqlens, scale, causal)
 
 
-__all__ = ["SUPPORTED_DTYPES", "attention", "attention_decode", "attention_varlen", "ops"]
+def _check_rotary(q, k, cos, sin) -> None:
+    _check_qkv_tensors(q, k, k, ("batch", "heads", "seq", "head_dim"))
+    batch, _, n_seq, head_dim = q.shape
+    if k.shape[0] != batch or k.shape[2:] != q.shape[2:]:
+        raise ValueError(
+            f"k must have shape ({batch}, H_k, {n_seq}, {head_dim}) to match q, got {tuple(k.shape)}"
+        )
+    if head_dim % 2 or not 2 <= head_dim <= MAX_ROTARY_DIM:
+        raise ValueError(f"head_dim must be even, between 2 and {MAX_ROTARY_DIM}, got {head_dim}")
+    for name, t in (("cos", cos), ("sin", sin)):
+        _check_broadcastable(name, t, (batch, 1, n_seq, head_dim), q.device, allow_bool=False)
+    if sin.shape != cos.shape:
+        raise ValueError(f"sin must have cos's shape {tuple(cos.shape)}, got {tuple(sin.shape)}")
+
+
+def _rotary_op():
+    """The registered op when tracing (torch.compile), the plain implementation in eager mode."""
+    return torch.ops.kernl.rotary if torch.compiler.is_compiling() else ops.rotary_impl
+
+
+def rotary(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary position embedding of queries and keys in one launch: ``x * cos + rotate_half(x) * sin``
+    for ``x`` in q and k, with ``rotate_half(x) = cat(-x[..., D/2:], x[..., :D/2])`` (Llama, Mistral,
+    Qwen2).
+
+    q ``(B, Hq, S, D)``, k ``(B, Hk, S, D)`` (any head counts): float16/bfloat16/float32, one dtype, any
+    strides; ``D`` even, at most 256. cos, sin: float16/bfloat16/float32 of one shape, broadcastable to
+    ``(B, 1, S, D)`` (transformers' ``cos.unsqueeze(1)``). Computed in fp32, rounded once. Returns the
+    rotated ``(q, k)``, each in its input's dtype, laid out as ``torch.empty_like`` of it (HF's
+    ``(B, S, H, D)`` projection viewed as ``(B, H, S, D)`` keeps its strides).
+    """
+    _check_rotary(q, k, cos, sin)
+    return _rotary_op()(q, k, cos, sin)
+
+
+__all__ = ["SUPPORTED_DTYPES", "attention", "attention_decode", "attention_varlen", "ops", "rotary"]

@@ -17,6 +17,15 @@ third grid axis cuts the valid key range into equal chunks of whole blocks (spli
 one token against a long cache; the valid length may be known only here, from a cache-length
 tensor): each program writes its unnormalised ``acc``, ``m`` and ``l``, merged by :mod:`.merge`.
 
+Grouped-query attention: ``group`` query heads share each key/value head (``group = 1``: one each);
+query head ``h`` reads key/value head ``h // group`` in place, so no ``repeat_kv`` copy is made.
+
+Loads (candidates the launch config picks, timed by the benchmarks' sweep): ``TMA`` reads q, k and v
+through 4-D tensor descriptors (Hopper's bulk copies into shared memory; rows past the key length and
+columns past the head dimension arrive as zeros, so no load is masked; values of keys past a valid
+length that is below it are zeroed before ``p @ v``, as they may hold NaN), else pointer loads.
+``WARP_SPECIALIZE`` asks Triton to split the interior loop into producer and consumer warps.
+
 Key padding: ``KPM_KIND`` 1 = per-batch lengths (the loop stops there); 2 = a bool ``[B, K]`` mask,
 scanned first for its last valid key (the loop stops there too) and applied block by block only
 when it is not a prefix. ``MASK_KIND`` 1 = bool mask (True = attend), 2 = additive float mask.
@@ -31,13 +40,13 @@ LOG2E = tl.constexpr(1.4426950408889634)
 @triton.jit
 def _attn_fwd_kernel(
     Q, K, V, OUT, BIAS, MASK, KPM, CACHE_LEN, PART_ML,
-    scale, qk_scale, n_q, n_k, n_heads,
+    scale, qk_scale, n_q, n_k, n_heads, group,
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod,
     sbb, sbh, sbm, sbn, smb, smh, smm, smn, skpb, skpn, scl,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_BIAS: tl.constexpr, MASK_KIND: tl.constexpr, KPM_KIND: tl.constexpr, HAS_CACHE_LEN: tl.constexpr,
     CAUSAL: tl.constexpr, SCAN_BLOCK: tl.constexpr, SPLIT: tl.constexpr, ACC_DTYPE: tl.constexpr,
-    USE_PDL: tl.constexpr,
+    USE_PDL: tl.constexpr, TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
 ):  # fmt: skip
     if USE_PDL:  # programmatic dependent launch: the previous kernel's writes are visible past this wait
         tl.extra.cuda.gdc_wait()
@@ -45,8 +54,12 @@ def _attn_fwd_kernel(
     start_m = tl.program_id(0)
     off_bh = tl.program_id(1)
     split = tl.program_id(2)
-    b = (off_bh // n_heads).to(tl.int64)
-    h = (off_bh % n_heads).to(tl.int64)
+    b32 = off_bh // n_heads  # descriptor coordinates are int32
+    h32 = off_bh % n_heads
+    hkv32 = h32 // group  # grouped-query attention: query heads hkv * group onwards share one key/value head
+    b = b32.to(tl.int64)
+    h = h32.to(tl.int64)
+    h_kv = hkv32.to(tl.int64)
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -82,12 +95,15 @@ def _attn_fwd_kernel(
         full_end = tl.maximum(lo, lo + (hi - lo) // BLOCK_N * BLOCK_N)
 
     rows = offs_m.to(tl.int64)  # row and key offsets in int64: Q * K or K * stride can pass 2**31
-    q_ptrs = Q + b * sqb + h * sqh + rows[:, None] * sqm + offs_d[None, :] * sqd
-    q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    if TMA:
+        q = Q.load([b32, h32, start_m * BLOCK_M, 0]).reshape(BLOCK_M, BLOCK_D)
+    else:
+        q_ptrs = Q + b * sqb + h * sqh + rows[:, None] * sqm + offs_d[None, :] * sqd
+        q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        k_base = K + b * skb + h_kv * skh + offs_d[:, None] * skd
+        v_base = V + b * svb + h_kv * svh + offs_d[None, :] * svd
     if ACC_DTYPE == tl.float64:  # fp32 inputs: dots and softmax in fp64 (the scale arrives as fp32)
         q = q.to(tl.float64)
-    k_base = K + b * skb + h * skh + offs_d[:, None] * skd
-    v_base = V + b * svb + h * svh + offs_d[None, :] * svd
     bias_base = BIAS + b * sbb + h * sbh + rows[:, None] * sbm
     mask_base = MASK + b * smb + h * smh + rows[:, None] * smm
 
@@ -104,16 +120,21 @@ def _attn_fwd_kernel(
             start_lo, start_hi = lo, full_end
         else:
             start_lo, start_hi = full_end, hi
-        for start_n in range(start_lo, start_hi, BLOCK_N):
+        for start_n in tl.range(start_lo, start_hi, BLOCK_N, warp_specialize=WARP_SPECIALIZE and stage == 0):
             cols = start_n + offs_n
             col_ok = cols < hi
             n0 = tl.cast(start_n, tl.int64)  # the block's first key, in int64; offs_n * stride stays int32
-            k_ptrs = k_base + n0 * skn + offs_n[None, :] * skn
-            v_ptrs = v_base + n0 * svn + offs_n[:, None] * svn
-            if stage == 0 and HEAD_DIM == BLOCK_D:
-                k = tl.load(k_ptrs)
-                v = tl.load(v_ptrs)
+            if TMA:
+                k = tl.trans(K.load([b32, hkv32, start_n, 0]).reshape(BLOCK_N, BLOCK_D))
+                v = V.load([b32, hkv32, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
+                if stage == 1:  # keys in [hi, K) are read: NaN there must not reach p @ v (p is 0)
+                    v = tl.where(col_ok[:, None], v, 0.0)
+            elif stage == 0 and HEAD_DIM == BLOCK_D:
+                k = tl.load(k_base + n0 * skn + offs_n[None, :] * skn)
+                v = tl.load(v_base + n0 * svn + offs_n[:, None] * svn)
             else:
+                k_ptrs = k_base + n0 * skn + offs_n[None, :] * skn
+                v_ptrs = v_base + n0 * svn + offs_n[:, None] * svn
                 k = tl.load(k_ptrs, mask=d_ok[:, None] & col_ok[None, :], other=0.0)
                 v = tl.load(v_ptrs, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
             if ACC_DTYPE == tl.float64:

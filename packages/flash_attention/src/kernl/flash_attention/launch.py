@@ -5,6 +5,7 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from kernl.common.launch import programmatic_launch
 from kernl.common.launch import sm_count as multiprocessor_count
@@ -16,13 +17,33 @@ MAX_SPLITS = 64
 
 
 class LaunchConfig(NamedTuple):
-    """Block of queries and keys per step, warps, pipeline depth, and how many KV splits."""
+    """Block of queries and keys per step, warps, pipeline depth, how many KV splits, and how the dense
+    kernel loads q, k and v: ``tma`` through tensor descriptors (fp16/bf16 inputs whose layout a
+    descriptor can describe, see :func:`descriptor_layout_ok`; pointer loads otherwise),
+    ``warp_specialize`` its interior key loop split into producer and consumer warps by Triton (with
+    descriptor loads only: ignored where the loads fall back to pointers)."""
 
     block_m: int
     block_n: int
     num_warps: int
     num_stages: int
     num_splits: int = 1
+    tma: bool = False
+    warp_specialize: bool = False
+
+
+def descriptor_layout_ok(t: torch.Tensor) -> bool:
+    """Whether a tensor descriptor can describe ``t`` in place: no empty dimension, unit last stride, the
+    other strides positive multiples of 16 bytes, a 16-byte aligned start (the bulk-copy unit's rules)."""
+    size = t.element_size()
+    if t.numel() == 0 or t.stride(-1) != 1 or t.data_ptr() % 16:
+        return False
+    return all(stride > 0 and stride * size % 16 == 0 for stride in t.stride()[:-1])
+
+
+def _descriptor(t: torch.Tensor, rows: int, block_d: int) -> TensorDescriptor:
+    """A 4-D descriptor over ``t`` ``(B, H, S, D)`` loading ``(1, 1, rows, block_d)`` blocks."""
+    return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, rows, block_d])
 
 
 def _split_count(programs: int, n_k: int, block_n: int, sm_count: int) -> int:
@@ -82,7 +103,8 @@ def attention_forward(
     causal: bool,
     config: LaunchConfig | None = None,
 ) -> torch.Tensor:
-    """Launch on validated inputs: q ``(B, H, Q, D)``, k/v ``(B, H, K, D)``, any strides.
+    """Launch on validated inputs: q ``(B, H, Q, D)``, k/v ``(B, H_kv, K, D)`` (``H % H_kv == 0``: query
+    head ``h`` reads key/value head ``h // (H / H_kv)``), any strides.
 
     bias/mask broadcastable to ``(B, H, Q, K)``; key_padding_mask bool ``(B, K)`` (True = attend) or
     int32 lengths ``(B,)``; cache_len int32 ``()`` or ``(B,)``. Returns ``(B, H, Q, D)`` in q's dtype,
@@ -116,10 +138,18 @@ def attention_forward(
     block_d = max(16, triton.next_power_of_2(head_dim))
     grid = (triton.cdiv(n_q, cfg.block_m), batch * heads, splits)
     pdl = programmatic_launch(q.device)
+    tma = cfg.tma and not wide and all(descriptor_layout_ok(t) for t in (q, k, v))
+    if tma:
+        q_in, k_in, v_in = (
+            _descriptor(q, cfg.block_m, block_d),
+            *(_descriptor(t, cfg.block_n, block_d) for t in (k, v)),
+        )
+    else:
+        q_in, k_in, v_in = q, k, v
     _attn_fwd_kernel[grid](
-        q, k, v, target, bias if bias is not None else q, mask_arg if mask is not None else q,
+        q_in, k_in, v_in, target, bias if bias is not None else q, mask_arg if mask is not None else q,
         kpm_arg if kpm_arg is not None else q, cache_len if cache_len is not None else q, part_ml,
-        scale, scale * LOG2E.value, n_q, n_k, heads,
+        scale, scale * LOG2E.value, n_q, n_k, heads, heads // k.shape[1],
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         *_strides4(bias, full), *_strides4(mask, full), *kpm_strides,
         cache_len.stride(0) if cache_len is not None and cache_len.dim() == 1 else 0,
@@ -129,6 +159,7 @@ def attention_forward(
         SCAN_BLOCK=min(max(16, triton.next_power_of_2(n_k)), 4096 if q.is_cuda else 32), SPLIT=splits > 1,
         ACC_DTYPE=tl.float64 if wide else tl.float32,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, USE_PDL=pdl, launch_pdl=pdl,
+        TMA=tma, WARP_SPECIALIZE=cfg.warp_specialize and tma,  # pointer loads: the pass does not compile
     )  # fmt: skip
     if splits > 1:
         _merge_kernel[(n_q, batch * heads)](

@@ -3,10 +3,11 @@
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from kernl.common.launch import programmatic_launch
 from kernl.flash_attention.kernel import LOG2E
-from kernl.flash_attention.launch import LaunchConfig
+from kernl.flash_attention.launch import LaunchConfig, descriptor_layout_ok
 from kernl.flash_attention.varlen_kernel import _varlen_fwd_kernel
 
 MAX_SCAN_BLOCK = 1024  # sequences scanned per step when a program looks for its tile
@@ -28,9 +29,10 @@ def varlen_launch_config(head_dim: int, dtype: torch.dtype, device: torch.device
 
 
 def varlen_grid(n_tokens: int, n_seqs: int, heads: int, block_m: int) -> tuple[int, int]:
-    """``(cdiv(T, BLOCK_M) + S, H)``: enough tiles for any split of ``T`` tokens into ``S`` sequences
-    plus a padding tail (each cut adds at most one partial tile), from shapes only."""
-    return triton.cdiv(n_tokens, block_m) + n_seqs, heads
+    """``(min(T, cdiv(T, BLOCK_M) + S), H)``: enough tiles for any split of ``T`` tokens into ``S`` sequences
+    plus a padding tail (each cut adds at most one partial tile, and every tile holds a token), from
+    shapes only."""
+    return min(n_tokens, triton.cdiv(n_tokens, block_m) + n_seqs), heads
 
 
 def attention_varlen_forward(
@@ -54,11 +56,18 @@ def attention_varlen_forward(
     cfg = config or varlen_launch_config(head_dim, q.dtype, q.device)
     n_seqs = cu_seqlens.shape[0] - 1
     pdl = programmatic_launch(q.device)
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    tma = cfg.tma and q.dtype != torch.float32 and all(descriptor_layout_ok(t) for t in (q, k, v))
+    if tma:  # (T, H, D) descriptors loading (rows, 1, block_d) blocks
+        describe = lambda t, rows: TensorDescriptor(t, list(t.shape), list(t.stride()), [rows, 1, block_d])
+        q_in, k_in, v_in = describe(q, cfg.block_m), describe(k, cfg.block_n), describe(v, cfg.block_n)
+    else:
+        q_in, k_in, v_in = q, k, v
     _varlen_fwd_kernel[varlen_grid(n_tokens, n_seqs, heads, cfg.block_m)](
-        q, k, v, out, cu_seqlens,
+        q_in, k_in, v_in, out, cu_seqlens,
         scale * LOG2E.value, n_tokens, n_seqs, heads // k.shape[1],
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), cu_seqlens.stride(0),
-        HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+        HEAD_DIM=head_dim, BLOCK_D=block_d, TMA=tma,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         SCAN_BLOCK=min(max(16, triton.next_power_of_2(n_seqs)), MAX_SCAN_BLOCK if q.is_cuda else 16),
         CAUSAL=causal, ACC_DTYPE=tl.float64 if q.dtype == torch.float32 else tl.float32,

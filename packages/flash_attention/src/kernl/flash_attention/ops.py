@@ -1,6 +1,6 @@
 """``torch.library`` registration, so the kernel can sit inside ``torch.compile``d and FX graphs.
 
-Opaque custom ops, ``kernl::attention`` and ``kernl::attention_varlen``, with a fake (meta) implementation: this works under
+Opaque custom ops, ``kernl::attention``, ``kernl::attention_varlen`` and ``kernl::rotary``, with a fake (meta) implementation: this works under
 Triton's interpreter too, where ``triton_op``/``wrap_triton`` cannot be traced. Inputs are trusted
 here; validation lives in :mod:`kernl.flash_attention.functional`, which calls :func:`attention_impl`
 directly in eager mode (the custom-op dispatcher costs tens of microseconds of CPU time a call) and
@@ -14,8 +14,9 @@ import torch
 
 from kernl.common.launch import float_errors_ignored, runs_triton_kernel
 from kernl.flash_attention.launch import attention_forward
+from kernl.flash_attention.launch_rotary import rotary_forward
 from kernl.flash_attention.launch_varlen import attention_varlen_forward
-from kernl.flash_attention.reference import attention_reference, attention_varlen_reference
+from kernl.flash_attention.reference import attention_reference, attention_varlen_reference, rotary_reference
 
 
 def _as_int32(t: torch.Tensor | None, n_k: int) -> torch.Tensor | None:
@@ -36,7 +37,7 @@ def attention_impl(
     cache_len: torch.Tensor | None,
     causal: bool,
 ) -> torch.Tensor:
-    """``kernl::attention`` on validated inputs: q ``(B, H, Q, D)``, k/v ``(B, H, K, D)`` -> ``(B, H, Q, D)``
+    """``kernl::attention`` on validated inputs: q ``(B, H, Q, D)``, k/v ``(B, H_kv, K, D)`` -> ``(B, H, Q, D)``
     in q's dtype; the Triton kernel, or the PyTorch reference on CPU without the interpreter."""
     if not runs_triton_kernel(q):
         out = attention_reference(
@@ -87,3 +88,30 @@ attention_varlen_op = torch.library.custom_op(
 @attention_varlen_op.register_fake
 def _(q, k, v, cu_seqlens, scale, causal):
     return q.new_empty(q.shape)
+
+
+def rotary_impl(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``kernl::rotary`` on validated inputs: q ``(B, Hq, S, D)``, k ``(B, Hk, S, D)``, cos/sin
+    broadcastable to ``(B, 1, S, D)`` -> rotated q and k, each laid out as its input; the Triton kernel,
+    or the PyTorch reference on CPU without the interpreter."""
+    if not runs_triton_kernel(q):
+        q_ref, k_ref = rotary_reference(q, k, cos, sin)
+        return _laid_out_as(q_ref, q), _laid_out_as(k_ref, k)
+    with torch.cuda.device(q.device.index if q.is_cuda else -1):
+        return rotary_forward(q, k, cos, sin)
+
+
+def _laid_out_as(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    out = torch.empty_like(like)
+    out.copy_(value)
+    return out
+
+
+rotary_op = torch.library.custom_op("kernl::rotary", rotary_impl, mutates_args=())
+
+
+@rotary_op.register_fake
+def _(q, k, cos, sin):
+    return torch.empty_like(q), torch.empty_like(k)

@@ -1,6 +1,7 @@
 """Plain PyTorch reference with the kernels' semantics (also the CPU fallback without the interpreter).
 
-Shapes: q ``(B, H, Q, D)``, k/v ``(B, H, K, D)``; bias/mask broadcastable to ``(B, H, Q, K)``;
+Shapes: q ``(B, H, Q, D)``, k/v ``(B, H_kv, K, D)`` (``H % H_kv == 0``: query head ``h`` reads key/value
+head ``h // (H / H_kv)``); bias/mask broadcastable to ``(B, H, Q, K)``;
 key_padding_mask bool ``(B, K)`` (True = attend) or integer lengths ``(B,)``; cache_len an integer
 tensor ``()`` or ``(B,)`` (valid prefix of a preallocated cache). A row with no visible key gives 0.
 """
@@ -22,7 +23,8 @@ def attention_reference(
     causal: bool = False,
     cache_len: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``softmax(scale * q @ k^T + bias, masked) @ v`` in fp32 (fp64 for fp64 inputs), output in q's dtype.
+    """``softmax(scale * q @ k^T + bias, masked) @ v`` in fp32 (fp64 for fp64 inputs), output in q's dtype;
+    k/v may have fewer heads than q (grouped-query attention, see the module docstring).
 
     Masked means: a False in a bool ``mask``, a key past the padding length or ``cache_len``, a key
     after the query under ``causal`` (top-left aligned, as ``F.scaled_dot_product_attention``), or
@@ -30,6 +32,8 @@ def attention_reference(
     """
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    group = q.shape[1] // k.shape[1]  # grouped-query attention: each key/value head serves `group` heads
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
     n_q, n_k = q.shape[2], k.shape[2]
     if n_k == 0:  # no keys: every row is fully masked
         return q.new_zeros((*q.shape[:-1], v.shape[-1]))
@@ -83,13 +87,30 @@ def attention_varlen_reference(
     the CPU fallback, not for CUDA graphs). Returns ``(T, H, D)`` in q's dtype, contiguous.
     """
     out = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
-    group = q.shape[1] // k.shape[1]
     as_batch = lambda t: t.transpose(0, 1)[None]  # (L, H, D) -> (1, H, L, D)
     bounds = cu_seqlens.tolist()
     for start, end in zip(bounds[:-1], bounds[1:], strict=True):
         if end <= start:
             continue
-        k_seq, v_seq = (as_batch(t[start:end]).repeat_interleave(group, dim=1) for t in (k, v))
+        k_seq, v_seq = as_batch(k[start:end]), as_batch(v[start:end])
         seq_out = attention_reference(as_batch(q[start:end]), k_seq, v_seq, scale=scale, causal=causal)
         out[start:end] = seq_out[0].transpose(0, 1)
     return out
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """``cat(-x[..., D/2:], x[..., :D/2])`` (Llama's ``rotate_half``)."""
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def rotary_reference(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary position embedding ``x * cos + rotate_half(x) * sin`` of q ``(B, Hq, S, D)`` and k
+    ``(B, Hk, S, D)``, cos/sin broadcastable to ``(B, 1, S, D)``; computed in fp32 (fp64 for fp64
+    inputs), returned in q's and k's dtypes."""
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    c, s = cos.to(compute), sin.to(compute)
+    rotated = [(x.to(compute) * c + rotate_half(x.to(compute)) * s).to(x.dtype) for x in (q, k)]
+    return rotated[0], rotated[1]

@@ -6,12 +6,18 @@ Sequence ``s`` is tokens ``[cu[s], cu[s + 1])``; each query sees only the keys o
 Work is cut into tiles of ``BLOCK_M`` query rows that never straddle two sequences: sequence ``s``
 owns ``cdiv(len_s, BLOCK_M)`` tiles, numbered one after another in sequence order, then the padding
 tail owns ``cdiv(T - cu[S], BLOCK_M)`` tiles, written as zeros. Summed, that is at most
-``cdiv(T, BLOCK_M) + S`` tiles whatever the split of ``T`` into sequences, so the grid is
-``(cdiv(T, BLOCK_M) + S, H)`` from shapes alone (CUDA graphs replay it for any ``cu`` values);
-programs past the last tile skip all work. Each program finds its tile by scanning ``cu`` on the
+``cdiv(T, BLOCK_M) + S`` tiles whatever the split of ``T`` into sequences, and at most ``T`` (each tile
+holds a token), so the grid is ``(min(T, cdiv(T, BLOCK_M) + S), H)`` from shapes alone (CUDA graphs
+replay it for any ``cu`` values); programs past the last tile skip all work after the scan. Callers
+that pad ``cu`` to a fixed length keep ``S`` to the rows they can have, not the tokens: every spare
+program still scans the ``S + 1`` offsets. Each program finds its tile by scanning ``cu`` on the
 device (a running sum of tile counts, ``SCAN_BLOCK`` sequences at a time), then runs the online
 softmax of :mod:`.kernel` over its own sequence's keys only: interior key blocks without any check,
 the last (and, when causal, the diagonal) blocks with the key-range and causal checks.
+
+With ``TMA`` q, k and v are read through 3-D ``(T, H, D)`` tensor descriptors (see :mod:`.kernel`):
+tokens past ``T`` and columns past the head dimension arrive as zeros; the values of keys past the
+sequence's end (the next sequence's, or padding that may hold NaN) are zeroed before ``p @ v``.
 
 ``cu`` values are not validated anywhere; they are clamped to ``[0, T]`` here and negative lengths
 count as empty, so bad offsets give wrong rows (possibly left unwritten) but never an access out of
@@ -29,12 +35,14 @@ def _varlen_fwd_kernel(
     sqt, sqh, sqd, skt, skh, skd, svt, svh, svd, sot, soh, sod, scu,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     SCAN_BLOCK: tl.constexpr, CAUSAL: tl.constexpr, ACC_DTYPE: tl.constexpr, USE_PDL: tl.constexpr,
+    TMA: tl.constexpr,
 ):  # fmt: skip
     if USE_PDL:  # programmatic dependent launch: wait for the previous kernel's writes (cu_seqlens too)
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()  # the next kernel may be scheduled while this one runs
     tile = tl.program_id(0)
-    h = tl.program_id(1).to(tl.int64)
+    h32 = tl.program_id(1)  # descriptor coordinates are int32
+    h = h32.to(tl.int64)
     h_kv = h // kv_group  # grouped-query attention: q heads [g * group, (g + 1) * group) share kv head g
 
     # Which tile is this: the sequence whose running tile count passes ``tile``, or the padding tail.
@@ -80,12 +88,16 @@ def _varlen_fwd_kernel(
             full_end = lo + (hi - lo) // BLOCK_N * BLOCK_N
 
         rows = offs_m.to(tl.int64)  # token offsets in int64: T * stride can pass 2**31
-        q = tl.load(Q + rows[:, None] * sqt + h * sqh + offs_d[None, :] * sqd,
-                    mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # fmt: skip
+        if TMA:  # rows of the next sequence may hold anything: never stored, and rows do not mix
+            q = Q.load([row_start, h32, 0]).reshape(BLOCK_M, BLOCK_D)
+            h_kv32 = h32 // kv_group
+        else:
+            q = tl.load(Q + rows[:, None] * sqt + h * sqh + offs_d[None, :] * sqd,
+                        mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # fmt: skip
+            k_base = K + h_kv * skh + offs_d[:, None] * skd
+            v_base = V + h_kv * svh + offs_d[None, :] * svd
         if ACC_DTYPE == tl.float64:  # fp32 inputs: dots and softmax in fp64 (the scale arrives as fp32)
             q = q.to(tl.float64)
-        k_base = K + h_kv * skh + offs_d[:, None] * skd
-        v_base = V + h_kv * svh + offs_d[None, :] * svd
         factor = tl.full([], qk_scale, ACC_DTYPE)  # scale * log2(e): scores in base 2
         m_i = tl.full([BLOCK_M], float("-inf"), ACC_DTYPE)
         l_i = tl.zeros([BLOCK_M], ACC_DTYPE)
@@ -99,12 +111,17 @@ def _varlen_fwd_kernel(
                 cols = start_n + offs_n
                 col_ok = cols < hi
                 n0 = tl.cast(start_n, tl.int64)
-                k_ptrs = k_base + n0 * skt + offs_n[None, :] * skt
-                v_ptrs = v_base + n0 * svt + offs_n[:, None] * svt
-                if stage == 0 and HEAD_DIM == BLOCK_D:
-                    k = tl.load(k_ptrs)
-                    v = tl.load(v_ptrs)
+                if TMA:
+                    k = tl.trans(K.load([start_n, h_kv32, 0]).reshape(BLOCK_N, BLOCK_D))
+                    v = V.load([start_n, h_kv32, 0]).reshape(BLOCK_N, BLOCK_D)
+                    if stage == 1:  # keys past the sequence: p is 0 there, NaN must not reach p @ v
+                        v = tl.where(col_ok[:, None], v, 0.0)
+                elif stage == 0 and HEAD_DIM == BLOCK_D:
+                    k = tl.load(k_base + n0 * skt + offs_n[None, :] * skt)
+                    v = tl.load(v_base + n0 * svt + offs_n[:, None] * svt)
                 else:
+                    k_ptrs = k_base + n0 * skt + offs_n[None, :] * skt
+                    v_ptrs = v_base + n0 * svt + offs_n[:, None] * svt
                     k = tl.load(k_ptrs, mask=d_ok[:, None] & col_ok[None, :], other=0.0)
                     v = tl.load(v_ptrs, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
                 if ACC_DTYPE == tl.float64:

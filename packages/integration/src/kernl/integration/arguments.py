@@ -51,18 +51,26 @@ def input_wants_gradients(args: tuple, kwargs: dict) -> bool:
 def default_dropper(signature: inspect.Signature, config):
     """``drop(arguments) -> arguments`` without those that change nothing: ``None`` for a parameter whose
     default is ``None``, and an output flag (:data:`~kernl.integration.hf_compat.CONFIG_FLAGS`) equal to
-    ``config``'s, which the forward would read anyway. Calls that differ only there (``generate()``
-    passes ``output_attentions=False``, a model's own forward ``inputs_embeds=None``) then share one
+    ``config``'s, which the forward would read anyway, or ``None`` while ``config``'s is false (transformers'
+    output capture takes a ``None`` flag as false, a forward with the flag as a parameter reads ``config``'s).
+    Calls that differ only there (``generate()`` passes ``output_attentions=False``, or ``None`` from a
+    generation config that does not set it, a model's own forward ``inputs_embeds=None``) then share one
     compiled graph and one capture."""
     none_by_default = {p.name for p in signature.parameters.values() if p.default is None}
     unset = object()
+
+    def unchanged_flag(name: str, value) -> bool:
+        if name not in CONFIG_FLAGS:
+            return False
+        configured = getattr(config, name, unset)
+        # return_dict=None is not "the config's": transformers' output capture then returns a tuple
+        return value is configured or (value is None and name != "return_dict" and configured is False)
 
     def drop(arguments: dict) -> dict:
         return {
             name: value
             for name, value in arguments.items()
-            if not (value is None and name in none_by_default)
-            and not (name in CONFIG_FLAGS and value is getattr(config, name, unset))
+            if not (value is None and name in none_by_default) and not unchanged_flag(name, value)
         }
 
     return drop

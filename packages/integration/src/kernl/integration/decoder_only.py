@@ -24,6 +24,7 @@ import torch
 
 from kernl.integration.arguments import argument_namer, input_wants_gradients
 from kernl.integration.backend import KernlBackend
+from kernl.integration.compile_state import limit_guarded, own_code
 from kernl.integration.copies import copies_unoptimized
 from kernl.integration.forward_graphs import ForwardGraphs
 from kernl.integration.generation import optimize_generation
@@ -63,8 +64,8 @@ def optimize_decoder_only(model: torch.nn.Module, cuda_graphs: bool) -> Optimiza
     raise_recompile_limit(64)
     original = model.forward
     backend = KernlBackend(report, [*model.parameters(), *model.buffers()], "forward")
-    compiled = torch.compile(original, backend=backend, dynamic=False)
-    returned = ReturnedCache(compiled)
+    compiled = torch.compile(own_code(original), backend=backend, dynamic=False)
+    returned = ReturnedCache(limit_guarded(compiled, original, report, "decoder-only"))
     prefill = returned.split
     if device.type == "cuda" and cuda_graphs:
         prefill = model.kernl_cuda_graphs = ForwardGraphs(returned.split, model, report)

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import torch
 
 from kernl.integration.backend import KernlBackend
+from kernl.integration.compile_state import limit_guarded, own_code
 from kernl.integration.copies import copies_unoptimized
 from kernl.integration.cuda_graphs import FIRST_CALL
 from kernl.integration.decode.loop import EXTRA_CACHE_POSITIONS, DecodeLoop
@@ -68,7 +69,8 @@ def optimize_generation(model, report: OptimizationReport, bucket, cuda_graphs: 
     """
     backend = KernlBackend(report, [*model.parameters(), *model.buffers()], "decoder", cuda_graphs)
     original = model.forward
-    compiled = torch.compile(original, backend=backend, dynamic=False)
+    compiled = torch.compile(own_code(original), backend=backend, dynamic=False)
+    compiled = limit_guarded(compiled, original, report, "decoder step")
     steps = compiled
     if cuda_graphs and model.device.type == "cuda":
         # a step updates the cache in place: it runs once a call, and its first call is its warm-up

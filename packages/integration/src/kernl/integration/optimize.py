@@ -16,6 +16,7 @@ from kernl.integration.install import install_forward
 from kernl.integration.report import OptimizationReport
 from kernl.integration.user_warnings import warn
 from kernl.integration.validation import check_model, check_module, checked_buckets
+from kernl.integration.whisper import is_whisper, optimize_whisper
 
 
 def _sentence_transformer_model(model: torch.nn.Module) -> torch.nn.Module | None:
@@ -52,7 +53,8 @@ def optimize_model(
     models inside it, which can be optimized instead).
     A sentence-transformers model is accepted too: its transformer module's model is optimized. Of an
     encoder-decoder model (T5, BART) the encoder is optimized, and ``generate()`` runs its decoder steps
-    on kernl over a static key/value cache.
+    on kernl over a static key/value cache; Whisper's too, its encoder taking its fixed-length log-mel
+    input unbucketed (:mod:`kernl.integration.whisper`).
     A model put back in training mode (``model.train()``) runs its original forward, plain PyTorch with
     dropout and gradients, until ``model.eval()``; so does a call, under grad mode, with an input that
     requires grad (``inputs_embeds`` for attributions).
@@ -86,6 +88,8 @@ def optimize_model(
             "kernl: optimize_model was already applied to this model; it stays as it is",
         )
         return model.kernl_report
+    if part is not model and is_whisper(model):
+        return optimize_whisper(model, cuda_graphs)
     if part is not model:
         return _optimize_encoder_decoder(model, buckets, cuda_graphs)
     if is_decoder_only(model):

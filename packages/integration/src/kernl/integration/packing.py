@@ -10,6 +10,14 @@ largest token count, not with the mix of batch sizes and lengths.
 
 Row offsets reach the graphs as static buffers (:class:`RowOffsets`), one pair per (device, bucket),
 filled before each run: a CUDA graph captured once reads whatever split of rows the next call has.
+They hold :func:`row_capacity` rows, not one per token: varlen attention launches (and scans) work
+for every row the offsets can hold, and per-row outputs (a pooler) are computed for each, so a packed
+call takes at most :data:`ROWS_PER_PACKED_CALL` rows and a larger batch is split into several calls.
+
+Host work per call: one device-to-host copy of the rows' real-token counts and first-column flags
+(``2 x B`` integers: the token bucket, hence the graph, is chosen on the host), and per packed call
+one non-blocking host-to-device copy of its row offsets. The gather index of the real tokens is
+computed on the device (``nonzero_static``, sized by the bucket), never copied.
 
 Outputs: per-token outputs hold zeros at the caller's masked (padded) positions; per-row outputs (a
 pooler, a sequence classification head) come from each row's first token, which is column 0 of the
@@ -48,6 +56,9 @@ _NOT_PACKED = {
     "xmod": "its language adapters take per-row lang_ids",
     "modernbert": "its local attention layers need a sliding-window mask, which varlen attention does not take",
 }
+# Rows one packed call holds: bounds the varlen grid's spare programs and the per-row head work per
+# bucket (batches of sentence-transformers' encode, the stream benchmark's 1-32 rows fit in one call).
+ROWS_PER_PACKED_CALL = 64
 _PER_TOKEN_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "inputs_embeds")
 _FLAGS = ("return_dict", "output_hidden_states")  # plain arguments a packed call passes through
 
@@ -65,13 +76,20 @@ def unsupported_reason(model: torch.nn.Module) -> str | None:
     return None
 
 
+def row_capacity(bucket: int) -> int:
+    """Rows the offsets of a ``bucket``-token packed call hold: every row has a real token, so never more
+    than ``bucket``, and at most :data:`ROWS_PER_PACKED_CALL`."""
+    return min(bucket, ROWS_PER_PACKED_CALL)
+
+
 class RowOffsets:
     """The row offsets packed graphs read, as static buffers per (device, bucket) (and the packed calls'
     constant ``attention_mask``).
 
     :meth:`use` fills the buffers of one bucket and makes them current; the graph nodes the packed pass
     inserts call :meth:`cu_seqlens` and :meth:`row_starts`, which return the current buffers, so a CUDA
-    graph captured with them reads the offsets filled before each replay.
+    graph captured with them reads the offsets filled before each replay. Both are sized by
+    :func:`row_capacity` of the bucket.
     """
 
     def __init__(self):
@@ -81,36 +99,36 @@ class RowOffsets:
         self.bucket: int | None = None
         self.reads_first_token = False  # set when a packed graph reads per-row first tokens
 
-    def use(
-        self, device: torch.device, bucket: int, cu_seqlens: list[int], index: torch.Tensor
-    ) -> torch.Tensor:
-        """Fill the buffers of ``bucket`` with ``cu_seqlens`` (``R + 1`` offsets, ``R <= bucket``) and
-        return ``index`` (int64 CPU) on ``device``: one host-to-device copy for all three, without a
-        host synchronisation on a GPU (a pinned staging tensor)."""
+    def use(self, device: torch.device, bucket: int, cu_seqlens: list[int]) -> None:
+        """Fill the buffers of ``bucket`` with ``cu_seqlens`` (``R + 1`` offsets, ``R <= row_capacity(bucket)``):
+        one host-to-device copy, without a host synchronisation on a GPU (a pinned staging tensor)."""
+        rows = row_capacity(bucket)
+        if not 1 <= len(cu_seqlens) <= rows + 1:
+            raise ValueError(
+                f"cu_seqlens must hold 1 to {rows + 1} offsets for bucket {bucket}, got {len(cu_seqlens)}"
+            )
         key = (device, bucket)
         if key not in self.buffers:
             self.buffers[key] = (
-                torch.zeros(bucket + 1, dtype=torch.int32, device=device),
-                torch.zeros(bucket, dtype=torch.int64, device=device),
+                torch.zeros(rows + 1, dtype=torch.int32, device=device),
+                torch.zeros(rows, dtype=torch.int64, device=device),
             )
         cu, starts = self.buffers[key]
         offsets = torch.tensor(cu_seqlens, dtype=torch.int64)
-        spare = bucket - (len(cu_seqlens) - 1)
+        spare = rows + 1 - len(cu_seqlens)
         host = torch.cat(
             [
                 offsets,
-                offsets[-1:].expand(spare),  # empty sequences after the last row
+                offsets[-1:].expand(spare),  # empty rows after the last one
                 offsets[:-1],  # each row's first packed token
                 offsets.new_zeros(spare),
-                index,
             ]
         )
         staged = host.pin_memory() if device.type == "cuda" else host
         on_device = staged.to(device, non_blocking=True)
-        cu.copy_(on_device[: bucket + 1])
-        starts.copy_(on_device[bucket + 1 : 2 * bucket + 1])
+        cu.copy_(on_device[: rows + 1])
+        starts.copy_(on_device[rows + 1 :])
         self.current, self.bucket = self.buffers[key], bucket
-        return on_device[2 * bucket + 1 :]
 
     def ones(self, device: torch.device, bucket: int) -> torch.Tensor:
         """int64 ``(1, bucket)`` ones: the packed calls' ``attention_mask`` (made once per bucket)."""
@@ -120,11 +138,11 @@ class RowOffsets:
         return self.masks[key]
 
     def cu_seqlens(self) -> torch.Tensor:
-        """int32 ``(bucket + 1,)``: the current call's row offsets, padded with empty rows."""
+        """int32 ``(rows + 1,)``: the current call's row offsets, padded with empty rows."""
         return self.current[0]
 
     def row_starts(self) -> torch.Tensor:
-        """int64 ``(bucket,)``: the packed index of each row's first token (0 past the last row)."""
+        """int64 ``(rows,)``: the packed index of each row's first token (0 past the last row)."""
         return self.current[1]
 
 
@@ -132,38 +150,55 @@ class RowOffsets:
 class PackedGroup:
     """The rows of the caller's batch that one packed call runs."""
 
+    first: int  # the caller's rows [first, end) are this call's (rows without a real token included)
+    end: int
     rows: list[int]  # the rows with at least one real token, in order
     cu_seqlens: list[int]  # R + 1 offsets of those rows in the packed sequence
-    index: torch.Tensor  # int64 (tokens,): flat position (row * S + column) of each packed token
     bucket: int
 
     @property
     def tokens(self) -> int:
         return self.cu_seqlens[-1]
 
+    @property
+    def capacity(self) -> int:
+        """Rows this call's offsets (and per-row outputs) hold."""
+        return row_capacity(self.bucket)
 
-def plan_groups(real: torch.Tensor, buckets: tuple[int, ...]) -> list[PackedGroup] | None:
-    """Split the rows of ``real`` (bool ``(B, S)`` on the CPU, True = real token) into consecutive groups
-    that each fit the largest bucket; None when one row alone does not, or no row has a real token."""
-    lengths = real.sum(1).tolist()
+
+def plan_groups(lengths: list[int], buckets: tuple[int, ...]) -> list[PackedGroup] | None:
+    """Split rows of ``lengths`` real tokens each into consecutive groups that each fit the largest bucket
+    and hold at most :data:`ROWS_PER_PACKED_CALL` rows with a real token; None when one row alone does not
+    fit, or no row has a real token."""
     if max(lengths, default=0) > buckets[-1] or sum(lengths) == 0:
         return None
-    columns = real.shape[1]
     groups, start = [], 0
     while start < len(lengths):
-        end, tokens = start, 0
+        end, tokens, taken = start, 0, 0
         while end < len(lengths) and tokens + lengths[end] <= buckets[-1]:
+            if lengths[end] and taken == ROWS_PER_PACKED_CALL:
+                break
             tokens += lengths[end]
+            taken += lengths[end] > 0
             end += 1
         rows = [r for r in range(start, end) if lengths[r]]
         if rows:  # rows after the last real token form no group
             cu = [0]
             for r in rows:
                 cu.append(cu[-1] + lengths[r])
-            index = real[start:end].reshape(-1).nonzero().squeeze(1) + start * columns
-            groups.append(PackedGroup(rows, cu, index, token_bucket(tokens, buckets)))
+            groups.append(PackedGroup(start, end, rows, cu, token_bucket(tokens, buckets)))
         start = end
     return groups
+
+
+def packed_index(real: torch.Tensor, group: PackedGroup) -> torch.Tensor:
+    """int64 ``(bucket,)`` on ``real``'s device: the flat position (row * S + column) of each real token of
+    ``group``'s rows in the bool ``(B, S)`` mask ``real``, then the first row's column 0 for the bucket's
+    padding slots (their outputs are never read; attention skips them). No host synchronisation."""
+    columns = real.shape[1]
+    flat = real[group.first : group.end].reshape(-1)
+    index = torch.nonzero_static(flat, size=group.bucket, fill_value=0).squeeze(1)
+    return index + group.first * columns
 
 
 def caller_position_ids(arguments: dict, style: str, padding_idx: int) -> torch.Tensor:
@@ -185,18 +220,19 @@ def caller_position_ids(arguments: dict, style: str, padding_idx: int) -> torch.
 
 
 class _Unscatterable(Exception):
-    """An output that is neither per token ``(1, T, ...)`` nor per row ``(T, ...)``."""
+    """An output that is neither per token ``(1, T, ...)`` nor per row ``(rows, ...)``."""
 
 
-def _scatter(output, group: PackedGroup, into: list | None, batch: int, columns: int) -> list:
+def _scatter(output, group: PackedGroup, index, into: list | None, batch: int, columns: int) -> list:
     """Write the packed call's outputs into the caller-layout tensors ``into`` (made on the first call):
-    per-token outputs into ``(B * S, ...)`` zeros, per-row outputs into ``(B, ...)`` zeros."""
+    per-token outputs into ``(B * S, ...)`` zeros at ``index`` (the real tokens' flat positions), per-row
+    outputs into ``(B, ...)`` zeros."""
     leaves = tensors_in(output)
     if into is None:
         into = []
         for leaf in leaves:
             per_token = leaf.dim() >= 2 and leaf.shape[0] == 1 and leaf.shape[1] == group.bucket
-            per_row = leaf.dim() >= 1 and leaf.shape[0] == group.bucket
+            per_row = leaf.dim() >= 1 and leaf.shape[0] == group.capacity
             if not (per_token or per_row):
                 raise _Unscatterable(f"output of shape {tuple(leaf.shape)}")
             shape = (batch * columns, *leaf.shape[2:]) if per_token else (batch, *leaf.shape[1:])
@@ -205,7 +241,7 @@ def _scatter(output, group: PackedGroup, into: list | None, batch: int, columns:
         raise _Unscatterable("outputs differ between packed calls")
     for (per_token, target), leaf in zip(into, leaves, strict=True):
         if per_token:
-            target.index_copy_(0, group.index, leaf[0, : group.tokens])
+            target.index_copy_(0, index, leaf[0, : group.tokens])
         else:
             target[group.rows] = leaf[: len(group.rows)]
     return into
@@ -300,9 +336,14 @@ class PackedForward:
         if self.longest is not None and columns > self.longest and arguments.get("position_ids") is None:
             return None
         mask = arguments.get("attention_mask")
-        real = torch.ones(batch, columns, dtype=torch.bool) if mask is None else mask.ne(0).cpu()
-        groups = plan_groups(real, self.buckets)
-        first_column_real = bool(real[:, 0].all())
+        if mask is None:
+            real = torch.ones(batch, columns, dtype=torch.bool, device=token_input.device)
+            lengths, first_column_real = [columns] * batch, True
+        else:  # the one device-to-host copy: 2 x B integers
+            real = mask.ne(0)
+            lengths, first_real = torch.stack([real.sum(1), real[:, 0].long()]).tolist()
+            first_column_real = all(first_real)
+        groups = plan_groups(lengths, self.buckets)
         if groups is None or (self.offsets.reads_first_token and not first_column_real):
             return None
         if sum(group.bucket for group in groups) >= batch * bucket(columns, self.unpacked_buckets):
@@ -313,10 +354,8 @@ class PackedForward:
         flags = {k: v for k, v in arguments.items() if k in _FLAGS}
         into = output = None
         for group in groups:
-            # the bucket's padding slots read token 0: their outputs are never read, attention skips them
-            padded = torch.cat([group.index, group.index.new_zeros(group.bucket - group.tokens)])
-            index = self.offsets.use(token_input.device, group.bucket, group.cu_seqlens, padded)
-            group.index = index[: group.tokens]
+            self.offsets.use(token_input.device, group.bucket, group.cu_seqlens)
+            index = packed_index(real, group)
             packed = dict(zip(names, table.index_select(1, index)[:, None].unbind(0), strict=True))
             if embeds is not None:
                 packed["inputs_embeds"] = embeds.index_select(0, index)[None]
@@ -325,7 +364,7 @@ class PackedForward:
                 output = self.compiled(**packed, **flags)
             if self.offsets.reads_first_token and not first_column_real:  # learnt by this first compile
                 return None
-            into = _scatter(output, group, into, batch, columns)
+            into = _scatter(output, group, index[: group.tokens], into, batch, columns)
         return _rebuilt(output, into, batch, columns)
 
     def _token_table(self, arguments: dict) -> tuple[list[str], torch.Tensor]:

@@ -46,7 +46,7 @@ KEPT_WHY = {
     "layer_norm": "not over the last dimension alone, or its eps is not a constant",
     "rms_norm": "not T5's or Llama's norm chain, or its steps are used elsewhere",
     "overflow guard": "not T5's clamp(h, -c, c) guard",
-    "attention (sdpa)": "dropout, grouped-query attention, a scale that is not a constant, or a mask not 4-D",
+    "attention (sdpa)": "dropout, a scale that is not a constant, or a mask not 4-D",
     "attention (softmax)": "not in matmul -> softmax -> matmul, or its probabilities are used elsewhere",
     "matmul": "not in matmul -> softmax -> matmul, or its probabilities are used elsewhere",
     "dropout": "training mode with p > 0",

@@ -12,6 +12,7 @@ from kernl.matmul.activations import ACTIVATIONS
 from kernl.matmul.config_cache import launchable
 from kernl.matmul.kernel import gemm_kernel
 from kernl.matmul.kernel_tma import gemm_tma_kernel
+from kernl.matmul.precompile import launch_kernel
 from kernl.matmul.torch_path import gemm_torch
 from kernl.matmul.tuning import Config, Problem
 
@@ -125,7 +126,8 @@ def _launch_tma(a, b, c, bias, residual, activation, cfg: Config, pdl: bool, wei
     prefetch = prefetch_weights(pdl, weight_like, tiles, c.device)
     bias_t = bias if bias is not None else c
     res_t = residual if residual is not None else c[0]
-    gemm_tma_kernel[(programs,)](
+    launch_kernel(
+        gemm_tma_kernel, (programs,),
         a_desc, b_desc, c_desc, b_op, c, bias_t, res_t,
         batch, m, n, k,
         b_op.stride(0) if batch > 1 else 0, b_op.stride(-2), bias_t.stride(-1), res_t.stride(0), res_t.stride(1),
@@ -213,7 +215,8 @@ def gemm(
             else:
                 ws = locks = c
             prefetch = prefetch_weights(pdl, weight_like, tiles, c.device)
-            gemm_kernel[(grid_m * grid_n, split, c_z.shape[0])](
+            launch_kernel(
+                gemm_kernel, (grid_m * grid_n, split, c_z.shape[0]),
                 a_z, b_z, g, c_z, bias_t, res_t, ws, locks,
                 m, n, k, split,
                 stride_ab, a.stride(1), a.stride(2),

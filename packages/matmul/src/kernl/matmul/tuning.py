@@ -29,6 +29,7 @@ import triton
 
 from kernl.common.launch import sm_count, switched_off
 from kernl.matmul.config_cache import TORCH, Config, cache_path, cached_choice, lookup
+from kernl.matmul.precompile import precompiled
 
 CACHE_VERSION = 8
 MAX_CANDIDATES = 10  # Triton configs a problem (large M); compiling them is most of a tuning's cost
@@ -346,7 +347,9 @@ def _choose(p: Problem, device: torch.device, launch) -> Config:
 
     def tune() -> Config:
         flush = torch.empty(64 * 1024 * 1024, dtype=torch.int32, device=device)  # 256 MB, > L2
-        timings = {c: _time_ms(launch, c, flush) for c in candidates(p, sms)}
+        configs = candidates(p, sms)
+        precompiled(launch, [c for c in configs if c.kernel != TORCH.kernel])
+        timings = {c: _time_ms(launch, c, flush) for c in configs}
         best = min(timings, key=timings.get)
         if os.environ.get("KERNL_TUNING_LOG") == "1":
             ranked = ", ".join(

@@ -14,6 +14,7 @@ Two checks, each giving a reason string when the call is outside the loop's set:
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from transformers.generation import GenerationMixin
 from transformers.generation import stopping_criteria as hf_stopping
 
 from kernl.integration.decode.beam_search import BeamSettings
@@ -58,6 +59,10 @@ def call_refusal(model, kwargs: dict, setting: Callable[[str], object]) -> str |
     else the generation config's) runs transformers' loop; None when kernl's loop takes it."""
     if not getattr(model.config, "is_encoder_decoder", False):
         return "decoder-only models run transformers' loop (kernl's loop serves encoder-decoder models)"
+    if getattr(type(model), "generate", None) is not GenerationMixin.generate:
+        return (
+            f"{type(model).__name__} has a generate() of its own (kernl's loop runs transformers' generate())"
+        )
     for name, reason in _ARGUMENT_REASONS.items():
         value = kwargs.get(name)
         if value is not None and value is not False and not (hasattr(value, "__len__") and len(value) == 0):

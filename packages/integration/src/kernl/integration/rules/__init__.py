@@ -35,13 +35,16 @@ def _rules() -> list[Rule]:
         linear_act,
         overflow_guard,
         rms_norm,
+        rotary,
     )
 
     return [
         dropout.RULE,
+        attention_gqa.DECODE_RULE,
         attention_gqa.RULE,
         attention_sdpa.RULE,
         attention_eager.RULE,
+        rotary.RULE,
         gated_ffn.RULE,
         conv1d.RULE,
         linear_act.RULE,

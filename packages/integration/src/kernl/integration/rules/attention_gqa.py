@@ -1,13 +1,21 @@
-"""Rule: a decoding step's grouped-query attention becomes ``kernl.flash_attention.attention`` on the
-key/value heads themselves, without transformers' ``repeat_kv`` copies of the whole cache.
+"""Rules: grouped-query attention (Llama, Mistral, Qwen2) becomes ``kernl.flash_attention.attention`` on the
+key/value heads themselves, without transformers' ``repeat_kv`` copies.
 
-Matches ``F.scaled_dot_product_attention`` with one query token (``q`` ``(B, H, 1, D)``) whose keys
-and values are either ``repeat_kv``'s ``k[:, :, None].expand(B, Hkv, G, K, D).reshape(B, H, K, D)``
-or passed with ``enable_gqa=True`` (``(B, Hkv, K, D)``). The ``G`` query heads that share a key/value
-head become ``G`` queries of that head: ``q.view(B, Hkv, G, D)`` is a view, and with a single query
-token no causal mask can tell those queries apart (a mask over keys, ``(B, 1, 1, K)`` or ``(B, K)``
-broadcast, applies to each alike). A prefill (more than one query token, causal) stays as it is: the
-dense kernel has no grouped heads, so a prefill with ``enable_gqa`` stays PyTorch sdpa.
+Both match ``F.scaled_dot_product_attention`` whose keys and values are either ``repeat_kv``'s
+``k[:, :, None].expand(B, Hkv, G, K, D).reshape(B, H, K, D)`` or passed with ``enable_gqa=True``
+(``(B, Hkv, K, D)``).
+
+- ``attention_gqa_decode``: one query token (``q`` ``(B, H, 1, D)``) with a mask over keys only. The
+  ``G`` query heads that share a key/value head become ``G`` queries of that head: ``q.view(B, Hkv, G,
+  D)`` is a view, and with a single query token no causal mask can tell those queries apart (a mask
+  over keys, ``(B, 1, 1, K)`` or ``(B, K)`` broadcast, applies to each alike). Each key/value head is
+  read once for its ``G`` queries, where indexing the heads in the kernel would read it ``G`` times
+  (once per query head, each program padded to a tile of query rows): a decoding step is bound by
+  those reads.
+- ``attention_gqa`` (a prefill, or one token the decode rule leaves): the kernel's grouped heads,
+  query head ``h`` reading key/value head ``h // G``, with the mask handled as
+  :mod:`.attention_sdpa` does (a decoder's causal mask as the causal flag and its padding as a key
+  padding mask, where proven by replay).
 """
 
 import operator
@@ -27,11 +35,12 @@ from kernl.integration.rules._fx import (
     is_method,
     replace_with_call,
 )
-from kernl.integration.rules.attention_sdpa import sdpa_calls, unsupported_shape
-
-PREFILL_REASON = (
-    "grouped-query attention over several query tokens (sdpa's enable_gqa): the dense kernel has no "
-    "grouped heads, and repeating the key/value heads would cost more than PyTorch's own kernel saves"
+from kernl.integration.rules.attention_sdpa import (
+    attention_args,
+    attention_call,
+    qkv_ok,
+    sdpa_calls,
+    unsupported_shape,
 )
 
 
@@ -73,7 +82,16 @@ def _mask_over_keys(mask) -> bool:
     return mask is None or (em is not None and em.dim() == 4 and em.shape[1] == 1 and em.shape[2] == 1)
 
 
-def rewrite(gm: fx.GraphModule) -> int:
+def _key_value_heads(k, v, enable_gqa) -> tuple | None:
+    """``(k, v)`` with their own ``Hkv`` heads: as given under ``enable_gqa=True``, else the sources of
+    ``repeat_kv``; None when neither is the case."""
+    if enable_gqa is not True:
+        k, v = _repeated_heads(k), _repeated_heads(v)
+    ek, ev = example(k), example(v)
+    return None if ek is None or ev is None or ek.shape != ev.shape else (k, v)
+
+
+def rewrite_decode(gm: fx.GraphModule) -> int:
     """Replace each matched one-token grouped attention; return how many were replaced."""
     replaced = 0
     for node, call in sdpa_calls(gm):
@@ -81,29 +99,64 @@ def rewrite(gm: fx.GraphModule) -> int:
         eq = example(q)
         if eq is None or eq.dim() != 4 or dropout_p != 0 or causal not in (False, True):
             continue
-        if gqa is True and eq.shape[2] != 1:
-            node.meta[KEPT_REASON] = PREFILL_REASON
-            continue
         if eq.shape[2] != 1 or causal or unsupported_shape(q) is not None:
             continue
         if not (scale is None or isinstance(scale, float | int)) or not _mask_over_keys(mask):
             continue
-        if gqa is not True:
-            k, v = _repeated_heads(k), _repeated_heads(v)
-        ek, ev = example(k), example(v)
-        if ek is None or ev is None or ek.shape != ev.shape or ek.shape[1] == eq.shape[1]:
+        heads = _key_value_heads(k, v, gqa)
+        if heads is None:
             continue
-        if eq.shape[1] % ek.shape[1] or len({eq.dtype, ek.dtype, ev.dtype}) != 1:
+        k, v = heads
+        ek, ev = example(k), example(v)
+        if (
+            ek.shape[1] == eq.shape[1]
+            or eq.shape[1] % ek.shape[1]
+            or len({eq.dtype, ek.dtype, ev.dtype}) != 1
+        ):
             continue
         replace_with_call(gm, node, grouped_decode_call, (q, k, v, scale, mask), [node])
         replaced += 1
     return replaced
 
 
-RULE = Rule(
+def rewrite(gm: fx.GraphModule) -> int:
+    """Replace each grouped attention left (a prefill's) by the kernel's grouped heads; return how many."""
+    replaced = 0
+    for node, call in sdpa_calls(gm):
+        q, k, v, mask, dropout_p, causal, scale, gqa = call
+        if (
+            dropout_p != 0
+            or not isinstance(causal, bool)
+            or not (scale is None or isinstance(scale, float | int))
+        ):
+            continue
+        heads = _key_value_heads(k, v, gqa)
+        if heads is None or not qkv_ok(q, *heads) or example(q).shape[1] % example(heads[0]).shape[1]:
+            continue
+        if mask is not None and (example(mask) is None or example(mask).dim() != 4):
+            continue
+        if (reason := unsupported_shape(q)) is not None:
+            node.meta[KEPT_REASON] = reason
+            continue
+        additive = mask is not None and example(mask).dtype != torch.bool
+        call_args = attention_args(gm, q, *heads, scale, mask, causal, additive)
+        replace_with_call(gm, node, attention_call, tuple(call_args), [node])
+        replaced += 1
+    return replaced
+
+
+DECODE_RULE = Rule(
     name="attention_gqa_decode",
     matches="F.scaled_dot_product_attention of one query token over repeat_kv(k), repeat_kv(v) "
     "(or enable_gqa=True), mask over keys only",
     replacement="kernl.flash_attention.attention(q.view(B, Hkv, G, D), k, v, mask=) (no repeated cache)",
+    rewrite=rewrite_decode,
+)
+
+RULE = Rule(
+    name="attention_gqa",
+    matches="F.scaled_dot_product_attention over repeat_kv(k), repeat_kv(v) (or enable_gqa=True), dropout_p=0",
+    replacement="kernl.flash_attention.attention(q, k, v, scale=, key_padding_mask=[B,K] | mask=, causal=) "
+    "on the Hkv key/value heads (query head h reads head h // G)",
     rewrite=rewrite,
 )

@@ -107,7 +107,10 @@ def _pytorch(q, k, v, *, scale, bias, mask, key_padding_mask, causal):
         mask = key_padding_mask[:, None, None, :]
     if bias is not None:
         mask = bias if mask is None else torch.where(mask, bias, torch.finfo(bias.dtype).min)
-    return torch.nn.functional.scaled_dot_product_attention(q, k, v, mask, scale=scale, is_causal=causal)
+    grouped = k.shape[1] != q.shape[1]  # grouped-query attention: k/v hold the key/value heads
+    return torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, mask, scale=scale, is_causal=causal, enable_gqa=grouped
+    )
 
 
 def _bias_and_keep(mask: fx.Node) -> tuple[fx.Node, fx.Node] | None:

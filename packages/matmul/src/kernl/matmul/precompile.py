@@ -1,0 +1,51 @@
+"""Compiling a tuning's candidates side by side before they are timed.
+
+Timing a candidate first compiles it, and compiling (Triton's passes, then ``ptxas``) is most of a
+cold tuning's cost. :func:`precompiled` runs each candidate's launch with the Triton launches turned
+into ``warmup`` calls under Triton's ``AsyncCompileMode``, so the compilations run in a thread pool
+while nothing executes on the GPU; the timing that follows finds every kernel compiled. The choice is
+the same as with serial compilation: only when the compiling happens changes.
+"""
+
+import concurrent.futures
+import contextlib
+import contextvars
+import os
+
+try:
+    from triton.runtime._async_compile import AsyncCompileMode
+except ImportError:  # a Triton release without it compiles each candidate when first timed
+    AsyncCompileMode = None
+
+_compile_only = contextvars.ContextVar("kernl_matmul_compile_only", default=False)
+MAX_THREADS = 16
+
+
+def launch_kernel(kernel, grid: tuple, *args, **kwargs) -> None:
+    """``kernel[grid](*args, **kwargs)``, or only its compilation inside :func:`precompiled`."""
+    if _compile_only.get():
+        kernel.warmup(*args, grid=grid, **kwargs)
+    else:
+        kernel[grid](*args, **kwargs)
+
+
+@contextlib.contextmanager
+def _compiling_only():
+    token = _compile_only.set(True)
+    try:
+        yield
+    finally:
+        _compile_only.reset(token)
+
+
+def precompiled(launch, configs: list) -> None:
+    """Compile ``launch(config)``'s kernels for every config in ``configs`` at once, in a thread pool;
+    returns when all are compiled. A config that fails to compile is left for the timing to skip."""
+    if AsyncCompileMode is None or len(configs) < 2:
+        return
+    threads = min(MAX_THREADS, len(configs), os.cpu_count() or 1)
+    with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+        with AsyncCompileMode(pool, ignore_errors=True), _compiling_only():
+            for config in configs:
+                with contextlib.suppress(Exception):  # the timing reports it (or skips the config)
+                    launch(config)
