@@ -6,13 +6,17 @@ sees it) for HF (sdpa), HF with ``torch.compile(mode="reduce-overhead")`` and ke
 {1x128, 8x128, 8x512, 32x512}. Generation: ``generate()``, 128 input tokens, 32 new tokens, greedy at
 batch 1 and 8 and beam search (4 beams) at batch 1: HF with its default dynamic cache, HF with
 ``cache_implementation="static"`` (transformers compiles the decoder step with
-``torch.compile(mode="reduce-overhead")``), and kernl (encoder and decoder on kernl, static cache by
-default). Each warm-up call is timed on its own (``... warm-up calls s``).
+``torch.compile(mode="reduce-overhead")``), kernl (encoder and decoder on kernl, static cache by
+default; greedy runs kernl's own decode loop, chunks of steps per CUDA graph launch) and kernl with
+transformers' loop (the same model with ``kernl_decode_loop.enabled = False``: each decoder step
+replayed from its CUDA graph, transformers' Python and a host read between steps). Each warm-up call is timed on its own (``... warm-up calls s``).
 Writes benchmarks/results/<gpu>/t5.json and t5.png. Run: python packages/integration/benchmarks/bench_t5.py
+(``--generate-only``: the generate() rows alone, printed, nothing written).
 """
 
 import copy
 import functools
+import sys
 import time
 
 import torch
@@ -34,8 +38,10 @@ WARM_UP_CALLS = 3
 GENERATE_ENGINES = {
     "HF dynamic cache": {},
     "HF static cache + torch.compile": {"cache_implementation": "static"},
+    "kernl, transformers' loop": {},
     "kernl": {},
 }
+KERNL_ENGINES = ("kernl", "kernl, transformers' loop")
 
 
 def flan_t5_base() -> T5ForConditionalGeneration:
@@ -79,9 +85,11 @@ def chart(results: dict):
     encoder.legend(fontsize=8, loc="upper left")
     encoder.set_ylim(top=encoder.get_ylim()[1] * 1.25)  # room for the legend above the bars
     runs = results["generate"]
+    width = 0.8 / (len(GENERATE_ENGINES) - 1)
     for index, engine in enumerate(list(GENERATE_ENGINES)[1:]):
         ratios = [row["HF dynamic cache ms"] / row.get(f"{engine} ms", float("inf")) for row in runs]
-        bars = generate.bar([i + (index - 0.5) * 0.4 for i in range(len(runs))], ratios, 0.4, label=engine)
+        offset = (index - (len(GENERATE_ENGINES) - 2) / 2) * width
+        bars = generate.bar([i + offset for i in range(len(runs))], ratios, width, label=engine)
         generate.bar_label(bars, labels=[f"{r:.1f}x" if r else "failed" for r in ratios], fontsize=7)
     labels = [
         f"batch {row['batch']}" + (f", {row['beams']} beams" if row["beams"] > 1 else "") for row in runs
@@ -95,12 +103,14 @@ def chart(results: dict):
     return figure
 
 
-def main() -> None:
+def main(generate_only: bool = False) -> None:
+    """Run every case, write the JSON and the chart; ``generate_only``: only the generate() rows, printed
+    (nothing written)."""
     model = flan_t5_base()
     engines = encoder_engines(model)
     results = {"encoder": [], "generate": []}
     with torch.inference_mode():
-        for batch, seq in ENCODER_SHAPES:
+        for batch, seq in [] if generate_only else ENCODER_SHAPES:
             ids, mask = inputs(batch, seq, model.config.vocab_size)
             row = {"batch": batch, "seq": seq}
             for name, engine in engines.items():
@@ -120,7 +130,9 @@ def main() -> None:
             row = {"batch": batch, "seq": seq, "beams": beams, "new_tokens": NEW_TOKENS}
             outputs = {}
             for name in GENERATE_ENGINES:
-                engine = engines["kernl" if name == "kernl" else "HF sdpa"]
+                engine = engines["kernl" if name in KERNL_ENGINES else "HF sdpa"]
+                if name in KERNL_ENGINES:
+                    engine.kernl_decode_loop.enabled = name == "kernl"
                 generate = functools.partial(
                     engine.generate, input_ids=ids, attention_mask=mask, max_new_tokens=NEW_TOKENS,
                     min_new_tokens=NEW_TOKENS, do_sample=False, num_beams=beams, **GENERATE_ENGINES[name],
@@ -135,7 +147,7 @@ def main() -> None:
                     row[f"{name} ms"] = wall_clock_ms(generate, budget_s=2.0, min_reps=5)
                 except Exception as failure:  # noqa: BLE001 - a peer that fails is reported, not fatal
                     row[f"{name} error"] = f"{type(failure).__name__}: {str(failure)[:200]}"
-            peers = [row[f"{n} ms"] for n in GENERATE_ENGINES if n != "kernl" and f"{n} ms" in row]
+            peers = [row[f"{n} ms"] for n in GENERATE_ENGINES if n not in KERNL_ENGINES and f"{n} ms" in row]
             row["kernl / HF dynamic"] = round(row["HF dynamic cache ms"] / row["kernl ms"], 3)
             row["kernl / best peer"] = round(min(peers) / row["kernl ms"], 3)
             reference = (
@@ -144,12 +156,17 @@ def main() -> None:
                 else "HF dynamic cache"
             )
             row[f"same tokens as {reference}"] = bool(torch.equal(outputs[reference], outputs["kernl"]))
+            row["kernl's loop: same tokens as transformers' loop"] = bool(
+                torch.equal(outputs["kernl, transformers' loop"], outputs["kernl"])
+            )
             print(row, flush=True)
             results["generate"].append(row)
     print(engines["kernl"].kernl_report)
+    if generate_only:
+        return
     write_results("t5", {"model": "flan-T5-base shapes, random weights, fp16", **results})
     save_figure(chart(results), "t5")
 
 
 if __name__ == "__main__":
-    main()
+    main(generate_only="--generate-only" in sys.argv[1:])

@@ -22,6 +22,7 @@ INSTALLED = (
     "kernl_cuda_graphs",
     "kernl_packed_graphs",
     "kernl_decoder_graphs",
+    "kernl_decode_loop",
     "kernl_original_forward",
     "kernl_original_generate",
     "__deepcopy__",

@@ -20,6 +20,10 @@ so that its prefill runs compiled in its first call); and beam search's reorderi
 decoder runs on writes the reordered rows back where they were (transformers replaces the tensors), so
 that every step of a beam search replays the same capture. The transformers internals this relies
 on are in :mod:`kernl.integration.hf_compat`.
+
+Greedy, sampled and beam-search calls then run kernl's own decode loop over the same compiled decoder step
+(:mod:`kernl.integration.decode`: several steps per CUDA graph launch, no host read per token); the
+other calls run transformers' loop over the steps above.
 """
 
 import functools
@@ -32,6 +36,8 @@ from kernl.integration.backend import KernlBackend
 from kernl.integration.compile_state import limit_guarded, own_code
 from kernl.integration.copies import copies_unoptimized
 from kernl.integration.cuda_graphs import FIRST_CALL
+from kernl.integration.decode.loop import EXTRA_CACHE_POSITIONS, DecodeLoop
+from kernl.integration.decode.route import routed_generate
 from kernl.integration.forward_graphs import ForwardGraphs, signature
 from kernl.integration.hf_compat import (
     CACHE_ARGUMENT_NAMES,
@@ -76,8 +82,7 @@ def optimize_generation(model, report: OptimizationReport, bucket, cuda_graphs: 
         cache = cache_argument(kwargs)[1]
         if not ready_static_cache(cache):
             return original(*args, **kwargs)
-        if not isinstance(cache.reorder_cache, _InPlaceReorder):  # once per cache, before any beam step
-            _reorder_in_place(cache)
+        _ensure_reorder_in_place(cache)  # once per cache, before any beam step
         return steps(*args, **kwargs) if _changes_only_tensors(cache) else compiled(*args, **kwargs)
 
     model.forward = forward
@@ -94,7 +99,10 @@ def optimize_generation(model, report: OptimizationReport, bucket, cuda_graphs: 
     else:
         report.notes.append("static caches are not reused across generate() calls (unknown transformers API)")
     model.kernl_original_generate = model.generate
-    model.generate = _bucketed_generate(model, model.generate, bucket, report)
+    loop = DecodeLoop(model, compiled, report, cuda_graphs, _ensure_reorder_in_place)  # kernl's own loop
+    model.kernl_decode_loop = loop
+    routed = routed_generate(model, model.generate, loop, report)
+    model.generate = _bucketed_generate(model, routed, bucket, report)
     copies_unoptimized(model)
 
 
@@ -121,6 +129,7 @@ def _reusing_static_cache(model, create):
     kept = {}
 
     def prepare(cache_implementation, batch_size, max_cache_len, prefill_chunk_size, model_kwargs):
+        max_cache_len += EXTRA_CACHE_POSITIONS  # the steps kernl's loop runs past max_length
         length = max(max_cache_len, previous_max_cache_length(model))
         encoder_outputs = model_kwargs.get("encoder_outputs")
         encoder_length = None if encoder_outputs is None else encoder_outputs[0].shape[1]
@@ -169,6 +178,12 @@ def _allocate_like(cache, template, batch_size: int) -> None:
             t.new_empty((batch_size, t.shape[1], 0, t.shape[-1])) for t in (like.keys, like.values)
         )
         allocate_layer(layer, keys, values)
+
+
+def _ensure_reorder_in_place(cache) -> None:
+    """:func:`_reorder_in_place` unless ``cache`` reorders in place already."""
+    if not isinstance(cache.reorder_cache, _InPlaceReorder):
+        _reorder_in_place(cache)
 
 
 def _reorder_in_place(cache) -> None:

@@ -110,3 +110,56 @@ def turn_off_generate_compilation(generation_config) -> None:
     """Stop ``generate()`` compiling the decoder step itself (``GenerationConfig.disable_compile``,
     5.17, 5.25): kernl's compilation takes its place."""
     generation_config.disable_compile = True
+
+
+# The decoding method generate() runs per generation mode (``GENERATION_MODES_MAPPING``, 5.17, 5.25):
+# kernl's loop, given to generate() as ``custom_generate``, hands back to it the calls it does not take.
+def transformers_decoding(generation_config):
+    """transformers' decoding method for ``generation_config``'s mode (``GenerationMixin._sample``, ...),
+    called as ``method(model, input_ids, logits_processor, stopping_criteria, generation_config, **kwargs)``."""
+    from transformers.generation.utils import GENERATION_MODES_MAPPING, GenerationMixin
+
+    return getattr(GenerationMixin, GENERATION_MODES_MAPPING[generation_config.get_generation_mode()])
+
+
+def prefill(model, input_ids: torch.Tensor, generation_config, model_kwargs: dict):
+    """The first forward of a generation, as ``_sample`` runs it (``model._prefill``, 5.17, 5.25), and the
+    model arguments for the next steps (``model._update_model_kwargs_for_generation``): ``(outputs,
+    model_kwargs)``."""
+    outputs = model._prefill(input_ids, generation_config, model_kwargs, is_first_iteration=True)
+    model_kwargs = model._update_model_kwargs_for_generation(
+        outputs, model_kwargs, is_encoder_decoder=model.config.is_encoder_decoder
+    )
+    return outputs, model_kwargs
+
+
+def step_inputs(model, token: torch.Tensor, model_kwargs: dict) -> dict:
+    """A decoder step's forward arguments for the last tokens ``token`` (int64 ``(batch, 1)``), as
+    ``_sample`` builds them (``model.prepare_inputs_for_generation(ids, next_sequence_length=1, ...)``,
+    5.17, 5.25; over a static cache the positions come from the cache's own device-side length)."""
+    return model.prepare_inputs_for_generation(token, next_sequence_length=1, **model_kwargs)
+
+
+def self_attention_room(cache) -> int:
+    """How many positions the self-attention part of a static ``cache`` holds (``layer.max_cache_len``,
+    5.17, 5.25); 0 when a layer does not say."""
+    layers = cache_parts(cache)[0].layers
+    return min((getattr(layer, "max_cache_len", 0) or 0 for layer in layers), default=0)
+
+
+def generate_output(model, sequences: torch.Tensor, cache, beam_indices: torch.Tensor | None = None):
+    """What ``generate(..., return_dict_in_generate=True)`` returns for ``sequences`` and ``cache`` without
+    scores, attentions or hidden states (``GenerateEncoderDecoderOutput``/``GenerateDecoderOnlyOutput``;
+    with ``beam_indices``, a beam search's: ``GenerateBeamEncoderDecoderOutput``/
+    ``GenerateBeamDecoderOnlyOutput``; the cache field is ``past_key_values`` up to 5.23, ``cache`` from
+    5.24)."""
+    from transformers.generation import utils
+
+    encoder_decoder = model.config.is_encoder_decoder
+    if beam_indices is not None:
+        kind = (
+            utils.GenerateBeamEncoderDecoderOutput if encoder_decoder else utils.GenerateBeamDecoderOnlyOutput
+        )
+        return kind(sequences=sequences, beam_indices=beam_indices, **{CACHE_NAME: cache})
+    kind = utils.GenerateEncoderDecoderOutput if encoder_decoder else utils.GenerateDecoderOnlyOutput
+    return kind(sequences=sequences, **{CACHE_NAME: cache})

@@ -122,6 +122,15 @@ class OptimizationReport:
     notes: list[str] = field(default_factory=list)
     graphs: list[GraphRecord] = field(default_factory=list)
     speed: list[SpeedRecord] = field(default_factory=list)  # never-slower checks, in call order
+    # generate() calls by kind ("greedy", "sampling", "beam search"): which loop ran them and why, each
+    # outcome once
+    generate_loops: dict[str, list[str]] = field(default_factory=dict)
+
+    def note_loop(self, kind: str, outcome: str) -> None:
+        """Record that a ``generate()`` call of ``kind`` ran ``outcome`` (the loop, and why)."""
+        outcomes = self.generate_loops.setdefault(kind, [])
+        if outcome not in outcomes:
+            outcomes.append(outcome)
 
     def totals(self) -> dict[str, int]:
         """Replacements per rule, summed over every graph."""
@@ -142,6 +151,7 @@ class OptimizationReport:
     def __str__(self) -> str:
         lines = [f"kernl optimize_model report: {self.model} ({self.status})"]
         lines += [f"  note: {note}" for note in self.notes]
+        lines += [f"  generate() {kind}: {'; '.join(loops)}" for kind, loops in self.generate_loops.items()]
         if not self.graphs:
             lines.append("  no graph compiled yet (graphs are compiled on the first call of each shape)")
         for index, graph in enumerate(self.graphs):
