@@ -56,6 +56,19 @@ def test_a_config_whose_launch_raises_is_left_to_the_timing():
     assert [call[1] for call in kernel.calls] == [(16,), (64,)]
 
 
+def test_inside_the_callers_own_async_mode_nothing_is_compiled_ahead():
+    import concurrent.futures
+
+    kernel = RecordingKernel()
+
+    def launch(config):
+        precompile.launch_kernel(kernel, (config,), BLOCK=config)
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool, precompile.AsyncCompileMode(pool):
+        precompile.precompiled(launch, [16, 32])
+    assert kernel.calls == []
+
+
 @pytest.mark.skipif(not on_gpu(), reason="tuning needs the GPU")
 def test_tuning_finds_every_triton_candidate_compiled_and_still_picks_the_fastest(tmp_path, monkeypatch):
     for name, empty in (("_memory", {}), ("_loaded", set()), ("_unwritable", set())):

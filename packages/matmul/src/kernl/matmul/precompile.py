@@ -13,9 +13,9 @@ import contextvars
 import os
 
 try:
-    from triton.runtime._async_compile import AsyncCompileMode
+    from triton.runtime._async_compile import AsyncCompileMode, active_mode
 except ImportError:  # a Triton release without it compiles each candidate when first timed
-    AsyncCompileMode = None
+    AsyncCompileMode = active_mode = None
 
 _compile_only = contextvars.ContextVar("kernl_matmul_compile_only", default=False)
 MAX_THREADS = 16
@@ -42,6 +42,8 @@ def precompiled(launch, configs: list) -> None:
     """Compile ``launch(config)``'s kernels for every config in ``configs`` at once, in a thread pool;
     returns when all are compiled. A config that fails to compile is left for the timing to skip."""
     if AsyncCompileMode is None or len(configs) < 2:
+        return
+    if active_mode.get() is not None:  # the caller compiles asynchronously already: one mode at a time
         return
     threads = min(MAX_THREADS, len(configs), os.cpu_count() or 1)
     with concurrent.futures.ThreadPoolExecutor(threads) as pool:
