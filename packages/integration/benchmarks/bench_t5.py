@@ -23,7 +23,7 @@ import torch
 from transformers import T5Config, T5ForConditionalGeneration
 
 from kernl.integration import optimize_model
-from kernl.integration.bench.gpu import inputs, wall_clock_ms
+from kernl.integration.bench.gpu import inputs, time_generate, wall_clock_ms
 from kernl_testing.benchmarking import save_figure, write_results
 
 ENCODER_SHAPES = [(1, 128), (8, 128), (8, 512), (32, 512)]
@@ -137,16 +137,7 @@ def main(generate_only: bool = False) -> None:
                     engine.generate, input_ids=ids, attention_mask=mask, max_new_tokens=NEW_TOKENS,
                     min_new_tokens=NEW_TOKENS, do_sample=False, num_beams=beams, **GENERATE_ENGINES[name],
                 )  # fmt: skip
-                try:
-                    row[f"{name} warm-up calls s"] = []
-                    for _ in range(WARM_UP_CALLS):
-                        start = time.perf_counter()
-                        outputs[name] = generate()
-                        torch.cuda.synchronize()
-                        row[f"{name} warm-up calls s"].append(round(time.perf_counter() - start, 2))
-                    row[f"{name} ms"] = wall_clock_ms(generate, budget_s=2.0, min_reps=5)
-                except Exception as failure:  # noqa: BLE001 - a peer that fails is reported, not fatal
-                    row[f"{name} error"] = f"{type(failure).__name__}: {str(failure)[:200]}"
+                outputs[name] = time_generate(generate, row, name, WARM_UP_CALLS)
             peers = [row[f"{n} ms"] for n in GENERATE_ENGINES if n not in KERNL_ENGINES and f"{n} ms" in row]
             row["kernl / HF dynamic"] = round(row["HF dynamic cache ms"] / row["kernl ms"], 3)
             row["kernl / best peer"] = round(min(peers) / row["kernl ms"], 3)

@@ -22,7 +22,7 @@ import torch
 from transformers import GenerationConfig, WhisperConfig, WhisperForConditionalGeneration
 
 from kernl.integration import optimize_model
-from kernl.integration.bench.gpu import wall_clock_ms
+from kernl.integration.bench.gpu import time_generate, wall_clock_ms
 from kernl_testing.benchmarking import save_figure, write_results
 
 NEW_TOKENS = 64
@@ -127,16 +127,7 @@ def generate_row(engines: dict, features: torch.Tensor) -> dict:
             engine.generate, features, language="en", max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
             do_sample=False, **arguments,
         )  # fmt: skip
-        try:
-            row[f"{name} warm-up calls s"] = []
-            for _ in range(WARM_UP_CALLS):
-                start = time.perf_counter()
-                outputs[name] = generate()
-                torch.cuda.synchronize()
-                row[f"{name} warm-up calls s"].append(round(time.perf_counter() - start, 2))
-            row[f"{name} ms"] = wall_clock_ms(generate, budget_s=2.0, min_reps=5)
-        except Exception as failure:  # noqa: BLE001 - a peer that fails is reported, not fatal
-            row[f"{name} error"] = f"{type(failure).__name__}: {str(failure)[:200]}"
+        outputs[name] = time_generate(generate, row, name, WARM_UP_CALLS)
     peers = [row[f"{n} ms"] for n in GENERATE_ENGINES if n != "kernl" and f"{n} ms" in row]
     row["kernl / HF dynamic"] = round(row["HF dynamic cache ms"] / row["kernl ms"], 3)
     row["kernl / best peer"] = round(min(peers) / row["kernl ms"], 3)

@@ -28,10 +28,11 @@ def inputs(batch: int, seq: int, vocab: int, device="cuda"):
     return ids, torch.ones_like(ids)
 
 
-def wall_clock_ms(fn, budget_s: float = 0.6, min_reps: int = 10) -> float:
-    """Median wall-clock ms of ``fn()`` with a device sync around each call (host work included)."""
+def wall_clock_ms(fn, budget_s: float = 0.6, min_reps: int = 10, max_reps: int = 200) -> float:
+    """Median wall-clock ms of ``fn()`` with a device sync around each call (host work included): at
+    least ``min_reps`` calls, then more while under ``budget_s`` seconds, at most ``max_reps``."""
     times = []
-    while len(times) < min_reps or sum(times) < budget_s * 1e3 and len(times) < 200:
+    while len(times) < min_reps or sum(times) < budget_s * 1e3 and len(times) < max_reps:
         torch.cuda.synchronize()
         start = time.perf_counter()
         fn()
@@ -141,3 +142,23 @@ _FAMILIES = {
     "embedding / gather": ("embedding", "index", "gather"),
     "copy / elementwise": ("copy", "elementwise", "fill", "cat"),
 }
+
+
+def time_generate(generate, row: dict, name: str, warm_up_calls: int):
+    """Time ``generate()`` (a ``model.generate`` call) into ``row``: ``"<name> warm-up calls s"`` (each of the
+    first ``warm_up_calls`` calls on its own), then ``"<name> ms"`` (the median wall-clock ms after them);
+    ``"<name> error"`` instead when it raises (a peer that fails is reported, not fatal). Returns the
+    last warm-up call's output (None when it failed)."""
+    output = None
+    try:
+        row[f"{name} warm-up calls s"] = []
+        for _ in range(warm_up_calls):
+            start = time.perf_counter()
+            output = generate()
+            torch.cuda.synchronize()
+            row[f"{name} warm-up calls s"].append(round(time.perf_counter() - start, 2))
+        row[f"{name} ms"] = wall_clock_ms(generate, budget_s=2.0, min_reps=5)
+    except Exception as failure:  # noqa: BLE001 - a peer that fails is reported, not fatal
+        row[f"{name} error"] = f"{type(failure).__name__}: {str(failure)[:200]}"
+        return None
+    return output

@@ -14,7 +14,6 @@ import copy
 import dataclasses
 import gc
 import json
-import statistics
 import time
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import torch
 import transformers
 
 from kernl.integration import optimize_model
+from kernl.integration.bench.gpu import wall_clock_ms
 
 BATCH, LENGTH = 8, 128
 
@@ -155,18 +155,6 @@ def _error_at_real_tokens(output, expected: torch.Tensor, real: torch.Tensor) ->
     return float((_hidden(output).float() - expected)[real].abs().max())
 
 
-def wall_clock_ms(fn, budget_s: float = 0.25, min_reps: int = 10, max_reps: int = 100) -> float:
-    """Median wall-clock ms of ``fn()`` on the GPU, synchronised around each call (launch work counted)."""
-    times = []
-    while len(times) < min_reps or (sum(times) < budget_s * 1e3 and len(times) < max_reps):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
-
-
 def _report_summary(report) -> dict:
     kept: dict[str, int] = {}
     for graph in report.graphs:
@@ -184,8 +172,8 @@ def _report_summary(report) -> dict:
 
 def _timings(peer, optimized, inputs: dict) -> dict:
     """HF's and kernl's latency on ``inputs`` and the speed-up (GPU)."""
-    hf_ms = wall_clock_ms(lambda: peer(**inputs))
-    kernl_ms = wall_clock_ms(lambda: optimized(**inputs))
+    hf_ms = wall_clock_ms(lambda: peer(**inputs), budget_s=0.25, max_reps=100)
+    kernl_ms = wall_clock_ms(lambda: optimized(**inputs), budget_s=0.25, max_reps=100)
     return {
         "hf_ms": round(hf_ms, 4),
         "kernl_ms": round(kernl_ms, 4),

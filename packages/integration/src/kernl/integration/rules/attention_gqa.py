@@ -27,7 +27,6 @@ from kernl.flash_attention import attention
 from kernl.integration import fallback
 from kernl.integration.rules import Rule
 from kernl.integration.rules._fx import (
-    KEPT_REASON,
     autocast_dtype,
     cast_all,
     example,
@@ -35,13 +34,7 @@ from kernl.integration.rules._fx import (
     is_method,
     replace_with_call,
 )
-from kernl.integration.rules.attention_sdpa import (
-    attention_args,
-    attention_call,
-    qkv_ok,
-    sdpa_calls,
-    unsupported_shape,
-)
+from kernl.integration.rules.attention_sdpa import qkv_ok, replace_sdpa, sdpa_calls, unsupported_shape
 
 
 def grouped_decode_call(q, k, v, scale, mask):
@@ -124,24 +117,12 @@ def rewrite(gm: fx.GraphModule) -> int:
     replaced = 0
     for node, call in sdpa_calls(gm):
         q, k, v, mask, dropout_p, causal, scale, gqa = call
-        if (
-            dropout_p != 0
-            or not isinstance(causal, bool)
-            or not (scale is None or isinstance(scale, float | int))
-        ):
+        if dropout_p != 0:
             continue
         heads = _key_value_heads(k, v, gqa)
         if heads is None or not qkv_ok(q, *heads) or example(q).shape[1] % example(heads[0]).shape[1]:
             continue
-        if mask is not None and (example(mask) is None or example(mask).dim() != 4):
-            continue
-        if (reason := unsupported_shape(q)) is not None:
-            node.meta[KEPT_REASON] = reason
-            continue
-        additive = mask is not None and example(mask).dtype != torch.bool
-        call_args = attention_args(gm, q, *heads, scale, mask, causal, additive)
-        replace_with_call(gm, node, attention_call, tuple(call_args), [node])
-        replaced += 1
+        replaced += replace_sdpa(gm, node, q, *heads, mask, causal, scale)
     return replaced
 
 

@@ -174,6 +174,23 @@ def qkv_ok(*nodes) -> bool:
     return all(t is not None and t.dim() == 4 for t in values) and len({t.dtype for t in values}) == 1
 
 
+def replace_sdpa(gm: fx.GraphModule, node: fx.Node, q, k, v, mask, causal, scale) -> bool:
+    """Replace the sdpa ``node`` by :func:`attention_call` over nodes ``q``, ``k``, ``v`` (k/v may have
+    fewer heads, a divisor of q's: grouped-query attention) when the kernel takes its mask, causal flag,
+    scale and head size; return whether it did (a head size it cannot take is noted on the node)."""
+    if not isinstance(causal, bool) or not (scale is None or isinstance(scale, float | int)):
+        return False
+    if mask is not None and (example(mask) is None or example(mask).dim() != 4):
+        return False
+    if (reason := unsupported_shape(q)) is not None:
+        node.meta[KEPT_REASON] = reason
+        return False
+    additive = mask is not None and example(mask).dtype != torch.bool
+    call_args = attention_args(gm, q, k, v, scale, mask, causal, additive)
+    replace_with_call(gm, node, attention_call, tuple(call_args), [node])
+    return True
+
+
 def rewrite(gm: fx.GraphModule) -> int:
     """Replace each matched sdpa call; return how many were replaced."""
     replaced = 0
@@ -181,17 +198,7 @@ def rewrite(gm: fx.GraphModule) -> int:
         q, k, v, mask, dropout_p, causal, scale, enable_gqa = call
         if dropout_p != 0 or not qkv_ok(q, k, v) or enable_gqa:
             continue
-        if not isinstance(causal, bool) or not (scale is None or isinstance(scale, float | int)):
-            continue
-        if mask is not None and (example(mask) is None or example(mask).dim() != 4):
-            continue
-        if (reason := unsupported_shape(q)) is not None:
-            node.meta[KEPT_REASON] = reason
-            continue
-        additive = mask is not None and example(mask).dtype != torch.bool
-        call_args = attention_args(gm, q, k, v, scale, mask, causal, additive)
-        replace_with_call(gm, node, attention_call, tuple(call_args), [node])
-        replaced += 1
+        replaced += replace_sdpa(gm, node, q, k, v, mask, causal, scale)
     return replaced
 
 
