@@ -79,6 +79,24 @@ def test_a_signature_judged_slower_runs_pytorch_from_then_on(monkeypatch):
     assert calls[-1] == "kernl" and len(report.speed) == 1
 
 
+def test_a_timing_that_fails_keeps_kernl_and_says_why(monkeypatch):
+    monkeypatch.setattr(speed_check, "TIMED_DEVICE_TYPES", frozenset({"cpu"}))
+    report = OptimizationReport()
+    check = speed_check.SpeedCheck(report, torch.device("cpu"))
+    calls = []
+
+    def pytorch():
+        calls.append("pytorch")
+        raise MemoryError("no room for the original forward's activations")
+
+    with pytest.warns(UserWarning, match="untimed: the timing failed .MemoryError: no room"):
+        output = check.run("k", "token bucket 64", lambda: calls.append("kernl") or "kernl's output", pytorch)
+    assert output == "kernl's output" and not check.keeps_pytorch("k")
+    assert check.run("k", "token bucket 64", lambda: "kernl again", pytorch) == "kernl again"
+    assert calls.count("pytorch") == 1, "a failed signature is not timed again"
+    assert "kept kernl for token bucket 64, untimed: the timing failed" in str(report)
+
+
 def test_nothing_is_timed_on_the_cpu():
     check = speed_check.SpeedCheck(OptimizationReport(), torch.device("cpu"))
     ran = []

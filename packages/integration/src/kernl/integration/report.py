@@ -103,9 +103,12 @@ class SpeedRecord:
     kernl_ms: float
     pytorch_ms: float  # the model's original forward, same call
     kept: str  # "kernl" or "PyTorch": what runs this signature's calls from then on
+    error: str | None = None  # why the timing could not finish (kernl is then kept, untimed)
 
     def describe(self) -> str:
         """E.g. ``kept PyTorch for token bucket 2048: kernl was 0.41x (kernl 1.220 ms, PyTorch 0.500 ms)``."""
+        if self.error is not None:
+            return f"kept {self.kept} for {self.signature}, untimed: the timing failed ({self.error})"
         ratio = self.pytorch_ms / self.kernl_ms if self.kernl_ms > 0 else float("inf")
         return (
             f"kept {self.kept} for {self.signature}: kernl was {ratio:.2f}x "

@@ -100,7 +100,13 @@ class SpeedCheck:
         a warning says why."""
         if not self.active or key in self.verdicts:
             return
-        record = decide(signature, *time_both(kernl, pytorch, self.device))
+        try:
+            record = decide(signature, *time_both(kernl, pytorch, self.device))
+        except Exception as error:  # noqa: BLE001 - e.g. no memory left for the original forward's run
+            why = f"{type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}"
+            nan = float("nan")
+            record = SpeedRecord(signature=signature, kernl_ms=nan, pytorch_ms=nan, kept="kernl", error=why)
+            warn(f"kernl: {record.describe()}")
         self.verdicts[key] = record
         self.report.speed.append(record)
         if record.kept == "PyTorch":
