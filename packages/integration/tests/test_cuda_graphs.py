@@ -132,6 +132,25 @@ def test_in_place_updates_of_static_inputs_survive(step_graphs):
         assert report.graphs[0].runs_as == "CUDA graph (step)"
 
 
+@pytest.mark.skipif(not on_gpu(), reason="CUDA graphs need a GPU")
+def test_a_failed_capture_runs_without_a_graph_and_warns():
+    from kernl.integration.cuda_graphs import CudaGraphs
+
+    def uncapturable(x):
+        if torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("this step cannot be captured")
+        return x * 6.0
+
+    graphs = CudaGraphs(
+        uncapturable, lambda args, kwargs: tuple(args[0].shape), torch.cuda.graph_pool_handle()
+    )
+    x = torch.arange(4.0, device="cuda")
+    with pytest.warns(UserWarning, match="CUDA graph capture failed"):
+        out = graphs(x)
+    torch.testing.assert_close(out, x * 6.0)
+    assert graphs.captures[(4,)].graph is None and "capture failed" in graphs.captures[(4,)].error
+
+
 @needs_two_gpus
 def test_a_model_on_a_gpu_other_than_the_current_one(kit):
     """Streams, captures and kernels follow the model's GPU, not the current device (silently missing

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from kernl.integration.trees import map_tensors, objects_in, tensors_in
+from kernl.integration.user_warnings import warn
 
 
 def captured(run, warm_up, pool) -> tuple:
@@ -141,7 +142,7 @@ class CudaGraphs:
     arguments (a cache passed in, whose identity the key holds): any other object (a cache the call
     made) would be handed out by every replay, its tensors overwritten, so such a key runs uncaptured.
     A call made while its stream is being captured runs ``fn``, so that an outer capture records it.
-    A capture that raises leaves its key uncaptured, with the reason in ``capture.error``.
+    A capture that raises leaves its key uncaptured, with the reason in ``capture.error`` and a warning.
     """
 
     def __init__(
@@ -242,6 +243,8 @@ class CudaGraphs:
                 "outputs hold an object (a key/value cache) each replay would overwrite; runs without"
             )
         capture.seconds = time.perf_counter() - start
+        if capture.error is not None:  # a fallback is never silent: the report has it, and so does a warning
+            warn(f"kernl: {capture.error}")
         if self.on_capture is not None:
             self.on_capture(capture)
         return capture
