@@ -7,7 +7,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from kernl.common.launch import programmatic_launch
+from kernl.common.launch import capability, programmatic_launch
 from kernl.common.launch import sm_count as multiprocessor_count
 from kernl.flash_attention.kernel import LOG2E, _attn_fwd_kernel
 from kernl.flash_attention.merge import _merge_kernel
@@ -62,28 +62,37 @@ def launch_config(
     loads_tiles: bool,
     device: torch.device,
 ) -> LaunchConfig:
-    """Heuristic config (from the H100 sweep, fp16, head_dim 64): 64x64 tiles, 128-row tiles when a
-    bias or mask tile is loaded too, 16-row tiles plus split-KV for at most 16 queries.
+    """Heuristic config (from the H100 sweeps, ``flash_attention.sweep.txt`` and
+    ``flash_attention_candidates.json``): 64x64 tiles, 128-row tiles when a bias or mask tile is loaded
+    too, 16-row tiles plus split-KV for at most 16 queries. With no tile loaded, fp16/bf16 on Hopper loads
+    q, k and v through tensor descriptors, with 128-key blocks for keys of 2048 and more at head_dim <= 64
+    (the candidates sweep's fastest there, causal or not; pointer loads where the layout does not allow).
 
     fp32 inputs run in fp64 (see the kernel): smaller tiles keep the fp64 operands in shared memory.
     Under Triton's interpreter (CPU tensors) the blocks are small and fixed, and the split count acts
     as if the device had 4 multiprocessors, so small tests still take the split-KV path.
     """
+    tma = False
     if device.type != "cuda":
         block_m, block_n, warps, stages, sm_count = (16 if n_q <= 16 else 32), 16, 4, 1, 4
     else:
         sm_count = multiprocessor_count(device.index or 0)
+        tma = (
+            dtype != torch.float32 and n_q > 16 and not loads_tiles and capability(device.index or 0)[0] == 9
+        )
         if dtype == torch.float32:
             block_m, block_n, warps, stages = (16 if n_q <= 16 else 64), 32, 4, 2
         elif n_q <= 16:
             block_m, block_n, warps, stages = 16, 128 if head_dim <= 64 else 64, 4, 3
+        elif tma:
+            block_m, block_n, warps, stages = 64, 128 if head_dim <= 64 and n_k >= 2048 else 64, 4, 3
         elif head_dim <= 64:
             block_m, block_n, warps, stages = 128 if loads_tiles else 64, 64, 4, 3
         else:
             block_m, block_n, warps, stages = 128, 64, 8, 3
     programs = batch_heads * triton.cdiv(n_q, block_m)
     splits = _split_count(programs, n_k, block_n, sm_count) if n_q <= 16 else 1
-    return LaunchConfig(block_m, block_n, warps, stages, splits)
+    return LaunchConfig(block_m, block_n, warps, stages, splits, tma=tma)
 
 
 def _strides4(t: torch.Tensor | None, shape: tuple[int, ...]) -> tuple[int, int, int, int]:
