@@ -11,7 +11,9 @@ bucketed (``packed=False``, one graph per batch and length bucket). For each: th
 time from cold caches (fresh Triton, Inductor and kernl config cache folders for the process; engines
 after the first reuse what earlier engines of the process compiled in memory), steady-state real
 tokens/s (best of three passes), graphs compiled and CUDA graphs captured, GPU memory kept after the
-stream (reserved, above the engine's weights), and the largest error against HF sdpa at real tokens.
+stream (reserved above the engine's weights once the allocator has released its unused cache: what
+captured graphs' pools and the engine's own buffers hold), and the largest error against HF sdpa at
+real tokens.
 """
 
 import copy
@@ -139,6 +141,7 @@ def run_engine(name: str, model, batches: list[dict], reference: list | None, pa
             times.append(time.perf_counter() - start)
     tokens = sum(int(b["attention_mask"].sum()) for b in batches)
     gc.collect()
+    torch.cuda.empty_cache()  # cached blocks nothing holds are any caller's; graph pools stay
     record = {
         "engine": name,
         "first_pass_s": round(first, 3),
