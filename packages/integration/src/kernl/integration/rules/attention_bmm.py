@@ -1,0 +1,236 @@
+"""Rule: attention written over heads folded into the batch, ``(B*H, S, D)`` tensors and ``torch.bmm``
+(DeBERTa-v2/v3's disentangled attention), becomes ``kernl.flash_attention.attention`` on ``(B, H, S, D)``
+views of the same tensors, with the added score terms as the kernel's dense additive ``bias``.
+
+What it matches, by what it computes::
+
+    scores = bmm(q, k^T [/ s | * s]) [/ s | * s] [+ bias]     # (B*H, Q, K)
+    scores = scores.view(B, H, Q, K).masked_fill(~keep, <very negative>)
+    out = bmm(softmax(scores, -1).view(B*H, Q, K), v)       # (B*H, Q, D)
+
+The scale ``s`` is a number, or a tensor that depends on no graph input (DeBERTa divides by
+``sqrt(tensor(D) * factor)`` cast to the model's dtype): it is computed once here, in that dtype, as the
+model computes it. ``bias`` is any ``(B*H, Q, K)`` float term: DeBERTa's content-to-position and
+position-to-content scores, gathered from relative positions, which stay PyTorch (the kernel reads the
+sum once per tile instead of the softmax's three passes over it). ``keep`` goes to the kernel as the
+padding mask it is (``[B, K]``) where its provenance proves it, else as the dense bool mask: DeBERTa's
+``keep[b, q, k] = real[b, q] and real[b, k]`` blocks every key of a padded query row, where the kernel
+returns zeros (HF averages every value; neither is a defined output). Every intermediate must have no
+other user. When the output is only unfolded back to ``(B, H, Q, D)``, that view is replaced too: the
+kernel writes ``(B, Q, H, D)``, which the usual ``permute(0, 2, 1, 3).contiguous()`` then reads free.
+"""
+
+import operator
+
+import torch
+from torch import fx
+
+from kernl.integration.rules import Rule
+from kernl.integration.rules._fx import (
+    KEPT_REASON,
+    arg,
+    example,
+    is_function,
+    is_method,
+    only_user,
+    replace_with_call,
+)
+from kernl.integration.rules._padding_mask import (
+    ADDITIVE_MASKED,
+    attends_everywhere,
+    constant_value,
+    key_padding_node,
+    key_padding_source,
+)
+from kernl.integration.rules.attention_eager import softmax_input
+from kernl.integration.rules.attention_sdpa import attention_call, unsupported_shape
+
+BMM_TARGETS = (torch.bmm,)
+VIEW_METHODS = ("view", "reshape")
+INVERT_TARGETS = (operator.invert, torch.logical_not, torch.bitwise_not)
+
+
+def folded_heads_attention_call(q, k, v, scale, bias, mask, key_padding_mask, heads, unfolded):
+    """Attention over q ``(B*H, Q, D)``, k/v ``(B*H, K, D)``, bias ``(B*H, Q, K)`` or None, through
+    :func:`attention_call` on ``(B, H, ...)`` views; returns ``(B, H, Q, D)`` when ``unfolded``, else
+    ``(B*H, Q, D)``."""
+    unfold = lambda t: t.unflatten(0, (-1, heads))  # (B*H, ...) -> (B, H, ...): a view
+    bias = None if bias is None else unfold(bias)
+    out = attention_call(unfold(q), unfold(k), unfold(v), scale, mask, key_padding_mask, False, bias)
+    return out if unfolded else out.flatten(0, 1)
+
+
+def _scale_factor(node) -> float | None:
+    """The number ``node`` stands for: a Python number, or a tensor computed from no graph input."""
+    if isinstance(node, bool):
+        return None
+    if isinstance(node, int | float):
+        return float(node)
+    value = constant_value(node)
+    return float(value) if value is not None and value.numel() == 1 else None
+
+
+def _unscaled(node, chain: list) -> tuple[object, float] | None:
+    """``(x, factor)`` when ``node`` is ``x * s``, ``x / s`` or ``x`` alone (factor 1), ``node``
+    used once (appended to ``chain`` when it is a product); None when ``s`` is not a constant."""
+    if not is_function(node, (operator.mul, operator.truediv)) or only_user(node) is None:
+        return node, 1.0
+    x, s = node.args
+    factor = _scale_factor(s)
+    if factor is None and node.target is operator.mul:  # s * x
+        x, s = s, x
+        factor = _scale_factor(s)
+    if factor is None or factor == 0 or not isinstance(x, fx.Node):
+        return None
+    chain.append(node)
+    return x, factor if node.target is operator.mul else 1.0 / factor
+
+
+def _scores(node, chain: list):
+    """``(q, k, scale)`` when ``node`` is ``bmm(q, k^T [* s]) [* s]``, else None."""
+    found = _unscaled(node, chain)
+    if found is None or not is_op_bmm(found[0]) or only_user(found[0]) is None:
+        return None
+    product, after = found
+    q, key_t = product.args
+    chain.append(product)
+    found = _unscaled(key_t, chain)
+    if found is None:
+        return None
+    key_t, before = found
+    is_transpose = is_method(key_t, ("transpose",)) or is_function(key_t, (torch.transpose,))
+    if not is_transpose or only_user(key_t) is None or {d % 3 for d in key_t.args[1:3]} != {1, 2}:
+        return None
+    chain.append(key_t)
+    return q, key_t.args[0], after * before
+
+
+def is_op_bmm(node) -> bool:
+    """``torch.bmm(a, b)`` or ``a.bmm(b)``."""
+    return (is_function(node, BMM_TARGETS) or is_method(node, ("bmm",))) and len(node.args) == 2
+
+
+def _keep(node) -> tuple[object, bool] | None:
+    """``(mask, inverted)`` for ``masked_fill(scores, blocked, <very negative>)``: the bool mask node and
+    whether it is ``~keep`` spelled out (then ``mask`` is ``keep``)."""
+    blocked, fill = arg(node, 1, "mask"), arg(node, 2, "value")
+    if not isinstance(fill, float | int) or fill > ADDITIVE_MASKED:
+        return None
+    if is_function(blocked, INVERT_TARGETS) or is_method(blocked, ("logical_not", "bitwise_not")):
+        return blocked.args[0], True
+    return blocked, False
+
+
+def _match(node: fx.Node):
+    """The pieces of the folded-heads attention ending at the bmm ``node``, or None."""
+    probs3, v = node.args
+    if not is_method(probs3, VIEW_METHODS) or only_user(probs3) is None:
+        return None
+    chain = [node, probs3]
+    probs = probs3.args[0]
+    if is_method(probs, ("to", "type_as")) and only_user(probs) is not None:
+        chain.append(probs)
+        probs = probs.args[0]
+    filled = softmax_input(probs)
+    if filled is None or only_user(probs) is None or only_user(filled) is None:
+        return None
+    chain.append(probs)
+    if not (is_method(filled, ("masked_fill",)) or is_function(filled, (torch.masked_fill,))):
+        return None
+    keep = _keep(filled)
+    scores4 = filled.args[0]
+    if keep is None or not is_method(scores4, VIEW_METHODS) or only_user(scores4) is None:
+        return None
+    chain += [filled, scores4]
+    scores3, bias = scores4.args[0], None
+    if is_function(scores3, (operator.add, torch.add)) and len(scores3.args) == 2 and not scores3.kwargs:
+        if only_user(scores3) is None:
+            return None
+        chain.append(scores3)
+        scores3, bias = scores3.args if is_op_bmm(_unscaled(scores3.args[0], [])[0]) else scores3.args[::-1]
+    found = _scores(scores3, chain)
+    if found is None:
+        return None
+    q, k, scale = found
+    return q, k, v, scale, bias, keep, scores4, chain
+
+
+def _shapes_fit(q, k, v, bias, keep, scores4) -> bool:
+    """(B*H, Q, D) q, (B*H, K, D) k and v, a (B*H, Q, K) float bias, a bool keep broadcastable to the
+    (B, H, Q, K) scores, q/k/v of one dtype."""
+    eq, ek, ev, es, em = (example(n) for n in (q, k, v, scores4, keep))
+    if any(t is None for t in (eq, ek, ev, es, em)) or es.dim() != 4 or eq.dim() != 3:
+        return False
+    batch, heads, queries, keys = es.shape
+    if (
+        tuple(eq.shape[:2]) != (batch * heads, queries)
+        or ek.shape != ev.shape
+        or len({eq.dtype, ek.dtype, ev.dtype}) != 1
+    ):
+        return False
+    if ek.dim() != 3 or tuple(ek.shape[:2]) != (batch * heads, keys) or ek.shape[2] != eq.shape[2]:
+        return False
+    if (
+        em.dtype != torch.bool
+        or em.dim() != 4
+        or any(m not in (1, s) for m, s in zip(em.shape, es.shape, strict=True))
+    ):
+        return False
+    eb = example(bias) if bias is not None else None
+    return bias is None or (
+        eb is not None and eb.is_floating_point() and tuple(eb.shape) == (batch * heads, queries, keys)
+    )
+
+
+def _mask_args(gm: fx.GraphModule, keep, inverted: bool, scores4) -> tuple[object, object]:
+    """``(mask, key_padding_mask)`` for the kernel: the key padding node where ``keep`` provably is one,
+    nothing where it lets everything through, else the dense bool mask (True = attend)."""
+    if inverted and attends_everywhere(keep, additive=False):
+        return None, None
+    heads, queries = example(scores4).shape[1:3]
+    source = key_padding_source(keep, heads=heads, queries=queries, additive=False) if inverted else None
+    if source is not None:
+        return None, key_padding_node(gm, source)
+    if inverted:
+        return keep, None
+    with gm.graph.inserting_after(keep):
+        return gm.graph.call_function(operator.invert, (keep,)), None
+
+
+def _unfolding_view(node: fx.Node, scores4) -> fx.Node | None:
+    """The only user of the output ``node`` when it is a view of it as ``(B, H, Q, D)``."""
+    user, shape = only_user(node), tuple(example(scores4).shape[:3])
+    value = example(user) if user is not None and is_method(user, VIEW_METHODS) else None
+    return user if value is not None and value.dim() == 4 and tuple(value.shape[:3]) == shape else None
+
+
+def rewrite(gm: fx.GraphModule) -> int:
+    """Replace each matched folded-heads attention; return how many were replaced."""
+    replaced = 0
+    for node in list(gm.graph.nodes):
+        if not is_op_bmm(node) or (match := _match(node)) is None:
+            continue
+        q, k, v, scale, bias, (keep, inverted), scores4, chain = match
+        if not _shapes_fit(q, k, v, bias, keep, scores4):
+            continue
+        if (reason := unsupported_shape(q)) is not None:
+            for kept in chain:
+                kept.meta[KEPT_REASON] = reason
+            continue
+        mask, key_padding_mask = _mask_args(gm, keep, inverted, scores4)
+        heads = int(example(scores4).shape[1])
+        unfolding = _unfolding_view(node, scores4)
+        last, dead = (node, chain[::-1]) if unfolding is None else (unfolding, [*chain[::-1], unfolding])
+        args = (q, k, v, scale, bias, mask, key_padding_mask, heads, unfolding is not None)
+        replace_with_call(gm, last, folded_heads_attention_call, args, dead)
+        replaced += 1
+    return replaced
+
+
+RULE = Rule(
+    name="attention_bmm",
+    matches="bmm(q, k^T / s) [+ bias] -> view(B, H, Q, K) -> masked_fill(~keep, min) -> softmax(-1) "
+    "-> view(B*H, Q, K) -> bmm(., v)  (heads folded into the batch: DeBERTa-v2/v3)",
+    replacement="kernl.flash_attention.attention on (B, H, S, D) views (scale=s, bias=, key_padding_mask= | mask=)",
+    rewrite=rewrite,
+)
