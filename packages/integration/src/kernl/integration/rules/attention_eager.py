@@ -120,8 +120,19 @@ def _call_args(gm: fx.GraphModule, q, k, v, scale, addends) -> AttentionArgs | N
         # the mask became a key padding mask, or lets everything through; a bias folded into it
         # (where(keep, bias, -big)) would make two biases, which the kernel does not take
         if call_args.mask is None and call_args.bias is None:
-            return call_args._replace(bias=contiguous_once(gm, bias))
+            return call_args._replace(bias=contiguous_once(gm, _one_batch_source(bias)))
     return None
+
+
+def _one_batch_source(bias: fx.Node) -> fx.Node:
+    """``x`` when ``bias`` is ``x.expand(B, ...)[.contiguous()]`` with ``x`` of batch 1 (MPNet's position
+    bias, copied once per batch row): the kernel broadcasts it and reads one copy; else ``bias``."""
+    node = bias.args[0] if is_method(bias, ("contiguous",)) and len(bias.args) == 1 else bias
+    source = node.args[0] if is_method(node, ("expand",)) and node.args else None
+    value, expanded = example(source), example(bias)
+    if value is None or value.dim() != 4 or value.shape[0] != 1 or value.shape[1:] != expanded.shape[1:]:
+        return bias
+    return source
 
 
 def rewrite(gm: fx.GraphModule) -> int:
