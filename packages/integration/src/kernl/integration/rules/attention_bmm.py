@@ -16,8 +16,10 @@ sum once per tile instead of the softmax's three passes over it). ``keep`` goes 
 padding mask it is (``[B, K]``) where its provenance proves it, else as the dense bool mask: DeBERTa's
 ``keep[b, q, k] = real[b, q] and real[b, k]`` blocks every key of a padded query row, where the kernel
 returns zeros (HF averages every value; neither is a defined output). Every intermediate must have no
-other user. When the output is only unfolded back to ``(B, H, Q, D)``, that view is replaced too: the
-kernel writes ``(B, Q, H, D)``, which the usual ``permute(0, 2, 1, 3).contiguous()`` then reads free.
+other user. q, k, v and the bias reach :func:`attention_call` (what the other attention rules put in
+place) as ``unflatten`` views; when the output is only unfolded back to ``(B, H, Q, D)``, that view is
+replaced too: the kernel writes ``(B, Q, H, D)``, which the usual ``permute(0, 2, 1, 3).contiguous()``
+then reads free.
 """
 
 import operator
@@ -33,7 +35,6 @@ from kernl.integration.rules._fx import (
     is_function,
     is_method,
     only_user,
-    replace_with_call,
 )
 from kernl.integration.rules._padding_mask import (
     ADDITIVE_MASKED,
@@ -43,21 +44,11 @@ from kernl.integration.rules._padding_mask import (
     key_padding_source,
 )
 from kernl.integration.rules.attention_eager import softmax_input
-from kernl.integration.rules.attention_sdpa import attention_call, unsupported_shape
+from kernl.integration.rules.attention_sdpa import AttentionArgs, attention_call, unsupported_shape
 
 BMM_TARGETS = (torch.bmm,)
 VIEW_METHODS = ("view", "reshape")
 INVERT_TARGETS = (operator.invert, torch.logical_not, torch.bitwise_not)
-
-
-def folded_heads_attention_call(q, k, v, scale, bias, mask, key_padding_mask, heads, unfolded):
-    """Attention over q ``(B*H, Q, D)``, k/v ``(B*H, K, D)``, bias ``(B*H, Q, K)`` or None, through
-    :func:`attention_call` on ``(B, H, ...)`` views; returns ``(B, H, Q, D)`` when ``unfolded``, else
-    ``(B*H, Q, D)``."""
-    unfold = lambda t: t.unflatten(0, (-1, heads))  # (B*H, ...) -> (B, H, ...): a view
-    bias = None if bias is None else unfold(bias)
-    out = attention_call(unfold(q), unfold(k), unfold(v), scale, mask, key_padding_mask, False, bias)
-    return out if unfolded else out.flatten(0, 1)
 
 
 def _scale_factor(node) -> float | None:
@@ -84,6 +75,12 @@ def _unscaled(node, chain: list) -> tuple[object, float] | None:
         return None
     chain.append(node)
     return x, factor if node.target is operator.mul else 1.0 / factor
+
+
+def _is_product(node) -> bool:
+    """``bmm(...)``, scaled or not."""
+    found = _unscaled(node, [])
+    return found is not None and is_op_bmm(found[0])
 
 
 def _scores(node, chain: list):
@@ -147,7 +144,7 @@ def _match(node: fx.Node):
         if only_user(scores3) is None:
             return None
         chain.append(scores3)
-        scores3, bias = scores3.args if is_op_bmm(_unscaled(scores3.args[0], [])[0]) else scores3.args[::-1]
+        scores3, bias = scores3.args if _is_product(scores3.args[0]) else scores3.args[::-1]
     found = _scores(scores3, chain)
     if found is None:
         return None
@@ -197,6 +194,11 @@ def _mask_args(gm: fx.GraphModule, keep, inverted: bool, scores4) -> tuple[objec
         return gm.graph.call_function(operator.invert, (keep,)), None
 
 
+def _unfolded(gm: fx.GraphModule, node, heads: int):
+    """``node.unflatten(0, (-1, heads))``: ``(B*H, ...)`` viewed as ``(B, H, ...)`` (None stays None)."""
+    return None if node is None else gm.graph.call_method("unflatten", (node, 0, (-1, heads)))
+
+
 def _unfolding_view(node: fx.Node, scores4) -> fx.Node | None:
     """The only user of the output ``node`` when it is a view of it as ``(B, H, Q, D)``."""
     user, shape = only_user(node), tuple(example(scores4).shape[:3])
@@ -218,11 +220,18 @@ def rewrite(gm: fx.GraphModule) -> int:
                 kept.meta[KEPT_REASON] = reason
             continue
         mask, key_padding_mask = _mask_args(gm, keep, inverted, scores4)
-        heads = int(example(scores4).shape[1])
         unfolding = _unfolding_view(node, scores4)
         last, dead = (node, chain[::-1]) if unfolding is None else (unfolding, [*chain[::-1], unfolding])
-        args = (q, k, v, scale, bias, mask, key_padding_mask, heads, unfolding is not None)
-        replace_with_call(gm, last, folded_heads_attention_call, args, dead)
+        heads = int(example(scores4).shape[1])
+        with gm.graph.inserting_before(last):
+            q4, k4, v4, bias4 = (_unfolded(gm, t, heads) for t in (q, k, v, bias))
+            args = AttentionArgs(q4, k4, v4, scale, mask, key_padding_mask, False, bias4)
+            call = gm.graph.call_function(attention_call, tuple(args))
+            out = call if unfolding is not None else gm.graph.call_method("flatten", (call, 0, 1))
+        out.meta = dict(last.meta)
+        last.replace_all_uses_with(out)
+        for dead_node in reversed(dead):
+            gm.graph.erase_node(dead_node)
         replaced += 1
     return replaced
 
