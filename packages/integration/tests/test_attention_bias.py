@@ -100,17 +100,22 @@ def test_scores_added_in_place_into_another_tensor_are_not_taken():
     assert record.fired["attention_eager"] == 0
 
 
-def deberta_attention(q, k, v, rel, attention_mask, queries_too: bool):
+def deberta_attention(q, k, v, rel, attention_mask, mask_kind: str):
     """DeBERTa-v2's disentangled attention once its c2p + p2c terms are summed into ``rel``: q/k/v
-    ``(B*H, S, D)``, rel ``(B*H, S, S)``, attention_mask ``(B, S)``. ``queries_too``: DeBERTa's mask
-    (a padded query row sees no key), else the key padding alone."""
+    ``(B*H, S, D)``, rel ``(B*H, S, S)``, attention_mask ``(B, S)``. ``mask_kind``: ``"deberta"`` (a
+    padded query row sees no key, ``masked_fill(~keep)``), ``"keys"`` (the key padding alone, the same
+    spelling) or ``"blocked keys"`` (``masked_fill(attention_mask == 0)``)."""
     s, d = q.shape[1], q.shape[2]
     scale = torch.sqrt(torch.tensor(d, dtype=torch.float) * 3)
     scores = torch.bmm(q, k.transpose(-1, -2) / scale.to(dtype=q.dtype))
     scores = (scores + rel).view(-1, HEADS, s, s)
     extended = attention_mask[:, None, None, :]
-    keep = extended * extended.squeeze(-2).unsqueeze(-1) if queries_too else extended
-    scores = scores.masked_fill(~keep.bool(), torch.finfo(q.dtype).min)
+    if mask_kind == "blocked keys":
+        blocked = extended == 0
+    else:
+        keep = extended * extended.squeeze(-2).unsqueeze(-1) if mask_kind == "deberta" else extended
+        blocked = ~keep.bool()
+    scores = scores.masked_fill(blocked, torch.finfo(q.dtype).min)
     probs = F.dropout(F.softmax(scores, dim=-1), 0.1, False, False)
     out = torch.bmm(probs.view(-1, s, s), v)
     return (out.view(-1, HEADS, s, d).permute(0, 2, 1, 3).contiguous(),)
@@ -123,21 +128,21 @@ def _deberta_inputs(seed: int, length: int = 11, head_dim: int = 24):
     return q, k, v, _random(2 * HEADS, length, length, generator=g)
 
 
-@pytest.mark.parametrize("queries_too", [True, False])
-def test_folded_heads_attention_with_a_bias_and_a_filled_mask(queries_too):
+@pytest.mark.parametrize("mask_kind", ["deberta", "keys", "blocked keys"])
+def test_folded_heads_attention_with_a_bias_and_a_filled_mask(mask_kind):
     q, k, v, rel = _deberta_inputs(seed=3)
     real = _padding(2, 11, [11, 4])
-    record, gm, compiled = rewritten(deberta_attention, q, k, v, rel, real, queries_too)
+    record, gm, compiled = rewritten(deberta_attention, q, k, v, rel, real, mask_kind)
     assert record.fired["attention_bmm"] == 1 and record.kept == {}
     # DeBERTa's mask is no key padding mask: padded query rows see no key (HF averages every value
     # there, the kernel writes zeros; neither is a defined output), so it goes dense
-    masks = "dense + bias" if queries_too else "key padding [B, K] + bias"
+    masks = "dense + bias" if mask_kind == "deberta" else "key padding [B, K] + bias"
     assert record.attention_masks == {masks: 1}
     assert not any(n.target is torch.tensor for n in gm.graph.nodes)  # the scale, computed once
-    rows = real.bool() if queries_too else torch.ones_like(real, dtype=torch.bool)
-    actual = compiled(q, k, v, rel, real, queries_too)[0]
-    expected = deberta_attention(*(t.double() for t in (q, k, v, rel)), real, queries_too)[0]
-    peer = deberta_attention(q, k, v, rel, real, queries_too)[0]
+    rows = real.bool() if mask_kind == "deberta" else torch.ones_like(real, dtype=torch.bool)
+    actual = compiled(q, k, v, rel, real, mask_kind)[0]
+    expected = deberta_attention(*(t.double() for t in (q, k, v, rel)), real, mask_kind)[0]
+    peer = deberta_attention(q, k, v, rel, real, mask_kind)[0]
     assert_matches_reference(actual[rows], expected[rows], peer[rows])
 
 

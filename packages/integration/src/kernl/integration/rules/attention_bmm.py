@@ -80,13 +80,13 @@ def _unscaled(node, chain: list) -> tuple[object, float] | None:
 def _is_product(node) -> bool:
     """``bmm(...)``, scaled or not."""
     found = _unscaled(node, [])
-    return found is not None and is_op_bmm(found[0])
+    return found is not None and _is_bmm(found[0])
 
 
 def _scores(node, chain: list):
     """``(q, k, scale)`` when ``node`` is ``bmm(q, k^T [* s]) [* s]``, else None."""
     found = _unscaled(node, chain)
-    if found is None or not is_op_bmm(found[0]) or only_user(found[0]) is None:
+    if found is None or not _is_bmm(found[0]) or only_user(found[0]) is None:
         return None
     product, after = found
     q, key_t = product.args
@@ -102,16 +102,16 @@ def _scores(node, chain: list):
     return q, key_t.args[0], after * before
 
 
-def is_op_bmm(node) -> bool:
+def _is_bmm(node) -> bool:
     """``torch.bmm(a, b)`` or ``a.bmm(b)``."""
     return (is_function(node, BMM_TARGETS) or is_method(node, ("bmm",))) and len(node.args) == 2
 
 
-def _keep(node) -> tuple[object, bool] | None:
-    """``(mask, inverted)`` for ``masked_fill(scores, blocked, <very negative>)``: the bool mask node and
-    whether it is ``~keep`` spelled out (then ``mask`` is ``keep``)."""
+def _filled_mask(node) -> tuple[fx.Node, bool] | None:
+    """``(mask, is_keep)`` for ``masked_fill(scores, blocked, <very negative>)``: ``blocked`` itself, or
+    ``keep`` when ``blocked`` is ``~keep`` spelled out (``is_keep``); None for a fill that blocks nothing."""
     blocked, fill = arg(node, 1, "mask"), arg(node, 2, "value")
-    if not isinstance(fill, float | int) or fill > ADDITIVE_MASKED:
+    if not isinstance(fill, float | int) or fill > ADDITIVE_MASKED or not isinstance(blocked, fx.Node):
         return None
     if is_function(blocked, INVERT_TARGETS) or is_method(blocked, ("logical_not", "bitwise_not")):
         return blocked.args[0], True
@@ -134,9 +134,9 @@ def _match(node: fx.Node):
     chain.append(probs)
     if not (is_method(filled, ("masked_fill",)) or is_function(filled, (torch.masked_fill,))):
         return None
-    keep = _keep(filled)
+    mask = _filled_mask(filled)
     scores4 = filled.args[0]
-    if keep is None or not is_method(scores4, VIEW_METHODS) or only_user(scores4) is None:
+    if mask is None or not is_method(scores4, VIEW_METHODS) or only_user(scores4) is None:
         return None
     chain += [filled, scores4]
     scores3, bias = scores4.args[0], None
@@ -149,13 +149,13 @@ def _match(node: fx.Node):
     if found is None:
         return None
     q, k, scale = found
-    return q, k, v, scale, bias, keep, scores4, chain
+    return q, k, v, scale, bias, mask, scores4, chain
 
 
-def _shapes_fit(q, k, v, bias, keep, scores4) -> bool:
-    """(B*H, Q, D) q, (B*H, K, D) k and v, a (B*H, Q, K) float bias, a bool keep broadcastable to the
-    (B, H, Q, K) scores, q/k/v of one dtype."""
-    eq, ek, ev, es, em = (example(n) for n in (q, k, v, scores4, keep))
+def _shapes_fit(q, k, v, bias, mask, scores4) -> bool:
+    """(B*H, Q, D) q, (B*H, K, D) k and v, a (B*H, Q, K) float bias, a 4-D bool mask broadcastable to
+    the (B, H, Q, K) scores, q/k/v of one dtype."""
+    eq, ek, ev, es, em = (example(n) for n in (q, k, v, scores4, mask))
     if any(t is None for t in (eq, ek, ev, es, em)) or es.dim() != 4 or eq.dim() != 3:
         return False
     batch, heads, queries, keys = es.shape
@@ -179,19 +179,19 @@ def _shapes_fit(q, k, v, bias, keep, scores4) -> bool:
     )
 
 
-def _mask_args(gm: fx.GraphModule, keep, inverted: bool, scores4) -> tuple[object, object]:
-    """``(mask, key_padding_mask)`` for the kernel: the key padding node where ``keep`` provably is one,
-    nothing where it lets everything through, else the dense bool mask (True = attend)."""
-    if inverted and attends_everywhere(keep, additive=False):
+def _mask_args(gm: fx.GraphModule, mask: fx.Node, is_keep: bool, scores4) -> tuple[object, object]:
+    """``(mask, key_padding_mask)`` for the kernel from the filled ``mask`` (see :func:`_filled_mask`):
+    the key padding node where the kept keys provably are one, nothing where every key is kept, else the
+    dense bool mask (True = attend)."""
+    keep = mask
+    if not is_keep:
+        with gm.graph.inserting_after(mask):
+            keep = gm.graph.call_function(operator.invert, (mask,))  # left to dead code elimination if unused
+    if attends_everywhere(keep, additive=False):
         return None, None
     heads, queries = example(scores4).shape[1:3]
-    source = key_padding_source(keep, heads=heads, queries=queries, additive=False) if inverted else None
-    if source is not None:
-        return None, key_padding_node(gm, source)
-    if inverted:
-        return keep, None
-    with gm.graph.inserting_after(keep):
-        return gm.graph.call_function(operator.invert, (keep,)), None
+    source = key_padding_source(keep, heads=heads, queries=queries, additive=False)
+    return (keep, None) if source is None else (None, key_padding_node(gm, source))
 
 
 def _unfolded(gm: fx.GraphModule, node, heads: int):
@@ -210,16 +210,16 @@ def rewrite(gm: fx.GraphModule) -> int:
     """Replace each matched folded-heads attention; return how many were replaced."""
     replaced = 0
     for node in list(gm.graph.nodes):
-        if not is_op_bmm(node) or (match := _match(node)) is None:
+        if not _is_bmm(node) or (match := _match(node)) is None:
             continue
-        q, k, v, scale, bias, (keep, inverted), scores4, chain = match
-        if not _shapes_fit(q, k, v, bias, keep, scores4):
+        q, k, v, scale, bias, (mask, is_keep), scores4, chain = match
+        if not _shapes_fit(q, k, v, bias, mask, scores4):
             continue
         if (reason := unsupported_shape(q)) is not None:
             for kept in chain:
                 kept.meta[KEPT_REASON] = reason
             continue
-        mask, key_padding_mask = _mask_args(gm, keep, inverted, scores4)
+        mask, key_padding_mask = _mask_args(gm, mask, is_keep, scores4)
         unfolding = _unfolding_view(node, scores4)
         last, dead = (node, chain[::-1]) if unfolding is None else (unfolding, [*chain[::-1], unfolding])
         heads = int(example(scores4).shape[1])
