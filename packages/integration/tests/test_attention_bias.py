@@ -88,16 +88,18 @@ def test_a_position_bias_added_in_place_goes_to_the_kernel_as_one_batch_row():
     )
 
 
-def test_scores_added_in_place_into_another_tensor_are_not_taken():
+def test_scores_added_in_place_into_an_input_are_not_taken():
     def fn(q, k, v, bias):
-        total = bias * 1.0
-        total += torch.matmul(q, k.transpose(-1, -2))  # the bias is the tensor written: not the scores
-        return (torch.matmul(torch.softmax(total, dim=-1), v), total)
+        bias += torch.matmul(q, k.transpose(-1, -2))  # the caller's bias is written: not ours to drop
+        return (torch.matmul(torch.softmax(bias, dim=-1), v),)
 
     g = torch.Generator().manual_seed(2)
     q, k, v = (_random(1, 2, 5, 8, generator=g) for _ in range(3))
-    record, _, compiled = rewritten(fn, q, k, v, _random(1, 2, 5, 5, generator=g))
+    bias = _random(1, 2, 5, 5, generator=g)
+    written = bias.clone()
+    record, _, compiled = rewritten(fn, q, k, v, written)
     assert record.fired["attention_eager"] == 0
+    torch.testing.assert_close(written, bias + q @ k.transpose(-1, -2), rtol=1e-6, atol=1e-6)
 
 
 def deberta_attention(q, k, v, rel, attention_mask, mask_kind: str):
