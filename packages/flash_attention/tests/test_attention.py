@@ -184,7 +184,7 @@ def make_key_padding(kind, b, n_k, seed):
 
 @more_on_cpu
 @given(shape=shapes(), dtype=dtypes(), layouts=qkv_layouts, specs=qkv_specs, causal=st.booleans(),
-       bias_shape=st.sampled_from(["none", "1hqk", "b1qk", "qk"]),
+       bias_shape=st.sampled_from(["none", "1hqk", "b1qk", "qk", "bhqk"]),
        mask_kind=st.sampled_from(["none", "bool_b1qk", "bool_qk", "float_b1qk"]),
        kpm_kind=st.sampled_from(["none", "lengths", "prefix", "scattered"]))  # fmt: skip
 def test_masks_and_bias_match_reference(
@@ -192,7 +192,12 @@ def test_masks_and_bias_match_reference(
 ):
     b, h, n_q, n_k, d = shape
     q, k, v = make_qkv(b, h, n_q, n_k, d, dtype, specs, layouts)
-    bias_shapes = {"1hqk": (1, h, n_q, n_k), "b1qk": (b, 1, n_q, n_k), "qk": (n_q, n_k)}
+    bias_shapes = {
+        "1hqk": (1, h, n_q, n_k),
+        "b1qk": (b, 1, n_q, n_k),
+        "qk": (n_q, n_k),
+        "bhqk": (b, h, n_q, n_k),
+    }
     bias = (
         make_tensor(bias_shapes[bias_shape], dtype, ValueSpec(specs[0].seed + 5, 2.0, 0.0))
         if bias_shape != "none"

@@ -22,21 +22,13 @@ from transformers import (
 )
 
 from kernl.integration import optimize_model
+from kernl.integration.bench.zoo import FAMILIES
 from kernl.integration.position_tables import TABLE, precompute_position_tables
 from kernl_testing import on_gpu
 
 DTYPE = torch.float16 if on_gpu() else torch.float32
-# DeBERTa-v3's settings (log buckets: transformers computes part of them on the CPU), shrunk
-DEBERTA_V3 = dict(
-    relative_attention=True,
-    position_buckets=16,
-    max_relative_positions=-1,
-    pos_att_type=["p2c", "c2p"],
-    norm_rel_ebd="layer_norm",
-    share_att_key=True,
-    position_biased_input=False,
-    type_vocab_size=0,
-)
+# DeBERTa-v3's settings (log buckets: transformers computes part of them on the CPU), tiny: the zoo's
+DEBERTA_V3 = FAMILIES["DeBERTa-v2"].tiny
 DEBERTA_V2 = dict(relative_attention=True, pos_att_type=["p2c", "c2p"], max_relative_positions=-1)
 CASES = {
     "mpnet": (MPNetModel, MPNetConfig, {}, "last_hidden_state"),

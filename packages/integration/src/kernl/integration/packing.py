@@ -310,7 +310,7 @@ class PackedForward:
         speed=None,
     ):
         self.model, self.compiled, self.unpacked, self.longest = model, compiled, unpacked, longest
-        self.speed, self.speed_key = speed, None  # never-slower check; the last packed call's signature
+        self.speed = speed  # never-slower check, per packed signature (see _speed_key)
         self.unpacked_buckets = unpacked_buckets
         self.name_arguments = argument_namer(inspect.signature(model.kernl_original_forward))
         self.offsets, self.buckets, self.report = offsets, buckets, report
@@ -332,15 +332,15 @@ class PackedForward:
         if kind in self.unscatterable or dropped_types or not packable_call(arguments):
             return self.unpacked(*args, **kwargs)
         try:
-            output = self._packed(arguments)
+            speed_key, output = self._packed(arguments)
             if output is _KEEP_PYTORCH:  # a speed check found the original forward faster for this signature
                 return self._original(args, kwargs)
-            if output is not None and self.speed is not None and not self.speed.judged(self.speed_key):
-                label = f"token bucket {'+'.join(map(str, self.speed_key[-1]))}"
+            if output is not None and self.speed is not None and not self.speed.judged(speed_key):
+                label = f"token bucket {'+'.join(map(str, speed_key[-1]))}"
                 self.speed.judge(
-                    self.speed_key,
+                    speed_key,
                     label,
-                    lambda: self._packed(arguments),
+                    lambda: self._packed(arguments)[1],
                     lambda: self._original(args, kwargs),
                 )
         except PackingUnsupported as reason:
@@ -364,12 +364,13 @@ class PackedForward:
             return self.model.kernl_original_forward(*args, **kwargs)
 
     def _packed(self, arguments: dict):
-        """The call run packed, or None when this call must run unpacked (see the module docstring)."""
+        """``(speed_key, output)``: the call's signature for the speed check (None before it is planned) and
+        the call run packed, or None when this call must run unpacked (see the module docstring)."""
         ids = arguments.get("input_ids")
         token_input = ids if ids is not None else arguments["inputs_embeds"]
         batch, columns = token_input.shape[:2]
         if self.longest is not None and columns > self.longest and arguments.get("position_ids") is None:
-            return None
+            return None, None
         mask = arguments.get("attention_mask")
         if mask is None:
             real = torch.ones(batch, columns, dtype=torch.bool, device=token_input.device)
@@ -380,12 +381,12 @@ class PackedForward:
             first_column_real = all(first_real)
         groups = plan_groups(lengths, self.buckets)
         if groups is None or (self.offsets.reads_first_token and not first_column_real):
-            return None
+            return None, None
         if sum(group.bucket for group in groups) >= batch * bucket(columns, self.unpacked_buckets):
-            return None  # no padding work saved: the unpacked path, without the gather and scatter
-        self.speed_key = _speed_key(arguments, groups)
-        if self.speed is not None and self.speed.keeps_pytorch(self.speed_key):
-            return _KEEP_PYTORCH
+            return None, None  # no padding work saved: the unpacked path, without the gather and scatter
+        speed_key = _speed_key(arguments, groups)
+        if self.speed is not None and self.speed.keeps_pytorch(speed_key):
+            return speed_key, _KEEP_PYTORCH
         names, table = self._token_table(arguments)
         embeds = arguments.get("inputs_embeds")
         embeds = None if embeds is None else embeds.reshape(batch * columns, -1)
@@ -401,9 +402,9 @@ class PackedForward:
             with torch.no_grad():
                 output = self.compiled(**packed, **flags)
             if self.offsets.reads_first_token and not first_column_real:  # learnt by this first compile
-                return None
+                return speed_key, None
             into = _scatter(output, group, index[: group.tokens], into, batch, columns)
-        return _rebuilt(output, into, batch, columns)
+        return speed_key, _rebuilt(output, into, batch, columns)
 
     def _token_table(self, arguments: dict) -> tuple[list[str], torch.Tensor]:
         """The integer per-token inputs of the packed calls, in the caller's layout: their names and

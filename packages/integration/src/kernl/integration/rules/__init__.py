@@ -24,6 +24,7 @@ class Rule:
 
 def _rules() -> list[Rule]:
     from kernl.integration.rules import (
+        attention_bmm,
         attention_eager,
         attention_gqa,
         attention_sdpa,
@@ -44,6 +45,7 @@ def _rules() -> list[Rule]:
         attention_gqa.RULE,
         attention_sdpa.RULE,
         attention_eager.RULE,
+        attention_bmm.RULE,
         rotary.RULE,
         gated_ffn.RULE,
         conv1d.RULE,

@@ -63,6 +63,18 @@ def _program(mask: fx.Node) -> tuple[fx.GraphModule, list[fx.Node]] | None:
     return fx.GraphModule(torch.nn.Module(), graph), [n for n in ancestors if n.op == "placeholder"]
 
 
+def constant_value(node) -> torch.Tensor | None:
+    """The value of ``node`` when it depends on no graph input (its nodes replayed here), else None."""
+    found = _program(node) if isinstance(node, fx.Node) else None
+    if found is None or found[1]:
+        return None
+    try:
+        value = found[0]()
+    except Exception:  # an op we cannot replay here: not a constant we know
+        return None
+    return value if isinstance(value, torch.Tensor) else None
+
+
 def attends_everywhere(mask: fx.Node, additive: bool) -> bool:
     """True when ``mask`` depends on no graph input and lets every query attend every key.
 

@@ -50,11 +50,17 @@ def _transposed_key(node) -> fx.Node | None:
     return node.args[0] if dims == {2, 3} and only_user(node) is not None else None
 
 
+def _is_sum(node) -> bool:
+    """``a + b``, or ``a += b`` (MPNet adds its position bias in place): the result is the new scores."""
+    return is_add(node) or (is_function(node, (operator.iadd,)) and len(node.args) == 2)
+
+
 def _is_scores(node) -> bool:
-    return _is_matmul(node) or is_function(node, (operator.mul, operator.truediv)) or is_add(node)
+    return _is_matmul(node) or is_function(node, (operator.mul, operator.truediv)) or _is_sum(node)
 
 
-def _softmax_input(node) -> fx.Node | None:
+def softmax_input(node) -> fx.Node | None:
+    """The scores of ``node`` when it is a softmax over the last of 4 dimensions, else None."""
     if is_function(node, SOFTMAX_TARGETS):
         dim = arg(node, 1, "dim")
     elif is_method(node, ("softmax",)):
@@ -71,15 +77,16 @@ def _match(probs_matmul: fx.Node):
     if is_method(probs, ("to", "type_as")) and only_user(probs) is probs_matmul:
         chain.append(probs)
         probs = probs.args[0]
-    scores = _softmax_input(probs)
+    scores = softmax_input(probs)
     if scores is None or only_user(probs) is None:
         return None
     chain.append(probs)
     addends = []  # the mask, or a bias and a mask (T5: position bias, then the padding mask)
-    while is_add(scores) and only_user(scores) is not None and len(addends) < 2:
+    while _is_sum(scores) and only_user(scores) is not None and len(addends) < 2:
         chain.append(scores)
-        scores, addend = scores.args if _is_scores(scores.args[0]) else reversed(scores.args)
-        addends.append(addend)
+        in_place = scores.target is operator.iadd
+        scores, addend = scores.args if in_place or _is_scores(scores.args[0]) else reversed(scores.args)
+        addends.append(addend)  # in place: the scores are the operand written, used by the sum alone
     scale = None
     if is_function(scores, (operator.mul, operator.truediv)) and only_user(scores) is not None:
         a, b = scores.args
@@ -113,8 +120,19 @@ def _call_args(gm: fx.GraphModule, q, k, v, scale, addends) -> AttentionArgs | N
         # the mask became a key padding mask, or lets everything through; a bias folded into it
         # (where(keep, bias, -big)) would make two biases, which the kernel does not take
         if call_args.mask is None and call_args.bias is None:
-            return call_args._replace(bias=contiguous_once(gm, bias))
+            return call_args._replace(bias=contiguous_once(gm, _one_batch_source(bias)))
     return None
+
+
+def _one_batch_source(bias: fx.Node) -> fx.Node:
+    """``x`` when ``bias`` is ``x.expand(B, ...)[.contiguous()]`` with ``x`` of batch 1 (MPNet's position
+    bias, copied once per batch row): the kernel broadcasts it and reads one copy; else ``bias``."""
+    node = bias.args[0] if is_method(bias, ("contiguous",)) and len(bias.args) == 1 else bias
+    source = node.args[0] if is_method(node, ("expand",)) and node.args else None
+    value, expanded = example(source), example(bias)
+    if value is None or value.dim() != 4 or value.shape[0] != 1 or value.shape[1:] != expanded.shape[1:]:
+        return bias
+    return source
 
 
 def rewrite(gm: fx.GraphModule) -> int:
