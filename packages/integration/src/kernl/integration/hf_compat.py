@@ -147,6 +147,12 @@ def self_attention_room(cache) -> int:
     return min((getattr(layer, "max_cache_len", 0) or 0 for layer in layers), default=0)
 
 
+def has_sliding_layers(cache) -> bool:
+    """Whether ``cache`` has sliding-window layers (``layer.is_sliding``, 5.17, 5.25): such a static layer
+    keeps its length in a Python int that changes every step."""
+    return any(getattr(layer, "is_sliding", False) for layer in cache_layers(cache))
+
+
 def generate_output(model, sequences: torch.Tensor, cache, beam_indices: torch.Tensor | None = None):
     """What ``generate(..., return_dict_in_generate=True)`` returns for ``sequences`` and ``cache`` without
     scores, attentions or hidden states (``GenerateEncoderDecoderOutput``/``GenerateDecoderOnlyOutput``;
