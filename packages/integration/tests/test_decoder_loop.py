@@ -9,6 +9,7 @@ import copy
 import pytest
 import torch
 from transformers import (
+    GenerationMixin,
     GPT2Config,
     GPT2LMHeadModel,
     LlamaConfig,
@@ -17,11 +18,14 @@ from transformers import (
     MistralForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
+    StaticCache,
 )
 from transformers.generation.streamers import BaseStreamer
 
-from kernl.integration import optimize_model
+from kernl.integration import hf_compat, optimize_model
 from kernl.integration.decode import loop as decode_loop
+from kernl.integration.decode.step_arguments import DecoderOnlyArguments
+from kernl.integration.hf_compat import CACHE_NAME
 from kernl_testing import on_gpu
 
 DEVICE = "cuda" if on_gpu() else "cpu"
@@ -111,6 +115,39 @@ def _only_kernl_loop(optimized, kinds) -> None:
     loops = optimized.kernl_report.generate_loops
     assert set(kinds) <= set(loops), loops
     assert all(outcome.startswith(KERNL_LOOP) for outcomes in loops.values() for outcome in outcomes), loops
+
+
+def test_steady_step_arguments_give_each_step_the_mask_and_positions_transformers_grows():
+    """transformers' own ``_update_model_kwargs_for_generation`` and ``prepare_inputs_for_generation``
+    (this release's) against the loop's steady arguments, step after step: the same positions fed, the
+    same 4-D mask over the static cache (guards the transformers internals the loop relies on)."""
+    model = _pair("llama-kv4")[1]
+    ids, mask = _prompt(seed=6)
+    batch, prompt = ids.shape
+    room = prompt + 6
+    cache = StaticCache(config=model.config, max_cache_len=room)
+    with torch.inference_mode():
+        prepared = {
+            "attention_mask": mask,
+            "position_ids": model._prepare_position_ids_for_generation(ids, {"attention_mask": mask}),
+            "use_cache": True,
+            CACHE_NAME: cache,
+        }
+        model(input_ids=ids, **prepared)  # the prefill fills the cache: its length is the prompt's
+        arguments = DecoderOnlyArguments()
+        grown = GenerationMixin._update_model_kwargs_for_generation(model, {}, prepared)
+        steady = arguments.steady(grown, room)
+        token = ids[:, -1:]
+        for _ in range(3):
+            theirs = model.prepare_inputs_for_generation(token, next_sequence_length=1, **grown)
+            ours = hf_compat.step_inputs(model, token, steady)
+            assert torch.equal(ours["position_ids"], theirs["position_ids"])
+            assert torch.equal(ours["attention_mask"], theirs["attention_mask"])
+            assert ours["attention_mask"].shape == (batch, 1, 1, room)
+            model(**theirs)  # one step: the cache's length goes on
+            grown = GenerationMixin._update_model_kwargs_for_generation(model, {}, grown)
+            arguments.advance(steady)
+    assert not ours["attention_mask"][1, 0, 0, : prompt - 4].any()  # the second row's left padding
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))

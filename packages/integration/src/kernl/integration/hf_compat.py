@@ -1,7 +1,7 @@
 """Every transformers internal kernl's ``generate()`` relies on, in one place.
 
 Each one is tested on transformers 5.17 (the GPU image) and 5.25 (the CPU image); the tests of
-``test_generation.py`` and ``test_t5.py`` exercise all of them. A release that changes one of them
+``test_generation.py``, ``test_t5.py`` and ``test_decoder_loop.py`` exercise all of them. A release that changes one of them
 should fail here, by name, rather than somewhere in the generation code.
 """
 
@@ -13,6 +13,16 @@ import transformers
 # The key/value cache argument of a model's forward: ``past_key_values`` up to 5.23, ``cache`` from 5.24
 # (5.25 still accepts ``past_key_values``, with a FutureWarning).
 CACHE_ARGUMENT_NAMES = ("cache", "past_key_values")
+
+# A decoder-only model's arguments that ``_update_model_kwargs_for_generation`` grows after every forward
+# (5.17, 5.25): ``attention_mask`` by a column of ones, ``position_ids`` by the column
+# ``position_ids[..., -1:] + 1``. ``prepare_inputs_for_generation`` then feeds the positions' last column,
+# and turns the mask into a 4-D one over the static cache's length (a shorter mask padded with zeros, the
+# columns past the query's position, the cache's device-side length, hidden by the causal mask).
+DECODER_ONLY_GROWN_ARGUMENTS = ("attention_mask", "position_ids")
+# Its arguments that stay as they are: ``logits_to_keep`` (set to 1 by generate() for models that take it)
+# and ``use_cache`` (5.17, 5.25).
+DECODER_ONLY_STEADY_ARGUMENTS = ("logits_to_keep", "use_cache")
 
 # ``GenerationMixin._prepare_static_cache``'s parameters (5.17, 5.25): kernl wraps it to reuse caches.
 STATIC_CACHE_FACTORY_PARAMETERS = [

@@ -1,10 +1,11 @@
 """The model arguments of the decode loop's steps: what differs between encoder-decoder and decoder-only
 models, kept out of the loop.
 
-transformers' loop grows some model arguments every step (``_update_model_kwargs_for_generation``): a
-decoder-only model's ``attention_mask`` gains a column of ones and its ``position_ids`` a column one past
-the last. A captured chunk of steps needs its inputs at fixed shapes and addresses, so the loop holds
-them in a steady form that gives each step the inputs transformers' growing ones give:
+transformers' loop grows some model arguments every step (``_update_model_kwargs_for_generation``,
+:data:`~kernl.integration.hf_compat.DECODER_ONLY_GROWN_ARGUMENTS`): a decoder-only model's
+``attention_mask`` gains a column of ones and its ``position_ids`` a column one past the last. A
+captured chunk of steps needs its inputs at fixed shapes and addresses, so the loop holds them in a
+steady form that gives each step the inputs transformers' growing ones give:
 
 - :class:`EncoderDecoderArguments`: nothing grows (the encoder's outputs and mask, the cache);
 - :class:`DecoderOnlyArguments`: the attention mask is widened to the static cache's length once, its
@@ -18,7 +19,11 @@ them in a steady form that gives each step the inputs transformers' growing ones
 
 import torch
 
-from kernl.integration.hf_compat import CACHE_ARGUMENT_NAMES
+from kernl.integration.hf_compat import (
+    CACHE_ARGUMENT_NAMES,
+    DECODER_ONLY_GROWN_ARGUMENTS,
+    DECODER_ONLY_STEADY_ARGUMENTS,
+)
 
 
 class EncoderDecoderArguments:
@@ -43,8 +48,7 @@ class DecoderOnlyArguments:
     """A decoder-only model's step arguments: a 2-D ``attention_mask`` (None without padding) widened to
     the cache, and ``position_ids`` as the next step's column (see the module docstring)."""
 
-    # logits_to_keep: generate() sets it to 1 for models that take it; the same every step
-    names = frozenset({"attention_mask", "position_ids", "logits_to_keep", "use_cache", *CACHE_ARGUMENT_NAMES})
+    names = frozenset({*DECODER_ONLY_GROWN_ARGUMENTS, *DECODER_ONLY_STEADY_ARGUMENTS, *CACHE_ARGUMENT_NAMES})
 
     def refusal(self, model_kwargs: dict) -> str | None:
         """Why the loop cannot hold ``model_kwargs`` steady: an argument other than :attr:`names`, a mask
@@ -52,7 +56,7 @@ class DecoderOnlyArguments:
         unknown = _unknown(model_kwargs, self.names)
         if unknown is not None:
             return unknown
-        for name in ("attention_mask", "position_ids"):
+        for name in DECODER_ONLY_GROWN_ARGUMENTS:
             value = model_kwargs.get(name)
             if value is not None and (not isinstance(value, torch.Tensor) or value.dim() != 2):
                 return f"{name} is not a 2-D tensor"
