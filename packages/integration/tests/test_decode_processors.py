@@ -294,6 +294,10 @@ def test_decoder_only_step_arguments_are_held_steady_as_transformers_grows_them(
     three_d = {**prepared, "position_ids": positions[None]}  # a model with several position axes
     assert arguments.refusal(three_d) == "position_ids is not a 2-D tensor"
     assert EncoderDecoderArguments().refusal(prepared) == "model arguments logits_to_keep, position_ids"
+    # a launch past max_length must not feed a position a table of learned positions (GPT-2's) lacks
+    for kind in (DecoderOnlyArguments, EncoderDecoderArguments):
+        assert kind(16).length_refusal(16) is None and kind().length_refusal(10**6) is None
+        assert "max_position_embeddings (16)" in kind(16).length_refusal(17)
 
 
 def test_the_report_lists_each_call_kinds_loops_once():

@@ -95,10 +95,10 @@ def _advance_beams(state: DecodeState, settings: LoopSettings, log_probs: torch.
     state.cache.reorder_cache(choice.beam_rows)
 
 
-def _cache_refusal(cache, generation_config) -> str | None:
-    """Why the loop cannot run its steps over ``cache`` (the call's static cache); None when it can."""
-    needed = generation_config.max_length - 1 + EXTRA_CACHE_POSITIONS
-    if cache is None or hf_compat.self_attention_room(cache) < needed:
+def _cache_refusal(cache, length: int) -> str | None:
+    """Why the loop cannot run steps up to a sequence of ``length`` tokens over ``cache`` (the call's static
+    cache); None when it can."""
+    if cache is None or hf_compat.self_attention_room(cache) < length:
         return "the static cache has no room for the steps past max_length of a launch"
     if hf_compat.has_sliding_layers(cache):
         return "the static cache has sliding-window layers, whose length a captured step would replay stale"
@@ -158,9 +158,11 @@ class DecodeLoop:
             self.arguments,
         )
         if isinstance(settings, LoopSettings):
-            settings = (
-                _cache_refusal(hf_compat.cache_argument(model_kwargs)[1], generation_config) or settings
-            )
+            # the longest sequence a step may feed: the last launch runs up to EXTRA_CACHE_POSITIONS steps
+            # past max_length
+            length = generation_config.max_length - 1 + EXTRA_CACHE_POSITIONS
+            cache = hf_compat.cache_argument(model_kwargs)[1]
+            settings = _cache_refusal(cache, length) or self.arguments.length_refusal(length) or settings
         if isinstance(settings, str):
             self.report.note_loop(kind, f"transformers' loop: {settings}")
             method = hf_compat.transformers_decoding(generation_config)

@@ -14,6 +14,8 @@ steady form that gives each step the inputs transformers' growing ones give:
   the position ids are one column, the next step's positions (transformers' ``position_ids[..., -1:]``,
   per row: a left-padded row's positions start at its first real token), advanced by one after each step.
 
+Both refuse a call whose last launch, running past ``max_length``, would feed a position past the model's
+``max_position_embeddings`` (a table of learned positions, GPT-2's or BART's, has no row for it).
 ``step_arguments(model)`` picks one by ``model.config.is_encoder_decoder``.
 """
 
@@ -26,7 +28,25 @@ from kernl.integration.hf_compat import (
 )
 
 
-class EncoderDecoderArguments:
+class _PositionLimit:
+    """``position_limit``: the model's ``max_position_embeddings`` (None: no limit)."""
+
+    def __init__(self, position_limit: int | None = None):
+        self.position_limit = position_limit
+
+    def length_refusal(self, length: int) -> str | None:
+        """Why steps cannot run up to a sequence of ``length`` tokens (the call's ``max_length`` plus the
+        steps a launch runs past it): the last one would feed a position past the limit; None when they
+        can."""
+        if self.position_limit is not None and length > self.position_limit:
+            return (
+                f"the steps a launch runs past max_length would feed positions past max_position_embeddings "
+                f"({self.position_limit})"
+            )
+        return None
+
+
+class EncoderDecoderArguments(_PositionLimit):
     """An encoder-decoder model's step arguments: the same tensors every step."""
 
     names = frozenset({"encoder_outputs", "attention_mask", "use_cache", *CACHE_ARGUMENT_NAMES})
@@ -44,7 +64,7 @@ class EncoderDecoderArguments:
         """After a step: nothing changes."""
 
 
-class DecoderOnlyArguments:
+class DecoderOnlyArguments(_PositionLimit):
     """A decoder-only model's step arguments: a 2-D ``attention_mask`` (None without padding) widened to
     the cache, and ``position_ids`` as the next step's column (see the module docstring)."""
 
@@ -88,10 +108,11 @@ StepArguments = EncoderDecoderArguments | DecoderOnlyArguments
 
 
 def step_arguments(model) -> StepArguments:
-    """The step arguments of ``model``'s kind: encoder-decoder or decoder-only."""
+    """The step arguments of ``model``'s kind: encoder-decoder or decoder-only, with its position limit."""
+    limit = getattr(model.config, "max_position_embeddings", None)
     if getattr(model.config, "is_encoder_decoder", False):
-        return EncoderDecoderArguments()
-    return DecoderOnlyArguments()
+        return EncoderDecoderArguments(limit)
+    return DecoderOnlyArguments(limit)
 
 
 def _unknown(model_kwargs: dict, names: frozenset) -> str | None:
