@@ -98,10 +98,10 @@ def _advance_beams(state: DecodeState, settings: LoopSettings, log_probs: torch.
 def _cache_refusal(cache, length: int) -> str | None:
     """Why the loop cannot run steps up to a sequence of ``length`` tokens over ``cache`` (the call's static
     cache); None when it can."""
+    if cache is not None and hf_compat.has_sliding_layers(cache):  # their room is the window's
+        return "the static cache has sliding-window layers, whose length a captured step would replay stale"
     if cache is None or hf_compat.self_attention_room(cache) < length:
         return "the static cache has no room for the steps past max_length of a launch"
-    if hf_compat.has_sliding_layers(cache):
-        return "the static cache has sliding-window layers, whose length a captured step would replay stale"
     return None
 
 
