@@ -146,7 +146,8 @@ def prefill(model, input_ids: torch.Tensor, generation_config, model_kwargs: dic
 def step_inputs(model, token: torch.Tensor, model_kwargs: dict) -> dict:
     """A decoder step's forward arguments for the last tokens ``token`` (int64 ``(batch, 1)``), as
     ``_sample`` builds them (``model.prepare_inputs_for_generation(ids, next_sequence_length=1, ...)``,
-    5.17, 5.25; over a static cache the positions come from the cache's own device-side length)."""
+    5.17, 5.25; over a static cache the query's position in the cache comes from the cache's own
+    device-side length, a decoder-only model's position ids from ``model_kwargs``)."""
     return model.prepare_inputs_for_generation(token, next_sequence_length=1, **model_kwargs)
 
 
