@@ -6,13 +6,18 @@ Prefill: wall-clock latency of ``model(input_ids)`` (a key/value cache returned,
 1x512 and 8x512, HF sdpa against kernl (``--compile-prefill`` adds ``torch.compile`` of the same call,
 slow to compile). Decode: ``generate()`` greedy, 128 prompt tokens, 64 new, at batch 1 and 8, HF with
 its default dynamic cache, HF with ``cache_implementation="static"`` (transformers compiles the decoder
-step with ``torch.compile``) and kernl (a static cache by default); decode tokens/s from the difference
-between 64 new tokens and 1 (the prefill and the first token), and the fraction of the HBM floor that
-is: the parameter bytes one step reads, over the device-to-device copy bandwidth measured here.
-Same greedy tokens: kernl's against HF's static cache.
+step with ``torch.compile``), kernl (a static cache by default, kernl's own decode loop: chunks of steps
+per CUDA graph launch, no host read per token) and kernl with transformers' loop (the same model with
+``kernl_decode_loop.enabled = False``: each decoder step replayed from its CUDA graph, transformers'
+Python and a host read between steps); decode tokens/s from the difference between 64 new tokens and 1
+(the prefill and the first token), and the fraction of the HBM floor that is: the parameter bytes one
+step reads, over the device-to-device copy bandwidth measured here. Same greedy tokens: kernl's against
+HF's static cache and against kernl's with transformers' loop; each row says which loop kernl's calls ran
+(the report's ``generate_loops``).
 Writes benchmarks/results/<gpu>/decoder_<model>.{json,png}.
 Run: python packages/integration/benchmarks/bench_decoder.py [--model llama|gpt2] [--part prefill|decode]
-[--compile-prefill]; with one part, the files are decoder_<model>_<part>.{json,png}.
+[--compile-prefill] [--engines kernl "kernl, transformers' loop" ...]; with one part, the files are
+decoder_<model>_<part>.{json,png}; with some engines, decoder_<model>_<part>_some.{json,png}.
 """
 
 import argparse
@@ -31,14 +36,17 @@ PREFILL_SHAPES = [(1, 512), (8, 512)]
 DECODE_BATCHES = [1, 8]
 PROMPT_TOKENS, NEW_TOKENS = 128, 64
 # generate() calls before timing a size: kernl compiles the decoder step in the first (the prefill
-# allocates the static cache), the prefill in the second (the cache is reused), captures it in the third;
+# allocates the static cache) and runs its loop's chunk of steps as the capture's warm-up, compiles the
+# prefill in the second (the cache is reused) and captures the chunk, captures the prefill in the third;
 # HF's static cache compiles its step in the first
 WARM_UP_CALLS = 3
 GENERATE_ENGINES = {
     "HF dynamic cache": {},
     "HF static cache + torch.compile": {"cache_implementation": "static"},
+    "kernl, transformers' loop": {},
     "kernl": {},
 }
+KERNL_ENGINES = ("kernl", "kernl, transformers' loop")
 
 
 def llama_1b() -> torch.nn.Module:
@@ -114,14 +122,18 @@ def prefill_rows(engines: dict, vocab: int) -> list[dict]:
 
 
 def decode_rows(models: dict, vocab: int, floor_step_ms: float) -> list[dict]:
+    """One row per batch size: each engine of ``models`` (name -> model) timed, and whether the tokens
+    agree."""
     rows = []
     for batch in DECODE_BATCHES:
         ids, mask = inputs(batch, PROMPT_TOKENS, vocab)
         row = {"batch": batch, "prompt": PROMPT_TOKENS, "new_tokens": NEW_TOKENS}
         tokens = {}
-        for name, extra in GENERATE_ENGINES.items():
+        for name, model in models.items():
+            if name in KERNL_ENGINES:
+                model.kernl_decode_loop.enabled = name == "kernl"
             generate = functools.partial(
-                models[name].generate, input_ids=ids, attention_mask=mask, do_sample=False, **extra
+                model.generate, input_ids=ids, attention_mask=mask, do_sample=False, **GENERATE_ENGINES[name]
             )
             full = functools.partial(generate, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS)
             first = functools.partial(generate, max_new_tokens=1, min_new_tokens=1)
@@ -143,6 +155,13 @@ def decode_rows(models: dict, vocab: int, floor_step_ms: float) -> list[dict]:
             row["kernl / HF static + compile (decode)"] = round(
                 row["kernl decode tokens/s"] / row[f"{peer} decode tokens/s"], 3
             )
+        if all(name in tokens for name in KERNL_ENGINES):
+            row["kernl's loop: same tokens as transformers' loop"] = bool(
+                torch.equal(tokens["kernl"], tokens["kernl, transformers' loop"])
+            )
+        kernl = next((models[name] for name in KERNL_ENGINES if name in models), None)
+        if kernl is not None:  # which loop each of kernl's engines ran, and why (every call so far)
+            row["kernl loops"] = kernl.kernl_report.generate_loops.get("greedy", [])
         print(row, flush=True)
         rows.append(row)
     return rows
@@ -167,9 +186,16 @@ def chart(results: dict, title: str):
     prefill.set_ylabel("prefill speedup over HF sdpa")
     prefill.legend(fontsize=8)
     runs = results["decode"]
-    for index, engine in enumerate(GENERATE_ENGINES):
+    engines = [engine for engine in GENERATE_ENGINES if any(f"{engine} generate ms" in row for row in runs)]
+    width = 0.8 / max(1, len(engines))
+    for index, engine in enumerate(engines):
         rates = [row.get(f"{engine} decode tokens/s", 0.0) for row in runs]
-        bars = decode.bar([i + (index - 1) * 0.27 for i in range(len(runs))], rates, 0.27, label=engine)
+        bars = decode.bar(
+            [i + (index - (len(engines) - 1) / 2) * width for i in range(len(runs))],
+            rates,
+            width,
+            label=engine,
+        )
         decode.bar_label(bars, labels=[f"{r:.0f}" if r else "failed" for r in rates], fontsize=7)
     decode.set_xticks(range(len(runs)), [f"batch {row['batch']}" for row in runs])
     decode.set_ylabel(f"decode tokens/s ({PROMPT_TOKENS} in, {NEW_TOKENS} out, greedy)")
@@ -184,7 +210,12 @@ def main() -> None:
     parser.add_argument("--model", choices=list(MODELS), default="llama")
     parser.add_argument("--compile-prefill", action="store_true", help="also torch.compile the prefill")
     parser.add_argument("--part", choices=["prefill", "decode", "both"], default="both")
+    parser.add_argument(
+        "--engines", nargs="+", choices=list(GENERATE_ENGINES), default=list(GENERATE_ENGINES),
+        help="the generate() engines to time (default: all)",
+    )  # fmt: skip
     options = parser.parse_args()
+    chosen = options.engines
     parts = ["prefill", "decode"] if options.part == "both" else [options.part]
     title, build = MODELS[options.model]
     model = build()
@@ -197,7 +228,7 @@ def main() -> None:
     prefill_engines = {"HF sdpa": model, "kernl": kernl}
     if options.compile_prefill:
         prefill_engines["torch.compile"] = torch.compile(copy.deepcopy(model).forward, dynamic=False)
-    generate_models = {"HF dynamic cache": model, "HF static cache + torch.compile": model, "kernl": kernl}
+    generate_models = {name: kernl if name in KERNL_ENGINES else model for name in chosen}
     results = {"prefill": [], "decode": []}
     with torch.inference_mode():
         if "prefill" in parts:
@@ -214,6 +245,7 @@ def main() -> None:
         "kernl report": report.to_dict(),
     }
     name = f"decoder_{options.model}" + ("" if options.part == "both" else f"_{options.part}")
+    name += "" if set(chosen) == set(GENERATE_ENGINES) else "_some"
     write_results(name, payload)
     save_figure(chart(results, title), name)
 

@@ -13,10 +13,12 @@ from transformers.generation import stopping_criteria as hf_stopping
 
 from kernl.integration.decode import draws, processors, settings
 from kernl.integration.decode.beam_search import BeamSettings
+from kernl.integration.decode.step_arguments import DecoderOnlyArguments, EncoderDecoderArguments
 from kernl.integration.report import OptimizationReport
 from kernl_testing import on_gpu
 
 DEVICE = "cuda" if on_gpu() else "cpu"
+ENCODER_DECODER = EncoderDecoderArguments()
 
 VOCAB = 37  # odd, and smaller than some ids in the buffers' unused columns
 
@@ -32,6 +34,7 @@ def _tokens(batch: int, length: int, width: int, seed: int, max_length: int = 8,
         ids=buffer.to(DEVICE),
         length=torch.tensor([length], device=DEVICE),
         max_length=torch.tensor([max_length], device=DEVICE),
+        starts=torch.zeros(batch, dtype=torch.int64, device=DEVICE),
     )
     return ids.to(DEVICE), tokens
 
@@ -128,7 +131,25 @@ def test_processors_are_translated_from_transformers_with_their_parameters():
     assert reason == "SuppressTokensLogitsProcessor is not on kernl's loop"
     per_row = hf.RepetitionPenaltyLogitsProcessor(1.2)
     per_row.prompt_ignore_length = torch.tensor([0, 2])  # transformers 5.25 with a decoder attention mask
-    assert "per-row" in processors.from_transformers(per_row, eos)
+    assert processors.from_transformers(per_row, eos) == processors.RepetitionPenalty(1.2, per_row=True)
+    assert torch.equal(processors.row_starts([hf.TopKLogitsWarper(3), per_row]), torch.tensor([0, 2]))
+    assert processors.row_starts([hf.RepetitionPenaltyLogitsProcessor(1.2)]) is None
+
+
+@pytest.mark.parametrize("length", [1, 4, 9])
+def test_a_per_row_repetition_penalty_counts_each_row_from_its_start(length):
+    """Left-padded rows: each row's penalty counts its tokens from its own first column (transformers 5.25
+    gives ``prompt_ignore_length`` per row), as transformers' processor does for that row alone."""
+    ids, tokens = _tokens(batch=3, length=length, width=length + 5, seed=length)
+    starts = torch.tensor([0, min(2, length), length], device=DEVICE)
+    tokens.starts.copy_(starts)
+    scores = _scores(3, length)
+    actual = processors.RepetitionPenalty(1.9, per_row=True)(tokens, scores.clone())
+    for row in range(3):
+        theirs = hf.RepetitionPenaltyLogitsProcessor(1.9, prompt_ignore_length=int(starts[row]))
+        expected = theirs(ids[row : row + 1], scores[row : row + 1].clone())
+        assert torch.equal(actual[row : row + 1], expected), row
+    assert not torch.equal(actual[0], scores[0])  # the first row counts every token: the penalty bites
 
 
 def test_sampling_draws_transformers_tokens_and_leaves_the_generator_where_multinomial_does():
@@ -193,8 +214,9 @@ def test_calls_outside_the_loop_are_refused_with_their_reason():
         assert settings.call_refusal(_encoder_decoder(), kwargs, setting) == reason
     empty = {"logits_processor": [], "stopping_criteria": [], "num_beams": 3}  # empty lists change nothing
     assert settings.call_refusal(_encoder_decoder(), empty, lambda name: getattr(config, name, None)) is None
-    decoder_only = SimpleNamespace(config=SimpleNamespace(is_encoder_decoder=False))
-    assert "decoder-only" in settings.call_refusal(decoder_only, {}, lambda name: getattr(config, name, None))
+    decoder_only = _encoder_decoder()
+    decoder_only.config = SimpleNamespace(is_encoder_decoder=False)  # served too
+    assert settings.call_refusal(decoder_only, {}, lambda name: getattr(config, name, None)) is None
 
     class OwnGenerate(_EncoderDecoder):  # Whisper's generate() wraps transformers'
         def generate(self, *args, **kwargs):
@@ -212,17 +234,23 @@ def test_prepared_calls_outside_the_loop_are_refused_with_their_reason():
     steady = {"encoder_outputs": None, "attention_mask": None, "use_cache": True}
     eos = hf_stopping.EosTokenCriteria(eos_token_id=[1, 4])
     stopping = [hf_stopping.MaxLengthCriteria(9), eos]
-    loop = settings.loop_settings(config, [hf.TopKLogitsWarper(3)], stopping, steady, 1)
+    loop = settings.loop_settings(config, [hf.TopKLogitsWarper(3)], stopping, steady, 1, ENCODER_DECODER)
     assert loop == settings.LoopSettings((processors.TopK(3),), True, (1, 4), 0, 1, None)
-    without_eos = settings.loop_settings(config, [], stopping[:1], steady, 1)
+    without_eos = settings.loop_settings(config, [], stopping[:1], steady, 1, ENCODER_DECODER)
     assert without_eos.eos_token_ids == ()  # no end-of-sequence criterion: rows are never padded
-    assert settings.loop_settings(config, [hf.SuppressTokensLogitsProcessor([3])], stopping, steady, 1) == (
-        "SuppressTokensLogitsProcessor is not on kernl's loop"
-    )
+    assert settings.loop_settings(
+        config, [hf.SuppressTokensLogitsProcessor([3])], stopping, steady, 1, ENCODER_DECODER
+    ) == ("SuppressTokensLogitsProcessor is not on kernl's loop")
     timed = [*stopping, hf_stopping.MaxTimeCriteria(10.0)]
-    assert settings.loop_settings(config, [], timed, steady, 1) == "stopping criterion MaxTimeCriteria"
+    assert (
+        settings.loop_settings(config, [], timed, steady, 1, ENCODER_DECODER)
+        == "stopping criterion MaxTimeCriteria"
+    )
     growing = {**steady, "decoder_position_ids": None}
-    assert settings.loop_settings(config, [], stopping, growing, 1) == "model arguments decoder_position_ids"
+    assert (
+        settings.loop_settings(config, [], stopping, growing, 1, ENCODER_DECODER)
+        == "model arguments decoder_position_ids"
+    )
     beams = GenerationConfig(
         max_length=9,
         num_beams=3,
@@ -231,15 +259,45 @@ def test_prepared_calls_outside_the_loop_are_refused_with_their_reason():
         pad_token_id=0,
         eos_token_id=[1, 4],
     )
-    searched = settings.loop_settings(beams, [], stopping, steady, 2)
+    searched = settings.loop_settings(beams, [], stopping, steady, 2, ENCODER_DECODER)
     assert searched.beams == BeamSettings(
         num_beams=3, length_penalty=0.5, early_stopping=False, num_return_sequences=2, eos_token_ids=(1, 4),
         pad_token_id=0, max_new_tokens=7,
     )  # fmt: skip
     sampled_beams = GenerationConfig(max_length=9, num_beams=2, do_sample=True)
-    assert settings.loop_settings(sampled_beams, [], stopping, steady, 1) == (
+    assert settings.loop_settings(sampled_beams, [], stopping, steady, 1, ENCODER_DECODER) == (
         "generation mode beam_sample is not on kernl's loop"
     )
+
+
+def test_decoder_only_step_arguments_are_held_steady_as_transformers_grows_them():
+    """After the prefill transformers' mask and positions are one column past the prompt and grow by one a
+    step; the loop holds the mask at the cache's width (new columns ones) and the next positions, per row."""
+    arguments = DecoderOnlyArguments()
+    mask = torch.tensor(
+        [[1, 1, 1, 1], [0, 0, 1, 1]]
+    )  # the second row left-padded; the last column: the new token
+    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+    prepared = {"attention_mask": mask, "position_ids": positions, "logits_to_keep": 1, "use_cache": True}
+    assert arguments.refusal(prepared) is None
+    steady = arguments.steady(prepared, room=7)
+    assert torch.equal(steady["attention_mask"], torch.tensor([[1] * 7, [0, 0, 1, 1, 1, 1, 1]]))
+    assert torch.equal(steady["position_ids"], torch.tensor([[3], [1]]))
+    arguments.advance(steady)
+    assert torch.equal(steady["position_ids"], torch.tensor([[4], [2]]))
+    assert torch.equal(positions[:, -1:], torch.tensor([[3], [1]]))  # transformers' tensor untouched
+    without_mask = arguments.steady({"attention_mask": None, "position_ids": positions[:1]}, room=7)
+    assert without_mask["attention_mask"] is None and torch.equal(
+        without_mask["position_ids"], torch.tensor([[3]])
+    )
+    assert arguments.refusal({**prepared, "inputs_embeds": None}) == "model arguments inputs_embeds"
+    three_d = {**prepared, "position_ids": positions[None]}  # a model with several position axes
+    assert arguments.refusal(three_d) == "position_ids is not a 2-D tensor"
+    assert EncoderDecoderArguments().refusal(prepared) == "model arguments logits_to_keep, position_ids"
+    # a launch past max_length must not feed a position a table of learned positions (GPT-2's) lacks
+    for kind in (DecoderOnlyArguments, EncoderDecoderArguments):
+        assert kind(16).length_refusal(16) is None and kind().length_refusal(10**6) is None
+        assert "max_position_embeddings (16)" in kind(16).length_refusal(17)
 
 
 def test_the_report_lists_each_call_kinds_loops_once():

@@ -125,10 +125,11 @@ def test_greedy_generation_matches_hugging_face(kit, family):
     report = optimize_model(optimized)
     reference = model.to(kit.device, DTYPE)
     arguments = dict(max_new_tokens=4, do_sample=False)
-    # The first call's prefill allocates the static cache (PyTorch); its first step compiles the step
-    # graph, its second captures the whole step. The second call reuses the cache: its prefill compiles
-    # (a new key of the whole-step graphs, whose first call is its warm-up: it updates the cache in
-    # place), the third call's prefill is captured, and every later call replays both.
+    # The first call's prefill allocates the static cache (PyTorch); its steps run on kernl's decode loop,
+    # which compiles the step graph and runs its first chunk of steps as the capture's warm-up. The second
+    # call reuses the cache: its prefill compiles (a new key of the whole-step graphs, whose first call is
+    # its warm-up: it updates the cache in place) and its chunk is captured; the third call's prefill is
+    # captured, and every later call replays both.
     for _ in range(3):
         with torch.inference_mode():
             tokens = optimized.generate(ids.to(kit.device), attention_mask=mask.to(kit.device), **arguments)
@@ -142,9 +143,13 @@ def test_greedy_generation_matches_hugging_face(kit, family):
         assert report.graphs[0].fired["attention_gqa_decode"] == LAYERS, str(report)
         assert report.graphs[1].fired["attention_gqa"] == LAYERS, str(report)  # the prefill: no repeat_kv
         assert all(graph.fired["rotary"] == LAYERS for graph in report.graphs), str(report)
-    if on_gpu():  # the decode step and the prefill, each captured whole
+    if on_gpu():  # the prefill captured whole, and the loop's chunk of steps
         captures = optimized.kernl_decoder_graphs.captures
-        assert len(captures) == 2 and all(c.graph is not None for c in captures.values()), captures
+        assert len(captures) == 1 and all(c.graph is not None for c in captures.values()), captures
+        (state,) = optimized.kernl_decode_loop.states.values()
+        chunks = state.graphs.captures
+        assert len(chunks) == 1 and all(c.graph is not None for c in chunks.values()), chunks
+    assert report.generate_loops["greedy"][0].startswith("kernl's loop"), report.generate_loops
 
 
 def test_past_the_recompile_limit_a_decoder_warns_and_runs_as_pytorch(kit):

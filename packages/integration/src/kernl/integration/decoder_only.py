@@ -8,9 +8,11 @@ The model's ``forward`` is routed by its cache argument:
   (:class:`~kernl.integration.forward_graphs.ForwardGraphs`); a cache the forward makes and returns
   is handed out as a fresh object each call (:class:`~kernl.integration.returned_cache.ReturnedCache`).
   Sequence lengths are not bucketed: each length compiles and captures its own graph;
-- a static cache with its buffers allocated (``generate()``'s steps): the decoder step on kernl,
-  captured whole and replayed (:mod:`kernl.integration.generation`, shared with encoder-decoder models);
-  ``generate()`` uses a static cache by default;
+- a static cache with its buffers allocated (``generate()``'s prefill, and its steps when transformers'
+  loop runs them): the decoder step on kernl, captured whole and replayed
+  (:mod:`kernl.integration.generation`, shared with encoder-decoder models); ``generate()`` uses a static
+  cache by default, and its greedy, sampled and beam-search calls run kernl's decode loop
+  (:mod:`kernl.integration.decode`) over the same compiled step;
 - any other cache (a ``DynamicCache`` growing by one position a step: a new shape every call, which
   neither a CUDA graph nor a compiled graph can keep up with), or a static cache with sliding-window
   layers (Mistral with ``sliding_window`` set: their length is a Python int that changes every step):

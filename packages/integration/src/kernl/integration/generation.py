@@ -38,6 +38,7 @@ from kernl.integration.copies import copies_unoptimized
 from kernl.integration.cuda_graphs import FIRST_CALL
 from kernl.integration.decode.loop import EXTRA_CACHE_POSITIONS, DecodeLoop
 from kernl.integration.decode.route import routed_generate
+from kernl.integration.decode.step_arguments import step_arguments
 from kernl.integration.forward_graphs import ForwardGraphs, signature
 from kernl.integration.hf_compat import (
     CACHE_ARGUMENT_NAMES,
@@ -99,7 +100,10 @@ def optimize_generation(model, report: OptimizationReport, bucket, cuda_graphs: 
     else:
         report.notes.append("static caches are not reused across generate() calls (unknown transformers API)")
     model.kernl_original_generate = model.generate
-    loop = DecodeLoop(model, compiled, report, cuda_graphs, _ensure_reorder_in_place)  # kernl's own loop
+    arguments = step_arguments(model)
+    loop = DecodeLoop(
+        model, compiled, arguments, report, cuda_graphs, _ensure_reorder_in_place
+    )  # kernl's own
     model.kernl_decode_loop = loop
     routed = routed_generate(model, model.generate, loop, report)
     model.generate = _bucketed_generate(model, routed, bucket, report)

@@ -1,7 +1,7 @@
 """Every transformers internal kernl's ``generate()`` relies on, in one place.
 
 Each one is tested on transformers 5.17 (the GPU image) and 5.25 (the CPU image); the tests of
-``test_generation.py`` and ``test_t5.py`` exercise all of them. A release that changes one of them
+``test_generation.py``, ``test_t5.py`` and ``test_decoder_loop.py`` exercise all of them. A release that changes one of them
 should fail here, by name, rather than somewhere in the generation code.
 """
 
@@ -13,6 +13,16 @@ import transformers
 # The key/value cache argument of a model's forward: ``past_key_values`` up to 5.23, ``cache`` from 5.24
 # (5.25 still accepts ``past_key_values``, with a FutureWarning).
 CACHE_ARGUMENT_NAMES = ("cache", "past_key_values")
+
+# A decoder-only model's arguments that ``_update_model_kwargs_for_generation`` grows after every forward
+# (5.17, 5.25): ``attention_mask`` by a column of ones, ``position_ids`` by the column
+# ``position_ids[..., -1:] + 1``. ``prepare_inputs_for_generation`` then feeds the positions' last column,
+# and turns the mask into a 4-D one over the static cache's length (a shorter mask padded with zeros, the
+# columns past the query's position, the cache's device-side length, hidden by the causal mask).
+DECODER_ONLY_GROWN_ARGUMENTS = ("attention_mask", "position_ids")
+# Its arguments that stay as they are: ``logits_to_keep`` (set to 1 by generate() for models that take it)
+# and ``use_cache`` (5.17, 5.25).
+DECODER_ONLY_STEADY_ARGUMENTS = ("logits_to_keep", "use_cache")
 
 # ``GenerationMixin._prepare_static_cache``'s parameters (5.17, 5.25): kernl wraps it to reuse caches.
 STATIC_CACHE_FACTORY_PARAMETERS = [
@@ -136,7 +146,8 @@ def prefill(model, input_ids: torch.Tensor, generation_config, model_kwargs: dic
 def step_inputs(model, token: torch.Tensor, model_kwargs: dict) -> dict:
     """A decoder step's forward arguments for the last tokens ``token`` (int64 ``(batch, 1)``), as
     ``_sample`` builds them (``model.prepare_inputs_for_generation(ids, next_sequence_length=1, ...)``,
-    5.17, 5.25; over a static cache the positions come from the cache's own device-side length)."""
+    5.17, 5.25; over a static cache the query's position in the cache comes from the cache's own
+    device-side length, a decoder-only model's position ids from ``model_kwargs``)."""
     return model.prepare_inputs_for_generation(token, next_sequence_length=1, **model_kwargs)
 
 
@@ -145,6 +156,12 @@ def self_attention_room(cache) -> int:
     5.17, 5.25); 0 when a layer does not say."""
     layers = cache_parts(cache)[0].layers
     return min((getattr(layer, "max_cache_len", 0) or 0 for layer in layers), default=0)
+
+
+def has_sliding_layers(cache) -> bool:
+    """Whether ``cache`` has sliding-window layers (``layer.is_sliding``, 5.17, 5.25): such a static layer
+    keeps its length in a Python int that changes every step."""
+    return any(getattr(layer, "is_sliding", False) for layer in cache_layers(cache))
 
 
 def generate_output(model, sequences: torch.Tensor, cache, beam_indices: torch.Tensor | None = None):

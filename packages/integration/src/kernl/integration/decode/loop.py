@@ -8,7 +8,9 @@ processors, stopping criteria) and the loop runs it:
 1. the prefill, as transformers runs it, then the first token's choice;
 2. the other steps in chunks of :data:`STEPS_PER_LAUNCH`: each step builds its inputs from the state
    (:class:`~kernl.integration.decode.state.DecodeState`: the last tokens, the cache, whose device-side
-   length gives the positions), runs the decoder step compiled by kernl's backend, processes the scores
+   length gives the query's position, and the model arguments, held steady by the model kind's
+   :mod:`~kernl.integration.decode.step_arguments`: a decoder-only model's attention mask and per-row
+   positions), runs the decoder step compiled by kernl's backend, processes the scores
    (:mod:`~kernl.integration.decode.processors`), picks the tokens and appends them; a finished row emits
    the pad token (beam search: :mod:`~kernl.integration.decode.beam_search` picks, and the rows'
    sequences and the cache are reordered in place by the beams they continue). No step reads anything
@@ -23,7 +25,8 @@ The last launch may run up to ``STEPS_PER_LAUNCH - 1`` steps past ``max_length``
 and the static cache has room for them (:data:`EXTRA_CACHE_POSITIONS`, added by kernl's cache
 factory). Sampling draws its noise per step before each launch
 (:mod:`~kernl.integration.decode.draws`). Without a GPU (the Triton interpreter) the same chunks run
-directly. The model's decoder step is a callable: the loop holds nothing specific to T5 or BART.
+directly. The model's decoder step is a callable and its arguments an adapter: the loop holds nothing
+specific to a model family (T5, BART, GPT-2, Llama, ...).
 """
 
 import torch
@@ -31,8 +34,10 @@ import torch
 from kernl.integration import hf_compat
 from kernl.integration.cuda_graphs import FIRST_CALL, CudaGraphs, WeightAddresses
 from kernl.integration.decode.draws import draw_noise, generator_as_global, sampled
+from kernl.integration.decode.processors import row_starts
 from kernl.integration.decode.settings import LoopSettings, call_kind, loop_settings
 from kernl.integration.decode.state import DecodeState
+from kernl.integration.decode.step_arguments import StepArguments
 from kernl.integration.forward_graphs import signature
 from kernl.integration.report import OptimizationReport
 
@@ -90,17 +95,38 @@ def _advance_beams(state: DecodeState, settings: LoopSettings, log_probs: torch.
     state.cache.reorder_cache(choice.beam_rows)
 
 
+def _cache_refusal(cache, length: int) -> str | None:
+    """Why the loop cannot run steps up to a sequence of ``length`` tokens over ``cache`` (the call's static
+    cache); None when it can."""
+    if cache is not None and hf_compat.has_sliding_layers(cache):  # their room is the window's
+        return "the static cache has sliding-window layers, whose length a captured step would replay stale"
+    if cache is None or hf_compat.self_attention_room(cache) < length:
+        return "the static cache has no room for the steps past max_length of a launch"
+    return None
+
+
 class DecodeLoop:
     """The decode loop of one optimized model.
 
     ``step(**inputs)``: the model's decoder step (its forward, compiled by kernl's backend), run over a
-    static cache; ``cuda_graphs``: capture chunks of steps on a GPU; ``report``: where each call's loop is
-    noted (``report.generate_loops``); ``reorder_in_place(cache)``: make ``cache.reorder_cache`` keep
-    its tensors where they are (beam search reorders the cache a captured step reads).
+    static cache; ``arguments``: the step arguments of the model's kind
+    (:func:`~kernl.integration.decode.step_arguments.step_arguments`); ``cuda_graphs``: capture chunks of
+    steps on a GPU; ``report``: where each call's loop is noted (``report.generate_loops``);
+    ``reorder_in_place(cache)``: make ``cache.reorder_cache`` keep its tensors where they are (beam search
+    reorders the cache a captured step reads).
     """
 
-    def __init__(self, model, step, report: OptimizationReport, cuda_graphs: bool, reorder_in_place):
-        self.model, self.step, self.report, self.reorder_in_place = model, step, report, reorder_in_place
+    def __init__(
+        self,
+        model,
+        step,
+        arguments: StepArguments,
+        report: OptimizationReport,
+        cuda_graphs: bool,
+        reorder_in_place,
+    ):
+        self.model, self.step, self.arguments = model, step, arguments
+        self.report, self.reorder_in_place = report, reorder_in_place
         self.cuda_graphs = cuda_graphs and model.device.type == "cuda"
         self.pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None
         # run only the steps a call needs in its last launch (only where no capture fixes a launch's length)
@@ -119,19 +145,24 @@ class DecodeLoop:
         **model_kwargs,
     ):
         """``generate()``'s decoding method (its ``custom_generate``): the call's sequences, or its
-        ``GenerateEncoderDecoderOutput`` with ``return_dict_in_generate``. ``generator``: the draws of
+        ``GenerateEncoderDecoderOutput``/``GenerateDecoderOnlyOutput`` with ``return_dict_in_generate``. ``generator``: the draws of
         sampling (kernl's extension; default: the global generator). A call outside the loop's set runs
         transformers' decoding method, with the reason in the report."""
         kind = call_kind(lambda name: getattr(generation_config, name, None))
         settings = loop_settings(
-            generation_config, logits_processor, stopping_criteria, model_kwargs, input_ids.shape[1]
+            generation_config,
+            logits_processor,
+            stopping_criteria,
+            model_kwargs,
+            input_ids.shape[1],
+            self.arguments,
         )
-        max_length = generation_config.max_length
         if isinstance(settings, LoopSettings):
+            # the longest sequence a step may feed: the last launch runs up to EXTRA_CACHE_POSITIONS steps
+            # past max_length
+            length = generation_config.max_length - 1 + EXTRA_CACHE_POSITIONS
             cache = hf_compat.cache_argument(model_kwargs)[1]
-            needed = max_length - 1 + EXTRA_CACHE_POSITIONS
-            if cache is None or hf_compat.self_attention_room(cache) < needed:
-                settings = "the static cache has no room for the steps past max_length of a launch"
+            settings = _cache_refusal(cache, length) or self.arguments.length_refusal(length) or settings
         if isinstance(settings, str):
             self.report.note_loop(kind, f"transformers' loop: {settings}")
             method = hf_compat.transformers_decoding(generation_config)
@@ -140,7 +171,10 @@ class DecodeLoop:
                     model, input_ids, logits_processor, stopping_criteria, generation_config, **model_kwargs
                 )
         self.report.note_loop(kind, self._describe())
-        sequences, cache, search = self._run(input_ids, settings, generation_config, generator, model_kwargs)
+        starts = row_starts(logits_processor)
+        sequences, cache, search = self._run(
+            input_ids, settings, generation_config, generator, model_kwargs, starts
+        )
         if generation_config.return_dict_in_generate:
             beam_indices = None if search is None else search.beam_indices()
             return hf_compat.generate_output(model, sequences, cache, beam_indices)
@@ -151,16 +185,20 @@ class DecodeLoop:
             return f"kernl's loop ({STEPS_PER_LAUNCH} steps per CUDA graph launch)"
         return f"kernl's loop ({STEPS_PER_LAUNCH} steps between host reads, no CUDA graphs off the GPU)"
 
-    def _run(self, input_ids, settings: LoopSettings, generation_config, generator, model_kwargs) -> tuple:
+    def _run(
+        self, input_ids, settings: LoopSettings, generation_config, generator, model_kwargs, starts
+    ) -> tuple:
         """Prefill, then chunks of steps until ``max_length`` or every row finished: ``(sequences, cache,
-        beam search or None)``."""
+        beam search or None)``. ``starts``: :attr:`~kernl.integration.decode.processors.Tokens.starts`."""
         model = self.model
         outputs, model_kwargs = hf_compat.prefill(model, input_ids, generation_config, model_kwargs)
         logits = outputs.logits
         del outputs
+        room = hf_compat.self_attention_room(hf_compat.cache_argument(model_kwargs)[1])
+        model_kwargs = self.arguments.steady(model_kwargs, room)
         max_length, prompt = generation_config.max_length, input_ids.shape[1]
         state = self._state(model_kwargs, input_ids.shape[0], max_length + EXTRA_CACHE_POSITIONS)
-        state.start(input_ids, max_length, model_kwargs)
+        state.start(input_ids, max_length, model_kwargs, starts)
         search = None
         if settings.beams is not None:
             search = state.search(settings.beams, prompt)
@@ -212,6 +250,7 @@ class DecodeLoop:
             for slot in range(steps):
                 inputs = hf_compat.step_inputs(self.model, state.token, state.model_kwargs)
                 outputs = self.step(**inputs, return_dict=True)
+                self.arguments.advance(state.model_kwargs)
                 advance(state, settings, outputs.logits, slot)
 
         if not self.cuda_graphs:

@@ -22,12 +22,15 @@ class Tokens:
     """The tokens so far, in buffers that live at fixed addresses.
 
     ``ids``: int64 ``(batch, width)``, the first ``length`` columns real (transformers' ``input_ids``);
-    ``length``: int64 ``(1,)``; ``max_length``: int64 ``(1,)``, the call's ``max_length``.
+    ``length``: int64 ``(1,)``; ``max_length``: int64 ``(1,)``, the call's ``max_length``; ``starts``:
+    int64 ``(batch,)``, the column each row's repetition penalty counts from when transformers gives it per
+    row (a decoder-only model's left padding; :func:`row_starts`), else zeros.
     """
 
     ids: torch.Tensor
     length: torch.Tensor
     max_length: torch.Tensor
+    starts: torch.Tensor
 
     def positions(self) -> torch.Tensor:
         """int64 ``(width,)``: 0, 1, ... width - 1."""
@@ -55,15 +58,18 @@ def _only(scores: torch.Tensor, token_ids: tuple[int, ...]) -> torch.Tensor:
 @dataclass(frozen=True)
 class RepetitionPenalty:
     """``RepetitionPenaltyLogitsProcessor``: the scores of tokens already in the sequence (from
-    ``prompt_ignore_length`` on) divided by ``penalty`` when positive, multiplied when negative."""
+    ``prompt_ignore_length`` on, or with ``per_row`` from each row's ``tokens.starts`` on) divided by
+    ``penalty`` when positive, multiplied when negative."""
 
     penalty: float
     prompt_ignore_length: int = 0
+    per_row: bool = False
 
     def __call__(self, tokens: Tokens, scores: torch.Tensor) -> torch.Tensor:
         vocab_size = scores.shape[-1]
         positions = tokens.positions()
-        counted = (positions < tokens.length) & (positions >= self.prompt_ignore_length)
+        first = tokens.starts[:, None] if self.per_row else self.prompt_ignore_length
+        counted = (positions < tokens.length) & (positions >= first)
         # ids past the vocab (and positions not counted) go to a spare column, dropped afterwards
         ids = torch.where(counted, tokens.ids.clamp(max=vocab_size), vocab_size)
         seen = torch.zeros((scores.shape[0], vocab_size + 1), dtype=torch.bool, device=scores.device)
@@ -213,7 +219,7 @@ def from_transformers(processor, eos_token_ids: tuple[int, ...]) -> Processor | 
     if kind is hf.RepetitionPenaltyLogitsProcessor:
         ignored = getattr(processor, "prompt_ignore_length", None)
         if isinstance(ignored, torch.Tensor):
-            return "repetition_penalty with a per-row prompt length (a decoder attention mask)"
+            return RepetitionPenalty(processor.penalty, per_row=True)  # the rows' starts: row_starts()
         return RepetitionPenalty(processor.penalty, ignored or 0)
     if kind is hf.NoRepeatNGramLogitsProcessor:
         return NoRepeatNGram(processor.ngram_size)
@@ -232,3 +238,15 @@ def from_transformers(processor, eos_token_ids: tuple[int, ...]) -> Processor | 
     if kind is hf.TopPLogitsWarper:
         return TopP(processor.top_p, processor.filter_value, processor.min_tokens_to_keep)
     return f"{kind.__name__} is not on kernl's loop"
+
+
+def row_starts(logits_processor) -> torch.Tensor | None:
+    """The per-row ``prompt_ignore_length`` (int64 ``(batch,)``) of the repetition penalty among
+    ``logits_processor`` (transformers 5.25 gives a decoder-only model's left padding lengths; 5.17 has
+    none), the :attr:`Tokens.starts` of a call; None without one."""
+    for processor in logits_processor:
+        if type(processor) is hf.RepetitionPenaltyLogitsProcessor:
+            ignored = getattr(processor, "prompt_ignore_length", None)
+            if isinstance(ignored, torch.Tensor):
+                return ignored
+    return None

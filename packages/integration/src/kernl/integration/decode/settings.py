@@ -4,11 +4,11 @@ Two checks, each giving a reason string when the call is outside the loop's set:
 
 - :func:`call_refusal`, on the call's arguments before ``generate()`` runs: arguments that change what
   transformers does around the loop (a streamer, assisted generation, custom processors or stopping
-  criteria, returned attentions, hidden states or scores, a cache of the caller's, beam search);
+  criteria, returned attentions, hidden states or scores, a cache of the caller's, beam sampling);
 - :func:`loop_settings`, inside ``generate()`` on what transformers prepared for the loop: every logits
   processor must have a kernl counterpart (:mod:`kernl.integration.decode.processors`), the stopping
-  criteria must be the maximum length and end-of-sequence ones, and the model arguments must not change
-  between steps.
+  criteria must be the maximum length and end-of-sequence ones, and the loop must be able to hold the
+  model arguments steady between steps (:mod:`kernl.integration.decode.step_arguments`).
 """
 
 from collections.abc import Callable
@@ -19,6 +19,7 @@ from transformers.generation import stopping_criteria as hf_stopping
 
 from kernl.integration.decode.beam_search import BeamSettings
 from kernl.integration.decode.processors import Processor, from_transformers
+from kernl.integration.decode.step_arguments import StepArguments
 from kernl.integration.hf_compat import CACHE_ARGUMENT_NAMES
 
 # generate() arguments that run transformers' loop whenever they are given (not None, not empty).
@@ -42,8 +43,6 @@ _SETTING_REASONS = {
     "output_scores": "output_scores requested",
     "output_logits": "output_logits requested",
 }
-# The model arguments a step may see besides the cache: the same tensors every step.
-STEADY_MODEL_ARGUMENTS = frozenset({"encoder_outputs", "attention_mask", "use_cache", *CACHE_ARGUMENT_NAMES})
 
 
 def call_kind(setting: Callable[[str], object]) -> str:
@@ -57,8 +56,6 @@ def call_kind(setting: Callable[[str], object]) -> str:
 def call_refusal(model, kwargs: dict, setting: Callable[[str], object]) -> str | None:
     """Why a ``generate()`` call (its keyword arguments ``kwargs``; ``setting(name)``: the call's value,
     else the generation config's) runs transformers' loop; None when kernl's loop takes it."""
-    if not getattr(model.config, "is_encoder_decoder", False):
-        return "decoder-only models run transformers' loop (kernl's loop serves encoder-decoder models)"
     if getattr(type(model), "generate", None) is not GenerationMixin.generate:
         return (
             f"{type(model).__name__} has a generate() of its own (kernl's loop runs transformers' generate())"
@@ -92,7 +89,8 @@ class LoopSettings:
 
     ``processors``: in transformers' order; ``do_sample``: sampled, else greedy; ``eos_token_ids``: empty
     when the call stops only at ``max_length`` (rows are then never padded); ``pad_token_id``: what a
-    finished row emits; ``prompt_length``: the decoder prompt's length (the decoder start token: 1);
+    finished row emits; ``prompt_length``: the decoder prompt's length (an encoder-decoder's start token: 1; a decoder-only
+    model's prompt, left padding included);
     ``beams``: beam search's settings, None for greedy and sampling.
     """
 
@@ -111,16 +109,23 @@ def _token_ids(value) -> tuple[int, ...]:
 
 
 def loop_settings(
-    generation_config, logits_processor, stopping_criteria, model_kwargs: dict, prompt_length: int
+    generation_config,
+    logits_processor,
+    stopping_criteria,
+    model_kwargs: dict,
+    prompt_length: int,
+    arguments: StepArguments,
 ) -> LoopSettings | str:
     """The loop's settings for what ``generate()`` prepared (its generation config, logits processors,
-    stopping criteria, model arguments and the decoder prompt's length), or why the loop cannot run it."""
+    stopping criteria, model arguments and the decoder prompt's length), or why the loop cannot run it.
+    ``arguments``: the model kind's step arguments, which say whether the model arguments can be held
+    steady."""
     mode = getattr(generation_config.get_generation_mode(), "value", None)
     if mode not in ("greedy_search", "sample", "beam_search"):
         return f"generation mode {mode} is not on kernl's loop"
-    unsteady = sorted(name for name in model_kwargs if name not in STEADY_MODEL_ARGUMENTS)
-    if unsteady:
-        return f"model arguments {', '.join(unsteady)}"
+    unsteady = arguments.refusal(model_kwargs)
+    if unsteady is not None:
+        return unsteady
     eos = _token_ids(generation_config.eos_token_id)
     for criterion in stopping_criteria:
         if type(criterion) not in (hf_stopping.MaxLengthCriteria, hf_stopping.EosTokenCriteria):

@@ -30,7 +30,7 @@ class DecodeState:
         def new(*shape):
             return torch.zeros(shape, dtype=torch.int64, device=device)
 
-        self.tokens = Tokens(ids=new(batch, width), length=new(1), max_length=new(1))
+        self.tokens = Tokens(ids=new(batch, width), length=new(1), max_length=new(1), starts=new(batch))
         self.token, self.unfinished, self.out_length = new(batch, 1), new(batch), new(1)
         self.noise: torch.Tensor | None = None
         self.model_kwargs = map_tensors(torch.clone, model_kwargs)
@@ -38,14 +38,21 @@ class DecodeState:
         self.searches: dict[tuple[BeamSettings, int], BeamSearch] = {}
         self.graphs = None  # the captures of this state's chunks (kernl.integration.decode.loop)
 
-    def start(self, input_ids: torch.Tensor, max_length: int, model_kwargs: dict) -> None:
-        """Begin a call: its prompt ``input_ids`` (int64 ``(batch, length)``), ``max_length`` and step model
-        arguments (the shapes the state was made for)."""
+    def start(
+        self, input_ids: torch.Tensor, max_length: int, model_kwargs: dict, starts: torch.Tensor | None
+    ) -> None:
+        """Begin a call: its prompt ``input_ids`` (int64 ``(batch, length)``), ``max_length``, step model
+        arguments (the shapes the state was made for) and the rows' first counted columns ``starts``
+        (int64 ``(batch,)``, :attr:`Tokens.starts`; None: zeros)."""
         length = input_ids.shape[1]
         self.tokens.ids.zero_()
         self.tokens.ids[:, :length] = input_ids
         self.tokens.length.fill_(length)
         self.tokens.max_length.fill_(max_length)
+        if starts is None:
+            self.tokens.starts.zero_()
+        else:
+            self.tokens.starts.copy_(starts)
         self.token.copy_(input_ids[:, -1:])
         self.unfinished.fill_(1)
         self.out_length.fill_(length)
