@@ -27,6 +27,7 @@ def _rules() -> list[Rule]:
         attention_eager,
         attention_gqa,
         attention_sdpa,
+        clamped_rms_norm,
         conv1d,
         dropout,
         fused_projections,
@@ -52,6 +53,7 @@ def _rules() -> list[Rule]:
         layer_norm.RULE,
         rms_norm.RULE,
         overflow_guard.RULE,
+        clamped_rms_norm.RULE,
     ]
 
 
