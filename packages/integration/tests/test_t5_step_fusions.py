@@ -1,6 +1,6 @@
-"""Fusions for T5's decoder step: the fp16 overflow guard fused into the RMS norm that reads it (and the
-residual add before it), on small TorchDynamo graphs written as transformers writes T5, and in
-``generate()`` of a tiny fp16 T5."""
+"""Fusions for T5's decoder step, on small TorchDynamo graphs written as transformers writes T5 and in
+``generate()`` of a tiny fp16 T5: the fp16 overflow guard fused into the RMS norm that reads it (and the
+residual add before it); the relative-position buckets read from a table made at compile time."""
 
 import copy
 import operator
@@ -8,12 +8,14 @@ import operator
 import pytest
 import torch
 from transformers import T5Config, T5ForConditionalGeneration
+from transformers.models.t5.modeling_t5 import T5Attention
 
 from kernl.integration import optimize_model
 from kernl.integration.backend import rewrite_graph
 from kernl.integration.report import GraphRecord
 from kernl.integration.rules.clamped_rms_norm import clamped_rms_norm_call
 from kernl.integration.rules.overflow_guard import overflow_clamp_call
+from kernl.integration.rules.position_buckets import rows_at
 from kernl.integration.rules.rms_norm import rms_norm_call
 from kernl_testing import assert_matches_reference, on_gpu
 
@@ -118,6 +120,104 @@ def test_a_norm_with_its_own_residual_is_not_fused_with_the_guard():
     check_against_fp64(fn, compiled, a, b, w)
 
 
+def t5_position_bias(weight, query_length, key_length, past_seen_tokens, bidirectional):
+    """transformers' T5Attention.compute_bias, verbatim but for the module attributes made arguments."""
+    context_position = (
+        torch.arange(query_length, dtype=torch.long, device=weight.device)[:, None] + past_seen_tokens
+    )
+    memory_position = torch.arange(key_length, dtype=torch.long, device=weight.device)[None, :]
+    relative_position = memory_position - context_position
+    relative_position_bucket = T5Attention._relative_position_bucket(
+        relative_position, bidirectional=bidirectional, num_buckets=32, max_distance=20
+    )
+    values = torch.nn.functional.embedding(relative_position_bucket, weight)
+    return values.permute([2, 0, 1]).unsqueeze(0)
+
+
+@pytest.mark.parametrize("query_length", [1, 3])
+def test_decoder_step_buckets_are_read_at_the_cache_offset(query_length):
+    """As in a decoder step over a static cache of 25 positions: the offset (the tokens already in the
+    cache) is snapshotted, then advanced in place; the buckets come from a table, for every offset."""
+    keys = 25
+
+    def fn(weight, cumulative_length):
+        past_seen_tokens = cumulative_length.clone()
+        cumulative_length.add_(query_length)
+        bias = t5_position_bias(weight, query_length, keys, past_seen_tokens, bidirectional=False)
+        return (bias.contiguous(),)
+
+    weight = torch.randn(32, 4, generator=torch.Generator().manual_seed(4)).to(DEVICE, FP16)
+    start = torch.tensor([0], device=DEVICE)
+    record, gm, compiled = rewritten(fn, weight, start.clone())
+    assert record.fired["position_buckets"] == 1
+    (lookup,) = calls_to(gm, rows_at)
+    embedding = next(n for n in gm.graph.nodes if n.target is torch.nn.functional.embedding)
+    assert embedding.args[0] is lookup and lookup.args[1].target == "clone"
+    assert not any(n.target is torch.log for n in gm.graph.nodes)  # no bucket arithmetic left
+    cache, expected_cache = start.clone(), start.clone()
+    for _ in range(keys // query_length):  # every offset the cache takes: 0, Q, 2Q ... up to K - Q
+        (bias,) = compiled(weight, cache)
+        (expected,) = fn(weight.double(), expected_cache)
+        assert torch.equal(cache, expected_cache)
+        torch.testing.assert_close(bias.double(), expected, rtol=0, atol=0)  # lookups of one table: exact
+    if not on_gpu():  # on a GPU the same failure is a device-side assert, which ends the process's CUDA use
+        with pytest.raises((IndexError, RuntimeError)):  # queries past the keys: no row, no wrong bias
+            compiled(weight, torch.tensor([keys - query_length + 1], device=DEVICE))
+
+
+def test_buckets_of_a_cache_position_input_are_read_from_the_table():
+    """Earlier transformers releases spell the step's query position as a ``cache_position`` input."""
+    keys = 17
+
+    def fn(weight, cache_position):
+        context_position = cache_position[:, None].to(weight.device)
+        memory_position = torch.arange(keys, dtype=torch.long, device=weight.device)[None, :]
+        buckets = T5Attention._relative_position_bucket(
+            memory_position - context_position, bidirectional=False, num_buckets=32, max_distance=20
+        )
+        return (torch.nn.functional.embedding(buckets, weight).permute([2, 0, 1]).unsqueeze(0),)
+
+    weight = torch.randn(32, 4, generator=torch.Generator().manual_seed(6)).to(DEVICE, FP16)
+    record, _, compiled = rewritten(fn, weight, torch.tensor([0], device=DEVICE))
+    assert record.fired["position_buckets"] == 1
+    for position in range(keys):
+        at = torch.tensor([position], device=DEVICE)
+        torch.testing.assert_close(
+            compiled(weight, at)[0].double(), fn(weight.double(), at)[0], rtol=0, atol=0
+        )
+
+
+def test_encoder_buckets_of_constants_are_a_buffer():
+    def fn(weight):
+        return (t5_position_bias(weight, 13, 13, 0, bidirectional=True).contiguous(),)
+
+    weight = torch.randn(32, 4, generator=torch.Generator().manual_seed(5)).to(DEVICE, FP16)
+    record, gm, compiled = rewritten(fn, weight)
+    assert record.fired["position_buckets"] == 1
+    embedding = next(n for n in gm.graph.nodes if n.target is torch.nn.functional.embedding)
+    assert embedding.args[0].op == "get_attr"
+    torch.testing.assert_close(compiled(weight)[0].double(), fn(weight.double())[0], rtol=0, atol=0)
+
+
+def test_token_ids_and_random_indices_are_left_alone():
+    def fn(ids, weight, positions):  # one token of one row, a view of it; and a random index
+        noise = torch.randint(0, 32, (3, 3), device=weight.device)
+        return (
+            torch.nn.functional.embedding(ids.view(-1, 1), weight),
+            torch.nn.functional.embedding(noise, weight),
+            torch.nn.functional.embedding(positions * 2, weight),  # a many-element input
+        )
+
+    weight = torch.randn(32, 4, device=DEVICE)
+    ids, positions = torch.tensor([[7]], device=DEVICE), torch.tensor([1, 2], device=DEVICE)
+    record, _, compiled = rewritten(fn, ids, weight, positions)
+    assert record.fired["position_buckets"] == 0
+    torch.testing.assert_close(compiled(ids, weight, positions)[0], weight[7].view(1, 1, 4))
+    torch.testing.assert_close(
+        compiled(torch.tensor([[9]], device=DEVICE), weight, positions)[0], weight[9].view(1, 1, 4)
+    )
+
+
 def tiny_t5() -> T5ForConditionalGeneration:
     """A gated (flan-style) T5 of 2 layers a side, fp16, whose greedy tokens have clear margins."""
     config = T5Config(
@@ -152,6 +252,8 @@ def test_t5_fp16_generate_runs_guards_fused_into_norms():
     assert encoder.part == "encoder" and decoder and all(graph.part == "decoder" for graph in decoder)
     # the encoder: two guards a layer, each before a norm; a decoder step: three
     assert encoder.fired["clamped_rms_norm"] == encoder.fired["overflow_guard"] == 2 * layers
+    assert encoder.fired["position_buckets"] == 1  # computed once for the stack, now a table
     for graph in decoder:
         assert graph.error is None and graph.kept == {}
         assert graph.fired["clamped_rms_norm"] == graph.fired["overflow_guard"] == 3 * layers
+        assert graph.fired["position_buckets"] == 1

@@ -35,12 +35,14 @@ def _rules() -> list[Rule]:
         layer_norm,
         linear_act,
         overflow_guard,
+        position_buckets,
         rms_norm,
         rotary,
     )
 
     return [
         dropout.RULE,
+        position_buckets.RULE,
         attention_gqa.DECODE_RULE,
         attention_gqa.RULE,
         attention_sdpa.RULE,
