@@ -162,6 +162,8 @@ def norm_forward(
     r = residual if residual is not None else x
     # rows a guard scans per step; 1 (one compiled variant) where there is no scan
     scan_m = min(triton.next_power_of_2(m), max(1, SCAN_BLOCK // block_n)) if mode == CLAMP_SCAN else 1
+    if config is None:  # warps enough to hold the scanned rows too: 1K elements a warp, as the norm's
+        num_warps = max(num_warps, min(scan_m * block_n // 1024, 16))
     # A row holding an inf normalises to NaN, as F.layer_norm's does (inf - inf in the centring); a sum
     # past the fp16 range is stored as inf, as `x + residual` gives it.
     with float_errors_ignored(x.device):

@@ -45,7 +45,11 @@ def _match(guard: fx.Node):
     _, weight, eps, residual = norm.args
     if residual is not None or not _defined_before(weight, guard):  # the fused call stands at the guard
         return None
-    add = h if is_add(h) and only_user(h) is guard and same_layout(*h.args) and same_layout(h.args[0], h) else None
+    add = (
+        h
+        if is_add(h) and only_user(h) is guard and same_layout(*h.args) and same_layout(h.args[0], h)
+        else None
+    )
     return norm, h, weight, eps, limit_if_inf, limit, add
 
 
@@ -60,7 +64,9 @@ def rewrite(gm: fx.GraphModule) -> int:
         norm, x, weight, eps, limit_if_inf, limit, add = match
         x, residual = add.args if add is not None else (x, None)
         with gm.graph.inserting_before(guard):
-            call = gm.graph.call_function(clamped_rms_norm_call, (x, weight, eps, limit_if_inf, limit, residual))
+            call = gm.graph.call_function(
+                clamped_rms_norm_call, (x, weight, eps, limit_if_inf, limit, residual)
+            )
             normed = gm.graph.call_function(operator.getitem, (call, 0))
             guarded = gm.graph.call_function(operator.getitem, (call, 1))
         normed.meta, guarded.meta = dict(norm.meta), dict(guard.meta)
