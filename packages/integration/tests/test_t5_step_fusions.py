@@ -199,23 +199,26 @@ def test_encoder_buckets_of_constants_are_a_buffer():
     torch.testing.assert_close(compiled(weight)[0].double(), fn(weight.double())[0], rtol=0, atol=0)
 
 
-def test_token_ids_and_random_indices_are_left_alone():
-    def fn(ids, weight, positions):  # one token of one row, a view of it; and a random index
+def test_token_ids_absolute_positions_and_random_indices_are_left_alone():
+    def fn(ids, weight, positions, past):  # one token of one row, a view of it; and a random index
         noise = torch.randint(0, 32, (3, 3), device=weight.device)
         return (
             torch.nn.functional.embedding(ids.view(-1, 1), weight),
             torch.nn.functional.embedding(noise, weight),
             torch.nn.functional.embedding(positions * 2, weight),  # a many-element input
+            # absolute positions after `past` tokens: their range is the table's, not a key axis
+            torch.nn.functional.embedding(torch.arange(1, device=weight.device)[None, :] + past, weight),
         )
 
     weight = torch.randn(32, 4, device=DEVICE)
     ids, positions = torch.tensor([[7]], device=DEVICE), torch.tensor([1, 2], device=DEVICE)
-    record, _, compiled = rewritten(fn, ids, weight, positions)
+    record, _, compiled = rewritten(fn, ids, weight, positions, torch.tensor([0], device=DEVICE))
     assert record.fired["position_buckets"] == 0
-    torch.testing.assert_close(compiled(ids, weight, positions)[0], weight[7].view(1, 1, 4))
-    torch.testing.assert_close(
-        compiled(torch.tensor([[9]], device=DEVICE), weight, positions)[0], weight[9].view(1, 1, 4)
-    )
+    for token in (7, 9):
+        at = torch.tensor([token], device=DEVICE)
+        out = compiled(at.view(1, 1), weight, positions, at)
+        torch.testing.assert_close(out[0], weight[token].view(1, 1, 4))
+        torch.testing.assert_close(out[3], weight[token].view(1, 1, 4))
 
 
 def tiny_t5() -> T5ForConditionalGeneration:

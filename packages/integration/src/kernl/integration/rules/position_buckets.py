@@ -1,6 +1,6 @@
 """Rule: an embedding lookup whose integer index the graph computes from constants alone, or from
-constants and one position offset (a one-element integer input), reads that index from a table made
-when the graph is compiled.
+constants and one position offset (a one-element integer input) entering as relative positions (key
+positions minus offset query positions), reads that index from a table made when the graph is compiled.
 
 T5 computes which relative-position bucket each (query, key) pair falls in with about twenty
 elementwise ops (``arange``, differences, ``log``, ``min``, ``where``...) before its
@@ -96,26 +96,40 @@ def _ancestors(index: fx.Node):
 _SHAPE_ONLY = frozenset("getitem view reshape unsqueeze squeeze expand to clone contiguous".split())
 
 
-def _shifts_positions(offset: fx.Node, nodes: list[fx.Node]) -> bool:
-    """Whether the offset enters the index only added to (or subtracted from) positions, ``arange``s, maybe
-    after reshapes (``arange(Q)[:, None] + offset``, ``arange(K)[None, :] - cache_position[:, None]``):
-    what tells a position offset from, say, a token id of a one-token batch."""
-    inside, stack = set(nodes), [offset]
-    index = nodes[-1]
+def _relative_to_offset(offset: fx.Node, nodes: list[fx.Node]) -> bool:
+    """Whether the offset enters the index only as query positions (``arange`` plus the offset, or the
+    offset itself, maybe reshaped) subtracted from or by key positions (another ``arange``): a relative
+    position ``(Q, K)``, as in ``arange(K)[None, :] - (arange(Q)[:, None] + offset)``. What tells it
+    from absolute positions (``arange(Q) + offset``, whose range is the position table's, not K's) and
+    from a token id of a one-token batch."""
+    inside, stack, index = set(nodes), [offset], nodes[-1]
     while stack:
         node = stack.pop()
-        if node is index:  # the offset itself, reshaped, is the index
+        if node is index:  # the offset reaches the index without a difference of positions
             return False
         for user in (u for u in node.users if u in inside):
-            if _name(user) in _SHAPE_ONLY:
-                stack.append(user)
-                continue
-            if not is_add(user) and not is_op(user, (operator.sub, torch.sub), "sub"):
-                return False
             others = [a for a in user.args if a is not node]
-            if len(others) != 1 or not _from_arange(others[0], inside):
+            if _name(user) in _SHAPE_ONLY or (
+                is_add(user) and len(others) == 1 and _from_arange(others[0], inside)
+            ):
+                stack.append(user)  # still query positions
+            elif not is_op(user, (operator.sub, torch.sub), "sub") or len(user.args) != 2 or len(others) != 1:
+                return False
+            elif not _from_arange(others[0], inside) or _depends_on(others[0], offset, inside):
                 return False
     return True
+
+
+def _depends_on(node, source: fx.Node, inside: set) -> bool:
+    stack, seen = [node], set()
+    while stack:
+        current = stack.pop()
+        if current is source:
+            return True
+        if isinstance(current, fx.Node) and current not in seen and current in inside:
+            seen.add(current)
+            stack.extend(current.all_input_nodes)
+    return False
 
 
 def _from_arange(node, inside: set) -> bool:
@@ -151,7 +165,7 @@ def _table(gm: fx.GraphModule, index: fx.Node):
     nodes, offset = found
     if all(node.op == "get_attr" for node in nodes):
         return None  # read as it is: nothing to compute
-    if offset is not None and not _shifts_positions(offset, nodes):
+    if offset is not None and not _relative_to_offset(offset, nodes):
         return None
     evaluate = _evaluator(gm, nodes, index, offset)
     with torch.no_grad():
