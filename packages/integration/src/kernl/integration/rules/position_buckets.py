@@ -168,7 +168,8 @@ def _table(gm: fx.GraphModule, index: fx.Node):
     if offset is not None and not _relative_to_offset(offset, nodes):
         return None
     evaluate = _evaluator(gm, nodes, index, offset)
-    with torch.no_grad():
+    # normal tensors, even when the graph compiles under inference_mode: the table serves every later call
+    with torch.inference_mode(False), torch.no_grad():
         if offset is None:
             return evaluate(), None
         if (
