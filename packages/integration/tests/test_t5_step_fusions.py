@@ -261,3 +261,31 @@ def test_t5_fp16_generate_runs_guards_fused_into_norms():
         assert graph.error is None and graph.kept == {}
         assert graph.fired["clamped_rms_norm"] == graph.fired["overflow_guard"] == 3 * layers
         assert graph.fired["position_buckets"] == 1
+
+
+def test_a_literal_range_read_by_arithmetic_is_a_buffer():
+    def fn(cumulative_length, keys, new):  # a static cache's write positions, as each layer computes them
+        cache_position = torch.arange(2, device=keys.device) + cumulative_length
+        cumulative_length.add_(2)
+        keys.index_copy_(0, cache_position, new)
+        viewed = torch.arange(4, device=keys.device).view(2, 2)  # a view of it: stays a call
+        changed = torch.arange(3, device=keys.device)
+        changed.add_(1)  # changed in place: stays a call
+        return viewed * 1, changed, torch.arange(5, device=keys.device)  # returned: stays a call
+
+    keys, new = torch.zeros(6, 3, device=DEVICE), torch.ones(2, 3, device=DEVICE)
+    record, gm, compiled = rewritten(fn, torch.tensor([0], device=DEVICE), keys.clone(), new)
+    assert record.fired["constant_arange"] == 1
+    assert sum(node.target is torch.arange for node in gm.graph.nodes) == 3
+    counter, expected_counter, expected_keys = (
+        torch.tensor([0], device=DEVICE),
+        torch.tensor([0], device=DEVICE),
+        keys.clone(),
+    )
+    for step in range(3):  # the buffer is read, never changed: every call writes its own positions
+        outputs = compiled(counter, keys, new * step)
+        expected = fn(expected_counter, expected_keys, new * step)
+        for actual, reference in zip(
+            (counter, keys, *outputs), (expected_counter, expected_keys, *expected), strict=True
+        ):
+            torch.testing.assert_close(actual, reference, rtol=0, atol=0)

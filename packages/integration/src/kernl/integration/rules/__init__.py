@@ -28,6 +28,7 @@ def _rules() -> list[Rule]:
         attention_gqa,
         attention_sdpa,
         clamped_rms_norm,
+        constant_arange,
         conv1d,
         dropout,
         fused_projections,
@@ -56,6 +57,7 @@ def _rules() -> list[Rule]:
         rms_norm.RULE,
         overflow_guard.RULE,
         clamped_rms_norm.RULE,
+        constant_arange.RULE,
     ]
 
 
