@@ -93,4 +93,29 @@ def overflow_clamp(x: torch.Tensor, limit_if_inf: float, limit: float) -> torch.
     return op(x, float(limit_if_inf), float(limit))
 
 
-__all__ = ["SUPPORTED_DTYPES", "layer_norm", "ops", "overflow_clamp", "rms_norm"]
+def clamped_rms_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    limit_if_inf: float,
+    limit: float,
+    residual: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """T5's fp16 overflow guard and the RMS norm after it, in one launch for a decoder step's few rows.
+
+    ``guarded = clamp(h, -L, L)`` with ``h = x`` (``x + residual``, rounded to x's dtype) and
+    ``L = limit_if_inf`` when ``h`` holds an infinity anywhere, else ``limit``; returns
+    ``(rms_norm(guarded, weight, eps), guarded)``: the first as :func:`rms_norm`'s output (dtype from the
+    weight), the second in x's dtype, both shaped like x ``(..., N)`` and contiguous. x: any strides;
+    weight: ``(N,)``; residual: x's shape and dtype.
+    """
+    if weight is None:
+        raise ValueError("weight is required for clamped_rms_norm (T5LayerNorm always has one)")
+    _check_inputs(x, residual, weight, None, eps)
+    for name, value in (("limit_if_inf", limit_if_inf), ("limit", limit)):
+        check_real(name, value, positive=True)
+    op = torch.ops.kernl.clamped_rms_norm if torch.compiler.is_compiling() else ops.clamped_rms_norm_impl
+    return op(x, residual, weight, float(eps), float(limit_if_inf), float(limit))
+
+
+__all__ = ["SUPPORTED_DTYPES", "clamped_rms_norm", "layer_norm", "ops", "overflow_clamp", "rms_norm"]

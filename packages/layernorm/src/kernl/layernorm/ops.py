@@ -14,7 +14,12 @@ import torch
 from kernl.common.launch import runs_triton_kernel
 from kernl.layernorm.kernel import norm_forward
 from kernl.layernorm.overflow_clamp import overflow_clamp_forward
-from kernl.layernorm.reference import layer_norm_reference, overflow_clamp_reference, rms_norm_reference
+from kernl.layernorm.reference import (
+    clamped_rms_norm_reference,
+    layer_norm_reference,
+    overflow_clamp_reference,
+    rms_norm_reference,
+)
 
 
 def rms_norm_output_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
@@ -78,11 +83,37 @@ def overflow_clamp_impl(x: torch.Tensor, limit_if_inf: float, limit: float) -> t
         return overflow_clamp_forward(x.contiguous(), limit_if_inf, limit)
 
 
+def clamped_rms_norm_impl(
+    x: torch.Tensor,
+    residual: torch.Tensor | None,
+    weight: torch.Tensor,
+    eps: float,
+    limit_if_inf: float,
+    limit: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``kernl::clamped_rms_norm``: ``guarded`` = T5's overflow guard on x ``(..., N)`` (on ``x + residual``);
+    returns ``(rms_norm(guarded), guarded)``, both shaped like x and contiguous, ``guarded`` in x's dtype."""
+    if not runs_triton_kernel(x):
+        normed, guarded = clamped_rms_norm_reference(x, weight, eps, limit_if_inf, limit, residual)
+        return normed.contiguous(), guarded.contiguous()
+    n = x.shape[-1]
+    flat_residual = residual.reshape(-1, n) if residual is not None else None
+    with torch.cuda.device(x.device.index if x.is_cuda else -1):  # Triton launches on the current device
+        y, guarded = norm_forward(
+            x.reshape(-1, n), weight, None, flat_residual, eps, True, rms_norm_output_dtype(x, weight),
+            clamp=(limit_if_inf, limit),
+        )  # fmt: skip
+    return y.view(x.shape), guarded.view(x.shape)
+
+
 layer_norm_op = torch.library.custom_op("kernl::layer_norm", layer_norm_impl, mutates_args=())
 add_layer_norm_op = torch.library.custom_op("kernl::add_layer_norm", add_layer_norm_impl, mutates_args=())
 rms_norm_op = torch.library.custom_op("kernl::rms_norm", rms_norm_impl, mutates_args=())
 add_rms_norm_op = torch.library.custom_op("kernl::add_rms_norm", add_rms_norm_impl, mutates_args=())
 overflow_clamp_op = torch.library.custom_op("kernl::overflow_clamp", overflow_clamp_impl, mutates_args=())
+clamped_rms_norm_op = torch.library.custom_op(
+    "kernl::clamped_rms_norm", clamped_rms_norm_impl, mutates_args=()
+)
 
 
 @layer_norm_op.register_fake
@@ -108,3 +139,8 @@ def _(x, residual, weight, eps):
 @overflow_clamp_op.register_fake
 def _(x, limit_if_inf, limit):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@clamped_rms_norm_op.register_fake
+def _(x, residual, weight, eps, limit_if_inf, limit):
+    return x.new_empty(x.shape, dtype=rms_norm_output_dtype(x, weight)), x.new_empty(x.shape)

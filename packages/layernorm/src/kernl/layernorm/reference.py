@@ -58,3 +58,17 @@ def overflow_clamp_reference(x: torch.Tensor, limit_if_inf: float, limit: float)
     any element of ``x`` is infinite, else ``limit``."""
     bound = torch.where(torch.isinf(x).any(), limit_if_inf, limit)
     return torch.clamp(x, min=-bound, max=bound)
+
+
+def clamped_rms_norm_reference(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    limit_if_inf: float,
+    limit: float,
+    residual: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """T5's overflow guard, then its norm: ``guarded = overflow_clamp(x [+ residual], limit_if_inf, limit)``;
+    returns ``(rms_norm(guarded, weight, eps), guarded)``."""
+    guarded = overflow_clamp_reference(x + residual if residual is not None else x, limit_if_inf, limit)
+    return rms_norm_reference(guarded, weight, eps), guarded

@@ -28,6 +28,8 @@ def _rules() -> list[Rule]:
         attention_eager,
         attention_gqa,
         attention_sdpa,
+        clamped_rms_norm,
+        constant_arange,
         conv1d,
         dropout,
         fused_projections,
@@ -35,12 +37,14 @@ def _rules() -> list[Rule]:
         layer_norm,
         linear_act,
         overflow_guard,
+        position_buckets,
         rms_norm,
         rotary,
     )
 
     return [
         dropout.RULE,
+        position_buckets.RULE,
         attention_gqa.DECODE_RULE,
         attention_gqa.RULE,
         attention_sdpa.RULE,
@@ -54,6 +58,8 @@ def _rules() -> list[Rule]:
         layer_norm.RULE,
         rms_norm.RULE,
         overflow_guard.RULE,
+        clamped_rms_norm.RULE,
+        constant_arange.RULE,
     ]
 
 
