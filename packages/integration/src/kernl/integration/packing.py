@@ -5,8 +5,9 @@ tokens (mask != 0) of consecutive rows, end to end, padded to a token bucket ``T
 (:mod:`kernl.integration.token_buckets`). Each token keeps the position id and token type it has in
 the caller's layout, attention stays within each row (varlen attention over row offsets,
 :mod:`kernl.integration.rules.packed_attention`), and the outputs are scattered back to ``(B, S, ...)``.
-Compiled and captured graphs are keyed by ``T`` alone, so their number grows with the log of the
-largest token count, not with the mix of batch sizes and lengths.
+TorchDynamo traces the packed forward once, ``T`` symbolic (:mod:`kernl.integration.dynamic_tokens`);
+CUDA graphs are captured per ``T`` alone, so their number grows with the log of the largest token
+count, not with the mix of batch sizes and lengths.
 
 Row offsets reach the graphs as static buffers (:class:`RowOffsets`), one pair per (device, bucket),
 filled before each run: a CUDA graph captured once reads whatever split of rows the next call has.
