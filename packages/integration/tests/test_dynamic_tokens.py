@@ -88,7 +88,9 @@ def test_rules_rewrite_a_symbolic_graph_that_serves_every_token_count(tokens):
     assert record.error is None and record.fired["fused_projections"] == 1, record
     assert record.fired["linear_act"] == 3, record
     x = torch.randn(1, tokens, 32, device=DEVICE, dtype=DTYPE)
-    inputs = [tokens if isinstance(e, int | torch.SymInt) else x if e.dim() == 3 else e for e in example_inputs]
+    inputs = [
+        tokens if isinstance(e, int | torch.SymInt) else x if e.dim() == 3 else e for e in example_inputs
+    ]
     with torch.no_grad():
         (actual,) = work(*inputs)
         expected = module.double().cpu()(x.double().cpu())
