@@ -6,7 +6,7 @@ import torch
 from torch import fx
 
 from kernl.integration.backend import rewrite_graph
-from kernl.integration.dynamic_tokens import concrete_examples, is_symbolic, mark_tokens
+from kernl.integration.dynamic_tokens import concrete_examples, is_symbolic, mark_tokens, tokens_marked
 from kernl.integration.report import GraphRecord
 from kernl_testing import assert_matches_reference, on_gpu
 
@@ -96,3 +96,21 @@ def test_rules_rewrite_a_symbolic_graph_that_serves_every_token_count(tokens):
         expected = module.double().cpu()(x.double().cpu())
         peer = module.to(DEVICE, DTYPE)(x)
     assert_matches_reference(actual, expected, peer)
+
+
+def test_a_forward_called_through_tokens_marked_is_traced_once_for_every_token_count():
+    """The inputs it is called with are marked (a CUDA-graph capture calls with copies of the caller's
+    inputs, which carry no mark of their own)."""
+    traced = []
+
+    def backend(gm, example_inputs):
+        traced.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    module = _Projections()
+    compiled = tokens_marked(torch.compile(lambda x: module(x), backend=backend, dynamic=False))
+    for tokens in (16, 48, 96, 32):
+        x = torch.randn(1, tokens, 32)
+        torch.testing.assert_close(compiled(x=x.clone()), module(x))
+    assert len(traced) == 1

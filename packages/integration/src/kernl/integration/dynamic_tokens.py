@@ -29,6 +29,19 @@ def mark_tokens(inputs: dict) -> None:
             torch._dynamo.maybe_mark_dynamic(value, 1)
 
 
+def tokens_marked(compiled):
+    """``compiled(**inputs)`` (a ``torch.compile``-d forward called by keyword with packed ``(1, T, ...)``
+    inputs) on inputs marked by :func:`mark_tokens` first. The mark is an attribute of each tensor
+    object, so it is set on the tensors TorchDynamo gets: a CUDA-graph capture calls with its own
+    copies of the caller's inputs."""
+
+    def call(**inputs):
+        mark_tokens(inputs)
+        return compiled(**inputs)
+
+    return call
+
+
 def _hint(value):
     """The value a symbolic int, float or bool had in the traced call (itself when it has none)."""
     hint = value.node.hint

@@ -35,7 +35,7 @@ from kernl.integration.arguments import argument_namer, input_wants_gradients
 from kernl.integration.backend import KernlBackend
 from kernl.integration.buckets import bucket
 from kernl.integration.compile_state import RecompileLimitReached, limit_guarded, own_code
-from kernl.integration.dynamic_tokens import mark_tokens
+from kernl.integration.dynamic_tokens import tokens_marked
 from kernl.integration.forward_graphs import ForwardGraphs
 from kernl.integration.report import OptimizationReport
 from kernl.integration.rules.packed_attention import PackingUnsupported
@@ -400,7 +400,6 @@ class PackedForward:
             if embeds is not None:
                 packed["inputs_embeds"] = embeds.index_select(0, index)[None]
             packed["attention_mask"] = self.offsets.ones(token_input.device, group.bucket)
-            mark_tokens(packed)  # one trace serves every token bucket
             with torch.no_grad():
                 output = self.compiled(**packed, **flags)
             if self.offsets.reads_first_token and not first_column_real:  # learnt by this first compile
@@ -452,6 +451,7 @@ def packed_forward(
     offsets = RowOffsets()
     backend = KernlBackend(report, static, part or "packed", packing=offsets)
     compiled = torch.compile(own_code(model.kernl_original_forward), backend=backend, dynamic=False)
+    compiled = tokens_marked(compiled)  # one trace serves every token bucket
     compiled = limit_guarded(compiled, _unpacked_instead, report, "packed")
     if graphs is not None:
         compiled = model.kernl_packed_graphs = ForwardGraphs(compiled, model, report)
