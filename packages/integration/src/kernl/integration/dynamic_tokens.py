@@ -44,7 +44,7 @@ def tokens_marked(compiled):
 
 def _hint(value):
     """The value a symbolic int, float or bool had in the traced call (itself when it has none)."""
-    hint = value.node.hint
+    hint = getattr(value.node, "hint", None)  # a property of SymNode in the torch releases kernl runs on
     return value if hint is None else hint
 
 
