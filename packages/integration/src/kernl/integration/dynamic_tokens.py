@@ -62,7 +62,8 @@ def _concrete(value, mode: FakeTensorMode):
         with mode:
             return torch.empty_strided(shape, stride, dtype=value.dtype, device=value.device)
     if isinstance(value, tuple | list):
-        return type(value)(_concrete(item, mode) for item in value)
+        items = [_concrete(item, mode) for item in value]
+        return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)  # namedtuples too
     return value
 
 
