@@ -129,3 +129,6 @@ def test_a_short_stream_on_a_gpu(tmp_path):
     assert [r["engine"] for r in records] == ["HF sdpa", "kernl"] and (tmp_path / "stream.png").exists()
     kernl = records[1]
     assert kernl["cuda_graphs"] >= 1 and kernl["max_abs_error_vs_hf_sdpa_at_real_tokens"] < 0.05
+    packed = [g for g in kernl["report"]["graphs"] if g["part"] == "packed"]
+    assert len(packed) == 1, packed  # every token bucket of the stream ran the one packed trace
+    assert kernl["memory_kept_mib"] >= 0 and kernl["memory_cached_mib"] >= 0

@@ -1,6 +1,7 @@
 """Per-model compilation (issue 20 item 3): no TorchDynamo state shared between models, no limit hit silently."""
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -38,6 +39,8 @@ def test_each_model_keeps_its_rules_past_another_models_recompile_limit(kit):
 
 
 def test_packed_calls_past_the_limit_run_unpacked(kit):
+    """Token buckets share the packed graph (no recompilation), so a limit of 1 holds any number of them;
+    a new kind of call (inputs_embeds) past it runs unpacked, and says so."""
     model = kit.build(BertModel, kit.tiny_config(BertConfig, num_hidden_layers=1))
     reference = copy.deepcopy(model).double()
     optimized, peer = (copy.deepcopy(model).to(kit.device, DTYPE) for _ in range(2))
@@ -45,9 +48,17 @@ def test_packed_calls_past_the_limit_run_unpacked(kit):
     ids = torch.randint(5, 120, (3, 40), generator=torch.Generator().manual_seed(1))
     with torch.inference_mode(), torch._dynamo.config.patch(**{LIMIT: 1}):
         optimized(input_ids=ids[:1].to(kit.device))  # 40 tokens: bucket 48 (not 64), the one packed graph
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            optimized(input_ids=ids.to(kit.device))  # 120 tokens: bucket 128, the same graph
+        assert not [w for w in caught if "recompile limit" in str(w.message)], [
+            str(w.message) for w in caught
+        ]
+        embeds = model.embeddings.word_embeddings(ids).detach()
         with pytest.warns(UserWarning, match="packed forward"):
-            actual = optimized(input_ids=ids.to(kit.device))  # 120 tokens: bucket 128, past the limit
-        expected, same = reference(input_ids=ids), peer(input_ids=ids.to(kit.device))
+            actual = optimized(inputs_embeds=embeds.to(kit.device, DTYPE))  # a new graph, past the limit
+        expected = reference(inputs_embeds=embeds.double())
+        same = peer(inputs_embeds=embeds.to(kit.device, DTYPE))
     assert_matches_reference(actual.last_hidden_state, expected.last_hidden_state, same.last_hidden_state)
     assert_matches_reference(actual.pooler_output, expected.pooler_output, same.pooler_output)
     assert [g.part for g in report.graphs] == ["packed", ""], str(report)

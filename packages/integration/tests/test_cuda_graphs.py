@@ -151,6 +151,33 @@ def test_a_failed_capture_runs_without_a_graph_and_warns():
     assert graphs.captures[(4,)].graph is None and "capture failed" in graphs.captures[(4,)].error
 
 
+@pytest.mark.skipif(not on_gpu(), reason="CUDA graphs need a GPU")
+def test_memory_kept_by_many_captures_is_bounded_by_the_largest():
+    """Captures of one pool reuse each other's freed intermediates, and warm-ups reuse one side stream's
+    cached blocks: eight keys whose calls each need 64 MiB scratches keep about four, not eighteen
+    (a warm-up on a new stream per capture kept one more scratch reserved with every capture). A call
+    holds two scratches at once (``ones`` and the product): the pool and the side stream keep two each."""
+    from kernl.integration.cuda_graphs import CudaGraphs
+
+    scratch = 16 * 2**20  # float32 elements: 64 MiB
+
+    def with_scratch(x):
+        return (torch.ones(scratch, device=x.device) * x.sum()).sum() + x
+
+    graphs = CudaGraphs(
+        with_scratch, lambda args, kwargs: tuple(args[0].shape), torch.cuda.graph_pool_handle()
+    )
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_reserved()
+    for size in range(1, 9):
+        x = torch.full((size,), 2.0, device="cuda")
+        torch.testing.assert_close(graphs(x), x + 2.0 * scratch * size)
+    torch.cuda.synchronize()
+    kept = torch.cuda.memory_reserved() - before
+    assert len(graphs.captures) == 8 and all(c.graph is not None for c in graphs.captures.values())
+    assert kept <= 6 * 4 * scratch, f"{kept / 2**20:.0f} MiB kept by 8 captures of a 64 MiB scratch"
+
+
 @needs_two_gpus
 def test_a_model_on_a_gpu_other_than_the_current_one(kit):
     """Streams, captures and kernels follow the model's GPU, not the current device (silently missing

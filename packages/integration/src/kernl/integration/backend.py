@@ -11,6 +11,7 @@ from collections import Counter
 import torch
 from torch import fx
 
+from kernl.integration.dynamic_tokens import concrete_examples, is_symbolic
 from kernl.integration.report import GraphRecord, OptimizationReport, kept_as_pytorch, kept_reasons
 from kernl.integration.rules import RULES, packed_attention
 from kernl.integration.rules.attention_sdpa import AttentionArgs, attention_call
@@ -52,6 +53,7 @@ def rewrite_graph(gm: fx.GraphModule, record: GraphRecord, example_inputs, packi
     graph.output(graph.graph_copy(gm.graph, {}))
     work = fx.GraphModule(gm, graph)
     try:
+        concrete_examples(work)  # a packed graph's symbolic token count: the rules see the traced call's
         for rule in RULES:
             record.fired[rule.name] = rule.rewrite(work)
         if packing is not None:  # packed execution hook (kernl.integration.packing)
@@ -124,7 +126,10 @@ class KernlBackend:
         self.pool = None
 
     def __call__(self, gm: fx.GraphModule, example_inputs):
-        record = GraphRecord(inputs=_describe_inputs(example_inputs, self.static_ids), part=self.part)
+        inputs = _describe_inputs(example_inputs, self.static_ids)
+        if is_symbolic(gm):  # a packed graph: see kernl.integration.dynamic_tokens
+            inputs += " (token count symbolic: traced once for every token bucket)"
+        record = GraphRecord(inputs=inputs, part=self.part)
         self.report.graphs.append(record)
         work = rewrite_graph(gm, record, example_inputs, self.packing)
         if self.packing is not None and record.error is not None:

@@ -27,12 +27,25 @@ import torch
 from kernl.integration.trees import map_tensors, objects_in, tensors_in
 from kernl.integration.user_warnings import warn
 
+_warm_up_streams: dict[int, torch.cuda.Stream] = {}
+
+
+def warm_up_stream() -> torch.cuda.Stream:
+    """The side stream warm-ups run on, one per device for the process. The caching allocator reuses a
+    freed block only for the stream it was allocated on: a new stream per capture would keep each
+    warm-up's working set (and a tuner's scratch) reserved for good, one more with every capture."""
+    device = torch.cuda.current_device()
+    if device not in _warm_up_streams:
+        _warm_up_streams[device] = torch.cuda.Stream()
+    return _warm_up_streams[device]
+
 
 def captured(run, warm_up, pool) -> tuple:
-    """``(graph, outputs)``: ``warm_up()`` run on a side stream (first calls compile and autotune, which a
-    capture cannot hold), then one call of ``run()`` captured in a new CUDA graph allocating from ``pool``;
-    ``outputs`` are what the captured call returned, living in the graph's memory."""
-    side = torch.cuda.Stream()
+    """``(graph, outputs)``: ``warm_up()`` run on the side stream :func:`warm_up_stream` (first calls
+    compile and autotune, which a capture cannot hold), then one call of ``run()`` captured in a new CUDA
+    graph allocating from ``pool``; ``outputs`` are what the captured call returned, living in the
+    graph's memory."""
+    side = warm_up_stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
         warm_up()

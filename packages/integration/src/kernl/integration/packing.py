@@ -5,8 +5,9 @@ tokens (mask != 0) of consecutive rows, end to end, padded to a token bucket ``T
 (:mod:`kernl.integration.token_buckets`). Each token keeps the position id and token type it has in
 the caller's layout, attention stays within each row (varlen attention over row offsets,
 :mod:`kernl.integration.rules.packed_attention`), and the outputs are scattered back to ``(B, S, ...)``.
-Compiled and captured graphs are keyed by ``T`` alone, so their number grows with the log of the
-largest token count, not with the mix of batch sizes and lengths.
+TorchDynamo traces the packed forward once, ``T`` symbolic (:mod:`kernl.integration.dynamic_tokens`);
+CUDA graphs are captured per ``T`` alone, so their number grows with the log of the largest token
+count, not with the mix of batch sizes and lengths.
 
 Row offsets reach the graphs as static buffers (:class:`RowOffsets`), one pair per (device, bucket),
 filled before each run: a CUDA graph captured once reads whatever split of rows the next call has.
@@ -34,6 +35,7 @@ from kernl.integration.arguments import argument_namer, input_wants_gradients
 from kernl.integration.backend import KernlBackend
 from kernl.integration.buckets import bucket
 from kernl.integration.compile_state import RecompileLimitReached, limit_guarded, own_code
+from kernl.integration.dynamic_tokens import tokens_marked
 from kernl.integration.forward_graphs import ForwardGraphs
 from kernl.integration.report import OptimizationReport
 from kernl.integration.rules.packed_attention import PackingUnsupported
@@ -450,6 +452,7 @@ def packed_forward(
     offsets = RowOffsets()
     backend = KernlBackend(report, static, part or "packed", packing=offsets)
     compiled = torch.compile(own_code(model.kernl_original_forward), backend=backend, dynamic=False)
+    compiled = tokens_marked(compiled)  # one trace serves every token bucket
     compiled = limit_guarded(compiled, _unpacked_instead, report, "packed")
     if graphs is not None:
         compiled = model.kernl_packed_graphs = ForwardGraphs(compiled, model, report)
