@@ -106,7 +106,7 @@ def _install_mpnet(encoder: torch.nn.Module, length: int) -> bool:
     def compute_position_bias(x, position_ids=None, num_buckets=default_buckets):
         if position_ids is not None or num_buckets != default_buckets:
             return original(x, position_ids=position_ids, num_buckets=num_buckets)
-        by_distance = encoder.relative_attention_bias(getattr(encoder, TABLE)).t()  # (heads, 2P - 1)
+        by_distance = encoder.relative_attention_bias(getattr(encoder, TABLE)).t().contiguous()  # (H, 2P - 1)
         values = torch.ops.kernl.relative_position_bias(by_distance, x.size(1))
         return values.expand((x.size(0), -1, x.size(1), x.size(1))).contiguous()  # as transformers
 
