@@ -146,6 +146,11 @@ def test_bad_arguments_raise_clear_errors(call, error, message):
         (lambda: attention_varlen(packed_q, packed_kv, packed_kv, cu, scale=float("inf")), ValueError, "scale must be finite"),
         (lambda: attention_varlen(packed_q, packed_kv, packed_kv, cu, scale="0.1"), TypeError, "scale must be a real number"),
         (lambda: attention_varlen(packed_q, packed_kv, packed_kv, cu, causal=None), TypeError, "causal must be a bool"),
+        (lambda: attention_varlen(packed_q, packed_kv, packed_kv, cu, relative_bias=[0.0]), TypeError, "relative_bias must be a torch.Tensor"),
+        (lambda: attention_varlen(packed_q, packed_kv, packed_kv, cu, relative_bias=torch.zeros(4, 3, dtype=torch.int64, device=TEST_DEVICE)), TypeError, "relative_bias must be float16"),
+        (lambda: attention_varlen(packed_q, packed_kv, packed_kv, cu, relative_bias=torch.zeros(2, 3, device=TEST_DEVICE)), ValueError, r"relative_bias must have shape \(4, 2R \+ 1\)"),
+        (lambda: attention_varlen(packed_q, packed_kv, packed_kv, cu, relative_bias=torch.zeros(4, 4, device=TEST_DEVICE)), ValueError, "an odd count of distances"),
+        (lambda: attention_varlen(packed_q, packed_kv, packed_kv, cu, relative_bias=torch.zeros(4, 3, 1, device=TEST_DEVICE)), ValueError, "relative_bias must have shape"),
     ],
 )  # fmt: skip
 def test_bad_varlen_arguments_raise_clear_errors(call, error, message):
@@ -164,6 +169,8 @@ def test_device_mismatch_names_the_argument():
         attention_varlen(packed_q, packed_kv, packed_kv, cu.to(other))
     with pytest.raises(ValueError, match="v is on"):
         attention_varlen(packed_q, packed_kv, packed_kv.to(other), cu)
+    with pytest.raises(ValueError, match="relative_bias is on"):
+        attention_varlen(packed_q, packed_kv, packed_kv, cu, relative_bias=torch.zeros(4, 3, device=other))
 
 
 def test_cpu_without_interpreter_falls_back_to_reference(monkeypatch):

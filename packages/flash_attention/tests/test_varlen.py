@@ -7,7 +7,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kernl.flash_attention import attention, attention_varlen, attention_varlen_reference
+from kernl.flash_attention import (
+    attention,
+    attention_varlen,
+    attention_varlen_reference,
+    expand_relative_bias,
+)
 from kernl.flash_attention.launch import LaunchConfig
 from kernl.flash_attention.launch_varlen import attention_varlen_forward, varlen_grid, varlen_launch_config
 from kernl_testing import (
@@ -42,7 +47,7 @@ def offsets(lengths) -> torch.Tensor:
                         device=TEST_DEVICE)  # fmt: skip
 
 
-def eager_varlen(q, k, v, cu_seqlens, scale, causal):
+def eager_varlen(q, k, v, cu_seqlens, scale, causal, relative_bias=None):
     """What plain PyTorch gives in q's dtype, one sequence at a time (scores and probabilities rounded)."""
     out = torch.zeros_like(q)
     group = q.shape[1] // k.shape[1]
@@ -53,6 +58,8 @@ def eager_varlen(q, k, v, cu_seqlens, scale, causal):
         q_s = q[start:end].transpose(0, 1)
         k_s, v_s = (t[start:end].transpose(0, 1).repeat_interleave(group, dim=0) for t in (k, v))
         scores = (q_s @ k_s.transpose(-1, -2)) * scale
+        if relative_bias is not None:
+            scores = scores + expand_relative_bias(relative_bias, end - start).to(q.dtype)
         if causal:
             scores = scores.masked_fill(torch.ones_like(scores, dtype=torch.bool).triu(1), float("-inf"))
         probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
@@ -60,12 +67,15 @@ def eager_varlen(q, k, v, cu_seqlens, scale, causal):
     return out
 
 
-def check(out, q, k, v, cu_seqlens, scale, causal):
+def check(out, q, k, v, cu_seqlens, scale, causal, relative_bias=None):
     """Shared tolerance rule against the fp64 reference; padding rows (from ``cu[S]``) exactly zero."""
-    as64 = lambda t: t.double()
-    reference = attention_varlen_reference(as64(q), as64(k), as64(v), cu_seqlens, scale=scale, causal=causal)
+    as64 = lambda t: None if t is None else t.double()
+    reference = attention_varlen_reference(
+        as64(q), as64(k), as64(v), cu_seqlens, scale=scale, causal=causal, relative_bias=as64(relative_bias)
+    )
     assert out.shape == q.shape and out.dtype == q.dtype and out.is_contiguous()
-    assert_matches_reference(out, reference, eager_varlen(q, k, v, cu_seqlens, scale, causal))
+    peer = eager_varlen(q, k, v, cu_seqlens, scale, causal, relative_bias)
+    assert_matches_reference(out, reference, peer)
     packed_end = int(cu_seqlens[-1])
     assert torch.equal(out[packed_end:], torch.zeros_like(out[packed_end:])), "padding rows must be 0"
 
@@ -148,6 +158,72 @@ def test_tokens_outside_a_sequence_never_reach_it():
     for start, end in ((0, 13), (13, 35), (35, 44)):
         alone = attention(*(t[start:end].transpose(0, 1)[None] for t in (q, k, v)))[0].transpose(0, 1)
         torch.testing.assert_close(out[start:end], alone)
+
+
+def relative_table(heads, radius, dtype, spec, transposed=False):
+    """A ``(heads, 2 * radius + 1)`` relative-position table; ``transposed``: a view of a ``(2R + 1, H)``
+    tensor (as an embedding weight's transpose is)."""
+    if transposed:
+        return make_tensor((2 * radius + 1, heads), dtype, spec).t()
+    return make_tensor((heads, 2 * radius + 1), dtype, spec)
+
+
+@more_on_cpu
+@given(packing=packings(), heads=head_counts(), d=st.sampled_from(HEAD_DIMS), dtype=dtypes(),
+       specs=st.tuples(value_specs(), value_specs(), value_specs(), value_specs()), causal=st.booleans(),
+       radius=st.sampled_from([0, 1, 3, 8, 50]), table_in_q_dtype=st.booleans(), transposed=st.booleans(),
+       scale=st.sampled_from([None, 1.0, 0.3]))  # fmt: skip
+def test_relative_bias_matches_reference(
+    packing, heads, d, dtype, specs, causal, radius, table_in_q_dtype, transposed, scale
+):
+    """Distances inside and past the table's radius, any sequence split, fp32 or q's dtype table."""
+    lengths, padding = packing
+    n_tokens = sum(lengths) + padding
+    h, h_kv = heads
+    q = make_packed(n_tokens, h, d, dtype, specs[0], "from_4d")
+    k, v = (make_packed(n_tokens, h_kv, d, dtype, spec) for spec in specs[1:3])
+    table_dtype = dtype if table_in_q_dtype else torch.float32
+    table = relative_table(h, radius, table_dtype, specs[3], transposed)
+    cu_seqlens = offsets(lengths)
+    out = attention_varlen(q, k, v, cu_seqlens, scale=scale, causal=causal, relative_bias=table)
+    check(out, q, k, v, cu_seqlens, 1.0 / math.sqrt(d) if scale is None else scale, causal, table)
+
+
+@pytest.mark.parametrize(
+    "config", [LaunchConfig(16, 16, 4, 1), LaunchConfig(32, 16, 4, 1, tma=True)], ids=["pointers", "tma"]
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_relative_bias_around_tile_edges_with_a_nan_tail(config, dtype):
+    """Rows of length 1, odd lengths across tile edges, distances past the radius, a NaN padding tail."""
+    if config.tma and dtype == torch.float32:
+        pytest.skip("fp32 never loads through descriptors")
+    lengths, padding = [1, 17, 33, 1, 5], 7
+    n_tokens = sum(lengths) + padding
+    q, k, v = (make_packed(n_tokens, 2, 16, dtype, ValueSpec(i, 1.0, 0.0), "from_4d") for i in range(3))
+    for t in (q, k, v):
+        t[sum(lengths) :] = float("nan")
+    table = relative_table(2, 6, torch.float32, ValueSpec(7, 2.0, 0.0), transposed=True)
+    cu_seqlens = offsets(lengths)
+    out = attention_varlen_forward(q, k, v, cu_seqlens, 0.25, False, config, relative_bias=table)
+    check(out, q, k, v, cu_seqlens, 0.25, False, table)
+
+
+def test_a_table_hiding_every_later_key_is_causal_attention():
+    """``-inf`` for every distance above 0 (clamped from far away too) is the causal mask, and a row
+    whose every key is hidden gives zeros: the bias is indexed by key minus query, within the sequence."""
+    lengths, padding = [9, 1, 26], 3
+    n_tokens = sum(lengths) + padding
+    q, k, v = (make_packed(n_tokens, 3, 16, torch.float32, ValueSpec(i, 1.0, 0.0)) for i in range(3))
+    cu_seqlens = offsets(lengths)
+    radius = 4
+    table = torch.zeros(3, 2 * radius + 1, device=TEST_DEVICE)
+    table[:, radius + 1 :] = float("-inf")
+    expected = attention_varlen(q, k, v, cu_seqlens, causal=True)
+    torch.testing.assert_close(attention_varlen(q, k, v, cu_seqlens, relative_bias=table), expected)
+    table[:, radius] = float("-inf")  # no key at distance 0 either: the first token of a row sees none
+    out = attention_varlen(q, k, v, cu_seqlens, relative_bias=table)
+    assert not out[[0, 9, 10]].any() and not out.isnan().any()
+    check(out, q, k, v, cu_seqlens, 0.25, False, table)
 
 
 @pytest.mark.parametrize(
@@ -297,11 +373,12 @@ def test_opcheck():
     lengths = [5, 0, 12, 1]
     q = make_packed(22, 4, 16, torch.float32, ValueSpec(1, 1.0, 0.0))
     k, v = (make_packed(22, 2, 16, torch.float32, ValueSpec(i, 1.0, 0.0), "from_4d") for i in (2, 3))
-    torch.library.opcheck(
-        torch.ops.kernl.attention_varlen.default,
-        (q, k, v, offsets(lengths), 0.25, True),
-        test_utils=("test_schema", "test_faketensor"),
-    )
+    for table in (None, make_tensor((4, 7), torch.float32, ValueSpec(4, 1.0, 0.0))):
+        torch.library.opcheck(
+            torch.ops.kernl.attention_varlen.default,
+            (q, k, v, offsets(lengths), 0.25, True, table),
+            test_utils=("test_schema", "test_faketensor"),
+        )
 
 
 @pytest.mark.parametrize("backend", ["eager", "aot_eager"])

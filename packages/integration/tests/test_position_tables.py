@@ -104,7 +104,7 @@ def test_the_table_holds_what_transformers_computes_and_uncovered_calls_run_the_
     reference = copy.deepcopy(model)
     lines = precompute_position_tables(model)
     assert lines == [
-        "relative-position buckets of encoder computed once (128 x 128 positions), outside the captured forward"
+        "relative-position buckets of encoder computed once (one per distance up to 512), outside the captured forward"
     ]
     assert precompute_position_tables(model) == []  # installed once
     encoder, original = model.encoder, reference.encoder
@@ -113,7 +113,7 @@ def test_the_table_holds_what_transformers_computes_and_uncovered_calls_run_the_
     assert torch.equal(  # other buckets than the table's: the original code
         encoder.compute_position_bias(x, num_buckets=16), original.compute_position_bias(x, num_buckets=16)
     )
-    longer = torch.randn(1, 130, 64)  # past the table: the original code
+    longer = torch.randn(1, 600, 64)  # past the table: its last entries, where the buckets stopped growing
     assert torch.equal(encoder.compute_position_bias(longer), original.compute_position_bias(longer))
     deberta = _model(kit, "deberta-v3")
     expected = copy.deepcopy(deberta).encoder.get_rel_pos(torch.randn(1, 41, 64))
@@ -133,3 +133,29 @@ def test_a_copy_of_an_optimized_model_has_no_table(kit):
 def test_a_deberta_without_relative_attention_is_left_alone(kit):
     model = kit.build(DebertaV2Model, kit.tiny_config(DebertaV2Config), attn_implementation="eager")
     assert precompute_position_tables(model) == [] and TABLE not in dict(model.named_buffers())
+
+
+def test_mpnet_buckets_by_distance_are_transformers_own_out_to_16k(kit):
+    """The per-distance table, clamped past its ends, holds transformers' ``relative_position_bucket`` of
+    every distance up to 16K either way, bit for bit (the buckets stop growing at 128)."""
+    model = _model(kit, "mpnet")
+    precompute_position_tables(model)
+    table = getattr(model.encoder, TABLE)
+    radius = (table.shape[0] - 1) // 2
+    distances = torch.arange(-16384, 16385)
+    expected = type(model.encoder).relative_position_bucket(distances)
+    assert torch.equal(table[distances.clamp(-radius, radius) + radius], expected)
+
+
+def test_mpnet_buckets_not_one_per_distance_leave_the_encoder_alone(kit):
+    """A bucket function that is not a function of the distance alone (a transformers release that would
+    change it) is not turned into a table by distance: the original method stays."""
+    model = _model(kit, "mpnet")
+    bucket = model.encoder.relative_position_bucket
+
+    def by_position(relative_position, num_buckets=32, max_distance=128):
+        return (bucket(relative_position, num_buckets, max_distance) + relative_position[:1]) % num_buckets
+
+    model.encoder.relative_position_bucket = by_position
+    assert precompute_position_tables(model) == []
+    assert "compute_position_bias" not in model.encoder.__dict__ and TABLE not in dict(model.named_buffers())

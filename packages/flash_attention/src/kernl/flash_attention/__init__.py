@@ -12,7 +12,12 @@ from kernl.flash_attention.functional import (
     rotary,
 )
 from kernl.flash_attention.launch import MAX_HEAD_DIM
-from kernl.flash_attention.reference import attention_reference, attention_varlen_reference, rotary_reference
+from kernl.flash_attention.reference import (
+    attention_reference,
+    attention_varlen_reference,
+    expand_relative_bias,
+    rotary_reference,
+)
 
 __all__ = [
     "MAX_HEAD_DIM",
@@ -22,6 +27,7 @@ __all__ = [
     "attention_reference",
     "attention_varlen",
     "attention_varlen_reference",
+    "expand_relative_bias",
     "rotary",
     "rotary_reference",
 ]

@@ -211,6 +211,18 @@ def _check_cu_seqlens(cu_seqlens, device) -> None:
         raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but q is on {device}")
 
 
+def _check_relative_bias(t, heads: int, device) -> None:
+    """A float ``(H, 2R + 1)`` table on q's device (any of the supported dtypes, any strides)."""
+    check_tensor("relative_bias", t, SUPPORTED_DTYPES, "float16, bfloat16 or float32")
+    if t.dim() != 2 or t.shape[0] != heads or t.shape[1] % 2 != 1:
+        raise ValueError(
+            f"relative_bias must have shape ({heads}, 2R + 1) (q's heads, an odd count of distances), "
+            f"got {tuple(t.shape)}"
+        )
+    if t.device != device:
+        raise ValueError(f"relative_bias is on {t.device} but q is on {device}")
+
+
 def _attention_varlen_op():
     """The registered op when tracing (torch.compile), the plain implementation in eager mode."""
     return torch.ops.kernl.attention_varlen if torch.compiler.is_compiling() else ops.attention_varlen_impl
@@ -224,6 +236,7 @@ def attention_varlen(
     *,
     scale: float | None = None,
     causal: bool = False,
+    relative_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention over sequences packed end to end: each query sees only its own sequence's keys.
 
@@ -232,7 +245,11 @@ def attention_varlen(
     ``1 <= D <= 128``. cu_seqlens: int32 ``(S + 1,)`` on q's device, ``0 = cu[0] <= ... <= cu[S] <= T``;
     sequence ``s`` is tokens ``[cu[s], cu[s + 1])`` (equal values = empty sequences). Tokens from
     ``cu[S]`` on are padding: their rows are zeros. causal: within each sequence. scale: default
-    ``1/sqrt(D)``. The values of cu_seqlens are read by the kernel only (no host synchronisation, the
+    ``1/sqrt(D)``. relative_bias: a relative-position bias as a float table ``(H, 2R + 1)`` on q's
+    device (any supported dtype, any strides): query ``i`` and key ``j`` of one sequence get
+    ``scale * q.k + relative_bias[h, clamp(j - i, -R, R) + R]`` (MPNet's and T5's bias is
+    ``weight[bucket(d), h]`` for each distance ``d``; past ``R`` their buckets no longer change),
+    computed per block inside the kernel. The values of cu_seqlens are read by the kernel only (no host synchronisation, the
     launch depends on shapes only: CUDA-graph safe) and are not validated: offsets that break the rules
     give unspecified rows but no access out of bounds. Returns a contiguous ``(T, H, D)`` in q's dtype.
     """
@@ -241,7 +258,9 @@ def attention_varlen(
     scale = _check_scale(scale, q.shape[-1], positive=True)
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {type(causal).__module__}.{type(causal).__name__}")
-    return _attention_varlen_op()(q, k, v, cu_seqlens, scale, causal)
+    if relative_bias is not None:
+        _check_relative_bias(relative_bias, q.shape[1], q.device)
+    return _attention_varlen_op()(q, k, v, cu_seqlens, scale, causal, relative_bias)
 
 
 def _check_rotary(q, k, cos, sin) -> None:

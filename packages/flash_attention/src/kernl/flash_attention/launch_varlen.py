@@ -43,9 +43,11 @@ def attention_varlen_forward(
     scale: float,
     causal: bool,
     config: LaunchConfig | None = None,
+    relative_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Launch on validated inputs: q ``(T, H, D)``, k/v ``(T, H_kv, D)`` with ``H % H_kv == 0``, any
-    strides; cu_seqlens int32 ``(S + 1,)`` on q's device, read only by the kernel (no host sync).
+    strides; cu_seqlens int32 ``(S + 1,)`` on q's device, read only by the kernel (no host sync);
+    relative_bias: None or a float ``(H, 2R + 1)`` table, any strides (see :mod:`.varlen_kernel`).
     Returns a contiguous ``(T, H, D)`` tensor in q's dtype, padding rows (from ``cu[S]``) zero.
     ``config`` overrides :func:`varlen_launch_config` (tests, tuning sweep).
     """
@@ -63,11 +65,14 @@ def attention_varlen_forward(
         q_in, k_in, v_in = describe(q, cfg.block_m), describe(k, cfg.block_n), describe(v, cfg.block_n)
     else:
         q_in, k_in, v_in = q, k, v
+    rel = cu_seqlens if relative_bias is None else relative_bias  # any pointer when there is none
+    rel_radius = 0 if relative_bias is None else (relative_bias.shape[1] - 1) // 2
+    rel_strides = (0, 0) if relative_bias is None else relative_bias.stride()
     _varlen_fwd_kernel[varlen_grid(n_tokens, n_seqs, heads, cfg.block_m)](
-        q_in, k_in, v_in, out, cu_seqlens,
-        scale * LOG2E.value, n_tokens, n_seqs, heads // k.shape[1],
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(), cu_seqlens.stride(0),
-        HEAD_DIM=head_dim, BLOCK_D=block_d, TMA=tma,
+        q_in, k_in, v_in, out, cu_seqlens, rel,
+        scale * LOG2E.value, scale, n_tokens, n_seqs, heads // k.shape[1], rel_radius,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(), cu_seqlens.stride(0), *rel_strides,
+        HEAD_DIM=head_dim, BLOCK_D=block_d, TMA=tma, HAS_REL=relative_bias is not None,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         SCAN_BLOCK=min(max(16, triton.next_power_of_2(n_seqs)), MAX_SCAN_BLOCK if q.is_cuda else 16),
         CAUSAL=causal, ACC_DTYPE=tl.float64 if q.dtype == torch.float32 else tl.float32,

@@ -68,16 +68,19 @@ def attention_varlen_impl(
     cu_seqlens: torch.Tensor,
     scale: float,
     causal: bool,
+    relative_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``kernl::attention_varlen`` on validated inputs: q ``(T, H, D)``, k/v ``(T, H_kv, D)``, cu_seqlens
-    int32 ``(S + 1,)`` -> contiguous ``(T, H, D)`` in q's dtype; the Triton kernel, or the PyTorch
-    reference on CPU without the interpreter."""
+    int32 ``(S + 1,)``, relative_bias None or ``(H, 2R + 1)`` -> contiguous ``(T, H, D)`` in q's dtype;
+    the Triton kernel, or the PyTorch reference on CPU without the interpreter."""
     if not runs_triton_kernel(q):
-        return attention_varlen_reference(q, k, v, cu_seqlens, scale=scale, causal=causal)
+        return attention_varlen_reference(
+            q, k, v, cu_seqlens, scale=scale, causal=causal, relative_bias=relative_bias
+        )
     # Triton launches on the current device. Under the interpreter numpy would warn where the kernel
     # means its NaN: an inf or NaN score makes its row NaN, as SDPA's.
     with torch.cuda.device(q.device.index if q.is_cuda else -1), float_errors_ignored(q.device):
-        return attention_varlen_forward(q, k, v, cu_seqlens, scale, causal)
+        return attention_varlen_forward(q, k, v, cu_seqlens, scale, causal, relative_bias=relative_bias)
 
 
 attention_varlen_op = torch.library.custom_op(
@@ -86,7 +89,7 @@ attention_varlen_op = torch.library.custom_op(
 
 
 @attention_varlen_op.register_fake
-def _(q, k, v, cu_seqlens, scale, causal):
+def _(q, k, v, cu_seqlens, scale, causal, relative_bias=None):
     return q.new_empty(q.shape)
 
 

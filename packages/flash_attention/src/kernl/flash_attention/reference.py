@@ -70,6 +70,15 @@ def attention_reference(
     return out.to(q.dtype)
 
 
+def expand_relative_bias(relative_bias: torch.Tensor, length: int) -> torch.Tensor:
+    """The dense ``(H, L, L)`` bias of a relative-position table ``(H, 2R + 1)``: entry ``(h, i, j)`` is
+    ``relative_bias[h, clamp(j - i, -R, R) + R]``, in the table's dtype and on its device."""
+    radius = (relative_bias.shape[1] - 1) // 2
+    positions = torch.arange(length, device=relative_bias.device)
+    distance = (positions[None, :] - positions[:, None]).clamp(-radius, radius) + radius
+    return relative_bias[:, distance]
+
+
 def attention_varlen_reference(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -78,12 +87,14 @@ def attention_varlen_reference(
     *,
     scale: float | None = None,
     causal: bool = False,
+    relative_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Packed attention, one sequence at a time: q ``(T, H, D)``, k/v ``(T, H_kv, D)`` (``H % H_kv == 0``,
     kv head ``g`` serves q heads ``g * H / H_kv`` onwards), cu_seqlens ``(S + 1,)`` integer offsets.
 
-    Sequence ``s`` (tokens ``cu[s]:cu[s + 1]``) attends to itself only, causal within it if asked; rows
-    from ``cu[S]`` on are padding and hold zeros. Reads ``cu_seqlens`` on the host (a test oracle and
+    Sequence ``s`` (tokens ``cu[s]:cu[s + 1]``) attends to itself only, causal within it if asked, its
+    scaled scores plus :func:`expand_relative_bias` of ``relative_bias`` ``(H, 2R + 1)`` over its own
+    length when given; rows from ``cu[S]`` on are padding and hold zeros. Reads ``cu_seqlens`` on the host (a test oracle and
     the CPU fallback, not for CUDA graphs). Returns ``(T, H, D)`` in q's dtype, contiguous.
     """
     out = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
@@ -93,7 +104,10 @@ def attention_varlen_reference(
         if end <= start:
             continue
         k_seq, v_seq = as_batch(k[start:end]), as_batch(v[start:end])
-        seq_out = attention_reference(as_batch(q[start:end]), k_seq, v_seq, scale=scale, causal=causal)
+        bias = None if relative_bias is None else expand_relative_bias(relative_bias, end - start)[None]
+        seq_out = attention_reference(
+            as_batch(q[start:end]), k_seq, v_seq, scale=scale, causal=causal, bias=bias
+        )
         out[start:end] = seq_out[0].transpose(0, 1)
     return out
 

@@ -19,6 +19,11 @@ With ``TMA`` q, k and v are read through 3-D ``(T, H, D)`` tensor descriptors (s
 tokens past ``T`` and columns past the head dimension arrive as zeros; the values of keys past the
 sequence's end (the next sequence's, or padding that may hold NaN) are zeroed before ``p @ v``.
 
+With ``HAS_REL`` the score of query ``i`` and key ``j`` of one sequence is ``scale * q.k +
+REL[h, clamp(j - i, -R, R) + R]`` (a relative-position bias, MPNet's and T5's once their buckets are
+looked up per distance): the bias of each block is read from that ``(H, 2R + 1)`` table inside the loop,
+never materialised as ``T x T``. ``j - i`` of packed indices is the distance within the sequence.
+
 ``cu`` values are not validated anywhere; they are clamped to ``[0, T]`` here and negative lengths
 count as empty, so bad offsets give wrong rows (possibly left unwritten) but never an access out of
 bounds.
@@ -27,15 +32,17 @@ bounds.
 import triton
 import triton.language as tl
 
+from kernl.flash_attention.kernel import LOG2E
+
 
 @triton.jit
 def _varlen_fwd_kernel(
-    Q, K, V, OUT, CU,
-    qk_scale, n_tokens, n_seqs, kv_group,
-    sqt, sqh, sqd, skt, skh, skd, svt, svh, svd, sot, soh, sod, scu,
+    Q, K, V, OUT, CU, REL,
+    qk_scale, scale, n_tokens, n_seqs, kv_group, rel_radius,
+    sqt, sqh, sqd, skt, skh, skd, svt, svh, svd, sot, soh, sod, scu, srh, srd,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     SCAN_BLOCK: tl.constexpr, CAUSAL: tl.constexpr, ACC_DTYPE: tl.constexpr, USE_PDL: tl.constexpr,
-    TMA: tl.constexpr,
+    TMA: tl.constexpr, HAS_REL: tl.constexpr,
 ):  # fmt: skip
     if USE_PDL:  # programmatic dependent launch: wait for the previous kernel's writes (cu_seqlens too)
         tl.extra.cuda.gdc_wait()
@@ -98,7 +105,12 @@ def _varlen_fwd_kernel(
             v_base = V + h_kv * svh + offs_d[None, :] * svd
         if ACC_DTYPE == tl.float64:  # fp32 inputs: dots and softmax in fp64 (the scale arrives as fp32)
             q = q.to(tl.float64)
-        factor = tl.full([], qk_scale, ACC_DTYPE)  # scale * log2(e): scores in base 2
+        if HAS_REL:  # s = scale * q.k + bias first, then s * log2(e): scores in base 2
+            factor = tl.full([], LOG2E, ACC_DTYPE)
+            scale_acc = tl.full([], scale, ACC_DTYPE)
+            rel_base = REL + h * srh
+        else:
+            factor = tl.full([], qk_scale, ACC_DTYPE)  # scale * log2(e)
         m_i = tl.full([BLOCK_M], float("-inf"), ACC_DTYPE)
         l_i = tl.zeros([BLOCK_M], ACC_DTYPE)
         acc = tl.zeros([BLOCK_M, BLOCK_D], ACC_DTYPE)
@@ -128,6 +140,9 @@ def _varlen_fwd_kernel(
                     k = k.to(tl.float64)
                     v = v.to(tl.float64)
                 s = tl.dot(q, k, out_dtype=ACC_DTYPE)
+                if HAS_REL:  # clamped distances index the table: in bounds for every row and column
+                    dist = tl.minimum(tl.maximum(cols[None, :] - offs_m[:, None], -rel_radius), rel_radius)
+                    s = tl.math.fma(s, scale_acc, tl.load(rel_base + (dist + rel_radius) * srd).to(ACC_DTYPE))
                 if stage == 1:
                     keep = col_ok[None, :]
                     if CAUSAL:
@@ -135,7 +150,10 @@ def _varlen_fwd_kernel(
                     s = tl.where(keep, s, float("-inf"))
                 m_new = tl.maximum(m_i, tl.max(s, axis=1) * factor)
                 m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no visible key so far
-                p = tl.math.exp2(tl.math.fma(s, factor, -m_use[:, None]))
+                exponent = tl.math.fma(s, factor, -m_use[:, None])
+                if HAS_REL:  # a huge bias: the exact product may pass the rounded maximum; exp2 <= 1
+                    exponent = tl.where(exponent > 0.0, 0.0, exponent)  # (a where keeps NaN NaN)
+                p = tl.math.exp2(exponent)
                 alpha = tl.math.exp2(m_i - m_use)
                 l_i = l_i * alpha + tl.sum(p, axis=1)
                 acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], out_dtype=ACC_DTYPE)

@@ -77,7 +77,8 @@ def attention_masks(gm: fx.GraphModule) -> dict[str, int]:
     kinds = Counter()
     for node in gm.graph.nodes:
         if node.target is packed_attention.packed_attention_call:
-            kinds["packed rows (varlen)"] += 1
+            relative = len(node.args) > 5 and node.args[5] is not None
+            kinds["packed rows (varlen)" + (" + relative position bias" if relative else "")] += 1
         if node.target is attention_call:
             call = AttentionArgs(*node.args)
             mask = (

@@ -47,11 +47,16 @@ from kernl.integration.user_warnings import warn
 # column index (``arange(S)``) unless ``position_ids`` are given.
 COLUMN_POSITIONS = frozenset({"bert", "electra", "albert", "ernie", "megatron-bert", "rembert", "distilbert"})
 # RoBERTa-style: ``padding_idx + 1 + (number of non-pad tokens before)``, pad tokens at ``padding_idx``.
-PADDING_IDX_POSITIONS = frozenset({"roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "data2vec-text"})
+PADDING_IDX_POSITIONS = frozenset(
+    {"roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "data2vec-text", "mpnet"}
+)
+# Also a position bias by column distance (kernl.integration.position_tables): the packed distance is the
+# caller's only when each row's real tokens are consecutive columns; other masks run unpacked.
+DISTANCE_BIAS = frozenset({"mpnet"})
+_PADDING_IDX = {"mpnet": 1}  # MPNetEmbeddings' padding_idx, whatever the config's pad_token_id
 PACKED_MODEL_TYPES = COLUMN_POSITIONS | PADDING_IDX_POSITIONS
 # Why the other bucketed families keep the unpacked path.
 _NOT_PACKED = {
-    "mpnet": "its relative position bias is computed over the whole (packed) sequence as one T x T tensor",
     "deberta": "its disentangled relative positions are computed over the whole (packed) sequence",
     "deberta-v2": "its disentangled relative positions are computed over the whole (packed) sequence",
     "roformer": "its rotary table is sized by max_position_embeddings, shorter than a packed sequence",
@@ -318,7 +323,8 @@ class PackedForward:
         self.offsets, self.buckets, self.report = offsets, buckets, report
         config = model.config
         self.style = "column" if config.model_type in COLUMN_POSITIONS else "padding_idx"
-        self.padding_idx = getattr(config, "pad_token_id", None) or 0  # also the pad token
+        self.padding_idx = _PADDING_IDX.get(config.model_type, getattr(config, "pad_token_id", None) or 0)
+        self.consecutive_rows = config.model_type in DISTANCE_BIAS
         self.token_types = "token_type_ids" in inspect.signature(unpacked).parameters
         self.unscatterable: set[tuple] = set()  # call kinds whose outputs cannot be scattered back
         self.disabled: str | None = None
@@ -377,10 +383,15 @@ class PackedForward:
         if mask is None:
             real = torch.ones(batch, columns, dtype=torch.bool, device=token_input.device)
             lengths, first_column_real = [columns] * batch, True
-        else:  # the one device-to-host copy: 2 x B integers
+        else:  # the one device-to-host copy: 2 x B integers (3 x B with the runs of real tokens)
             real = mask.ne(0)
-            lengths, first_real = torch.stack([real.sum(1), real[:, 0].long()]).tolist()
+            counts = [real.sum(1), real[:, 0].long()]
+            if self.consecutive_rows:
+                counts.append(real[:, 0].long() + (real[:, 1:] & ~real[:, :-1]).sum(1))
+            lengths, first_real, *runs = torch.stack(counts).tolist()
             first_column_real = all(first_real)
+            if runs and max(runs[0]) > 1:  # a row's real tokens with a gap: the distances would shrink
+                return None, None
         groups = plan_groups(lengths, self.buckets)
         if groups is None or (self.offsets.reads_first_token and not first_column_real):
             return None, None
