@@ -145,9 +145,9 @@ class DecodeLoop:
         **model_kwargs,
     ):
         """``generate()``'s decoding method (its ``custom_generate``): the call's sequences, or its
-        ``GenerateEncoderDecoderOutput``/``GenerateDecoderOnlyOutput`` with ``return_dict_in_generate``. ``generator``: the draws of
-        sampling (kernl's extension; default: the global generator). A call outside the loop's set runs
-        transformers' decoding method, with the reason in the report."""
+        ``GenerateEncoderDecoderOutput`` / ``GenerateDecoderOnlyOutput`` with ``return_dict_in_generate``.
+        ``generator``: the draws of sampling (kernl's extension; default: the global generator). A call
+        outside the loop's set runs transformers' decoding method, with the reason in the report."""
         kind = call_kind(lambda name: getattr(generation_config, name, None))
         settings = loop_settings(
             generation_config,

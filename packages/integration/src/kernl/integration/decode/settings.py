@@ -89,9 +89,9 @@ class LoopSettings:
 
     ``processors``: in transformers' order; ``do_sample``: sampled, else greedy; ``eos_token_ids``: empty
     when the call stops only at ``max_length`` (rows are then never padded); ``pad_token_id``: what a
-    finished row emits; ``prompt_length``: the decoder prompt's length (an encoder-decoder's start token: 1; a decoder-only
-    model's prompt, left padding included);
-    ``beams``: beam search's settings, None for greedy and sampling.
+    finished row emits; ``prompt_length``: the decoder prompt's length (an encoder-decoder's start
+    token: 1; a decoder-only model's prompt, left padding included); ``beams``: beam search's settings,
+    None for greedy and sampling.
     """
 
     processors: tuple[Processor, ...]
