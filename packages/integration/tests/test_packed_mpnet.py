@@ -51,6 +51,8 @@ def test_packed_mpnet_matches_hugging_face_at_real_tokens(kit, dtype):
     assert graph.attention_masks == {PACKED_BIAS: 2} and graph.kept == {} and graph.error is None, str(report)
     assert len(report.graphs) == 2, str(report)
     assert not any("not packed" in note for note in report.notes), report.notes
+    if kit.device == "cuda":  # the packed forward holds no host copy: captured whole
+        assert all(g.runs_as == "CUDA graph (whole forward)" for g in report.graphs), str(report)
 
 
 def test_left_padding_and_one_row_batches(kit, dtype):

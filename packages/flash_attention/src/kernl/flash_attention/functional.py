@@ -249,9 +249,10 @@ def attention_varlen(
     device (any supported dtype, any strides): query ``i`` and key ``j`` of one sequence get
     ``scale * q.k + relative_bias[h, clamp(j - i, -R, R) + R]`` (MPNet's and T5's bias is
     ``weight[bucket(d), h]`` for each distance ``d``; past ``R`` their buckets no longer change),
-    computed per block inside the kernel. The values of cu_seqlens are read by the kernel only (no host synchronisation, the
-    launch depends on shapes only: CUDA-graph safe) and are not validated: offsets that break the rules
-    give unspecified rows but no access out of bounds. Returns a contiguous ``(T, H, D)`` in q's dtype.
+    computed per block inside the kernel. The values of cu_seqlens are read by the kernel only (no host
+    synchronisation, the launch depends on shapes only: CUDA-graph safe) and are not validated: offsets
+    that break the rules give unspecified rows but no access out of bounds. Returns a contiguous
+    ``(T, H, D)`` in q's dtype.
     """
     _check_packed_qkv(q, k, v)
     _check_cu_seqlens(cu_seqlens, q.device)

@@ -94,8 +94,9 @@ def attention_varlen_reference(
 
     Sequence ``s`` (tokens ``cu[s]:cu[s + 1]``) attends to itself only, causal within it if asked, its
     scaled scores plus :func:`expand_relative_bias` of ``relative_bias`` ``(H, 2R + 1)`` over its own
-    length when given; rows from ``cu[S]`` on are padding and hold zeros. Reads ``cu_seqlens`` on the host (a test oracle and
-    the CPU fallback, not for CUDA graphs). Returns ``(T, H, D)`` in q's dtype, contiguous.
+    length when given; rows from ``cu[S]`` on are padding and hold zeros. Reads ``cu_seqlens`` on the
+    host (a test oracle and the CPU fallback, not for CUDA graphs). Returns ``(T, H, D)`` in q's dtype,
+    contiguous.
     """
     out = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
     as_batch = lambda t: t.transpose(0, 1)[None]  # (L, H, D) -> (1, H, L, D)
