@@ -12,12 +12,11 @@ import torch.nn.functional as F
 from transformers import DebertaV2Config, DebertaV2Model, MPNetConfig, MPNetForMaskedLM, MPNetModel
 
 from kernl.integration import fallback
-from kernl.integration.backend import rewrite_graph
 from kernl.integration.bench.zoo import FAMILIES
-from kernl.integration.report import GraphRecord
 from kernl.integration.rules._fx import example
 from kernl.integration.rules.attention_sdpa import AttentionArgs, attention_call
 from kernl_testing import assert_matches_reference, on_gpu
+from kernl_testing.fx_rewrite import rewritten
 
 DEVICE = "cuda" if on_gpu() else "cpu"
 HEADS = 3
@@ -29,20 +28,6 @@ def no_kernel_failure(monkeypatch):
     monkeypatch.setattr(fallback, "FAILURES", {})
     yield
     assert fallback.FAILURES == {}
-
-
-def rewritten(fn, *inputs):
-    """``(record, rewritten graph module, compiled fn)`` for the graph dynamo captures of ``fn``."""
-    record, captured = GraphRecord(inputs="test"), []
-
-    def backend(gm, example_inputs):
-        captured.append(rewrite_graph(gm, record, example_inputs))
-        return captured[0].forward
-
-    torch._dynamo.reset()
-    compiled = torch.compile(fn, backend=backend, dynamic=False)
-    compiled(*inputs)
-    return record, captured[0], compiled
 
 
 def _padding(batch: int, length: int, real: list[int]) -> torch.Tensor:

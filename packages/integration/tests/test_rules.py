@@ -10,26 +10,12 @@ import torch
 import torch.nn.functional as F
 
 from kernl.integration import fallback, optimize_model
-from kernl.integration.backend import rewrite_graph
-from kernl.integration.report import GraphRecord, OptimizationReport
+from kernl.integration.report import OptimizationReport
 from kernl.integration.rules.attention_sdpa import AttentionArgs, attention_call
 from kernl.integration.rules.gated_ffn import gated_linear_act_call
 from kernl.integration.rules.linear_act import linear_act_call
 from kernl_testing import assert_matches_reference, on_gpu
-
-
-def rewritten(fn, *inputs):
-    """``(record, rewritten graph module, compiled fn)`` for the graph dynamo captures of ``fn``."""
-    record, captured = GraphRecord(inputs="test"), []
-
-    def backend(gm, example_inputs):
-        captured.append(rewrite_graph(gm, record, example_inputs))
-        return captured[0].forward
-
-    torch._dynamo.reset()
-    compiled = torch.compile(fn, backend=backend, dynamic=False)
-    compiled(*inputs)
-    return record, captured[0], compiled
+from kernl_testing.fx_rewrite import rewritten
 
 
 def check_same(fn, compiled, *inputs):
