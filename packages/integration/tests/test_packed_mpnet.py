@@ -71,7 +71,8 @@ def test_left_padding_and_one_row_batches(kit, dtype):
     ]
     report = kit.compare_with_reference(model, dtype, calls, [], aggregate_fields=["logits"])
     packed = _packed_graphs(report)
-    assert len(packed) == 2 and len(report.graphs) == 3, str(report)  # token buckets 32 and 16
+    # token buckets 32 and 16 share the one packed trace (the token count is symbolic)
+    assert len(packed) == 1 and len(report.graphs) == 2, str(report)
     assert all(graph.attention_masks == {PACKED_BIAS: 2} for graph in packed), str(report)
 
 
@@ -126,7 +127,9 @@ def test_the_packed_graph_makes_no_token_by_token_bias(kit, dtype, monkeypatch):
         optimized(input_ids=ids.to(kit.device), attention_mask=mask.to(kit.device))
     (graph,) = rewritten
     nodes = list(graph.graph.nodes)
-    shapes = [tuple(n.meta["example_value"].shape) for n in nodes if "example_value" in n.meta]
+    values = [n.meta.get("example_value") for n in nodes]
+    shapes = [tuple(value.shape) for value in values if isinstance(value, torch.Tensor)]
+    assert any(32 in s for s in shapes), shapes  # the examples hold the traced call's token count
     assert not [s for s in shapes if s.count(32) >= 2], shapes
     (call,) = [n for n in nodes if n.target is packed_attention_call]
     table = call.args[5].meta["example_value"]

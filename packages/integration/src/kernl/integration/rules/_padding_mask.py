@@ -50,17 +50,29 @@ def _means_key_padding(mask: torch.Tensor, source: torch.Tensor, additive: bool,
     return bool((mask[attend] == 0).all()) and bool((mask[~attend] <= ADDITIVE_MASKED).all())
 
 
+def _size_input(node: fx.Node) -> int | None:
+    """The size a graph input stands for when it is one (a symbolic token count, recorded as the traced
+    call's size: :func:`kernl.integration.dynamic_tokens.concrete_examples`), else None."""
+    if node.op != "placeholder":
+        return None
+    value = node.meta.get("example_value", node.meta.get("val"))
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
 def _program(mask: fx.Node) -> tuple[fx.GraphModule, list[fx.Node]] | None:
-    """The nodes computing ``mask`` as a standalone program, and its graph inputs (None: not replayable)."""
+    """The nodes computing ``mask`` as a standalone program, and its tensor graph inputs (None: not
+    replayable). A size input is replayed as the traced call's size, the one the tensor examples have."""
     ancestors = _ancestors(mask)
     if any(n.op not in ("placeholder", "call_function", "call_method") for n in ancestors):
         return None
     graph = fx.Graph()
-    env: dict[fx.Node, fx.Node] = {}
+    env: dict[fx.Node, fx.Node | int] = {}
     for node in [*ancestors, mask]:
-        env[node] = graph.node_copy(node, lambda n: env[n])
+        size = _size_input(node)
+        env[node] = size if size is not None else graph.node_copy(node, lambda n: env[n])
     graph.output(env[mask])
-    return fx.GraphModule(torch.nn.Module(), graph), [n for n in ancestors if n.op == "placeholder"]
+    inputs = [n for n in ancestors if n.op == "placeholder" and _size_input(n) is None]
+    return fx.GraphModule(torch.nn.Module(), graph), inputs
 
 
 def constant_value(node) -> torch.Tensor | None:
