@@ -11,13 +11,12 @@ from transformers import T5Config, T5ForConditionalGeneration
 from transformers.models.t5.modeling_t5 import T5Attention
 
 from kernl.integration import optimize_model
-from kernl.integration.backend import rewrite_graph
-from kernl.integration.report import GraphRecord
 from kernl.integration.rules.clamped_rms_norm import clamped_rms_norm_call
 from kernl.integration.rules.overflow_guard import overflow_clamp_call
 from kernl.integration.rules.position_buckets import rows_at
 from kernl.integration.rules.rms_norm import rms_norm_call
 from kernl_testing import assert_matches_reference, on_gpu
+from kernl_testing.fx_rewrite import rewritten
 
 FP16 = torch.float16
 
@@ -35,20 +34,6 @@ def t5_norm(h, weight):
     if weight.dtype in [torch.float16, torch.bfloat16]:
         h = h.to(weight.dtype)
     return weight * h
-
-
-def rewritten(fn, *inputs):
-    """``(record, rewritten graph module, compiled fn)`` for the graph TorchDynamo captures of ``fn``."""
-    record, captured = GraphRecord(inputs="test"), []
-
-    def backend(gm, example_inputs):
-        captured.append(rewrite_graph(gm, record, example_inputs))
-        return captured[0].forward
-
-    torch._dynamo.reset()
-    compiled = torch.compile(fn, backend=backend, dynamic=False)
-    compiled(*inputs)
-    return record, captured[0], compiled
 
 
 def calls_to(gm, target):
