@@ -208,7 +208,7 @@ def test_a_sliding_window_cache_runs_transformers_loop_and_the_report_says_why()
 
 
 @pytest.mark.skipif(not on_gpu(), reason="CUDA graphs need a GPU")
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_chunks_of_steps_are_captured_and_match_the_loop_without_cuda_graphs(dtype):
     """On the GPU: a launch replays a chunk of steps captured once per cache and settings, and gives bit
     for bit the tokens of the same loop run without CUDA graphs, call after call."""
