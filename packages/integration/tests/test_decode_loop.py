@@ -17,16 +17,14 @@ from transformers import (
     T5ForConditionalGeneration,
     TemperatureLogitsWarper,
 )
-from transformers.generation.streamers import BaseStreamer
 
 from kernl.integration import optimize_model
 from kernl.integration.decode import loop as decode_loop
+from kernl_testing import decode_checks as checks
 from kernl_testing import on_gpu
 
-DEVICE = "cuda" if on_gpu() else "cpu"
-DTYPE = torch.float16 if on_gpu() else torch.float32
+DEVICE, DTYPE = checks.DEVICE, checks.DTYPE
 VOCAB = 120
-KERNL_LOOP = "kernl's loop"
 
 
 def _t5(feed_forward_proj: str):
@@ -77,37 +75,10 @@ def _prompt(seed: int = 0, lengths=(9, 5)):
     return ids.to(DEVICE), mask.to(DEVICE)
 
 
-def _same(optimized, reference, seed=None, **arguments):
-    """generate() on both models (sampling: kernl's with ``generator=``, HF's from the global generator,
-    both seeded with ``seed``); asserts the same tokens (fp32 on the CPU; in fp16 a near tie may flip one)
-    and returns kernl's output."""
-    with torch.inference_mode():
-        if seed is not None:
-            generator = torch.Generator(DEVICE).manual_seed(seed)
-            ours = optimized.generate(generator=generator, **arguments)
-            torch.manual_seed(seed)
-        else:
-            ours = optimized.generate(**arguments)
-        theirs = reference.generate(**arguments)
-    ours_ids, theirs_ids = (getattr(out, "sequences", out) for out in (ours, theirs))
-    assert ours_ids.shape == theirs_ids.shape or on_gpu(), (ours_ids.shape, theirs_ids.shape)
-    assert on_gpu() or torch.equal(ours_ids, theirs_ids), (ours_ids, theirs_ids)
-    return ours
-
-
 @pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_greedy_and_seeded_sampling_give_hugging_face_tokens(family):
-    optimized, reference = _pair(family)
-    ids, mask = _prompt()
-    base = dict(input_ids=ids, attention_mask=mask, max_new_tokens=4)
-    _same(optimized, reference, **base, do_sample=False)
-    _same(optimized, reference, seed=3, **base, do_sample=True, temperature=0.8, top_k=30, top_p=0.9)
-    _same(optimized, reference, **base, do_sample=False, num_beams=3, num_return_sequences=2)
-    loops = optimized.kernl_report.generate_loops
-    assert [kind for kind in loops] == ["greedy", "sampling", "beam search"], loops
-    assert all(outcomes[0].startswith(KERNL_LOOP) and len(outcomes) == 1 for outcomes in loops.values()), (
-        loops
-    )
+def test_greedy_seeded_sampling_and_beams_give_hugging_face_tokens(family):
+    """Right-padded prompts, the second row's padding masked."""
+    checks.greedy_sampling_and_beams(*_pair(family), *_prompt(), max_new_tokens=4)
 
 
 @pytest.fixture(scope="module")
@@ -115,39 +86,12 @@ def t5_pair():
     return _pair("t5-gated")
 
 
-def _ending_token(free: torch.Tensor) -> tuple[int, int, int]:
-    """``(token, row, step)``: a token one row of ``free`` (greedy tokens of two rows, no end of sequence)
-    emits first at ``step`` >= 1 and the other row not by ``step + 1``: as the end-of-sequence token, it
-    ends that row alone at that step."""
-    rows = [free[row, 1:].tolist() for row in range(2)]
-    for step in range(1, len(rows[0]) - 2):
-        for row in range(2):
-            token = rows[row][step]
-            if token not in rows[row][:step] and token not in rows[1 - row][: step + 2]:
-                return token, row, step
-    raise AssertionError(f"no token ends one row alone: {rows}")
-
-
 def test_rows_end_on_eos_at_different_steps_then_emit_pad(t5_pair):
     """The end-of-sequence token is set to a token one row emits at an early step and the other later or
     never: that row ends first and pads; once every row has ended the call stops short of max_new_tokens."""
     optimized, reference = t5_pair
     ids, mask = _prompt(seed=1)
-    base = dict(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=7)
-    with torch.inference_mode():
-        free = reference.generate(**base, eos_token_id=None)  # nothing ends: every token
-    eos, row, step = _ending_token(free)
-    out = _same(optimized, reference, **base, eos_token_id=eos)
-    pad = optimized.generation_config.pad_token_id
-    if not on_gpu():
-        assert out[row, step + 2 :].eq(pad).all() and not out[1 - row, step + 2 :].eq(pad).all(), out
-    # both rows end: the other row's next token ends it too
-    out = _same(optimized, reference, **base, eos_token_id=[eos, free[1 - row, step + 2].item()])
-    assert on_gpu() or out.shape[1] < 1 + 7
-    # min_new_tokens holds the end back
-    _same(optimized, reference, **base, eos_token_id=eos, min_new_tokens=5)
-    loops = optimized.kernl_report.generate_loops["greedy"]
-    assert all(outcome.startswith(KERNL_LOOP) for outcome in loops), loops
+    checks.rows_end_on_eos_at_different_steps(optimized, reference, ids, mask, max_new_tokens=7)
 
 
 def test_processors_run_on_the_loop_with_hugging_face_tokens(t5_pair):
@@ -167,11 +111,12 @@ def test_processors_run_on_the_loop_with_hugging_face_tokens(t5_pair):
         ),
     ]
     for index, setting in enumerate(settings):
-        out = _same(optimized, reference, seed=index if setting["do_sample"] else None, **base, **setting)
+        out = checks.same_tokens(
+            optimized, reference, seed=index if setting["do_sample"] else None, **base, **setting
+        )
         if not on_gpu() and "forced_bos_token_id" in setting:
             assert out[:, 1].eq(7).all() and out[:, -1].eq(9).all()
-    loops = optimized.kernl_report.generate_loops
-    assert all(outcome.startswith(KERNL_LOOP) for outcomes in loops.values() for outcome in outcomes), loops
+    checks.only_kernl_loop(optimized, ["greedy", "sampling"])
 
 
 def test_beam_search_gives_hugging_face_tokens(t5_pair):
@@ -191,15 +136,14 @@ def test_beam_search_gives_hugging_face_tokens(t5_pair):
         ),
     ]
     for setting in settings:
-        _same(optimized, reference, **base, **setting)
+        checks.same_tokens(optimized, reference, **base, **setting)
     # return_dict_in_generate: the sequences, beam_indices (traced back by the search) and the cache
-    out = _same(optimized, reference, **base, **settings[1], return_dict_in_generate=True)
+    out = checks.same_tokens(optimized, reference, **base, **settings[1], return_dict_in_generate=True)
     with torch.inference_mode():
         expected = reference.generate(**base, **settings[1], return_dict_in_generate=True)
     assert on_gpu() or torch.equal(out.beam_indices, expected.beam_indices)
     assert out.sequences_scores is None and out.past_key_values is not None
-    loops = optimized.kernl_report.generate_loops["beam search"]
-    assert all(outcome.startswith(KERNL_LOOP) for outcome in loops), loops
+    checks.only_kernl_loop(optimized, ["beam search"])
 
 
 def test_return_dict_in_generate_and_launches_that_run_past_max_length(t5_pair):
@@ -209,46 +153,31 @@ def test_return_dict_in_generate_and_launches_that_run_past_max_length(t5_pair):
     optimized, reference = t5_pair
     ids, mask = _prompt(seed=3)
     base = dict(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=3)
-    out = _same(optimized, reference, **base, return_dict_in_generate=True)
+    out = checks.same_tokens(optimized, reference, **base, return_dict_in_generate=True)
     assert out.scores is None and out.past_key_values is not None
-    loop = optimized.kernl_decode_loop
-    exact = loop.exact_launches
-    loop.exact_launches = False
-    try:
-        _same(optimized, reference, **base)
-    finally:
-        loop.exact_launches = exact
+    with checks.launches_of_full_chunks(optimized):
+        checks.same_tokens(optimized, reference, **base)
+    checks.only_kernl_loop(optimized, ["greedy"])
     assert decode_loop.EXTRA_CACHE_POSITIONS == decode_loop.STEPS_PER_LAUNCH - 1
-
-
-class _Recorder(BaseStreamer):
-    def __init__(self):
-        self.tokens = []
-
-    def put(self, value):
-        self.tokens.append(value)
-
-    def end(self):
-        pass
 
 
 def test_calls_outside_the_loop_run_transformers_loop_and_the_report_says_why(t5_pair):
     optimized, reference = t5_pair
     ids, mask = _prompt(seed=4)
     base = dict(input_ids=ids, attention_mask=mask, max_new_tokens=3)
-    streamer = _Recorder()
-    _same(optimized, reference, **base, do_sample=False, streamer=streamer)
-    assert len(streamer.tokens) >= 3  # transformers' loop fed it
+    checks.a_streamer_runs_transformers_loop(optimized, reference, **base)
     custom = LogitsProcessorList([TemperatureLogitsWarper(0.5)])
-    _same(optimized, reference, seed=5, **base, do_sample=True, logits_processor=custom)
-    _same(optimized, reference, **base, do_sample=False, suppress_tokens=[4, 5])  # known only once prepared
+    checks.same_tokens(optimized, reference, seed=5, **base, do_sample=True, logits_processor=custom)
+    # suppress_tokens: the processor is known only once generate() prepared it
+    checks.same_tokens(optimized, reference, **base, do_sample=False, suppress_tokens=[4, 5])
     loops = optimized.kernl_report.generate_loops
-    assert "transformers' loop: streamer given" in loops["greedy"], loops
     assert "transformers' loop: SuppressTokensLogitsProcessor is not on kernl's loop" in loops["greedy"], (
         loops
     )
     assert "transformers' loop: custom logits_processor given" in loops["sampling"], loops
-    _same(optimized, reference, seed=6, **base, do_sample=True, num_beams=2)  # beam sampling, seeded
+    checks.same_tokens(
+        optimized, reference, seed=6, **base, do_sample=True, num_beams=2
+    )  # beam sampling, seeded
     assert "transformers' loop: beam sampling is not on kernl's loop" in loops["beam sampling"], loops
     assert "generate() greedy: " in str(optimized.kernl_report)
     with torch.inference_mode(), pytest.raises(TypeError, match="generator"):
@@ -262,24 +191,4 @@ def test_chunks_of_steps_are_captured_and_match_the_loop_without_cuda_graphs():
     model_class, config = FAMILIES["t5-gated"]()
     torch.manual_seed(0)
     model = model_class._from_config(config, attn_implementation="sdpa").eval().to(DEVICE, DTYPE)
-    with_graphs, without = copy.deepcopy(model), copy.deepcopy(model)
-    optimize_model(with_graphs)
-    optimize_model(without, cuda_graphs=False)
-    for seed in range(3):
-        ids, mask = _prompt(seed)
-        for setting in (dict(do_sample=False), dict(do_sample=True, top_k=20)):
-            arguments = dict(
-                input_ids=ids, attention_mask=mask, max_new_tokens=19, min_new_tokens=19, **setting
-            )
-            with torch.inference_mode():
-                replayed = with_graphs.generate(
-                    generator=torch.Generator(DEVICE).manual_seed(seed), **arguments
-                )
-                direct = without.generate(generator=torch.Generator(DEVICE).manual_seed(seed), **arguments)
-            assert torch.equal(replayed, direct), (seed, setting)
-    states = with_graphs.kernl_decode_loop.states
-    assert len(states) == 1
-    captures = next(iter(states.values())).graphs.captures
-    assert len(captures) == 2 and all(capture.graph is not None for capture in captures.values())
-    loops = with_graphs.kernl_report.generate_loops
-    assert loops["greedy"] == [f"kernl's loop ({decode_loop.STEPS_PER_LAUNCH} steps per CUDA graph launch)"]
+    checks.chunks_match_the_loop_without_cuda_graphs(model, _prompt)

@@ -20,19 +20,16 @@ from transformers import (
     Qwen2ForCausalLM,
     StaticCache,
 )
-from transformers.generation.streamers import BaseStreamer
 
 from kernl.integration import hf_compat, optimize_model
-from kernl.integration.decode import loop as decode_loop
 from kernl.integration.decode.step_arguments import DecoderOnlyArguments
 from kernl.integration.hf_compat import CACHE_NAME
+from kernl_testing import decode_checks as checks
 from kernl_testing import on_gpu
 
-DEVICE = "cuda" if on_gpu() else "cpu"
-DTYPE = torch.float16 if on_gpu() else torch.float32
+DEVICE, DTYPE = checks.DEVICE, checks.DTYPE
 VOCAB = 100
 PAD, BOS, EOS = 0, 1, 2
-KERNL_LOOP = "kernl's loop"
 
 
 def _llama_like(config_class, kv_heads: int, **extra):
@@ -93,30 +90,6 @@ def _prompt(seed: int = 0, lengths=(7, 4)):
     return ids.masked_fill(mask == 0, PAD).to(DEVICE), mask.to(DEVICE)
 
 
-def _same(optimized, reference, seed=None, **arguments):
-    """generate() on both models (sampling: kernl's with ``generator=``, HF's from the global generator,
-    both seeded with ``seed``); asserts the same tokens (fp32 on the CPU; in fp16 a near tie may flip one)
-    and returns kernl's output."""
-    with torch.inference_mode():
-        if seed is not None:
-            ours = optimized.generate(generator=torch.Generator(DEVICE).manual_seed(seed), **arguments)
-            torch.manual_seed(seed)
-        else:
-            ours = optimized.generate(**arguments)
-        theirs = reference.generate(**arguments)
-    ours_ids, theirs_ids = (getattr(out, "sequences", out) for out in (ours, theirs))
-    assert ours_ids.shape == theirs_ids.shape or on_gpu(), (ours_ids.shape, theirs_ids.shape)
-    assert on_gpu() or torch.equal(ours_ids, theirs_ids), (ours_ids, theirs_ids)
-    return ours
-
-
-def _only_kernl_loop(optimized, kinds) -> None:
-    """Every call of ``kinds`` (and of any kind) ran kernl's loop."""
-    loops = optimized.kernl_report.generate_loops
-    assert set(kinds) <= set(loops), loops
-    assert all(outcome.startswith(KERNL_LOOP) for outcomes in loops.values() for outcome in outcomes), loops
-
-
 def test_steady_step_arguments_give_each_step_the_mask_and_positions_transformers_grows():
     """transformers' own ``_update_model_kwargs_for_generation`` and ``prepare_inputs_for_generation``
     (this release's) against the loop's steady arguments, step after step: the same positions fed, the
@@ -153,31 +126,12 @@ def test_steady_step_arguments_give_each_step_the_mask_and_positions_transformer
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_greedy_seeded_sampling_and_beams_give_hugging_face_tokens(family):
     """Left-padded prompts: each row's positions start at its first real token, its padding masked."""
-    optimized, reference = _pair(family)
-    ids, mask = _prompt()
-    base = dict(input_ids=ids, attention_mask=mask, max_new_tokens=3)
-    _same(optimized, reference, **base, do_sample=False)
-    _same(optimized, reference, seed=3, **base, do_sample=True, temperature=0.8, top_k=30, top_p=0.9)
-    _same(optimized, reference, **base, do_sample=False, num_beams=3, num_return_sequences=2)
-    _only_kernl_loop(optimized, ["greedy", "sampling", "beam search"])
+    checks.greedy_sampling_and_beams(*_pair(family), *_prompt(), max_new_tokens=3)
 
 
 @pytest.fixture(scope="module")
 def llama_pair():
     return _pair("llama-kv1")
-
-
-def _ending_token(free: torch.Tensor, prompt: int) -> tuple[int, int, int]:
-    """``(token, row, step)``: a token one row of ``free`` (greedy tokens of two rows after a ``prompt``
-    of that length, no end of sequence) emits first at ``step`` >= 1 and the other row not by ``step + 1``:
-    as the end-of-sequence token, it ends that row alone at that step."""
-    rows = [free[row, prompt:].tolist() for row in range(2)]
-    for step in range(1, len(rows[0]) - 2):
-        for row in range(2):
-            token = rows[row][step]
-            if token not in rows[row][:step] and token not in rows[1 - row][: step + 2]:
-                return token, row, step
-    raise AssertionError(f"no token ends one row alone: {rows}")
 
 
 def test_rows_end_on_eos_at_different_steps_then_emit_pad(llama_pair):
@@ -186,19 +140,7 @@ def test_rows_end_on_eos_at_different_steps_then_emit_pad(llama_pair):
     holds the end back."""
     optimized, reference = llama_pair
     ids, mask = _prompt(seed=1)
-    prompt = ids.shape[1]
-    base = dict(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=6)
-    with torch.inference_mode():
-        free = reference.generate(**base, eos_token_id=None)  # nothing ends: every token
-    eos, row, step = _ending_token(free, prompt)
-    out = _same(optimized, reference, **base, eos_token_id=eos)
-    if not on_gpu():
-        after = prompt + step + 1
-        assert out[row, after:].eq(PAD).all() and not out[1 - row, after:].eq(PAD).all(), out
-    out = _same(optimized, reference, **base, eos_token_id=[eos, free[1 - row, prompt + step + 1].item()])
-    assert on_gpu() or out.shape[1] < prompt + 6
-    _same(optimized, reference, **base, eos_token_id=eos, min_new_tokens=5)
-    _only_kernl_loop(optimized, ["greedy"])
+    checks.rows_end_on_eos_at_different_steps(optimized, reference, ids, mask, max_new_tokens=6)
 
 
 def test_processors_read_the_left_padded_rows_as_hugging_face_does(llama_pair):
@@ -208,10 +150,14 @@ def test_processors_read_the_left_padded_rows_as_hugging_face_does(llama_pair):
     ids, mask = _prompt(seed=2)
     ids[:, -3:] = ids[:, -4:-3]  # a repeated token in every row's real tokens: the penalty bites
     base = dict(input_ids=ids, attention_mask=mask, max_new_tokens=4)
-    _same(optimized, reference, **base, do_sample=False, repetition_penalty=1.6, no_repeat_ngram_size=2)
-    _same(optimized, reference, seed=4, **base, do_sample=True, repetition_penalty=0.7, top_k=0, top_p=0.8)
-    _same(optimized, reference, **base, do_sample=False, num_beams=2, repetition_penalty=1.4)
-    _only_kernl_loop(optimized, ["greedy", "sampling", "beam search"])
+    checks.same_tokens(
+        optimized, reference, **base, do_sample=False, repetition_penalty=1.6, no_repeat_ngram_size=2
+    )
+    checks.same_tokens(
+        optimized, reference, seed=4, **base, do_sample=True, repetition_penalty=0.7, top_k=0, top_p=0.8
+    )
+    checks.same_tokens(optimized, reference, **base, do_sample=False, num_beams=2, repetition_penalty=1.4)
+    checks.only_kernl_loop(optimized, ["greedy", "sampling", "beam search"])
 
 
 def test_unpadded_prompts_return_dict_and_launches_past_max_length(llama_pair):
@@ -220,44 +166,30 @@ def test_unpadded_prompts_return_dict_and_launches_past_max_length(llama_pair):
     past max_length into the cache's spare positions."""
     optimized, reference = llama_pair
     ids = _prompt(seed=3, lengths=(5, 5))[0]
-    out = _same(
+    out = checks.same_tokens(
         optimized, reference, input_ids=ids, do_sample=False, max_new_tokens=3, return_dict_in_generate=True
     )
     assert type(out).__name__ == "GenerateDecoderOnlyOutput" and out.scores is None
-    loop = optimized.kernl_decode_loop
-    exact = loop.exact_launches
-    loop.exact_launches = False
-    try:
-        ids, mask = _prompt(seed=3)
-        _same(optimized, reference, input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=2)
-    finally:
-        loop.exact_launches = exact
-    _only_kernl_loop(optimized, ["greedy"])
-
-
-class _Recorder(BaseStreamer):
-    def __init__(self):
-        self.tokens = []
-
-    def put(self, value):
-        self.tokens.append(value)
-
-    def end(self):
-        pass
+    ids, mask = _prompt(seed=3)
+    with checks.launches_of_full_chunks(optimized):
+        checks.same_tokens(
+            optimized, reference, input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=2
+        )
+    checks.only_kernl_loop(optimized, ["greedy"])
 
 
 def test_calls_outside_the_loop_run_transformers_loop_and_the_report_says_why(llama_pair):
     optimized, reference = llama_pair
     ids, mask = _prompt(seed=4)
+    checks.a_streamer_runs_transformers_loop(
+        optimized, reference, input_ids=ids, attention_mask=mask, max_new_tokens=3
+    )
     base = dict(attention_mask=mask, do_sample=False, max_new_tokens=3)
-    streamer = _Recorder()
-    _same(optimized, reference, input_ids=ids, streamer=streamer, **base)
-    assert len(streamer.tokens) >= 3  # transformers' loop fed it
     with torch.inference_mode():
         embeds = reference.get_input_embeddings()(ids)
-    _same(optimized, reference, inputs_embeds=embeds, **base)  # known only once generate() prepared it
+    # inputs_embeds: known only once generate() prepared it
+    checks.same_tokens(optimized, reference, inputs_embeds=embeds, **base)
     loops = optimized.kernl_report.generate_loops["greedy"]
-    assert "transformers' loop: streamer given" in loops, loops
     assert "transformers' loop: model arguments inputs_embeds" in loops, loops
 
 
@@ -266,7 +198,9 @@ def test_a_sliding_window_cache_runs_transformers_loop_and_the_report_says_why()
     length in a Python int, which a captured chunk of steps would replay stale."""
     optimized, reference = _pair("mistral", sliding_window=4)
     ids, mask = _prompt(seed=5)
-    _same(optimized, reference, input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=3)
+    checks.same_tokens(
+        optimized, reference, input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=3
+    )
     loops = optimized.kernl_report.generate_loops["greedy"]
     assert len(loops) == 1 and loops[0].startswith(
         "transformers' loop: the static cache has sliding-window"
@@ -274,31 +208,11 @@ def test_a_sliding_window_cache_runs_transformers_loop_and_the_report_says_why()
 
 
 @pytest.mark.skipif(not on_gpu(), reason="CUDA graphs need a GPU")
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_chunks_of_steps_are_captured_and_match_the_loop_without_cuda_graphs(dtype):
     """On the GPU: a launch replays a chunk of steps captured once per cache and settings, and gives bit
     for bit the tokens of the same loop run without CUDA graphs, call after call."""
     model_class, config = FAMILIES["llama-kv1"]()
     torch.manual_seed(0)
     model = model_class._from_config(config, attn_implementation="sdpa").eval().to(DEVICE, dtype)
-    with_graphs, without = copy.deepcopy(model), copy.deepcopy(model)
-    optimize_model(with_graphs)
-    optimize_model(without, cuda_graphs=False)
-    for seed in range(3):
-        ids, mask = _prompt(seed)
-        for setting in (dict(do_sample=False), dict(do_sample=True, top_k=20)):
-            arguments = dict(
-                input_ids=ids, attention_mask=mask, max_new_tokens=19, min_new_tokens=19, **setting
-            )
-            with torch.inference_mode():
-                replayed = with_graphs.generate(
-                    generator=torch.Generator(DEVICE).manual_seed(seed), **arguments
-                )
-                direct = without.generate(generator=torch.Generator(DEVICE).manual_seed(seed), **arguments)
-            assert torch.equal(replayed, direct), (seed, setting)
-    states = with_graphs.kernl_decode_loop.states
-    assert len(states) == 1
-    captures = next(iter(states.values())).graphs.captures
-    assert len(captures) == 2 and all(capture.graph is not None for capture in captures.values())
-    loops = with_graphs.kernl_report.generate_loops
-    assert loops["greedy"] == [f"kernl's loop ({decode_loop.STEPS_PER_LAUNCH} steps per CUDA graph launch)"]
+    checks.chunks_match_the_loop_without_cuda_graphs(model, _prompt)
