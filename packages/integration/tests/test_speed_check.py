@@ -141,10 +141,10 @@ def test_an_interpreted_path_slower_than_pytorch_falls_back_and_the_report_says_
 
 
 def test_check_speed_off_or_on_the_cpu_is_said_and_a_non_bool_is_refused(kit, monkeypatch):
-    report = optimize_model(_tiny_bert(kit), check_speed=False)
+    report = optimize_model(_tiny_bert(kit).to(kit.device), check_speed=False)
     assert any("speed check off (check_speed=False)" in note for note in report.notes)
     monkeypatch.setenv("KERNL_CHECK_SPEED", "off")
-    report = optimize_model(_tiny_bert(kit))
+    report = optimize_model(_tiny_bert(kit).to(kit.device))
     assert any("speed check off (KERNL_CHECK_SPEED=0)" in note for note in report.notes)
     monkeypatch.delenv("KERNL_CHECK_SPEED")
     if kit.device == "cpu":
