@@ -216,3 +216,26 @@ def test_chunks_of_steps_are_captured_and_match_the_loop_without_cuda_graphs(dty
     torch.manual_seed(0)
     model = model_class._from_config(config, attn_implementation="sdpa").eval().to(DEVICE, dtype)
     checks.chunks_match_the_loop_without_cuda_graphs(model, _prompt)
+
+
+@pytest.mark.skipif(not on_gpu() or torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_chunks_of_a_model_on_a_gpu_that_is_not_current_are_captured_on_its_gpu():
+    """A capture and its replays act on the current device's stream: with the first GPU current, the chunks
+    of a model on the second are captured there (not an empty graph on the first, whose replays would leave
+    the tokens as they are) and give the tokens of the loop without CUDA graphs, call after call."""
+    model_class, config = FAMILIES["llama-kv1"]()
+    torch.manual_seed(0)
+    model = model_class._from_config(config, attn_implementation="sdpa").eval().to("cuda:1", torch.float16)
+    with_graphs, without = copy.deepcopy(model), copy.deepcopy(model)
+    optimize_model(with_graphs)
+    optimize_model(without, cuda_graphs=False)
+    arguments = dict(max_new_tokens=19, min_new_tokens=19, do_sample=False)
+    with torch.cuda.device(0), torch.inference_mode():
+        for seed in range(3):
+            ids, mask = (t.to("cuda:1") for t in _prompt(seed))
+            replayed = with_graphs.generate(ids, attention_mask=mask, **arguments)
+            direct = without.generate(ids, attention_mask=mask, **arguments)
+            assert replayed.shape == (2, 7 + 19) and torch.equal(replayed, direct), seed
+    (state,) = with_graphs.kernl_decode_loop.states.values()
+    (capture,) = state.graphs.captures.values()
+    assert capture.graph is not None, capture.error

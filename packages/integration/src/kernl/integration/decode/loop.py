@@ -32,7 +32,7 @@ specific to a model family (T5, BART, GPT-2, Llama, ...).
 import torch
 
 from kernl.integration import hf_compat
-from kernl.integration.cuda_graphs import FIRST_CALL, CudaGraphs, WeightAddresses
+from kernl.integration.cuda_graphs import FIRST_CALL, CudaGraphs, WeightAddresses, on_inputs_gpu
 from kernl.integration.decode.draws import draw_noise, generator_as_global, sampled
 from kernl.integration.decode.processors import row_starts
 from kernl.integration.decode.settings import LoopSettings, call_kind, loop_settings
@@ -211,7 +211,9 @@ class DecodeLoop:
             if settings.do_sample:
                 draw_noise(state.noise, min(STEPS_PER_LAUNCH, total - done), generator)
             steps = min(STEPS_PER_LAUNCH, total - done) if self.exact_launches else STEPS_PER_LAUNCH
-            state.graphs(settings, steps)
+            # a capture and its replays act on the current device's stream: the model's GPU must be current
+            with on_inputs_gpu([state.token]):
+                state.graphs(settings, steps)
             done += steps
             # the loop's one host read per launch: whether every row has ended (for rows, a length short
             # of the steps run)
