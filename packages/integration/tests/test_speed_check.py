@@ -15,6 +15,7 @@ from transformers import BertConfig, BertModel
 
 from kernl.integration import optimize_model, speed_check
 from kernl.integration.report import OptimizationReport
+from kernl_testing.device import needs_two_gpus
 
 SIZE = 96
 
@@ -196,3 +197,40 @@ def test_on_a_gpu_each_new_signature_is_timed_once(kit):
             model(input_ids=ids, attention_mask=mask)
     assert len(report.speed) == 2 and all(r.kernl_ms > 0 and r.pytorch_ms > 0 for r in report.speed)
     assert len({r.signature for r in report.speed}) == 2
+
+
+def test_cuda_events_are_recorded_on_the_stream_of_the_timed_device(monkeypatch):
+    """The model's GPU need not be the current one: the events go on that GPU's current stream (on the
+    current device's stream they would time an idle stream). CUDA's calls are stood in for on the CPU."""
+    recorded, streams = [], {1: object(), 0: object()}
+
+    class Event:
+        def __init__(self, enable_timing):
+            self.stream = None
+
+        def record(self, stream=None):
+            recorded.append(stream)
+
+        def synchronize(self):
+            pass
+
+        def elapsed_time(self, other):
+            return 1.0
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: streams[torch.device(device).index])
+    assert speed_check.elapsed_ms(lambda: None, torch.device("cuda", 1)) == 1.0
+    assert recorded == [streams[1], streams[1]]
+
+
+@needs_two_gpus
+def test_work_on_a_gpu_other_than_the_current_one_is_timed():
+    """A ~20 ms GPU sleep queued on cuda:1 while cuda:0 is current takes about that long."""
+
+    def sleep_on_the_second_gpu():
+        with torch.cuda.device(1):
+            torch.cuda._sleep(40_000_000)
+
+    with torch.cuda.device(0):
+        assert speed_check.elapsed_ms(sleep_on_the_second_gpu, torch.device("cuda", 1)) > 5

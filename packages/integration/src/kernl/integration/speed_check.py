@@ -31,11 +31,14 @@ def elapsed_ms(fn: Callable[[], object], device: torch.device) -> float:
     """Milliseconds one call of ``fn()`` takes on ``device``: between CUDA events on a GPU, which is idle
     when the first is recorded (the host's launch work is counted); by the host clock elsewhere."""
     if device.type == "cuda":
+        # the work runs on the model's GPU, which need not be the current one: events recorded on the
+        # current device's stream would time an idle stream
+        stream = torch.cuda.current_stream(device)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         torch.cuda.synchronize(device)
-        start.record()
+        start.record(stream)
         fn()
-        end.record()
+        end.record(stream)
         end.synchronize()
         return start.elapsed_time(end)
     begin = time.perf_counter()
