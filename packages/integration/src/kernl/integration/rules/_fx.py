@@ -57,6 +57,17 @@ def replace_with_norm_call(
 KEPT_REASON = "kernl_kept"  # node.meta key: why a rule left the node as PyTorch (shown in the report)
 
 
+def constant_buffer(gm: fx.GraphModule, before: fx.Node, stem: str, value: torch.Tensor) -> fx.Node:
+    """A ``get_attr`` node, inserted before ``before``, reading ``value`` (kept as a non-persistent buffer of
+    ``gm`` under the first free name starting with ``stem``): a tensor computed once, at compile time."""
+    name = stem
+    while hasattr(gm, name):
+        name += "_"
+    gm.register_buffer(name, value, persistent=False)
+    with gm.graph.inserting_before(before):
+        return gm.graph.get_attr(name)
+
+
 def example(node) -> torch.Tensor | None:
     """The fake tensor dynamo recorded for ``node`` (shape, dtype, device), or None."""
     if not isinstance(node, fx.Node):

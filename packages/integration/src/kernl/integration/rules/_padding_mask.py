@@ -93,12 +93,8 @@ def attends_everywhere(mask: fx.Node, additive: bool) -> bool:
     Transformers releases that cannot skip the mask while tracing (5.17) build such a mask, all True,
     from ``arange`` when no ``attention_mask`` is given: the kernel is better off without it.
     """
-    found = _program(mask)
-    if found is None or found[1]:
-        return False
-    try:
-        value = found[0]()
-    except Exception:  # an op we cannot replay here: keep the mask
+    value = constant_value(mask)  # None: it reads an input, or an op we cannot replay here: keep the mask
+    if value is None:
         return False
     if additive:
         return bool((value == 0).all())

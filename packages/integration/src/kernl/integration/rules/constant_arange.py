@@ -14,7 +14,7 @@ import torch
 from torch import fx
 
 from kernl.integration.rules import Rule
-from kernl.integration.rules._fx import example, is_function
+from kernl.integration.rules._fx import constant_buffer, example, is_function
 
 # readers whose result is a new tensor and which leave their arguments as they are
 _READERS = (
@@ -53,12 +53,7 @@ def rewrite(gm: fx.GraphModule) -> int:
             continue
         with torch.inference_mode(False), torch.no_grad():  # a normal tensor: it serves every later call
             value = torch.arange(*node.args, **node.kwargs)
-        name = f"kernl_arange_{replaced}"
-        while hasattr(gm, name):
-            name += "_"
-        gm.register_buffer(name, value, persistent=False)
-        with gm.graph.inserting_before(node):
-            buffer = gm.graph.get_attr(name)
+        buffer = constant_buffer(gm, node, f"kernl_arange_{replaced}", value)
         buffer.meta = dict(node.meta)
         node.replace_all_uses_with(buffer)
         gm.graph.erase_node(node)

@@ -22,7 +22,7 @@ import torch
 from torch import fx
 
 from kernl.integration.rules import Rule
-from kernl.integration.rules._fx import arg, example, is_add, is_function, is_op
+from kernl.integration.rules._fx import arg, constant_buffer, example, is_add, is_function, is_op
 
 EMBEDDING_TARGETS = (torch.nn.functional.embedding,)
 MAX_TABLE = 1 << 21  # entries: 16 MB of int64, far above T5's (K - Q + 1) * Q * K at K = 512, Q = 1
@@ -194,13 +194,9 @@ def rewrite(gm: fx.GraphModule) -> int:
         if (found := _table(gm, index)) is None:
             continue
         table, offset = found
-        name = f"kernl_index_table_{replaced}"
-        while hasattr(gm, name):
-            name += "_"
-        gm.register_buffer(name, table.contiguous(), persistent=False)
-        with gm.graph.inserting_before(lookup):
-            value = gm.graph.get_attr(name)
-            if offset is not None:
+        value = constant_buffer(gm, lookup, f"kernl_index_table_{replaced}", table.contiguous())
+        if offset is not None:
+            with gm.graph.inserting_before(lookup):
                 value = gm.graph.call_function(rows_at, (value, offset))
         value.meta = dict(index.meta)
         lookup.replace_input_with(index, value)
