@@ -10,7 +10,10 @@ regime, float16/bfloat16 problems also time PyTorch's own ops (:data:`TORCH`, cu
 Each candidate is timed once (CUDA-graph replay, L2 flushed before each). The winner is kept in
 memory and on disk (:mod:`kernl.matmul.config_cache`), keyed by dtype, layout and epilogue (gate,
 activation, bias, residual) and the shape bucket (batch and M rounded up to a power of two, N and K exact), so a restarted process
-skips the timing. Under Triton's interpreter :func:`heuristic` picks without timing; while a CUDA
+skips the timing. A cold tuning whose neighbouring M class (twice or half its power of two, same
+regime, same everything else) was tuned earlier in the process times only that class's
+:data:`NEIGHBOUR_BEST` fastest Triton tiles, fitted to its own M, plus PyTorch's candidate
+(``KERNL_TUNING_NEIGHBOURS=0``: the full list every time). Under Triton's interpreter :func:`heuristic` picks without timing; while a CUDA
 graph is being captured, a remembered config (memory or disk) is used, else the heuristic (so: tune
 with one eager call before capturing). The heuristic always picks a Triton tile.
 ``KERNL_AUTOTUNE=0`` (or ``false``/``off``/``no``) always uses the heuristic; ``KERNL_TORCH_CANDIDATE=0``
@@ -22,6 +25,7 @@ import contextlib
 import os
 import re
 import sys
+import time
 from dataclasses import dataclass, replace
 
 import torch
@@ -49,6 +53,12 @@ MAX_TMA_CANDIDATES = 7
 # Small M, K at most this: one more candidate reads K whole, without split-K's pass over partials
 # (fewer programs than SMs, but for a short K the second pass costs more; README, item 9)
 SHORT_K = 1024
+SMALL_M = 64  # the small-M regime: M up to this
+# A cold tuning whose neighbouring M class (same N, K, dtype, layout, epilogue; M twice or half, same
+# regime) was tuned in this process times only that class's fastest few Triton tiles, fitted to its own
+# M, plus PyTorch's candidate: compiling candidates is most of a cold tuning's cost (README, item 12)
+NEIGHBOUR_BEST = 3
+NEIGHBOUR_REACH = 2  # how many powers of two of M away a neighbouring class may be
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -116,30 +126,80 @@ def _fits(p: Problem, c: Config) -> bool:
     return need <= SHARED_MEMORY_BUDGET and c.occupancy * (need + 1024) <= SM_SHARED_MEMORY
 
 
-def candidates(p: Problem, sms: int) -> list[Config]:
+def candidates(p: Problem, sms: int, neighbour: list[Config] | None = None) -> list[Config]:
     """The configs worth timing for ``p``, best guesses first: at most :data:`MAX_CANDIDATES` Triton
-    tiles (:data:`MAX_SMALL_M_CANDIDATES` for small M), then :data:`TORCH` for float16/bfloat16."""
+    tiles (:data:`MAX_SMALL_M_CANDIDATES` for small M), then :data:`TORCH` for float16/bfloat16.
+
+    ``neighbour``: the Triton configs of a tuned neighbouring M class of the same problem, fastest first
+    (:func:`neighbour_ranking`); the Triton tiles are then its :data:`NEIGHBOUR_BEST` first, fitted to
+    ``p`` (:func:`fitted`), or the full list when none of them fits ``p``."""
     half = p.dtype != torch.float32
-    if p.m <= 64:
+    if neighbour:
+        configs, limit = [fitted(p, c, sms) for c in neighbour[:NEIGHBOUR_BEST]], NEIGHBOUR_BEST
+    elif p.m <= SMALL_M:
         configs, limit = _small_m_candidates(p, sms, half), MAX_SMALL_M_CANDIDATES
     else:
         configs, limit = _large_m_candidates(p, sms, 64 if half else 32), MAX_CANDIDATES
-    limit_m = max(16, triton.next_power_of_2(p.m))
-    limit_n = max(16, triton.next_power_of_2(p.n))
     kept = []
     for c in configs:
         if c.kernel == "tma" and len([k for k in kept if k.kernel == "tma"]) >= MAX_TMA_CANDIDATES:
             continue
-        if c.block_m > limit_m or c.block_n > limit_n or not _fits(p, c):
-            continue
-        if (p.gated or not half) and c.block_m * c.block_n > 128 * 128:
-            continue  # two accumulators, or fp32 operands: the big tiles run out of registers/shared memory
-        if c not in kept:
+        if _worth_timing(p, c, half) and c not in kept:
             kept.append(c)
+    if neighbour and not kept:
+        return candidates(p, sms)
     triton_configs = kept[:limit] or [heuristic(p, sms)]
     # last, so that a tie keeps the Triton tile (programmatic launch and the weight prefetch, which this
     # isolated timing cannot see, favour it inside a model)
     return triton_configs + ([TORCH] if half and torch_candidate_on() else [])
+
+
+def _worth_timing(p: Problem, c: Config, half: bool) -> bool:
+    """Whether ``c`` can run ``p`` and is not wasted on it: no tile wider than the next power of two of M
+    or N, shared memory that fits, no big tile with two accumulators or fp32 operands."""
+    limit_m = max(16, triton.next_power_of_2(p.m))
+    limit_n = max(16, triton.next_power_of_2(p.n))
+    if c.block_m > limit_m or c.block_n > limit_n or not _fits(p, c):
+        return False
+    if c.kernel == "tma" and not p.tma:
+        return False
+    # two accumulators, or fp32 operands: the big tiles run out of registers/shared memory
+    return not ((p.gated or not half) and c.block_m * c.block_n > 128 * 128)
+
+
+def fitted(p: Problem, c: Config, sms: int) -> Config:
+    """``c`` (a Triton config chosen for another M of ``p``'s regime) for ``p``: small M takes its row
+    tile from M (the next power of two, one row of tiles); a pointer-kernel tile at large M recomputes
+    its split-K, as the large-M candidates do. The split-K of a small-M tile carries over: with one row
+    of tiles, its programs per SM do not depend on M."""
+    if p.m <= SMALL_M:
+        return replace(c, block_m=max(16, triton.next_power_of_2(p.m)))
+    if c.kernel == "ptr":
+        half_block_k = c.block_k if p.dtype != torch.float32 else 2 * c.block_k
+        return replace(c, split_k=_split_for(p, c.block_m, c.block_n, half_block_k, sms))
+    return c
+
+
+def neighbour_keys(p: Problem, gpu: str) -> list[str]:
+    """The cache keys (:func:`cache_key`) of the M classes near ``p``'s in the same regime (small M,
+    :data:`SMALL_M`, or large M), nearest first: twice and half its power of two of M, then four times
+    and a quarter (:data:`NEIGHBOUR_REACH`). Where a ranking is reused from."""
+    bucket = triton.next_power_of_2(p.m)
+    small = p.m <= SMALL_M
+    near = [m for step in range(1, NEIGHBOUR_REACH + 1) for m in (bucket << step, bucket >> step)]
+    return [cache_key(replace(p, m=m), gpu) for m in near if m >= 1 and (m <= SMALL_M) == small]
+
+
+def neighbour_ranking(
+    p: Problem, gpu: str, rankings: dict[str, list[Config]] | None = None
+) -> list[Config] | None:
+    """The Triton configs timed for a neighbouring M class of ``p`` (:func:`neighbour_keys`), fastest
+    first, from ``rankings`` (cache key -> configs; default: this process's tunings), or None: no
+    neighbour tuned yet, or ``KERNL_TUNING_NEIGHBOURS=0``."""
+    rankings = _rankings if rankings is None else rankings
+    if switched_off("KERNL_TUNING_NEIGHBOURS"):
+        return None
+    return next((rankings[key] for key in neighbour_keys(p, gpu) if rankings.get(key)), None)
 
 
 def torch_candidate_on() -> bool:
@@ -262,7 +322,7 @@ def _large_m_candidates(p: Problem, sms: int, bk: int) -> list[Config]:
 def heuristic(p: Problem, sms: int = 132) -> Config:
     """A reasonable Triton config without timing (interpreter, CUDA graph capture, ``KERNL_AUTOTUNE=0``)."""
     bk = 64 if p.dtype != torch.float32 else 32
-    if p.m <= 64:
+    if p.m <= SMALL_M:
         bm, bn = max(16, triton.next_power_of_2(p.m)), 64
     elif p.tma and p.batch == 1:
         return Config(kernel="tma", block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=4)
@@ -305,6 +365,9 @@ def _time_ms(launch, config: Config, flush: torch.Tensor) -> float:
 
 
 _chosen: dict[tuple[Problem, torch.device], Config] = {}
+_tuning_seconds = 0.0
+# cache key -> the Triton configs timed in this process, fastest first (neighbour_ranking)
+_rankings: dict[str, list[Config]] = {}
 _recorders: list[list[Config]] = []
 
 
@@ -345,17 +408,33 @@ def _choose(p: Problem, device: torch.device, launch) -> Config:
     if torch.cuda.is_current_stream_capturing():  # no timing inside a capture: a remembered config or a guess
         return lookup(cache_key(p, gpu), cache_path(gpu)) or heuristic(p, sms)
 
-    def tune() -> Config:
+    key = cache_key(p, gpu)
+    return cached_choice(key, cache_path(gpu), lambda: _tune(p, device, launch, sms, key))
+
+
+def _tune(p: Problem, device: torch.device, launch, sms: int, key: str) -> Config:
+    """Time ``p``'s candidates (a neighbouring class's best where one was tuned) and return the fastest;
+    its ranking is kept under ``key`` for the neighbours tuned later."""
+    global _tuning_seconds
+    start = time.perf_counter()
+    try:
         flush = torch.empty(64 * 1024 * 1024, dtype=torch.int32, device=device)  # 256 MB, > L2
-        configs = candidates(p, sms)
+        neighbour = neighbour_ranking(p, gpu_name(device))
+        configs = candidates(p, sms, neighbour)
         precompiled(launch, [c for c in configs if c.kernel != TORCH.kernel])
         timings = {c: _time_ms(launch, c, flush) for c in configs}
-        best = min(timings, key=timings.get)
-        if os.environ.get("KERNL_TUNING_LOG") == "1":
-            ranked = ", ".join(
-                f"{describe(c)} {timings[c] * 1e3:.1f}us" for c in sorted(timings, key=timings.get)
-            )
-            print(f"[kernl.matmul tuning] {cache_key(p, gpu)}: {ranked}", file=sys.stderr)
-        return best
+    finally:
+        _tuning_seconds += time.perf_counter() - start
+    ranked = sorted(timings, key=timings.get)  # stable: a tie keeps the earlier candidate
+    _rankings[key] = [c for c in ranked if c.kernel != TORCH.kernel and timings[c] < float("inf")]
+    if os.environ.get("KERNL_TUNING_LOG") == "1":
+        listed = ", ".join(f"{describe(c)} {timings[c] * 1e3:.1f}us" for c in ranked)
+        source = " (a neighbouring M class's best)" if neighbour else ""
+        print(f"[kernl.matmul tuning] {key}{source}: {listed}", file=sys.stderr)
+    return ranked[0]
 
-    return cached_choice(cache_key(p, gpu), cache_path(gpu), tune)
+
+def tuning_seconds() -> float:
+    """Wall-clock seconds this process has spent tuning GEMM configs so far (compiling and timing
+    candidates), for warm-up breakdowns: the difference between two calls is the tuning in between."""
+    return _tuning_seconds
