@@ -74,6 +74,7 @@ def test_tuning_finds_every_triton_candidate_compiled_and_still_picks_the_fastes
     for name, empty in (("_memory", {}), ("_loaded", set()), ("_unwritable", set())):
         monkeypatch.setattr(config_cache, name, empty)  # nothing remembered: this call tunes
     monkeypatch.setattr(tuning, "_chosen", {})
+    monkeypatch.setattr(tuning, "_rankings", {})  # no neighbouring class tuned: the full candidate list
     monkeypatch.setenv("KERNL_CACHE_DIR", str(tmp_path))
     monkeypatch.delenv("KERNL_AUTOTUNE", raising=False)
     phase, compiles, timings = ["before"], {"precompile": 0, "timing": 0}, {}

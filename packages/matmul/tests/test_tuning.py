@@ -40,6 +40,7 @@ def fresh_autotuner(tmp_path, monkeypatch):
     """Autotuning on, nothing chosen or cached in memory, the cache file under ``tmp_path``."""
     _restart(monkeypatch)
     monkeypatch.setattr(tuning, "_chosen", {})
+    monkeypatch.setattr(tuning, "_rankings", {})  # no neighbouring class tuned: the full candidate list
     monkeypatch.setenv("KERNL_CACHE_DIR", str(tmp_path))
     monkeypatch.delenv("KERNL_AUTOTUNE", raising=False)
 
