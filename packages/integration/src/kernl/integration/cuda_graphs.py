@@ -18,7 +18,6 @@ outputs are copied out after each replay, so a capture's intermediates reuse the
 captures freed: the pool grows to about the largest graph's working set, not the sum of all.
 """
 
-import time
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 
@@ -26,6 +25,7 @@ import torch
 
 from kernl.integration.trees import map_tensors, objects_in, tensors_in
 from kernl.integration.user_warnings import warn
+from kernl.integration.warmup_clock import WarmupTimes, warmup_clock
 
 _warm_up_streams: dict[int, torch.cuda.Stream] = {}
 
@@ -126,6 +126,7 @@ class Capture:
     in_place: frozenset = frozenset()  # storages of the inputs read in place: outputs there are not cloned
     error: str | None = None
     seconds: float = 0.0  # warm-up and capture
+    times: WarmupTimes | None = None  # where those seconds went
 
 
 def _clone_owned(in_place: frozenset):
@@ -223,7 +224,16 @@ class CudaGraphs:
         return outputs
 
     def _capture(self, copied: list, args: tuple, kwargs: dict) -> Capture:
-        start = time.perf_counter()
+        with warmup_clock() as times:
+            capture = self._warm_up_and_capture(copied, args, kwargs)
+        capture.seconds, capture.times = times.warmup_s, times
+        if capture.error is not None:  # a fallback is never silent: the report has it, and so does a warning
+            warn(f"kernl: {capture.error}")
+        if self.on_capture is not None:
+            self.on_capture(capture)
+        return capture
+
+    def _warm_up_and_capture(self, copied: list, args: tuple, kwargs: dict) -> Capture:
         inputs = [t.clone() for t in copied]
         own = {id(t): c for t, c in zip(copied, inputs, strict=True)}
         args, kwargs = map_tensors(lambda t: own.get(id(t), t), (args, kwargs))
@@ -255,9 +265,4 @@ class CudaGraphs:
             capture.error = (
                 "outputs hold an object (a key/value cache) each replay would overwrite; runs without"
             )
-        capture.seconds = time.perf_counter() - start
-        if capture.error is not None:  # a fallback is never silent: the report has it, and so does a warning
-            warn(f"kernl: {capture.error}")
-        if self.on_capture is not None:
-            self.on_capture(capture)
         return capture

@@ -14,7 +14,7 @@ and the call runs again on a new capture). That check runs while the GPU replays
 import torch
 
 from kernl.integration.cuda_graphs import TWICE_ON_COPIES, Capture, CudaGraphs, WarmUp, WeightAddresses
-from kernl.integration.report import OptimizationReport
+from kernl.integration.report import OptimizationReport, WarmupRecord
 
 
 class _Unkeyable(Exception):
@@ -48,6 +48,24 @@ def signature(args: tuple, kwargs: dict) -> tuple | None:
     except _Unkeyable:
         return None
     return tuple(parts)
+
+
+def warmup_record(capture: Capture) -> WarmupRecord:
+    """The report's record of ``capture``'s warm-up (``capture.times`` set): its copied inputs and where
+    its seconds went."""
+    shapes = [
+        f"{'x'.join(map(str, t.shape)) or 'scalar'} {str(t.dtype).removeprefix('torch.')}"
+        for t in capture.inputs
+    ]
+    device = capture.inputs[0].device if capture.inputs else "cpu"
+    times = capture.times
+    return WarmupRecord(
+        inputs=f"[{', '.join(shapes)}] on {device}",
+        warmup_s=times.warmup_s,
+        matmul_tuning_s=times.matmul_tuning_s,
+        triton_compile_s=times.triton_compile_s,
+        other_s=times.other_s,
+    )
 
 
 class ForwardGraphs(CudaGraphs):
@@ -85,6 +103,8 @@ class ForwardGraphs(CudaGraphs):
         return super().__call__(*args, **kwargs)
 
     def _note(self, capture: Capture) -> None:
+        if capture.times is not None:
+            self.report.warmups.append(warmup_record(capture))
         for record in self.report.graphs[self.first_record :]:
             record.runs_as = (
                 "CUDA graph (whole forward)" if capture.error is None else "rewritten graph, no CUDA graph"

@@ -366,6 +366,7 @@ def _time_ms(launch, config: Config, flush: torch.Tensor) -> float:
 
 _chosen: dict[tuple[Problem, torch.device], Config] = {}
 _tuning_seconds = 0.0
+_tunings_running = 0
 # cache key -> the Triton configs timed in this process, fastest first (neighbour_ranking)
 _rankings: dict[str, list[Config]] = {}
 _recorders: list[list[Config]] = []
@@ -415,8 +416,9 @@ def _choose(p: Problem, device: torch.device, launch) -> Config:
 def _tune(p: Problem, device: torch.device, launch, sms: int, key: str) -> Config:
     """Time ``p``'s candidates (a neighbouring class's best where one was tuned) and return the fastest;
     its ranking is kept under ``key`` for the neighbours tuned later."""
-    global _tuning_seconds
+    global _tuning_seconds, _tunings_running
     start = time.perf_counter()
+    _tunings_running += 1
     try:
         flush = torch.empty(64 * 1024 * 1024, dtype=torch.int32, device=device)  # 256 MB, > L2
         neighbour = neighbour_ranking(p, gpu_name(device))
@@ -424,6 +426,7 @@ def _tune(p: Problem, device: torch.device, launch, sms: int, key: str) -> Confi
         precompiled(launch, [c for c in configs if c.kernel != TORCH.kernel])
         timings = {c: _time_ms(launch, c, flush) for c in configs}
     finally:
+        _tunings_running -= 1
         _tuning_seconds += time.perf_counter() - start
     ranked = sorted(timings, key=timings.get)  # stable: a tie keeps the earlier candidate
     _rankings[key] = [c for c in ranked if c.kernel != TORCH.kernel and timings[c] < float("inf")]
@@ -432,6 +435,11 @@ def _tune(p: Problem, device: torch.device, launch, sms: int, key: str) -> Confi
         source = " (a neighbouring M class's best)" if neighbour else ""
         print(f"[kernl.matmul tuning] {key}{source}: {listed}", file=sys.stderr)
     return ranked[0]
+
+
+def tuning_running() -> bool:
+    """Whether a GEMM tuning is running now (its compilations are part of :func:`tuning_seconds`)."""
+    return _tunings_running > 0
 
 
 def tuning_seconds() -> float:
