@@ -3,6 +3,7 @@
 import json
 import threading
 import time
+from dataclasses import replace
 
 import pytest
 import torch
@@ -116,6 +117,15 @@ def test_the_report_keeps_each_captures_warmup_with_its_inputs():
         "warm-up: [1x48 int64, 1x48 float32] on cpu: 3.00 s (GEMM tuning 2.00, Triton compiles 0.50"
         in str(report)
     )
+    report.warmups.append(replace(record, warmup_s=1.0, matmul_tuning_s=0.25))
+    assert report.warmup_totals() == {
+        "warmup_s": 4.0,
+        "matmul_tuning_s": 2.25,
+        "triton_compile_s": 1.0,
+        "other_s": 1.0,
+    }
+    report.warmups.append(replace(record, triton_compile_s=None))
+    assert report.warmup_totals()["triton_compile_s"] is None
 
 
 @pytest.mark.skipif(not on_gpu(), reason="CUDA graphs need a GPU")

@@ -164,6 +164,13 @@ class OptimizationReport:
             total.update(graph.fired)
         return dict(total)
 
+    def warmup_totals(self) -> dict[str, float | None]:
+        """Seconds summed over every capture's warm-up (:class:`WarmupRecord`), by part;
+        ``triton_compile_s`` is None when some capture could not tell it."""
+        fields = ("warmup_s", "matmul_tuning_s", "triton_compile_s", "other_s")
+        values = {name: [getattr(record, name) for record in self.warmups] for name in fields}
+        return {name: None if None in seen else round(sum(seen), 3) for name, seen in values.items()}
+
     def to_dict(self) -> dict:
         """Plain data (for JSON). ``kernel_failures``: kernel signatures that raised and ran as PyTorch, in
         this process (any model: a signature that failed once is not tried again)."""

@@ -105,6 +105,7 @@ def build(name: str, model):
             "graphs_compiled": len(report.graphs),
             "cuda_graphs": sum(len(g.captures) for g in captures if g is not None),
             "signatures_kept_on_pytorch": sum(r.kept == "PyTorch" for r in report.speed),
+            "warmup_totals_s": report.warmup_totals(),  # per capture: report["warmups"]
             "report": report.to_dict(),
         }
 
