@@ -56,7 +56,7 @@ SHORT_K = 1024
 SMALL_M = 64  # the small-M regime: M up to this
 # A cold tuning whose neighbouring M class (same N, K, dtype, layout, epilogue; M twice or half, same
 # regime) was tuned in this process times only that class's fastest few Triton tiles, fitted to its own
-# M, plus PyTorch's candidate: compiling candidates is most of a cold tuning's cost (README, item 12)
+# M, plus PyTorch's candidate: compiling candidates is most of a cold tuning's cost (README, item 13)
 NEIGHBOUR_BEST = 3
 NEIGHBOUR_REACH = 2  # how many powers of two of M away a neighbouring class may be
 
