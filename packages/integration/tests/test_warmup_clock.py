@@ -13,7 +13,7 @@ from kernl.integration import optimize_model, warmup_clock
 from kernl.integration.cuda_graphs import Capture
 from kernl.integration.forward_graphs import warmup_record
 from kernl.integration.report import OptimizationReport, WarmupRecord
-from kernl.matmul import tuning
+from kernl.matmul import config_cache, tuning
 from kernl_testing import on_gpu
 
 needs_listener = pytest.mark.skipif(
@@ -132,6 +132,9 @@ def test_the_report_keeps_each_captures_warmup_with_its_inputs():
 def test_on_the_gpu_every_capture_reports_its_warmup(kit, tmp_path, monkeypatch):
     monkeypatch.setenv("KERNL_CACHE_DIR", str(tmp_path))  # GEMM tunings happen in this test
     monkeypatch.delenv("KERNL_AUTOTUNE", raising=False)
+    for name, empty in (("_memory", {}), ("_loaded", set()), ("_unwritable", set())):
+        monkeypatch.setattr(config_cache, name, empty)  # nothing remembered from earlier tests
+    monkeypatch.setattr(tuning, "_chosen", {})
     model = kit.build(BertModel, kit.tiny_config(BertConfig)).to("cuda", torch.float16)
     report = optimize_model(model, packed=True)
     with torch.inference_mode():

@@ -175,8 +175,7 @@ def fitted(p: Problem, c: Config, sms: int) -> Config:
     if p.m <= SMALL_M:
         return replace(c, block_m=max(16, triton.next_power_of_2(p.m)))
     if c.kernel == "ptr":
-        half_block_k = c.block_k if p.dtype != torch.float32 else 2 * c.block_k
-        return replace(c, split_k=_split_for(p, c.block_m, c.block_n, half_block_k, sms))
+        return replace(c, split_k=_split_for(p, c.block_m, c.block_n, c.block_k, sms))
     return c
 
 
