@@ -12,6 +12,7 @@ same for every M. PyTorch's candidate (``kernel="torch"``) compiles nothing: its
 
 from dataclasses import dataclass
 
+from kernl.matmul import tuning
 from kernl.matmul.config_cache import Config
 
 
@@ -95,15 +96,13 @@ def in_guess_order(problem, configs: list[Config]) -> list[Config]:
 
 
 def tuned_compile_keys(problems, sms: int, rank=in_guess_order, **launch) -> list[set[CompileKey]]:
-    """The kernels a cold process compiles to tune ``problems`` (:class:`~kernl.matmul.tuning.Problem`\\ s,
+    """The kernels a cold process compiles to tune ``problems`` (each a :class:`~kernl.matmul.tuning.Problem`,
     in call order) on a GPU of ``sms`` multiprocessors: per problem, the compile keys of the candidates
     its tuning times (empty when its M class was tuned before), neighbour reuse included
     (:func:`kernl.matmul.tuning.neighbour_ranking`). ``rank(problem, candidates)``: the Triton configs
     fastest first (what the timing would find); ``launch``: :func:`compile_key`'s keywords.
     The chosen config, launched at another M of its class, may need one more kernel (its
     ``PREFETCH_B``): not counted."""
-    from kernl.matmul import tuning
-
     rankings: dict[str, list[Config]] = {}
     compiled = []
     for p in problems:
