@@ -10,11 +10,11 @@ regime, float16/bfloat16 problems also time PyTorch's own ops (:data:`TORCH`, cu
 Each candidate is timed once (CUDA-graph replay, L2 flushed before each). The winner is kept in
 memory and on disk (:mod:`kernl.matmul.config_cache`), keyed by dtype, layout and epilogue (gate,
 activation, bias, residual) and the shape bucket (batch and M rounded up to a power of two, N and K exact), so a restarted process
-skips the timing. A cold tuning whose neighbouring M class (twice or half its power of two, same
-regime, same everything else) was tuned earlier in the process times only that class's
-:data:`NEIGHBOUR_BEST` fastest Triton tiles, fitted to its own M, plus PyTorch's candidate
-(``KERNL_TUNING_NEIGHBOURS=0``: the full list every time). Under Triton's interpreter :func:`heuristic` picks without timing; while a CUDA
-graph is being captured, a remembered config (memory or disk) is used, else the heuristic (so: tune
+skips the timing. A cold tuning whose neighbouring M class (its power of two of M twice or half, else
+four times or a quarter; same regime, same everything else) was tuned earlier in the process times only
+that class's :data:`NEIGHBOUR_BEST` fastest Triton tiles, fitted to its own M, plus PyTorch's candidate
+(``KERNL_TUNING_NEIGHBOURS=0``: the full list every time). Under Triton's interpreter :func:`heuristic`
+picks without timing; while a CUDA graph is being captured, a remembered config (memory or disk) is used, else the heuristic (so: tune
 with one eager call before capturing). The heuristic always picks a Triton tile.
 ``KERNL_AUTOTUNE=0`` (or ``false``/``off``/``no``) always uses the heuristic; ``KERNL_TORCH_CANDIDATE=0``
 leaves PyTorch's candidate out (its choices are cached under their own keys); ``KERNL_TUNING_LOG=1``
@@ -54,8 +54,8 @@ MAX_TMA_CANDIDATES = 7
 # (fewer programs than SMs, but for a short K the second pass costs more; README, item 9)
 SHORT_K = 1024
 SMALL_M = 64  # the small-M regime: M up to this
-# A cold tuning whose neighbouring M class (same N, K, dtype, layout, epilogue; M twice or half, same
-# regime) was tuned in this process times only that class's fastest few Triton tiles, fitted to its own
+# A cold tuning whose neighbouring M class (same N, K, dtype, layout, epilogue, regime; see
+# neighbour_keys) was tuned in this process times only that class's fastest few Triton tiles, fitted to its own
 # M, plus PyTorch's candidate: compiling candidates is most of a cold tuning's cost (README, item 13)
 NEIGHBOUR_BEST = 3
 NEIGHBOUR_REACH = 2  # how many powers of two of M away a neighbouring class may be
