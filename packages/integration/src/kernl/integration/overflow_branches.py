@@ -108,14 +108,25 @@ def _compile_branchless(forward) -> types.FunctionType | None:
     return defined[tree.body[0].name]
 
 
+def _outside_training(branchless, own):
+    """A forward running ``branchless`` in eval mode and the class's ``own`` forward in training mode
+    (some releases wrap the class's forward for gradient checkpointing, which the rebuilt one lacks)."""
+
+    def forward(self, *args, **kwargs):
+        return (own if self.training else branchless)(self, *args, **kwargs)
+
+    return forward
+
+
 def make_overflow_clamps_branchless(model: torch.nn.Module) -> list[str]:
     """Install :func:`branchless_forward` on every submodule of ``model`` whose class has the clamp, as
-    its instance ``forward``. Returns the report's note (empty when no module has one)."""
+    its instance ``forward`` (in eval mode; training runs the class's). Returns the report's note (empty
+    when no module has one)."""
     installed: dict[str, int] = {}
     for module in model.modules():
         forward = branchless_forward(type(module))
         if forward is not None and "forward" not in module.__dict__:
-            module.forward = types.MethodType(forward, module)
+            module.forward = types.MethodType(_outside_training(forward, type(module).forward), module)
             installed[type(module).__name__] = installed.get(type(module).__name__, 0) + 1
     if not installed:
         return []
