@@ -4,10 +4,12 @@ where the original breaks it; and the fp16 BART encoder on kernl is one graph (o
 graph, no failed capture), with Hugging Face's values. Classes without the clamp are left alone."""
 
 import copy
+import importlib
 import warnings
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import BartConfig, BartForConditionalGeneration, T5Config, T5ForConditionalGeneration
 from transformers.models.bart.modeling_bart import BartDecoderLayer, BartEncoderLayer
 from transformers.models.t5.modeling_t5 import T5Block
@@ -15,6 +17,14 @@ from transformers.models.t5.modeling_t5 import T5Block
 from kernl.integration import optimize_model
 from kernl.integration.overflow_branches import branchless_forward, make_overflow_clamps_branchless
 from kernl_testing import on_gpu
+
+# Encoder layers that copy BART's clamp (transformers 5.17 and 5.25), by module name.
+COPIES = {
+    "marian": "MarianEncoderLayer",
+    "plbart": "PLBartEncoderLayer",
+    "mvp": "MvpEncoderLayer",
+    "blenderbot_small": "BlenderbotSmallEncoderLayer",
+}
 
 D_MODEL = 64
 
@@ -77,6 +87,52 @@ def test_branchless_layer_compiles_to_one_graph():
             )(hidden)
         compiled = torch.compile(lambda h: branchless(layer, h, None), fullgraph=True, backend="eager")
         assert torch.equal(compiled(hidden), expected)
+
+
+# What a host read of a tensor's value dispatches (which one is seen depends on the mode and the release).
+_READS = (
+    torch.ops.aten._local_scalar_dense.default,
+    torch.ops.aten.item.default,
+    torch.ops.aten.is_nonzero.default,
+)
+
+
+class _HostReads(TorchDispatchMode):
+    """Counts the ops that read a tensor's value back to the host (``.item()``, ``bool(tensor)``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func in _READS
+        return func(*args, **(kwargs or {}))
+
+
+def test_fp16_bart_encoder_layers_read_nothing_back_to_the_host():
+    """BART's fp16 encoder reads one value back per layer (its clamp's condition); with the branchless
+    layers installed it reads none, and gives the same values."""
+    model = BartForConditionalGeneration(_bart_config()).eval().half()
+    encoder = model.get_encoder()
+    ids = torch.randint(5, 120, (2, 9), generator=torch.Generator().manual_seed(3))
+    reads = []
+    outputs = []
+    for install in (False, True):
+        if install:
+            make_overflow_clamps_branchless(encoder)
+        with torch.inference_mode(), _HostReads() as counter:
+            outputs.append(encoder(input_ids=ids).last_hidden_state)
+        reads.append(counter.count)
+    assert reads[0] >= len(encoder.layers) and reads[1] == 0, reads
+    assert torch.equal(outputs[1], outputs[0])
+
+
+@pytest.mark.parametrize("module", sorted(COPIES))
+def test_copies_of_the_clamp_in_other_models_are_found(module):
+    layer_class = getattr(
+        importlib.import_module(f"transformers.models.{module}.modeling_{module}"), COPIES[module]
+    )
+    assert branchless_forward(layer_class) is not None
 
 
 def test_classes_without_the_clamp_are_left_alone():
