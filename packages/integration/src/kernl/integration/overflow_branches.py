@@ -93,9 +93,9 @@ def _compile_branchless(forward) -> types.FunctionType | None:
     try:
         lines, first = inspect.getsourcelines(forward)
         filename = inspect.getsourcefile(forward)
-    except (OSError, TypeError):  # no source at hand
+        tree = ast.parse(textwrap.dedent("".join(lines)))
+    except (OSError, TypeError, SyntaxError):  # no source at hand, or not a whole statement (a lambda)
         return None
-    tree = ast.parse(textwrap.dedent("".join(lines)))
     if len(tree.body) != 1 or not isinstance(tree.body[0], ast.FunctionDef):
         return None
     replacer = _Replacer()
