@@ -15,6 +15,7 @@ from kernl.integration.buckets import position_table_length, safe_buckets
 from kernl.integration.compile_state import limit_guarded, own_code
 from kernl.integration.copies import copies_unoptimized
 from kernl.integration.forward_graphs import ForwardGraphs
+from kernl.integration.overflow_branches import make_overflow_clamps_branchless
 from kernl.integration.packing import packed_forward
 from kernl.integration.position_tables import precompute_position_tables
 from kernl.integration.report import OptimizationReport
@@ -67,6 +68,7 @@ def install_forward(
         return report
     raise_recompile_limit(64)
     report.notes += precompute_position_tables(model)  # before the weights' addresses are taken
+    report.notes += make_overflow_clamps_branchless(model)  # BART's fp16 clamp: no host read to capture
     static = [*model.parameters(), *model.buffers()]
     backend = KernlBackend(report, static, part)
     original = model.forward
