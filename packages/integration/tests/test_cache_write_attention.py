@@ -60,7 +60,7 @@ def step_inputs(heads, kv_heads, n_k=13, seed=0, written=6):
     rest zeros, as a reset static cache), their length, a causal mask over keys ``(2, 1, 1, K)`` (the second
     row left-padded by 2) and a position bias ``(1, heads, 1, K)``."""
     g = torch.Generator().manual_seed(seed)
-    q = torch.randn(2, 1, heads, 16, generator=g).transpose(1, 2)
+    q = torch.randn(2, 1, heads, 16, generator=g).transpose(1, 2)  # a (B, S, H, D) projection, viewed
     both = torch.randn(2, 1, 2, kv_heads, 16, generator=g)
     k_new, v_new = both[:, :, 0].transpose(1, 2), both[:, :, 1].transpose(1, 2)
     caches = [torch.zeros(2, kv_heads, n_k, 16) for _ in range(2)]
@@ -70,7 +70,7 @@ def step_inputs(heads, kv_heads, n_k=13, seed=0, written=6):
     mask = (torch.arange(n_k) <= written).expand(2, 1, 1, n_k).clone()
     mask[1, :, :, :2] = False
     bias = torch.randn(1, heads, 1, n_k, generator=g)
-    return [q, k_new, v_new, *caches, length, mask, bias]
+    return [t.to(DEVICE) for t in (q, k_new, v_new, *caches, length, mask, bias)]
 
 
 def fresh(inputs):
@@ -147,8 +147,9 @@ def written_result_used(q, k_new, v_new, k_cache, v_cache, length, mask, bias):
 
 def causal_prefill(q, k_new, v_new, k_cache, v_cache, length, mask, bias):
     """Two rows written at once (a prefill), then causal attention over them."""
-    k_cache.index_copy_(2, torch.arange(2) + length, torch.cat((k_new, k_new * 2), 2))
-    v_cache.index_copy_(2, torch.arange(2) + length, torch.cat((v_new, v_new * 2), 2))
+    positions = torch.arange(2, device=length.device) + length
+    k_cache.index_copy_(2, positions, torch.cat((k_new, k_new * 2), 2))
+    v_cache.index_copy_(2, positions, torch.cat((v_new, v_new * 2), 2))
     return (F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask),)
 
 
