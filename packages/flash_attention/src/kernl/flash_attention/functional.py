@@ -5,7 +5,7 @@ import numbers
 
 import torch
 
-from kernl.common.checks import SUPPORTED_DTYPES, check_real, check_tensor
+from kernl.common.checks import SUPPORTED_DTYPES, check_real, check_same, check_tensor
 from kernl.flash_attention import ops
 from kernl.flash_attention.launch import MAX_HEAD_DIM
 
@@ -182,6 +182,71 @@ def attention_decode(
         raise TypeError(f"cache_len must be an int or an integer tensor, got {type(cache_len).__name__}")
     bias = _bias_for_scale(scale, bias, q)
     return _attention_op()(q, k_cache, v_cache, scale, bias, mask, key_padding_mask, cache_len, False)
+
+
+def _check_new_row(k_cache: torch.Tensor, k_new, v_new, position) -> None:
+    """k_new/v_new ``(B, H_kv, 1, D)`` with the cache's dtype and device; position an integer tensor
+    ``()``, ``(1,)`` or ``(B,)`` on that device."""
+    batch, kv_heads, _, head_dim = k_cache.shape
+    for name, t in (("k_new", k_new), ("v_new", v_new)):
+        check_tensor(name, t, SUPPORTED_DTYPES, "float16, bfloat16 or float32")
+        check_same(name, t, "k_cache", k_cache)
+        if tuple(t.shape) != (batch, kv_heads, 1, head_dim):
+            raise ValueError(
+                f"{name} must have shape ({batch}, {kv_heads}, 1, {head_dim}), got {tuple(t.shape)}"
+            )
+    check_tensor("position", position, (torch.int32, torch.int64), "int32 or int64")
+    if tuple(position.shape) not in ((), (1,), (batch,)) or position.device != k_cache.device:
+        raise ValueError(
+            f"position must be a (), (1,) or ({batch},) tensor on {k_cache.device}, "
+            f"got shape {tuple(position.shape)} on {position.device}"
+        )
+
+
+def _attention_decode_write_op():
+    """The registered op when tracing (torch.compile), the plain implementation in eager mode."""
+    if torch.compiler.is_compiling():
+        return torch.ops.kernl.attention_decode_write
+    return ops.attention_decode_write_impl
+
+
+def attention_decode_write(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    k_new: torch.Tensor,
+    v_new: torch.Tensor,
+    position: torch.Tensor,
+    *,
+    cache_len: torch.Tensor | None = None,
+    scale: float | None = None,
+    bias: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """A decoding step's cache write and attention in one launch: stores ``k_new``/``v_new`` into
+    ``k_cache``/``v_cache`` in place at ``position``, then returns :func:`attention_decode` of q over the
+    updated caches.
+
+    q ``(B, H, Q, D)`` (Q = 1 for a step; the G query heads of a key/value head may come as G queries);
+    k_cache/v_cache ``(B, H_kv, K, D)``, ``H_kv`` dividing ``H``; k_new/v_new ``(B, H_kv, 1, D)``, the
+    caches' dtype; any strides. position: an int32/int64 tensor on q's device, ``()`` or ``(1,)`` (one
+    position for the batch, as ``index_copy_(2, position, k_new)`` writes) or ``(B,)`` (one per batch
+    element), read by the kernel only (CUDA-graph friendly); a position outside ``[0, K)`` stores nothing.
+    cache_len: None (every key, as the mask says) or an integer tensor ``()``/``(B,)``: only keys before it
+    are visible (``position + 1``: the positions up to the new one). scale, bias, mask,
+    key_padding_mask: as :func:`attention`, over the whole cache. Returns ``(B, H, Q, D)`` in q's dtype.
+    """
+    scale = _check_common(q, k_cache, v_cache, scale, bias, mask, key_padding_mask)
+    _check_new_row(k_cache, k_new, v_new, position)
+    if cache_len is not None:
+        check_tensor("cache_len", cache_len, (torch.int32, torch.int64), "int32 or int64")
+        if cache_len.shape not in ((), (q.shape[0],)) or cache_len.device != q.device:
+            raise ValueError(f"cache_len must be a () or ({q.shape[0]},) tensor on {q.device}")
+    bias = _bias_for_scale(scale, bias, q)
+    return _attention_decode_write_op()(
+        q, k_cache, v_cache, k_new, v_new, position, scale, bias, mask, key_padding_mask, cache_len
+    )
 
 
 def _check_packed_qkv(q, k, v) -> None:

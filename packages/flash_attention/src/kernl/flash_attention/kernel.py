@@ -26,6 +26,11 @@ columns past the head dimension arrive as zeros, so no load is masked; values of
 length that is below it are zeroed before ``p @ v``, as they may hold NaN), else pointer loads.
 ``WARP_SPECIALIZE`` asks Triton to split the interior loop into producer and consumer warps.
 
+New cache row (``WRITE_ROW``, a decoding step): the step's key and value ``(B, H_kv, 1, D)`` go into the
+cache at ``position`` (per batch element) in the same launch. Every program that reads that position's
+block takes the new row from registers instead of the cache, so no program waits on another's store,
+and one program per batch element and key/value head stores it. A position outside ``[0, K)`` writes nothing.
+
 Key padding: ``KPM_KIND`` 1 = per-batch lengths (the loop stops there); 2 = a bool ``[B, K]`` mask,
 scanned first for its last valid key (the loop stops there too) and applied block by block only
 when it is not a prefix. ``MASK_KIND`` 1 = bool mask (True = attend), 2 = additive float mask.
@@ -39,14 +44,15 @@ LOG2E = tl.constexpr(1.4426950408889634)
 
 @triton.jit
 def _attn_fwd_kernel(
-    Q, K, V, OUT, BIAS, MASK, KPM, CACHE_LEN, PART_ML,
+    Q, K, V, OUT, BIAS, MASK, KPM, CACHE_LEN, PART_ML, NEW_K, NEW_V, POSITION,
     scale, qk_scale, n_q, n_k, n_heads, group,
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod,
     sbb, sbh, sbm, sbn, smb, smh, smm, smn, skpb, skpn, scl,
+    snkb, snkh, snkd, snvb, snvh, snvd, spos,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_BIAS: tl.constexpr, MASK_KIND: tl.constexpr, KPM_KIND: tl.constexpr, HAS_CACHE_LEN: tl.constexpr,
     CAUSAL: tl.constexpr, SCAN_BLOCK: tl.constexpr, SPLIT: tl.constexpr, ACC_DTYPE: tl.constexpr,
-    USE_PDL: tl.constexpr, TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
+    USE_PDL: tl.constexpr, TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, WRITE_ROW: tl.constexpr,
 ):  # fmt: skip
     if USE_PDL:  # programmatic dependent launch: the previous kernel's writes are visible past this wait
         tl.extra.cuda.gdc_wait()
@@ -94,6 +100,19 @@ def _attn_fwd_kernel(
     else:
         full_end = tl.maximum(lo, lo + (hi - lo) // BLOCK_N * BLOCK_N)
 
+    if WRITE_ROW:  # K and V are pointers here: the launch turns TMA off to store the row
+        position = tl.load(POSITION + b * spos).to(tl.int64)
+        k_row = tl.load(NEW_K + b * snkb + h_kv * snkh + offs_d * snkd, mask=d_ok, other=0.0)
+        v_row = tl.load(NEW_V + b * snvb + h_kv * snvh + offs_d * snvd, mask=d_ok, other=0.0)
+        # The storing program comes last in its batch element's grid order (last query head of the group,
+        # last split): Triton's interpreter runs programs in that order, so there every reader runs
+        # before the store, and a reader taking the row from the cache would see the stale one.
+        if (start_m == 0) & (split == tl.num_programs(2) - 1) & (h32 % group == group - 1):
+            row_in = tl.where((position >= 0) & (position < n_k), d_ok, False)  # a where: the interpreter
+            # rejects a block mask and-ed with a scalar one
+            tl.store(K + b * skb + h_kv * skh + position * skn + offs_d * skd, k_row, mask=row_in)
+            tl.store(V + b * svb + h_kv * svh + position * svn + offs_d * svd, v_row, mask=row_in)
+
     rows = offs_m.to(tl.int64)  # row and key offsets in int64: Q * K or K * stride can pass 2**31
     if TMA:
         q = Q.load([b32, h32, start_m * BLOCK_M, 0]).reshape(BLOCK_M, BLOCK_D)
@@ -137,6 +156,10 @@ def _attn_fwd_kernel(
                 v_ptrs = v_base + n0 * svn + offs_n[:, None] * svn
                 k = tl.load(k_ptrs, mask=d_ok[:, None] & col_ok[None, :], other=0.0)
                 v = tl.load(v_ptrs, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+            if WRITE_ROW:  # the new row from registers, where the cache may not hold it yet
+                is_new = (cols == position) & col_ok
+                k = tl.where(is_new[None, :], k_row[:, None], k)
+                v = tl.where(is_new[:, None], v_row[None, :], v)
             if ACC_DTYPE == tl.float64:
                 k = k.to(tl.float64)
                 v = v.to(tl.float64)

@@ -11,6 +11,7 @@ from kernl.common.launch import capability, programmatic_launch
 from kernl.common.launch import sm_count as multiprocessor_count
 from kernl.flash_attention.kernel import LOG2E, _attn_fwd_kernel
 from kernl.flash_attention.merge import _merge_kernel
+from kernl.flash_attention.reference import write_rows
 
 MAX_HEAD_DIM = 128
 MAX_SPLITS = 64
@@ -95,9 +96,30 @@ def launch_config(
     return LaunchConfig(block_m, block_n, warps, stages, splits, tma=tma)
 
 
+class NewRow(NamedTuple):
+    """A decoding step's new cache row, stored by the attention launch itself (see :mod:`.kernel`): ``k``
+    and ``v`` ``(B, H_kv, 1, D)`` in the cache's dtype, ``position`` an int32/int64 tensor ``()``, ``(1,)``
+    or ``(B,)`` on the cache's device."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    position: torch.Tensor
+
+
 def _strides4(t: torch.Tensor | None, shape: tuple[int, ...]) -> tuple[int, int, int, int]:
     """Strides of ``t`` broadcast to ``shape`` (0 along broadcast dimensions)."""
     return torch.broadcast_to(t, shape).stride() if t is not None else (0, 0, 0, 0)
+
+
+def _row_strides(new_row: NewRow | None) -> tuple[int, ...]:
+    """Strides of the new row's k and v (batch, head, dim) and of its position along the batch (0 for one
+    position shared by every batch element)."""
+    if new_row is None:
+        return (0,) * 7
+    k, v, position = new_row
+    per_batch = position.dim() == 1 and position.shape[0] > 1
+    return (k.stride(0), k.stride(1), k.stride(3), v.stride(0), v.stride(1), v.stride(3),
+            position.stride(0) if per_batch else 0)  # fmt: skip
 
 
 def attention_forward(
@@ -111,6 +133,7 @@ def attention_forward(
     cache_len: torch.Tensor | None,
     causal: bool,
     config: LaunchConfig | None = None,
+    new_row: NewRow | None = None,
 ) -> torch.Tensor:
     """Launch on validated inputs: q ``(B, H, Q, D)``, k/v ``(B, H_kv, K, D)`` (``H % H_kv == 0``: query
     head ``h`` reads key/value head ``h // (H / H_kv)``), any strides.
@@ -118,12 +141,15 @@ def attention_forward(
     bias/mask broadcastable to ``(B, H, Q, K)``; key_padding_mask bool ``(B, K)`` (True = attend) or
     int32 lengths ``(B,)``; cache_len int32 ``()`` or ``(B,)``. Returns ``(B, H, Q, D)`` in q's dtype,
     a transposed view of a contiguous ``(B, Q, H, D)`` buffer (what a model's output projection wants).
-    ``config`` overrides :func:`launch_config` (used by the tuning sweep).
+    ``config`` overrides :func:`launch_config` (used by the tuning sweep). ``new_row``: the row to store
+    into k and v at its position first, as the attention sees it (a position outside ``[0, K)``: none).
     """
     batch, heads, n_q, head_dim = q.shape
     n_k = k.shape[2]
     out = torch.empty((batch, n_q, heads, head_dim), dtype=q.dtype, device=q.device).transpose(1, 2)
     if out.numel() == 0:
+        if new_row is not None and n_k > 0:  # no query to attend, the row is stored all the same
+            write_rows(k, v, new_row.k, new_row.v, new_row.position)
         return out
     wide = q.dtype == torch.float32  # fp32 inputs are computed in fp64 (see the kernel)
     if wide and mask is not None and mask.dtype == torch.bool:
@@ -147,7 +173,7 @@ def attention_forward(
     block_d = max(16, triton.next_power_of_2(head_dim))
     grid = (triton.cdiv(n_q, cfg.block_m), batch * heads, splits)
     pdl = programmatic_launch(q.device)
-    tma = cfg.tma and not wide and all(descriptor_layout_ok(t) for t in (q, k, v))
+    tma = cfg.tma and not wide and new_row is None and all(descriptor_layout_ok(t) for t in (q, k, v))
     if tma:
         q_in, k_in, v_in = (
             _descriptor(q, cfg.block_m, block_d),
@@ -158,10 +184,12 @@ def attention_forward(
     _attn_fwd_kernel[grid](
         q_in, k_in, v_in, target, bias if bias is not None else q, mask_arg if mask is not None else q,
         kpm_arg if kpm_arg is not None else q, cache_len if cache_len is not None else q, part_ml,
+        *((new_row.k, new_row.v, new_row.position) if new_row is not None else (q, q, q)),
         scale, scale * LOG2E.value, n_q, n_k, heads, heads // k.shape[1],
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         *_strides4(bias, full), *_strides4(mask, full), *kpm_strides,
         cache_len.stride(0) if cache_len is not None and cache_len.dim() == 1 else 0,
+        *_row_strides(new_row),
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         HAS_BIAS=bias is not None, MASK_KIND=mask_kind, KPM_KIND=kpm_kind,
         HAS_CACHE_LEN=cache_len is not None, CAUSAL=causal,
@@ -169,6 +197,7 @@ def attention_forward(
         ACC_DTYPE=tl.float64 if wide else tl.float32,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, USE_PDL=pdl, launch_pdl=pdl,
         TMA=tma, WARP_SPECIALIZE=cfg.warp_specialize and tma,  # pointer loads: the pass does not compile
+        WRITE_ROW=new_row is not None,
     )  # fmt: skip
     if splits > 1:
         _merge_kernel[(n_q, batch * heads)](

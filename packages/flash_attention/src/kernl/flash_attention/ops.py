@@ -1,6 +1,7 @@
 """``torch.library`` registration, so the kernel can sit inside ``torch.compile``d and FX graphs.
 
-Opaque custom ops, ``kernl::attention``, ``kernl::attention_varlen`` and ``kernl::rotary``, with a fake (meta) implementation: this works under
+Opaque custom ops, ``kernl::attention``, ``kernl::attention_decode_write`` (which stores into its caches:
+declared as mutating them), ``kernl::attention_varlen`` and ``kernl::rotary``, with a fake (meta) implementation: this works under
 Triton's interpreter too, where ``triton_op``/``wrap_triton`` cannot be traced. Inputs are trusted
 here; validation lives in :mod:`kernl.flash_attention.functional`, which calls :func:`attention_impl`
 directly in eager mode (the custom-op dispatcher costs tens of microseconds of CPU time a call) and
@@ -13,10 +14,15 @@ otherwise they fall back to the PyTorch reference, so the op always returns the 
 import torch
 
 from kernl.common.launch import float_errors_ignored, runs_triton_kernel
-from kernl.flash_attention.launch import attention_forward
+from kernl.flash_attention.launch import NewRow, attention_forward
 from kernl.flash_attention.launch_rotary import rotary_forward
 from kernl.flash_attention.launch_varlen import attention_varlen_forward
-from kernl.flash_attention.reference import attention_reference, attention_varlen_reference, rotary_reference
+from kernl.flash_attention.reference import (
+    attention_decode_write_reference,
+    attention_reference,
+    attention_varlen_reference,
+    rotary_reference,
+)
 
 
 def _as_int32(t: torch.Tensor | None, n_k: int) -> torch.Tensor | None:
@@ -57,6 +63,49 @@ attention_op = torch.library.custom_op("kernl::attention", attention_impl, mutat
 
 @attention_op.register_fake
 def _(q, k, v, scale, bias, mask, key_padding_mask, cache_len, causal):
+    batch, heads, n_q, head_dim = q.shape
+    return q.new_empty((batch, n_q, heads, head_dim)).transpose(1, 2)
+
+
+def attention_decode_write_impl(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    k_new: torch.Tensor,
+    v_new: torch.Tensor,
+    position: torch.Tensor,
+    scale: float,
+    bias: torch.Tensor | None,
+    mask: torch.Tensor | None,
+    key_padding_mask: torch.Tensor | None,
+    cache_len: torch.Tensor | None,
+) -> torch.Tensor:
+    """``kernl::attention_decode_write`` on validated inputs: stores k_new/v_new ``(B, H_kv, 1, D)`` into
+    k_cache/v_cache ``(B, H_kv, K, D)`` at ``position`` (``()``, ``(1,)`` or ``(B,)``) and returns the
+    attention of q ``(B, H, Q, D)`` over the updated caches, ``(B, H, Q, D)`` in q's dtype, in one launch
+    (two when the keys are split); the PyTorch reference on CPU without the interpreter."""
+    if not runs_triton_kernel(q):
+        out = attention_decode_write_reference(
+            q, k_cache, v_cache, k_new, v_new, position, scale=scale, bias=bias, mask=mask,
+            key_padding_mask=key_padding_mask, cache_len=cache_len,
+        )  # fmt: skip
+        return out.transpose(1, 2).contiguous().transpose(1, 2)  # the kernel's layout
+    n_k = k_cache.shape[2]
+    key_padding_mask, cache_len = _as_int32(key_padding_mask, n_k), _as_int32(cache_len, n_k)
+    with torch.cuda.device(q.device.index if q.is_cuda else -1), float_errors_ignored(q.device):
+        return attention_forward(
+            q, k_cache, v_cache, scale, bias, mask, key_padding_mask, cache_len, False,
+            new_row=NewRow(k_new, v_new, position),
+        )  # fmt: skip
+
+
+attention_decode_write_op = torch.library.custom_op(
+    "kernl::attention_decode_write", attention_decode_write_impl, mutates_args=("k_cache", "v_cache")
+)
+
+
+@attention_decode_write_op.register_fake
+def _(q, k_cache, v_cache, k_new, v_new, position, scale, bias, mask, key_padding_mask, cache_len):
     batch, heads, n_q, head_dim = q.shape
     return q.new_empty((batch, n_q, heads, head_dim)).transpose(1, 2)
 

@@ -70,6 +70,47 @@ def attention_reference(
     return out.to(q.dtype)
 
 
+def write_rows(
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    k_new: torch.Tensor,
+    v_new: torch.Tensor,
+    position: torch.Tensor,
+) -> None:
+    """Store a decoding step's row in place: ``k_cache[b, :, position[b]] = k_new[b, :, 0]`` (and v alike)
+    for each batch element ``b`` whose position lies in ``[0, K)``; others write nothing. Caches ``(B, H_kv,
+    K, D)``, new rows ``(B, H_kv, 1, D)``, position an integer tensor ``()``, ``(1,)`` or ``(B,)``."""
+    batch, n_k = k_cache.shape[0], k_cache.shape[2]
+    positions = position.reshape(-1).to(torch.int64).expand(batch)
+    inside = (positions >= 0) & (positions < n_k)
+    rows, columns = torch.arange(batch, device=k_cache.device)[inside], positions[inside]
+    k_cache[rows, :, columns] = k_new[inside, :, 0].to(k_cache.dtype)
+    v_cache[rows, :, columns] = v_new[inside, :, 0].to(v_cache.dtype)
+
+
+def attention_decode_write_reference(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    k_new: torch.Tensor,
+    v_new: torch.Tensor,
+    position: torch.Tensor,
+    *,
+    scale: float | None = None,
+    bias: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+    cache_len: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """A decoding step: :func:`write_rows` of ``k_new``/``v_new`` into the caches at ``position``, then
+    :func:`attention_reference` of q over the updated caches (no causal mask; ``cache_len`` as there)."""
+    write_rows(k_cache, v_cache, k_new, v_new, position)
+    return attention_reference(
+        q, k_cache, v_cache, scale=scale, bias=bias, mask=mask, key_padding_mask=key_padding_mask,
+        cache_len=cache_len,
+    )  # fmt: skip
+
+
 def expand_relative_bias(relative_bias: torch.Tensor, length: int) -> torch.Tensor:
     """The dense ``(H, L, L)`` bias of a relative-position table ``(H, 2R + 1)``: entry ``(h, i, j)`` is
     ``relative_bias[h, clamp(j - i, -R, R) + R]``, in the table's dtype and on its device."""

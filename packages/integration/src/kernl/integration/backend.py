@@ -13,7 +13,7 @@ from torch import fx
 
 from kernl.integration.dynamic_tokens import concrete_examples, is_symbolic
 from kernl.integration.report import GraphRecord, OptimizationReport, kept_as_pytorch, kept_reasons
-from kernl.integration.rules import RULES, packed_attention
+from kernl.integration.rules import RULES, cache_write_attention, packed_attention
 from kernl.integration.rules.attention_sdpa import AttentionArgs, attention_call
 from kernl.integration.rules.fused_projections import lay_out_stacked_weights
 from kernl.integration.step_graphs import has_static_address, holds_state, step_graphs
@@ -79,8 +79,9 @@ def attention_masks(gm: fx.GraphModule) -> dict[str, int]:
         if node.target is packed_attention.packed_attention_call:
             relative = len(node.args) > 5 and node.args[5] is not None
             kinds["packed rows (varlen)" + (" + relative position bias" if relative else "")] += 1
-        if node.target is attention_call:
-            call = AttentionArgs(*node.args)
+        call = AttentionArgs(*node.args) if node.target is attention_call else None
+        call = call or cache_write_attention.attention_args(node)  # the attention with the cache writes
+        if call is not None:
             mask = (
                 "key padding [B, K]"
                 if call.key_padding_mask is not None
