@@ -121,14 +121,16 @@ def test_writes_the_row_and_attends_as_the_reference(
     torch.testing.assert_close(v_cache, written_v, rtol=0, atol=0, equal_nan=True)
 
 
-@pytest.mark.parametrize("b, heads, kv_heads, n_k", [(2, 8, 2, 5), (1, 2, 1, 4 * MAX_LEN + 3)])
-def test_every_program_sees_the_new_row_not_the_stale_cache(b, heads, kv_heads, n_k):
+@pytest.mark.parametrize(
+    "b, heads, kv_heads, n_q, n_k", [(2, 8, 2, 1, 5), (1, 2, 1, 1, 4 * MAX_LEN + 3), (2, 2, 1, 70, 9)]
+)
+def test_every_program_sees_the_new_row_not_the_stale_cache(b, heads, kv_heads, n_q, n_k):
     """The stale row at the position is NaN: a program reading it from the cache (before the store)
     instead of taking the new row would return NaN. Two batch elements, each at its own position, and
     4 query heads reading each key/value head; or one batch element whose long cache is split across
     programs (few programs: the launch splits the keys), the position in a split other than the storing
-    program's."""
-    q = make_tensor((b, heads, 1, 16), torch.float32, ValueSpec(1, 1.0, 0.0))
+    program's; or 70 queries, several query blocks reading each key/value head."""
+    q = make_tensor((b, heads, n_q, 16), torch.float32, ValueSpec(1, 1.0, 0.0))
     k_cache = make_tensor((b, kv_heads, n_k, 16), torch.float32, ValueSpec(2, 1.0, 0.0))
     v_cache = make_tensor((b, kv_heads, n_k, 16), torch.float32, ValueSpec(3, 1.0, 0.0))
     position = torch.tensor([n_k - 2, n_k // 2][:b] if b == 2 else [n_k // 2 + 5], device=TEST_DEVICE)

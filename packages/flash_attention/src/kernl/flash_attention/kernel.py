@@ -104,10 +104,12 @@ def _attn_fwd_kernel(
         position = tl.load(POSITION + b * spos).to(tl.int64)
         k_row = tl.load(NEW_K + b * snkb + h_kv * snkh + offs_d * snkd, mask=d_ok, other=0.0)
         v_row = tl.load(NEW_V + b * snvb + h_kv * snvh + offs_d * snvd, mask=d_ok, other=0.0)
-        # The storing program comes last in its batch element's grid order (last query head of the group,
-        # last split): Triton's interpreter runs programs in that order, so there every reader runs
-        # before the store, and a reader taking the row from the cache would see the stale one.
-        if (start_m == 0) & (split == tl.num_programs(2) - 1) & (h32 % group == group - 1):
+        # The storing program is the last of its batch element and key/value head in grid order (last query
+        # block, last query head of the group, last split): Triton's interpreter runs programs in that
+        # order, so there every reader runs before the store, and one taking the row from the cache sees
+        # the stale one. On a GPU the programs run concurrently: none may depend on the store.
+        last_block = start_m == tl.num_programs(0) - 1
+        if last_block & (split == tl.num_programs(2) - 1) & (h32 % group == group - 1):
             row_in = tl.where((position >= 0) & (position < n_k), d_ok, False)  # a where: the interpreter
             # rejects a block mask and-ed with a scalar one
             tl.store(K + b * skb + h_kv * skh + position * skn + offs_d * skd, k_row, mask=row_in)
