@@ -36,7 +36,7 @@ cu = torch.tensor([0, 4, 9], dtype=torch.int32, device=TEST_DEVICE)
             "k's head count 2 must divide q's head count 3",
         ),
         (lambda: attention(q, kv[:, :0], kv[:, :0]), ValueError, "k's head count 0 must divide"),
-        (lambda: attention_decode(q, kv[:, :2], kv[:, :2]), ValueError, "k's head count 2 must divide"),
+        (lambda: attention_decode(q, kv[:, :2], kv[:, :2]), ValueError, "k_cache's head count 2 must divide"),
         (lambda: attention(q, kv[:, :1], kv), ValueError, "v must have k's shape"),
         (lambda: attention(q, kv[..., :8], kv), ValueError, r"k must have shape"),
         (lambda: attention(q, kv, kv[:, :, :6]), ValueError, "v must have k's shape"),

@@ -13,9 +13,14 @@ MAX_BATCH_HEADS = 65535  # the grid's second axis
 MAX_ROTARY_DIM = 256
 
 
-def _check_qkv_tensors(q, k, v, layout: tuple[str, ...]) -> None:
-    """q, k, v: float tensors of rank ``len(layout)`` (``layout`` names the dims), one dtype, q's device."""
-    for name, t in (("q", q), ("k", k), ("v", v)):
+_QKV_NAMES = ("q", "k", "v")
+_CACHE_NAMES = ("q", "k_cache", "v_cache")
+
+
+def _check_qkv_tensors(q, k, v, layout: tuple[str, ...], names: tuple[str, str, str] = _QKV_NAMES) -> None:
+    """q, k, v: float tensors of rank ``len(layout)`` (``layout`` names the dims), one dtype, q's device;
+    ``names``: the arguments' names, for the errors."""
+    for name, t in zip(names, (q, k, v), strict=True):
         check_tensor(name, t, SUPPORTED_DTYPES, "float16, bfloat16 or float32")
         if t.dim() != len(layout):
             raise ValueError(
@@ -23,22 +28,25 @@ def _check_qkv_tensors(q, k, v, layout: tuple[str, ...]) -> None:
             )
     if q.device.type not in ("cuda", "cpu"):
         raise ValueError(f"q must be on a CUDA device (or CPU), got {q.device}")
-    for name, t in (("k", k), ("v", v)):
+    for name, t in zip(names[1:], (k, v), strict=True):
         if t.dtype != q.dtype:
             raise ValueError(f"{name} must have q's dtype {q.dtype}, got {t.dtype}")
         if t.device != q.device:
             raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
 
 
-def _check_qkv(q, k, v) -> None:
-    _check_qkv_tensors(q, k, v, ("batch", "heads", "seq", "head_dim"))
+def _check_qkv(q, k, v, names: tuple[str, str, str] = _QKV_NAMES) -> None:
+    _check_qkv_tensors(q, k, v, ("batch", "heads", "seq", "head_dim"), names)
     batch, heads, _, head_dim = q.shape
+    _, k_name, v_name = names
     if k.shape[0] != batch or k.shape[3] != head_dim:
-        raise ValueError(f"k must have shape ({batch}, H_kv, K, {head_dim}) to match q, got {tuple(k.shape)}")
+        raise ValueError(
+            f"{k_name} must have shape ({batch}, H_kv, K, {head_dim}) to match q, got {tuple(k.shape)}"
+        )
     if v.shape != k.shape:
-        raise ValueError(f"v must have k's shape {tuple(k.shape)}, got {tuple(v.shape)}")
+        raise ValueError(f"{v_name} must have {k_name}'s shape {tuple(k.shape)}, got {tuple(v.shape)}")
     if k.shape[1] == 0 or heads % k.shape[1] != 0:
-        raise ValueError(f"k's head count {k.shape[1]} must divide q's head count {heads}")
+        raise ValueError(f"{k_name}'s head count {k.shape[1]} must divide q's head count {heads}")
     if not 1 <= head_dim <= MAX_HEAD_DIM:
         raise ValueError(f"head_dim must be between 1 and {MAX_HEAD_DIM}, got {head_dim}")
     if batch * heads > MAX_BATCH_HEADS:
@@ -91,8 +99,10 @@ def _check_scale(scale, head_dim: int, *, positive: bool = False) -> float:
     return check_real("scale", scale, positive=positive)
 
 
-def _check_common(q, k, v, scale, bias, mask, key_padding_mask) -> float:
-    _check_qkv(q, k, v)
+def _check_common(
+    q, k, v, scale, bias, mask, key_padding_mask, names: tuple[str, str, str] = _QKV_NAMES
+) -> float:
+    _check_qkv(q, k, v, names)
     full = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
     if bias is not None:
         _check_broadcastable("bias", bias, full, q.device, allow_bool=False)
@@ -144,6 +154,13 @@ def attention(
     return _attention_op()(q, k, v, scale, bias, mask, key_padding_mask, None, causal)
 
 
+def _check_cache_len_tensor(cache_len, q: torch.Tensor) -> None:
+    """cache_len: an int32/int64 tensor ``()`` or ``(B,)`` on q's device."""
+    check_tensor("cache_len", cache_len, (torch.int32, torch.int64), "int32 or int64")
+    if cache_len.shape not in ((), (q.shape[0],)) or cache_len.device != q.device:
+        raise ValueError(f"cache_len must be a () or ({q.shape[0]},) tensor on {q.device}")
+
+
 def attention_decode(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -163,12 +180,10 @@ def attention_decode(
     None = all ``K``. bias, mask, key_padding_mask, scale: as :func:`attention`, over the full ``K``.
     Every valid cache key is visible (no causal mask). Rows with no visible key return zeros.
     """
-    scale = _check_common(q, k_cache, v_cache, scale, bias, mask, key_padding_mask)
+    scale = _check_common(q, k_cache, v_cache, scale, bias, mask, key_padding_mask, _CACHE_NAMES)
     n_k = k_cache.shape[2]
     if isinstance(cache_len, torch.Tensor):
-        check_tensor("cache_len", cache_len, (torch.int32, torch.int64), "int32 or int64")
-        if cache_len.shape not in ((), (q.shape[0],)) or cache_len.device != q.device:
-            raise ValueError(f"cache_len must be a () or ({q.shape[0]},) tensor on {q.device}")
+        _check_cache_len_tensor(cache_len, q)
     elif isinstance(cache_len, numbers.Integral) and not isinstance(cache_len, bool):
         if not 0 <= cache_len <= n_k:
             raise ValueError(f"cache_len must be between 0 and the cache length {n_k}, got {cache_len}")
@@ -184,9 +199,19 @@ def attention_decode(
     return _attention_op()(q, k_cache, v_cache, scale, bias, mask, key_padding_mask, cache_len, False)
 
 
-def _check_new_row(k_cache: torch.Tensor, k_new, v_new, position) -> None:
-    """k_new/v_new ``(B, H_kv, 1, D)`` with the cache's dtype and device; position an integer tensor
-    ``()``, ``(1,)`` or ``(B,)`` on that device."""
+def _check_new_row(k_cache: torch.Tensor, v_cache: torch.Tensor, k_new, v_new, position) -> None:
+    """Caches whose elements each have memory of their own (one program stores a row: two elements at one
+    address, or one cache in both places, would make the stores race); k_new/v_new ``(B, H_kv, 1, D)``
+    with the cache's dtype and device; position an integer tensor ``()``, ``(1,)`` or ``(B,)`` there."""
+    for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if any(stride == 0 and size > 1 for stride, size in zip(cache.stride(), cache.shape, strict=True)):
+            raise ValueError(
+                f"{name} has elements sharing memory (a zero stride {cache.stride()}): it is written"
+            )
+    traced = torch.compiler.is_compiling()  # a traced call cannot compare addresses
+    same_start = not traced and k_cache.numel() > 0 and k_cache.data_ptr() == v_cache.data_ptr()
+    if k_cache is v_cache or same_start:
+        raise ValueError("k_cache and v_cache are the same memory: each is written with its own row")
     batch, kv_heads, _, head_dim = k_cache.shape
     for name, t in (("k_new", k_new), ("v_new", v_new)):
         check_tensor(name, t, SUPPORTED_DTYPES, "float16, bfloat16 or float32")
@@ -237,12 +262,10 @@ def attention_decode_write(
     are visible (``position + 1``: the positions up to the new one). scale, bias, mask,
     key_padding_mask: as :func:`attention`, over the whole cache. Returns ``(B, H, Q, D)`` in q's dtype.
     """
-    scale = _check_common(q, k_cache, v_cache, scale, bias, mask, key_padding_mask)
-    _check_new_row(k_cache, k_new, v_new, position)
+    scale = _check_common(q, k_cache, v_cache, scale, bias, mask, key_padding_mask, _CACHE_NAMES)
+    _check_new_row(k_cache, v_cache, k_new, v_new, position)
     if cache_len is not None:
-        check_tensor("cache_len", cache_len, (torch.int32, torch.int64), "int32 or int64")
-        if cache_len.shape not in ((), (q.shape[0],)) or cache_len.device != q.device:
-            raise ValueError(f"cache_len must be a () or ({q.shape[0]},) tensor on {q.device}")
+        _check_cache_len_tensor(cache_len, q)
     bias = _bias_for_scale(scale, bias, q)
     return _attention_decode_write_op()(
         q, k_cache, v_cache, k_new, v_new, position, scale, bias, mask, key_padding_mask, cache_len
