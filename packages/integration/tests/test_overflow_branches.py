@@ -5,6 +5,7 @@ graph, no failed capture), with Hugging Face's values. Classes without the clamp
 
 import copy
 import importlib
+import importlib.util
 import warnings
 
 import pytest
@@ -175,3 +176,88 @@ def test_a_copy_of_an_optimized_bart_has_the_classes_forward(kit):
     with pytest.warns(UserWarning, match="plain PyTorch model"):
         plain = copy.deepcopy(optimized)
     assert not any("forward" in layer.__dict__ for layer in plain.get_encoder().layers)
+
+
+def _clamped(hidden_states: torch.Tensor) -> torch.Tensor:
+    """fp16 values that overflow: the clamp has work to do."""
+    return hidden_states * 30000.0
+
+
+class _PrivateScale(torch.nn.Module):
+    """A layer with BART's clamp whose forward reads a private attribute (a name its class mangles)."""
+
+    def __init__(self):
+        super().__init__()
+        self.__scale = 3.0
+
+    def forward(self, hidden_states):
+        hidden_states = _clamped(hidden_states) * self.__scale
+        if hidden_states.dtype == torch.float16 and not torch.isfinite(hidden_states).all():
+            clamp_value = torch.finfo(hidden_states.dtype).max - 1000
+            hidden_states = torch.clamp(hidden_states, min=-clamp_value, max=clamp_value)
+        return hidden_states
+
+
+def _identity(function):
+    return function
+
+
+class _ClassScopeDecorator(torch.nn.Module):
+    """A layer with BART's clamp whose forward's decorator is a name of the class body, not the module."""
+
+    keep = staticmethod(_identity)
+
+    @keep
+    def forward(self, hidden_states):
+        hidden_states = _clamped(hidden_states)
+        if hidden_states.dtype == torch.float16 and not torch.isfinite(hidden_states).all():
+            clamp_value = torch.finfo(hidden_states.dtype).max - 1000
+            hidden_states = torch.clamp(hidden_states, min=-clamp_value, max=clamp_value)
+        return hidden_states
+
+
+class _SubclassOfPrivateScale(_PrivateScale):
+    """Inherits the forward: rebuilt as its defining class's, private names mangled with that class's name."""
+
+
+@pytest.mark.parametrize("layer_class", [_PrivateScale, _SubclassOfPrivateScale, _ClassScopeDecorator])
+def test_installed_layers_give_the_class_forward_values(layer_class):
+    """Whatever the rebuild does with a forward (rebuilt, or left alone where its source cannot stand
+    for it), the layer gives what its class's forward gives, and installing never raises."""
+    layer = layer_class().eval()
+    hidden = _hidden(seed=4)
+    with torch.inference_mode():
+        expected = layer_class.forward(layer, hidden)
+        make_overflow_clamps_branchless(layer)
+        actual = layer(hidden)
+    assert torch.equal(actual, expected)
+
+
+def test_private_names_are_mangled_as_in_the_class():
+    assert branchless_forward(_PrivateScale) is not None
+    assert branchless_forward(_SubclassOfPrivateScale) is not None
+
+
+_STALE_LAYER = """
+import torch
+
+
+class Layer(torch.nn.Module):
+    def forward(self, hidden_states):
+        hidden_states = hidden_states * {scale}
+        if hidden_states.dtype == torch.float16 and not torch.isfinite(hidden_states).all():
+            clamp_value = torch.finfo(hidden_states.dtype).max - 1000
+            hidden_states = torch.clamp(hidden_states, min=-clamp_value, max=clamp_value)
+        return hidden_states
+"""
+
+
+def test_a_forward_whose_file_changed_since_import_is_left_alone(tmp_path):
+    """The source on disk is not the code that runs: rebuilding from it would change the layer's values."""
+    path = tmp_path / "kernl_stale_layer.py"
+    path.write_text(_STALE_LAYER.format(scale="2.0"))
+    spec = importlib.util.spec_from_file_location("kernl_stale_layer", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    path.write_text(_STALE_LAYER.format(scale="30.0"))
+    assert branchless_forward(module.Layer) is None

@@ -21,8 +21,11 @@ the same values without a branch on data::
             torch.isfinite(hidden_states).all(), hidden_states, torch.clamp(hidden_states, ...)
         )
 
-and installed on each layer instance (its class is left alone). A forward whose source does not hold
-that statement exactly, or that closes over variables (``super()``), is left as it is.
+and installed on each layer instance (its class is left alone). The source is compiled inside a class of
+the defining class's name, so private names are mangled as in the original. A forward is left as it is
+when its source does not hold that statement exactly, when it closes over variables (``super()``), when
+its source compiled now does not give the running code's names, constants and lines (the file changed
+since the import), or when its decorators cannot be evaluated again from its module's globals.
 """
 
 import ast
@@ -80,32 +83,81 @@ _branchless: dict[type, types.FunctionType | None] = {}
 
 def branchless_forward(cls: type) -> types.FunctionType | None:
     """``cls.forward`` compiled again from its source with the overflow clamp of the module docstring made
-    branchless (its decorators applied again, in its module's globals); None when it has no such clamp."""
+    branchless (in the class it was defined in, as the original was: private names mangled alike; its
+    decorators applied again, in its module's globals); None when it has no such clamp, or where its
+    source cannot stand for the running function."""
     if cls not in _branchless:
         _branchless[cls] = _compile_branchless(cls.forward)
     return _branchless[cls]
 
 
 def _compile_branchless(forward) -> types.FunctionType | None:
-    code = getattr(inspect.unwrap(forward), "__code__", None)
+    function = inspect.unwrap(forward)
+    code = getattr(function, "__code__", None)
     if code is None or code.co_freevars:  # a closure (super()'s __class__ cell) cannot be rebuilt
         return None
     try:
         lines, first = inspect.getsourcelines(forward)
         filename = inspect.getsourcefile(forward)
-        tree = ast.parse(textwrap.dedent("".join(lines)))
+        tree, owner = _parsed(lines, function.__qualname__)
     except (OSError, TypeError, SyntaxError):  # no source at hand, or not a whole statement (a lambda)
         return None
-    if len(tree.body) != 1 or not isinstance(tree.body[0], ast.FunctionDef):
+    ast.increment_lineno(tree, first - 1 - (owner is not None))
+    definition = tree.body[0].body[0] if owner is not None else tree.body[0]
+    if not isinstance(definition, ast.FunctionDef) or definition.name != function.__name__:
         return None
+    if not _same_code(_function_code(compile(tree, filename, "exec"), owner, definition.name), code):
+        return None  # the file changed since the import: its source is not the code that runs
     replacer = _Replacer()
     tree = replacer.visit(tree)
     if replacer.replaced == 0:
         return None
-    ast.increment_lineno(tree, first - 1)
     defined = {}
-    exec(compile(tree, filename, "exec"), inspect.unwrap(forward).__globals__, defined)  # noqa: S102
-    return defined[tree.body[0].name]
+    try:
+        exec(compile(tree, filename, "exec"), function.__globals__, defined)  # noqa: S102
+    except Exception:  # noqa: BLE001 - a decorator the module alone cannot evaluate (a class-body name)
+        return None
+    return vars(defined[owner])[definition.name] if owner is not None else defined[definition.name]
+
+
+def _parsed(lines: list[str], qualname: str) -> tuple[ast.Module, str | None]:
+    """The function's source lines as a module: inside ``class <owner>:`` when it was defined in a class
+    body (an indented ``def`` whose qualified name ends in ``<owner>.<name>``), else alone."""
+    parts = qualname.split(".")
+    if lines[0][:1] in (" ", "\t") and len(parts) > 1 and parts[-2] != "<locals>":
+        return ast.parse(f"class {parts[-2]}:\n" + "".join(lines)), parts[-2]
+    return ast.parse(textwrap.dedent("".join(lines))), None
+
+
+def _function_code(module: types.CodeType, owner: str | None, name: str) -> types.CodeType | None:
+    """The code object of function ``name`` (in class ``owner``'s body when given) in a compiled module."""
+    if owner is not None:
+        module = next(
+            (c for c in module.co_consts if isinstance(c, types.CodeType) and c.co_name == owner), None
+        )
+    codes = [
+        c for c in getattr(module, "co_consts", ()) if isinstance(c, types.CodeType) and c.co_name == name
+    ]
+    return codes[0] if len(codes) == 1 else None
+
+
+_SAME = ("co_argcount", "co_posonlyargcount", "co_kwonlyargcount", "co_flags", "co_firstlineno", "co_names",
+         "co_varnames", "co_freevars", "co_cellvars")  # fmt: skip
+
+
+def _same_code(rebuilt: types.CodeType | None, running: types.CodeType) -> bool:
+    """Whether source compiled now gives the running function's code: the same names, variables,
+    constants and lines, nested functions alike (bytecode itself may differ between compiler builds)."""
+    if rebuilt is None or any(getattr(rebuilt, f) != getattr(running, f) for f in _SAME):
+        return False
+    if len(rebuilt.co_consts) != len(running.co_consts):
+        return False
+    return all(
+        _same_code(a, b)
+        if isinstance(a, types.CodeType) and isinstance(b, types.CodeType)
+        else type(a) is type(b) and a == b
+        for a, b in zip(rebuilt.co_consts, running.co_consts, strict=True)
+    )
 
 
 def _outside_training(branchless, own):
