@@ -120,3 +120,44 @@ def test_on_the_gpu_a_neighbouring_class_times_only_the_first_ones_best(tmp_path
     assert second == candidates(second_problem, tuning.sm_count(0), ranking)
     assert len(second) <= NEIGHBOUR_BEST + 1 and second[-1] == TORCH
     assert tuning.tuning_seconds() > spent
+
+
+@pytest.fixture
+def choosing_on_a_gpu(tmp_path, monkeypatch):
+    """``tuning._choose`` as on an H100 with nothing remembered, the tuning itself recorded, not run: the
+    keys it was asked to tune."""
+    for name, empty in (("_memory", {}), ("_loaded", set()), ("_unwritable", set())):
+        monkeypatch.setattr(config_cache, name, empty)
+    monkeypatch.setenv("KERNL_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("KERNL_AUTOTUNE", raising=False)
+    monkeypatch.setattr(tuning, "sm_count", lambda index: 132)
+    monkeypatch.setattr(tuning, "gpu_name", lambda device: GPU)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    tuned: list[str] = []
+    winner = Config(block_m=64, block_n=128, block_k=64)
+
+    def tune(p, device, launch, sms, key):
+        tuned.append(key)
+        return winner
+
+    monkeypatch.setattr(tuning, "_tune", tune)
+    return tuned, winner
+
+
+def test_a_neighbours_ranking_changes_neither_kernl_autotune_0_nor_a_remembered_choice(
+    choosing_on_a_gpu, monkeypatch
+):
+    tuned, winner = choosing_on_a_gpu
+    device = torch.device("cuda", 0)
+    near = replace(FFN_UP, m=1000)
+    tuning._rankings[tuning.cache_key(FFN_UP, GPU)] = _ranked(FFN_UP)
+    monkeypatch.setenv("KERNL_AUTOTUNE", "0")
+    assert tuning._choose(near, device, launch=None) == tuning.heuristic(near, 132) and tuned == []
+    monkeypatch.delenv("KERNL_AUTOTUNE")
+    remembered = Config(block_m=128, block_n=64, block_k=32)
+    config_cache._memory[tuning.cache_key(near, GPU)] = remembered
+    assert tuning._choose(near, device, launch=None) == remembered and tuned == []
+    other = replace(near, n=768)  # not remembered: tuned once, then remembered
+    assert tuning._choose(other, device, launch=None) == winner
+    assert tuning._choose(other, device, launch=None) == winner
+    assert tuned == [tuning.cache_key(other, GPU)]
