@@ -153,7 +153,33 @@ def causal_prefill(q, k_new, v_new, k_cache, v_cache, length, mask, bias):
     return (F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask),)
 
 
-@pytest.mark.parametrize("fn", [read_between, two_positions, written_result_used, causal_prefill])
+def position_moved_between(q, k_new, v_new, k_cache, v_cache, length, mask, bias):
+    """The position is bumped in place between the writes and the attention: the writes must use it before."""
+    k_cache.index_copy_(2, length, k_new)
+    v_cache.index_copy_(2, length, v_new)
+    length.add_(1)
+    return (F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask),)
+
+
+def row_changed_between(q, k_new, v_new, k_cache, v_cache, length, mask, bias):
+    """The new key row is changed in place between the writes and the attention: the cache holds the old."""
+    k_cache.index_copy_(2, length, k_new)
+    v_cache.index_copy_(2, length, v_new)
+    k_new.mul_(2)
+    return (F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask),)
+
+
+@pytest.mark.parametrize(
+    "fn",
+    [
+        read_between,
+        two_positions,
+        written_result_used,
+        causal_prefill,
+        position_moved_between,
+        row_changed_between,
+    ],
+)
 def test_writes_stay_where_the_attention_launch_cannot_take_them(fn):
     inputs = step_inputs(heads=4, kv_heads=4, seed=7)
     record, gm, compiled = rewritten(fn, *fresh(inputs))

@@ -10,9 +10,12 @@ kernl's attention there: both writes at one position node, into the caches that 
 (:func:`~kernl.integration.rules.attention_sdpa.attention_call` without the causal flag, or the one-token
 grouped :func:`~kernl.integration.rules.attention_gqa.grouped_decode_call`) reads as its keys and values,
 nothing else touching either cache between the write and the attention, and the write's own result
-unused. The fused call attends over the whole cache with the same mask, bias and key padding: the same
-computation, the writes now done by the attention launch.
+unused, and nothing changed in place between the writes and the attention (the fused call reads the position
+and the new rows where the attention was). The fused call attends over the whole cache with the same mask,
+bias and key padding: the same computation, the writes done by the attention launch.
 """
+
+from typing import NamedTuple
 
 import torch
 from torch import fx
@@ -87,25 +90,48 @@ def _pytorch(q, k_cache, v_cache, k_new, v_new, position, *, scale, bias, mask, 
     )
 
 
-def _index_copy(node) -> tuple[fx.Node, object, fx.Node, fx.Node] | None:
-    """``(cache, dim, index, source)`` when ``node`` is ``cache.index_copy_(dim, index, source)`` (method
-    or ``torch.Tensor.index_copy_``), else None."""
+class IndexCopy(NamedTuple):
+    """The parts of ``cache.index_copy_(dim, index, source)``."""
+
+    cache: fx.Node
+    dim: object
+    index: fx.Node
+    source: fx.Node
+
+
+def _index_copy(node) -> IndexCopy | None:
+    """``node``'s parts when it is ``cache.index_copy_(dim, index, source)`` (method or
+    ``torch.Tensor.index_copy_``) on graph nodes, else None."""
     if not (is_method(node, ("index_copy_",)) or is_function(node, (torch.Tensor.index_copy_,))):
         return None
-    parts = (arg(node, 0, "self"), arg(node, 1, "dim"), arg(node, 2, "index"), arg(node, 3, "source"))
-    return parts if all(isinstance(p, fx.Node) for p in parts[::2]) and parts[2] is not None else None
+    parts = IndexCopy(
+        arg(node, 0, "self"), arg(node, 1, "dim"), arg(node, 2, "index"), arg(node, 3, "source")
+    )
+    nodes = (parts.cache, parts.index, parts.source)
+    return parts if all(isinstance(n, fx.Node) for n in nodes) else None
+
+
+def _out_of_place(node: fx.Node) -> bool:
+    """Whether ``node`` is a call that changes nothing in place: no in-place method or function (a name
+    ending in ``_``), nothing impure."""
+    if node.op not in ("call_function", "call_method") or node.is_impure():
+        return False
+    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
+    return isinstance(name, str) and not (name.endswith("_") and not name.endswith("__"))
 
 
 def _unused(node: fx.Node) -> bool:
     """Whether ``node`` leads to nothing: an out-of-place call whose users (if any) all lead to nothing, such
     as the ``repeat_kv`` views of a cache that an attention rule stopped reading (dead code, removed after
     the rules ran)."""
-    if node.op not in ("call_function", "call_method") or node.is_impure():
-        return False
-    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
-    if not isinstance(name, str) or (name.endswith("_") and not name.endswith("__")):
-        return False
-    return all(_unused(user) for user in node.users)
+    return _out_of_place(node) and all(_unused(user) for user in node.users)
+
+
+def _changes_between(nodes: list[fx.Node], first: int, last: int, writes: tuple[fx.Node, ...]) -> bool:
+    """Whether a call among ``nodes[first + 1 : last]``, the writes aside, may change a tensor in place
+    (the position or a new row, which the fused call reads where the attention was)."""
+    calls = ("call_function", "call_method", "call_module")
+    return any(n.op in calls and n not in writes and not _out_of_place(n) for n in nodes[first + 1 : last])
 
 
 def _row_write(cache: fx.Node, attention: fx.Node, order: dict) -> fx.Node | None:
@@ -119,12 +145,11 @@ def _row_write(cache: fx.Node, attention: fx.Node, order: dict) -> fx.Node | Non
     ]
     if len(before) != 1 or before[0].users:
         return None
-    parts = _index_copy(before[0])
-    if parts is None or parts[0] is not cache:
+    write = _index_copy(before[0])
+    if write is None or write.cache is not cache:
         return None
-    _, dim, index, source = parts
-    ec, ei, es = example(cache), example(index), example(source)
-    if ec is None or ei is None or es is None or ec.dim() != 4 or dim not in (2, -2):
+    ec, ei, es = example(cache), example(write.index), example(write.source)
+    if ec is None or ei is None or es is None or ec.dim() != 4 or write.dim not in (2, -2):
         return None
     if ei.dtype not in (torch.int32, torch.int64) or tuple(ei.shape) != (1,):
         return None
@@ -154,14 +179,18 @@ def rewrite(gm: fx.GraphModule) -> int:
             continue
         if not isinstance(k_cache, fx.Node) or not isinstance(v_cache, fx.Node) or k_cache is v_cache:
             continue
-        order = {n: i for i, n in enumerate(gm.graph.nodes)}  # afresh: fusing adds and removes nodes
+        nodes = list(gm.graph.nodes)  # afresh: fusing adds and removes nodes
+        order = {n: i for i, n in enumerate(nodes)}
         k_write, v_write = _row_write(k_cache, node, order), _row_write(v_cache, node, order)
         if k_write is None or v_write is None:
             continue
-        (_, _, position, k_new), (_, _, v_position, v_new) = _index_copy(k_write), _index_copy(v_write)
+        if _changes_between(nodes, min(order[k_write], order[v_write]), order[node], (k_write, v_write)):
+            continue
+        k_parts, v_parts = _index_copy(k_write), _index_copy(v_write)
+        position, k_new, v_new = k_parts.index, k_parts.source, v_parts.source
         eq, ek = example(q), example(k_cache)
         if (
-            position is not v_position
+            v_parts.index is not position
             or eq is None
             or eq.dtype != ek.dtype
             or example(v_cache).dtype != ek.dtype
