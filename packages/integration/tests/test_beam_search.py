@@ -151,6 +151,12 @@ def test_steps_follow_transformers_beam_search(case, special):
         **arguments, eos_token_ids=eos_token_ids, pad_token_id=pad_token_id, max_new_tokens=7
     )
     log_probs = random_log_probs(settings, batch, seed=10 * case + special, eos_rows_from=eos_rows_from)
+    assert_steps_follow_transformers(settings, batch, log_probs)
+
+
+def assert_steps_follow_transformers(settings: BeamSettings, batch: int, log_probs: torch.Tensor):
+    """BeamSearch fed ``log_probs`` step by step feeds back the tokens transformers' beam search feeds back,
+    stops at its step and returns its sequences, scores and beam indices, bit for bit."""
     prompt = torch.randint(6, VOCAB, (batch, PROMPT_LENGTH), device=DEVICE)
     expected, replay = transformers_beam_search(settings, prompt, log_probs)
     steps = len(replay.running_sequences)
@@ -173,6 +179,66 @@ def test_steps_follow_transformers_beam_search(case, special):
     assert torch.equal(result.sequences, expected.sequences)
     assert torch.equal(result.sequences_scores, expected.sequences_scores)
     assert torch.equal(search.beam_indices(), expected.beam_indices)
+
+
+# How a float32 tensor divided by a Python float is rounded: correctly (the CPU), or as a multiplication by a
+# float32 reciprocal, which torch's CUDA kernels compute as float32(1 / float32(divisor)) or, in other
+# releases, float32(1 / divisor). transformers divides scores by the length penalty that way.
+DIVISIONS = {
+    "reciprocal of float32": lambda divisor: float(1.0 / torch.tensor(divisor, dtype=torch.float32)),
+    "float32 of reciprocal": lambda divisor: float(torch.tensor(1.0 / divisor, dtype=torch.float32)),
+}
+
+
+def divide_as_on_cuda(monkeypatch, division: str) -> None:
+    """``float32 tensor / Python number`` rounded, on any device, as ``DIVISIONS[division]`` says."""
+    reciprocal = DIVISIONS[division]
+    true_divide = torch.Tensor.__truediv__
+
+    def divide(tensor, other):
+        if tensor.dtype == torch.float32 and isinstance(other, int | float) and not isinstance(other, bool):
+            return tensor * reciprocal(other)  # a float32 value: exact as the float32 multiplier
+        return true_divide(tensor, other)
+
+    monkeypatch.setattr(torch.Tensor, "__truediv__", divide)
+
+
+# (batch, BeamSettings arguments, eos_rows_from, seed): length penalties whose two CUDA roundings differ at
+# some length (0.5 at 6 and 7 tokens, 1.3 at 3 and 9), early_stopping=False (its heuristic reads the
+# penalised best running score too)
+DIVISION_CASES = [
+    (5, dict(UNIT_CASES[5][1], eos_token_ids=(), pad_token_id=0, max_new_tokens=7), {}, 55),
+    (5, dict(UNIT_CASES[5][1], eos_token_ids=(2,), pad_token_id=None, max_new_tokens=7), {4: 0}, 52),
+    (3, dict(num_beams=4, length_penalty=1.3, early_stopping=False, num_return_sequences=3,
+             eos_token_ids=(1, 4), pad_token_id=0, max_new_tokens=9), {1: 3}, 5),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("division", sorted(DIVISIONS))
+@pytest.mark.parametrize("case", range(len(DIVISION_CASES)))
+def test_steps_follow_transformers_whatever_the_rounding_of_a_division_by_a_float(
+    case, division, monkeypatch
+):
+    divide_as_on_cuda(monkeypatch, division)
+    batch, arguments, eos_rows_from, seed = DIVISION_CASES[case]
+    settings = BeamSettings(**arguments)
+    log_probs = random_log_probs(settings, batch, seed=seed, eos_rows_from=eos_rows_from)
+    assert_steps_follow_transformers(settings, batch, log_probs)
+
+
+@pytest.mark.parametrize("division", ["the device's", *sorted(DIVISIONS)])
+def test_length_penalised_scores_are_the_scores_divided_by_the_python_float(division, monkeypatch):
+    if division != "the device's":
+        divide_as_on_cuda(monkeypatch, division)
+    generator = torch.Generator().manual_seed(7)
+    scores = (-30 * torch.rand(4096, generator=generator)).to(DEVICE)
+    for length_penalty in (0.5, 1.3, 1.5, -0.7, 2.0, 1):
+        settings = BeamSettings(**valid_settings(length_penalty=length_penalty, max_new_tokens=40))
+        search = BeamSearch(settings, batch_size=1, prompt_length=1, device=DEVICE)
+        for length in range(1, settings.max_new_tokens + 1):
+            penalised = search._length_penalised(scores, search._length_scales[length - 1])
+            expected = scores / (length**length_penalty)  # what transformers computes
+            assert torch.equal(penalised, expected), f"length_penalty {length_penalty}, length {length}"
 
 
 def test_reset_starts_a_new_search_on_the_same_tensors():

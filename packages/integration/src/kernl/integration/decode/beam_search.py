@@ -155,6 +155,7 @@ class BeamSearch:
         self._row_offsets = torch.arange(batch_size, device=self.device)[:, None] * beams
         self._eos = torch.tensor(settings.eos_token_ids, dtype=torch.int64, device=self.device)
         self._in_first_beams = torch.arange(candidates, device=self.device) < beams
+        self._penalty_multiplies = _divides_by_a_reciprocal(self.device)
         self._length_scales = self._length_penalty_scales()
         self.reset()
 
@@ -297,19 +298,22 @@ class BeamSearch:
         return torch.stack(columns[::-1], dim=1).to(torch.int32)
 
     def _length_penalty_scales(self) -> torch.Tensor:
-        """The length penalty of a hypothesis of 1 .. max_new_tokens tokens, as the factor that
-        :meth:`_length_penalised` applies.
+        """(max_new_tokens,) float32 on the device: for a hypothesis of 1 .. max_new_tokens tokens, the
+        factor :meth:`_length_penalised` applies to its score.
 
-        transformers divides by the Python float ``length ** length_penalty``: torch rounds it to float32,
-        and on CUDA multiplies by its float32 reciprocal instead of dividing. The table holds the same
-        float32 values, so the scores match transformers' to the bit on either device.
+        transformers divides a float32 tensor by the Python float ``length ** length_penalty``. Where the
+        device divides (the CPU), the table holds that divisor rounded to float32, as torch rounds it. Where
+        it multiplies by a reciprocal instead (CUDA), the table holds the reciprocal the device itself
+        computes, ``1 / divisor`` through the same operation: torch releases round that reciprocal
+        differently (float32(1 / float32(divisor)) or float32(1 / divisor)), and a table computed here
+        would match only one of them. Either way the scores match transformers' to the bit.
         """
         penalty = self.settings.length_penalty
-        divisors = torch.tensor(
-            [length**penalty for length in range(1, self.settings.max_new_tokens + 1)], dtype=torch.float32
-        )
-        scales = 1.0 / divisors if self.device.type == "cuda" else divisors
-        return scales.to(self.device)
+        divisors = [length**penalty for length in range(1, self.settings.max_new_tokens + 1)]
+        if not self._penalty_multiplies:
+            return torch.tensor(divisors, dtype=torch.float32, device=self.device)
+        one = torch.ones((), dtype=torch.float32, device=self.device)
+        return torch.stack([one / divisor for divisor in divisors])
 
     def _step_index(self, step: int | torch.Tensor) -> torch.Tensor:
         """(1,) int64 on the device: ``step`` as an index into per-step tables, the last one for a step past
@@ -320,7 +324,7 @@ class BeamSearch:
 
     def _length_penalised(self, scores: torch.Tensor, length_scale: torch.Tensor) -> torch.Tensor:
         """``scores`` divided by the length penalty, with transformers' rounding on this device."""
-        return scores * length_scale if self.device.type == "cuda" else scores / length_scale
+        return scores * length_scale if self._penalty_multiplies else scores / length_scale
 
     def _check_step_arguments(self, log_probs, step) -> None:
         rows = self.batch_size * self.settings.num_beams
@@ -364,6 +368,14 @@ class BeamSearch:
             )
         if prompt_ids.device.type != self.device.type:
             raise ValueError(f"prompt_ids must be on {self.device}, got {prompt_ids.device}")
+
+
+def _divides_by_a_reciprocal(device: torch.device) -> bool:
+    """Whether ``float32 tensor / Python float`` on ``device`` multiplies by a reciprocal instead of
+    dividing (torch's CUDA kernels do): 169 / 13 is exactly 13, one ulp more through float32(1 / 13).
+    One host synchronisation."""
+    quotient = torch.full((), 169.0, dtype=torch.float32, device=device) / 13.0
+    return bool(quotient != 13.0)
 
 
 def _gather_beams(tensor: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
