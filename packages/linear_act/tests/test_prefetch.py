@@ -6,21 +6,20 @@ import torch
 
 from kernl.linear_act import gated_linear_act, linear_act
 from kernl.linear_act.reference import gated_linear_act_reference, linear_act_reference
-from kernl.matmul import launch, tuning
+from kernl.matmul import launch
 from kernl_testing import ValueSpec, assert_matches_reference, float_dtypes, make_tensor, on_gpu
 
 
 def test_prefetch_needs_programmatic_launch_a_weight_like_b_and_few_tiles(monkeypatch):
-    monkeypatch.setattr(tuning, "sm_count", lambda index: 132)
     monkeypatch.delenv("KERNL_PREFETCH", raising=False)
-    cuda = torch.device("cuda", 0)
-    assert launch.prefetch_weights(True, True, 264, cuda)
-    assert not launch.prefetch_weights(True, True, 265, cuda)  # over two tiles a multiprocessor
-    assert not launch.prefetch_weights(False, True, 1, cuda)  # no programmatic launch: nothing to overlap
-    assert not launch.prefetch_weights(True, False, 1, cuda)  # B not one K-contiguous matrix: not a weight
+    sms = 132
+    assert launch.prefetch_weights(True, True, 264, sms)
+    assert not launch.prefetch_weights(True, True, 265, sms)  # over two tiles a multiprocessor
+    assert not launch.prefetch_weights(False, True, 1, sms)  # no programmatic launch: nothing to overlap
+    assert not launch.prefetch_weights(True, False, 1, sms)  # B not one K-contiguous matrix: not a weight
     for off in ("0", "false", "OFF", "no"):
         monkeypatch.setenv("KERNL_PREFETCH", off)
-        assert not launch.prefetch_weights(True, True, 1, cuda)
+        assert not launch.prefetch_weights(True, True, 1, sms)
 
 
 def _hopper() -> bool:

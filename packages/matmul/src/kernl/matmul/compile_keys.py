@@ -12,7 +12,9 @@ same for every M. PyTorch's candidate (``kernel="torch"``) compiles nothing: its
 
 from dataclasses import dataclass
 
-from kernl.matmul import tuning
+import triton
+
+from kernl.matmul import launch, tuning
 from kernl.matmul.config_cache import Config
 
 
@@ -25,33 +27,16 @@ class CompileKey:
     constants: tuple[tuple[str, object], ...]
 
 
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def split_used(k: int, block_k: int, split_k: int) -> bool:
-    """Whether the pointer kernel splits K (its ``USE_SPLIT``): more than one program's share of K once
-    every share is whole ``block_k`` steps (:func:`kernl.matmul.launch.effective_split`)."""
-    steps = _cdiv(k, block_k)
-    return steps > 1 and split_k > 1 and _cdiv(steps, _cdiv(steps, min(split_k, steps))) > 1
-
-
-def weights_prefetched(pdl: bool, weight_like: bool, tiles: int, sms: int, prefetch_on: bool = True) -> bool:
-    """The launch's ``PREFETCH_B`` (:func:`kernl.matmul.launch.prefetch_weights`): programmatic launch, a
-    weight-like B, at most two output tiles per multiprocessor, and ``KERNL_PREFETCH`` not off."""
-    return pdl and weight_like and tiles <= 2 * sms and prefetch_on
-
-
 def compile_key(
-    p, c: Config, sms: int, *, pdl: bool = True, weight_like: bool = True, prefetch_on: bool = True
+    p, c: Config, sms: int, *, pdl: bool = True, weight_like: bool = True
 ) -> CompileKey | None:
     """The kernel specialisation ``c`` compiles for problem ``p`` (a :class:`kernl.matmul.tuning.Problem`)
     on a GPU of ``sms`` multiprocessors; None for PyTorch's candidate. ``pdl``: programmatic dependent
-    launch (Hopper and newer); ``weight_like``: B is one ``nn.Linear``-like weight for the whole batch;
-    ``prefetch_on``: ``KERNL_PREFETCH`` is not off."""
+    launch (Hopper and newer); ``weight_like``: B is one ``nn.Linear``-like weight for the whole batch.
+    Whether K is split and whether B is prefetched come from :mod:`kernl.matmul.launch`'s own rules."""
     if c.kernel == "torch":
         return None
-    tiles = p.batch * _cdiv(p.m, c.block_m) * _cdiv(p.n, c.block_n)
+    tiles = p.batch * triton.cdiv(p.m, c.block_m) * triton.cdiv(p.n, c.block_n)
     common = dict(
         ACTIVATION=p.activation,
         HAS_BIAS=p.bias,
@@ -61,7 +46,7 @@ def compile_key(
         BLOCK_K=c.block_k,
         GROUP_M=c.group_m,
         USE_PDL=pdl,
-        PREFETCH_B=weights_prefetched(pdl, weight_like, tiles, sms, prefetch_on),
+        PREFETCH_B=launch.prefetch_weights(pdl, weight_like, tiles, sms),
         num_warps=c.num_warps,
         num_stages=c.num_stages,
     )
@@ -80,7 +65,7 @@ def compile_key(
             HAS_GATE=p.gated,
             INPUT_PRECISION=p.precision,
             EVEN_K=p.k % c.block_k == 0,
-            USE_SPLIT=split_used(p.k, c.block_k, c.split_k),
+            USE_SPLIT=launch.effective_split(p.k, c.block_k, c.split_k) > 1,
             A_K_CONTIGUOUS=p.a_k_contiguous,  # a unit stride is an argument class of its own
             B_K_CONTIGUOUS=p.b_k_contiguous,
         )

@@ -46,19 +46,14 @@ def input_precision(dtype: torch.dtype, allow_tf32: bool) -> str:
     return "ieee" if dtype == torch.float32 and not allow_tf32 else "tf32"
 
 
-def prefetch_weights(pdl: bool, b_like_weight: bool, tiles: int, device: torch.device) -> bool:
+def prefetch_weights(pdl: bool, b_like_weight: bool, tiles: int, sms: int) -> bool:
     """Whether a launch prefetches its rows of B into L2 before waiting for the previous kernel
     (:mod:`kernl.matmul.prefetch`): with programmatic launch, for a B laid out like an ``nn.Linear``
     weight (one matrix for the whole batch, contiguous along K: not the previous kernel's output), when
     the output has at most two tiles per multiprocessor. With more, each program's first tile is a
     small part of its work and the rest of B streams in during the main loop anyway.
-    ``KERNL_PREFETCH=0`` (or ``false``/``off``/``no``) turns it off."""
-    return (
-        pdl
-        and b_like_weight
-        and tiles <= 2 * tuning.sm_count(device.index or 0)
-        and not tuning.switched_off("KERNL_PREFETCH")
-    )
+    ``sms``: the GPU's multiprocessors. ``KERNL_PREFETCH=0`` (or ``false``/``off``/``no``) turns it off."""
+    return pdl and b_like_weight and tiles <= 2 * sms and not tuning.switched_off("KERNL_PREFETCH")
 
 
 MAX_SPAN = 2**31  # the kernels index within one batch entry in 32 bits
@@ -123,7 +118,7 @@ def _launch_tma(a, b, c, bias, residual, activation, cfg: Config, pdl: bool, wei
     programs = (
         tuning.sm_count(c.device.index or 0) * cfg.occupancy if c.device.type == "cuda" else min(tiles, 4)
     )
-    prefetch = prefetch_weights(pdl, weight_like, tiles, c.device)
+    prefetch = prefetch_weights(pdl, weight_like, tiles, tuning.sm_count(c.device.index or 0))
     bias_t = bias if bias is not None else c
     res_t = residual if residual is not None else c[0]
     launch_kernel(
@@ -214,7 +209,7 @@ def gemm(
                 locks = _tile_locks(c.device, tiles)
             else:
                 ws = locks = c
-            prefetch = prefetch_weights(pdl, weight_like, tiles, c.device)
+            prefetch = prefetch_weights(pdl, weight_like, tiles, tuning.sm_count(c.device.index or 0))
             launch_kernel(
                 gemm_kernel, (grid_m * grid_n, split, c_z.shape[0]),
                 a_z, b_z, g, c_z, bias_t, res_t, ws, locks,
