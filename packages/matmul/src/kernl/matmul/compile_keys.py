@@ -27,9 +27,7 @@ class CompileKey:
     constants: tuple[tuple[str, object], ...]
 
 
-def compile_key(
-    p, c: Config, sms: int, *, pdl: bool = True, weight_like: bool = True
-) -> CompileKey | None:
+def compile_key(p, c: Config, sms: int, *, pdl: bool = True, weight_like: bool = True) -> CompileKey | None:
     """The kernel specialisation ``c`` compiles for problem ``p`` (a :class:`kernl.matmul.tuning.Problem`)
     on a GPU of ``sms`` multiprocessors; None for PyTorch's candidate. ``pdl``: programmatic dependent
     launch (Hopper and newer); ``weight_like``: B is one ``nn.Linear``-like weight for the whole batch.
