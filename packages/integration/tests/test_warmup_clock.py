@@ -94,7 +94,7 @@ def test_without_a_listener_compilation_is_unknown_and_the_rest_is_the_rest(monk
 def test_the_report_keeps_each_captures_warmup_with_its_inputs():
     ids = torch.zeros(1, 48, dtype=torch.long)
     times = warmup_clock.WarmupTimes(warmup_s=3.0, matmul_tuning_s=2.0, triton_compile_s=0.5, other_s=0.5)
-    capture = Capture(graph=None, inputs=[ids, ids.float()], seconds=3.0, times=times)
+    capture = Capture(graph=None, inputs=[ids, ids.float()], times=times)
     record = warmup_record(capture)
     assert record == WarmupRecord(
         inputs="[1x48 int64, 1x48 float32] on cpu",

@@ -12,7 +12,13 @@ import torch
 from torch import fx
 
 from kernl.integration.dynamic_tokens import concrete_examples, is_symbolic
-from kernl.integration.report import GraphRecord, OptimizationReport, kept_as_pytorch, kept_reasons
+from kernl.integration.report import (
+    GraphRecord,
+    OptimizationReport,
+    kept_as_pytorch,
+    kept_reasons,
+    shape_and_dtype,
+)
 from kernl.integration.rules import RULES, cache_write_attention, packed_attention
 from kernl.integration.rules.attention_sdpa import AttentionArgs, attention_call
 from kernl.integration.rules.fused_projections import lay_out_stacked_weights
@@ -23,11 +29,7 @@ def _describe_inputs(example_inputs, static_ids: set[int]) -> str:
     """The graph's tensor inputs other than the model's weights, e.g. ``[1x16 int64, 1x16 int64] on cuda:0``;
     tensors updated in place at a fixed address (a static key/value cache) are counted, not listed."""
     tensors = [t for t in example_inputs if isinstance(t, torch.Tensor)]
-    shapes = [
-        f"{'x'.join(map(str, t.shape)) or 'scalar'} {str(t.dtype).removeprefix('torch.')}"
-        for t in tensors
-        if not has_static_address(t, static_ids)
-    ]
+    shapes = [shape_and_dtype(t) for t in tensors if not has_static_address(t, static_ids)]
     in_place = sum(holds_state(t, static_ids) for t in tensors)
     in_place = [f"{in_place} static cache tensors"] if in_place else []
     device = tensors[0].device if tensors else "cpu"

@@ -125,8 +125,12 @@ class Capture:
     outputs: object = None  # what the captured call returned, in the graph's memory
     in_place: frozenset = frozenset()  # storages of the inputs read in place: outputs there are not cloned
     error: str | None = None
-    seconds: float = 0.0  # warm-up and capture
-    times: WarmupTimes | None = None  # where those seconds went
+    times: WarmupTimes | None = None  # the warm-up and capture's seconds, and where they went
+
+    @property
+    def seconds(self) -> float:
+        """Seconds of warm-up and capture (0 before the capture is timed)."""
+        return self.times.warmup_s if self.times is not None else 0.0
 
 
 def _clone_owned(in_place: frozenset):
@@ -226,7 +230,7 @@ class CudaGraphs:
     def _capture(self, copied: list, args: tuple, kwargs: dict) -> Capture:
         with warmup_clock() as times:
             capture = self._warm_up_and_capture(copied, args, kwargs)
-        capture.seconds, capture.times = times.warmup_s, times
+        capture.times = times
         if capture.error is not None:  # a fallback is never silent: the report has it, and so does a warning
             warn(f"kernl: {capture.error}")
         if self.on_capture is not None:

@@ -14,7 +14,7 @@ and the call runs again on a new capture). That check runs while the GPU replays
 import torch
 
 from kernl.integration.cuda_graphs import TWICE_ON_COPIES, Capture, CudaGraphs, WarmUp, WeightAddresses
-from kernl.integration.report import OptimizationReport, WarmupRecord
+from kernl.integration.report import OptimizationReport, WarmupRecord, shape_and_dtype
 
 
 class _Unkeyable(Exception):
@@ -53,10 +53,7 @@ def signature(args: tuple, kwargs: dict) -> tuple | None:
 def warmup_record(capture: Capture) -> WarmupRecord:
     """The report's record of ``capture``'s warm-up (``capture.times`` set): its copied inputs and where
     its seconds went."""
-    shapes = [
-        f"{'x'.join(map(str, t.shape)) or 'scalar'} {str(t.dtype).removeprefix('torch.')}"
-        for t in capture.inputs
-    ]
+    shapes = [shape_and_dtype(t) for t in capture.inputs]
     device = capture.inputs[0].device if capture.inputs else "cpu"
     times = capture.times
     return WarmupRecord(

@@ -95,6 +95,11 @@ class GraphRecord:
     error: str | None = None
 
 
+def shape_and_dtype(t: torch.Tensor) -> str:
+    """A tensor as the report lists a graph's inputs: ``1x16 int64`` (``scalar int64`` when 0-d)."""
+    return f"{'x'.join(map(str, t.shape)) or 'scalar'} {str(t.dtype).removeprefix('torch.')}"
+
+
 @dataclass
 class WarmupRecord:
     """One CUDA-graph capture of a whole forward (one per input signature: a token bucket of the packed
