@@ -56,6 +56,12 @@ def prefetch_weights(pdl: bool, b_like_weight: bool, tiles: int, sms: int) -> bo
     return pdl and b_like_weight and tiles <= 2 * sms and not tuning.switched_off("KERNL_PREFETCH")
 
 
+def _prefetches(pdl: bool, b_like_weight: bool, tiles: int, device: torch.device) -> bool:
+    """:func:`prefetch_weights` for a launch on ``device``, whose SM count is asked only with programmatic
+    launch (never off a GPU)."""
+    return pdl and prefetch_weights(pdl, b_like_weight, tiles, tuning.sm_count(device.index or 0))
+
+
 MAX_SPAN = 2**31  # the kernels index within one batch entry in 32 bits
 MAX_GRID_Z = 65535  # CUDA's limit on grid axis z, the pointer kernel's batch axis: larger batches go in parts
 
@@ -118,7 +124,7 @@ def _launch_tma(a, b, c, bias, residual, activation, cfg: Config, pdl: bool, wei
     programs = (
         tuning.sm_count(c.device.index or 0) * cfg.occupancy if c.device.type == "cuda" else min(tiles, 4)
     )
-    prefetch = prefetch_weights(pdl, weight_like, tiles, tuning.sm_count(c.device.index or 0))
+    prefetch = _prefetches(pdl, weight_like, tiles, c.device)
     bias_t = bias if bias is not None else c
     res_t = residual if residual is not None else c[0]
     launch_kernel(
@@ -209,7 +215,7 @@ def gemm(
                 locks = _tile_locks(c.device, tiles)
             else:
                 ws = locks = c
-            prefetch = prefetch_weights(pdl, weight_like, tiles, tuning.sm_count(c.device.index or 0))
+            prefetch = _prefetches(pdl, weight_like, tiles, c.device)
             launch_kernel(
                 gemm_kernel, (grid_m * grid_n, split, c_z.shape[0]),
                 a_z, b_z, g, c_z, bias_t, res_t, ws, locks,
