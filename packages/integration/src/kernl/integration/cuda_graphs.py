@@ -18,6 +18,7 @@ outputs are copied out after each replay, so a capture's intermediates reuse the
 captures freed: the pool grows to about the largest graph's working set, not the sum of all.
 """
 
+import contextlib
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 
@@ -26,6 +27,7 @@ import torch
 from kernl.integration.trees import map_tensors, objects_in, tensors_in
 from kernl.integration.user_warnings import warn
 from kernl.integration.warmup_clock import WarmupTimes, warmup_clock
+from kernl.matmul import tuning
 
 _warm_up_streams: dict[int, torch.cuda.Stream] = {}
 
@@ -73,7 +75,8 @@ class WarmUp:
     updates state in place (a decoder step writing its cache) must run once per call, so its first
     call is its warm-up; such calls are never run twice (see ``weights`` of :class:`CudaGraphs`).
     ``runs``: then, just before capturing, runs of the function on the capture's own inputs, on a side
-    stream. ``fresh(tensor) -> bool``: inputs read in place that each of those runs gets a fresh copy
+    stream; with two or more, the first defers its GEMM tunings to its end, where they compile together
+    (:func:`kernl.matmul.tuning.deferred_tuning`: meanwhile cuBLAS runs them). ``fresh(tensor) -> bool``: inputs read in place that each of those runs gets a fresh copy
     of (a static cache the function writes: the warm-up then changes nothing).
     """
 
@@ -82,10 +85,18 @@ class WarmUp:
     fresh: Callable[[torch.Tensor], bool] | None = None
 
 
-# A call without side effects: two runs on the capture's own inputs (compilation, then autotuning).
+# A call without side effects: two runs on the capture's own inputs (compilation and GEMM tuning, then
+# a run on the chosen configs).
 TWICE_ON_COPIES = WarmUp(direct_calls=0, runs=2)
 # A call that updates state in place (a decoder step writing its cache): its first call is the warm-up.
 FIRST_CALL = WarmUp(direct_calls=1, runs=0)
+
+
+def _tunings_deferred(run: int, runs: int):
+    """The context of warm-up run ``run`` of ``runs``: the first of two or more defers its GEMM tunings
+    to its end (:func:`kernl.matmul.tuning.deferred_tuning`), where the candidates of all its problems
+    compile together; its outputs are discarded, and the runs after it use the chosen configs."""
+    return tuning.deferred_tuning() if run == 0 and runs >= 2 else contextlib.nullcontext()
 
 
 class WeightAddresses:
@@ -249,13 +260,14 @@ class CudaGraphs:
         fresh = self.warm_up.fresh
 
         def warm_up():
-            for _ in range(self.warm_up.runs):
+            for run in range(self.warm_up.runs):
                 run_args, run_kwargs = (
                     (args, kwargs)
                     if fresh is None
                     else map_tensors(lambda t: t.clone() if fresh(t) else t, (args, kwargs))
                 )
-                self.fn(*run_args, **run_kwargs)
+                with _tunings_deferred(run, self.warm_up.runs):
+                    self.fn(*run_args, **run_kwargs)
             # the backend compiles in the first warm-up run, and lays out stacked Q/K/V weights then
             self._drop_if_weights_moved()
 

@@ -15,18 +15,24 @@ four times or a quarter; same regime, same everything else) was tuned earlier in
 that class's :data:`NEIGHBOUR_BEST` fastest Triton tiles, fitted to its own M, plus PyTorch's candidate
 (``KERNL_TUNING_NEIGHBOURS=0``: the full list every time). Under Triton's interpreter :func:`heuristic`
 picks without timing; while a CUDA graph is being captured, a remembered config (memory or disk) is used, else the heuristic (so: tune
-with one eager call before capturing). The heuristic always picks a Triton tile.
+with one eager call before capturing). The heuristic always picks a Triton tile. Inside
+:func:`deferred_tuning` (a CUDA graph's first warm-up run), a cold float16/bfloat16 problem runs
+PyTorch's candidate and is tuned when the block ends, the candidates of every problem met in the block
+compiled together.
 ``KERNL_AUTOTUNE=0`` (or ``false``/``off``/``no``) always uses the heuristic; ``KERNL_TORCH_CANDIDATE=0``
 leaves PyTorch's candidate out (its choices are cached under their own keys); ``KERNL_TUNING_LOG=1``
 prints every tuning's timings.
 """
 
 import contextlib
+import contextvars
 import os
 import re
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
+from functools import partial
 
 import torch
 import triton
@@ -34,6 +40,7 @@ import triton
 from kernl.common.launch import sm_count, switched_off
 from kernl.matmul.config_cache import TORCH, Config, cache_path, cached_choice, lookup
 from kernl.matmul.precompile import precompiled
+from kernl.matmul.torch_path import HALF_DTYPES
 
 CACHE_VERSION = 8
 MAX_CANDIDATES = 10  # Triton configs a problem (large M); compiling them is most of a tuning's cost
@@ -363,12 +370,33 @@ def _time_ms(launch, config: Config, flush: torch.Tensor) -> float:
     return sorted(s.elapsed_time(e) for s, e in zip(starts, ends, strict=True))[len(starts) // 2]
 
 
+@dataclass(frozen=True, kw_only=True)
+class _Untuned:
+    """A problem met on a GPU that neither memory nor the disk cache has a config for."""
+
+    problem: Problem
+    device: torch.device
+    gpu: str  # gpu_name(device)
+    key: str  # cache_key(problem, gpu)
+    sms: int
+    launch: Callable[[Config], object]  # runs the problem with a config: the call that met it
+
+    def run(self, config: Config) -> object:
+        """``launch(config)`` with the problem's GPU current (Triton launches and CUDA graphs act on it)."""
+        with torch.cuda.device(self.device):
+            return self.launch(config)
+
+
 _chosen: dict[tuple[Problem, torch.device], Config] = {}
 _tuning_seconds = 0.0
 _tunings_running = 0
 # cache key -> the Triton configs timed in this process, fastest first (neighbour_ranking)
 _rankings: dict[str, list[Config]] = {}
 _recorders: list[list[Config]] = []
+# the problems met in the open deferred_tuning block, by cache key (None: no block open)
+_deferred: contextvars.ContextVar[dict[str, _Untuned] | None] = contextvars.ContextVar(
+    "kernl_matmul_deferred_tuning", default=None
+)
 
 
 @contextlib.contextmanager
@@ -383,56 +411,146 @@ def recorded_choices():
         _recorders.remove(configs)
 
 
+@contextlib.contextmanager
+def deferred_tuning():
+    """A block whose GEMM tunings wait for its end, where their candidates compile together.
+
+    Inside, a problem not tuned yet (on a GPU, autotuning on, no capture running, no config in memory
+    or on disk) runs PyTorch's candidate (:data:`TORCH`, cuBLAS: nothing to compile), which is not
+    remembered, where that candidate can run it (float16/bfloat16, ``KERNL_TORCH_CANDIDATE`` on); other
+    problems tune at once, as outside. When the block ends, the problems met in it (one per cache key,
+    with the launch of its first call) are tuned: the Triton candidates of all of them compile in one
+    thread pool (:func:`precompiled`), rather than one pool per problem, each waiting for its slowest
+    compilation; then each problem is timed and its choice kept as a tuning at its launch would have
+    (neighbour rankings, memory and disk caches, :func:`tuning_seconds`, ``KERNL_TUNING_LOG``). A
+    problem whose neighbouring M class (:func:`neighbour_keys`) was met before it in the block is tuned
+    in a later round, after that class, so that it times that class's best as it would have.
+
+    The timing re-runs each problem's first launch: it reads that launch's operands (the record keeps
+    them alive) and writes outputs of its own. The block's own results come from cuBLAS, not from the
+    configs that later calls use: wrap only runs whose outputs are discarded (the first warm-up run of a
+    CUDA graph), so that every result a caller sees comes from the chosen configs. A block inside
+    another tunes what it met when it ends, as any block (a CUDA graph warmed up inside another's first
+    run is captured before the outer block ends: its second run and capture need the configs); the outer
+    block then tunes only what is still untuned. A block that raises tunes nothing: the problems it met
+    tune at their next launch.
+    """
+    met: dict[str, _Untuned] = {}
+    token = _deferred.set(met)
+    try:
+        yield
+    finally:
+        _deferred.reset(token)
+    untuned = [u for u in met.values() if lookup(u.key, cache_path(u.gpu)) is None]  # not by an inner block
+    for tuning_round in _rounds(untuned):
+        for untuned, config in zip(tuning_round, _tune(tuning_round), strict=True):
+            _remember(untuned, config)
+
+
+def _rounds(met: list[_Untuned]) -> list[list[_Untuned]]:
+    """``met`` (in the order first met) in tuning rounds: one after the last round of the neighbouring M
+    classes met before it, the first round without. A neighbour met later comes in a later round, so a
+    problem's tuning sees the rankings of exactly the classes tuned before it at its launch."""
+    round_of: dict[str, int] = {}
+    for untuned in met:
+        earlier = [round_of[k] for k in neighbour_keys(untuned.problem, untuned.gpu) if k in round_of]
+        round_of[untuned.key] = max(earlier, default=-1) + 1
+    rounds: list[list[_Untuned]] = [[] for _ in range(max(round_of.values(), default=-1) + 1)]
+    for untuned in met:
+        rounds[round_of[untuned.key]].append(untuned)
+    return rounds
+
+
+def _remember(untuned: _Untuned, config: Config) -> None:
+    """Keep ``config`` for ``untuned``, in memory and on disk, as a tuning at its launch would have."""
+    _chosen[(untuned.problem, untuned.device)] = cached_choice(
+        untuned.key, cache_path(untuned.gpu), lambda: config
+    )
+
+
+def _deferrable(untuned: _Untuned) -> bool:
+    """Whether ``untuned`` waits for the end of the open :func:`deferred_tuning` block (and is recorded
+    there, once per cache key): only where PyTorch's candidate can run it meanwhile."""
+    met = _deferred.get()
+    if met is None or untuned.problem.dtype not in HALF_DTYPES or not torch_candidate_on():
+        return False
+    met.setdefault(untuned.key, untuned)
+    return True
+
+
 def choose(p: Problem, device: torch.device, launch) -> Config:
-    """The config to run ``p`` with; times the candidates (calling ``launch(config)``) on a cache miss.
+    """The config to run ``p`` with; times the candidates (calling ``launch(config)``) on a cache miss,
+    or, inside :func:`deferred_tuning`, runs PyTorch's candidate and times them when the block ends.
 
     ``KERNL_AUTOTUNE=0`` turns timing off (the heuristic choice is used, kept in memory, not on disk).
     """
     found = _chosen.get((p, device))
     if found is None:
         found = _choose(p, device, launch)
-        if device.type == "cuda" and not torch.cuda.is_current_stream_capturing():
-            _chosen[(p, device)] = found
     for configs in _recorders:
         configs.append(found)
     return found
 
 
 def _choose(p: Problem, device: torch.device, launch) -> Config:
+    """``p``'s config on a miss of :data:`_chosen`, kept there unless it stands in for a later choice
+    (the CPU's heuristic, a guess inside a capture, PyTorch's candidate inside :func:`deferred_tuning`)."""
     if device.type != "cuda":
         return heuristic(p)
     sms = sm_count(device.index if device.index is not None else torch.cuda.current_device())
     if switched_off("KERNL_AUTOTUNE"):
-        return heuristic(p, sms)
-    gpu = gpu_name(device)
-    if torch.cuda.is_current_stream_capturing():  # no timing inside a capture: a remembered config or a guess
-        return lookup(cache_key(p, gpu), cache_path(gpu)) or heuristic(p, sms)
+        found = heuristic(p, sms)
+    else:
+        gpu = gpu_name(device)
+        key, path = cache_key(p, gpu), cache_path(gpu)
+        if torch.cuda.is_current_stream_capturing():  # no timing inside a capture: remembered, or a guess
+            return lookup(key, path) or heuristic(p, sms)
+        untuned = _Untuned(problem=p, device=device, gpu=gpu, key=key, sms=sms, launch=launch)
+        if lookup(key, path) is None and _deferrable(untuned):
+            return TORCH
+        found = cached_choice(key, path, lambda: _tune([untuned])[0])
+    _chosen[(p, device)] = found
+    return found
 
-    key = cache_key(p, gpu)
-    return cached_choice(key, cache_path(gpu), lambda: _tune(p, device, launch, sms, key))
+
+def _l2_flush(device: torch.device) -> torch.Tensor:
+    """A buffer larger than L2 (256 MB), zeroed before each timed launch."""
+    return torch.empty(64 * 1024 * 1024, dtype=torch.int32, device=device)
 
 
-def _tune(p: Problem, device: torch.device, launch, sms: int, key: str) -> Config:
-    """Time ``p``'s candidates (a neighbouring class's best where one was tuned) and return the fastest;
-    its ranking is kept under ``key`` for the neighbours tuned later."""
+def _tune(problems: list[_Untuned]) -> list[Config]:
+    """Time each problem's candidates (a neighbouring class's best where one was tuned) and return each
+    one's fastest, its ranking kept under its key for the neighbours tuned later. The Triton candidates
+    of all of them compile first, side by side in one thread pool."""
     global _tuning_seconds, _tunings_running
     start = time.perf_counter()
     _tunings_running += 1
     try:
-        flush = torch.empty(64 * 1024 * 1024, dtype=torch.int32, device=device)  # 256 MB, > L2
-        neighbour = neighbour_ranking(p, gpu_name(device))
-        configs = candidates(p, sms, neighbour)
-        precompiled(launch, [c for c in configs if c.kernel != TORCH.kernel])
-        timings = {c: _time_ms(launch, c, flush) for c in configs}
+        neighbours = [neighbour_ranking(u.problem, u.gpu) for u in problems]
+        lists = [candidates(u.problem, u.sms, n) for u, n in zip(problems, neighbours, strict=True)]
+        pairs = zip(problems, lists, strict=True)
+        precompiled([partial(u.run, c) for u, configs in pairs for c in configs if c.kernel != TORCH.kernel])
+        flushes: dict[torch.device, torch.Tensor] = {}
+        timings = []
+        for untuned, configs in zip(problems, lists, strict=True):
+            if untuned.device not in flushes:
+                flushes[untuned.device] = _l2_flush(untuned.device)
+            timings.append({c: _time_ms(untuned.run, c, flushes[untuned.device]) for c in configs})
     finally:
         _tunings_running -= 1
         _tuning_seconds += time.perf_counter() - start
+    return [_ranked_first(*args) for args in zip(problems, timings, neighbours, strict=True)]
+
+
+def _ranked_first(untuned: _Untuned, timings: dict[Config, float], neighbour: list[Config] | None) -> Config:
+    """The fastest of ``timings``; the Triton configs that ran, fastest first, are kept under
+    ``untuned.key`` (:func:`neighbour_ranking`) and logged with ``KERNL_TUNING_LOG=1``."""
     ranked = sorted(timings, key=timings.get)  # stable: a tie keeps the earlier candidate
-    _rankings[key] = [c for c in ranked if c.kernel != TORCH.kernel and timings[c] < float("inf")]
+    _rankings[untuned.key] = [c for c in ranked if c.kernel != TORCH.kernel and timings[c] < float("inf")]
     if os.environ.get("KERNL_TUNING_LOG") == "1":
         listed = ", ".join(f"{describe(c)} {timings[c] * 1e3:.1f}us" for c in ranked)
         source = " (a neighbouring M class's best)" if neighbour else ""
-        print(f"[kernl.matmul tuning] {key}{source}: {listed}", file=sys.stderr)
+        print(f"[kernl.matmul tuning] {untuned.key}{source}: {listed}", file=sys.stderr)
     return ranked[0]
 
 
