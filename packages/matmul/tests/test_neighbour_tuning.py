@@ -133,12 +133,13 @@ def choosing_on_a_gpu(tmp_path, monkeypatch):
     monkeypatch.setattr(tuning, "sm_count", lambda index: 132)
     monkeypatch.setattr(tuning, "gpu_name", lambda device: GPU)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.setattr(tuning, "_chosen", {})
     tuned: list[str] = []
     winner = Config(block_m=64, block_n=128, block_k=64)
 
-    def tune(p, device, launch, sms, key):
-        tuned.append(key)
-        return winner
+    def tune(problems):
+        tuned.extend(untuned.key for untuned in problems)
+        return [winner] * len(problems)
 
     monkeypatch.setattr(tuning, "_tune", tune)
     return tuned, winner

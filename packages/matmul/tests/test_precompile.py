@@ -1,5 +1,7 @@
 """A tuning's candidates are compiled side by side before they are timed, and the choice is unchanged."""
 
+from functools import partial
+
 import pytest
 import torch
 from triton.runtime import jit
@@ -34,7 +36,7 @@ def test_launches_inside_precompiled_only_compile_and_run_in_the_async_mode():
     def launch(config):
         precompile.launch_kernel(kernel, (config, 1), "a", BLOCK=config)
 
-    precompile.precompiled(launch, [16, 32, 64])
+    precompile.precompiled([partial(launch, c) for c in (16, 32, 64)])
     launch(128)
     assert kernel.calls == [
         ("warmup", (16, 1), ("a",), {"BLOCK": 16, "async": True}),
@@ -52,7 +54,7 @@ def test_a_config_whose_launch_raises_is_left_to_the_timing():
             raise ValueError("this config cannot run this problem")
         precompile.launch_kernel(kernel, (config,), BLOCK=config)
 
-    precompile.precompiled(launch, [16, 32, 64])
+    precompile.precompiled([partial(launch, c) for c in (16, 32, 64)])
     assert [call[1] for call in kernel.calls] == [(16,), (64,)]
 
 
@@ -65,8 +67,31 @@ def test_inside_the_callers_own_async_mode_nothing_is_compiled_ahead():
         precompile.launch_kernel(kernel, (config,), BLOCK=config)
 
     with concurrent.futures.ThreadPoolExecutor(1) as pool, precompile.AsyncCompileMode(pool):
-        precompile.precompiled(launch, [16, 32])
+        precompile.precompiled([partial(launch, 16), partial(launch, 32)])
     assert kernel.calls == []
+
+
+def test_launches_of_several_problems_compile_in_one_pool(monkeypatch):
+    kernels = {"qkv": RecordingKernel(), "ffn": RecordingKernel()}
+    pools = []
+    real_pool = precompile.concurrent.futures.ThreadPoolExecutor
+
+    def counting_pool(*args, **kwargs):
+        pools.append(args)
+        return real_pool(*args, **kwargs)
+
+    monkeypatch.setattr(precompile.concurrent.futures, "ThreadPoolExecutor", counting_pool)
+
+    def launch(problem, config):
+        precompile.launch_kernel(kernels[problem], (config,), BLOCK=config)
+
+    precompile.precompiled([partial(launch, p, c) for p in ("qkv", "ffn") for c in (16, 32)])
+    assert len(pools) == 1
+    for kernel in kernels.values():
+        assert [(call[0], call[1], call[3]["async"]) for call in kernel.calls] == [
+            ("warmup", (16,), True),
+            ("warmup", (32,), True),
+        ]
 
 
 @pytest.mark.skipif(not on_gpu(), reason="tuning needs the GPU")
@@ -88,9 +113,9 @@ def test_tuning_finds_every_triton_candidate_compiled_and_still_picks_the_fastes
         compiles[phase[0]] = compiles.get(phase[0], 0) + 1
         return real_compile(self, *args, **kwargs)
 
-    def marking_precompiled(launch, configs):
+    def marking_precompiled(calls):
         phase[0] = "precompile"
-        real_precompiled(launch, configs)
+        real_precompiled(calls)
         phase[0] = "timing"
 
     def recording(launch, config, flush):
