@@ -2,14 +2,16 @@
 read in place, outputs handed out, weights that move. On the CPU a stand-in graph replays by running the
 captured call again on the capture's own inputs; the GPU tests in test_cuda_graphs.py use real graphs."""
 
+import contextlib
 from types import SimpleNamespace
 
 import pytest
 import torch
 
 from kernl.integration import cuda_graphs
-from kernl.integration.cuda_graphs import FIRST_CALL, CudaGraphs, WarmUp, WeightAddresses
+from kernl.integration.cuda_graphs import FIRST_CALL, TWICE_ON_COPIES, CudaGraphs, WarmUp, WeightAddresses
 from kernl.integration.trees import tensors_in
+from kernl.matmul import tuning
 from kernl_testing import on_gpu
 
 
@@ -182,3 +184,40 @@ def test_keys_beyond_the_limit_and_calls_inside_a_capture_run_uncaptured(stand_i
         before = len(calls)
         graphs(torch.zeros(1, device=_device()))  # an outer capture records the call itself
         assert len(calls) == before + 1
+
+
+@pytest.mark.parametrize(
+    ("warm_up", "deferred"),
+    [
+        (TWICE_ON_COPIES, [True, False, False]),  # two warm-up runs, then the capture
+        (WarmUp(runs=3), [True, False, False, False]),
+        (WarmUp(runs=1), [False, False]),  # a single run: the capture would meet untuned problems
+        (FIRST_CALL, [False, False]),  # the first call is the caller's: its output is used
+    ],
+    ids=["twice", "three runs", "one run", "first call"],
+)
+def test_the_first_of_two_or_more_warm_up_runs_defers_its_gemm_tunings(
+    stand_in, monkeypatch, warm_up, deferred
+):
+    open_blocks = []
+
+    @contextlib.contextmanager
+    def deferred_tuning():
+        open_blocks.append(True)
+        try:
+            yield
+        finally:
+            open_blocks.pop()
+
+    monkeypatch.setattr(tuning, "deferred_tuning", deferred_tuning)
+    inside = []
+
+    def fn(x):
+        if not _StandInGraph.replaying:
+            inside.append(bool(open_blocks))
+        return x * 2
+
+    graphs = CudaGraphs(fn, _by_shape, _pool(), warm_up=warm_up)
+    for _ in range(3):
+        assert graphs(torch.ones(2, device=_device())).tolist() == [2.0, 2.0]
+    assert inside == deferred

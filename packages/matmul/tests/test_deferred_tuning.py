@@ -227,5 +227,5 @@ def test_on_the_gpu_a_block_runs_cublas_then_tunes_both_problems_with_one_pool(t
     assert len(stored) == 2
     with tuning.recorded_choices() as ran:
         check(forward())
-    assert ran == list(stored.values()), "after the block, each problem runs its tuned config"
+    assert sorted(map(str, ran)) == sorted(map(str, stored.values())), "then each runs its tuned config"
     assert len(pools) == 1
