@@ -66,8 +66,20 @@ class StandInGpu:
 
 
 @pytest.fixture
-def gpu(tmp_path, monkeypatch):
-    """A stand-in GPU (see the module docstring); autotuning on, nothing remembered, the cache in tmp_path."""
+def fresh_tuner(tmp_path, monkeypatch):
+    """Autotuning and PyTorch's candidate on, nothing tuned or remembered, the cache under ``tmp_path``."""
+    for name, empty in (("_memory", {}), ("_loaded", set()), ("_unwritable", set())):
+        monkeypatch.setattr(config_cache, name, empty)
+    monkeypatch.setattr(tuning, "_chosen", {})
+    monkeypatch.setattr(tuning, "_rankings", {})
+    monkeypatch.setenv("KERNL_CACHE_DIR", str(tmp_path))
+    for name in ("KERNL_AUTOTUNE", "KERNL_TORCH_CANDIDATE", "KERNL_TUNING_NEIGHBOURS"):
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture
+def gpu(fresh_tuner, monkeypatch):
+    """A stand-in GPU (see the module docstring)."""
     stand_in = StandInGpu()
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
     monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
@@ -76,13 +88,6 @@ def gpu(tmp_path, monkeypatch):
     monkeypatch.setattr(tuning, "_l2_flush", lambda device: None)
     monkeypatch.setattr(tuning, "precompiled", stand_in.precompiled)
     monkeypatch.setattr(tuning, "_time_ms", stand_in.time_ms)
-    for name, empty in (("_memory", {}), ("_loaded", set()), ("_unwritable", set())):
-        monkeypatch.setattr(config_cache, name, empty)
-    monkeypatch.setattr(tuning, "_chosen", {})
-    monkeypatch.setattr(tuning, "_rankings", {})
-    monkeypatch.setenv("KERNL_CACHE_DIR", str(tmp_path))
-    for name in ("KERNL_AUTOTUNE", "KERNL_TORCH_CANDIDATE", "KERNL_TUNING_NEIGHBOURS"):
-        monkeypatch.delenv(name, raising=False)
     return stand_in
 
 
@@ -190,14 +195,9 @@ def test_outside_a_block_a_miss_compiles_and_times_its_own_candidates_at_once(gp
 
 
 @pytest.mark.skipif(not on_gpu(), reason="tuning needs the GPU")
-def test_on_the_gpu_a_block_runs_cublas_then_tunes_both_problems_with_one_pool(tmp_path, monkeypatch):
-    for name, empty in (("_memory", {}), ("_loaded", set()), ("_unwritable", set())):
-        monkeypatch.setattr(config_cache, name, empty)
-    monkeypatch.setattr(tuning, "_chosen", {})
-    monkeypatch.setattr(tuning, "_rankings", {})
-    monkeypatch.setenv("KERNL_CACHE_DIR", str(tmp_path))
-    for name in ("KERNL_AUTOTUNE", "KERNL_TORCH_CANDIDATE"):
-        monkeypatch.delenv(name, raising=False)
+def test_on_the_gpu_a_block_runs_cublas_then_tunes_both_problems_with_one_pool(
+    fresh_tuner, tmp_path, monkeypatch
+):
     pools = []
     real_precompiled = tuning.precompiled
     monkeypatch.setattr(
