@@ -441,16 +441,17 @@ def deferred_tuning():
         yield
     finally:
         _deferred.reset(token)
-    untuned = [u for u in met.values() if lookup(u.key, cache_path(u.gpu)) is None]  # not by an inner block
-    for tuning_round in _rounds(untuned):
+    pending = [u for u in met.values() if lookup(u.key, cache_path(u.gpu)) is None]  # not by an inner block
+    for tuning_round in _rounds(pending):
         for untuned, config in zip(tuning_round, _tune(tuning_round), strict=True):
             _remember(untuned, config)
 
 
 def _rounds(met: list[_Untuned]) -> list[list[_Untuned]]:
-    """``met`` (in the order first met) in tuning rounds: one after the last round of the neighbouring M
-    classes met before it, the first round without. A neighbour met later comes in a later round, so a
-    problem's tuning sees the rankings of exactly the classes tuned before it at its launch."""
+    """``met`` (in the order first met) in tuning rounds: a problem goes one round after the latest of
+    its neighbouring M classes (:func:`neighbour_keys`) met before it, in the first round without one.
+    Neighbours are mutual, so a neighbour met after it comes in a later round: each tuning sees the
+    rankings of exactly the classes that a tuning at its launch would have seen."""
     round_of: dict[str, int] = {}
     for untuned in met:
         earlier = [round_of[k] for k in neighbour_keys(untuned.problem, untuned.gpu) if k in round_of]
