@@ -1,6 +1,8 @@
 """The forward ``optimize_model`` installs: pad the sequence to a bucket length (padding is masked out),
 call the compiled forward by keyword, and cut the outputs back to the caller's length. A kind of call
-whose outputs cannot be cut back runs at the caller's length from then on."""
+whose outputs cannot be cut back runs at the caller's length from then on. The forward remembers which
+padded calls it has compiled (``forward.has_graph``), so that the packed path can leave it a call it
+already has a graph for."""
 
 import functools
 import inspect
@@ -23,6 +25,27 @@ def _describe_signature(named: dict) -> str:
     return f"batch {token_input.shape[0]} x length bucket {token_input.shape[1]}"
 
 
+def bucket_key(arguments: dict, length: int, runs_at: int) -> tuple:
+    """What the compiled call of a one-sequence-a-row call (``arguments`` named, ``length`` positions) run at
+    ``runs_at`` positions depends on, as far as its graph goes: ``runs_at``, whether a mask is made for
+    the padding, each tensor's name, batch, trailing sizes, dtype and device, every other argument's
+    value, and the autocast and inference-mode state (as :func:`~kernl.integration.forward_graphs.signature`).
+    Calls with equal keys run one compiled graph and one capture."""
+    parts = [
+        torch.is_autocast_enabled("cuda"),
+        torch.get_autocast_dtype("cuda"),
+        torch.is_inference_mode_enabled(),
+        runs_at,
+        runs_at != length and arguments.get("attention_mask") is None,
+    ]
+    for name, value in arguments.items():
+        if isinstance(value, torch.Tensor):
+            parts.append((name, value.shape[0], value.shape[2:], value.dtype, value.device))
+        else:
+            parts.append((name, value))
+    return tuple(parts)
+
+
 def bucketed_forward(
     model,
     compiled,
@@ -40,10 +63,14 @@ def bucketed_forward(
     ``position_ids`` raises ``ValueError`` naming it (compiling it would fail deep inside TorchDynamo).
     ``speed``: the never-slower check (:mod:`kernl.integration.speed_check`; None: none), judging each
     input signature of ``compiled`` against ``original`` on the same (padded) arguments.
+
+    ``forward.has_graph(arguments)``: whether a call of ``arguments`` (named as ``original``'s parameters)
+    would run a graph this forward has compiled already (its :func:`bucket_key` was called before).
     """
     name_arguments = argument_namer(inspect.signature(original))
     drop_defaults = default_dropper(inspect.signature(original), getattr(model, "config", None))
     unpadded_only = set()  # kinds of call (see call_kind) whose outputs cannot be cut back
+    compiled_keys = set()  # bucket_key of every one-sequence-a-row call compiled
 
     def call(named: dict):  # by keyword: positional and keyword calls share a capture
         with torch.no_grad():
@@ -77,15 +104,28 @@ def bucketed_forward(
             )
         padded = bucket(length, buckets)
         if padded == length:
+            compiled_keys.add(bucket_key(arguments, length, padded))
             return call(arguments)
         kind = (padded, call_kind(arguments))
         if kind not in unpadded_only:
+            compiled_keys.add(bucket_key(arguments, length, padded))
             cut = cut_outputs(
                 call(pad_arguments(arguments, token_input, padded - length, pad_id)), length, padded
             )
             if cut is not None:
                 return cut
             unpadded_only.add(kind)  # outputs such a call cannot cut: run it as called from now on
+        compiled_keys.add(bucket_key(arguments, length, length))
         return call(arguments)
 
+    def has_graph(arguments: dict) -> bool:
+        arguments = drop_defaults(arguments)
+        ids, embeds = arguments.get("input_ids"), arguments.get("inputs_embeds")
+        token_input = ids if ids is not None else embeds
+        if token_input is None or not one_sequence_a_row(arguments):
+            return False
+        length = token_input.shape[1]
+        return bucket_key(arguments, length, bucket(length, buckets)) in compiled_keys
+
+    forward.has_graph = has_graph
     return forward
