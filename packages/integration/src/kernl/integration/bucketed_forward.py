@@ -25,24 +25,26 @@ def _describe_signature(named: dict) -> str:
     return f"batch {token_input.shape[0]} x length bucket {token_input.shape[1]}"
 
 
-def bucket_key(arguments: dict, length: int, runs_at: int) -> tuple:
-    """What the compiled call of a one-sequence-a-row call (``arguments`` named, ``length`` positions) run at
-    ``runs_at`` positions depends on, as far as its graph goes: ``runs_at``, whether a mask is made for
-    the padding, each tensor's name, batch, trailing sizes, dtype and device, every other argument's
-    value, and the autocast and inference-mode state (as :func:`~kernl.integration.forward_graphs.signature`).
-    Calls with equal keys run one compiled graph and one capture."""
+def bucket_key(arguments: dict, token_input: torch.Tensor, runs_at: int) -> tuple:
+    """What the compiled call of a one-sequence-a-row call (``arguments`` named, ``token_input`` its
+    ``input_ids`` or ``inputs_embeds``) run at ``runs_at`` positions depends on, as
+    :func:`~kernl.integration.forward_graphs.signature` of the padded call would say it: the autocast and
+    inference-mode state, ``runs_at``, each tensor's name, batch, trailing sizes, dtype and device (the
+    mask of ones padding makes when there is none included), every other argument's value. Calls with
+    equal keys run one compiled graph and one capture."""
     parts = [
         torch.is_autocast_enabled("cuda"),
         torch.get_autocast_dtype("cuda"),
         torch.is_inference_mode_enabled(),
         runs_at,
-        runs_at != length and arguments.get("attention_mask") is None,
     ]
     for name, value in arguments.items():
         if isinstance(value, torch.Tensor):
             parts.append((name, value.shape[0], value.shape[2:], value.dtype, value.device))
         else:
             parts.append((name, value))
+    if runs_at != token_input.shape[1] and arguments.get("attention_mask") is None:  # see pad_arguments
+        parts.append(("attention_mask", token_input.shape[0], (), torch.long, token_input.device))
     return tuple(parts)
 
 
@@ -104,18 +106,18 @@ def bucketed_forward(
             )
         padded = bucket(length, buckets)
         if padded == length:
-            compiled_keys.add(bucket_key(arguments, length, padded))
+            compiled_keys.add(bucket_key(arguments, token_input, padded))
             return call(arguments)
         kind = (padded, call_kind(arguments))
         if kind not in unpadded_only:
-            compiled_keys.add(bucket_key(arguments, length, padded))
+            compiled_keys.add(bucket_key(arguments, token_input, padded))
             cut = cut_outputs(
                 call(pad_arguments(arguments, token_input, padded - length, pad_id)), length, padded
             )
             if cut is not None:
                 return cut
             unpadded_only.add(kind)  # outputs such a call cannot cut: run it as called from now on
-        compiled_keys.add(bucket_key(arguments, length, length))
+        compiled_keys.add(bucket_key(arguments, token_input, length))
         return call(arguments)
 
     def has_graph(arguments: dict) -> bool:
@@ -124,8 +126,7 @@ def bucketed_forward(
         token_input = ids if ids is not None else embeds
         if token_input is None or not one_sequence_a_row(arguments):
             return False
-        length = token_input.shape[1]
-        return bucket_key(arguments, length, bucket(length, buckets)) in compiled_keys
+        return bucket_key(arguments, token_input, bucket(token_input.shape[1], buckets)) in compiled_keys
 
     forward.has_graph = has_graph
     return forward
