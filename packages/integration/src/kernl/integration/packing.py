@@ -15,10 +15,15 @@ They hold :func:`row_capacity` rows, not one per token: varlen attention launche
 for every row the offsets can hold, and per-row outputs (a pooler) are computed for each, so a packed
 call takes at most :data:`ROWS_PER_PACKED_CALL` rows and a larger batch is split into several calls.
 
-Host work per call: one device-to-host copy of the rows' real-token counts and first-column flags
-(``2 x B`` integers: the token bucket, hence the graph, is chosen on the host), and per packed call
-one non-blocking host-to-device copy of its row offsets. The gather index of the real tokens is
+Host work per call: with a mask, one device-to-host copy of the rows' real-token counts and
+first-column flags (``2 x B`` integers: the token bucket, hence the graph, is chosen on the host), and
+per packed call one non-blocking host-to-device copy of its row offsets, when they differ from those
+its bucket's buffers hold. The gather index of the real tokens is
 computed on the device (``nonzero_static``, sized by the bucket), never copied.
+
+A call whose rows are all real tokens (no mask, or a mask of ones) and fit one packed call needs no
+gather and no scatter: its rows end to end are the packed sequence, so the caller's tensors go in as
+they are (flattened, padded to the bucket) and the outputs come back as views of the packed ones.
 
 Outputs: per-token outputs hold zeros at the caller's masked (padded) positions; per-row outputs (a
 pooler, a sequence classification head) come from each row's first token, which is column 0 of the
@@ -365,9 +370,10 @@ class PackedForward:
     graphs read; ``buckets``: the token buckets, sorted; ``longest``: the most positions the model's
     position table holds (None: no limit), beyond which a call runs unpacked, to get its error there;
     ``unpacked_buckets``: the unpacked path's length buckets. A call runs packed when its packed
-    calls hold fewer tokens than the unpacked path would run (``B x`` its length bucket); otherwise
-    (no padding to remove: a full batch whose length is a bucket, most single rows) it runs unpacked,
-    without the gather and scatter.
+    calls hold fewer tokens than the unpacked path would run (``B x`` its length bucket), or as many
+    while the unpacked path has no graph for it (``unpacked.has_graph``): see :meth:`_left_unpacked`.
+    Full rows (no masked position, one packed call) run without a gather or a scatter
+    (:meth:`_full_rows`).
     """
 
     def __init__(
