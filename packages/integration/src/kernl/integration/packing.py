@@ -515,8 +515,7 @@ class PackedForward:
         batch, columns = token_input.shape[:2]
         device, size = token_input.device, group.bucket
         self.offsets.use(device, size, group.cu_seqlens)
-        given = arguments.get("position_ids")
-        if given is not None or self.style != "column":
+        if arguments.get("position_ids") is not None or self.style != "column":
             positions = self._flat(_int64(caller_position_ids(arguments, self.style, self.padding_idx)), size)
         else:
             positions = self.constants.column_positions(device, batch, columns, size)
