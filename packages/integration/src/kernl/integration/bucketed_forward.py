@@ -66,13 +66,18 @@ def bucketed_forward(
     ``speed``: the never-slower check (:mod:`kernl.integration.speed_check`; None: none), judging each
     input signature of ``compiled`` against ``original`` on the same (padded) arguments.
 
-    ``forward.has_graph(arguments)``: whether a call of ``arguments`` (named as ``original``'s parameters)
-    would run a graph this forward has compiled already (its :func:`bucket_key` was called before).
+    ``forward.has_graph(arguments)``: whether a call of ``arguments`` (named as ``original``'s parameters;
+    one sequence a row, see :func:`~kernl.integration.padding.one_sequence_a_row`) would run a graph this
+    forward has compiled already (its :func:`bucket_key` was recorded by an earlier call).
     """
     name_arguments = argument_namer(inspect.signature(original))
     drop_defaults = default_dropper(inspect.signature(original), getattr(model, "config", None))
     unpadded_only = set()  # kinds of call (see call_kind) whose outputs cannot be cut back
-    compiled_keys = set()  # bucket_key of every one-sequence-a-row call compiled
+    compiled_keys: dict[tuple, set] = {}  # (batch, positions run at) -> bucket_key of each such call compiled
+
+    def remember(arguments: dict, token_input: torch.Tensor, runs_at: int) -> None:
+        shape = (token_input.shape[0], runs_at)
+        compiled_keys.setdefault(shape, set()).add(bucket_key(arguments, token_input, runs_at))
 
     def call(named: dict):  # by keyword: positional and keyword calls share a capture
         with torch.no_grad():
@@ -106,27 +111,26 @@ def bucketed_forward(
             )
         padded = bucket(length, buckets)
         if padded == length:
-            compiled_keys.add(bucket_key(arguments, token_input, padded))
+            remember(arguments, token_input, padded)
             return call(arguments)
         kind = (padded, call_kind(arguments))
         if kind not in unpadded_only:
-            compiled_keys.add(bucket_key(arguments, token_input, padded))
+            remember(arguments, token_input, padded)
             cut = cut_outputs(
                 call(pad_arguments(arguments, token_input, padded - length, pad_id)), length, padded
             )
             if cut is not None:
                 return cut
             unpadded_only.add(kind)  # outputs such a call cannot cut: run it as called from now on
-        compiled_keys.add(bucket_key(arguments, token_input, length))
+        remember(arguments, token_input, length)
         return call(arguments)
 
     def has_graph(arguments: dict) -> bool:
-        arguments = drop_defaults(arguments)
         ids, embeds = arguments.get("input_ids"), arguments.get("inputs_embeds")
         token_input = ids if ids is not None else embeds
-        if token_input is None or not one_sequence_a_row(arguments):
-            return False
-        return bucket_key(arguments, token_input, bucket(token_input.shape[1], buckets)) in compiled_keys
+        runs_at = bucket(token_input.shape[1], buckets)
+        keys = compiled_keys.get((token_input.shape[0], runs_at))  # most calls end here: none of that shape
+        return keys is not None and bucket_key(drop_defaults(arguments), token_input, runs_at) in keys
 
     forward.has_graph = has_graph
     return forward

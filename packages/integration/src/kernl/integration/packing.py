@@ -447,8 +447,9 @@ class PackedForward:
             return self.model.kernl_original_forward(*args, **kwargs)
 
     def _packed(self, arguments: dict):
-        """``(speed_key, output)``: the call's signature for the speed check (None before it is planned) and
-        the call run packed, or None when this call must run unpacked (see the module docstring)."""
+        """``(speed_key, output)``: the call's signature for the speed check (None before it is planned, or
+        without a check) and the call run packed, or None when this call must run unpacked (see the
+        module docstring)."""
         ids = arguments.get("input_ids")
         token_input = ids if ids is not None else arguments["inputs_embeds"]
         batch, columns = token_input.shape[:2]
@@ -459,7 +460,7 @@ class PackedForward:
             lengths, first_column_real = [columns] * batch, True
         else:  # the one device-to-host copy: 2 x B integers (3 x B with the runs of real tokens)
             real = mask.ne(0)
-            counts = [real.sum(1), real[:, 0]]
+            counts = [real.sum(1), real[:, 0].long()]
             if self.consecutive_rows:
                 counts.append(real[:, 0].long() + (real[:, 1:] & ~real[:, :-1]).sum(1))
             lengths, first_real, *runs = torch.stack(counts).tolist()
@@ -471,7 +472,7 @@ class PackedForward:
             return None, None
         if self._left_unpacked(arguments, groups, batch, columns):
             return None, None
-        speed_key = _speed_key(arguments, groups)
+        speed_key = None if self.speed is None else _speed_key(arguments, groups)
         if self.speed is not None and self.speed.keeps_pytorch(speed_key):
             return speed_key, _KEEP_PYTORCH
         flags = {k: v for k, v in arguments.items() if k in _FLAGS}
