@@ -51,7 +51,8 @@ def _padded(lengths, columns, seed):
 
 
 def _moved(call):
-    return {k: v.to(DEVICE) for k, v in call.items()}
+    """A call's tensors on the test device, float ones (``inputs_embeds``) in the models' dtype."""
+    return {k: v.to(DEVICE, DTYPE if v.is_floating_point() else v.dtype) for k, v in call.items()}
 
 
 def _check(reference, peer, actual, call, fields=("last_hidden_state", "pooler_output")):
@@ -111,6 +112,12 @@ def test_calls_without_padding_to_remove_run_on_the_packed_trace(kit):
         dict(input_ids=_ids(1, 11, seed=3)),
         dict(input_ids=_ids(2, 16, seed=4), attention_mask=torch.ones(2, 16, dtype=torch.long)),
         dict(input_ids=_ids(3, 16, seed=5)),
+        dict(  # the caller's own token types and position ids, flattened
+            input_ids=_ids(2, 24, seed=21),
+            token_type_ids=(torch.arange(24) >= 5).long().expand(2, 24),
+            position_ids=(torch.arange(24) + 3).expand(2, 24),
+        ),
+        dict(input_ids=_ids(1, 11, seed=22), token_type_ids=torch.ones(1, 11, dtype=torch.long)),  # padded
     ]
     for call in calls:
         with torch.inference_mode():
@@ -118,7 +125,7 @@ def test_calls_without_padding_to_remove_run_on_the_packed_trace(kit):
         _check(reference, peer, actual, call)
     (graph,) = report.graphs  # the packed trace only
     assert graph.fired.get("packed_attention") == 1, str(report)
-    if on_gpu():  # token buckets 32, 16, 64 and 48 (3 x 16) captured; no unpacked capture, no warm-up of one
+    if on_gpu():  # token buckets 32, 16, 64 and 48 (3 x 16, 2 x 24) captured; no unpacked capture or warm-up
         assert not optimized.kernl_cuda_graphs.captures, str(report)
         assert len(optimized.kernl_packed_graphs.captures) == len(report.warmups) == 4, str(report)
 
@@ -192,8 +199,8 @@ def test_full_rows_run_packed_without_a_gather_or_a_scatter(kit):
 
 
 def test_roberta_full_rows_keep_their_positions(kit):
-    """RoBERTa numbers positions from padding_idx + 1 (pad tokens at padding_idx): one row and a full
-    batch packed as they are match Hugging Face."""
+    """RoBERTa numbers positions from padding_idx + 1 (pad tokens at padding_idx): one row, a full batch
+    and full rows of ``inputs_embeds`` (40 tokens, padded to 48) packed as they are match Hugging Face."""
     model = kit.build(
         RobertaModel,
         kit.tiny_config(RobertaConfig, num_hidden_layers=1, pad_token_id=1, max_position_embeddings=130),
@@ -201,11 +208,18 @@ def test_roberta_full_rows_keep_their_positions(kit):
     reference, peer = copy.deepcopy(model).double(), copy.deepcopy(model).to(DEVICE, DTYPE)
     optimized, report = _optimized(model)
     spy = _Spy(optimized.forward)
-    for call in (dict(input_ids=_ids(1, 16, seed=14)), dict(input_ids=_ids(2, 24, seed=15))):
+    embeds = model.embeddings.word_embeddings(_ids(2, 20, seed=23)).detach()  # every token counts
+    calls = [
+        dict(input_ids=_ids(1, 16, seed=14)),
+        dict(input_ids=_ids(2, 24, seed=15)),
+        dict(inputs_embeds=embeds),
+    ]
+    for call in calls:
         with torch.inference_mode():
             actual = optimized(**_moved(call))
         _check(reference, peer, actual, call)
-    assert spy.calls == 2 and len(_packed_graphs(report)) == len(report.graphs) == 1, str(report)
+    # all packed: one trace for input_ids, one for inputs_embeds (another kind of call), none unpacked
+    assert spy.calls == 3 and len(_packed_graphs(report)) == len(report.graphs) == 2, str(report)
 
 
 def test_has_graph_tells_the_calls_the_bucketed_forward_compiled(kit):
