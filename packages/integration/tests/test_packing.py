@@ -290,17 +290,6 @@ def test_a_stream_of_shapes_traces_the_packed_forward_once(kit):
         assert len(optimized.kernl_packed_graphs.captures) == len(used), str(report)
 
 
-def test_calls_without_padding_to_remove_run_unpacked(kit):
-    """A full batch whose length is a bucket (2 x 16 either way) and a one-row call gain nothing packed."""
-    model = kit.build(BertModel, kit.tiny_config(BertConfig, num_hidden_layers=1))
-    ids = torch.randint(5, 120, (2, 16), generator=torch.Generator().manual_seed(12))
-    calls = [dict(input_ids=ids, attention_mask=torch.ones_like(ids)), dict(input_ids=ids[:1, :11])]
-    report, results = _run(model, calls)
-    for call, expected, peer, actual in results:
-        _check_per_token("last_hidden_state", call, expected[0], peer[0], actual[0])
-    assert report.graphs and not _packed_graphs(report), str(report)
-
-
 def test_calls_beyond_the_largest_bucket_are_split(kit, monkeypatch):
     monkeypatch.setattr(token_buckets_module, "DEFAULT_TOKEN_BUCKETS", (16, 32))
     model = kit.build(BertForTokenClassification, kit.tiny_config(BertConfig, num_labels=3))

@@ -1,6 +1,8 @@
 """The forward ``optimize_model`` installs: pad the sequence to a bucket length (padding is masked out),
 call the compiled forward by keyword, and cut the outputs back to the caller's length. A kind of call
-whose outputs cannot be cut back runs at the caller's length from then on."""
+whose outputs cannot be cut back runs at the caller's length from then on. The forward remembers which
+padded calls it has compiled (``forward.has_graph``), so that the packed path can leave it a call it
+already has a graph for."""
 
 import functools
 import inspect
@@ -23,6 +25,29 @@ def _describe_signature(named: dict) -> str:
     return f"batch {token_input.shape[0]} x length bucket {token_input.shape[1]}"
 
 
+def bucket_key(arguments: dict, token_input: torch.Tensor, runs_at: int) -> tuple:
+    """What the compiled call of a one-sequence-a-row call (``arguments`` named, ``token_input`` its
+    ``input_ids`` or ``inputs_embeds``) run at ``runs_at`` positions depends on, as
+    :func:`~kernl.integration.forward_graphs.signature` of the padded call would say it: the autocast and
+    inference-mode state, ``runs_at``, each tensor's name, batch, trailing sizes, dtype and device (the
+    mask of ones padding makes when there is none included), every other argument's value. Calls with
+    equal keys run one compiled graph and one capture."""
+    parts = [
+        torch.is_autocast_enabled("cuda"),
+        torch.get_autocast_dtype("cuda"),
+        torch.is_inference_mode_enabled(),
+        runs_at,
+    ]
+    for name, value in arguments.items():
+        if isinstance(value, torch.Tensor):
+            parts.append((name, value.shape[0], value.shape[2:], value.dtype, value.device))
+        else:
+            parts.append((name, value))
+    if runs_at != token_input.shape[1] and arguments.get("attention_mask") is None:  # see pad_arguments
+        parts.append(("attention_mask", token_input.shape[0], (), torch.long, token_input.device))
+    return tuple(parts)
+
+
 def bucketed_forward(
     model,
     compiled,
@@ -40,10 +65,19 @@ def bucketed_forward(
     ``position_ids`` raises ``ValueError`` naming it (compiling it would fail deep inside TorchDynamo).
     ``speed``: the never-slower check (:mod:`kernl.integration.speed_check`; None: none), judging each
     input signature of ``compiled`` against ``original`` on the same (padded) arguments.
+
+    ``forward.has_graph(arguments)``: whether a call of ``arguments`` (named as ``original``'s parameters;
+    one sequence a row, see :func:`~kernl.integration.padding.one_sequence_a_row`) would run a graph this
+    forward has compiled already (its :func:`bucket_key` was recorded by an earlier call).
     """
     name_arguments = argument_namer(inspect.signature(original))
     drop_defaults = default_dropper(inspect.signature(original), getattr(model, "config", None))
     unpadded_only = set()  # kinds of call (see call_kind) whose outputs cannot be cut back
+    compiled_keys: dict[tuple, set] = {}  # (batch, positions run at) -> bucket_key of each such call compiled
+
+    def remember(arguments: dict, token_input: torch.Tensor, runs_at: int) -> None:
+        shape = (token_input.shape[0], runs_at)
+        compiled_keys.setdefault(shape, set()).add(bucket_key(arguments, token_input, runs_at))
 
     def call(named: dict):  # by keyword: positional and keyword calls share a capture
         with torch.no_grad():
@@ -77,15 +111,26 @@ def bucketed_forward(
             )
         padded = bucket(length, buckets)
         if padded == length:
+            remember(arguments, token_input, padded)
             return call(arguments)
         kind = (padded, call_kind(arguments))
         if kind not in unpadded_only:
+            remember(arguments, token_input, padded)
             cut = cut_outputs(
                 call(pad_arguments(arguments, token_input, padded - length, pad_id)), length, padded
             )
             if cut is not None:
                 return cut
             unpadded_only.add(kind)  # outputs such a call cannot cut: run it as called from now on
+        remember(arguments, token_input, length)
         return call(arguments)
 
+    def has_graph(arguments: dict) -> bool:
+        ids, embeds = arguments.get("input_ids"), arguments.get("inputs_embeds")
+        token_input = ids if ids is not None else embeds
+        runs_at = bucket(token_input.shape[1], buckets)
+        keys = compiled_keys.get((token_input.shape[0], runs_at))  # most calls end here: none of that shape
+        return keys is not None and bucket_key(drop_defaults(arguments), token_input, runs_at) in keys
+
+    forward.has_graph = has_graph
     return forward

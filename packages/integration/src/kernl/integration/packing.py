@@ -15,10 +15,15 @@ They hold :func:`row_capacity` rows, not one per token: varlen attention launche
 for every row the offsets can hold, and per-row outputs (a pooler) are computed for each, so a packed
 call takes at most :data:`ROWS_PER_PACKED_CALL` rows and a larger batch is split into several calls.
 
-Host work per call: one device-to-host copy of the rows' real-token counts and first-column flags
-(``2 x B`` integers: the token bucket, hence the graph, is chosen on the host), and per packed call
-one non-blocking host-to-device copy of its row offsets. The gather index of the real tokens is
+Host work per call: with a mask, one device-to-host copy of the rows' real-token counts and
+first-column flags (``2 x B`` integers: the token bucket, hence the graph, is chosen on the host), and
+per packed call one non-blocking host-to-device copy of its row offsets, when they differ from those
+its bucket's buffers hold. The gather index of the real tokens is
 computed on the device (``nonzero_static``, sized by the bucket), never copied.
+
+A call whose rows are all real tokens (no mask, or a mask of ones) and fit one packed call needs no
+gather and no scatter: its rows end to end are the packed sequence, so the caller's tensors go in as
+they are (flattened, padded to the bucket) and the outputs come back as views of the packed ones.
 
 Outputs: per-token outputs hold zeros at the caller's masked (padded) positions; per-row outputs (a
 pooler, a sequence classification head) come from each row's first token, which is column 0 of the
@@ -90,8 +95,7 @@ def row_capacity(bucket: int) -> int:
 
 
 class RowOffsets:
-    """The row offsets packed graphs read, as static buffers per (device, bucket) (and the packed calls'
-    constant ``attention_mask``).
+    """The row offsets packed graphs read, as static buffers per (device, bucket).
 
     :meth:`use` fills the buffers of one bucket and makes them current; the graph nodes the packed pass
     inserts call :meth:`cu_seqlens` and :meth:`row_starts`, which return the current buffers, so a CUDA
@@ -101,20 +105,24 @@ class RowOffsets:
 
     def __init__(self):
         self.buffers: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.masks: dict[tuple, torch.Tensor] = {}
+        self.filled: dict[tuple, list[int]] = {}  # the offsets each bucket's buffers hold
         self.current: tuple[torch.Tensor, torch.Tensor] | None = None
         self.bucket: int | None = None
         self.reads_first_token = False  # set when a packed graph reads per-row first tokens
 
     def use(self, device: torch.device, bucket: int, cu_seqlens: list[int]) -> None:
         """Fill the buffers of ``bucket`` with ``cu_seqlens`` (``R + 1`` offsets, ``R <= row_capacity(bucket)``):
-        one host-to-device copy, without a host synchronisation on a GPU (a pinned staging tensor)."""
+        one host-to-device copy, without a host synchronisation on a GPU (a pinned staging tensor), or
+        none when they hold these offsets already (calls of one shape repeated)."""
         rows = row_capacity(bucket)
         if not 1 <= len(cu_seqlens) <= rows + 1:
             raise ValueError(
                 f"cu_seqlens must hold 1 to {rows + 1} offsets for bucket {bucket}, got {len(cu_seqlens)}"
             )
         key = (device, bucket)
+        if self.filled.get(key) == cu_seqlens:
+            self.current, self.bucket = self.buffers[key], bucket
+            return
         if key not in self.buffers:
             self.buffers[key] = (
                 torch.zeros(rows + 1, dtype=torch.int32, device=device),
@@ -135,14 +143,8 @@ class RowOffsets:
         on_device = staged.to(device, non_blocking=True)
         cu.copy_(on_device[: rows + 1])
         starts.copy_(on_device[rows + 1 :])
+        self.filled[key] = list(cu_seqlens)
         self.current, self.bucket = self.buffers[key], bucket
-
-    def ones(self, device: torch.device, bucket: int) -> torch.Tensor:
-        """int64 ``(1, bucket)`` ones: the packed calls' ``attention_mask`` (made once per bucket)."""
-        key = (device, bucket)
-        if key not in self.masks:
-            self.masks[key] = torch.ones(1, bucket, dtype=torch.long, device=device)
-        return self.masks[key]
 
     def cu_seqlens(self) -> torch.Tensor:
         """int32 ``(rows + 1,)``: the current call's row offsets, padded with empty rows."""
@@ -151,6 +153,48 @@ class RowOffsets:
     def row_starts(self) -> torch.Tensor:
         """int64 ``(rows,)``: the packed index of each row's first token (0 past the last row)."""
         return self.current[1]
+
+
+class ConstantInputs:
+    """int64 ``(1, bucket)`` inputs that repeat between packed calls, made once and kept (at most
+    :data:`KEPT` of each kind, the latest used): read-only, so one tensor serves every call."""
+
+    KEPT = 64
+
+    def __init__(self):
+        self.kept: dict[tuple, torch.Tensor] = {}
+
+    def _kept(self, key: tuple, make) -> torch.Tensor:
+        value = self.kept.pop(key, None)
+        if value is None:
+            value = make()
+            if sum(k[0] == key[0] for k in self.kept) >= self.KEPT:
+                del self.kept[next(k for k in self.kept if k[0] == key[0])]  # the least recently used
+        self.kept[key] = value
+        return value
+
+    def ones(self, device: torch.device, bucket: int) -> torch.Tensor:
+        """Ones: the packed calls' ``attention_mask``."""
+        return self._kept(
+            ("ones", device, bucket), lambda: torch.ones(1, bucket, dtype=torch.long, device=device)
+        )
+
+    def zeros(self, device: torch.device, bucket: int) -> torch.Tensor:
+        """Zeros: the token types of a call without ``token_type_ids``."""
+        return self._kept(
+            ("zeros", device, bucket), lambda: torch.zeros(1, bucket, dtype=torch.long, device=device)
+        )
+
+    def column_positions(self, device: torch.device, batch: int, columns: int, bucket: int) -> torch.Tensor:
+        """The column index of each token of ``batch`` full rows of ``columns`` tokens laid end to end,
+        then zeros to ``bucket``: the position ids of such a call packed (column-style positions)."""
+
+        def make():
+            positions = torch.zeros(1, bucket, dtype=torch.long, device=device)
+            positions[0, : batch * columns] = torch.arange(columns, device=device).repeat(batch)
+            return positions
+
+        return self._kept(("positions", device, batch, columns, bucket), make)
 
 
 @dataclass
@@ -226,8 +270,38 @@ def caller_position_ids(arguments: dict, style: str, padding_idx: int) -> torch.
     return not_pad.cumsum(1) * not_pad + padding_idx
 
 
+def _int64(value: torch.Tensor) -> torch.Tensor:
+    """``value`` as int64, itself when it is (no dispatch: the packed inputs are int64 tensors)."""
+    return value if value.dtype == torch.int64 else value.long()
+
+
 class _Unscatterable(Exception):
     """An output that is neither per token ``(1, T, ...)`` nor per row ``(rows, ...)``."""
+
+
+def _per_token(leaf: torch.Tensor, group: PackedGroup) -> bool:
+    """Whether an output of ``group``'s packed call is per token ``(1, bucket, ...)`` (else per row
+    ``(capacity, ...)``); raises :class:`_Unscatterable` for any other shape."""
+    if leaf.dim() >= 2 and leaf.shape[0] == 1 and leaf.shape[1] == group.bucket:
+        return True
+    if leaf.dim() >= 1 and leaf.shape[0] == group.capacity:
+        return False
+    raise _Unscatterable(f"output of shape {tuple(leaf.shape)}")
+
+
+def _as_full_rows(output, group: PackedGroup, batch: int, columns: int):
+    """The outputs of a packed call of ``batch`` full rows of ``columns`` tokens (no padding) in the
+    caller's layout, as views: per-token ``(1, bucket, ...)`` -> ``(B, S, ...)`` (the packed sequence is
+    the caller's rows end to end; as it is for one row filling the bucket), per-row ``(capacity, ...)``
+    -> its first ``B`` rows."""
+
+    def caller_layout(leaf: torch.Tensor) -> torch.Tensor:
+        if not _per_token(leaf, group):
+            return leaf.narrow(0, 0, batch)
+        tokens = leaf if group.tokens == group.bucket else leaf.narrow(1, 0, group.tokens)
+        return tokens if batch == 1 else tokens.view(batch, columns, *leaf.shape[2:])
+
+    return map_tensors(caller_layout, output)
 
 
 def _scatter(output, group: PackedGroup, index, into: list | None, batch: int, columns: int) -> list:
@@ -238,10 +312,7 @@ def _scatter(output, group: PackedGroup, index, into: list | None, batch: int, c
     if into is None:
         into = []
         for leaf in leaves:
-            per_token = leaf.dim() >= 2 and leaf.shape[0] == 1 and leaf.shape[1] == group.bucket
-            per_row = leaf.dim() >= 1 and leaf.shape[0] == group.capacity
-            if not (per_token or per_row):
-                raise _Unscatterable(f"output of shape {tuple(leaf.shape)}")
+            per_token = _per_token(leaf, group)
             shape = (batch * columns, *leaf.shape[2:]) if per_token else (batch, *leaf.shape[1:])
             into.append((per_token, leaf.new_zeros(shape)))
     if len(into) != len(leaves):
@@ -299,9 +370,10 @@ class PackedForward:
     graphs read; ``buckets``: the token buckets, sorted; ``longest``: the most positions the model's
     position table holds (None: no limit), beyond which a call runs unpacked, to get its error there;
     ``unpacked_buckets``: the unpacked path's length buckets. A call runs packed when its packed
-    calls hold fewer tokens than the unpacked path would run (``B x`` its length bucket); otherwise
-    (no padding to remove: a full batch whose length is a bucket, most single rows) it runs unpacked,
-    without the gather and scatter.
+    calls hold fewer tokens than the unpacked path would run (``B x`` its length bucket), or as many
+    while the unpacked path has no graph for it (``unpacked.has_graph``): see :meth:`_left_unpacked`.
+    Full rows (no masked position, one packed call) run without a gather or a scatter
+    (:meth:`_full_rows`).
     """
 
     def __init__(
@@ -326,6 +398,9 @@ class PackedForward:
         self.padding_idx = _PADDING_IDX.get(config.model_type, getattr(config, "pad_token_id", None) or 0)
         self.consecutive_rows = config.model_type in DISTANCE_BIAS
         self.token_types = "token_type_ids" in inspect.signature(unpacked).parameters
+        self.constants = ConstantInputs()
+        # no CUDA graphs copying the packed inputs into their own buffers: the compiled call gets them
+        self.compiled_directly = not isinstance(compiled, ForwardGraphs)
         self.unscatterable: set[tuple] = set()  # call kinds whose outputs cannot be scattered back
         self.disabled: str | None = None
 
@@ -372,8 +447,9 @@ class PackedForward:
             return self.model.kernl_original_forward(*args, **kwargs)
 
     def _packed(self, arguments: dict):
-        """``(speed_key, output)``: the call's signature for the speed check (None before it is planned) and
-        the call run packed, or None when this call must run unpacked (see the module docstring)."""
+        """``(speed_key, output)``: the call's signature for the speed check (None before it is planned, or
+        without a check) and the call run packed, or None when this call must run unpacked (see the
+        module docstring)."""
         ids = arguments.get("input_ids")
         token_input = ids if ids is not None else arguments["inputs_embeds"]
         batch, columns = token_input.shape[:2]
@@ -381,7 +457,6 @@ class PackedForward:
             return None, None
         mask = arguments.get("attention_mask")
         if mask is None:
-            real = torch.ones(batch, columns, dtype=torch.bool, device=token_input.device)
             lengths, first_column_real = [columns] * batch, True
         else:  # the one device-to-host copy: 2 x B integers (3 x B with the runs of real tokens)
             real = mask.ne(0)
@@ -395,15 +470,19 @@ class PackedForward:
         groups = plan_groups(lengths, self.buckets)
         if groups is None or (self.offsets.reads_first_token and not first_column_real):
             return None, None
-        if sum(group.bucket for group in groups) >= batch * bucket(columns, self.unpacked_buckets):
-            return None, None  # no padding work saved: the unpacked path, without the gather and scatter
-        speed_key = _speed_key(arguments, groups)
+        if self._left_unpacked(arguments, groups, batch, columns):
+            return None, None
+        speed_key = None if self.speed is None else _speed_key(arguments, groups)
         if self.speed is not None and self.speed.keeps_pytorch(speed_key):
             return speed_key, _KEEP_PYTORCH
+        flags = {k: v for k, v in arguments.items() if k in _FLAGS}
+        if len(groups) == 1 and min(lengths) == columns:
+            return speed_key, self._full_rows(arguments, token_input, groups[0], flags)
+        if mask is None:
+            real = torch.ones(batch, columns, dtype=torch.bool, device=token_input.device)
         names, table = self._token_table(arguments)
         embeds = arguments.get("inputs_embeds")
         embeds = None if embeds is None else embeds.reshape(batch * columns, -1)
-        flags = {k: v for k, v in arguments.items() if k in _FLAGS}
         into = output = None
         for group in groups:
             self.offsets.use(token_input.device, group.bucket, group.cu_seqlens)
@@ -411,13 +490,71 @@ class PackedForward:
             packed = dict(zip(names, table.index_select(1, index)[:, None].unbind(0), strict=True))
             if embeds is not None:
                 packed["inputs_embeds"] = embeds.index_select(0, index)[None]
-            packed["attention_mask"] = self.offsets.ones(token_input.device, group.bucket)
-            with torch.no_grad():
-                output = self.compiled(**packed, **flags)
+            packed["attention_mask"] = self.constants.ones(token_input.device, group.bucket)
+            output = self._call(packed, flags)
             if self.offsets.reads_first_token and not first_column_real:  # learnt by this first compile
                 return speed_key, None
             into = _scatter(output, group, index[: group.tokens], into, batch, columns)
         return speed_key, _rebuilt(output, into, batch, columns)
+
+    def _left_unpacked(self, arguments: dict, groups: list[PackedGroup], batch: int, columns: int) -> bool:
+        """Whether a plannable call runs unpacked all the same: when its packed calls would hold more tokens
+        than the unpacked path runs (``B x`` its length bucket), or as many while the unpacked path has a
+        graph for it already. A tie otherwise runs packed: the packed trace serves it, where the
+        unpacked path would trace, compile and capture a graph of its own."""
+        packed_tokens = sum(group.bucket for group in groups)
+        unpacked_tokens = batch * bucket(columns, self.unpacked_buckets)
+        if packed_tokens != unpacked_tokens:
+            return packed_tokens > unpacked_tokens
+        return self.unpacked.has_graph(arguments)
+
+    def _full_rows(self, arguments: dict, token_input: torch.Tensor, group: PackedGroup, flags: dict):
+        """``group`` (every row of the call, each all real tokens) run packed without a gather or a scatter:
+        the packed sequence is the caller's rows end to end, so the caller's tensors are the packed inputs
+        (flattened, and padded to the bucket when shorter; one row filling its bucket as it is), and the
+        outputs are views of the packed ones (:func:`_as_full_rows`)."""
+        batch, columns = token_input.shape[:2]
+        device, size = token_input.device, group.bucket
+        self.offsets.use(device, size, group.cu_seqlens)
+        if arguments.get("position_ids") is not None or self.style != "column":
+            positions = self._flat(_int64(caller_position_ids(arguments, self.style, self.padding_idx)), size)
+        else:
+            positions = self.constants.column_positions(device, batch, columns, size)
+        packed = {"position_ids": positions}
+        ids = arguments.get("input_ids")
+        if ids is not None:
+            packed["input_ids"] = self._flat(_int64(ids), size)
+        if self.token_types:
+            types = arguments.get("token_type_ids")
+            packed["token_type_ids"] = (
+                self.constants.zeros(device, size) if types is None else self._flat(_int64(types), size)
+            )
+        embeds = arguments.get("inputs_embeds")
+        if embeds is not None:
+            packed["inputs_embeds"] = self._flat(embeds, size)
+        packed["attention_mask"] = self.constants.ones(device, size)
+        output = self._call(packed, flags)
+        return _as_full_rows(output, group, batch, columns)
+
+    def _flat(self, value: torch.Tensor, size: int) -> torch.Tensor:
+        """A per-token input ``(B, S, ...)`` as one packed sequence ``(1, size, ...)``: its rows end to end,
+        padded with zeros; the caller's own tensor when it is one row of ``size`` tokens."""
+        batch, columns = value.shape[:2]
+        flat = value if batch == 1 else value.reshape(1, batch * columns, *value.shape[2:])
+        if batch * columns < size:
+            pad = [0, 0] * (value.dim() - 2) + [0, size - batch * columns]
+            return torch.nn.functional.pad(flat, pad)
+        return flat
+
+    def _call(self, packed: dict, flags: dict):
+        """The compiled forward on the packed inputs ``packed``. Where it gets them directly (no CUDA graphs
+        copying them into their own buffers), it gets fresh copies: TorchDynamo guards on the strides and
+        storage offsets of the tensors it is handed (the caller's own, views into one table) and marks
+        them (a caller's tensor would carry the mark into its later uses)."""
+        if self.compiled_directly:
+            packed = {name: value.clone() for name, value in packed.items()}
+        with torch.no_grad():
+            return self.compiled(**packed, **flags)
 
     def _token_table(self, arguments: dict) -> tuple[list[str], torch.Tensor]:
         """The integer per-token inputs of the packed calls, in the caller's layout: their names and
