@@ -370,8 +370,9 @@ class PackedForward:
     graphs read; ``buckets``: the token buckets, sorted; ``longest``: the most positions the model's
     position table holds (None: no limit), beyond which a call runs unpacked, to get its error there;
     ``unpacked_buckets``: the unpacked path's length buckets. A call runs packed when its packed
-    calls hold fewer tokens than the unpacked path would run (``B x`` its length bucket), or as many
-    while the unpacked path has no graph for it (``unpacked.has_graph``): see :meth:`_left_unpacked`.
+    calls hold fewer tokens than the unpacked path would run (``B x`` its length bucket), or, for one
+    row, as many while the unpacked path has no graph for it (``unpacked.has_graph``): see
+    :meth:`_left_unpacked`.
     Full rows (no masked position, one packed call) run without a gather or a scatter
     (:meth:`_full_rows`).
     """
@@ -499,14 +500,16 @@ class PackedForward:
 
     def _left_unpacked(self, arguments: dict, groups: list[PackedGroup], batch: int, columns: int) -> bool:
         """Whether a plannable call runs unpacked all the same: when its packed calls would hold more tokens
-        than the unpacked path runs (``B x`` its length bucket), or as many while the unpacked path has a
-        graph for it already. A tie otherwise runs packed: the packed trace serves it, where the
-        unpacked path would trace, compile and capture a graph of its own."""
+        than the unpacked path runs (``B x`` its length bucket), or as many (a tie) with several rows, or
+        with one row the unpacked path has a graph for already. A one-row tie otherwise runs packed: the
+        packed trace serves it, where the unpacked path would trace, compile and capture a graph of its
+        own. A tie of several rows (a full batch whose token count is a bucket) keeps the dense
+        attention of the unpacked graph, whose speed at those shapes is the one measured."""
         packed_tokens = sum(group.bucket for group in groups)
         unpacked_tokens = batch * bucket(columns, self.unpacked_buckets)
         if packed_tokens != unpacked_tokens:
             return packed_tokens > unpacked_tokens
-        return self.unpacked.has_graph(arguments)
+        return batch > 1 or self.unpacked.has_graph(arguments)
 
     def _full_rows(self, arguments: dict, token_input: torch.Tensor, group: PackedGroup, flags: dict):
         """``group`` (every row of the call, each all real tokens) run packed without a gather or a scatter:
