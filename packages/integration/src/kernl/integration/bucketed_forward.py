@@ -11,7 +11,7 @@ import torch
 
 from kernl.integration.arguments import argument_namer, call_kind, default_dropper, input_wants_gradients
 from kernl.integration.buckets import bucket
-from kernl.integration.forward_graphs import signature
+from kernl.integration.forward_graphs import describe, signature
 from kernl.integration.padding import cut_outputs, one_sequence_a_row, pad_arguments
 from kernl.integration.speed_check import SpeedCheck
 
@@ -41,8 +41,8 @@ def bucket_key(arguments: dict, token_input: torch.Tensor, runs_at: int) -> tupl
     for name, value in arguments.items():
         if isinstance(value, torch.Tensor):
             parts.append((name, value.shape[0], value.shape[2:], value.dtype, value.device))
-        else:
-            parts.append((name, value))
+        else:  # containers item by item, as the capture key: a list argument is not hashable
+            parts.append((name, describe(value)))
     if runs_at != token_input.shape[1] and arguments.get("attention_mask") is None:  # see pad_arguments
         parts.append(("attention_mask", token_input.shape[0], (), torch.long, token_input.device))
     return tuple(parts)

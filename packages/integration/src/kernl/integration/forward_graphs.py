@@ -21,7 +21,7 @@ class _Unkeyable(Exception):
     """An argument a capture key cannot stand for (an arbitrary object)."""
 
 
-def _describe(value):
+def describe(value):
     """A hashable description of an argument: tensors by shape, dtype and device, containers item by
     item, plain values as they are; raises :class:`_Unkeyable` for anything else."""
     if isinstance(value, torch.Tensor):
@@ -29,9 +29,9 @@ def _describe(value):
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     if isinstance(value, dict):
-        return (type(value), tuple((key, _describe(item)) for key, item in value.items()))
+        return (type(value), tuple((key, describe(item)) for key, item in value.items()))
     if isinstance(value, (tuple, list)):
-        return (type(value), tuple(_describe(item) for item in value))
+        return (type(value), tuple(describe(item) for item in value))
     raise _Unkeyable(type(value).__name__)
 
 
@@ -44,7 +44,7 @@ def signature(args: tuple, kwargs: dict) -> tuple | None:
         torch.is_inference_mode_enabled(),
     ]
     try:
-        parts += [(name, _describe(value)) for name, value in [*enumerate(args), *kwargs.items()]]
+        parts += [(name, describe(value)) for name, value in [*enumerate(args), *kwargs.items()]]
     except _Unkeyable:
         return None
     return tuple(parts)

@@ -1,0 +1,22 @@
+"""bucketed_forward's record of the calls it compiled (``forward.has_graph``) with arguments that are
+containers of plain values, which the capture key describes item by item."""
+
+import torch
+
+from kernl.integration.bucketed_forward import bucketed_forward
+
+
+class _Toy(torch.nn.Module):
+    def forward(self, input_ids, attention_mask=None, layers=None):
+        scale = 1 + sum(layers or ())
+        return input_ids.float() * scale
+
+
+def test_a_list_argument_runs_and_is_remembered():
+    model = _Toy().eval()
+    forward = bucketed_forward(model, model.forward, model.forward, buckets=[8, 16], pad_id=0)
+    ids = torch.randint(1, 50, (1, 5))
+    out = forward(input_ids=ids, layers=[1, 2])
+    torch.testing.assert_close(out, ids.float() * 4)
+    assert forward.has_graph({"input_ids": ids, "layers": [1, 2]})
+    assert not forward.has_graph({"input_ids": ids, "layers": [1, 3]})
