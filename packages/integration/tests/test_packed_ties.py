@@ -256,3 +256,18 @@ def test_has_graph_tells_the_calls_the_bucketed_forward_compiled(kit):
         assert not has_graph(_moved(dict(input_ids=_ids(2, 20, seed=20))))
         assert not has_graph({"input_ids": call["input_ids"].int()})
         assert has_graph({**call, "attention_mask": torch.ones_like(call["input_ids"])})  # as padding made it
+
+
+def test_full_rows_outputs_outlive_the_next_call_of_their_bucket(kit):
+    """The views full rows hand out belong to the caller: a later call of the same bucket (the same CUDA
+    graph replayed) leaves an earlier call's outputs as they were."""
+    model = _bert(kit)
+    reference, peer = copy.deepcopy(model).double(), copy.deepcopy(model).to(DEVICE, DTYPE)
+    optimized, _ = _optimized(model)
+    seeds = {(1, 16): (30, 31), (3, 20): (32, 33)}  # bucket 16 twice, bucket 64 (60 tokens) twice
+    calls = [dict(input_ids=_ids(*shape, seed=s)) for shape, pair in seeds.items() for s in pair]
+    with torch.inference_mode():
+        optimized(**_moved(calls[0]))  # compiles and captures bucket 16
+        actual = [optimized(**_moved(call)) for call in calls]
+    for call, got in zip(calls, actual, strict=True):
+        _check(reference, peer, got, call)
