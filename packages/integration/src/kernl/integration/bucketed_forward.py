@@ -11,7 +11,7 @@ import torch
 
 from kernl.integration.arguments import argument_namer, call_kind, default_dropper, input_wants_gradients
 from kernl.integration.buckets import bucket
-from kernl.integration.forward_graphs import describe, signature
+from kernl.integration.forward_graphs import Unkeyable, describe, signature
 from kernl.integration.padding import cut_outputs, one_sequence_a_row, pad_arguments
 from kernl.integration.speed_check import SpeedCheck
 
@@ -25,13 +25,14 @@ def _describe_signature(named: dict) -> str:
     return f"batch {token_input.shape[0]} x length bucket {token_input.shape[1]}"
 
 
-def bucket_key(arguments: dict, token_input: torch.Tensor, runs_at: int) -> tuple:
+def bucket_key(arguments: dict, token_input: torch.Tensor, runs_at: int) -> tuple | None:
     """What the compiled call of a one-sequence-a-row call (``arguments`` named, ``token_input`` its
     ``input_ids`` or ``inputs_embeds``) run at ``runs_at`` positions depends on, as
     :func:`~kernl.integration.forward_graphs.signature` of the padded call would say it: the autocast and
     inference-mode state, ``runs_at``, each tensor's name, batch, trailing sizes, dtype and device (the
     mask of ones padding makes when there is none included), every other argument's value. Calls with
-    equal keys run one compiled graph and one capture."""
+    equal keys run one compiled graph and one capture. None for an argument the capture key cannot
+    describe either (an arbitrary object: such a call runs uncaptured)."""
     parts = [
         torch.is_autocast_enabled("cuda"),
         torch.get_autocast_dtype("cuda"),
@@ -42,7 +43,10 @@ def bucket_key(arguments: dict, token_input: torch.Tensor, runs_at: int) -> tupl
         if isinstance(value, torch.Tensor):
             parts.append((name, value.shape[0], value.shape[2:], value.dtype, value.device))
         else:  # containers item by item, as the capture key: a list argument is not hashable
-            parts.append((name, describe(value)))
+            try:
+                parts.append((name, describe(value)))
+            except Unkeyable:
+                return None
     if runs_at != token_input.shape[1] and arguments.get("attention_mask") is None:  # see pad_arguments
         parts.append(("attention_mask", token_input.shape[0], (), torch.long, token_input.device))
     return tuple(parts)
@@ -77,7 +81,9 @@ def bucketed_forward(
 
     def remember(arguments: dict, token_input: torch.Tensor, runs_at: int) -> None:
         shape = (token_input.shape[0], runs_at)
-        compiled_keys.setdefault(shape, set()).add(bucket_key(arguments, token_input, runs_at))
+        key = bucket_key(arguments, token_input, runs_at)
+        if key is not None:
+            compiled_keys.setdefault(shape, set()).add(key)
 
     def call(named: dict):  # by keyword: positional and keyword calls share a capture
         with torch.no_grad():

@@ -17,13 +17,13 @@ from kernl.integration.cuda_graphs import TWICE_ON_COPIES, Capture, CudaGraphs, 
 from kernl.integration.report import OptimizationReport, WarmupRecord, shape_and_dtype
 
 
-class _Unkeyable(Exception):
+class Unkeyable(Exception):
     """An argument a capture key cannot stand for (an arbitrary object)."""
 
 
 def describe(value):
     """A hashable description of an argument: tensors by shape, dtype and device, containers item by
-    item, plain values as they are; raises :class:`_Unkeyable` for anything else."""
+    item, plain values as they are; raises :class:`Unkeyable` for anything else."""
     if isinstance(value, torch.Tensor):
         return (value.shape, value.dtype, value.device)
     if value is None or isinstance(value, (bool, int, float, str)):
@@ -32,7 +32,7 @@ def describe(value):
         return (type(value), tuple((key, describe(item)) for key, item in value.items()))
     if isinstance(value, (tuple, list)):
         return (type(value), tuple(describe(item) for item in value))
-    raise _Unkeyable(type(value).__name__)
+    raise Unkeyable(type(value).__name__)
 
 
 def signature(args: tuple, kwargs: dict) -> tuple | None:
@@ -45,7 +45,7 @@ def signature(args: tuple, kwargs: dict) -> tuple | None:
     ]
     try:
         parts += [(name, describe(value)) for name, value in [*enumerate(args), *kwargs.items()]]
-    except _Unkeyable:
+    except Unkeyable:
         return None
     return tuple(parts)
 
