@@ -534,9 +534,12 @@ def _tune(problems: list[_Untuned]) -> list[Config]:
         flushes: dict[torch.device, torch.Tensor] = {}
         timings = []
         for untuned, configs in zip(problems, lists, strict=True):
-            if untuned.device not in flushes:
-                flushes[untuned.device] = _l2_flush(untuned.device)
-            timings.append({c: _time_ms(untuned.run, c, flushes[untuned.device]) for c in configs})
+            # the capture, events and flush of _time_ms act on the current GPU: make it the problem's (a
+            # deferred block may end with another GPU current)
+            with torch.cuda.device(untuned.device):
+                if untuned.device not in flushes:
+                    flushes[untuned.device] = _l2_flush(untuned.device)
+                timings.append({c: _time_ms(untuned.run, c, flushes[untuned.device]) for c in configs})
     finally:
         _tunings_running -= 1
         _tuning_seconds += time.perf_counter() - start
